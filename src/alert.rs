@@ -1,0 +1,286 @@
+//! Incoming alert payloads (Alertmanager webhook v4 and API v2) and the one shape Herald
+//! routes and delivers.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Labels or annotations: sorted so that rendering and fingerprints are deterministic.
+pub type LabelSet = BTreeMap<String, String>;
+
+/// Whether an alert is firing or resolved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertStatus {
+    /// The alert is active.
+    #[default]
+    Firing,
+    /// The alert has ended.
+    Resolved,
+}
+
+impl AlertStatus {
+    /// The status as Alertmanager writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertStatus::Firing => "firing",
+            AlertStatus::Resolved => "resolved",
+        }
+    }
+}
+
+/// One alert, in the shape Herald routes and delivers (Alertmanager's webhook alert shape).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Alert {
+    /// Firing or resolved.
+    #[serde(default)]
+    pub status: AlertStatus,
+    /// Identifying labels (alertname, severity, namespace, ...).
+    #[serde(default)]
+    pub labels: LabelSet,
+    /// Descriptive annotations (summary, description, ...).
+    #[serde(default)]
+    pub annotations: LabelSet,
+    /// RFC 3339 start time, as received.
+    #[serde(default)]
+    pub starts_at: String,
+    /// RFC 3339 end time, as received (Alertmanager's zero time while firing).
+    #[serde(default)]
+    pub ends_at: String,
+    /// Link back to the alert's source.
+    #[serde(default, rename = "generatorURL")]
+    pub generator_url: String,
+    /// Alertmanager's fingerprint; computed from the labels when absent.
+    #[serde(default)]
+    pub fingerprint: String,
+}
+
+impl Alert {
+    /// The alert's name (`alertname` label), empty when absent.
+    pub fn name(&self) -> &str {
+        self.labels.get("alertname").map(String::as_str).unwrap_or("")
+    }
+
+    /// Fills in the fingerprint from the labels when the sender gave none.
+    pub fn ensure_fingerprint(&mut self) {
+        if self.fingerprint.is_empty() {
+            self.fingerprint = fingerprint(&self.labels);
+        }
+    }
+}
+
+/// A stable 64-bit FNV-1a fingerprint of a label set, as 16 hex digits (Alertmanager's scheme).
+pub fn fingerprint(labels: &LabelSet) -> String {
+    use std::hash::Hasher;
+    let mut hasher = fnv::FnvHasher::default();
+    for (name, value) in labels {
+        hasher.write(name.as_bytes());
+        hasher.write(&[0xff]);
+        hasher.write(value.as_bytes());
+        hasher.write(&[0xff]);
+    }
+    format!("{:016x}", hasher.finish())
+}
+
+/// Alertmanager's `webhook_configs` payload (version 4).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertmanagerPayload {
+    /// Payload version; Alertmanager sends "4".
+    #[serde(default)]
+    pub version: String,
+    /// Alertmanager's key for the alert group.
+    #[serde(default)]
+    pub group_key: String,
+    /// Number of alerts Alertmanager truncated from this payload.
+    #[serde(default)]
+    pub truncated_alerts: u64,
+    /// Status of the group.
+    #[serde(default)]
+    pub status: AlertStatus,
+    /// The Alertmanager receiver that sent it.
+    #[serde(default)]
+    pub receiver: String,
+    /// Labels the group was formed by.
+    #[serde(default)]
+    pub group_labels: LabelSet,
+    /// Labels every alert of the group shares.
+    #[serde(default)]
+    pub common_labels: LabelSet,
+    /// Annotations every alert of the group shares.
+    #[serde(default)]
+    pub common_annotations: LabelSet,
+    /// Alertmanager's own URL.
+    #[serde(default, rename = "externalURL")]
+    pub external_url: String,
+    /// The alerts.
+    pub alerts: Vec<Alert>,
+}
+
+/// One alert in Alertmanager's API v2 `POST /api/v2/alerts` shape.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PostableAlert {
+    /// Identifying labels.
+    pub labels: LabelSet,
+    /// Descriptive annotations.
+    #[serde(default)]
+    pub annotations: LabelSet,
+    /// RFC 3339 start time.
+    #[serde(default)]
+    pub starts_at: Option<String>,
+    /// RFC 3339 end time; an end in the past means resolved.
+    #[serde(default)]
+    pub ends_at: Option<String>,
+    /// Link back to the alert's source.
+    #[serde(default, rename = "generatorURL")]
+    pub generator_url: Option<String>,
+}
+
+impl PostableAlert {
+    /// Converts to Herald's alert shape; `now` decides whether `endsAt` lies in the past.
+    pub fn into_alert(self, now: k8s_openapi::jiff::Timestamp) -> Alert {
+        let resolved = self
+            .ends_at
+            .as_deref()
+            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+            .is_some_and(|end| end <= now);
+        let mut alert = Alert {
+            status: if resolved {
+                AlertStatus::Resolved
+            } else {
+                AlertStatus::Firing
+            },
+            labels: self.labels,
+            annotations: self.annotations,
+            starts_at: self.starts_at.unwrap_or_else(|| now.to_string()),
+            ends_at: self.ends_at.unwrap_or_default(),
+            generator_url: self.generator_url.unwrap_or_default(),
+            fingerprint: String::new(),
+        };
+        alert.ensure_fingerprint();
+        alert
+    }
+}
+
+/// A batch of alerts as received in one request, with the group context to pass on.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertBatch {
+    /// The alerts.
+    pub alerts: Vec<Alert>,
+    /// Group labels from Alertmanager, when known.
+    #[serde(default)]
+    pub group_labels: LabelSet,
+    /// Alertmanager's URL, when known.
+    #[serde(default, rename = "externalURL")]
+    pub external_url: String,
+}
+
+impl From<AlertmanagerPayload> for AlertBatch {
+    fn from(payload: AlertmanagerPayload) -> Self {
+        let mut alerts = payload.alerts;
+        for alert in &mut alerts {
+            alert.ensure_fingerprint();
+        }
+        AlertBatch {
+            alerts,
+            group_labels: payload.group_labels,
+            external_url: payload.external_url,
+        }
+    }
+}
+
+/// Why a payload could not be parsed: the message and the JSON path where it failed.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid payload at {path}: {message}")]
+pub struct ParseError {
+    /// JSON path of the offending value (`.` for the document itself).
+    pub path: String,
+    /// What was wrong.
+    pub message: String,
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ParseError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let path = err.path().to_string();
+        ParseError {
+            path: if path.is_empty() { ".".into() } else { path },
+            message: err.into_inner().to_string(),
+        }
+    })
+}
+
+/// Parses an Alertmanager webhook payload (`POST /api/v1/alerts`).
+pub fn parse_alertmanager(body: &[u8]) -> Result<AlertBatch, ParseError> {
+    let payload: AlertmanagerPayload = parse_json(body)?;
+    Ok(payload.into())
+}
+
+/// Parses an API v2 alert array (`POST /api/v2/alerts`).
+pub fn parse_v2(body: &[u8], now: k8s_openapi::jiff::Timestamp) -> Result<AlertBatch, ParseError> {
+    let alerts: Vec<PostableAlert> = parse_json(body)?;
+    Ok(AlertBatch {
+        alerts: alerts.into_iter().map(|a| a.into_alert(now)).collect(),
+        ..AlertBatch::default()
+    })
+}
+
+/// Parses either shape: an object is an Alertmanager payload, an array is API v2.
+pub fn parse_any(body: &[u8], now: k8s_openapi::jiff::Timestamp) -> Result<AlertBatch, ParseError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    match first {
+        Some(b'[') => parse_v2(body, now),
+        _ => parse_alertmanager(body),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alertmanager_payload_parses_and_gets_fingerprints() {
+        let body = br#"{"version":"4","status":"firing","receiver":"herald",
+            "groupLabels":{"alertname":"X"},"commonLabels":{},"commonAnnotations":{},
+            "externalURL":"http://am","alerts":[{"status":"resolved","labels":{"alertname":"X"},
+            "annotations":{},"startsAt":"2026-01-01T00:00:00Z","endsAt":"2026-01-01T01:00:00Z",
+            "generatorURL":"http://prom","fingerprint":""}]}"#;
+        let batch = parse_alertmanager(body).expect("valid payload");
+        assert_eq!(batch.alerts.len(), 1);
+        assert_eq!(batch.alerts[0].status, AlertStatus::Resolved);
+        assert_eq!(batch.alerts[0].fingerprint.len(), 16);
+        assert_eq!(batch.external_url, "http://am");
+    }
+
+    #[test]
+    fn parse_error_names_the_json_path() {
+        let body = br#"{"alerts":[{"labels":{"alertname":5}}]}"#;
+        let err = parse_alertmanager(body).expect_err("label values are strings");
+        assert_eq!(err.path, "alerts[0].labels.alertname");
+    }
+
+    #[test]
+    fn v2_end_in_the_past_is_resolved() {
+        let now: k8s_openapi::jiff::Timestamp = "2026-06-01T00:00:00Z".parse().expect("time");
+        let body = br#"[{"labels":{"alertname":"A"},"endsAt":"2026-01-01T00:00:00Z"},
+                        {"labels":{"alertname":"B"},"endsAt":"2027-01-01T00:00:00Z"},
+                        {"labels":{"alertname":"C"}}]"#;
+        let batch = parse_v2(body, now).expect("valid");
+        let statuses: Vec<_> = batch.alerts.iter().map(|a| a.status).collect();
+        assert_eq!(
+            statuses,
+            [AlertStatus::Resolved, AlertStatus::Firing, AlertStatus::Firing]
+        );
+    }
+
+    #[test]
+    fn fingerprint_depends_on_every_label() {
+        let a = LabelSet::from([("a".into(), "1".into())]);
+        let b = LabelSet::from([("a".into(), "2".into())]);
+        assert_ne!(fingerprint(&a), fingerprint(&b));
+        assert_eq!(fingerprint(&a), fingerprint(&a.clone()));
+    }
+}

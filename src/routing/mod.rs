@@ -1,0 +1,506 @@
+//! The routing table: which webhooks an alert or event reaches, and why not the others.
+//!
+//! Pure and synchronous: sources (the Kubernetes controller, the standalone loader) feed it
+//! plain inputs through `apply_*`/`delete_*`, and the receiver reads it through [`Table::resolve`].
+
+mod selector;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use crate::alert::{Alert, AlertStatus, LabelSet};
+use crate::crd::{LabelOperator, LabelRequirement, NotificationConditionSpec, WebhookSpec, WebhookType};
+
+pub use selector::selector_matches;
+
+/// Identifies a namespaced resource: `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct ObjectKey {
+    /// The namespace.
+    pub namespace: String,
+    /// The name.
+    pub name: String,
+}
+
+impl ObjectKey {
+    /// Builds a key from its parts.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl std::str::FromStr for ObjectKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Ok(ObjectKey::new(ns, name)),
+            _ => Err(format!("expected NAMESPACE/NAME, got {s:?}")),
+        }
+    }
+}
+
+/// Why a webhook cannot deliver: the `reason` of its `Ready=False` condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum NotReadyReason {
+    /// `spec.enabled` is false.
+    Disabled,
+    /// A referenced Secret does not exist.
+    SecretNotFound,
+    /// A referenced Secret lacks a required key.
+    SecretKeyMissing,
+    /// A NotificationCondition named in `spec.conditions` does not exist.
+    ConditionNotFound,
+    /// The CA bundle does not parse.
+    #[serde(rename = "InvalidCA")]
+    InvalidCa,
+    /// The client certificate or key does not parse or do not match.
+    InvalidClientCertificate,
+    /// A signing secret is not a valid `whsec_` secret.
+    InvalidSigningSecret,
+    /// A header from `headersSecretRef` is reserved or not a valid header.
+    InvalidHeader,
+    /// The spec fails validation (for sources that do not validate on admission).
+    InvalidSpec,
+}
+
+impl NotReadyReason {
+    /// The reason as written in the condition.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotReadyReason::Disabled => "Disabled",
+            NotReadyReason::SecretNotFound => "SecretNotFound",
+            NotReadyReason::SecretKeyMissing => "SecretKeyMissing",
+            NotReadyReason::ConditionNotFound => "ConditionNotFound",
+            NotReadyReason::InvalidCa => "InvalidCA",
+            NotReadyReason::InvalidClientCertificate => "InvalidClientCertificate",
+            NotReadyReason::InvalidSigningSecret => "InvalidSigningSecret",
+            NotReadyReason::InvalidHeader => "InvalidHeader",
+            NotReadyReason::InvalidSpec => "InvalidSpec",
+        }
+    }
+}
+
+impl fmt::Display for NotReadyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A webhook that cannot deliver, and a message for humans (never holding secret material).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NotReady {
+    /// Machine-readable reason.
+    pub reason: NotReadyReason,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl NotReady {
+    /// Builds a `NotReady` from a reason and message.
+    pub fn new(reason: NotReadyReason, message: impl Into<String>) -> Self {
+        NotReady {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for NotReady {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason, self.message)
+    }
+}
+
+/// A webhook as the table sees it: spec, labels (for `webhookSelector`) and whether its
+/// credentials and TLS material resolved.
+#[derive(Clone, Debug)]
+pub struct WebhookInput {
+    /// Namespace and name.
+    pub key: ObjectKey,
+    /// `metadata.labels`.
+    pub labels: BTreeMap<String, String>,
+    /// The spec.
+    pub spec: WebhookSpec,
+    /// `Err` when Secrets or TLS material could not be resolved.
+    pub credentials: Result<(), NotReady>,
+}
+
+/// A NotificationCondition as the table sees it.
+#[derive(Clone, Debug)]
+pub struct ConditionInput {
+    /// Namespace and name.
+    pub key: ObjectKey,
+    /// The spec.
+    pub spec: NotificationConditionSpec,
+}
+
+/// Why a webhook does not get an alert.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// The webhook is disabled.
+    Disabled,
+    /// The webhook cannot deliver (Secrets, TLS material, missing condition).
+    NotReady(NotReady),
+    /// The webhook takes the other type (Alarms or Events).
+    WrongType(WebhookType),
+    /// `eventTypes` does not list this alert name or event reason.
+    EventTypeNotWanted(String),
+    /// The alert is resolved and the webhook has `sendResolved: false`.
+    ResolvedNotWanted,
+    /// The webhook's namespace is not a cluster namespace and the alert belongs elsewhere.
+    Tenancy {
+        /// The alert's `namespace` label, if any.
+        alert_namespace: Option<String>,
+    },
+    /// A condition does not hold.
+    ConditionFailed {
+        /// The condition's name.
+        condition: String,
+        /// The label that failed.
+        label: String,
+        /// The requirement's operator.
+        operator: LabelOperator,
+    },
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::Disabled => f.write_str("disabled"),
+            Rejection::NotReady(not_ready) => write!(f, "not ready ({not_ready})"),
+            Rejection::WrongType(kind) => write!(f, "takes {kind:?}"),
+            Rejection::EventTypeNotWanted(t) => write!(f, "event type {t:?} not in eventTypes"),
+            Rejection::ResolvedNotWanted => f.write_str("resolved alert and sendResolved is false"),
+            Rejection::Tenancy { alert_namespace } => match alert_namespace {
+                Some(ns) => write!(f, "tenancy: alert belongs to namespace {ns:?}"),
+                None => f.write_str("tenancy: alert has no namespace label"),
+            },
+            Rejection::ConditionFailed {
+                condition,
+                label,
+                operator,
+            } => write!(f, "condition {condition} failed on label {label} ({operator:?})"),
+        }
+    }
+}
+
+/// The verdict for one webhook: delivered, or why not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// The webhook.
+    pub webhook: ObjectKey,
+    /// `Ok` when the webhook gets the alert.
+    pub outcome: Result<(), Rejection>,
+}
+
+#[derive(Debug)]
+struct WebhookEntry {
+    input: WebhookInput,
+    event_types: BTreeSet<String>,
+}
+
+/// Something routed: an alert, or a Kubernetes Event in alert shape.
+#[derive(Clone, Copy, Debug)]
+pub struct Subject<'a> {
+    /// Alarms for alerts, Events for Kubernetes Events.
+    pub kind: WebhookType,
+    /// The labels conditions are evaluated on.
+    pub labels: &'a LabelSet,
+    /// Firing or resolved.
+    pub status: AlertStatus,
+}
+
+impl<'a> Subject<'a> {
+    /// An Alertmanager alert.
+    pub fn alert(alert: &'a Alert) -> Self {
+        Subject {
+            kind: WebhookType::Alarms,
+            labels: &alert.labels,
+            status: alert.status,
+        }
+    }
+
+    /// A Kubernetes Event mapped to alert shape (labels reason, type, namespace, kind, name).
+    pub fn event(alert: &'a Alert) -> Self {
+        Subject {
+            kind: WebhookType::Events,
+            labels: &alert.labels,
+            status: alert.status,
+        }
+    }
+
+    fn event_type(&self) -> &str {
+        let label = match self.kind {
+            WebhookType::Alarms => "alertname",
+            WebhookType::Events => "reason",
+        };
+        self.labels.get(label).map(String::as_str).unwrap_or("")
+    }
+
+    fn namespace(&self) -> Option<&str> {
+        self.labels.get("namespace").map(String::as_str)
+    }
+}
+
+/// The routing table.
+#[derive(Debug, Default)]
+pub struct Table {
+    cluster_namespaces: BTreeSet<String>,
+    webhooks: HashMap<ObjectKey, WebhookEntry>,
+    /// Webhook keys by (type, namespace): resolve looks only at the namespaces that can matter.
+    by_namespace: HashMap<(WebhookType, String), BTreeSet<ObjectKey>>,
+    /// Conditions by namespace, then name.
+    conditions: HashMap<String, BTreeMap<String, Arc<NotificationConditionSpec>>>,
+}
+
+impl Table {
+    /// An empty table whose cluster namespaces (see Tenancy) are the ones given.
+    pub fn new(cluster_namespaces: impl IntoIterator<Item = String>) -> Self {
+        Table {
+            cluster_namespaces: cluster_namespaces.into_iter().collect(),
+            ..Table::default()
+        }
+    }
+
+    /// The namespaces whose webhooks may receive any alert.
+    pub fn cluster_namespaces(&self) -> &BTreeSet<String> {
+        &self.cluster_namespaces
+    }
+
+    /// Adds or replaces a webhook.
+    pub fn apply_webhook(&mut self, input: WebhookInput) {
+        self.delete_webhook(&input.key);
+        let index_key = (input.spec.kind, input.key.namespace.clone());
+        self.by_namespace
+            .entry(index_key)
+            .or_default()
+            .insert(input.key.clone());
+        let event_types = input.spec.event_types.iter().cloned().collect();
+        self.webhooks
+            .insert(input.key.clone(), WebhookEntry { input, event_types });
+    }
+
+    /// Removes a webhook; removing an unknown one is a no-op.
+    pub fn delete_webhook(&mut self, key: &ObjectKey) {
+        if let Some(old) = self.webhooks.remove(key) {
+            let index_key = (old.input.spec.kind, key.namespace.clone());
+            if let Some(set) = self.by_namespace.get_mut(&index_key) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.by_namespace.remove(&index_key);
+                }
+            }
+        }
+    }
+
+    /// Adds or replaces a condition.
+    pub fn apply_condition(&mut self, input: ConditionInput) {
+        self.conditions
+            .entry(input.key.namespace)
+            .or_default()
+            .insert(input.key.name, Arc::new(input.spec));
+    }
+
+    /// Removes a condition; webhooks naming it stop delivering (fail closed).
+    pub fn delete_condition(&mut self, key: &ObjectKey) {
+        if let Some(names) = self.conditions.get_mut(&key.namespace) {
+            names.remove(&key.name);
+            if names.is_empty() {
+                self.conditions.remove(&key.namespace);
+            }
+        }
+    }
+
+    /// Number of webhooks in the table.
+    pub fn len(&self) -> usize {
+        self.webhooks.len()
+    }
+
+    /// Whether the table holds no webhook.
+    pub fn is_empty(&self) -> bool {
+        self.webhooks.is_empty()
+    }
+
+    /// The webhook input for a key.
+    pub fn webhook(&self, key: &ObjectKey) -> Option<&WebhookInput> {
+        self.webhooks.get(key).map(|e| &e.input)
+    }
+
+    /// Every webhook key, sorted.
+    pub fn webhook_keys(&self) -> Vec<ObjectKey> {
+        let mut keys: Vec<_> = self.webhooks.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    /// Whether a webhook can deliver: `Ok`, or the reason for `Ready=False`.
+    pub fn readiness(&self, key: &ObjectKey) -> Option<Result<(), NotReady>> {
+        let entry = self.webhooks.get(key)?;
+        Some(self.entry_readiness(entry))
+    }
+
+    /// Names of the conditions that apply to a webhook: those it lists and those whose
+    /// `webhookSelector` matches it.
+    pub fn conditions_of(&self, key: &ObjectKey) -> Vec<String> {
+        let Some(entry) = self.webhooks.get(key) else {
+            return Vec::new();
+        };
+        let mut names: BTreeSet<String> = entry.input.spec.conditions.iter().cloned().collect();
+        if let Some(in_ns) = self.conditions.get(&key.namespace) {
+            for (name, spec) in in_ns {
+                if spec
+                    .webhook_selector
+                    .as_ref()
+                    .is_some_and(|s| selector_matches(s, &entry.input.labels))
+                {
+                    names.insert(name.clone());
+                }
+            }
+        }
+        names.into_iter().collect()
+    }
+
+    fn entry_readiness(&self, entry: &WebhookEntry) -> Result<(), NotReady> {
+        if !entry.input.spec.enabled {
+            return Err(NotReady::new(NotReadyReason::Disabled, "spec.enabled is false"));
+        }
+        entry.input.credentials.clone()?;
+        let in_ns = self.conditions.get(&entry.input.key.namespace);
+        for name in &entry.input.spec.conditions {
+            if !in_ns.is_some_and(|c| c.contains_key(name)) {
+                return Err(NotReady::new(
+                    NotReadyReason::ConditionNotFound,
+                    format!(
+                        "NotificationCondition {name:?} not found in namespace {:?}; nothing is delivered until it exists",
+                        entry.input.key.namespace
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The webhooks that get this subject, sorted by key.
+    pub fn resolve(&self, subject: Subject<'_>) -> Vec<ObjectKey> {
+        let mut matched = Vec::new();
+        let mut visit = |namespace: &str| {
+            if let Some(keys) = self.by_namespace.get(&(subject.kind, namespace.to_string())) {
+                for key in keys {
+                    if let Some(entry) = self.webhooks.get(key)
+                        && self.check(entry, subject).is_ok()
+                    {
+                        matched.push(key.clone());
+                    }
+                }
+            }
+        };
+        for ns in &self.cluster_namespaces {
+            visit(ns);
+        }
+        if let Some(ns) = subject.namespace()
+            && !self.cluster_namespaces.contains(ns)
+        {
+            visit(ns);
+        }
+        matched.sort();
+        matched
+    }
+
+    /// The verdict for every webhook, sorted by key: who gets the subject and why the others don't.
+    pub fn explain(&self, subject: Subject<'_>) -> Vec<Verdict> {
+        let mut verdicts: Vec<Verdict> = self
+            .webhooks
+            .values()
+            .map(|entry| Verdict {
+                webhook: entry.input.key.clone(),
+                outcome: self.check(entry, subject),
+            })
+            .collect();
+        verdicts.sort_by(|a, b| a.webhook.cmp(&b.webhook));
+        verdicts
+    }
+
+    fn check(&self, entry: &WebhookEntry, subject: Subject<'_>) -> Result<(), Rejection> {
+        let spec = &entry.input.spec;
+        if !spec.enabled {
+            return Err(Rejection::Disabled);
+        }
+        if spec.kind != subject.kind {
+            return Err(Rejection::WrongType(spec.kind));
+        }
+        self.entry_readiness(entry).map_err(Rejection::NotReady)?;
+        let namespace = &entry.input.key.namespace;
+        if !self.cluster_namespaces.contains(namespace) && subject.namespace() != Some(namespace) {
+            return Err(Rejection::Tenancy {
+                alert_namespace: subject.namespace().map(str::to_string),
+            });
+        }
+        if !entry.event_types.is_empty() && !entry.event_types.contains(subject.event_type()) {
+            return Err(Rejection::EventTypeNotWanted(subject.event_type().to_string()));
+        }
+        if subject.status == AlertStatus::Resolved && !spec.send_resolved {
+            return Err(Rejection::ResolvedNotWanted);
+        }
+        let in_ns = self.conditions.get(namespace);
+        // Named conditions: readiness above guarantees each exists.
+        for name in &spec.conditions {
+            if let Some(condition) = in_ns.and_then(|c| c.get(name)) {
+                check_condition(name, condition, subject.labels)?;
+            }
+        }
+        if let Some(in_ns) = in_ns {
+            for (name, condition) in in_ns {
+                let selected = condition
+                    .webhook_selector
+                    .as_ref()
+                    .is_some_and(|s| selector_matches(s, &entry.input.labels));
+                if selected && !spec.conditions.contains(name) {
+                    check_condition(name, condition, subject.labels)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_condition(
+    name: &str,
+    condition: &NotificationConditionSpec,
+    labels: &LabelSet,
+) -> Result<(), Rejection> {
+    match condition
+        .match_expressions
+        .iter()
+        .find(|req| !requirement_holds(req, labels))
+    {
+        None => Ok(()),
+        Some(req) => Err(Rejection::ConditionFailed {
+            condition: name.to_string(),
+            label: req.key.clone(),
+            operator: req.operator,
+        }),
+    }
+}
+
+/// Whether one label requirement holds for a label set.
+pub fn requirement_holds(req: &LabelRequirement, labels: &LabelSet) -> bool {
+    let value = labels.get(&req.key);
+    match req.operator {
+        LabelOperator::In => value.is_some_and(|v| req.values.contains(v)),
+        LabelOperator::NotIn => value.is_none_or(|v| !req.values.contains(v)),
+        LabelOperator::Exists => value.is_some(),
+        LabelOperator::DoesNotExist => value.is_none(),
+    }
+}
