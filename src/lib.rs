@@ -2,4 +2,8 @@
 //! webhook notifications.
 pub mod alert;
 pub mod crd;
+pub mod delivery;
+pub mod metrics;
+pub mod render;
 pub mod routing;
+pub mod secret;

@@ -370,14 +370,14 @@ fn wait_ready(
 ) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(child) = child.as_deref_mut() {
-            if let Some(status) = child.try_wait().context("checking the process")? {
-                bail!(
-                    "{name} exited during startup ({status}); last lines of {}:\n{}",
-                    log.display(),
-                    tail(log)
-                );
-            }
+        if let Some(child) = child.as_deref_mut()
+            && let Some(status) = child.try_wait().context("checking the process")?
+        {
+            bail!(
+                "{name} exited during startup ({status}); last lines of {}:\n{}",
+                log.display(),
+                tail(log)
+            );
         }
         let last = match probe() {
             Ok(true) => return Ok(()),

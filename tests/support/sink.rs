@@ -550,7 +550,7 @@ impl TestPki {
     /// clientAuth) but is signed by an unrelated CA: an mTLS sink built
     /// from any `TestPki` must reject it.
     pub fn other_ca_client() -> ClientCert {
-        Ca::new("herald-test-ca").issue(
+        Ca::new("unrelated-test-ca").issue(
             "herald-client",
             &[],
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,

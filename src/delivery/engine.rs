@@ -1,0 +1,501 @@
+//! The delivery engine: per-webhook workers with bounded queues, retries and reports.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use rand::Rng;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::send::{AttemptClass, AttemptResult, Delivery, send};
+use super::target::Target;
+use crate::metrics::{Metrics, WebhookLabels};
+use crate::routing::ObjectKey;
+
+/// How failed attempts are retried.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Delay before the first retry.
+    pub initial_backoff: Duration,
+    /// Longest delay between attempts (also caps `Retry-After`).
+    pub max_backoff: Duration,
+    /// Give up once the next attempt would start later than this after the first one.
+    pub max_elapsed: Duration,
+    /// Give up after this many attempts.
+    pub max_attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(300),
+            max_elapsed: Duration::from_secs(3600),
+            max_attempts: 30,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `attempt + 1`: exponential with equal jitter, or the endpoint's
+    /// `Retry-After` when it asked for one (capped at `max_backoff`).
+    pub fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        if let Some(asked) = retry_after {
+            return asked.min(self.max_backoff);
+        }
+        let exponent = attempt.saturating_sub(1).min(20);
+        let base = self
+            .initial_backoff
+            .saturating_mul(1u32 << exponent)
+            .min(self.max_backoff);
+        let half = base / 2;
+        let jitter_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
+        half + Duration::from_millis(rand::rng().random_range(0..=jitter_ms))
+    }
+}
+
+/// Limits of the engine.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    /// Deliveries waiting per webhook; past it, new deliveries to that webhook are dropped.
+    pub queue_capacity: usize,
+    /// Deliveries pending across all webhooks; past it, the receiver answers 503.
+    pub max_pending: usize,
+    /// Retries.
+    pub retry: RetryPolicy,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            queue_capacity: 1000,
+            max_pending: 20_000,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// The final outcome of a delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum ReportOutcome {
+    /// The endpoint answered 2xx.
+    Succeeded,
+    /// Retries exhausted or a final error.
+    Failed,
+    /// Never sent: the webhook's queue was full, or the webhook went away.
+    Dropped,
+}
+
+impl ReportOutcome {
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportOutcome::Succeeded => "succeeded",
+            ReportOutcome::Failed => "failed",
+            ReportOutcome::Dropped => "dropped",
+        }
+    }
+}
+
+/// What became of one delivery, handed to every [`DeliveryObserver`].
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryReport {
+    /// The webhook.
+    pub webhook: ObjectKey,
+    /// The delivery's id (its Idempotency-Key).
+    pub delivery_id: String,
+    /// A test message.
+    pub test: bool,
+    /// Number of alerts it carried.
+    pub alerts: usize,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Final outcome.
+    pub outcome: ReportOutcome,
+    /// The last HTTP status, if the endpoint answered.
+    pub http_status: Option<u16>,
+    /// A human-readable summary.
+    pub message: String,
+    /// Latency of the last attempt.
+    #[serde(with = "humantime_serde_ms")]
+    pub latency: Duration,
+    /// When it ended.
+    pub finished_at: Timestamp,
+}
+
+mod humantime_serde_ms {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64() * 1000.0)
+    }
+}
+
+/// Receives every delivery report: metrics, status writers, delivery records.
+pub trait DeliveryObserver: Send + Sync + 'static {
+    /// Called once per finished delivery or test.
+    fn report(&self, report: &DeliveryReport);
+}
+
+/// The receiver's answer when Herald holds as many pending deliveries as it may.
+#[derive(Debug, thiserror::Error)]
+#[error("Herald holds {pending} pending deliveries, its limit; retry later")]
+pub struct Overloaded {
+    /// The limit that was reached.
+    pub pending: usize,
+}
+
+/// What `submit` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SubmitSummary {
+    /// Deliveries queued.
+    pub queued: usize,
+    /// Deliveries dropped because their webhook's queue was full or it went away.
+    pub dropped: usize,
+}
+
+struct Job {
+    delivery: Delivery,
+    _permit: OwnedSemaphorePermit,
+}
+
+struct Worker {
+    target: watch::Sender<Arc<Target>>,
+    queue: mpsc::Sender<Job>,
+    cancel: CancellationToken,
+}
+
+struct Shared {
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+    observers: RwLock<Vec<Arc<dyn DeliveryObserver>>>,
+}
+
+impl Shared {
+    fn report(&self, report: DeliveryReport) {
+        self.metrics.delivery(&report.webhook, report.outcome.as_str());
+        match report.outcome {
+            ReportOutcome::Succeeded => tracing::debug!(
+                webhook = %report.webhook, delivery = %report.delivery_id,
+                attempts = report.attempts, status = ?report.http_status, "delivered"
+            ),
+            _ => tracing::warn!(
+                webhook = %report.webhook, delivery = %report.delivery_id, outcome = ?report.outcome,
+                attempts = report.attempts, status = ?report.http_status, error = %report.message,
+                "delivery failed"
+            ),
+        }
+        let observers = self.observers.read().map(|o| o.clone()).unwrap_or_default();
+        for observer in observers {
+            observer.report(&report);
+        }
+    }
+
+    fn dropped(&self, delivery: &Delivery, why: &str) {
+        self.report(DeliveryReport {
+            webhook: delivery.webhook.clone(),
+            delivery_id: delivery.id.clone(),
+            test: delivery.test,
+            alerts: delivery.alerts.len(),
+            attempts: 0,
+            outcome: ReportOutcome::Dropped,
+            http_status: None,
+            message: why.to_string(),
+            latency: Duration::ZERO,
+            finished_at: Timestamp::now(),
+        });
+    }
+}
+
+/// The delivery engine. Cheap to clone; every clone drives the same workers.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+    workers: Arc<Mutex<HashMap<ObjectKey, Worker>>>,
+    pending: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// A new engine with no webhooks.
+    pub fn new(config: EngineConfig, metrics: Arc<Metrics>) -> Self {
+        Engine {
+            pending: Arc::new(Semaphore::new(config.max_pending)),
+            shared: Arc::new(Shared {
+                config,
+                metrics,
+                observers: RwLock::new(Vec::new()),
+            }),
+            workers: Arc::default(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Adds an observer of delivery reports.
+    pub fn observe(&self, observer: Arc<dyn DeliveryObserver>) {
+        if let Ok(mut observers) = self.shared.observers.write() {
+            observers.push(observer);
+        }
+    }
+
+    fn workers(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, Worker>> {
+        // A worker map poisoned by a panic elsewhere is still consistent: each entry is replaced whole.
+        self.workers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Installs or replaces a webhook's settings. Queued deliveries keep their place and use the
+    /// new settings from their next attempt on (Secret rotation needs no restart).
+    pub fn upsert(&self, target: Target) {
+        let key = target.key.clone();
+        let target = Arc::new(target);
+        let mut workers = self.workers();
+        if let Some(worker) = workers.get(&key) {
+            worker.target.send_replace(target);
+            return;
+        }
+        let (target_tx, target_rx) = watch::channel(target);
+        let (queue_tx, queue_rx) = mpsc::channel(self.shared.config.queue_capacity.max(1));
+        let cancel = self.shutdown.child_token();
+        self.tasks.spawn(run_worker(
+            self.shared.clone(),
+            key.clone(),
+            target_rx,
+            queue_rx,
+            cancel.clone(),
+        ));
+        workers.insert(
+            key,
+            Worker {
+                target: target_tx,
+                queue: queue_tx,
+                cancel,
+            },
+        );
+    }
+
+    /// Stops delivering to a webhook (deleted, disabled or no longer ready); what it had queued
+    /// is dropped and reported as such.
+    pub fn remove(&self, key: &ObjectKey) {
+        if let Some(worker) = self.workers().remove(key) {
+            worker.cancel.cancel();
+        }
+    }
+
+    /// Whether a webhook has a worker.
+    pub fn contains(&self, key: &ObjectKey) -> bool {
+        self.workers().contains_key(key)
+    }
+
+    /// The current settings of a webhook.
+    pub fn target(&self, key: &ObjectKey) -> Option<Arc<Target>> {
+        self.workers().get(key).map(|w| w.target.borrow().clone())
+    }
+
+    /// Queues deliveries. All or none are accepted against the global limit: `Overloaded` means
+    /// nothing was queued. A webhook whose own queue is full drops its delivery (reported).
+    pub fn submit(&self, deliveries: Vec<Delivery>) -> Result<SubmitSummary, Overloaded> {
+        let mut summary = SubmitSummary::default();
+        if deliveries.is_empty() {
+            return Ok(summary);
+        }
+        if self.shutdown.is_cancelled() {
+            return Err(Overloaded {
+                pending: self.shared.config.max_pending,
+            });
+        }
+        let count = u32::try_from(deliveries.len()).unwrap_or(u32::MAX);
+        let mut permits = self
+            .pending
+            .clone()
+            .try_acquire_many_owned(count)
+            .map_err(|_| Overloaded {
+                pending: self.shared.config.max_pending,
+            })?;
+        let workers = self.workers();
+        for delivery in deliveries {
+            let Some(permit) = permits.split(1) else {
+                break;
+            };
+            let Some(worker) = workers.get(&delivery.webhook) else {
+                self.shared.dropped(&delivery, "the webhook is not ready to deliver");
+                summary.dropped += 1;
+                continue;
+            };
+            let key = delivery.webhook.clone();
+            match worker.queue.try_send(Job {
+                delivery,
+                _permit: permit,
+            }) {
+                Ok(()) => {
+                    summary.queued += 1;
+                    self.shared
+                        .metrics
+                        .queue_depth
+                        .get_or_create(&WebhookLabels::from(&key))
+                        .inc();
+                }
+                Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => {
+                    self.shared
+                        .dropped(&job.delivery, "the webhook's queue is full");
+                    summary.dropped += 1;
+                }
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Sends one test message to a webhook right away (one attempt, no queue) and reports it.
+    /// `None` when the webhook has no worker (unknown, disabled or not ready).
+    pub async fn send_test(&self, key: &ObjectKey) -> Option<DeliveryReport> {
+        let target = self.target(key)?;
+        let delivery = Delivery::test(key.clone());
+        let result = send(&target, &delivery).await;
+        let report = finish(&delivery, 1, &result);
+        self.shared.report(report.clone());
+        Some(report)
+    }
+
+    /// Stops every worker: no new attempts start; waits up to `deadline` for attempts in flight.
+    pub async fn shutdown(&self, deadline: Duration) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(deadline, self.tasks.wait()).await.is_err() {
+            tracing::warn!("delivery workers did not stop within {deadline:?}");
+        }
+    }
+}
+
+fn finish(delivery: &Delivery, attempts: u32, last: &AttemptResult) -> DeliveryReport {
+    let outcome = if last.class == AttemptClass::Success {
+        ReportOutcome::Succeeded
+    } else {
+        ReportOutcome::Failed
+    };
+    let message = match (&last.error, last.status) {
+        (Some(e), _) => e.clone(),
+        (None, Some(s)) => format!("HTTP {s}"),
+        (None, None) => String::new(),
+    };
+    DeliveryReport {
+        webhook: delivery.webhook.clone(),
+        delivery_id: delivery.id.clone(),
+        test: delivery.test,
+        alerts: delivery.alerts.len(),
+        attempts,
+        outcome,
+        http_status: last.status,
+        message,
+        latency: last.latency,
+        finished_at: Timestamp::now(),
+    }
+}
+
+async fn run_worker(
+    shared: Arc<Shared>,
+    key: ObjectKey,
+    target: watch::Receiver<Arc<Target>>,
+    mut queue: mpsc::Receiver<Job>,
+    cancel: CancellationToken,
+) {
+    let labels = WebhookLabels::from(&key);
+    loop {
+        let job = tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            job = queue.recv() => match job {
+                Some(job) => job,
+                None => break,
+            },
+        };
+        shared.metrics.queue_depth.get_or_create(&labels).dec();
+        deliver(&shared, &labels, &target, &job.delivery, &cancel).await;
+    }
+    queue.close();
+    while let Ok(job) = queue.try_recv() {
+        shared.metrics.queue_depth.get_or_create(&labels).dec();
+        shared.dropped(&job.delivery, "the webhook was removed or Herald is stopping");
+    }
+}
+
+async fn deliver(
+    shared: &Shared,
+    labels: &WebhookLabels,
+    target: &watch::Receiver<Arc<Target>>,
+    delivery: &Delivery,
+    cancel: &CancellationToken,
+) {
+    let policy = shared.config.retry;
+    let started = tokio::time::Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let current = target.borrow().clone();
+        let result = send(&current, delivery).await;
+        shared
+            .metrics
+            .delivery_duration
+            .get_or_create(labels)
+            .observe(result.latency.as_secs_f64());
+        if result.class != AttemptClass::Retryable {
+            shared.report(finish(delivery, attempt, &result));
+            return;
+        }
+        let delay = policy.delay(attempt, result.retry_after);
+        let exhausted = attempt >= policy.max_attempts
+            || started.elapsed() + delay > policy.max_elapsed;
+        if exhausted {
+            let mut report = finish(delivery, attempt, &result);
+            report.message = format!("gave up after {attempt} attempts: {}", report.message);
+            shared.report(report);
+            return;
+        }
+        shared.metrics.delivery(&delivery.webhook, "retried");
+        tracing::debug!(
+            webhook = %delivery.webhook, delivery = %delivery.id, attempt,
+            error = ?result.error, ?delay, "attempt failed; retrying"
+        );
+        tokio::select! {
+            () = cancel.cancelled() => {
+                shared.dropped(delivery, "the webhook was removed or Herald is stopping during retries");
+                return;
+            }
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_exponentially_with_jitter_and_is_capped() {
+        let policy = RetryPolicy {
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(10),
+            ..RetryPolicy::default()
+        };
+        for _ in 0..100 {
+            let d1 = policy.delay(1, None);
+            assert!(d1 >= Duration::from_millis(500) && d1 <= Duration::from_secs(1), "{d1:?}");
+            let d3 = policy.delay(3, None);
+            assert!(d3 >= Duration::from_secs(2) && d3 <= Duration::from_secs(4), "{d3:?}");
+            let d10 = policy.delay(10, None);
+            assert!(d10 >= Duration::from_secs(5) && d10 <= Duration::from_secs(10), "{d10:?}");
+        }
+        assert_eq!(policy.delay(1, Some(Duration::from_secs(3))), Duration::from_secs(3));
+        assert_eq!(policy.delay(1, Some(Duration::from_secs(3000))), Duration::from_secs(10));
+    }
+}

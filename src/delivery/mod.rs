@@ -1,0 +1,13 @@
+//! Delivery: one worker and one bounded queue per webhook, each rendering, signing, sending and
+//! retrying on its own, so a slow or dead endpoint touches nobody else.
+
+mod engine;
+mod send;
+pub mod target;
+
+pub use engine::{
+    DeliveryObserver, DeliveryReport, Engine, EngineConfig, Overloaded, ReportOutcome,
+    RetryPolicy, SubmitSummary,
+};
+pub use send::{AttemptClass, AttemptResult, Delivery, send, sign};
+pub use target::{Target, USER_AGENT, parse_signing_secrets, referenced_secrets};

@@ -1,0 +1,255 @@
+//! One HTTP attempt: render, sign, send, classify the answer.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use http::{HeaderValue, StatusCode};
+
+use super::target::Target;
+use crate::alert::{Alert, LabelSet};
+use crate::render::{self, Content};
+use crate::routing::ObjectKey;
+
+/// One notification to one webhook: the unit that is queued, retried and recorded.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    /// Unique id; sent as `Idempotency-Key` and `webhook-id`, the same on every retry.
+    pub id: String,
+    /// The webhook.
+    pub webhook: ObjectKey,
+    /// A test message.
+    pub test: bool,
+    /// The alerts that matched this webhook.
+    pub alerts: Vec<Alert>,
+    /// Group labels from Alertmanager.
+    pub group_labels: LabelSet,
+    /// Alertmanager's URL.
+    #[serde(rename = "externalURL")]
+    pub external_url: String,
+}
+
+impl Delivery {
+    /// A new delivery with a fresh time-ordered id.
+    pub fn new(webhook: ObjectKey, alerts: Vec<Alert>, group_labels: LabelSet, external_url: String) -> Self {
+        Delivery {
+            id: uuid::Uuid::now_v7().to_string(),
+            webhook,
+            test: false,
+            alerts,
+            group_labels,
+            external_url,
+        }
+    }
+
+    /// A test message: one synthetic alert marked `"test": true`.
+    pub fn test(webhook: ObjectKey) -> Self {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let alert = render::test_alert(&webhook, &now);
+        Delivery {
+            test: true,
+            ..Delivery::new(webhook, vec![alert], LabelSet::new(), String::new())
+        }
+    }
+
+    /// The JSON body for a target, rendered in its language.
+    pub fn body(&self, target: &Target) -> Vec<u8> {
+        let notification = render::notification(
+            Content {
+                webhook: &self.webhook,
+                kind: target.kind,
+                test: self.test,
+                alerts: &self.alerts,
+                group_labels: &self.group_labels,
+                external_url: &self.external_url,
+            },
+            target.language,
+        );
+        // Serialising plain strings and maps cannot fail.
+        serde_json::to_vec(&notification).unwrap_or_default()
+    }
+}
+
+/// How an attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptClass {
+    /// 2xx.
+    Success,
+    /// Connection error, timeout, 408, 429 or 5xx: try again.
+    Retryable,
+    /// Any other answer: do not try again.
+    Final,
+}
+
+/// The result of one attempt.
+#[derive(Clone, Debug)]
+pub struct AttemptResult {
+    /// Success, retryable or final.
+    pub class: AttemptClass,
+    /// The HTTP status, when the endpoint answered.
+    pub status: Option<u16>,
+    /// Time from sending to the answer (or the error).
+    pub latency: Duration,
+    /// What went wrong, for humans (never a URL or credential).
+    pub error: Option<String>,
+    /// The endpoint's `Retry-After`, when it gave one.
+    pub retry_after: Option<Duration>,
+}
+
+/// The `webhook-signature` value for a body: one `v1,<base64 HMAC-SHA256>` per key, space-separated
+/// (Standard Webhooks v1, signing `"{id}.{timestamp}.{body}"`).
+pub fn sign<'a>(keys: impl Iterator<Item = &'a [u8]>, id: &str, timestamp: i64, body: &[u8]) -> String {
+    let mut signatures = Vec::new();
+    for key in keys {
+        // HMAC accepts keys of any length.
+        let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(key) else {
+            continue;
+        };
+        mac.update(id.as_bytes());
+        mac.update(b".");
+        mac.update(timestamp.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        let digest = mac.finalize().into_bytes();
+        signatures.push(format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(digest)
+        ));
+    }
+    signatures.join(" ")
+}
+
+fn describe(err: reqwest::Error) -> String {
+    let err = err.without_url();
+    let kind = if err.is_timeout() {
+        "timed out"
+    } else if err.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    let mut message = kind.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
+/// Parses `Retry-After`: delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
+    let text = value.to_str().ok()?.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(text).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+/// Sends one attempt of a delivery to a target.
+pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
+    let body = delivery.body(target);
+    let mut request = target
+        .client()
+        .post(target.url.clone())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header("Idempotency-Key", delivery.id.as_str());
+    if let Some(auth) = target.authorization() {
+        request = request.header(http::header::AUTHORIZATION, auth.clone());
+    }
+    for (name, value) in target.headers() {
+        request = request.header(name, value);
+    }
+    let mut keys = target.signing_keys().peekable();
+    if keys.peek().is_some() {
+        let timestamp = k8s_openapi::jiff::Timestamp::now().as_second();
+        let signature = sign(keys, &delivery.id, timestamp, &body);
+        request = request
+            .header("webhook-id", delivery.id.as_str())
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature);
+    }
+    let started = Instant::now();
+    match request.body(body).send().await {
+        Err(err) => AttemptResult {
+            class: AttemptClass::Retryable,
+            status: None,
+            latency: started.elapsed(),
+            error: Some(describe(err)),
+            retry_after: None,
+        },
+        Ok(response) => {
+            let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(parse_retry_after);
+            let class = if status.is_success() {
+                AttemptClass::Success
+            } else if status == StatusCode::REQUEST_TIMEOUT
+                || status == StatusCode::TOO_MANY_REQUESTS
+                || status.is_server_error()
+            {
+                AttemptClass::Retryable
+            } else {
+                AttemptClass::Final
+            };
+            // Drain a little of the body so the connection can be reused; ignore its content.
+            let snippet = if class == AttemptClass::Success {
+                None
+            } else {
+                response.text().await.ok().map(|t| t.chars().take(200).collect::<String>())
+            };
+            let latency = started.elapsed();
+            let error = (class != AttemptClass::Success).then(|| match snippet {
+                Some(s) if !s.trim().is_empty() => format!("HTTP {}: {}", status.as_u16(), s.trim()),
+                _ => format!("HTTP {}", status.as_u16()),
+            });
+            AttemptResult {
+                class,
+                status: Some(status.as_u16()),
+                latency,
+                error,
+                retry_after,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_matches_the_standard_webhooks_example() {
+        // The example from the Standard Webhooks specification's reference implementation.
+        let key = base64::engine::general_purpose::STANDARD
+            .decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+            .expect("base64");
+        let body = br#"{"test": 2432232314}"#;
+        let signature = sign(std::iter::once(key.as_slice()), "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
+        assert_eq!(signature, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("7")),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT")),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
+    }
+}

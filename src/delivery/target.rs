@@ -1,0 +1,403 @@
+//! A webhook's delivery settings, resolved from its spec and Secrets: URL, credentials, TLS,
+//! headers, signing keys and the HTTP client built from them.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use base64::Engine as _;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::crd::{AuthType, Language, WebhookSpec, WebhookType, is_reserved_header};
+use crate::routing::{NotReady, NotReadyReason, ObjectKey};
+use crate::secret::{SecretData, Sensitive};
+
+/// The `User-Agent` Herald sends.
+pub const USER_AGENT: &str = concat!("herald/", env!("CARGO_PKG_VERSION"));
+
+/// Everything needed to send to one webhook. Secret material is held in [`Sensitive`] wrappers.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The webhook.
+    pub key: ObjectKey,
+    /// Alarms or Events.
+    pub kind: WebhookType,
+    /// The endpoint.
+    pub url: reqwest::Url,
+    /// Language of titles and messages.
+    pub language: Language,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    authorization: Option<Sensitive<HeaderValue>>,
+    headers: Sensitive<HeaderMap>,
+    signing_keys: Vec<Sensitive<Vec<u8>>>,
+    client: reqwest::Client,
+}
+
+/// Names of every Secret a webhook spec refers to (all in the webhook's own namespace).
+pub fn referenced_secrets(spec: &WebhookSpec) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    if spec.auth.kind != AuthType::None
+        && let Some(r) = &spec.auth.secret_ref
+    {
+        names.insert(r.name.clone());
+    }
+    if let Some(tls) = &spec.tls {
+        if let Some(r) = &tls.ca_secret_ref {
+            names.insert(r.name.clone());
+        }
+        if let Some(r) = &tls.client_cert_secret_ref {
+            names.insert(r.name.clone());
+        }
+    }
+    if let Some(r) = &spec.headers_secret_ref {
+        names.insert(r.name.clone());
+    }
+    if let Some(s) = &spec.signing {
+        names.insert(s.secret_ref.name.clone());
+    }
+    names
+}
+
+fn secret<'a>(
+    lookup: &impl Fn(&str) -> Option<&'a SecretData>,
+    name: &str,
+    purpose: &str,
+) -> Result<&'a SecretData, NotReady> {
+    lookup(name).ok_or_else(|| {
+        NotReady::new(
+            NotReadyReason::SecretNotFound,
+            format!("Secret {name:?} ({purpose}) not found in the webhook's namespace"),
+        )
+    })
+}
+
+fn secret_key<'a>(data: &'a SecretData, secret: &str, key: &str) -> Result<&'a [u8], NotReady> {
+    data.get(key).ok_or_else(|| {
+        NotReady::new(
+            NotReadyReason::SecretKeyMissing,
+            format!("Secret {secret:?} has no key {key:?}"),
+        )
+    })
+}
+
+fn text<'a>(data: &'a SecretData, secret: &str, name: &str) -> Result<&'a str, NotReady> {
+    let bytes = secret_key(data, secret, name)?;
+    std::str::from_utf8(bytes).map(str::trim).map_err(|_| {
+        NotReady::new(
+            NotReadyReason::SecretKeyMissing,
+            format!("Secret {secret:?} key {name:?} is not UTF-8 text"),
+        )
+    })
+}
+
+fn invalid_spec(message: impl Into<String>) -> NotReady {
+    NotReady::new(NotReadyReason::InvalidSpec, message)
+}
+
+/// Parses a Standard Webhooks secret list: `whsec_<base64>` entries separated by spaces, each
+/// decoding to 24 to 64 bytes.
+pub fn parse_signing_secrets(value: &str) -> Result<Vec<Vec<u8>>, String> {
+    let mut keys = Vec::new();
+    for (i, entry) in value.split_whitespace().enumerate() {
+        let encoded = entry
+            .strip_prefix("whsec_")
+            .ok_or_else(|| format!("secret #{} does not start with whsec_", i + 1))?;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|_| format!("secret #{} is not valid base64 after whsec_", i + 1))?;
+        if !(24..=64).contains(&key.len()) {
+            return Err(format!(
+                "secret #{} decodes to {} bytes; 24 to 64 are required",
+                i + 1,
+                key.len()
+            ));
+        }
+        keys.push(key);
+    }
+    if keys.is_empty() {
+        return Err("no whsec_ secret found".into());
+    }
+    Ok(keys)
+}
+
+impl Target {
+    /// Resolves a webhook's settings. `lookup` finds a Secret by name in the webhook's namespace.
+    /// Errors carry the `Ready=False` reason; their messages never contain secret material.
+    pub fn build<'a>(
+        key: ObjectKey,
+        spec: &WebhookSpec,
+        lookup: impl Fn(&str) -> Option<&'a SecretData>,
+    ) -> Result<Target, NotReady> {
+        let url = reqwest::Url::parse(&spec.url)
+            .map_err(|e| invalid_spec(format!("url is not a valid URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(invalid_spec("url must be an absolute http or https URL"));
+        }
+
+        let authorization = match spec.auth.kind {
+            AuthType::None => None,
+            kind => {
+                let name = &spec
+                    .auth
+                    .secret_ref
+                    .as_ref()
+                    .ok_or_else(|| invalid_spec("auth.secretRef is required for Bearer and Basic auth"))?
+                    .name;
+                let data = secret(&lookup, name, "auth")?;
+                let value = if kind == AuthType::Bearer {
+                    format!("Bearer {}", text(data, name, "token")?)
+                } else {
+                    let user = text(data, name, "username")?;
+                    let password = text(data, name, "password")?;
+                    let encoded = base64::engine::general_purpose::STANDARD
+                        .encode(format!("{user}:{password}"));
+                    format!("Basic {encoded}")
+                };
+                let mut value = HeaderValue::from_str(&value).map_err(|_| {
+                    NotReady::new(
+                        NotReadyReason::InvalidHeader,
+                        format!("Secret {name:?} holds characters not allowed in an Authorization header"),
+                    )
+                })?;
+                value.set_sensitive(true);
+                Some(Sensitive::new(value))
+            }
+        };
+
+        let mut headers = HeaderMap::new();
+        for (name, value) in &spec.headers {
+            insert_header(&mut headers, name, value.as_bytes(), "spec.headers")?;
+        }
+        if let Some(r) = &spec.headers_secret_ref {
+            let data = secret(&lookup, &r.name, "headers")?;
+            for (name, value) in data.iter() {
+                let origin = format!("Secret {:?}", r.name);
+                insert_header(&mut headers, name, trim_bytes(value), &origin)?;
+            }
+        }
+
+        let signing_keys = match &spec.signing {
+            None => Vec::new(),
+            Some(signing) => {
+                let r = &signing.secret_ref;
+                let data = secret(&lookup, &r.name, "signing")?;
+                let value = text(data, &r.name, &r.key)?;
+                parse_signing_secrets(value)
+                    .map_err(|e| {
+                        NotReady::new(
+                            NotReadyReason::InvalidSigningSecret,
+                            format!("Secret {:?} key {:?}: {e}", r.name, r.key),
+                        )
+                    })?
+                    .into_iter()
+                    .map(Sensitive::new)
+                    .collect()
+            }
+        };
+
+        let timeout = Duration::from_secs(u64::from(spec.timeout_seconds.clamp(1, 300)));
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .user_agent(USER_AGENT)
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(4);
+        if let Some(tls) = &spec.tls {
+            builder = builder.danger_accept_invalid_certs(tls.insecure_skip_verify);
+            if let Some(r) = &tls.ca_secret_ref {
+                let data = secret(&lookup, &r.name, "CA bundle")?;
+                let pem = secret_key(data, &r.name, &r.key)?;
+                let certs = reqwest::Certificate::from_pem_bundle(pem)
+                    .ok()
+                    .filter(|c| !c.is_empty())
+                    .ok_or_else(|| {
+                        NotReady::new(
+                            NotReadyReason::InvalidCa,
+                            format!("Secret {:?} key {:?} holds no PEM certificate", r.name, r.key),
+                        )
+                    })?;
+                for cert in certs {
+                    builder = builder.add_root_certificate(cert);
+                }
+            }
+            if let Some(r) = &tls.client_cert_secret_ref {
+                let data = secret(&lookup, &r.name, "client certificate")?;
+                let mut pem = secret_key(data, &r.name, "tls.crt")?.to_vec();
+                pem.push(b'\n');
+                pem.extend_from_slice(secret_key(data, &r.name, "tls.key")?);
+                let identity = reqwest::Identity::from_pem(&pem).map_err(|_| {
+                    NotReady::new(
+                        NotReadyReason::InvalidClientCertificate,
+                        format!("Secret {:?}: tls.crt and tls.key are not a valid PEM certificate and key", r.name),
+                    )
+                })?;
+                builder = builder.identity(identity);
+            }
+        }
+        builder = match &spec.proxy_url {
+            Some(proxy) => builder.proxy(
+                reqwest::Proxy::all(proxy)
+                    .map_err(|e| invalid_spec(format!("proxyURL is not usable: {e}")))?,
+            ),
+            None => builder.no_proxy(),
+        };
+        let client = builder.build().map_err(|e| {
+            let reason = if spec.tls.as_ref().is_some_and(|t| t.client_cert_secret_ref.is_some()) {
+                NotReadyReason::InvalidClientCertificate
+            } else {
+                NotReadyReason::InvalidSpec
+            };
+            NotReady::new(reason, format!("cannot build the HTTP client: {e}"))
+        })?;
+
+        Ok(Target {
+            key,
+            kind: spec.kind,
+            url,
+            language: spec.language,
+            timeout,
+            authorization,
+            headers: Sensitive::new(headers),
+            signing_keys,
+            client,
+        })
+    }
+
+    /// The HTTP client for this webhook.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// The `Authorization` header, if any.
+    pub(crate) fn authorization(&self) -> Option<&HeaderValue> {
+        self.authorization.as_ref().map(Sensitive::expose)
+    }
+
+    /// Extra headers (`spec.headers` and `headersSecretRef`).
+    pub(crate) fn headers(&self) -> &HeaderMap {
+        self.headers.expose()
+    }
+
+    /// Standard Webhooks signing keys (decoded), empty when signing is off.
+    pub(crate) fn signing_keys(&self) -> impl Iterator<Item = &[u8]> {
+        self.signing_keys.iter().map(|k| k.expose().as_slice())
+    }
+}
+
+fn trim_bytes(value: &[u8]) -> &[u8] {
+    let start = value.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(value.len());
+    let end = value.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    &value[start..end]
+}
+
+fn insert_header(headers: &mut HeaderMap, name: &str, value: &[u8], origin: &str) -> Result<(), NotReady> {
+    if is_reserved_header(name) {
+        return Err(NotReady::new(
+            NotReadyReason::InvalidHeader,
+            format!("{origin} sets reserved header {name:?}"),
+        ));
+    }
+    let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+        NotReady::new(
+            NotReadyReason::InvalidHeader,
+            format!("{origin}: {name:?} is not a valid header name"),
+        )
+    })?;
+    let mut value = HeaderValue::from_bytes(value).map_err(|_| {
+        NotReady::new(
+            NotReadyReason::InvalidHeader,
+            format!("{origin}: the value of header {name:?} holds characters not allowed in a header"),
+        )
+    })?;
+    value.set_sensitive(true);
+    headers.insert(header, value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> WebhookSpec {
+        serde_saphyr::from_str(yaml).expect("spec yaml")
+    }
+
+    fn data(pairs: &[(&str, &str)]) -> SecretData {
+        SecretData::from_pairs(pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())))
+    }
+
+    fn build(spec: &WebhookSpec, secrets: &[(&str, SecretData)]) -> Result<Target, NotReady> {
+        Target::build(ObjectKey::new("ns", "wh"), spec, |name| {
+            secrets.iter().find(|(n, _)| *n == name).map(|(_, d)| d)
+        })
+    }
+
+    #[test]
+    fn bearer_token_is_read_and_trimmed() {
+        let s = spec("url: http://x\nauth: {type: Bearer, secretRef: {name: a}}\n");
+        let t = build(&s, &[("a", data(&[("token", "abc\n")]))]).expect("ready");
+        assert_eq!(t.authorization().expect("auth"), "Bearer abc");
+        assert!(!format!("{t:?}").contains("abc"), "Debug must not print the token");
+    }
+
+    #[test]
+    fn basic_auth_encodes_username_and_password() {
+        let s = spec("url: http://x\nauth: {type: Basic, secretRef: {name: a}}\n");
+        let t = build(&s, &[("a", data(&[("username", "u"), ("password", "p")]))]).expect("ready");
+        assert_eq!(t.authorization().expect("auth"), "Basic dTpw");
+    }
+
+    #[test]
+    fn missing_secret_and_missing_key_have_their_own_reasons() {
+        let s = spec("url: http://x\nauth: {type: Bearer, secretRef: {name: a}}\n");
+        assert_eq!(build(&s, &[]).expect_err("missing").reason, NotReadyReason::SecretNotFound);
+        let err = build(&s, &[("a", data(&[("other", "v")]))]).expect_err("no key");
+        assert_eq!(err.reason, NotReadyReason::SecretKeyMissing);
+        assert!(err.message.contains("token"));
+    }
+
+    #[test]
+    fn invalid_ca_is_reported() {
+        let s = spec("url: https://x\ntls: {caSecretRef: {name: ca, key: ca.crt}}\n");
+        let err = build(&s, &[("ca", data(&[("ca.crt", "not a pem")]))]).expect_err("bad CA");
+        assert_eq!(err.reason, NotReadyReason::InvalidCa);
+    }
+
+    #[test]
+    fn reserved_or_invalid_headers_from_a_secret_are_refused() {
+        let s = spec("url: http://x\nheadersSecretRef: {name: h}\n");
+        let err = build(&s, &[("h", data(&[("Authorization", "x")]))]).expect_err("reserved");
+        assert_eq!(err.reason, NotReadyReason::InvalidHeader);
+        let err = build(&s, &[("h", data(&[("webhook-id", "x")]))]).expect_err("reserved");
+        assert_eq!(err.reason, NotReadyReason::InvalidHeader);
+        let t = build(&s, &[("h", data(&[("X-Api-Key", "k1\n")]))]).expect("ok");
+        assert_eq!(t.headers().get("x-api-key").expect("header"), "k1");
+    }
+
+    #[test]
+    fn signing_secrets_are_validated() {
+        let good = format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode([7u8; 32])
+        );
+        assert_eq!(parse_signing_secrets(&format!("{good} {good}")).expect("two").len(), 2);
+        assert!(parse_signing_secrets("whsec_!!!").is_err());
+        assert!(parse_signing_secrets("abc").is_err());
+        let short = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode([1u8; 8]));
+        assert!(parse_signing_secrets(&short).is_err());
+        let s = spec("url: http://x\nsigning: {secretRef: {name: s, key: secret}}\n");
+        let err = build(&s, &[("s", data(&[("secret", "whsec_nope")]))]).expect_err("bad");
+        assert_eq!(err.reason, NotReadyReason::InvalidSigningSecret);
+    }
+
+    #[test]
+    fn referenced_secrets_lists_every_reference() {
+        let s = spec(
+            "url: http://x\nauth: {type: Bearer, secretRef: {name: a}}\ntls: {caSecretRef: {name: b, key: k}, clientCertSecretRef: {name: c}}\nheadersSecretRef: {name: d}\nsigning: {secretRef: {name: e, key: k}}\n",
+        );
+        let names: Vec<_> = referenced_secrets(&s).into_iter().collect();
+        assert_eq!(names, ["a", "b", "c", "d", "e"]);
+    }
+}

@@ -1,0 +1,194 @@
+//! Prometheus metrics. Labels carry only namespaces, names, endpoints, outcomes and reasons:
+//! never a URL, a header value or a credential.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::routing::ObjectKey;
+
+/// Labels of receiver counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// `/api/v1/alerts` or `/api/v2/alerts`.
+    pub endpoint: String,
+}
+
+/// Labels of rejections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why a request was refused.
+    pub reason: String,
+}
+
+/// Labels naming a webhook.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    /// The Webhook's namespace.
+    pub namespace: String,
+    /// The Webhook's name.
+    pub webhook: String,
+}
+
+impl From<&ObjectKey> for WebhookLabels {
+    fn from(key: &ObjectKey) -> Self {
+        WebhookLabels {
+            namespace: key.namespace.clone(),
+            webhook: key.name.clone(),
+        }
+    }
+}
+
+/// Labels of delivery outcomes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// The Webhook's namespace.
+    pub namespace: String,
+    /// The Webhook's name.
+    pub webhook: String,
+    /// succeeded, retried, failed or dropped.
+    pub outcome: String,
+}
+
+/// Labels of the webhook gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReadyLabels {
+    /// "true" or "false".
+    pub ready: String,
+}
+
+/// Every metric Herald exports, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    /// Alerts accepted by the receiver.
+    pub alerts_received: Family<EndpointLabels, Counter>,
+    /// Delivery attempts and outcomes.
+    pub deliveries: Family<OutcomeLabels, Counter>,
+    /// Duration of each HTTP request to a webhook.
+    pub delivery_duration: Family<WebhookLabels, Histogram>,
+    /// Deliveries waiting in a webhook's queue.
+    pub queue_depth: Family<WebhookLabels, Gauge>,
+    /// Webhooks by readiness.
+    pub webhooks: Family<ReadyLabels, Gauge>,
+    /// Requests the receiver refused.
+    pub receiver_rejected: Family<ReasonLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("herald");
+        let alerts_received = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "alerts_received",
+            "Alerts accepted by the receiver",
+            alerts_received.clone(),
+        );
+        let deliveries = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "deliveries",
+            "Deliveries to webhooks by outcome (succeeded, retried, failed, dropped)",
+            deliveries.clone(),
+        );
+        let delivery_duration =
+            Family::<WebhookLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+            });
+        registry.register(
+            "delivery_duration_seconds",
+            "Duration of HTTP requests to webhooks",
+            delivery_duration.clone(),
+        );
+        let queue_depth = Family::<WebhookLabels, Gauge>::default();
+        registry.register(
+            "delivery_queue_depth",
+            "Deliveries waiting in each webhook's queue",
+            queue_depth.clone(),
+        );
+        let webhooks = Family::<ReadyLabels, Gauge>::default();
+        registry.register("webhooks", "Webhooks by readiness", webhooks.clone());
+        let receiver_rejected = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "receiver_rejected",
+            "Requests refused by the receiver, by reason",
+            receiver_rejected.clone(),
+        );
+        Metrics {
+            registry,
+            alerts_received,
+            deliveries,
+            delivery_duration,
+            queue_depth,
+            webhooks,
+            receiver_rejected,
+        }
+    }
+
+    /// Counts one delivery outcome for a webhook.
+    pub fn delivery(&self, key: &ObjectKey, outcome: &str) {
+        self.deliveries
+            .get_or_create(&OutcomeLabels {
+                namespace: key.namespace.clone(),
+                webhook: key.name.clone(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a refused request.
+    pub fn rejected(&self, reason: &str) {
+        self.receiver_rejected
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Sets the number of ready and not ready webhooks.
+    pub fn set_webhooks(&self, ready: usize, not_ready: usize) {
+        for (label, n) in [("true", ready), ("false", not_ready)] {
+            self.webhooks
+                .get_or_create(&ReadyLabels {
+                    ready: label.to_string(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Forgets the per-webhook series of a deleted webhook.
+    pub fn forget_webhook(&self, key: &ObjectKey) {
+        let labels = WebhookLabels::from(key);
+        self.queue_depth.remove(&labels);
+        self.delivery_duration.remove(&labels);
+        for outcome in ["succeeded", "retried", "failed", "dropped"] {
+            self.deliveries.remove(&OutcomeLabels {
+                namespace: key.namespace.clone(),
+                webhook: key.name.clone(),
+                outcome: outcome.to_string(),
+            });
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

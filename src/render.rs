@@ -1,0 +1,384 @@
+//! Human text for notifications: titles and messages in English and Simplified Chinese, and
+//! the JSON body a webhook receives.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use crate::alert::{Alert, AlertStatus, LabelSet};
+use crate::crd::{Language, WebhookType};
+use crate::routing::ObjectKey;
+
+/// Names of the webhook inside the body.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct WebhookRef<'a> {
+    /// Namespace of the Webhook resource.
+    pub namespace: &'a str,
+    /// Name of the Webhook resource.
+    pub name: &'a str,
+}
+
+/// The JSON body of every Herald notification (`version` "1").
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Notification<'a> {
+    /// Body format version.
+    pub version: &'static str,
+    /// Alarms or Events.
+    #[serde(rename = "type")]
+    pub kind: WebhookType,
+    /// A test message (synthetic alert).
+    pub test: bool,
+    /// The webhook this was sent to.
+    pub webhook: WebhookRef<'a>,
+    /// Language of `title` and `message`.
+    pub language: &'static str,
+    /// "firing" when any alert fires, else "resolved".
+    pub status: &'static str,
+    /// One-line summary.
+    pub title: String,
+    /// Human-readable details.
+    pub message: String,
+    /// The alerts that matched this webhook.
+    pub alerts: &'a [Alert],
+    /// Alertmanager's group labels.
+    pub group_labels: &'a LabelSet,
+    /// Labels every alert shares.
+    pub common_labels: LabelSet,
+    /// Annotations every alert shares.
+    pub common_annotations: LabelSet,
+    /// Alertmanager's URL.
+    #[serde(rename = "externalURL")]
+    pub external_url: &'a str,
+}
+
+/// What one delivery carries, before rendering.
+#[derive(Clone, Copy, Debug)]
+pub struct Content<'a> {
+    /// The webhook.
+    pub webhook: &'a ObjectKey,
+    /// Alarms or Events.
+    pub kind: WebhookType,
+    /// Whether this is a test message.
+    pub test: bool,
+    /// The alerts.
+    pub alerts: &'a [Alert],
+    /// Group labels from Alertmanager.
+    pub group_labels: &'a LabelSet,
+    /// Alertmanager's URL.
+    pub external_url: &'a str,
+}
+
+/// Renders a notification in a language.
+pub fn notification<'a>(content: Content<'a>, language: Language) -> Notification<'a> {
+    let firing = content
+        .alerts
+        .iter()
+        .filter(|a| a.status == AlertStatus::Firing)
+        .count();
+    let (title, message) = if content.test {
+        test_text(content.webhook, language)
+    } else {
+        (
+            title(content.alerts, firing, language),
+            message(content.alerts, language),
+        )
+    };
+    Notification {
+        version: "1",
+        kind: content.kind,
+        test: content.test,
+        webhook: WebhookRef {
+            namespace: &content.webhook.namespace,
+            name: &content.webhook.name,
+        },
+        language: language.as_str(),
+        status: if firing > 0 || content.alerts.is_empty() {
+            "firing"
+        } else {
+            "resolved"
+        },
+        title,
+        message,
+        alerts: content.alerts,
+        group_labels: content.group_labels,
+        common_labels: common(content.alerts.iter().map(|a| &a.labels)),
+        common_annotations: common(content.alerts.iter().map(|a| &a.annotations)),
+        external_url: content.external_url,
+    }
+}
+
+/// The synthetic alert a test message carries.
+pub fn test_alert(webhook: &ObjectKey, now: &str) -> Alert {
+    let mut alert = Alert {
+        status: AlertStatus::Firing,
+        labels: LabelSet::from([
+            ("alertname".to_string(), "HeraldTest".to_string()),
+            ("severity".to_string(), "info".to_string()),
+            ("namespace".to_string(), webhook.namespace.clone()),
+        ]),
+        annotations: LabelSet::from([(
+            "summary".to_string(),
+            format!("Test message for webhook {webhook}"),
+        )]),
+        starts_at: now.to_string(),
+        ..Alert::default()
+    };
+    alert.ensure_fingerprint();
+    alert
+}
+
+fn common<'a>(mut sets: impl Iterator<Item = &'a LabelSet>) -> LabelSet {
+    let Some(first) = sets.next() else {
+        return LabelSet::new();
+    };
+    let mut shared = first.clone();
+    for set in sets {
+        shared.retain(|k, v| set.get(k) == Some(v));
+    }
+    shared
+}
+
+fn subject_name(alert: &Alert) -> &str {
+    ["alertname", "reason"]
+        .iter()
+        .find_map(|k| alert.labels.get(*k))
+        .map(String::as_str)
+        .unwrap_or("")
+}
+
+fn names(alerts: &[Alert], language: Language) -> String {
+    let unique: BTreeSet<&str> = alerts
+        .iter()
+        .map(subject_name)
+        .filter(|n| !n.is_empty())
+        .collect();
+    let shown: Vec<&str> = unique.iter().take(3).copied().collect();
+    let rest = unique.len().saturating_sub(shown.len());
+    let joined = shown.join(", ");
+    match (rest, language) {
+        (0, _) => joined,
+        (n, Language::En) => format!("{joined} and {n} more"),
+        (n, Language::ZhCn) => format!("{joined} 等 {} 项", n + shown.len()),
+    }
+}
+
+fn title(alerts: &[Alert], firing: usize, language: Language) -> String {
+    let resolved = alerts.len() - firing;
+    let names = names(alerts, language);
+    match language {
+        Language::En => match (firing, resolved) {
+            (f, 0) => format!("[FIRING:{f}] {names}"),
+            (0, r) => format!("[RESOLVED:{r}] {names}"),
+            (f, r) => format!("[FIRING:{f}, RESOLVED:{r}] {names}"),
+        },
+        Language::ZhCn => match (firing, resolved) {
+            (f, 0) => format!("【告警中】{f} 条告警：{names}"),
+            (0, r) => format!("【已恢复】{r} 条告警：{names}"),
+            (f, r) => format!("【告警中 {f} 条，已恢复 {r} 条】{names}"),
+        },
+    }
+}
+
+fn severity_zh(severity: &str) -> &str {
+    match severity {
+        "critical" => "严重",
+        "error" => "错误",
+        "warning" => "警告",
+        "info" => "提示",
+        "none" => "无",
+        other => other,
+    }
+}
+
+fn message(alerts: &[Alert], language: Language) -> String {
+    let mut blocks = Vec::with_capacity(alerts.len());
+    for alert in alerts {
+        let mut lines = Vec::new();
+        let name = subject_name(alert);
+        let label = |k: &str| alert.labels.get(k).map(String::as_str);
+        let note = ["summary", "description", "message"]
+            .iter()
+            .find_map(|k| alert.annotations.get(*k));
+        match language {
+            Language::En => {
+                let state = match alert.status {
+                    AlertStatus::Firing => "is firing",
+                    AlertStatus::Resolved => "is resolved",
+                };
+                lines.push(format!("{name} {state}"));
+                if let Some(s) = label("severity") {
+                    lines.push(format!("Severity: {s}"));
+                }
+                if let Some(ns) = label("namespace") {
+                    lines.push(format!("Namespace: {ns}"));
+                }
+                for (k, title) in [("pod", "Pod"), ("node", "Node"), ("instance", "Instance")] {
+                    if let Some(v) = label(k) {
+                        lines.push(format!("{title}: {v}"));
+                    }
+                }
+                if let Some(note) = note {
+                    lines.push(format!("Summary: {note}"));
+                }
+                if !alert.starts_at.is_empty() {
+                    lines.push(format!("Started: {}", alert.starts_at));
+                }
+                if alert.status == AlertStatus::Resolved && !alert.ends_at.is_empty() {
+                    lines.push(format!("Ended: {}", alert.ends_at));
+                }
+            }
+            Language::ZhCn => {
+                let state = match alert.status {
+                    AlertStatus::Firing => "告警中",
+                    AlertStatus::Resolved => "已恢复",
+                };
+                lines.push(format!("告警名称：{name}"));
+                lines.push(format!("状态：{state}"));
+                if let Some(s) = label("severity") {
+                    lines.push(format!("级别：{}", severity_zh(s)));
+                }
+                if let Some(ns) = label("namespace") {
+                    lines.push(format!("命名空间：{ns}"));
+                }
+                for (k, title) in [("pod", "容器组"), ("node", "节点"), ("instance", "实例")]
+                {
+                    if let Some(v) = label(k) {
+                        lines.push(format!("{title}：{v}"));
+                    }
+                }
+                if let Some(note) = note {
+                    lines.push(format!("摘要：{note}"));
+                }
+                if !alert.starts_at.is_empty() {
+                    lines.push(format!("开始时间：{}", alert.starts_at));
+                }
+                if alert.status == AlertStatus::Resolved && !alert.ends_at.is_empty() {
+                    lines.push(format!("结束时间：{}", alert.ends_at));
+                }
+            }
+        }
+        blocks.push(lines.join("\n"));
+    }
+    blocks.join("\n\n")
+}
+
+fn test_text(webhook: &ObjectKey, language: Language) -> (String, String) {
+    match language {
+        Language::En => (
+            "Herald test notification".to_string(),
+            format!(
+                "This is a test message from Herald for webhook {webhook}. If you can read it, delivery to this endpoint works."
+            ),
+        ),
+        Language::ZhCn => (
+            "Herald 测试通知".to_string(),
+            format!("这是 Herald 为 Webhook {webhook} 发送的测试消息。收到此消息说明该地址的通知投递正常。"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alert(name: &str, status: AlertStatus, severity: &str) -> Alert {
+        Alert {
+            status,
+            labels: LabelSet::from([
+                ("alertname".into(), name.into()),
+                ("severity".into(), severity.into()),
+                ("namespace".into(), "prod".into()),
+            ]),
+            annotations: LabelSet::from([("summary".into(), "CPU above 90%".into())]),
+            starts_at: "2026-11-25T10:00:00Z".into(),
+            ..Alert::default()
+        }
+    }
+
+    fn render(alerts: &[Alert], language: Language, test: bool) -> Notification<'_> {
+        static KEY: std::sync::LazyLock<ObjectKey> =
+            std::sync::LazyLock::new(|| ObjectKey::new("monitoring", "ops"));
+        static EMPTY: LabelSet = LabelSet::new();
+        notification(
+            Content {
+                webhook: &KEY,
+                kind: WebhookType::Alarms,
+                test,
+                alerts,
+                group_labels: &EMPTY,
+                external_url: "",
+            },
+            language,
+        )
+    }
+
+    #[test]
+    fn english_firing_and_resolved() {
+        let alerts = [alert("HighCPU", AlertStatus::Firing, "critical")];
+        let n = render(&alerts, Language::En, false);
+        assert_eq!(n.title, "[FIRING:1] HighCPU");
+        assert!(n.message.contains("HighCPU is firing"));
+        assert!(n.message.contains("Severity: critical"));
+        assert_eq!(n.status, "firing");
+        let alerts = [alert("HighCPU", AlertStatus::Resolved, "critical")];
+        let n = render(&alerts, Language::En, false);
+        assert_eq!(n.title, "[RESOLVED:1] HighCPU");
+        assert_eq!(n.status, "resolved");
+    }
+
+    #[test]
+    fn chinese_is_real_chinese() {
+        let alerts = [
+            alert("HighCPU", AlertStatus::Firing, "critical"),
+            alert("DiskFull", AlertStatus::Resolved, "warning"),
+        ];
+        let n = render(&alerts, Language::ZhCn, false);
+        assert_eq!(n.title, "【告警中 1 条，已恢复 1 条】DiskFull, HighCPU");
+        assert!(n.message.contains("级别：严重"));
+        assert!(n.message.contains("状态：已恢复"));
+        assert!(n.message.contains("命名空间：prod"));
+        assert!(!n.message.contains("Severity"));
+        assert_eq!(n.language, "zh-CN");
+    }
+
+    #[test]
+    fn test_messages_in_both_languages() {
+        let en = render(&[], Language::En, true);
+        assert_eq!(en.title, "Herald test notification");
+        assert!(en.message.contains("monitoring/ops"));
+        let zh = render(&[], Language::ZhCn, true);
+        assert_eq!(zh.title, "Herald 测试通知");
+        assert!(zh.message.contains("测试消息"));
+    }
+
+    #[test]
+    fn common_labels_are_the_intersection() {
+        let alerts = [
+            alert("A", AlertStatus::Firing, "critical"),
+            alert("B", AlertStatus::Firing, "critical"),
+        ];
+        let n = render(&alerts, Language::En, false);
+        assert_eq!(
+            n.common_labels,
+            LabelSet::from([
+                ("namespace".into(), "prod".into()),
+                ("severity".into(), "critical".into())
+            ])
+        );
+        assert_eq!(n.title, "[FIRING:2] A, B");
+    }
+
+    #[test]
+    fn many_names_are_shortened() {
+        let alerts: Vec<Alert> = ["A", "B", "C", "D", "E"]
+            .iter()
+            .map(|n| alert(n, AlertStatus::Firing, "info"))
+            .collect();
+        assert_eq!(render(&alerts, Language::En, false).title, "[FIRING:5] A, B, C and 2 more");
+        assert_eq!(
+            render(&alerts, Language::ZhCn, false).title,
+            "【告警中】5 条告警：A, B, C 等 5 项"
+        );
+    }
+}
