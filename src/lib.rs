@@ -7,3 +7,7 @@ pub mod metrics;
 pub mod render;
 pub mod routing;
 pub mod secret;
+pub mod herald;
+pub mod receiver;
+pub mod standalone;
+pub mod cli;

@@ -1,4 +1,5 @@
-fn main() {
-    let crds = herald::crd::render_yaml().expect("crds");
-    print!("{crds}");
+//! The `herald` binary; everything lives in the library.
+
+fn main() -> std::process::ExitCode {
+    herald::cli::main()
 }

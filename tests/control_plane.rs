@@ -84,6 +84,7 @@ async fn kubectl_sees_namespaces_created_through_kube() -> Result<()> {
 #[test]
 fn own_plane_stops_its_processes_and_removes_its_directory_on_drop() -> Result<()> {
     let plane = ControlPlane::start()?;
+    eprintln!("own control plane ready after {:?}", plane.ready_after);
     let pids = plane.pids();
     let dir = plane.dir().to_path_buf();
     assert_eq!(pids.len(), 2, "etcd and kube-apiserver run");
@@ -93,7 +94,9 @@ fn own_plane_stops_its_processes_and_removes_its_directory_on_drop() -> Result<(
     let version = kubectl(&plane.kubeconfig, &["version", "-o", "json"])?;
     assert!(version.contains("v1.35.4"), "server version: {version}");
 
+    let stopping = std::time::Instant::now();
     drop(plane);
+    eprintln!("own control plane stopped in {:?}", stopping.elapsed());
     for pid in &pids {
         assert!(
             !Path::new(&format!("/proc/{pid}")).exists(),
@@ -113,5 +116,41 @@ fn missing_binaries_fail_with_a_hint_to_build_them() -> Result<()> {
     };
     assert!(err.contains("hack/build-tools.sh"), "{err}");
     assert!(err.contains("kube-apiserver"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn a_crashing_apiserver_is_reported_with_its_log_tail() -> Result<()> {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    let bin = tempfile::tempdir().context("creating a fake tools dir")?;
+    symlink(control_plane::tool("etcd")?, bin.path().join("etcd")).context("linking etcd")?;
+    let fake = bin.path().join("kube-apiserver");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'fake apiserver: boom' >&2\nexit 3\n",
+    )
+    .context("writing a fake kube-apiserver")?;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755))
+        .context("making the fake kube-apiserver executable")?;
+
+    let err = match ControlPlane::start_with_tools(bin.path()) {
+        Ok(_) => anyhow::bail!("a crashing kube-apiserver started"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("kube-apiserver exited during startup"),
+        "{err}"
+    );
+    assert!(err.contains("fake apiserver: boom"), "{err}");
+    // The log path in the message lies in the plane directory, removed by now.
+    let log = err
+        .split_whitespace()
+        .find(|word| word.ends_with("kube-apiserver.log:"))
+        .context("the error names the log file")?;
+    let dir = Path::new(log.trim_end_matches(':'))
+        .parent()
+        .context("log file has a directory")?;
+    assert!(!dir.exists(), "{} still exists", dir.display());
     Ok(())
 }

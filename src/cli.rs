@@ -1,0 +1,385 @@
+//! The `herald` command line: thin wrappers over the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::alert;
+use crate::delivery::{EngineConfig, ReportOutcome, RetryPolicy};
+use crate::herald::Herald;
+use crate::receiver::{self, ReceiverConfig};
+use crate::routing::{ObjectKey, Subject};
+use crate::secret::Sensitive;
+use crate::standalone::{self, DEFAULT_NAMESPACE, Loader, Manifests};
+
+/// Herald turns Alertmanager alerts and cluster events into webhook notifications.
+#[derive(Debug, Parser)]
+#[command(name = "herald", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "HERALD_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How logs are written (to standard error).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Herald's commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Receive and deliver without Kubernetes, from manifests in a folder (reloaded on change).
+    Run(RunArgs),
+    /// Validate manifests offline with the API server's rules and print the routing table.
+    Check(CheckArgs),
+    /// Print which webhooks each alert in a file would reach, and why not the others.
+    Route(RouteArgs),
+    /// Print the CustomResourceDefinitions (the content of `crds/`).
+    Crdgen,
+    /// Send a test message to one webhook and print the outcome.
+    Test(TestArgs),
+}
+
+/// Settings shared by every command that routes and delivers.
+#[derive(Debug, Args)]
+pub struct CoreArgs {
+    /// Namespaces whose webhooks may receive any alert (see Tenancy); repeatable.
+    #[arg(long = "cluster-namespace", default_value = DEFAULT_NAMESPACE)]
+    pub cluster_namespaces: Vec<String>,
+    /// Deliveries waiting per webhook before new ones to it are dropped.
+    #[arg(long, default_value_t = 1000)]
+    pub queue_capacity: usize,
+    /// Deliveries pending across all webhooks before the receiver answers 503.
+    #[arg(long, default_value_t = 20_000)]
+    pub max_pending: usize,
+    /// Delay before the first retry.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub retry_initial_backoff: Duration,
+    /// Longest delay between retries.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub retry_max_backoff: Duration,
+    /// How long a delivery is retried before it fails.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub retry_max_elapsed: Duration,
+    /// Most attempts per delivery.
+    #[arg(long, default_value_t = 30)]
+    pub retry_max_attempts: u32,
+}
+
+impl CoreArgs {
+    fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            queue_capacity: self.queue_capacity,
+            max_pending: self.max_pending,
+            retry: RetryPolicy {
+                initial_backoff: self.retry_initial_backoff,
+                max_backoff: self.retry_max_backoff,
+                max_elapsed: self.retry_max_elapsed,
+                max_attempts: self.retry_max_attempts.max(1),
+            },
+        }
+    }
+
+    fn herald(&self) -> Herald {
+        Herald::new(self.cluster_namespaces.iter().cloned(), self.engine_config())
+    }
+}
+
+/// `herald run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Folder of Webhook, NotificationCondition and Secret manifests.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Receiver address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// A file holding the bearer token callers must send (no authentication when unset).
+    #[arg(long, env = "HERALD_RECEIVER_TOKEN_FILE")]
+    pub receiver_token_file: Option<PathBuf>,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, default_value_t = receiver::DEFAULT_BODY_LIMIT)]
+    pub body_limit: usize,
+    /// How often the folder is checked for changes.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub reload_interval: Duration,
+    /// How long shutdown waits for deliveries in flight.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Routing and delivery settings.
+    #[command(flatten)]
+    pub core: CoreArgs,
+}
+
+/// `herald check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Folder of manifests.
+    pub dir: PathBuf,
+    /// Namespaces whose webhooks may receive any alert; repeatable.
+    #[arg(long = "cluster-namespace", default_value = DEFAULT_NAMESPACE)]
+    pub cluster_namespaces: Vec<String>,
+}
+
+/// `herald route`.
+#[derive(Debug, Args)]
+pub struct RouteArgs {
+    /// Folder of manifests.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// An Alertmanager webhook payload or an API v2 alert array.
+    #[arg(long)]
+    pub alerts: PathBuf,
+    /// Namespaces whose webhooks may receive any alert; repeatable.
+    #[arg(long = "cluster-namespace", default_value = DEFAULT_NAMESPACE)]
+    pub cluster_namespaces: Vec<String>,
+}
+
+/// `herald test`.
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// The webhook's name.
+    pub name: String,
+    /// The webhook's namespace.
+    #[arg(short = 'n', long, default_value = DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// Folder of manifests: send directly, without a cluster.
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run(args) => run_standalone(args).await,
+        Command::Check(args) => check(args),
+        Command::Route(args) => route(args),
+        Command::Crdgen => {
+            print!("{}", crate::crd::render_yaml().context("rendering the CRDs")?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Test(args) => test(args).await,
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+fn read_token(path: &Option<PathBuf>) -> anyhow::Result<Option<Sensitive<String>>> {
+    let Some(path) = path else { return Ok(None) };
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the receiver token file {}", path.display()))?;
+    let token = token.trim().to_string();
+    if token.is_empty() {
+        bail!("the receiver token file {} is empty", path.display());
+    }
+    Ok(Some(Sensitive::new(token)))
+}
+
+async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let herald = args.core.herald();
+    let mut loader = Loader::new(&args.config);
+    let report = loader
+        .reload_if_changed(&herald)
+        .with_context(|| format!("reading {}", args.config.display()))?;
+    if let Some(report) = &report {
+        standalone::log_report(report);
+    }
+    herald.set_ready(true);
+
+    let config = ReceiverConfig {
+        body_limit: args.body_limit,
+        token: read_token(&args.receiver_token_file)?,
+        ..ReceiverConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding the receiver to {}", args.listen))?;
+    let local = listener.local_addr().context("reading the receiver address")?;
+    tracing::info!(address = %local, config = %args.config.display(), "herald receiver listening");
+
+    let cancel = CancellationToken::new();
+    let watcher = tokio::spawn(standalone::watch(
+        loader,
+        herald.clone(),
+        args.reload_interval,
+        cancel.clone(),
+    ));
+    let stop = cancel.clone();
+    receiver::serve(listener, receiver::router(herald.clone(), config), async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    })
+    .await
+    .context("serving the receiver")?;
+    cancel.cancel();
+    let _ = watcher.await;
+    herald.engine().shutdown(args.shutdown_timeout).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load_checked(dir: &std::path::Path, cluster_namespaces: &[String]) -> anyhow::Result<(Herald, Manifests)> {
+    let manifests = Manifests::load(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let herald = Herald::new(cluster_namespaces.iter().cloned(), EngineConfig::default());
+    let mut loader = Loader::new(dir);
+    loader.reload(&herald).with_context(|| format!("reading {}", dir.display()))?;
+    Ok((herald, manifests))
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let (herald, manifests) = load_checked(&args.dir, &args.cluster_namespaces)?;
+    let table = herald.table();
+    println!("{:<40} {:<7} {:<8} {:<6} CONDITIONS", "WEBHOOK", "TYPE", "ENABLED", "READY");
+    for key in table.webhook_keys() {
+        let Some(input) = table.webhook(&key) else { continue };
+        let ready = match table.readiness(&key) {
+            Some(Ok(())) => "True".to_string(),
+            Some(Err(e)) => format!("False ({}: {})", e.reason, e.message),
+            None => "Unknown".to_string(),
+        };
+        let conditions = table.conditions_of(&key).join(",");
+        println!(
+            "{:<40} {:<7} {:<8} {:<6} {}",
+            key.to_string(),
+            format!("{:?}", input.spec.kind),
+            input.spec.enabled,
+            ready,
+            if conditions.is_empty() { "-" } else { &conditions },
+        );
+    }
+    println!(
+        "{} webhooks, {} conditions, {} secrets; cluster namespaces: {}",
+        manifests.webhooks.len(),
+        manifests.conditions.len(),
+        manifests.secrets.len(),
+        args.cluster_namespaces.join(",")
+    );
+    if manifests.errors.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for error in &manifests.errors {
+            eprintln!("error: {error}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn route(args: RouteArgs) -> anyhow::Result<ExitCode> {
+    let (herald, manifests) = load_checked(&args.config, &args.cluster_namespaces)?;
+    for error in &manifests.errors {
+        eprintln!("warning: {error}");
+    }
+    let body = std::fs::read(&args.alerts)
+        .with_context(|| format!("reading {}", args.alerts.display()))?;
+    let batch = alert::parse_any(&body, k8s_openapi::jiff::Timestamp::now())
+        .with_context(|| format!("parsing {}", args.alerts.display()))?;
+    let table = herald.table();
+    for (i, alert) in batch.alerts.iter().enumerate() {
+        let labels: Vec<String> = alert.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("alert {} [{}] {{{}}}", i + 1, alert.status.as_str(), labels.join(", "));
+        for verdict in table.explain(Subject::alert(alert)) {
+            match verdict.outcome {
+                Ok(()) => println!("  -> {}", verdict.webhook),
+                Err(why) => println!("  x  {}: {why}", verdict.webhook),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
+    let key = ObjectKey::new(&args.namespace, &args.name);
+    let herald = Herald::new([args.namespace.clone()], EngineConfig::default());
+    let mut loader = Loader::new(&args.config);
+    let report = loader
+        .reload(&herald)
+        .with_context(|| format!("reading {}", args.config.display()))?;
+    for error in &report.errors {
+        eprintln!("warning: {error}");
+    }
+    let result = herald.send_test(&key).await;
+    herald.engine().shutdown(Duration::from_secs(1)).await;
+    let report = result?;
+    let status = report
+        .http_status
+        .map_or_else(|| "-".to_string(), |s| s.to_string());
+    println!(
+        "webhook {key}: {:?}, HTTP status {status}, latency {} ms{}",
+        report.outcome,
+        report.latency.as_millis(),
+        if report.message.is_empty() || report.outcome == ReportOutcome::Succeeded {
+            String::new()
+        } else {
+            format!(", error: {}", report.message)
+        }
+    );
+    Ok(if report.outcome == ReportOutcome::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

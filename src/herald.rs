@@ -1,0 +1,189 @@
+//! The running core shared by every source: the routing table, the delivery engine and metrics.
+//! Sources (controller, standalone loader) change it only through these methods, so the table
+//! and the engine never disagree about which webhooks can deliver.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::alert::AlertBatch;
+use crate::crd::{WebhookSpec, WebhookType};
+use crate::delivery::{Delivery, DeliveryReport, Engine, EngineConfig, Overloaded, SubmitSummary, Target};
+use crate::metrics::Metrics;
+use crate::routing::{
+    ConditionInput, NotReady, NotReadyReason, ObjectKey, Subject, Table, WebhookInput,
+};
+use crate::secret::SecretData;
+
+/// The routing table, the delivery engine and the metrics, wired together.
+#[derive(Clone, Debug)]
+pub struct Herald {
+    table: Arc<RwLock<Table>>,
+    engine: Engine,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+}
+
+/// Why a test message could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum TestError {
+    /// No such webhook.
+    #[error("webhook {0} not found")]
+    NotFound(ObjectKey),
+    /// The webhook is disabled or not ready.
+    #[error("webhook {key} cannot deliver: {reason}")]
+    NotReady {
+        /// The webhook.
+        key: ObjectKey,
+        /// Why.
+        reason: NotReady,
+    },
+}
+
+impl Herald {
+    /// A core with an empty table.
+    pub fn new(cluster_namespaces: impl IntoIterator<Item = String>, config: EngineConfig) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        Herald {
+            table: Arc::new(RwLock::new(Table::new(cluster_namespaces))),
+            engine: Engine::new(config, metrics.clone()),
+            metrics,
+            ready: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Read access to the routing table.
+    pub fn table(&self) -> RwLockReadGuard<'_, Table> {
+        // The table is only ever replaced entry by entry; a poisoned lock still holds a usable table.
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn table_mut(&self) -> RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The delivery engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Marks the routing table as synced (`/readyz` turns ready).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Whether the routing table has synced.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Adds or replaces a webhook, resolving its Secrets through `lookup` (names in the
+    /// webhook's namespace). Returns its readiness.
+    pub fn apply_webhook<'a>(
+        &self,
+        key: ObjectKey,
+        labels: BTreeMap<String, String>,
+        spec: WebhookSpec,
+        lookup: impl Fn(&str) -> Option<&'a SecretData>,
+    ) -> Result<(), NotReady> {
+        let target = if spec.enabled {
+            Target::build(key.clone(), &spec, lookup)
+        } else {
+            Err(NotReady::new(NotReadyReason::Disabled, "spec.enabled is false"))
+        };
+        let credentials = match &target {
+            Ok(_) => Ok(()),
+            Err(e) if e.reason == NotReadyReason::Disabled => Ok(()),
+            Err(e) => Err(e.clone()),
+        };
+        match target {
+            Ok(target) => self.engine.upsert(target),
+            Err(_) => self.engine.remove(&key),
+        }
+        let mut table = self.table_mut();
+        table.apply_webhook(WebhookInput {
+            key: key.clone(),
+            labels,
+            spec,
+            credentials,
+        });
+        table.readiness(&key).unwrap_or(Ok(()))
+    }
+
+    /// Removes a webhook; its queued deliveries are dropped.
+    pub fn delete_webhook(&self, key: &ObjectKey) {
+        self.table_mut().delete_webhook(key);
+        self.engine.remove(key);
+        self.metrics.forget_webhook(key);
+    }
+
+    /// Adds or replaces a condition.
+    pub fn apply_condition(&self, input: ConditionInput) {
+        self.table_mut().apply_condition(input);
+    }
+
+    /// Removes a condition (webhooks naming it stop delivering).
+    pub fn delete_condition(&self, key: &ObjectKey) {
+        self.table_mut().delete_condition(key);
+    }
+
+    /// Routes a batch of alerts (or events, for `Events`) and queues one delivery per webhook
+    /// holding only the alerts that matched it.
+    pub fn dispatch(&self, batch: AlertBatch, kind: WebhookType) -> Result<SubmitSummary, Overloaded> {
+        let mut per_webhook: BTreeMap<ObjectKey, Vec<usize>> = BTreeMap::new();
+        {
+            let table = self.table();
+            for (i, alert) in batch.alerts.iter().enumerate() {
+                let subject = match kind {
+                    WebhookType::Alarms => Subject::alert(alert),
+                    WebhookType::Events => Subject::event(alert),
+                };
+                for key in table.resolve(subject) {
+                    per_webhook.entry(key).or_default().push(i);
+                }
+            }
+        }
+        let deliveries = per_webhook
+            .into_iter()
+            .map(|(key, indexes)| {
+                let alerts = indexes.into_iter().map(|i| batch.alerts[i].clone()).collect();
+                Delivery::new(key, alerts, batch.group_labels.clone(), batch.external_url.clone())
+            })
+            .collect();
+        self.engine.submit(deliveries)
+    }
+
+    /// Sends a test message to a ready webhook and returns its report.
+    pub async fn send_test(&self, key: &ObjectKey) -> Result<DeliveryReport, TestError> {
+        let readiness = self
+            .table()
+            .readiness(key)
+            .ok_or_else(|| TestError::NotFound(key.clone()))?;
+        if let Err(reason) = readiness {
+            return Err(TestError::NotReady {
+                key: key.clone(),
+                reason,
+            });
+        }
+        self.engine.send_test(key).await.ok_or_else(|| TestError::NotReady {
+            key: key.clone(),
+            reason: NotReady::new(NotReadyReason::Disabled, "the webhook has no delivery worker"),
+        })
+    }
+
+    /// Refreshes gauges derived from the table (called before each scrape).
+    pub fn refresh_gauges(&self) {
+        let table = self.table();
+        let keys = table.webhook_keys();
+        let ready = keys
+            .iter()
+            .filter(|k| matches!(table.readiness(k), Some(Ok(()))))
+            .count();
+        self.metrics.set_webhooks(ready, keys.len() - ready);
+    }
+}

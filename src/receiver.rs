@@ -1,0 +1,221 @@
+//! The HTTP receiver: Alertmanager's webhook payload and API v2 alerts in, one 200 per batch
+//! that Herald now owns; health, readiness and metrics.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::alert::{self, AlertBatch, ParseError};
+use crate::crd::WebhookType;
+use crate::herald::Herald;
+use crate::secret::Sensitive;
+
+/// Default request body limit: 4 MiB.
+pub const DEFAULT_BODY_LIMIT: usize = 4 * 1024 * 1024;
+
+/// Receiver settings.
+#[derive(Clone, Debug)]
+pub struct ReceiverConfig {
+    /// Largest accepted body, in bytes.
+    pub body_limit: usize,
+    /// When set, callers must send `Authorization: Bearer <token>`.
+    pub token: Option<Sensitive<String>>,
+    /// Seconds to put in `Retry-After` when Herald is full.
+    pub retry_after_seconds: u64,
+    /// Longest time one request may take, body included.
+    pub request_timeout: Duration,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        ReceiverConfig {
+            body_limit: DEFAULT_BODY_LIMIT,
+            token: None,
+            retry_after_seconds: 10,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    herald: Herald,
+    config: ReceiverConfig,
+}
+
+/// The receiver's router.
+pub fn router(herald: Herald, config: ReceiverConfig) -> Router {
+    let timeout = config.request_timeout;
+    Router::new()
+        .route("/api/v1/alerts", post(alertmanager_v1))
+        .route("/api/v2/alerts", post(alerts_v2))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        .with_state(AppState { herald, config })
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.herald.is_ready() {
+        (StatusCode::OK, "ok").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "routing table not synced yet").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    state.herald.refresh_gauges();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.herald.metrics().encode(),
+    )
+        .into_response()
+}
+
+async fn alertmanager_v1(State(state): State<AppState>, request: Request) -> Response {
+    receive(state, request, "/api/v1/alerts", alert::parse_alertmanager).await
+}
+
+async fn alerts_v2(State(state): State<AppState>, request: Request) -> Response {
+    receive(state, request, "/api/v2/alerts", |body| {
+        alert::parse_v2(body, k8s_openapi::jiff::Timestamp::now())
+    })
+    .await
+}
+
+fn authorized(headers: &HeaderMap, token: &Sensitive<String>) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    given.as_bytes().ct_eq(token.expose().as_bytes()).into()
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|mime| {
+            let mime = mime.trim().to_ascii_lowercase();
+            mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+        })
+        .unwrap_or(false)
+}
+
+async fn receive(
+    state: AppState,
+    request: Request,
+    endpoint: &'static str,
+    parse: impl FnOnce(&[u8]) -> Result<AlertBatch, ParseError>,
+) -> Response {
+    let metrics = state.herald.metrics().clone();
+    let (parts, body): (_, Body) = request.into_parts();
+    if let Some(token) = &state.config.token
+        && !authorized(&parts.headers, token)
+    {
+        metrics.rejected("unauthorized");
+        let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    if !is_json(&parts.headers) {
+        metrics.rejected("unsupported_media_type");
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/json",
+        );
+    }
+    let limit = state.config.body_limit;
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => bytes,
+        Err(err) => {
+            let too_large = std::error::Error::source(&err)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                metrics.rejected("too_large");
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("body larger than {limit} bytes"),
+                );
+            }
+            metrics.rejected("body_read");
+            return error(StatusCode::BAD_REQUEST, format!("cannot read body: {err}"));
+        }
+    };
+    let batch = match parse(&bytes) {
+        Ok(batch) => batch,
+        Err(err) => {
+            metrics.rejected("invalid_payload");
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({ "error": err.message, "path": err.path })),
+            )
+                .into_response();
+        }
+    };
+    let accepted = batch.alerts.len();
+    match state.herald.dispatch(batch, WebhookType::Alarms) {
+        Ok(summary) => {
+            metrics
+                .alerts_received
+                .get_or_create(&crate::metrics::EndpointLabels {
+                    endpoint: endpoint.to_string(),
+                })
+                .inc_by(accepted as u64);
+            (
+                StatusCode::OK,
+                axum::Json(json!({
+                    "accepted": accepted,
+                    "deliveries": summary.queued,
+                    "dropped": summary.dropped,
+                })),
+            )
+                .into_response()
+        }
+        Err(overloaded) => {
+            metrics.rejected("overloaded");
+            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, overloaded.to_string());
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(state.config.retry_after_seconds),
+            );
+            response
+        }
+    }
+}
+
+/// Serves the router on a bound listener until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
