@@ -78,6 +78,21 @@ async fn kubectl_sees_namespaces_created_through_kube() -> Result<()> {
     let names: Vec<&str> = listed.lines().collect();
     assert!(names.contains(&"namespace/default"), "{names:?}");
     assert!(names.contains(&"namespace/seen-by-kubectl"), "{names:?}");
+
+    // The service-account signing key (ECDSA P-256) issues tokens.
+    let kubeconfig = plane.kubeconfig.clone();
+    let token = tokio::task::spawn_blocking(move || {
+        kubectl(
+            &kubeconfig,
+            &["-n", "seen-by-kubectl", "create", "sa", "probe"],
+        )?;
+        kubectl(
+            &kubeconfig,
+            &["-n", "seen-by-kubectl", "create", "token", "probe"],
+        )
+    })
+    .await??;
+    assert!(token.starts_with("eyJ"), "not a JWT: {token}");
     Ok(())
 }
 

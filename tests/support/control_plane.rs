@@ -557,34 +557,38 @@ impl Pki {
     }
 }
 
-/// Writes an admin kubeconfig pointing at the certificate files in `dir`.
+/// Writes an admin kubeconfig pointing at the certificate files in `dir`
+/// (as JSON, which is valid YAML and quotes any path safely).
 fn write_kubeconfig(path: &Path, server_url: &str, dir: &Path) -> Result<()> {
-    // JSON strings are valid YAML scalars and quote any path safely.
-    let q = |p: PathBuf| serde_json::to_string(&p.to_string_lossy()).expect("string to JSON");
-    let text = format!(
-        "apiVersion: v1
-kind: Config
-clusters:
-- name: herald-test
-  cluster:
-    server: {server}
-    certificate-authority: {ca}
-users:
-- name: admin
-  user:
-    client-certificate: {cert}
-    client-key: {key}
-contexts:
-- name: herald-test
-  context:
-    cluster: herald-test
-    user: admin
-current-context: herald-test
-",
-        server = serde_json::to_string(server_url).expect("string to JSON"),
-        ca = q(dir.join("ca.crt")),
-        cert = q(dir.join("admin.crt")),
-        key = q(dir.join("admin.key")),
-    );
+    let file = |name: &str| -> Result<String> {
+        let path = dir.join(name);
+        path.to_str()
+            .map(str::to_owned)
+            .with_context(|| format!("{} is not UTF-8", path.display()))
+    };
+    let kubeconfig = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{
+            "name": "herald-test",
+            "cluster": {
+                "server": server_url,
+                "certificate-authority": file("ca.crt")?,
+            },
+        }],
+        "users": [{
+            "name": "admin",
+            "user": {
+                "client-certificate": file("admin.crt")?,
+                "client-key": file("admin.key")?,
+            },
+        }],
+        "contexts": [{
+            "name": "herald-test",
+            "context": { "cluster": "herald-test", "user": "admin" },
+        }],
+        "current-context": "herald-test",
+    });
+    let text = serde_json::to_vec_pretty(&kubeconfig).context("serialising the kubeconfig")?;
     fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }

@@ -1,0 +1,295 @@
+//! Delivery against real HTTP and HTTPS servers on loopback.
+
+#[path = "support/core.rs"]
+mod core;
+#[path = "support/sink.rs"]
+mod sink;
+
+use std::time::Duration;
+
+use herald::crd::WebhookType;
+use herald::delivery::ReportOutcome;
+use herald::routing::NotReadyReason;
+use sink::{Reply, Sink, TestPki};
+
+use crate::core::{apply, batch, core, secret};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn bearer_and_basic_credentials_arrive_with_only_the_matching_alerts() {
+    let bearer_sink = Sink::http().await;
+    let basic_sink = Sink::http().await;
+    let (herald, _) = core();
+    apply(
+        &herald,
+        &format!(
+            "metadata: {{name: bearer}}\nspec: {{url: '{}', auth: {{type: Bearer, secretRef: {{name: tok}}}}, eventTypes: [HighCPU]}}",
+            bearer_sink.url()
+        ),
+        &[("tok", secret(&[("token", "s3cr3t-token")]))],
+    )
+    .expect("bearer ready");
+    apply(
+        &herald,
+        &format!(
+            "metadata: {{name: basic}}\nspec: {{url: '{}', language: zh-CN, auth: {{type: Basic, secretRef: {{name: up}}}}}}",
+            basic_sink.url()
+        ),
+        &[("up", secret(&[("username", "alice"), ("password", "pa:ss")]))],
+    )
+    .expect("basic ready");
+
+    let summary = herald
+        .dispatch(
+            batch(&[&[("alertname", "HighCPU")], &[("alertname", "DiskFull")]]),
+            WebhookType::Alarms,
+        )
+        .expect("accepted");
+    assert_eq!(summary.queued, 2);
+
+    let got = bearer_sink.wait_for(1, WAIT).await;
+    assert_eq!(got[0].header("authorization").as_deref(), Some("Bearer s3cr3t-token"));
+    let body = got[0].json();
+    assert_eq!(body["alerts"].as_array().expect("alerts").len(), 1, "only HighCPU matched");
+    assert_eq!(body["alerts"][0]["labels"]["alertname"], "HighCPU");
+    assert_eq!(body["webhook"], serde_json::json!({"namespace": "monitoring", "name": "bearer"}));
+    assert_eq!(body["version"], "1");
+    assert_eq!(body["test"], false);
+    assert_eq!(got[0].header("content-type").as_deref(), Some("application/json"));
+    assert!(got[0].header("user-agent").expect("ua").starts_with("herald/"));
+    assert!(got[0].header("idempotency-key").is_some());
+
+    let got = basic_sink.wait_for(1, WAIT).await;
+    // base64("alice:pa:ss")
+    assert_eq!(got[0].header("authorization").as_deref(), Some("Basic YWxpY2U6cGE6c3M="));
+    let body = got[0].json();
+    assert_eq!(body["alerts"].as_array().expect("alerts").len(), 2);
+    assert_eq!(body["language"], "zh-CN");
+    assert!(body["title"].as_str().expect("title").contains("告警中"), "{}", body["title"]);
+}
+
+#[tokio::test]
+async fn self_signed_endpoint_needs_skip_verify_or_its_ca() {
+    let pki = TestPki::generate();
+    let sink = Sink::https(&pki).await;
+    let (herald, reports) = core();
+    let url = sink.url();
+    apply(&herald, &format!("metadata: {{name: strict}}\nspec: {{url: '{url}'}}"), &[]).expect("ready");
+    apply(
+        &herald,
+        &format!("metadata: {{name: skip}}\nspec: {{url: '{url}', tls: {{insecureSkipVerify: true}}}}"),
+        &[],
+    )
+    .expect("ready");
+    apply(
+        &herald,
+        &format!("metadata: {{name: with-ca}}\nspec: {{url: '{url}', tls: {{caSecretRef: {{name: ca, key: ca.crt}}}}}}"),
+        &[("ca", secret(&[("ca.crt", &pki.ca_pem)]))],
+    )
+    .expect("ready");
+
+    herald
+        .dispatch(batch(&[&[("alertname", "X")]]), WebhookType::Alarms)
+        .expect("accepted");
+
+    let strict = reports.wait_for("monitoring/strict", WAIT).await;
+    assert_eq!(strict.outcome, ReportOutcome::Failed);
+    assert!(strict.message.to_lowercase().contains("certificate"), "{}", strict.message);
+    assert_eq!(reports.wait_for("monitoring/skip", WAIT).await.outcome, ReportOutcome::Succeeded);
+    assert_eq!(reports.wait_for("monitoring/with-ca", WAIT).await.outcome, ReportOutcome::Succeeded);
+    // Two succeeded; the strict one never completed a request.
+    assert_eq!(sink.count(), 2);
+}
+
+#[tokio::test]
+async fn retryable_answers_are_retried_with_the_same_idempotency_key() {
+    let sink = Sink::http().await;
+    sink.respond_with(vec![Reply::status(503).retry_after(0), Reply::status(429), Reply::status(200)]);
+    let (herald, reports) = core();
+    apply(&herald, &format!("metadata: {{name: flaky}}\nspec: {{url: '{}'}}", sink.url()), &[]).expect("ready");
+    herald
+        .dispatch(batch(&[&[("alertname", "X")]]), WebhookType::Alarms)
+        .expect("accepted");
+    let report = reports.wait_for("monitoring/flaky", WAIT).await;
+    assert_eq!(report.outcome, ReportOutcome::Succeeded);
+    assert_eq!(report.attempts, 3);
+    let got = sink.received();
+    assert_eq!(got.len(), 3);
+    let keys: Vec<_> = got.iter().map(|r| r.header("idempotency-key").expect("key")).collect();
+    assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+    assert_eq!(keys[0], report.delivery_id);
+    let metrics = herald.metrics().encode();
+    assert!(
+        metrics.contains(r#"herald_deliveries_total{namespace="monitoring",webhook="flaky",outcome="retried"} 2"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn client_errors_are_final() {
+    let sink = Sink::http().await;
+    sink.respond_with(vec![Reply::status(400).body(serde_json::json!({"error": "bad"}))]);
+    let (herald, reports) = core();
+    apply(&herald, &format!("metadata: {{name: strict}}\nspec: {{url: '{}'}}", sink.url()), &[]).expect("ready");
+    herald
+        .dispatch(batch(&[&[("alertname", "X")]]), WebhookType::Alarms)
+        .expect("accepted");
+    let report = reports.wait_for("monitoring/strict", WAIT).await;
+    assert_eq!(report.outcome, ReportOutcome::Failed);
+    assert_eq!(report.http_status, Some(400));
+    assert_eq!(report.attempts, 1);
+    assert!(report.message.contains("HTTP 400"), "{}", report.message);
+    sink.assert_no_more_within(Duration::from_millis(500)).await;
+    assert_eq!(sink.count(), 1);
+}
+
+#[tokio::test]
+async fn retries_stop_after_the_attempt_limit() {
+    let sink = Sink::http().await;
+    sink.respond_with(vec![Reply::status(500)]);
+    let (herald, reports) = core();
+    apply(&herald, &format!("metadata: {{name: down}}\nspec: {{url: '{}'}}", sink.url()), &[]).expect("ready");
+    herald
+        .dispatch(batch(&[&[("alertname", "X")]]), WebhookType::Alarms)
+        .expect("accepted");
+    let report = reports.wait_for("monitoring/down", Duration::from_secs(20)).await;
+    assert_eq!(report.outcome, ReportOutcome::Failed);
+    assert_eq!(report.attempts, 5);
+    assert_eq!(sink.count(), 5);
+    assert!(report.message.starts_with("gave up after 5 attempts"), "{}", report.message);
+}
+
+#[tokio::test]
+async fn unreachable_endpoint_fails_with_a_connection_error() {
+    // Bind and drop a listener to get a port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let (herald, reports) = core();
+    apply(&herald, &format!("metadata: {{name: gone}}\nspec: {{url: 'http://127.0.0.1:{port}/x'}}"), &[]).expect("ready");
+    herald
+        .dispatch(batch(&[&[("alertname", "X")]]), WebhookType::Alarms)
+        .expect("accepted");
+    let report = reports.wait_for("monitoring/gone", Duration::from_secs(20)).await;
+    assert_eq!(report.outcome, ReportOutcome::Failed);
+    assert_eq!(report.http_status, None);
+    assert!(report.message.contains("connection"), "{}", report.message);
+    assert!(!report.message.contains("127.0.0.1"), "no URL in messages: {}", report.message);
+}
+
+#[tokio::test]
+async fn a_hanging_endpoint_does_not_hold_up_another_webhook() {
+    let hanging = Sink::http().await;
+    hanging.respond_with(vec![Reply::status(200).delay(Duration::from_secs(60))]);
+    let healthy = Sink::http().await;
+    let (herald, _) = core();
+    apply(
+        &herald,
+        &format!("metadata: {{name: hanging}}\nspec: {{url: '{}', timeoutSeconds: 30}}", hanging.url()),
+        &[],
+    )
+    .expect("ready");
+    apply(&herald, &format!("metadata: {{name: healthy}}\nspec: {{url: '{}'}}", healthy.url()), &[]).expect("ready");
+    for i in 0..5 {
+        herald
+            .dispatch(batch(&[&[("alertname", "X"), ("n", &i.to_string())]]), WebhookType::Alarms)
+            .expect("accepted");
+    }
+    let got = healthy.wait_for(5, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 5);
+    // The hanging endpoint got its first request and is still holding it.
+    assert_eq!(hanging.count(), 1);
+}
+
+#[tokio::test]
+async fn secret_rotation_switches_the_token() {
+    let sink = Sink::http().await;
+    let (herald, _) = core();
+    let yaml = format!(
+        "metadata: {{name: rotating}}\nspec: {{url: '{}', auth: {{type: Bearer, secretRef: {{name: tok}}}}}}",
+        sink.url()
+    );
+    apply(&herald, &yaml, &[("tok", secret(&[("token", "old")]))]).expect("ready");
+    herald.dispatch(batch(&[&[("alertname", "A")]]), WebhookType::Alarms).expect("accepted");
+    sink.wait_for(1, WAIT).await;
+    apply(&herald, &yaml, &[("tok", secret(&[("token", "new")]))]).expect("ready");
+    herald.dispatch(batch(&[&[("alertname", "B")]]), WebhookType::Alarms).expect("accepted");
+    let got = sink.wait_for(2, WAIT).await;
+    assert_eq!(got[0].header("authorization").as_deref(), Some("Bearer old"));
+    assert_eq!(got[1].header("authorization").as_deref(), Some("Bearer new"));
+}
+
+#[tokio::test]
+async fn missing_secret_makes_the_webhook_not_ready_and_it_gets_nothing() {
+    let sink = Sink::http().await;
+    let (herald, _) = core();
+    let yaml = format!(
+        "metadata: {{name: nosecret}}\nspec: {{url: '{}', auth: {{type: Bearer, secretRef: {{name: absent}}}}}}",
+        sink.url()
+    );
+    let err = apply(&herald, &yaml, &[]).expect_err("not ready");
+    assert_eq!(err.reason, NotReadyReason::SecretNotFound);
+    let summary = herald
+        .dispatch(batch(&[&[("alertname", "A")]]), WebhookType::Alarms)
+        .expect("accepted");
+    assert_eq!(summary.queued, 0);
+    sink.assert_none_within(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn signed_requests_carry_standard_webhooks_headers() {
+    use base64::Engine as _;
+    let sink = Sink::http().await;
+    sink.respond_with(vec![Reply::status(500), Reply::status(200)]);
+    let (herald, _) = core();
+    let key = [42u8; 32];
+    let secret_value = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key));
+    apply(
+        &herald,
+        &format!("metadata: {{name: signed}}\nspec: {{url: '{}', signing: {{secretRef: {{name: sig, key: secret}}}}}}", sink.url()),
+        &[("sig", secret(&[("secret", &secret_value)]))],
+    )
+    .expect("ready");
+    herald.dispatch(batch(&[&[("alertname", "A")]]), WebhookType::Alarms).expect("accepted");
+    let got = sink.wait_for(2, WAIT).await;
+    for request in &got {
+        let id = request.header("webhook-id").expect("webhook-id");
+        assert_eq!(Some(&id), request.header("idempotency-key").as_ref());
+        let timestamp: i64 = request.header("webhook-timestamp").expect("ts").parse().expect("number");
+        let expected = herald::delivery::sign(std::iter::once(key.as_slice()), &id, timestamp, &request.body);
+        assert_eq!(request.header("webhook-signature").as_deref(), Some(expected.as_str()));
+    }
+    assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
+}
+
+#[tokio::test]
+async fn test_messages_report_status_and_disabled_webhooks_get_none() {
+    let ok_sink = Sink::http().await;
+    let denied_sink = Sink::http().await;
+    denied_sink.respond_with(vec![Reply::status(401)]);
+    let (herald, _) = core();
+    apply(&herald, &format!("metadata: {{name: ok}}\nspec: {{url: '{}', language: zh-CN}}", ok_sink.url()), &[]).expect("ready");
+    apply(&herald, &format!("metadata: {{name: denied}}\nspec: {{url: '{}'}}", denied_sink.url()), &[]).expect("ready");
+    apply(&herald, &format!("metadata: {{name: off}}\nspec: {{url: '{}', enabled: false}}", ok_sink.url()), &[])
+        .expect_err("disabled is not ready");
+
+    let key = |n: &str| herald::routing::ObjectKey::new("monitoring", n);
+    let report = herald.send_test(&key("ok")).await.expect("sent");
+    assert_eq!(report.outcome, ReportOutcome::Succeeded);
+    assert_eq!(report.http_status, Some(200));
+    let body = ok_sink.wait_for(1, WAIT).await[0].json();
+    assert_eq!(body["test"], true);
+    assert_eq!(body["title"], "Herald 测试通知");
+
+    let report = herald.send_test(&key("denied")).await.expect("sent");
+    assert_eq!(report.outcome, ReportOutcome::Failed);
+    assert_eq!(report.http_status, Some(401));
+
+    let err = herald.send_test(&key("off")).await.expect_err("disabled");
+    assert!(err.to_string().contains("Disabled"), "{err}");
+    ok_sink.assert_no_more_within(Duration::from_millis(200)).await;
+    assert_eq!(ok_sink.count(), 1);
+}
