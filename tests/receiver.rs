@@ -1,0 +1,220 @@
+//! The receiver's replies, through real HTTP requests.
+
+#[path = "support/core.rs"]
+mod core;
+#[path = "support/sink.rs"]
+mod sink;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use herald::delivery::EngineConfig;
+use herald::herald::Herald;
+use herald::receiver::{ReceiverConfig, router, serve};
+use herald::secret::Sensitive;
+use serde_json::{Value, json};
+use sink::Sink;
+
+use crate::core::{apply, fast_retry};
+
+/// Serves a receiver on a free loopback port for the rest of the test.
+async fn start(herald: Herald, config: ReceiverConfig) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(serve(listener, router(herald, config), std::future::pending()));
+    addr
+}
+
+fn v1_payload(alerts: Value) -> Value {
+    json!({"version": "4", "status": "firing", "receiver": "herald", "groupLabels": {},
+           "commonLabels": {}, "commonAnnotations": {}, "externalURL": "http://am", "alerts": alerts})
+}
+
+async fn post(addr: SocketAddr, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> (u16, Value, reqwest::header::HeaderMap) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}{path}"))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.json::<Value>().await.unwrap_or(Value::Null);
+    (status, body, headers)
+}
+
+#[tokio::test]
+async fn v1_and_v2_payloads_are_accepted_and_delivered() {
+    let sink = Sink::http().await;
+    let (herald, _) = core::core();
+    apply(&herald, &format!("metadata: {{name: all}}\nspec: {{url: '{}'}}", sink.url()), &[]).expect("ready");
+    let addr = start(herald, ReceiverConfig::default()).await;
+
+    let alerts = json!([{"status": "firing", "labels": {"alertname": "A"}, "annotations": {},
+                         "startsAt": "2026-11-25T10:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+                         "generatorURL": "", "fingerprint": "f1"},
+                        {"status": "resolved", "labels": {"alertname": "B"}}]);
+    let (status, body, _) = post(addr, "/api/v1/alerts", "application/json", v1_payload(alerts).to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], 2);
+    assert_eq!(body["deliveries"], 1);
+
+    let v2 = json!([{"labels": {"alertname": "C"}, "annotations": {"summary": "s"}}]);
+    let (status, body, _) = post(addr, "/api/v2/alerts", "application/json; charset=utf-8", v2.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], 1);
+
+    let got = sink.wait_for(2, Duration::from_secs(10)).await;
+    let names: Vec<Value> = got
+        .iter()
+        .flat_map(|r| r.json()["alerts"].as_array().cloned().unwrap_or_default())
+        .map(|a| a["labels"]["alertname"].clone())
+        .collect();
+    assert_eq!(names, [json!("A"), json!("B"), json!("C")]);
+    assert_eq!(got[0].json()["externalURL"], "http://am");
+}
+
+#[tokio::test]
+async fn malformed_payloads_get_400_with_the_json_path() {
+    let (herald, _) = core::core();
+    let addr = start(herald, ReceiverConfig::default()).await;
+    let (status, body, _) = post(addr, "/api/v1/alerts", "application/json", r#"{"alerts": [{"labels": {"a": 1}}]}"#).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["path"], "alerts[0].labels.a");
+    assert!(body["error"].as_str().expect("error").contains("invalid type"), "{body}");
+
+    let (status, body, _) = post(addr, "/api/v1/alerts", "application/json", "{not json").await;
+    assert_eq!(status, 400);
+    assert!(body["error"].is_string());
+
+    let (status, body, _) = post(addr, "/api/v1/alerts", "application/json", r#"{"version": "4"}"#).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().expect("error").contains("alerts"), "{body}");
+
+    let (status, _, _) = post(addr, "/api/v2/alerts", "application/json", r#"{"labels": {}}"#).await;
+    assert_eq!(status, 400, "v2 wants an array");
+
+    let (status, _, _) = post(addr, "/api/v1/alerts", "application/json", vec![0xff, 0xfe, b'{']).await;
+    assert_eq!(status, 400, "invalid UTF-8");
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413_and_non_json_gets_415() {
+    let (herald, _) = core::core();
+    let addr = start(
+        herald,
+        ReceiverConfig {
+            body_limit: 1024,
+            ..ReceiverConfig::default()
+        },
+    )
+    .await;
+    let big = v1_payload(json!([{"labels": {"alertname": "x".repeat(2000)}}])).to_string();
+    let (status, body, _) = post(addr, "/api/v1/alerts", "application/json", big).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body["error"].as_str().expect("error").contains("1024"));
+
+    let (status, _, _) = post(addr, "/api/v1/alerts", "text/plain", "{}").await;
+    assert_eq!(status, 415);
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/api/v1/alerts"))
+        .body("{}")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status().as_u16(), 415, "no content type");
+}
+
+#[tokio::test]
+async fn receiver_authentication_requires_the_bearer_token() {
+    let (herald, _) = core::core();
+    let addr = start(
+        herald,
+        ReceiverConfig {
+            token: Some(Sensitive::new("let-me-in".to_string())),
+            ..ReceiverConfig::default()
+        },
+    )
+    .await;
+    let payload = v1_payload(json!([])).to_string();
+    let client = reqwest::Client::new();
+    for auth in [None, Some("Bearer wrong"), Some("Basic bGV0LW1lLWlu")] {
+        let mut request = client
+            .post(format!("http://{addr}/api/v1/alerts"))
+            .header("content-type", "application/json")
+            .body(payload.clone());
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        let response = request.send().await.expect("request");
+        assert_eq!(response.status().as_u16(), 401, "{auth:?}");
+        assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    }
+    let response = client
+        .post(format!("http://{addr}/api/v1/alerts"))
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer let-me-in")
+        .body(payload)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn full_herald_answers_503_with_retry_after_and_loses_nothing_it_accepted() {
+    let sink = Sink::http().await;
+    // A slow endpoint keeps deliveries pending; the global limit is 2.
+    sink.respond_with(vec![sink::Reply::status(200).delay(Duration::from_secs(2))]);
+    let herald = Herald::new(
+        ["monitoring".to_string()],
+        EngineConfig {
+            max_pending: 2,
+            retry: fast_retry(),
+            ..EngineConfig::default()
+        },
+    );
+    apply(&herald, &format!("metadata: {{name: slow}}\nspec: {{url: '{}'}}", sink.url()), &[]).expect("ready");
+    let addr = start(herald, ReceiverConfig::default()).await;
+    let payload = v1_payload(json!([{"labels": {"alertname": "A"}}])).to_string();
+    let mut accepted = 0;
+    let mut refused = 0;
+    for _ in 0..5 {
+        let (status, _, headers) = post(addr, "/api/v1/alerts", "application/json", payload.clone()).await;
+        match status {
+            200 => accepted += 1,
+            503 => {
+                refused += 1;
+                assert_eq!(headers["retry-after"], "10");
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(accepted, 2);
+    assert_eq!(refused, 3);
+    // Everything that got a 200 arrives.
+    sink.wait_for(accepted, Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let (herald, _) = core::core();
+    let addr = start(herald.clone(), ReceiverConfig::default()).await;
+    let client = reqwest::Client::new();
+    let get = |path: &'static str| {
+        let client = client.clone();
+        async move { client.get(format!("http://{addr}{path}")).send().await.expect("request") }
+    };
+    assert_eq!(get("/healthz").await.status().as_u16(), 200);
+    assert_eq!(get("/readyz").await.status().as_u16(), 503);
+    herald.set_ready(true);
+    assert_eq!(get("/readyz").await.status().as_u16(), 200);
+
+    post(addr, "/api/v1/alerts", "text/plain", "x").await;
+    post(addr, "/api/v1/alerts", "application/json", v1_payload(json!([{"labels": {}}])).to_string()).await;
+    let text = get("/metrics").await.text().await.expect("text");
+    assert!(text.contains(r#"herald_receiver_rejected_total{reason="unsupported_media_type"} 1"#), "{text}");
+    assert!(text.contains(r#"herald_alerts_received_total{endpoint="/api/v1/alerts"} 1"#), "{text}");
+    assert!(text.contains(r#"herald_webhooks{ready="true"} 0"#), "{text}");
+}
