@@ -1,0 +1,70 @@
+//! Offline validation: every fixture under `tests/fixtures/invalid` is refused with the message
+//! its `# expect:` line names (the CRD's CEL rules and schema, as the API server would), and
+//! every fixture under `tests/fixtures/valid` is accepted.
+
+use std::path::Path;
+
+use herald::standalone::Manifests;
+
+fn fixtures(kind: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(kind)
+}
+
+#[test]
+fn valid_fixtures_load_without_errors() {
+    let manifests = Manifests::load(&fixtures("valid")).expect("read fixtures");
+    assert!(manifests.errors.is_empty(), "{:#?}", manifests.errors);
+    assert_eq!(manifests.webhooks.len(), 2);
+    assert_eq!(manifests.conditions.len(), 1);
+    let full = &manifests.webhooks[0];
+    assert_eq!(full.spec.timeout_seconds, 30);
+    let events = &manifests.webhooks[1];
+    assert!(events.spec.enabled && events.spec.send_resolved, "defaults apply");
+    assert_eq!(events.spec.timeout_seconds, 10);
+}
+
+#[test]
+fn every_invalid_fixture_is_refused_with_its_expected_message() {
+    let dir = fixtures("invalid");
+    let manifests = Manifests::load(&dir).expect("read fixtures");
+    assert!(manifests.webhooks.is_empty(), "{:?}", manifests.webhooks);
+    assert!(manifests.conditions.is_empty(), "{:?}", manifests.conditions);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("fixtures dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 15, "fixtures went missing");
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("fixture");
+        let expected = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} has no `# expect:` line", file.display()));
+        let errors: Vec<String> = manifests
+            .errors
+            .iter()
+            .filter(|e| e.file == file)
+            .map(|e| {
+                let line = e.to_string();
+                line[line.find(": ").map_or(0, |i| i + 2)..].to_string()
+            })
+            .collect();
+        assert!(
+            errors.iter().any(|e| e.starts_with(expected)),
+            "{}: expected an error starting with {expected:?}, got {errors:?}",
+            file.display()
+        );
+    }
+}
+
+#[test]
+fn committed_crds_match_the_types() {
+    let committed = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/herald.yaml"))
+        .expect("crds/herald.yaml");
+    let generated = herald::crd::render_yaml().expect("render");
+    assert!(
+        committed == generated,
+        "crds/herald.yaml is stale: run `cargo run -- crdgen > crds/herald.yaml`"
+    );
+}
