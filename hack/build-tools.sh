@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the binaries the integration tests need (kube-apiserver, etcd, helm)
+# Build the binaries the integration tests need (kube-apiserver, kubectl, etcd, helm)
 # from the Go module proxy into a cache directory outside the repository.
 #
 #   HERALD_TOOLS_DIR  cache directory (default: ~/.cache/herald-tools)
@@ -37,24 +37,30 @@ STAGING=(
 # Write a wrapper module in $1 that requires module $2 at version $3 and
 # imports package $4 from tools.go; extra go.mod text comes on stdin.
 wrapper_module() {
-  local dir=$1 module=$2 version=$3 pkg=$4
+  local dir=$1 module=$2 version=$3
+  shift 3
   {
     printf 'module local/heraldtools\n\ngo 1.26\n\ngodebug default=go1.25\n\n'
     printf 'require %s %s\n' "$module" "$version"
     cat
   } >"$dir/go.mod"
-  printf '//go:build tools\n\npackage tools\n\nimport _ "%s"\n' "$pkg" >"$dir/tools.go"
+  {
+    printf '//go:build tools\n\npackage tools\n\nimport (\n'
+    printf '\t_ "%s"\n' "$@"
+    printf ')\n'
+  } >"$dir/tools.go"
   (cd "$dir" && go mod tidy)
 }
 
 link() { ln -sfn "$1" "$BIN_DIR/$(basename "$1")"; }
 
-build_kube_apiserver() {
-  local out="$TOOLS_DIR/k8s-$K8S_VERSION/kube-apiserver"
-  if [[ -x $out ]]; then
-    log "kube-apiserver $K8S_VERSION already built"
+# kube-apiserver and a kubectl of the same version, from one wrapper module.
+build_k8s() {
+  local dir="$TOOLS_DIR/k8s-$K8S_VERSION"
+  if [[ -x $dir/kube-apiserver && -x $dir/kubectl ]]; then
+    log "kube-apiserver and kubectl $K8S_VERSION already built"
   else
-    log "building kube-apiserver $K8S_VERSION (takes minutes)"
+    log "building kube-apiserver and kubectl $K8S_VERSION (takes minutes)"
     local tmp start=$SECONDS
     tmp=$(mktemp -d)
     local staging_version="v0.${K8S_VERSION#v1.}"
@@ -64,19 +70,24 @@ build_kube_apiserver() {
         printf '\tk8s.io/%s => k8s.io/%s %s\n' "$m" "$m" "$staging_version"
       done
       printf ')\n'
-    } | wrapper_module "$tmp" k8s.io/kubernetes "$K8S_VERSION" k8s.io/kubernetes/cmd/kube-apiserver
-    local major minor
+    } | wrapper_module "$tmp" k8s.io/kubernetes "$K8S_VERSION" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl
+    local major minor stamp
     major=$(cut -d. -f1 <<<"${K8S_VERSION#v}")
     minor=$(cut -d. -f2 <<<"$K8S_VERSION")
-    mkdir -p "$(dirname "$out")"
-    (cd "$tmp" && go build -trimpath -o "$out.tmp" \
-      -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=$major -X k8s.io/component-base/version.gitMinor=$minor" \
-      k8s.io/kubernetes/cmd/kube-apiserver)
-    mv "$out.tmp" "$out"
+    stamp=""
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+      stamp+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
+    done
+    mkdir -p "$dir"
+    for cmd in kube-apiserver kubectl; do
+      (cd "$tmp" && go build -trimpath -o "$dir/$cmd.tmp" -ldflags "-s -w$stamp" "k8s.io/kubernetes/cmd/$cmd")
+      mv "$dir/$cmd.tmp" "$dir/$cmd"
+    done
     rm -rf "$tmp"
-    log "kube-apiserver built in $((SECONDS - start)) s"
+    log "kube-apiserver and kubectl built in $((SECONDS - start)) s"
   fi
-  link "$out"
+  link "$dir/kube-apiserver"
+  link "$dir/kubectl"
 }
 
 build_etcd() {
@@ -115,6 +126,6 @@ build_helm() {
 
 build_etcd
 build_helm
-build_kube_apiserver
+build_k8s
 
 echo "$BIN_DIR"

@@ -59,7 +59,10 @@ pub struct Alert {
 impl Alert {
     /// The alert's name (`alertname` label), empty when absent.
     pub fn name(&self) -> &str {
-        self.labels.get("alertname").map(String::as_str).unwrap_or("")
+        self.labels
+            .get("alertname")
+            .map(String::as_str)
+            .unwrap_or("")
     }
 
     /// Fills in the fingerprint from the labels when the sender gave none.
@@ -272,7 +275,11 @@ mod tests {
         let statuses: Vec<_> = batch.alerts.iter().map(|a| a.status).collect();
         assert_eq!(
             statuses,
-            [AlertStatus::Resolved, AlertStatus::Firing, AlertStatus::Firing]
+            [
+                AlertStatus::Resolved,
+                AlertStatus::Firing,
+                AlertStatus::Firing
+            ]
         );
     }
 

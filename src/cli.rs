@@ -94,7 +94,10 @@ impl CoreArgs {
     }
 
     fn herald(&self) -> Herald {
-        Herald::new(self.cluster_namespaces.iter().cloned(), self.engine_config())
+        Herald::new(
+            self.cluster_namespaces.iter().cloned(),
+            self.engine_config(),
+        )
     }
 }
 
@@ -165,7 +168,10 @@ pub struct TestArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -200,7 +206,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Check(args) => check(args),
         Command::Route(args) => route(args),
         Command::Crdgen => {
-            print!("{}", crate::crd::render_yaml().context("rendering the CRDs")?);
+            print!(
+                "{}",
+                crate::crd::render_yaml().context("rendering the CRDs")?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Test(args) => test(args).await,
@@ -259,7 +268,9 @@ async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding the receiver to {}", args.listen))?;
-    let local = listener.local_addr().context("reading the receiver address")?;
+    let local = listener
+        .local_addr()
+        .context("reading the receiver address")?;
     tracing::info!(address = %local, config = %args.config.display(), "herald receiver listening");
 
     let cancel = CancellationToken::new();
@@ -270,11 +281,15 @@ async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
         cancel.clone(),
     ));
     let stop = cancel.clone();
-    receiver::serve(listener, receiver::router(herald.clone(), config), async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        stop.cancel();
-    })
+    receiver::serve(
+        listener,
+        receiver::router(herald.clone(), config),
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            stop.cancel();
+        },
+    )
     .await
     .context("serving the receiver")?;
     cancel.cancel();
@@ -283,20 +298,30 @@ async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn load_checked(dir: &std::path::Path, cluster_namespaces: &[String]) -> anyhow::Result<(Herald, Manifests)> {
+fn load_checked(
+    dir: &std::path::Path,
+    cluster_namespaces: &[String],
+) -> anyhow::Result<(Herald, Manifests)> {
     let manifests = Manifests::load(dir).with_context(|| format!("reading {}", dir.display()))?;
     let herald = Herald::new(cluster_namespaces.iter().cloned(), EngineConfig::default());
     let mut loader = Loader::new(dir);
-    loader.reload(&herald).with_context(|| format!("reading {}", dir.display()))?;
+    loader
+        .reload(&herald)
+        .with_context(|| format!("reading {}", dir.display()))?;
     Ok((herald, manifests))
 }
 
 fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let (herald, manifests) = load_checked(&args.dir, &args.cluster_namespaces)?;
     let table = herald.table();
-    println!("{:<40} {:<7} {:<8} {:<6} CONDITIONS", "WEBHOOK", "TYPE", "ENABLED", "READY");
+    println!(
+        "{:<40} {:<7} {:<8} {:<6} CONDITIONS",
+        "WEBHOOK", "TYPE", "ENABLED", "READY"
+    );
     for key in table.webhook_keys() {
-        let Some(input) = table.webhook(&key) else { continue };
+        let Some(input) = table.webhook(&key) else {
+            continue;
+        };
         let ready = match table.readiness(&key) {
             Some(Ok(())) => "True".to_string(),
             Some(Err(e)) => format!("False ({}: {})", e.reason, e.message),
@@ -309,7 +334,11 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             format!("{:?}", input.spec.kind),
             input.spec.enabled,
             ready,
-            if conditions.is_empty() { "-" } else { &conditions },
+            if conditions.is_empty() {
+                "-"
+            } else {
+                &conditions
+            },
         );
     }
     println!(
@@ -340,8 +369,17 @@ fn route(args: RouteArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("parsing {}", args.alerts.display()))?;
     let table = herald.table();
     for (i, alert) in batch.alerts.iter().enumerate() {
-        let labels: Vec<String> = alert.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("alert {} [{}] {{{}}}", i + 1, alert.status.as_str(), labels.join(", "));
+        let labels: Vec<String> = alert
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!(
+            "alert {} [{}] {{{}}}",
+            i + 1,
+            alert.status.as_str(),
+            labels.join(", ")
+        );
         for verdict in table.explain(Subject::alert(alert)) {
             match verdict.outcome {
                 Ok(()) => println!("  -> {}", verdict.webhook),

@@ -8,7 +8,9 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::alert::AlertBatch;
 use crate::crd::{WebhookSpec, WebhookType};
-use crate::delivery::{Delivery, DeliveryReport, Engine, EngineConfig, Overloaded, SubmitSummary, Target};
+use crate::delivery::{
+    Delivery, DeliveryReport, Engine, EngineConfig, Overloaded, SubmitSummary, Target,
+};
 use crate::metrics::Metrics;
 use crate::routing::{
     ConditionInput, NotReady, NotReadyReason, ObjectKey, Subject, Table, WebhookInput,
@@ -94,7 +96,10 @@ impl Herald {
         let target = if spec.enabled {
             Target::build(key.clone(), &spec, lookup)
         } else {
-            Err(NotReady::new(NotReadyReason::Disabled, "spec.enabled is false"))
+            Err(NotReady::new(
+                NotReadyReason::Disabled,
+                "spec.enabled is false",
+            ))
         };
         let credentials = match &target {
             Ok(_) => Ok(()),
@@ -134,7 +139,11 @@ impl Herald {
 
     /// Routes a batch of alerts (or events, for `Events`) and queues one delivery per webhook
     /// holding only the alerts that matched it.
-    pub fn dispatch(&self, batch: AlertBatch, kind: WebhookType) -> Result<SubmitSummary, Overloaded> {
+    pub fn dispatch(
+        &self,
+        batch: AlertBatch,
+        kind: WebhookType,
+    ) -> Result<SubmitSummary, Overloaded> {
         let mut per_webhook: BTreeMap<ObjectKey, Vec<usize>> = BTreeMap::new();
         {
             let table = self.table();
@@ -151,8 +160,16 @@ impl Herald {
         let deliveries = per_webhook
             .into_iter()
             .map(|(key, indexes)| {
-                let alerts = indexes.into_iter().map(|i| batch.alerts[i].clone()).collect();
-                Delivery::new(key, alerts, batch.group_labels.clone(), batch.external_url.clone())
+                let alerts = indexes
+                    .into_iter()
+                    .map(|i| batch.alerts[i].clone())
+                    .collect();
+                Delivery::new(
+                    key,
+                    alerts,
+                    batch.group_labels.clone(),
+                    batch.external_url.clone(),
+                )
             })
             .collect();
         self.engine.submit(deliveries)
@@ -170,10 +187,16 @@ impl Herald {
                 reason,
             });
         }
-        self.engine.send_test(key).await.ok_or_else(|| TestError::NotReady {
-            key: key.clone(),
-            reason: NotReady::new(NotReadyReason::Disabled, "the webhook has no delivery worker"),
-        })
+        self.engine
+            .send_test(key)
+            .await
+            .ok_or_else(|| TestError::NotReady {
+                key: key.clone(),
+                reason: NotReady::new(
+                    NotReadyReason::Disabled,
+                    "the webhook has no delivery worker",
+                ),
+            })
     }
 
     /// Refreshes gauges derived from the table (called before each scrape).

@@ -1,13 +1,13 @@
 //! Herald: a Kubernetes operator that turns Alertmanager alerts and cluster events into
 //! webhook notifications.
 pub mod alert;
+pub mod cli;
 pub mod crd;
 pub mod delivery;
+pub mod herald;
 pub mod metrics;
+pub mod receiver;
 pub mod render;
 pub mod routing;
 pub mod secret;
-pub mod herald;
-pub mod receiver;
 pub mod standalone;
-pub mod cli;

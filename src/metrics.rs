@@ -105,10 +105,11 @@ impl Metrics {
             "Deliveries to webhooks by outcome (succeeded, retried, failed, dropped)",
             deliveries.clone(),
         );
-        let delivery_duration =
-            Family::<WebhookLabels, Histogram>::new_with_constructor(|| {
-                Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
-            });
+        let delivery_duration = Family::<WebhookLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ])
+        });
         registry.register(
             "delivery_duration_seconds",
             "Duration of HTTP requests to webhooks",

@@ -74,7 +74,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if state.herald.is_ready() {
         (StatusCode::OK, "ok").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "routing table not synced yet").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "routing table not synced yet",
+        )
+            .into_response()
     }
 }
 
@@ -119,7 +123,8 @@ fn is_json(headers: &HeaderMap) -> bool {
         .and_then(|v| v.split(';').next())
         .map(|mime| {
             let mime = mime.trim().to_ascii_lowercase();
-            mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
         })
         .unwrap_or(false)
 }
@@ -137,9 +142,10 @@ async fn receive(
     {
         metrics.rejected("unauthorized");
         let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
         return response;
     }
     if !is_json(&parts.headers) {
@@ -218,4 +224,3 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
 }
-

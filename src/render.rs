@@ -273,7 +273,9 @@ fn test_text(webhook: &ObjectKey, language: Language) -> (String, String) {
         ),
         Language::ZhCn => (
             "Herald 测试通知".to_string(),
-            format!("这是 Herald 为 Webhook {webhook} 发送的测试消息。收到此消息说明该地址的通知投递正常。"),
+            format!(
+                "这是 Herald 为 Webhook {webhook} 发送的测试消息。收到此消息说明该地址的通知投递正常。"
+            ),
         ),
     }
 }
@@ -375,7 +377,10 @@ mod tests {
             .iter()
             .map(|n| alert(n, AlertStatus::Firing, "info"))
             .collect();
-        assert_eq!(render(&alerts, Language::En, false).title, "[FIRING:5] A, B, C and 2 more");
+        assert_eq!(
+            render(&alerts, Language::En, false).title,
+            "[FIRING:5] A, B, C and 2 more"
+        );
         assert_eq!(
             render(&alerts, Language::ZhCn, false).title,
             "【告警中】5 条告警：A, B, C 等 5 项"

@@ -71,7 +71,9 @@ impl SecretData {
 
     /// Every key and value.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.0.iter().map(|(k, v)| (k.as_str(), v.expose().as_slice()))
+        self.0
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.expose().as_slice()))
     }
 
     /// A digest of the content, to notice changes without keeping copies around.

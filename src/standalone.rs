@@ -149,7 +149,11 @@ impl Manifests {
         doc: serde_json::Value,
         seen: &mut BTreeSet<(String, ObjectKey)>,
     ) {
-        let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
+        let kind = doc
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or("")
+            .to_string();
         let api_version = doc
             .get("apiVersion")
             .and_then(|k| k.as_str())
@@ -182,7 +186,7 @@ impl Manifests {
             return;
         }
         let parsed = match kind.as_str() {
-            "Webhook" => typed::<Webhook>(doc).map(Parsed::Webhook),
+            "Webhook" => typed::<Webhook>(doc).map(|wh| Parsed::Webhook(Box::new(wh))),
             "NotificationCondition" => typed::<NotificationCondition>(doc).map(Parsed::Condition),
             _ => typed::<Secret>(doc).map(Parsed::Secret),
         };
@@ -209,11 +213,16 @@ impl Manifests {
             return;
         };
         if !seen.insert((kind.clone(), key.clone())) {
-            self.error(file, document, "metadata.name", format!("{kind} {key} is defined twice"));
+            self.error(
+                file,
+                document,
+                "metadata.name",
+                format!("{kind} {key} is defined twice"),
+            );
             return;
         }
         match parsed {
-            Parsed::Webhook(wh) => self.webhooks.push(wh),
+            Parsed::Webhook(wh) => self.webhooks.push(*wh),
             Parsed::Condition(nc) => self.conditions.push(nc),
             Parsed::Secret(secret) => {
                 self.secrets.insert(key, SecretData::from_secret(&secret));
@@ -224,7 +233,7 @@ impl Manifests {
 
 /// One parsed manifest.
 enum Parsed {
-    Webhook(Webhook),
+    Webhook(Box<Webhook>),
     Condition(NotificationCondition),
     Secret(Secret),
 }
@@ -240,7 +249,9 @@ impl Parsed {
 }
 
 /// Fills in the default namespace and returns the object's key (None without a name).
-fn object_key(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<ObjectKey> {
+fn object_key(
+    meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<ObjectKey> {
     let namespace = meta
         .namespace
         .get_or_insert_with(|| DEFAULT_NAMESPACE.to_string())
@@ -344,7 +355,11 @@ impl Loader {
             ];
             for name in referenced_secrets(&wh.spec) {
                 parts.push(name.clone().into_bytes());
-                parts.push(secret(&name).map(|d| d.digest().to_vec()).unwrap_or_default());
+                parts.push(
+                    secret(&name)
+                        .map(|d| d.digest().to_vec())
+                        .unwrap_or_default(),
+                );
             }
             let fp = fingerprint(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>());
             if self.webhooks.get(&key) != Some(&fp) {
@@ -364,7 +379,11 @@ impl Loader {
             herald.delete_webhook(key);
             report.removed += 1;
         }
-        for key in self.conditions.keys().filter(|k| !conditions.contains_key(*k)) {
+        for key in self
+            .conditions
+            .keys()
+            .filter(|k| !conditions.contains_key(*k))
+        {
             herald.delete_condition(key);
             report.removed += 1;
         }
@@ -398,7 +417,12 @@ pub fn log_report(report: &ReloadReport) {
 }
 
 /// Reloads the folder every `interval` until `cancel` fires.
-pub async fn watch(mut loader: Loader, herald: Herald, interval: Duration, cancel: CancellationToken) {
+pub async fn watch(
+    mut loader: Loader,
+    herald: Herald,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -413,4 +437,3 @@ pub async fn watch(mut loader: Loader, herald: Herald, interval: Duration, cance
         }
     }
 }
-

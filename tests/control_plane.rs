@@ -25,12 +25,12 @@ fn namespace(name: &str) -> Namespace {
 
 /// Runs `kubectl --kubeconfig <kubeconfig> <args>` and returns its stdout.
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String> {
-    let output = Command::new("kubectl")
+    let output = Command::new(control_plane::tool("kubectl")?)
         .arg("--kubeconfig")
         .arg(kubeconfig)
         .args(args)
         .output()
-        .context("running kubectl (is it on PATH?)")?;
+        .context("running kubectl")?;
     ensure!(
         output.status.success(),
         "kubectl {args:?} failed ({}): {}",

@@ -49,24 +49,49 @@ async fn bearer_and_basic_credentials_arrive_with_only_the_matching_alerts() {
     assert_eq!(summary.queued, 2);
 
     let got = bearer_sink.wait_for(1, WAIT).await;
-    assert_eq!(got[0].header("authorization").as_deref(), Some("Bearer s3cr3t-token"));
+    assert_eq!(
+        got[0].header("authorization").as_deref(),
+        Some("Bearer s3cr3t-token")
+    );
     let body = got[0].json();
-    assert_eq!(body["alerts"].as_array().expect("alerts").len(), 1, "only HighCPU matched");
+    assert_eq!(
+        body["alerts"].as_array().expect("alerts").len(),
+        1,
+        "only HighCPU matched"
+    );
     assert_eq!(body["alerts"][0]["labels"]["alertname"], "HighCPU");
-    assert_eq!(body["webhook"], serde_json::json!({"namespace": "monitoring", "name": "bearer"}));
+    assert_eq!(
+        body["webhook"],
+        serde_json::json!({"namespace": "monitoring", "name": "bearer"})
+    );
     assert_eq!(body["version"], "1");
     assert_eq!(body["test"], false);
-    assert_eq!(got[0].header("content-type").as_deref(), Some("application/json"));
-    assert!(got[0].header("user-agent").expect("ua").starts_with("herald/"));
+    assert_eq!(
+        got[0].header("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert!(
+        got[0]
+            .header("user-agent")
+            .expect("ua")
+            .starts_with("herald/")
+    );
     assert!(got[0].header("idempotency-key").is_some());
 
     let got = basic_sink.wait_for(1, WAIT).await;
     // base64("alice:pa:ss")
-    assert_eq!(got[0].header("authorization").as_deref(), Some("Basic YWxpY2U6cGE6c3M="));
+    assert_eq!(
+        got[0].header("authorization").as_deref(),
+        Some("Basic YWxpY2U6cGE6c3M=")
+    );
     let body = got[0].json();
     assert_eq!(body["alerts"].as_array().expect("alerts").len(), 2);
     assert_eq!(body["language"], "zh-CN");
-    assert!(body["title"].as_str().expect("title").contains("告警中"), "{}", body["title"]);
+    assert!(
+        body["title"].as_str().expect("title").contains("告警中"),
+        "{}",
+        body["title"]
+    );
 }
 
 #[tokio::test]
@@ -75,10 +100,17 @@ async fn self_signed_endpoint_needs_skip_verify_or_its_ca() {
     let sink = Sink::https(&pki).await;
     let (herald, reports) = core();
     let url = sink.url();
-    apply(&herald, &format!("metadata: {{name: strict}}\nspec: {{url: '{url}'}}"), &[]).expect("ready");
     apply(
         &herald,
-        &format!("metadata: {{name: skip}}\nspec: {{url: '{url}', tls: {{insecureSkipVerify: true}}}}"),
+        &format!("metadata: {{name: strict}}\nspec: {{url: '{url}'}}"),
+        &[],
+    )
+    .expect("ready");
+    apply(
+        &herald,
+        &format!(
+            "metadata: {{name: skip}}\nspec: {{url: '{url}', tls: {{insecureSkipVerify: true}}}}"
+        ),
         &[],
     )
     .expect("ready");
@@ -95,9 +127,19 @@ async fn self_signed_endpoint_needs_skip_verify_or_its_ca() {
 
     let strict = reports.wait_for("monitoring/strict", WAIT).await;
     assert_eq!(strict.outcome, ReportOutcome::Failed);
-    assert!(strict.message.to_lowercase().contains("certificate"), "{}", strict.message);
-    assert_eq!(reports.wait_for("monitoring/skip", WAIT).await.outcome, ReportOutcome::Succeeded);
-    assert_eq!(reports.wait_for("monitoring/with-ca", WAIT).await.outcome, ReportOutcome::Succeeded);
+    assert!(
+        strict.message.to_lowercase().contains("certificate"),
+        "{}",
+        strict.message
+    );
+    assert_eq!(
+        reports.wait_for("monitoring/skip", WAIT).await.outcome,
+        ReportOutcome::Succeeded
+    );
+    assert_eq!(
+        reports.wait_for("monitoring/with-ca", WAIT).await.outcome,
+        ReportOutcome::Succeeded
+    );
     // Two succeeded; the strict one never completed a request.
     assert_eq!(sink.count(), 2);
 }
@@ -105,9 +147,18 @@ async fn self_signed_endpoint_needs_skip_verify_or_its_ca() {
 #[tokio::test]
 async fn retryable_answers_are_retried_with_the_same_idempotency_key() {
     let sink = Sink::http().await;
-    sink.respond_with(vec![Reply::status(503).retry_after(0), Reply::status(429), Reply::status(200)]);
+    sink.respond_with(vec![
+        Reply::status(503).retry_after(0),
+        Reply::status(429),
+        Reply::status(200),
+    ]);
     let (herald, reports) = core();
-    apply(&herald, &format!("metadata: {{name: flaky}}\nspec: {{url: '{}'}}", sink.url()), &[]).expect("ready");
+    apply(
+        &herald,
+        &format!("metadata: {{name: flaky}}\nspec: {{url: '{}'}}", sink.url()),
+        &[],
+    )
+    .expect("ready");
     herald
         .dispatch(batch(&[&[("alertname", "X")]]), WebhookType::Alarms)
         .expect("accepted");
@@ -116,12 +167,17 @@ async fn retryable_answers_are_retried_with_the_same_idempotency_key() {
     assert_eq!(report.attempts, 3);
     let got = sink.received();
     assert_eq!(got.len(), 3);
-    let keys: Vec<_> = got.iter().map(|r| r.header("idempotency-key").expect("key")).collect();
+    let keys: Vec<_> = got
+        .iter()
+        .map(|r| r.header("idempotency-key").expect("key"))
+        .collect();
     assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
     assert_eq!(keys[0], report.delivery_id);
     let metrics = herald.metrics().encode();
     assert!(
-        metrics.contains(r#"herald_deliveries_total{namespace="monitoring",webhook="flaky",outcome="retried"} 2"#),
+        metrics.contains(
+            r#"herald_deliveries_total{namespace="monitoring",webhook="flaky",outcome="retried"} 2"#
+        ),
         "{metrics}"
     );
 }
@@ -129,9 +185,19 @@ async fn retryable_answers_are_retried_with_the_same_idempotency_key() {
 #[tokio::test]
 async fn client_errors_are_final() {
     let sink = Sink::http().await;
-    sink.respond_with(vec![Reply::status(400).body(serde_json::json!({"error": "bad"}))]);
+    sink.respond_with(vec![
+        Reply::status(400).body(serde_json::json!({"error": "bad"})),
+    ]);
     let (herald, reports) = core();
-    apply(&herald, &format!("metadata: {{name: strict}}\nspec: {{url: '{}'}}", sink.url()), &[]).expect("ready");
+    apply(
+        &herald,
+        &format!(
+            "metadata: {{name: strict}}\nspec: {{url: '{}'}}",
+            sink.url()
+        ),
+        &[],
+    )
+    .expect("ready");
     herald
         .dispatch(batch(&[&[("alertname", "X")]]), WebhookType::Alarms)
         .expect("accepted");
@@ -149,15 +215,26 @@ async fn retries_stop_after_the_attempt_limit() {
     let sink = Sink::http().await;
     sink.respond_with(vec![Reply::status(500)]);
     let (herald, reports) = core();
-    apply(&herald, &format!("metadata: {{name: down}}\nspec: {{url: '{}'}}", sink.url()), &[]).expect("ready");
+    apply(
+        &herald,
+        &format!("metadata: {{name: down}}\nspec: {{url: '{}'}}", sink.url()),
+        &[],
+    )
+    .expect("ready");
     herald
         .dispatch(batch(&[&[("alertname", "X")]]), WebhookType::Alarms)
         .expect("accepted");
-    let report = reports.wait_for("monitoring/down", Duration::from_secs(20)).await;
+    let report = reports
+        .wait_for("monitoring/down", Duration::from_secs(20))
+        .await;
     assert_eq!(report.outcome, ReportOutcome::Failed);
     assert_eq!(report.attempts, 5);
     assert_eq!(sink.count(), 5);
-    assert!(report.message.starts_with("gave up after 5 attempts"), "{}", report.message);
+    assert!(
+        report.message.starts_with("gave up after 5 attempts"),
+        "{}",
+        report.message
+    );
 }
 
 #[tokio::test]
@@ -169,15 +246,26 @@ async fn unreachable_endpoint_fails_with_a_connection_error() {
         .expect("addr")
         .port();
     let (herald, reports) = core();
-    apply(&herald, &format!("metadata: {{name: gone}}\nspec: {{url: 'http://127.0.0.1:{port}/x'}}"), &[]).expect("ready");
+    apply(
+        &herald,
+        &format!("metadata: {{name: gone}}\nspec: {{url: 'http://127.0.0.1:{port}/x'}}"),
+        &[],
+    )
+    .expect("ready");
     herald
         .dispatch(batch(&[&[("alertname", "X")]]), WebhookType::Alarms)
         .expect("accepted");
-    let report = reports.wait_for("monitoring/gone", Duration::from_secs(20)).await;
+    let report = reports
+        .wait_for("monitoring/gone", Duration::from_secs(20))
+        .await;
     assert_eq!(report.outcome, ReportOutcome::Failed);
     assert_eq!(report.http_status, None);
     assert!(report.message.contains("connection"), "{}", report.message);
-    assert!(!report.message.contains("127.0.0.1"), "no URL in messages: {}", report.message);
+    assert!(
+        !report.message.contains("127.0.0.1"),
+        "no URL in messages: {}",
+        report.message
+    );
 }
 
 #[tokio::test]
@@ -188,14 +276,28 @@ async fn a_hanging_endpoint_does_not_hold_up_another_webhook() {
     let (herald, _) = core();
     apply(
         &herald,
-        &format!("metadata: {{name: hanging}}\nspec: {{url: '{}', timeoutSeconds: 30}}", hanging.url()),
+        &format!(
+            "metadata: {{name: hanging}}\nspec: {{url: '{}', timeoutSeconds: 30}}",
+            hanging.url()
+        ),
         &[],
     )
     .expect("ready");
-    apply(&herald, &format!("metadata: {{name: healthy}}\nspec: {{url: '{}'}}", healthy.url()), &[]).expect("ready");
+    apply(
+        &herald,
+        &format!(
+            "metadata: {{name: healthy}}\nspec: {{url: '{}'}}",
+            healthy.url()
+        ),
+        &[],
+    )
+    .expect("ready");
     for i in 0..5 {
         herald
-            .dispatch(batch(&[&[("alertname", "X"), ("n", &i.to_string())]]), WebhookType::Alarms)
+            .dispatch(
+                batch(&[&[("alertname", "X"), ("n", &i.to_string())]]),
+                WebhookType::Alarms,
+            )
             .expect("accepted");
     }
     let got = healthy.wait_for(5, Duration::from_secs(5)).await;
@@ -213,13 +315,23 @@ async fn secret_rotation_switches_the_token() {
         sink.url()
     );
     apply(&herald, &yaml, &[("tok", secret(&[("token", "old")]))]).expect("ready");
-    herald.dispatch(batch(&[&[("alertname", "A")]]), WebhookType::Alarms).expect("accepted");
+    herald
+        .dispatch(batch(&[&[("alertname", "A")]]), WebhookType::Alarms)
+        .expect("accepted");
     sink.wait_for(1, WAIT).await;
     apply(&herald, &yaml, &[("tok", secret(&[("token", "new")]))]).expect("ready");
-    herald.dispatch(batch(&[&[("alertname", "B")]]), WebhookType::Alarms).expect("accepted");
+    herald
+        .dispatch(batch(&[&[("alertname", "B")]]), WebhookType::Alarms)
+        .expect("accepted");
     let got = sink.wait_for(2, WAIT).await;
-    assert_eq!(got[0].header("authorization").as_deref(), Some("Bearer old"));
-    assert_eq!(got[1].header("authorization").as_deref(), Some("Bearer new"));
+    assert_eq!(
+        got[0].header("authorization").as_deref(),
+        Some("Bearer old")
+    );
+    assert_eq!(
+        got[1].header("authorization").as_deref(),
+        Some("Bearer new")
+    );
 }
 
 #[tokio::test]
@@ -246,21 +358,38 @@ async fn signed_requests_carry_standard_webhooks_headers() {
     sink.respond_with(vec![Reply::status(500), Reply::status(200)]);
     let (herald, _) = core();
     let key = [42u8; 32];
-    let secret_value = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key));
+    let secret_value = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    );
     apply(
         &herald,
         &format!("metadata: {{name: signed}}\nspec: {{url: '{}', signing: {{secretRef: {{name: sig, key: secret}}}}}}", sink.url()),
         &[("sig", secret(&[("secret", &secret_value)]))],
     )
     .expect("ready");
-    herald.dispatch(batch(&[&[("alertname", "A")]]), WebhookType::Alarms).expect("accepted");
+    herald
+        .dispatch(batch(&[&[("alertname", "A")]]), WebhookType::Alarms)
+        .expect("accepted");
     let got = sink.wait_for(2, WAIT).await;
     for request in &got {
         let id = request.header("webhook-id").expect("webhook-id");
         assert_eq!(Some(&id), request.header("idempotency-key").as_ref());
-        let timestamp: i64 = request.header("webhook-timestamp").expect("ts").parse().expect("number");
-        let expected = herald::delivery::sign(std::iter::once(key.as_slice()), &id, timestamp, &request.body);
-        assert_eq!(request.header("webhook-signature").as_deref(), Some(expected.as_str()));
+        let timestamp: i64 = request
+            .header("webhook-timestamp")
+            .expect("ts")
+            .parse()
+            .expect("number");
+        let expected = herald::delivery::sign(
+            std::iter::once(key.as_slice()),
+            &id,
+            timestamp,
+            &request.body,
+        );
+        assert_eq!(
+            request.header("webhook-signature").as_deref(),
+            Some(expected.as_str())
+        );
     }
     assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
 }
@@ -271,10 +400,33 @@ async fn test_messages_report_status_and_disabled_webhooks_get_none() {
     let denied_sink = Sink::http().await;
     denied_sink.respond_with(vec![Reply::status(401)]);
     let (herald, _) = core();
-    apply(&herald, &format!("metadata: {{name: ok}}\nspec: {{url: '{}', language: zh-CN}}", ok_sink.url()), &[]).expect("ready");
-    apply(&herald, &format!("metadata: {{name: denied}}\nspec: {{url: '{}'}}", denied_sink.url()), &[]).expect("ready");
-    apply(&herald, &format!("metadata: {{name: off}}\nspec: {{url: '{}', enabled: false}}", ok_sink.url()), &[])
-        .expect_err("disabled is not ready");
+    apply(
+        &herald,
+        &format!(
+            "metadata: {{name: ok}}\nspec: {{url: '{}', language: zh-CN}}",
+            ok_sink.url()
+        ),
+        &[],
+    )
+    .expect("ready");
+    apply(
+        &herald,
+        &format!(
+            "metadata: {{name: denied}}\nspec: {{url: '{}'}}",
+            denied_sink.url()
+        ),
+        &[],
+    )
+    .expect("ready");
+    apply(
+        &herald,
+        &format!(
+            "metadata: {{name: off}}\nspec: {{url: '{}', enabled: false}}",
+            ok_sink.url()
+        ),
+        &[],
+    )
+    .expect_err("disabled is not ready");
 
     let key = |n: &str| herald::routing::ObjectKey::new("monitoring", n);
     let report = herald.send_test(&key("ok")).await.expect("sent");
@@ -290,6 +442,8 @@ async fn test_messages_report_status_and_disabled_webhooks_get_none() {
 
     let err = herald.send_test(&key("off")).await.expect_err("disabled");
     assert!(err.to_string().contains("Disabled"), "{err}");
-    ok_sink.assert_no_more_within(Duration::from_millis(200)).await;
+    ok_sink
+        .assert_no_more_within(Duration::from_millis(200))
+        .await;
     assert_eq!(ok_sink.count(), 1);
 }

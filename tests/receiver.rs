@@ -19,9 +19,15 @@ use crate::core::{apply, fast_retry};
 
 /// Serves a receiver on a free loopback port for the rest of the test.
 async fn start(herald: Herald, config: ReceiverConfig) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(serve(listener, router(herald, config), std::future::pending()));
+    tokio::spawn(serve(
+        listener,
+        router(herald, config),
+        std::future::pending(),
+    ));
     addr
 }
 
@@ -30,7 +36,12 @@ fn v1_payload(alerts: Value) -> Value {
            "commonLabels": {}, "commonAnnotations": {}, "externalURL": "http://am", "alerts": alerts})
 }
 
-async fn post(addr: SocketAddr, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> (u16, Value, reqwest::header::HeaderMap) {
+async fn post(
+    addr: SocketAddr,
+    path: &str,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, Value, reqwest::header::HeaderMap) {
     let response = reqwest::Client::new()
         .post(format!("http://{addr}{path}"))
         .header("content-type", content_type)
@@ -48,20 +59,37 @@ async fn post(addr: SocketAddr, path: &str, content_type: &str, body: impl Into<
 async fn v1_and_v2_payloads_are_accepted_and_delivered() {
     let sink = Sink::http().await;
     let (herald, _) = core::core();
-    apply(&herald, &format!("metadata: {{name: all}}\nspec: {{url: '{}'}}", sink.url()), &[]).expect("ready");
+    apply(
+        &herald,
+        &format!("metadata: {{name: all}}\nspec: {{url: '{}'}}", sink.url()),
+        &[],
+    )
+    .expect("ready");
     let addr = start(herald, ReceiverConfig::default()).await;
 
     let alerts = json!([{"status": "firing", "labels": {"alertname": "A"}, "annotations": {},
                          "startsAt": "2026-11-25T10:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
                          "generatorURL": "", "fingerprint": "f1"},
                         {"status": "resolved", "labels": {"alertname": "B"}}]);
-    let (status, body, _) = post(addr, "/api/v1/alerts", "application/json", v1_payload(alerts).to_string()).await;
+    let (status, body, _) = post(
+        addr,
+        "/api/v1/alerts",
+        "application/json",
+        v1_payload(alerts).to_string(),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["accepted"], 2);
     assert_eq!(body["deliveries"], 1);
 
     let v2 = json!([{"labels": {"alertname": "C"}, "annotations": {"summary": "s"}}]);
-    let (status, body, _) = post(addr, "/api/v2/alerts", "application/json; charset=utf-8", v2.to_string()).await;
+    let (status, body, _) = post(
+        addr,
+        "/api/v2/alerts",
+        "application/json; charset=utf-8",
+        v2.to_string(),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["accepted"], 1);
 
@@ -79,23 +107,56 @@ async fn v1_and_v2_payloads_are_accepted_and_delivered() {
 async fn malformed_payloads_get_400_with_the_json_path() {
     let (herald, _) = core::core();
     let addr = start(herald, ReceiverConfig::default()).await;
-    let (status, body, _) = post(addr, "/api/v1/alerts", "application/json", r#"{"alerts": [{"labels": {"a": 1}}]}"#).await;
+    let (status, body, _) = post(
+        addr,
+        "/api/v1/alerts",
+        "application/json",
+        r#"{"alerts": [{"labels": {"a": 1}}]}"#,
+    )
+    .await;
     assert_eq!(status, 400);
     assert_eq!(body["path"], "alerts[0].labels.a");
-    assert!(body["error"].as_str().expect("error").contains("invalid type"), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("error")
+            .contains("invalid type"),
+        "{body}"
+    );
 
     let (status, body, _) = post(addr, "/api/v1/alerts", "application/json", "{not json").await;
     assert_eq!(status, 400);
     assert!(body["error"].is_string());
 
-    let (status, body, _) = post(addr, "/api/v1/alerts", "application/json", r#"{"version": "4"}"#).await;
+    let (status, body, _) = post(
+        addr,
+        "/api/v1/alerts",
+        "application/json",
+        r#"{"version": "4"}"#,
+    )
+    .await;
     assert_eq!(status, 400);
-    assert!(body["error"].as_str().expect("error").contains("alerts"), "{body}");
+    assert!(
+        body["error"].as_str().expect("error").contains("alerts"),
+        "{body}"
+    );
 
-    let (status, _, _) = post(addr, "/api/v2/alerts", "application/json", r#"{"labels": {}}"#).await;
+    let (status, _, _) = post(
+        addr,
+        "/api/v2/alerts",
+        "application/json",
+        r#"{"labels": {}}"#,
+    )
+    .await;
     assert_eq!(status, 400, "v2 wants an array");
 
-    let (status, _, _) = post(addr, "/api/v1/alerts", "application/json", vec![0xff, 0xfe, b'{']).await;
+    let (status, _, _) = post(
+        addr,
+        "/api/v1/alerts",
+        "application/json",
+        vec![0xff, 0xfe, b'{'],
+    )
+    .await;
     assert_eq!(status, 400, "invalid UTF-8");
 }
 
@@ -175,13 +236,19 @@ async fn full_herald_answers_503_with_retry_after_and_loses_nothing_it_accepted(
             ..EngineConfig::default()
         },
     );
-    apply(&herald, &format!("metadata: {{name: slow}}\nspec: {{url: '{}'}}", sink.url()), &[]).expect("ready");
+    apply(
+        &herald,
+        &format!("metadata: {{name: slow}}\nspec: {{url: '{}'}}", sink.url()),
+        &[],
+    )
+    .expect("ready");
     let addr = start(herald, ReceiverConfig::default()).await;
     let payload = v1_payload(json!([{"labels": {"alertname": "A"}}])).to_string();
     let mut accepted = 0;
     let mut refused = 0;
     for _ in 0..5 {
-        let (status, _, headers) = post(addr, "/api/v1/alerts", "application/json", payload.clone()).await;
+        let (status, _, headers) =
+            post(addr, "/api/v1/alerts", "application/json", payload.clone()).await;
         match status {
             200 => accepted += 1,
             503 => {
@@ -204,7 +271,13 @@ async fn health_readiness_and_metrics() {
     let client = reqwest::Client::new();
     let get = |path: &'static str| {
         let client = client.clone();
-        async move { client.get(format!("http://{addr}{path}")).send().await.expect("request") }
+        async move {
+            client
+                .get(format!("http://{addr}{path}"))
+                .send()
+                .await
+                .expect("request")
+        }
     };
     assert_eq!(get("/healthz").await.status().as_u16(), 200);
     assert_eq!(get("/readyz").await.status().as_u16(), 503);
@@ -212,9 +285,24 @@ async fn health_readiness_and_metrics() {
     assert_eq!(get("/readyz").await.status().as_u16(), 200);
 
     post(addr, "/api/v1/alerts", "text/plain", "x").await;
-    post(addr, "/api/v1/alerts", "application/json", v1_payload(json!([{"labels": {}}])).to_string()).await;
+    post(
+        addr,
+        "/api/v1/alerts",
+        "application/json",
+        v1_payload(json!([{"labels": {}}])).to_string(),
+    )
+    .await;
     let text = get("/metrics").await.text().await.expect("text");
-    assert!(text.contains(r#"herald_receiver_rejected_total{reason="unsupported_media_type"} 1"#), "{text}");
-    assert!(text.contains(r#"herald_alerts_received_total{endpoint="/api/v1/alerts"} 1"#), "{text}");
-    assert!(text.contains(r#"herald_webhooks{ready="true"} 0"#), "{text}");
+    assert!(
+        text.contains(r#"herald_receiver_rejected_total{reason="unsupported_media_type"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"herald_alerts_received_total{endpoint="/api/v1/alerts"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"herald_webhooks{ready="true"} 0"#),
+        "{text}"
+    );
 }

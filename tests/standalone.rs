@@ -110,7 +110,12 @@ data: {username: YWxpY2U=, password: czNjcmV0}
 
 #[tokio::test]
 async fn run_delivers_exactly_the_right_alerts_with_auth_and_language() {
-    let (ops, oncall, tenant, disabled) = (Sink::http().await, Sink::http().await, Sink::http().await, Sink::http().await);
+    let (ops, oncall, tenant, disabled) = (
+        Sink::http().await,
+        Sink::http().await,
+        Sink::http().await,
+        Sink::http().await,
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     config(dir.path(), &ops, &oncall, &tenant, &disabled);
     let herald = Running::start(dir.path(), &[]).await;
@@ -126,27 +131,47 @@ async fn run_delivers_exactly_the_right_alerts_with_auth_and_language() {
     assert_eq!(body["accepted"], 3);
 
     let got = ops.wait_for(1, WAIT).await;
-    assert_eq!(got[0].header("authorization").as_deref(), Some("Bearer ops-token-123"));
+    assert_eq!(
+        got[0].header("authorization").as_deref(),
+        Some("Bearer ops-token-123")
+    );
     assert_eq!(alertnames(&got[0].json()), ["HighCPU", "DiskFull"]);
     assert_eq!(got[0].json()["language"], "en");
     assert_eq!(got[0].json()["title"], "[FIRING:2] DiskFull, HighCPU");
 
     let got = oncall.wait_for(1, WAIT).await;
-    assert_eq!(got[0].header("authorization").as_deref(), Some("Basic YWxpY2U6czNjcmV0"));
+    assert_eq!(
+        got[0].header("authorization").as_deref(),
+        Some("Basic YWxpY2U6czNjcmV0")
+    );
     let body = got[0].json();
     assert_eq!(alertnames(&body), ["NodeDown"]);
     assert_eq!(body["language"], "zh-CN");
     assert_eq!(body["title"], "【告警中】1 条告警：NodeDown");
-    assert!(body["message"].as_str().expect("message").contains("级别：警告"));
+    assert!(
+        body["message"]
+            .as_str()
+            .expect("message")
+            .contains("级别：警告")
+    );
 
     let got = tenant.wait_for(1, WAIT).await;
-    assert_eq!(alertnames(&got[0].json()), ["HighCPU"], "a tenant sees only its namespace");
+    assert_eq!(
+        alertnames(&got[0].json()),
+        ["HighCPU"],
+        "a tenant sees only its namespace"
+    );
     assert_eq!(got[0].header("authorization"), None);
 
-    disabled.assert_none_within(Duration::from_millis(500)).await;
+    disabled
+        .assert_none_within(Duration::from_millis(500))
+        .await;
     ops.assert_no_more_within(Duration::from_millis(100)).await;
     let log = herald.log();
-    assert!(!log.contains("ops-token-123") && !log.contains("s3cret"), "secrets in the log:\n{log}");
+    assert!(
+        !log.contains("ops-token-123") && !log.contains("s3cret"),
+        "secrets in the log:\n{log}"
+    );
     assert!(herald.terminate().success());
 }
 
@@ -155,7 +180,9 @@ async fn run_reloads_changes_and_reports_bad_files_without_dropping_good_ones() 
     let (first, second) = (Sink::http().await, Sink::http().await);
     let dir = tempfile::tempdir().expect("tempdir");
     let webhook = |url: String, enabled: bool| {
-        format!("apiVersion: herald.dev/v1alpha1\nkind: Webhook\nmetadata: {{name: hook}}\nspec: {{url: '{url}', enabled: {enabled}}}\n")
+        format!(
+            "apiVersion: herald.dev/v1alpha1\nkind: Webhook\nmetadata: {{name: hook}}\nspec: {{url: '{url}', enabled: {enabled}}}\n"
+        )
     };
     write(dir.path(), "hook.yaml", &webhook(first.url(), true));
     let herald = Running::start(dir.path(), &[]).await;
@@ -171,7 +198,10 @@ async fn run_reloads_changes_and_reports_bad_files_without_dropping_good_ones() 
         "apiVersion: herald.dev/v1alpha1\nkind: Webhook\nmetadata: {name: broken}\nspec: {url: 'ftp://nope'}\n",
     );
     let log = herald.wait_log("broken.yaml", WAIT).await;
-    assert!(log.contains("url must be an absolute http or https URL"), "{log}");
+    assert!(
+        log.contains("url must be an absolute http or https URL"),
+        "{log}"
+    );
     assert_eq!(herald.post_alerts(&one).await.0, 200);
     first.wait_for(2, WAIT).await;
 
@@ -184,7 +214,11 @@ async fn run_reloads_changes_and_reports_bad_files_without_dropping_good_ones() 
         if second.count() > 0 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "reload never took effect:\n{}", herald.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reload never took effect:\n{}",
+            herald.log()
+        );
     }
 
     // Disable it: once the reload lands the receiver routes to nobody, and nothing more arrives.
@@ -196,7 +230,11 @@ async fn run_reloads_changes_and_reports_bad_files_without_dropping_good_ones() 
         if body["deliveries"] == 0 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "disable never took effect:\n{}", herald.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "disable never took effect:\n{}",
+            herald.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Let what was queued before the reload land, then nothing more may arrive.
@@ -204,8 +242,13 @@ async fn run_reloads_changes_and_reports_bad_files_without_dropping_good_ones() 
     let (before_first, before_second) = (first.count(), second.count());
     let (status, body) = herald.post_alerts(&one).await;
     assert_eq!((status, body["deliveries"].clone()), (200, json!(0)));
-    second.assert_no_more_within(Duration::from_millis(300)).await;
-    assert_eq!((first.count(), second.count()), (before_first, before_second));
+    second
+        .assert_no_more_within(Duration::from_millis(300))
+        .await;
+    assert_eq!(
+        (first.count(), second.count()),
+        (before_first, before_second)
+    );
 }
 
 #[tokio::test]
@@ -218,7 +261,11 @@ async fn check_validates_like_the_api_server_and_prints_the_table() {
     );
     let out = herald(&["check", dir.path().to_str().expect("path")]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("monitoring/good"), "{stdout}");
     assert!(stdout.contains("ConditionNotFound"), "{stdout}");
 
@@ -230,18 +277,32 @@ async fn check_validates_like_the_api_server_and_prints_the_table() {
     let out = herald(&["check", dir.path().to_str().expect("path")]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("bad.yaml (document 1): spec.auth.secretRef: auth.secretRef is required"), "{stderr}");
-    assert!(stderr.contains("bad.yaml (document 2): spec.language: unknown variant `fr`"), "{stderr}");
+    assert!(
+        stderr.contains("bad.yaml (document 1): spec.auth.secretRef: auth.secretRef is required"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("bad.yaml (document 2): spec.language: unknown variant `fr`"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
 async fn route_explains_every_verdict() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (a, b, c, d) = (Sink::http().await, Sink::http().await, Sink::http().await, Sink::http().await);
+    let (a, b, c, d) = (
+        Sink::http().await,
+        Sink::http().await,
+        Sink::http().await,
+        Sink::http().await,
+    );
     config(dir.path(), &a, &b, &c, &d);
     let alerts = dir.path().join("alerts.json");
-    std::fs::write(&alerts, r#"[{"labels": {"alertname": "DiskFull", "severity": "warning", "namespace": "team-a"}}]"#)
-        .expect("write");
+    std::fs::write(
+        &alerts,
+        r#"[{"labels": {"alertname": "DiskFull", "severity": "warning", "namespace": "team-a"}}]"#,
+    )
+    .expect("write");
     let config_dir = tempfile::tempdir().expect("tempdir");
     for f in ["webhooks.yaml", "conditions.yaml", "secrets.yaml"] {
         std::fs::copy(dir.path().join(f), config_dir.path().join(f)).expect("copy");
@@ -255,8 +316,14 @@ async fn route_explains_every_verdict() {
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("x  default/ops: condition critical-only failed on label severity (In)"), "{stdout}");
-    assert!(stdout.contains(r#"x  default/oncall-cn: event type "DiskFull" not in eventTypes"#), "{stdout}");
+    assert!(
+        stdout.contains("x  default/ops: condition critical-only failed on label severity (In)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(r#"x  default/oncall-cn: event type "DiskFull" not in eventTypes"#),
+        "{stdout}"
+    );
     assert!(stdout.contains("x  default/paused: disabled"), "{stdout}");
     assert!(stdout.contains("-> team-a/tenant"), "{stdout}");
 }

@@ -7,7 +7,9 @@ use std::path::Path;
 use herald::standalone::Manifests;
 
 fn fixtures(kind: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(kind)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(kind)
 }
 
 #[test]
@@ -19,7 +21,10 @@ fn valid_fixtures_load_without_errors() {
     let full = &manifests.webhooks[0];
     assert_eq!(full.spec.timeout_seconds, 30);
     let events = &manifests.webhooks[1];
-    assert!(events.spec.enabled && events.spec.send_resolved, "defaults apply");
+    assert!(
+        events.spec.enabled && events.spec.send_resolved,
+        "defaults apply"
+    );
     assert_eq!(events.spec.timeout_seconds, 10);
 }
 
@@ -28,7 +33,11 @@ fn every_invalid_fixture_is_refused_with_its_expected_message() {
     let dir = fixtures("invalid");
     let manifests = Manifests::load(&dir).expect("read fixtures");
     assert!(manifests.webhooks.is_empty(), "{:?}", manifests.webhooks);
-    assert!(manifests.conditions.is_empty(), "{:?}", manifests.conditions);
+    assert!(
+        manifests.conditions.is_empty(),
+        "{:?}",
+        manifests.conditions
+    );
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .expect("fixtures dir")
         .map(|e| e.expect("entry").path())
@@ -60,8 +69,9 @@ fn every_invalid_fixture_is_refused_with_its_expected_message() {
 
 #[test]
 fn committed_crds_match_the_types() {
-    let committed = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/herald.yaml"))
-        .expect("crds/herald.yaml");
+    let committed =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/herald.yaml"))
+            .expect("crds/herald.yaml");
     let generated = herald::crd::render_yaml().expect("render");
     assert!(
         committed == generated,

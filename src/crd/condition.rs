@@ -17,7 +17,11 @@ use serde::{Deserialize, Serialize};
     category = "herald",
     cel,
     doc = "Label conditions that an alert or event must meet to reach the Webhooks that use them.",
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NotificationConditionSpec {

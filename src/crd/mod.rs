@@ -22,7 +22,8 @@ use kube::CustomResourceExt;
 pub const GROUP: &str = "herald.dev";
 
 /// Every CRD Herald owns, in the order `herald crdgen` prints them.
-pub fn all() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+pub fn all()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     vec![Webhook::crd(), NotificationCondition::crd()]
 }

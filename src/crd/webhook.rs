@@ -28,6 +28,8 @@ pub fn is_reserved_header(name: &str) -> bool {
 
 /// A destination for notifications: an HTTP(S) endpoint plus how to authenticate, which
 /// alerts or events it wants, and how to render them.
+// Each printcolumn(...) repeats the same keys, which clippy mistakes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "herald.dev",
@@ -52,7 +54,11 @@ pub fn is_reserved_header(name: &str) -> bool {
         type_ = "string",
         json_path = ".status.lastDelivery.outcome"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct WebhookSpec {

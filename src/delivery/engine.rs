@@ -128,7 +128,10 @@ pub struct DeliveryReport {
 }
 
 mod humantime_serde_ms {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_f64(d.as_secs_f64() * 1000.0)
     }
 }
@@ -175,7 +178,8 @@ struct Shared {
 
 impl Shared {
     fn report(&self, report: DeliveryReport) {
-        self.metrics.delivery(&report.webhook, report.outcome.as_str());
+        self.metrics
+            .delivery(&report.webhook, report.outcome.as_str());
         match report.outcome {
             ReportOutcome::Succeeded => tracing::debug!(
                 webhook = %report.webhook, delivery = %report.delivery_id,
@@ -329,7 +333,8 @@ impl Engine {
                 break;
             };
             let Some(worker) = workers.get(&delivery.webhook) else {
-                self.shared.dropped(&delivery, "the webhook is not ready to deliver");
+                self.shared
+                    .dropped(&delivery, "the webhook is not ready to deliver");
                 summary.dropped += 1;
                 continue;
             };
@@ -346,7 +351,9 @@ impl Engine {
                         .get_or_create(&WebhookLabels::from(&key))
                         .inc();
                 }
-                Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => {
+                Err(
+                    mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job),
+                ) => {
                     self.shared
                         .dropped(&job.delivery, "the webhook's queue is full");
                     summary.dropped += 1;
@@ -371,7 +378,10 @@ impl Engine {
     pub async fn shutdown(&self, deadline: Duration) {
         self.shutdown.cancel();
         self.tasks.close();
-        if tokio::time::timeout(deadline, self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("delivery workers did not stop within {deadline:?}");
         }
     }
@@ -425,7 +435,10 @@ async fn run_worker(
     queue.close();
     while let Ok(job) = queue.try_recv() {
         shared.metrics.queue_depth.get_or_create(&labels).dec();
-        shared.dropped(&job.delivery, "the webhook was removed or Herald is stopping");
+        shared.dropped(
+            &job.delivery,
+            "the webhook was removed or Herald is stopping",
+        );
     }
 }
 
@@ -453,8 +466,8 @@ async fn deliver(
             return;
         }
         let delay = policy.delay(attempt, result.retry_after);
-        let exhausted = attempt >= policy.max_attempts
-            || started.elapsed() + delay > policy.max_elapsed;
+        let exhausted =
+            attempt >= policy.max_attempts || started.elapsed() + delay > policy.max_elapsed;
         if exhausted {
             let mut report = finish(delivery, attempt, &result);
             report.message = format!("gave up after {attempt} attempts: {}", report.message);
@@ -489,13 +502,28 @@ mod tests {
         };
         for _ in 0..100 {
             let d1 = policy.delay(1, None);
-            assert!(d1 >= Duration::from_millis(500) && d1 <= Duration::from_secs(1), "{d1:?}");
+            assert!(
+                d1 >= Duration::from_millis(500) && d1 <= Duration::from_secs(1),
+                "{d1:?}"
+            );
             let d3 = policy.delay(3, None);
-            assert!(d3 >= Duration::from_secs(2) && d3 <= Duration::from_secs(4), "{d3:?}");
+            assert!(
+                d3 >= Duration::from_secs(2) && d3 <= Duration::from_secs(4),
+                "{d3:?}"
+            );
             let d10 = policy.delay(10, None);
-            assert!(d10 >= Duration::from_secs(5) && d10 <= Duration::from_secs(10), "{d10:?}");
+            assert!(
+                d10 >= Duration::from_secs(5) && d10 <= Duration::from_secs(10),
+                "{d10:?}"
+            );
         }
-        assert_eq!(policy.delay(1, Some(Duration::from_secs(3))), Duration::from_secs(3));
-        assert_eq!(policy.delay(1, Some(Duration::from_secs(3000))), Duration::from_secs(10));
+        assert_eq!(
+            policy.delay(1, Some(Duration::from_secs(3))),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            policy.delay(1, Some(Duration::from_secs(3000))),
+            Duration::from_secs(10)
+        );
     }
 }

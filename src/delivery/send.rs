@@ -32,7 +32,12 @@ pub struct Delivery {
 
 impl Delivery {
     /// A new delivery with a fresh time-ordered id.
-    pub fn new(webhook: ObjectKey, alerts: Vec<Alert>, group_labels: LabelSet, external_url: String) -> Self {
+    pub fn new(
+        webhook: ObjectKey,
+        alerts: Vec<Alert>,
+        group_labels: LabelSet,
+        external_url: String,
+    ) -> Self {
         Delivery {
             id: uuid::Uuid::now_v7().to_string(),
             webhook,
@@ -99,7 +104,12 @@ pub struct AttemptResult {
 
 /// The `webhook-signature` value for a body: one `v1,<base64 HMAC-SHA256>` per key, space-separated
 /// (Standard Webhooks v1, signing `"{id}.{timestamp}.{body}"`).
-pub fn sign<'a>(keys: impl Iterator<Item = &'a [u8]>, id: &str, timestamp: i64, body: &[u8]) -> String {
+pub fn sign<'a>(
+    keys: impl Iterator<Item = &'a [u8]>,
+    id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> String {
     let mut signatures = Vec::new();
     for key in keys {
         // HMAC accepts keys of any length.
@@ -207,11 +217,17 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
             let snippet = if class == AttemptClass::Success {
                 None
             } else {
-                response.text().await.ok().map(|t| t.chars().take(200).collect::<String>())
+                response
+                    .text()
+                    .await
+                    .ok()
+                    .map(|t| t.chars().take(200).collect::<String>())
             };
             let latency = started.elapsed();
             let error = (class != AttemptClass::Success).then(|| match snippet {
-                Some(s) if !s.trim().is_empty() => format!("HTTP {}: {}", status.as_u16(), s.trim()),
+                Some(s) if !s.trim().is_empty() => {
+                    format!("HTTP {}: {}", status.as_u16(), s.trim())
+                }
                 _ => format!("HTTP {}", status.as_u16()),
             });
             AttemptResult {
@@ -236,7 +252,12 @@ mod tests {
             .decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
             .expect("base64");
         let body = br#"{"test": 2432232314}"#;
-        let signature = sign(std::iter::once(key.as_slice()), "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
+        let signature = sign(
+            std::iter::once(key.as_slice()),
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            body,
+        );
         assert_eq!(signature, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
     }
 

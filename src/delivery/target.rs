@@ -141,7 +141,9 @@ impl Target {
                     .auth
                     .secret_ref
                     .as_ref()
-                    .ok_or_else(|| invalid_spec("auth.secretRef is required for Bearer and Basic auth"))?
+                    .ok_or_else(|| {
+                        invalid_spec("auth.secretRef is required for Bearer and Basic auth")
+                    })?
                     .name;
                 let data = secret(&lookup, name, "auth")?;
                 let value = if kind == AuthType::Bearer {
@@ -215,7 +217,10 @@ impl Target {
                     .ok_or_else(|| {
                         NotReady::new(
                             NotReadyReason::InvalidCa,
-                            format!("Secret {:?} key {:?} holds no PEM certificate", r.name, r.key),
+                            format!(
+                                "Secret {:?} key {:?} holds no PEM certificate",
+                                r.name, r.key
+                            ),
                         )
                     })?;
                 for cert in certs {
@@ -244,7 +249,11 @@ impl Target {
             None => builder.no_proxy(),
         };
         let client = builder.build().map_err(|e| {
-            let reason = if spec.tls.as_ref().is_some_and(|t| t.client_cert_secret_ref.is_some()) {
+            let reason = if spec
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.client_cert_secret_ref.is_some())
+            {
                 NotReadyReason::InvalidClientCertificate
             } else {
                 NotReadyReason::InvalidSpec
@@ -287,12 +296,23 @@ impl Target {
 }
 
 fn trim_bytes(value: &[u8]) -> &[u8] {
-    let start = value.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(value.len());
-    let end = value.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = value
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(value.len());
+    let end = value
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &value[start..end]
 }
 
-fn insert_header(headers: &mut HeaderMap, name: &str, value: &[u8], origin: &str) -> Result<(), NotReady> {
+fn insert_header(
+    headers: &mut HeaderMap,
+    name: &str,
+    value: &[u8],
+    origin: &str,
+) -> Result<(), NotReady> {
     if is_reserved_header(name) {
         return Err(NotReady::new(
             NotReadyReason::InvalidHeader,
@@ -308,7 +328,9 @@ fn insert_header(headers: &mut HeaderMap, name: &str, value: &[u8], origin: &str
     let mut value = HeaderValue::from_bytes(value).map_err(|_| {
         NotReady::new(
             NotReadyReason::InvalidHeader,
-            format!("{origin}: the value of header {name:?} holds characters not allowed in a header"),
+            format!(
+                "{origin}: the value of header {name:?} holds characters not allowed in a header"
+            ),
         )
     })?;
     value.set_sensitive(true);
@@ -325,7 +347,11 @@ mod tests {
     }
 
     fn data(pairs: &[(&str, &str)]) -> SecretData {
-        SecretData::from_pairs(pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())))
+        SecretData::from_pairs(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())),
+        )
     }
 
     fn build(spec: &WebhookSpec, secrets: &[(&str, SecretData)]) -> Result<Target, NotReady> {
@@ -339,7 +365,10 @@ mod tests {
         let s = spec("url: http://x\nauth: {type: Bearer, secretRef: {name: a}}\n");
         let t = build(&s, &[("a", data(&[("token", "abc\n")]))]).expect("ready");
         assert_eq!(t.authorization().expect("auth"), "Bearer abc");
-        assert!(!format!("{t:?}").contains("abc"), "Debug must not print the token");
+        assert!(
+            !format!("{t:?}").contains("abc"),
+            "Debug must not print the token"
+        );
     }
 
     #[test]
@@ -352,7 +381,10 @@ mod tests {
     #[test]
     fn missing_secret_and_missing_key_have_their_own_reasons() {
         let s = spec("url: http://x\nauth: {type: Bearer, secretRef: {name: a}}\n");
-        assert_eq!(build(&s, &[]).expect_err("missing").reason, NotReadyReason::SecretNotFound);
+        assert_eq!(
+            build(&s, &[]).expect_err("missing").reason,
+            NotReadyReason::SecretNotFound
+        );
         let err = build(&s, &[("a", data(&[("other", "v")]))]).expect_err("no key");
         assert_eq!(err.reason, NotReadyReason::SecretKeyMissing);
         assert!(err.message.contains("token"));
@@ -382,10 +414,18 @@ mod tests {
             "whsec_{}",
             base64::engine::general_purpose::STANDARD.encode([7u8; 32])
         );
-        assert_eq!(parse_signing_secrets(&format!("{good} {good}")).expect("two").len(), 2);
+        assert_eq!(
+            parse_signing_secrets(&format!("{good} {good}"))
+                .expect("two")
+                .len(),
+            2
+        );
         assert!(parse_signing_secrets("whsec_!!!").is_err());
         assert!(parse_signing_secrets("abc").is_err());
-        let short = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode([1u8; 8]));
+        let short = format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode([1u8; 8])
+        );
         assert!(parse_signing_secrets(&short).is_err());
         let s = spec("url: http://x\nsigning: {secretRef: {name: s, key: secret}}\n");
         let err = build(&s, &[("s", data(&[("secret", "whsec_nope")]))]).expect_err("bad");

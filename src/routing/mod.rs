@@ -12,12 +12,16 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::alert::{Alert, AlertStatus, LabelSet};
-use crate::crd::{LabelOperator, LabelRequirement, NotificationConditionSpec, WebhookSpec, WebhookType};
+use crate::crd::{
+    LabelOperator, LabelRequirement, NotificationConditionSpec, WebhookSpec, WebhookType,
+};
 
 pub use selector::selector_matches;
 
 /// Identifies a namespaced resource: `namespace/name`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ObjectKey {
     /// The namespace.
     pub namespace: String,
@@ -191,7 +195,10 @@ impl fmt::Display for Rejection {
                 condition,
                 label,
                 operator,
-            } => write!(f, "condition {condition} failed on label {label} ({operator:?})"),
+            } => write!(
+                f,
+                "condition {condition} failed on label {label} ({operator:?})"
+            ),
         }
     }
 }
@@ -374,7 +381,10 @@ impl Table {
 
     fn entry_readiness(&self, entry: &WebhookEntry) -> Result<(), NotReady> {
         if !entry.input.spec.enabled {
-            return Err(NotReady::new(NotReadyReason::Disabled, "spec.enabled is false"));
+            return Err(NotReady::new(
+                NotReadyReason::Disabled,
+                "spec.enabled is false",
+            ));
         }
         entry.input.credentials.clone()?;
         let in_ns = self.conditions.get(&entry.input.key.namespace);
@@ -396,7 +406,10 @@ impl Table {
     pub fn resolve(&self, subject: Subject<'_>) -> Vec<ObjectKey> {
         let mut matched = Vec::new();
         let mut visit = |namespace: &str| {
-            if let Some(keys) = self.by_namespace.get(&(subject.kind, namespace.to_string())) {
+            if let Some(keys) = self
+                .by_namespace
+                .get(&(subject.kind, namespace.to_string()))
+            {
                 for key in keys {
                     if let Some(entry) = self.webhooks.get(key)
                         && self.check(entry, subject).is_ok()
@@ -448,7 +461,9 @@ impl Table {
             });
         }
         if !entry.event_types.is_empty() && !entry.event_types.contains(subject.event_type()) {
-            return Err(Rejection::EventTypeNotWanted(subject.event_type().to_string()));
+            return Err(Rejection::EventTypeNotWanted(
+                subject.event_type().to_string(),
+            ));
         }
         if subject.status == AlertStatus::Resolved && !spec.send_resolved {
             return Err(Rejection::ResolvedNotWanted);

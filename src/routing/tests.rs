@@ -78,9 +78,17 @@ fn enabled_webhook_gets_every_alert_and_disabled_gets_none() {
     let t = table(TWO_WEBHOOKS);
     let a = alert(&[("alertname", "HighCPU")]);
     assert_eq!(names(t.resolve(Subject::alert(&a))), ["monitoring/ops"]);
-    assert_eq!(verdict(&t, &a, "monitoring/paused"), Err(Rejection::Disabled));
-    let ready = t.readiness(&ObjectKey::new("monitoring", "paused")).expect("known");
-    assert_eq!(ready.expect_err("disabled").reason, NotReadyReason::Disabled);
+    assert_eq!(
+        verdict(&t, &a, "monitoring/paused"),
+        Err(Rejection::Disabled)
+    );
+    let ready = t
+        .readiness(&ObjectKey::new("monitoring", "paused"))
+        .expect("known");
+    assert_eq!(
+        ready.expect_err("disabled").reason,
+        NotReadyReason::Disabled
+    );
 }
 
 #[test]
@@ -176,7 +184,10 @@ fn operator_in_needs_the_label_with_a_listed_value() {
     let hit = alert(&[("severity", "critical")]);
     let miss = alert(&[("severity", "warning")]);
     let absent = alert(&[]);
-    assert!(t.resolve(Subject::alert(&hit)).contains(&ObjectKey::new("monitoring", "in")));
+    assert!(
+        t.resolve(Subject::alert(&hit))
+            .contains(&ObjectKey::new("monitoring", "in"))
+    );
     for a in [&miss, &absent] {
         assert_eq!(
             verdict(&t, a, "monitoring/in"),
@@ -193,14 +204,20 @@ fn operator_in_needs_the_label_with_a_listed_value() {
 fn operator_not_in_holds_when_the_label_is_absent() {
     let t = table(CONDITIONS);
     assert_eq!(verdict(&t, &alert(&[]), "monitoring/notin"), Ok(()));
-    assert_eq!(verdict(&t, &alert(&[("env", "prod")]), "monitoring/notin"), Ok(()));
+    assert_eq!(
+        verdict(&t, &alert(&[("env", "prod")]), "monitoring/notin"),
+        Ok(())
+    );
     assert!(verdict(&t, &alert(&[("env", "dev")]), "monitoring/notin").is_err());
 }
 
 #[test]
 fn operators_exists_and_does_not_exist() {
     let t = table(CONDITIONS);
-    assert_eq!(verdict(&t, &alert(&[("node", "")]), "monitoring/exists"), Ok(()));
+    assert_eq!(
+        verdict(&t, &alert(&[("node", "")]), "monitoring/exists"),
+        Ok(())
+    );
     assert!(verdict(&t, &alert(&[]), "monitoring/exists").is_err());
     assert_eq!(verdict(&t, &alert(&[]), "monitoring/absent"), Ok(()));
     assert!(verdict(&t, &alert(&[("silenced", "yes")]), "monitoring/absent").is_err());
@@ -210,11 +227,19 @@ fn operators_exists_and_does_not_exist() {
 fn every_listed_condition_must_hold() {
     let t = table(CONDITIONS);
     assert_eq!(
-        verdict(&t, &alert(&[("severity", "critical"), ("node", "n1")]), "monitoring/all"),
+        verdict(
+            &t,
+            &alert(&[("severity", "critical"), ("node", "n1")]),
+            "monitoring/all"
+        ),
         Ok(())
     );
-    let err = verdict(&t, &alert(&[("severity", "critical")]), "monitoring/all").expect_err("no node");
-    assert_eq!(err.to_string(), "condition has-node failed on label node (Exists)");
+    let err =
+        verdict(&t, &alert(&[("severity", "critical")]), "monitoring/all").expect_err("no node");
+    assert_eq!(
+        err.to_string(),
+        "condition has-node failed on label node (Exists)"
+    );
 }
 
 #[test]
@@ -222,7 +247,10 @@ fn missing_condition_fails_closed_and_makes_the_webhook_not_ready() {
     let mut t = table(CONDITIONS);
     t.delete_condition(&ObjectKey::new("monitoring", "critical-only"));
     let a = alert(&[("severity", "critical")]);
-    assert!(!t.resolve(Subject::alert(&a)).contains(&ObjectKey::new("monitoring", "in")));
+    assert!(
+        !t.resolve(Subject::alert(&a))
+            .contains(&ObjectKey::new("monitoring", "in"))
+    );
     let Err(Rejection::NotReady(not_ready)) = verdict(&t, &a, "monitoring/in") else {
         panic!("expected NotReady");
     };
@@ -236,7 +264,10 @@ fn missing_condition_fails_closed_and_makes_the_webhook_not_ready() {
         }))
         .expect("spec"),
     });
-    assert!(t.resolve(Subject::alert(&a)).contains(&ObjectKey::new("monitoring", "in")));
+    assert!(
+        t.resolve(Subject::alert(&a))
+            .contains(&ObjectKey::new("monitoring", "in"))
+    );
 }
 
 #[test]
@@ -255,8 +286,13 @@ metadata: {name: ops, namespace: monitoring}
 spec: {url: "http://ops", conditions: [critical-only]}
 "#,
     );
-    let ready = t.readiness(&ObjectKey::new("monitoring", "ops")).expect("known");
-    assert_eq!(ready.expect_err("missing").reason, NotReadyReason::ConditionNotFound);
+    let ready = t
+        .readiness(&ObjectKey::new("monitoring", "ops"))
+        .expect("known");
+    assert_eq!(
+        ready.expect_err("missing").reason,
+        NotReadyReason::ConditionNotFound
+    );
 }
 
 #[test]
@@ -300,7 +336,10 @@ spec: {url: "http://tenant"}
         t.conditions_of(&ObjectKey::new("monitoring", "ops")),
         ["ops-critical"]
     );
-    assert!(t.conditions_of(&ObjectKey::new("team-a", "tenant-ops")).is_empty());
+    assert!(
+        t.conditions_of(&ObjectKey::new("team-a", "tenant-ops"))
+            .is_empty()
+    );
 }
 
 #[test]
@@ -327,7 +366,10 @@ spec: {url: "http://backoff", type: Events, eventTypes: [BackOff]}
         Err(Rejection::EventTypeNotWanted("DiskFull".into()))
     );
     let event = alert(&[("reason", "BackOff"), ("namespace", "x")]);
-    assert_eq!(names(t.resolve(Subject::event(&event))), ["monitoring/backoff"]);
+    assert_eq!(
+        names(t.resolve(Subject::event(&event))),
+        ["monitoring/backoff"]
+    );
     let other = alert(&[("reason", "Pulled")]);
     assert!(t.resolve(Subject::event(&other)).is_empty());
 }
@@ -373,7 +415,10 @@ spec: {url: "http://b"}
 "#,
     );
     let in_a = alert(&[("namespace", "team-a")]);
-    assert_eq!(names(t.resolve(Subject::alert(&in_a))), ["monitoring/central", "team-a/a"]);
+    assert_eq!(
+        names(t.resolve(Subject::alert(&in_a))),
+        ["monitoring/central", "team-a/a"]
+    );
     assert_eq!(
         verdict(&t, &in_a, "team-b/b"),
         Err(Rejection::Tenancy {
@@ -381,9 +426,14 @@ spec: {url: "http://b"}
         })
     );
     let cluster_wide = alert(&[("alertname", "NodeDown")]);
-    assert_eq!(names(t.resolve(Subject::alert(&cluster_wide))), ["monitoring/central"]);
     assert_eq!(
-        verdict(&t, &cluster_wide, "team-a/a").expect_err("no namespace").to_string(),
+        names(t.resolve(Subject::alert(&cluster_wide))),
+        ["monitoring/central"]
+    );
+    assert_eq!(
+        verdict(&t, &cluster_wide, "team-a/a")
+            .expect_err("no namespace")
+            .to_string(),
         "tenancy: alert has no namespace label"
     );
 }
@@ -391,15 +441,23 @@ spec: {url: "http://b"}
 #[test]
 fn unresolved_credentials_block_delivery() {
     let mut t = table(TWO_WEBHOOKS);
-    let mut input = t.webhook(&ObjectKey::new("monitoring", "ops")).expect("ops").clone();
+    let mut input = t
+        .webhook(&ObjectKey::new("monitoring", "ops"))
+        .expect("ops")
+        .clone();
     input.credentials = Err(NotReady::new(
         NotReadyReason::SecretNotFound,
         "Secret \"ops-auth\" not found",
     ));
     t.apply_webhook(input);
     assert!(t.resolve(Subject::alert(&alert(&[]))).is_empty());
-    let ready = t.readiness(&ObjectKey::new("monitoring", "ops")).expect("known");
-    assert_eq!(ready.expect_err("secret").reason, NotReadyReason::SecretNotFound);
+    let ready = t
+        .readiness(&ObjectKey::new("monitoring", "ops"))
+        .expect("known");
+    assert_eq!(
+        ready.expect_err("secret").reason,
+        NotReadyReason::SecretNotFound
+    );
 }
 
 #[test]

@@ -87,7 +87,7 @@ pub fn tools_bin_dir() -> Result<PathBuf> {
     Ok(root.join("bin"))
 }
 
-/// The path of tool `name` (`kube-apiserver`, `etcd`, `helm`) in `bin_dir`,
+/// The path of tool `name` (`kube-apiserver`, `kubectl`, `etcd`, `helm`) in `bin_dir`,
 /// or an error telling to run `hack/build-tools.sh` when it is missing.
 pub fn tool_in(bin_dir: &Path, name: &str) -> Result<PathBuf> {
     let path = bin_dir.join(name);

@@ -31,7 +31,11 @@ impl Reports {
     pub async fn wait_for(&self, webhook: &str, timeout: Duration) -> DeliveryReport {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(r) = self.all().into_iter().find(|r| r.webhook.to_string() == webhook) {
+            if let Some(r) = self
+                .all()
+                .into_iter()
+                .find(|r| r.webhook.to_string() == webhook)
+            {
                 return r;
             }
             assert!(
@@ -70,14 +74,21 @@ pub fn core() -> (Herald, Arc<Reports>) {
 
 /// Secret data from string pairs.
 pub fn secret(pairs: &[(&str, &str)]) -> SecretData {
-    SecretData::from_pairs(pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())))
+    SecretData::from_pairs(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())),
+    )
 }
 
 /// Applies a Webhook manifest (YAML) with the given Secrets of its namespace.
 pub fn apply(herald: &Herald, yaml: &str, secrets: &[(&str, SecretData)]) -> Result<(), NotReady> {
     let wh: Webhook = serde_saphyr::from_str(yaml).expect("webhook YAML");
     let key = ObjectKey::new(
-        wh.metadata.namespace.clone().unwrap_or_else(|| "monitoring".into()),
+        wh.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "monitoring".into()),
         wh.metadata.name.clone().expect("name"),
     );
     herald.apply_webhook(
@@ -95,7 +106,10 @@ pub fn batch(alerts: &[&[(&str, &str)]]) -> herald::alert::AlertBatch {
             .iter()
             .map(|labels| {
                 let mut alert = herald::alert::Alert {
-                    labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                    labels: labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
                     starts_at: "2026-11-25T10:00:00Z".into(),
                     ..Default::default()
                 };

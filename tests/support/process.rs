@@ -13,7 +13,10 @@ pub fn binary() -> &'static str {
 
 /// Runs a `herald` command to completion.
 pub fn herald(args: &[&str]) -> Output {
-    Command::new(binary()).args(args).output().expect("run herald")
+    Command::new(binary())
+        .args(args)
+        .output()
+        .expect("run herald")
 }
 
 /// A free loopback port (bound, then released).
@@ -106,7 +109,10 @@ impl Running {
             if log.contains(needle) {
                 return log;
             }
-            assert!(Instant::now() < deadline, "log never contained {needle:?}:\n{log}");
+            assert!(
+                Instant::now() < deadline,
+                "log never contained {needle:?}:\n{log}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -120,7 +126,10 @@ impl Running {
             .await
             .expect("post alerts");
         let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(serde_json::Value::Null))
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
     }
 
     /// Sends SIGTERM and waits (bounded) for a clean exit.
