@@ -41,6 +41,8 @@ pub enum LogFormat {
 /// Herald's commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The Kubernetes operator: watch Webhooks, NotificationConditions and Secrets, receive, deliver.
+    Controller(Box<ControllerArgs>),
     /// Receive and deliver without Kubernetes, from manifests in a folder (reloaded on change).
     Run(RunArgs),
     /// Validate manifests offline with the API server's rules and print the routing table.
@@ -56,9 +58,6 @@ pub enum Command {
 /// Settings shared by every command that routes and delivers.
 #[derive(Debug, Args)]
 pub struct CoreArgs {
-    /// Namespaces whose webhooks may receive any alert (see Tenancy); repeatable.
-    #[arg(long = "cluster-namespace", default_value = DEFAULT_NAMESPACE)]
-    pub cluster_namespaces: Vec<String>,
     /// Deliveries waiting per webhook before new ones to it are dropped.
     #[arg(long, default_value_t = 1000)]
     pub queue_capacity: usize,
@@ -93,11 +92,8 @@ impl CoreArgs {
         }
     }
 
-    fn herald(&self) -> Herald {
-        Herald::new(
-            self.cluster_namespaces.iter().cloned(),
-            self.engine_config(),
-        )
+    fn herald(&self, cluster_namespaces: &[String]) -> Herald {
+        Herald::new(cluster_namespaces.iter().cloned(), self.engine_config())
     }
 }
 
@@ -110,18 +106,80 @@ pub struct RunArgs {
     /// Receiver address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// A file holding the bearer token callers must send (no authentication when unset).
-    #[arg(long, env = "HERALD_RECEIVER_TOKEN_FILE")]
-    pub receiver_token_file: Option<PathBuf>,
-    /// Largest accepted request body, in bytes.
-    #[arg(long, default_value_t = receiver::DEFAULT_BODY_LIMIT)]
-    pub body_limit: usize,
+    /// Namespaces whose webhooks may receive any alert (see Tenancy); repeatable.
+    #[arg(long = "cluster-namespace", default_value = DEFAULT_NAMESPACE)]
+    pub cluster_namespaces: Vec<String>,
+    /// Receiver settings.
+    #[command(flatten)]
+    pub receiver: ReceiverArgs,
     /// How often the folder is checked for changes.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
     /// How long shutdown waits for deliveries in flight.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+    /// Routing and delivery settings.
+    #[command(flatten)]
+    pub core: CoreArgs,
+}
+
+/// Receiver settings shared by `run` and `controller`.
+#[derive(Debug, Args)]
+pub struct ReceiverArgs {
+    /// A file holding the bearer token callers must send (no authentication when unset).
+    #[arg(long, env = "HERALD_RECEIVER_TOKEN_FILE")]
+    pub receiver_token_file: Option<PathBuf>,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, default_value_t = receiver::DEFAULT_BODY_LIMIT)]
+    pub body_limit: usize,
+}
+
+impl ReceiverArgs {
+    fn config(&self) -> anyhow::Result<ReceiverConfig> {
+        Ok(ReceiverConfig {
+            body_limit: self.body_limit,
+            token: read_token(&self.receiver_token_file)?,
+            ..ReceiverConfig::default()
+        })
+    }
+}
+
+/// `herald controller`.
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// Kubeconfig file; in a cluster the pod's service account is used.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Receiver address.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// The namespace Herald runs in (its Lease lives there).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "herald")]
+    pub namespace: String,
+    /// Namespaces whose webhooks may receive any alert; repeatable. Default: --namespace.
+    #[arg(long = "cluster-namespace")]
+    pub cluster_namespaces: Vec<String>,
+    /// Watch only these namespaces; repeatable. Default: every namespace.
+    #[arg(long = "watch-namespace")]
+    pub watch_namespaces: Vec<String>,
+    /// Elect one replica to write status, publish Events and send tests.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Name of the leader election Lease.
+    #[arg(long, default_value = "herald-leader")]
+    pub lease_name: String,
+    /// This replica's identity; the pod name in a cluster.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Shortest time between two status writes of one webhook.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub status_interval: Duration,
+    /// How long shutdown waits for deliveries in flight.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Receiver settings.
+    #[command(flatten)]
+    pub receiver: ReceiverArgs,
     /// Routing and delivery settings.
     #[command(flatten)]
     pub core: CoreArgs,
@@ -161,7 +219,13 @@ pub struct TestArgs {
     pub namespace: String,
     /// Folder of manifests: send directly, without a cluster.
     #[arg(long)]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+    /// Kubeconfig file (cluster mode).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// How long to wait for the controller's answer (cluster mode).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 /// Parses the command line and runs the command.
@@ -202,6 +266,7 @@ fn init_logging(format: LogFormat) {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Controller(args) => run_controller(*args).await,
         Command::Run(args) => run_standalone(args).await,
         Command::Check(args) => check(args),
         Command::Route(args) => route(args),
@@ -250,7 +315,7 @@ fn read_token(path: &Option<PathBuf>) -> anyhow::Result<Option<Sensitive<String>
 }
 
 async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let herald = args.core.herald();
+    let herald = args.core.herald(&args.cluster_namespaces);
     let mut loader = Loader::new(&args.config);
     let report = loader
         .reload_if_changed(&herald)
@@ -260,11 +325,7 @@ async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     herald.set_ready(true);
 
-    let config = ReceiverConfig {
-        body_limit: args.body_limit,
-        token: read_token(&args.receiver_token_file)?,
-        ..ReceiverConfig::default()
-    };
+    let config = args.receiver.config()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding the receiver to {}", args.listen))?;
@@ -391,12 +452,15 @@ fn route(args: RouteArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
+    let Some(config) = &args.config else {
+        return test_in_cluster(&args).await;
+    };
     let key = ObjectKey::new(&args.namespace, &args.name);
     let herald = Herald::new([args.namespace.clone()], EngineConfig::default());
-    let mut loader = Loader::new(&args.config);
+    let mut loader = Loader::new(config);
     let report = loader
         .reload(&herald)
-        .with_context(|| format!("reading {}", args.config.display()))?;
+        .with_context(|| format!("reading {}", config.display()))?;
     for error in &report.errors {
         eprintln!("warning: {error}");
     }
@@ -421,4 +485,154 @@ async fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// A Kubernetes client from a kubeconfig file, or inferred (in-cluster or `~/.kube/config`).
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("loading kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("finding Kubernetes credentials (in-cluster or ~/.kube/config)")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("herald-{}", std::process::id()))
+}
+
+async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let cluster_namespaces = if args.cluster_namespaces.is_empty() {
+        vec![args.namespace.clone()]
+    } else {
+        args.cluster_namespaces.clone()
+    };
+    let herald = args.core.herald(&cluster_namespaces);
+    let identity = args.identity.clone().unwrap_or_else(hostname);
+    let cancel = CancellationToken::new();
+    let leader = Arc::new(AtomicBool::new(!args.leader_election));
+    let (elected_tx, elected_rx) = tokio::sync::mpsc::unbounded_channel();
+    let election = if args.leader_election {
+        let config = crate::controller::leader::LeaseConfig {
+            namespace: args.namespace.clone(),
+            name: args.lease_name.clone(),
+            identity: identity.clone(),
+            duration: Duration::from_secs(15),
+            retry_period: Duration::from_secs(2),
+        };
+        Some(tokio::spawn(crate::controller::leader::run(
+            client.clone(),
+            config,
+            leader.clone(),
+            move || {
+                let _ = elected_tx.send(());
+            },
+            cancel.clone(),
+        )))
+    } else {
+        drop(elected_tx);
+        None
+    };
+    let controller = tokio::spawn(crate::controller::run(
+        client,
+        herald.clone(),
+        crate::controller::ControllerSettings {
+            watch_namespaces: args.watch_namespaces.clone(),
+            identity: identity.clone(),
+            status_interval: args.status_interval,
+        },
+        leader,
+        elected_rx,
+        cancel.clone(),
+    ));
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding the receiver to {}", args.listen))?;
+    let local = listener
+        .local_addr()
+        .context("reading the receiver address")?;
+    tracing::info!(address = %local, identity = %identity, cluster_namespaces = ?cluster_namespaces, "herald controller starting");
+    let stop = cancel.clone();
+    receiver::serve(
+        listener,
+        receiver::router(herald.clone(), args.receiver.config()?),
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            stop.cancel();
+        },
+    )
+    .await
+    .context("serving the receiver")?;
+    cancel.cancel();
+    let _ = controller.await;
+    if let Some(election) = election {
+        let _ = election.await;
+    }
+    herald.engine().shutdown(args.shutdown_timeout).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn test_in_cluster(args: &TestArgs) -> anyhow::Result<ExitCode> {
+    use kube::api::{Api, Patch, PatchParams};
+
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let api: Api<crate::crd::Webhook> = Api::namespaced(client, &args.namespace);
+    let token = uuid::Uuid::now_v7().to_string();
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {crate::crd::TEST_ANNOTATION: token}}});
+    api.patch(&args.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .with_context(|| format!("annotating webhook {}/{}", args.namespace, args.name))?;
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    loop {
+        let webhook = api
+            .get(&args.name)
+            .await
+            .with_context(|| format!("reading webhook {}/{}", args.namespace, args.name))?;
+        if let Some(result) = webhook
+            .status
+            .and_then(|s| s.last_test)
+            .filter(|t| t.token == token)
+        {
+            let status = result
+                .http_status
+                .map_or_else(|| "-".to_string(), |s| s.to_string());
+            println!(
+                "webhook {}/{}: {:?}, HTTP status {status}, {}",
+                args.namespace, args.name, result.outcome, result.message
+            );
+            return Ok(
+                if result.outcome == crate::crd::DeliveryOutcome::Succeeded {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                },
+            );
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "no test result within {:?}: is `herald controller` running and watching namespace {}?",
+                args.timeout,
+                args.namespace
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

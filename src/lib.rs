@@ -2,6 +2,7 @@
 //! webhook notifications.
 pub mod alert;
 pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod delivery;
 pub mod herald;
