@@ -1,0 +1,674 @@
+//! `herald controller` against a real kube-apiserver and etcd on loopback. Each test works in
+//! namespaces of its own and runs its own controller process watching only those.
+
+#[path = "support/cluster.rs"]
+mod cluster;
+#[path = "support/control_plane.rs"]
+mod control_plane;
+#[path = "support/process.rs"]
+mod process;
+#[path = "support/sink.rs"]
+mod sink;
+
+use std::time::Duration;
+
+use cluster::{Controller, apply, kubectl, kubectl_stdin, ready_is, wait_webhook};
+use herald::crd::{DeliveryOutcome, Webhook};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use serde_json::json;
+use sink::{Reply, Sink};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn webhook(ns: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: Webhook\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n"
+    )
+}
+
+#[tokio::test]
+async fn the_api_server_rejects_invalid_resources_with_the_rules_message() {
+    let client = cluster::client().await;
+    cluster::namespace(&client, "crd-rules").await;
+    let cases = [
+        (
+            "spec: {url: 'ftp://x'}",
+            "url must be an absolute http or https URL",
+        ),
+        (
+            "spec: {url: 'https://x', auth: {type: Bearer}}",
+            "auth.secretRef is required for Bearer and Basic auth",
+        ),
+        (
+            "spec: {url: 'https://x', auth: {type: Basic}}",
+            "auth.secretRef is required for Bearer and Basic auth",
+        ),
+        (
+            "spec: {url: 'https://x', headers: {Authorization: x}}",
+            "headers may not set Authorization",
+        ),
+        (
+            "spec: {url: 'https://x', headers: {webhook-id: x}}",
+            "headers may not set Authorization",
+        ),
+        (
+            "spec: {url: 'https://x', language: fr}",
+            "Unsupported value: \"fr\"",
+        ),
+        (
+            "spec: {url: 'https://x', timeoutSeconds: 0}",
+            "should be greater than or equal to 1",
+        ),
+    ];
+    for (i, (spec, message)) in cases.iter().enumerate() {
+        let yaml = format!(
+            "apiVersion: herald.dev/v1alpha1\nkind: Webhook\nmetadata: {{name: bad-{i}, namespace: crd-rules}}\n{spec}\n"
+        );
+        let out = kubectl_stdin(&["apply", "-f", "-"], Some(&yaml));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{spec} was accepted");
+        assert!(
+            stderr.contains(message),
+            "{spec}: expected {message:?} in {stderr}"
+        );
+    }
+    let conditions = [
+        (
+            "{key: severity, operator: In}",
+            "In and NotIn need at least one value",
+        ),
+        (
+            "{key: severity, operator: NotIn, values: []}",
+            "In and NotIn need at least one value",
+        ),
+        (
+            "{key: severity, operator: Exists, values: [x]}",
+            "Exists and DoesNotExist take none",
+        ),
+        (
+            "{key: severity, operator: DoesNotExist, values: [x]}",
+            "Exists and DoesNotExist take none",
+        ),
+        (
+            "{key: severity, operator: Equals, values: [x]}",
+            "Unsupported value: \"Equals\"",
+        ),
+    ];
+    for (i, (expression, message)) in conditions.iter().enumerate() {
+        let yaml = format!(
+            "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: bad-{i}, namespace: crd-rules}}\nspec: {{matchExpressions: [{expression}]}}\n"
+        );
+        let out = kubectl_stdin(&["apply", "-f", "-"], Some(&yaml));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{expression} was accepted");
+        assert!(
+            stderr.contains(message),
+            "{expression}: expected {message:?} in {stderr}"
+        );
+    }
+    // The valid fixtures, every field set, are accepted, and defaults are filled in.
+    // The fixture names its own namespace.
+    cluster::namespace(&client, "monitoring").await;
+    let valid = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/valid/everything.yaml");
+    let out = kubectl(&["apply", "-f", valid.to_str().expect("path")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = kubectl(&[
+        "get",
+        "webhook",
+        "events",
+        "-n",
+        "monitoring",
+        "-o",
+        "jsonpath={.spec.enabled} {.spec.language} {.spec.timeoutSeconds}",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "true en 10",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn webhooks_follow_create_modify_disable_enable_delete() {
+    let client = cluster::client().await;
+    let ns = "lifecycle";
+    cluster::namespace(&client, ns).await;
+    let (first, second) = (Sink::http().await, Sink::http().await);
+    let controller = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
+
+    apply(&webhook(ns, "hook", &format!("{{url: '{}'}}", first.url())));
+    let wh = wait_webhook(&client, ns, "hook", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    assert_eq!(
+        wh.status.as_ref().and_then(|s| s.observed_generation),
+        Some(1)
+    );
+    let out = kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "--timeout=10s",
+        "-n",
+        ns,
+        "webhook/hook",
+    ]);
+    assert!(
+        out.status.success(),
+        "kubectl wait: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    controller
+        .post_until_delivered(json!({"alertname": "A"}), 1)
+        .await;
+    first.wait_for(1, WAIT).await;
+
+    // Modify: the URL moves.
+    apply(&webhook(
+        ns,
+        "hook",
+        &format!("{{url: '{}'}}", second.url()),
+    ));
+    wait_webhook(&client, ns, "hook", "Ready at generation 2", |w| {
+        ready_is(w, "True", "Ready") && w.metadata.generation == Some(2)
+    })
+    .await;
+    controller
+        .post_until_delivered(json!({"alertname": "B"}), 1)
+        .await;
+    second.wait_for(1, WAIT).await;
+
+    // Disable: Ready=False/Disabled and nothing is routed.
+    apply(&webhook(
+        ns,
+        "hook",
+        &format!("{{url: '{}', enabled: false}}", second.url()),
+    ));
+    wait_webhook(&client, ns, "hook", "Disabled", |w| {
+        ready_is(w, "False", "Disabled")
+    })
+    .await;
+    controller
+        .post_until_delivered(json!({"alertname": "C"}), 0)
+        .await;
+
+    // Enable again.
+    apply(&webhook(
+        ns,
+        "hook",
+        &format!("{{url: '{}', enabled: true}}", second.url()),
+    ));
+    wait_webhook(&client, ns, "hook", "Ready again", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    controller
+        .post_until_delivered(json!({"alertname": "D"}), 1)
+        .await;
+    second.wait_for(2, WAIT).await;
+    let status = wait_webhook(&client, ns, "hook", "showing its last delivery", |w| {
+        w.status
+            .as_ref()
+            .and_then(|s| s.last_delivery.as_ref())
+            .is_some()
+    })
+    .await
+    .status
+    .expect("status");
+    let last = status.last_delivery.expect("lastDelivery");
+    assert_eq!(last.outcome, DeliveryOutcome::Succeeded);
+    assert_eq!(last.http_status, Some(200));
+
+    // Delete.
+    let out = kubectl(&["delete", "webhook", "hook", "-n", ns]);
+    assert!(out.status.success());
+    controller
+        .post_until_delivered(json!({"alertname": "E"}), 0)
+        .await;
+    let before = second.count();
+    second
+        .assert_no_more_within(Duration::from_millis(300))
+        .await;
+    assert_eq!(second.count(), before);
+}
+
+#[tokio::test]
+async fn secret_rotation_and_deletion_take_effect_without_a_restart() {
+    let client = cluster::client().await;
+    let ns = "rotation";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    let controller = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
+    let secret = |token: &str| {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: auth, namespace: {ns}}}\nstringData: {{token: {token}}}\n"
+        )
+    };
+    apply(&secret("first-token"));
+    apply(&webhook(
+        ns,
+        "hook",
+        &format!(
+            "{{url: '{}', auth: {{type: Bearer, secretRef: {{name: auth}}}}}}",
+            sink.url()
+        ),
+    ));
+    wait_webhook(&client, ns, "hook", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    controller
+        .post_until_delivered(json!({"alertname": "A"}), 1)
+        .await;
+    let got = sink.wait_for(1, WAIT).await;
+    assert_eq!(
+        got[0].header("authorization").as_deref(),
+        Some("Bearer first-token")
+    );
+
+    apply(&secret("second-token"));
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        controller.post(&[json!({"alertname": "B"})]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let seen = sink
+            .received()
+            .iter()
+            .any(|r| r.header("authorization").as_deref() == Some("Bearer second-token"));
+        if seen {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rotated token never used; log:\n{}",
+            controller.log()
+        );
+    }
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    secrets
+        .delete("auth", &DeleteParams::default())
+        .await
+        .expect("delete secret");
+    let wh = wait_webhook(&client, ns, "hook", "SecretNotFound", |w| {
+        ready_is(w, "False", "SecretNotFound")
+    })
+    .await;
+    let message = &wh.status.expect("status").conditions[0].message;
+    assert!(
+        message.contains("auth") && !message.contains("second-token"),
+        "{message}"
+    );
+    controller
+        .post_until_delivered(json!({"alertname": "C"}), 0)
+        .await;
+
+    apply(&secret("third-token"));
+    wait_webhook(&client, ns, "hook", "Ready again", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    assert!(
+        !controller.log().contains("second-token"),
+        "a secret reached the log"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_condition_blocks_delivery_until_it_exists() {
+    let client = cluster::client().await;
+    let ns = "conditions";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    let controller = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
+    apply(&webhook(
+        ns,
+        "hook",
+        &format!("{{url: '{}', conditions: [critical-only]}}", sink.url()),
+    ));
+    let wh = wait_webhook(&client, ns, "hook", "ConditionNotFound", |w| {
+        ready_is(w, "False", "ConditionNotFound")
+    })
+    .await;
+    assert!(
+        wh.status.expect("status").conditions[0]
+            .message
+            .contains("critical-only")
+    );
+    controller
+        .post_until_delivered(json!({"alertname": "A", "severity": "critical"}), 0)
+        .await;
+    sink.assert_none_within(Duration::from_millis(300)).await;
+
+    apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: critical-only, namespace: {ns}}}\nspec: {{matchExpressions: [{{key: severity, operator: In, values: [critical]}}]}}\n"
+    ));
+    wait_webhook(&client, ns, "hook", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    controller
+        .post_until_delivered(json!({"alertname": "A", "severity": "critical"}), 1)
+        .await;
+    let reply = controller
+        .post(&[json!({"alertname": "B", "severity": "warning"})])
+        .await;
+    assert_eq!(reply["deliveries"], 0);
+    let got = sink.wait_for(1, WAIT).await;
+    assert_eq!(got[0].json()["alerts"][0]["labels"]["severity"], "critical");
+
+    let out = kubectl(&["delete", "notificationcondition", "critical-only", "-n", ns]);
+    assert!(out.status.success());
+    wait_webhook(&client, ns, "hook", "ConditionNotFound again", |w| {
+        ready_is(w, "False", "ConditionNotFound")
+    })
+    .await;
+    controller
+        .post_until_delivered(json!({"alertname": "A", "severity": "critical"}), 0)
+        .await;
+}
+
+#[tokio::test]
+async fn send_test_reaches_the_sink_and_shows_in_status_and_events() {
+    let client = cluster::client().await;
+    let ns = "send-test";
+    cluster::namespace(&client, ns).await;
+    let ok = Sink::http().await;
+    let denied = Sink::http().await;
+    denied.respond_with(vec![Reply::status(401)]);
+    let _controller = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
+    apply(&webhook(
+        ns,
+        "ok",
+        &format!("{{url: '{}', language: zh-CN}}", ok.url()),
+    ));
+    apply(&webhook(
+        ns,
+        "denied",
+        &format!("{{url: '{}'}}", denied.url()),
+    ));
+    wait_webhook(&client, ns, "ok", "Ready", |w| ready_is(w, "True", "Ready")).await;
+    wait_webhook(&client, ns, "denied", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+
+    let api: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    let annotate =
+        |value: &str| json!({"metadata": {"annotations": {"herald.dev/send-test": value}}});
+    api.patch(
+        "ok",
+        &PatchParams::default(),
+        &Patch::Merge(&annotate("first")),
+    )
+    .await
+    .expect("annotate");
+    let wh = wait_webhook(&client, ns, "ok", "tested", |w| {
+        w.status
+            .as_ref()
+            .and_then(|s| s.last_test.as_ref())
+            .is_some_and(|t| t.token == "first")
+    })
+    .await;
+    let test = wh.status.expect("status").last_test.expect("lastTest");
+    assert_eq!(test.outcome, DeliveryOutcome::Succeeded);
+    assert_eq!(test.http_status, Some(200));
+    let got = ok.wait_for(1, WAIT).await;
+    assert_eq!(got[0].json()["test"], true);
+    assert_eq!(got[0].json()["title"], "Herald 测试通知");
+
+    // The same value again sends nothing; a new value sends again.
+    api.patch(
+        "ok",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"metadata": {"labels": {"touched": "yes"}}})),
+    )
+    .await
+    .expect("touch");
+    ok.assert_no_more_within(Duration::from_millis(800)).await;
+    api.patch(
+        "ok",
+        &PatchParams::default(),
+        &Patch::Merge(&annotate("second")),
+    )
+    .await
+    .expect("annotate");
+    ok.wait_for(2, WAIT).await;
+
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let list = events.list(&ListParams::default()).await.expect("events");
+        let found = list.items.iter().any(|e| {
+            e.reason.as_deref() == Some("TestSucceeded")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("ok")
+        });
+        if found {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no TestSucceeded event: {:?}",
+            list.items
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // `herald test` in cluster mode: sets the annotation, waits for status, exits non-zero on 401.
+    let kubeconfig = cluster::plane().kubeconfig.to_string_lossy().into_owned();
+    let run = |name: &'static str| {
+        let kubeconfig = kubeconfig.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(process::binary())
+                .args([
+                    "test",
+                    name,
+                    "-n",
+                    ns,
+                    "--kubeconfig",
+                    &kubeconfig,
+                    "--timeout",
+                    "30s",
+                ])
+                .output()
+                .expect("herald test")
+        })
+    };
+    let out = run("denied").await.expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("Failed, HTTP status 401"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run("ok").await.expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Succeeded, HTTP status 200"));
+}
+
+#[tokio::test]
+async fn tenants_see_only_their_own_namespace() {
+    let client = cluster::client().await;
+    let (central, tenant) = ("tenancy-central", "tenancy-team");
+    cluster::namespace(&client, central).await;
+    cluster::namespace(&client, tenant).await;
+    let (central_sink, tenant_sink) = (Sink::http().await, Sink::http().await);
+    let controller = Controller::start(
+        central,
+        &[central, tenant],
+        &["--cluster-namespace", central],
+    )
+    .await;
+    apply(&webhook(
+        central,
+        "all",
+        &format!("{{url: '{}'}}", central_sink.url()),
+    ));
+    apply(&webhook(
+        tenant,
+        "mine",
+        &format!("{{url: '{}'}}", tenant_sink.url()),
+    ));
+    wait_webhook(&client, tenant, "mine", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    wait_webhook(&client, central, "all", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+
+    let reply = controller
+        .post(&[
+            json!({"alertname": "Other", "namespace": "someone-else"}),
+            json!({"alertname": "Mine", "namespace": tenant}),
+            json!({"alertname": "ClusterWide"}),
+        ])
+        .await;
+    assert_eq!(reply["deliveries"], 2);
+    let got = tenant_sink.wait_for(1, WAIT).await;
+    let names: Vec<_> = got[0].json()["alerts"]
+        .as_array()
+        .expect("alerts")
+        .iter()
+        .map(|a| a["labels"]["alertname"].clone())
+        .collect();
+    assert_eq!(names, [json!("Mine")]);
+    let got = central_sink.wait_for(1, WAIT).await;
+    assert_eq!(got[0].json()["alerts"].as_array().expect("alerts").len(), 3);
+}
+
+#[tokio::test]
+async fn a_restarted_controller_rebuilds_the_same_table_and_keeps_status() {
+    let client = cluster::client().await;
+    let ns = "restart";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: crit, namespace: {ns}}}\nspec: {{matchExpressions: [{{key: severity, operator: In, values: [critical]}}]}}\n"
+    ));
+    for i in 0..5 {
+        apply(&webhook(
+            ns,
+            &format!("hook-{i}"),
+            &format!("{{url: '{}', conditions: [crit]}}", sink.url()),
+        ));
+    }
+    apply(&webhook(
+        ns,
+        "broken",
+        &format!("{{url: '{}', conditions: [absent]}}", sink.url()),
+    ));
+    let alert = json!({"alertname": "A", "severity": "critical"});
+
+    let first = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
+    first.post_until_delivered(alert.clone(), 5).await;
+    wait_webhook(&client, ns, "hook-0", "showing a delivery", |w| {
+        w.status
+            .as_ref()
+            .and_then(|s| s.last_delivery.as_ref())
+            .is_some()
+    })
+    .await;
+    first.stop();
+
+    let second = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
+    // Ready right after start: the table is complete, no waiting for watch events.
+    let reply = second.post(&[alert]).await;
+    assert_eq!(reply["deliveries"], 5, "{reply}");
+    let broken = wait_webhook(&client, ns, "broken", "ConditionNotFound", |w| {
+        ready_is(w, "False", "ConditionNotFound")
+    })
+    .await;
+    assert!(broken.status.is_some());
+    // The restart kept lastDelivery written by the first controller.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let api: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    let kept = api.get("hook-0").await.expect("get");
+    assert!(
+        kept.status.and_then(|s| s.last_delivery).is_some(),
+        "restart erased lastDelivery"
+    );
+}
+
+#[tokio::test]
+async fn with_two_replicas_one_leader_sends_each_test_once() {
+    let client = cluster::client().await;
+    let ns = "replicas";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    let a = Controller::start(
+        ns,
+        &[ns],
+        &["--cluster-namespace", ns, "--identity", "replica-a"],
+    )
+    .await;
+    let b = Controller::start(
+        ns,
+        &[ns],
+        &["--cluster-namespace", ns, "--identity", "replica-b"],
+    )
+    .await;
+    apply(&webhook(ns, "hook", &format!("{{url: '{}'}}", sink.url())));
+    wait_webhook(&client, ns, "hook", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+
+    // Both replicas receive and deliver.
+    a.post_until_delivered(json!({"alertname": "ViaA"}), 1)
+        .await;
+    b.post_until_delivered(json!({"alertname": "ViaB"}), 1)
+        .await;
+    sink.wait_for(2, WAIT).await;
+
+    let api: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    api.patch(
+        "hook",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"metadata": {"annotations": {"herald.dev/send-test": "once"}}})),
+    )
+    .await
+    .expect("annotate");
+    wait_webhook(&client, ns, "hook", "tested", |w| {
+        w.status
+            .as_ref()
+            .and_then(|s| s.last_test.as_ref())
+            .is_some_and(|t| t.token == "once")
+    })
+    .await;
+    sink.assert_no_more_within(Duration::from_secs(1)).await;
+    let tests = sink
+        .received()
+        .iter()
+        .filter(|r| r.json()["test"] == true)
+        .count();
+    assert_eq!(tests, 1, "exactly one replica sends the test");
+    let out = kubectl(&[
+        "get",
+        "lease",
+        "herald-leader",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    let holder = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        holder == "replica-a" || holder == "replica-b",
+        "lease holder {holder:?}"
+    );
+}
