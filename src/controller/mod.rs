@@ -52,7 +52,7 @@ pub fn key_of<K: ResourceExt>(object: &K) -> Option<ObjectKey> {
 
 /// A change seen by one of the watches, or an internal trigger.
 enum Change {
-    Webhook(Event<Webhook>),
+    Webhook(Box<Event<Webhook>>),
     Condition(Event<NotificationCondition>),
     Secret(Event<PartialObjectMeta<Secret>>),
     /// This replica became leader: rewrite status and look for pending tests.
@@ -257,7 +257,7 @@ impl Controller {
 
     async fn handle(&mut self, change: Change) {
         match change {
-            Change::Webhook(event) => match event {
+            Change::Webhook(event) => match *event {
                 Event::Init => self.relisting_webhooks = Some(HashSet::new()),
                 Event::InitApply(webhook) | Event::Apply(webhook) => {
                     let Some(key) = key_of(&webhook) else { return };
