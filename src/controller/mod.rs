@@ -88,7 +88,7 @@ fn watches(client: &Client, namespaces: &[String]) -> Vec<ChangeStream> {
                 .map(|e| {
                     e.map_or_else(
                         |e| Change::WatchError(format!("webhooks: {e}")),
-                        Change::Webhook,
+                        |e| Change::Webhook(Box::new(e)),
                     )
                 }),
         ));
