@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use crate::alert::{Alert, AlertStatus, LabelSet};
-use crate::crd::{Language, WebhookType};
+use crate::crd::{BodyFormat, Language, WebhookType};
 use crate::routing::ObjectKey;
 
 /// Names of the webhook inside the body.
@@ -67,6 +67,100 @@ pub struct Content<'a> {
     pub group_labels: &'a LabelSet,
     /// Alertmanager's URL.
     pub external_url: &'a str,
+}
+
+/// Why a body could not be rendered (a custom template failing at run time).
+#[derive(Debug, thiserror::Error)]
+#[error("template: {0}")]
+pub struct RenderError(String);
+
+/// Compiles a custom body template; errors name the line.
+pub fn compile_template(source: &str) -> Result<minijinja::Environment<'static>, String> {
+    let mut env = minijinja::Environment::new();
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    env.add_template_owned("body", source.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok(env)
+}
+
+/// The request body for a notification in a webhook's format, or from its template.
+pub fn body(
+    notification: &Notification<'_>,
+    format: BodyFormat,
+    template: Option<&minijinja::Environment<'static>>,
+) -> Result<Vec<u8>, RenderError> {
+    if let Some(env) = template {
+        let template = env
+            .get_template("body")
+            .map_err(|e| RenderError(e.to_string()))?;
+        let context = minijinja::Value::from_serialize(notification);
+        return template
+            .render(context)
+            .map(String::into_bytes)
+            .map_err(|e| RenderError(e.to_string()));
+    }
+    let title = &notification.title;
+    let message = &notification.message;
+    let value = match format {
+        BodyFormat::Herald => {
+            return serde_json::to_vec(notification).map_err(|e| RenderError(e.to_string()));
+        }
+        BodyFormat::Alertmanager => serde_json::json!({
+            "version": "4",
+            "groupKey": format!("{}/{}", notification.webhook.namespace, notification.webhook.name),
+            "truncatedAlerts": 0,
+            "status": notification.status,
+            "receiver": notification.webhook.name,
+            "groupLabels": notification.group_labels,
+            "commonLabels": notification.common_labels,
+            "commonAnnotations": notification.common_annotations,
+            "externalURL": notification.external_url,
+            "alerts": notification.alerts,
+        }),
+        BodyFormat::Slack => serde_json::json!({
+            "text": format!("{title}\n{message}"),
+            "blocks": [
+                {"type": "header", "text": {"type": "plain_text", "text": truncate_chars(title, 150)}},
+                {"type": "section", "text": {"type": "mrkdwn", "text": truncate_chars(message, 3000)}},
+            ],
+        }),
+        BodyFormat::Dingtalk => serde_json::json!({
+            "msgtype": "markdown",
+            "markdown": {"title": title, "text": format!("### {title}\n\n{}", markdown_lines(message))},
+        }),
+        BodyFormat::Feishu => serde_json::json!({
+            "msg_type": "text",
+            "content": {"text": format!("{title}\n{message}")},
+        }),
+        BodyFormat::Wecom => serde_json::json!({
+            "msgtype": "markdown",
+            "markdown": {"content": truncate_chars(&format!("**{title}**\n{message}"), 4000)},
+        }),
+    };
+    serde_json::to_vec(&value).map_err(|e| RenderError(e.to_string()))
+}
+
+fn truncate_chars(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let mut out: String = text.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// Markdown renderers join single newlines; keep each line its own.
+fn markdown_lines(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            if l.is_empty() {
+                String::new()
+            } else {
+                format!("{l}  ")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Renders a notification in a language.
@@ -369,6 +463,59 @@ mod tests {
             ])
         );
         assert_eq!(n.title, "[FIRING:2] A, B");
+    }
+
+    #[test]
+    fn chat_formats_have_their_documented_shapes() {
+        let alerts = [alert("HighCPU", AlertStatus::Firing, "critical")];
+        let n = render(&alerts, Language::ZhCn, false);
+        let json = |format| -> serde_json::Value {
+            serde_json::from_slice(&body(&n, format, None).expect("render")).expect("json")
+        };
+        let slack = json(BodyFormat::Slack);
+        assert_eq!(slack["blocks"][0]["type"], "header");
+        assert!(
+            slack["text"]
+                .as_str()
+                .expect("text")
+                .starts_with("【告警中】")
+        );
+        let ding = json(BodyFormat::Dingtalk);
+        assert_eq!(ding["msgtype"], "markdown");
+        assert_eq!(ding["markdown"]["title"], n.title);
+        let feishu = json(BodyFormat::Feishu);
+        assert_eq!(feishu["msg_type"], "text");
+        assert!(
+            feishu["content"]["text"]
+                .as_str()
+                .expect("text")
+                .contains("级别：严重")
+        );
+        let wecom = json(BodyFormat::Wecom);
+        assert_eq!(wecom["msgtype"], "markdown");
+        let am = json(BodyFormat::Alertmanager);
+        assert_eq!(am["version"], "4");
+        assert_eq!(am["receiver"], "ops");
+        assert_eq!(am["alerts"][0]["labels"]["alertname"], "HighCPU");
+    }
+
+    #[test]
+    fn templates_render_and_fail_cleanly() {
+        let alerts = [alert("HighCPU", AlertStatus::Firing, "critical")];
+        let n = render(&alerts, Language::En, false);
+        let env = compile_template(r#"{"text": {{ title | tojson }}, "n": {{ alerts | length }}}"#)
+            .expect("compiles");
+        let out: serde_json::Value =
+            serde_json::from_slice(&body(&n, BodyFormat::Herald, Some(&env)).expect("render"))
+                .expect("json");
+        assert_eq!(
+            out,
+            serde_json::json!({"text": "[FIRING:1] HighCPU", "n": 1})
+        );
+        assert!(compile_template("{{ unclosed").is_err());
+        let env = compile_template("{{ no_such_field.x }}").expect("compiles");
+        let err = body(&n, BodyFormat::Herald, Some(&env)).expect_err("undefined");
+        assert!(err.to_string().starts_with("template:"), "{err}");
     }
 
     #[test]

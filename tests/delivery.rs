@@ -447,3 +447,116 @@ async fn test_messages_report_status_and_disabled_webhooks_get_none() {
         .await;
     assert_eq!(ok_sink.count(), 1);
 }
+
+#[tokio::test]
+async fn chat_formats_and_templates_reach_sinks_in_their_documented_shapes() {
+    let (herald, reports) = core();
+    let mut sinks = Vec::new();
+    for format in [
+        "herald",
+        "alertmanager",
+        "slack",
+        "dingtalk",
+        "feishu",
+        "wecom",
+    ] {
+        let sink = Sink::http().await;
+        apply(
+            &herald,
+            &format!("metadata: {{name: {format}}}\nspec: {{url: '{}', format: {format}, language: zh-CN}}", sink.url()),
+            &[],
+        )
+        .expect("ready");
+        sinks.push((format, sink));
+    }
+    let custom = Sink::http().await;
+    apply(
+        &herald,
+        &format!(
+            "metadata: {{name: custom}}\nspec:\n  url: '{}'\n  template: '{{\"summary\": {{{{ title | tojson }}}}, \"count\": {{{{ alerts | length }}}}}}'\n",
+            custom.url()
+        ),
+        &[],
+    )
+    .expect("template compiles");
+    let broken_at_runtime = Sink::http().await;
+    apply(
+        &herald,
+        &format!(
+            "metadata: {{name: broken}}\nspec: {{url: '{}', template: '{{{{ nope.field }}}}'}}",
+            broken_at_runtime.url()
+        ),
+        &[],
+    )
+    .expect("compiles");
+    let err = apply(
+        &herald,
+        "metadata: {name: invalid}\nspec: {url: 'http://x', template: '{{ unclosed'}",
+        &[],
+    )
+    .expect_err("does not compile");
+    assert_eq!(err.reason, NotReadyReason::InvalidTemplate);
+
+    herald
+        .dispatch(
+            batch(&[&[("alertname", "HighCPU"), ("severity", "critical")]]),
+            WebhookType::Alarms,
+        )
+        .expect("accepted");
+    for (format, sink) in &sinks {
+        let body = sink.wait_for(1, WAIT).await[0].json();
+        let text = body.to_string();
+        match *format {
+            "herald" => assert_eq!(body["title"], "【告警中】1 条告警：HighCPU"),
+            "alertmanager" => {
+                assert_eq!(body["version"], "4");
+                assert_eq!(body["status"], "firing");
+                assert_eq!(body["alerts"][0]["labels"]["alertname"], "HighCPU");
+                assert!(body["groupKey"].is_string() && body["commonLabels"].is_object());
+            }
+            "slack" => {
+                assert!(body["text"].as_str().expect("text").contains("HighCPU"));
+                assert_eq!(body["blocks"][0]["type"], "header");
+                assert_eq!(body["blocks"][1]["text"]["type"], "mrkdwn");
+            }
+            "dingtalk" => {
+                assert_eq!(body["msgtype"], "markdown");
+                assert!(
+                    body["markdown"]["title"].is_string() && body["markdown"]["text"].is_string()
+                );
+            }
+            "feishu" => {
+                assert_eq!(body["msg_type"], "text");
+                assert!(body["content"]["text"].is_string());
+            }
+            "wecom" => {
+                assert_eq!(body["msgtype"], "markdown");
+                assert!(body["markdown"]["content"].is_string());
+            }
+            other => panic!("{other}"),
+        }
+        if *format != "alertmanager" {
+            assert!(
+                text.contains("告警"),
+                "{format} is rendered in Chinese: {text}"
+            );
+        }
+    }
+    let body = custom.wait_for(1, WAIT).await[0].json();
+    assert_eq!(
+        body,
+        serde_json::json!({"summary": "[FIRING:1] HighCPU", "count": 1})
+    );
+    let report = reports.wait_for("monitoring/broken", WAIT).await;
+    assert_eq!(report.outcome, ReportOutcome::Failed);
+    assert!(
+        report.message.starts_with("template:"),
+        "{}",
+        report.message
+    );
+    assert_eq!(
+        broken_at_runtime.count(),
+        0,
+        "a body that failed to render is never sent"
+    );
+}

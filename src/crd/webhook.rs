@@ -75,6 +75,17 @@ pub struct WebhookSpec {
     #[serde(default)]
     pub language: Language,
 
+    /// Shape of the request body: Herald's own JSON, Alertmanager's webhook JSON, or a chat
+    /// tool's incoming-webhook JSON.
+    #[serde(default)]
+    pub format: BodyFormat,
+
+    /// A custom body: a MiniJinja template whose context is the Herald notification
+    /// (`title`, `message`, `alerts`, `status`, ...). Overrides `format`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub template: Option<String>,
+
     /// A disabled webhook receives nothing, test messages included.
     #[serde(default = "default_true")]
     pub enabled: bool,
@@ -166,6 +177,25 @@ impl Language {
             Language::ZhCn => "zh-CN",
         }
     }
+}
+
+/// Shapes of the request body.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum BodyFormat {
+    /// Herald's JSON (see the README).
+    #[default]
+    Herald,
+    /// Alertmanager's `webhook_configs` JSON (version 4), for existing consumers.
+    Alertmanager,
+    /// Slack incoming webhook (`text` and `blocks`).
+    Slack,
+    /// DingTalk custom robot (`msgtype: markdown`).
+    Dingtalk,
+    /// Feishu / Lark custom bot (`msg_type: text`).
+    Feishu,
+    /// WeCom (WeChat Work) group robot (`msgtype: markdown`).
+    Wecom,
 }
 
 /// How Herald authenticates to a webhook endpoint.

@@ -58,8 +58,8 @@ impl Delivery {
         }
     }
 
-    /// The JSON body for a target, rendered in its language.
-    pub fn body(&self, target: &Target) -> Vec<u8> {
+    /// The request body for a target, in its language and format.
+    pub fn body(&self, target: &Target) -> Result<Vec<u8>, render::RenderError> {
         let notification = render::notification(
             Content {
                 webhook: &self.webhook,
@@ -71,8 +71,7 @@ impl Delivery {
             },
             target.language,
         );
-        // Serialising plain strings and maps cannot fail.
-        serde_json::to_vec(&notification).unwrap_or_default()
+        render::body(&notification, target.format, target.template())
     }
 }
 
@@ -167,7 +166,18 @@ pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
 
 /// Sends one attempt of a delivery to a target.
 pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
-    let body = delivery.body(target);
+    let body = match delivery.body(target) {
+        Ok(body) => body,
+        Err(e) => {
+            return AttemptResult {
+                class: AttemptClass::Final,
+                status: None,
+                latency: Duration::ZERO,
+                error: Some(e.to_string()),
+                retry_after: None,
+            };
+        }
+    };
     let mut request = target
         .client()
         .post(target.url.clone())

@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::crd::{AuthType, Language, WebhookSpec, WebhookType, is_reserved_header};
+use crate::crd::{AuthType, BodyFormat, Language, WebhookSpec, WebhookType, is_reserved_header};
 use crate::routing::{NotReady, NotReadyReason, ObjectKey};
 use crate::secret::{SecretData, Sensitive};
 
@@ -27,6 +27,9 @@ pub struct Target {
     pub language: Language,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// Body format.
+    pub format: BodyFormat,
+    template: Option<std::sync::Arc<minijinja::Environment<'static>>>,
     authorization: Option<Sensitive<HeaderValue>>,
     headers: Sensitive<HeaderMap>,
     signing_keys: Vec<Sensitive<Vec<u8>>>,
@@ -133,6 +136,18 @@ impl Target {
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(invalid_spec("url must be an absolute http or https URL"));
         }
+
+        let template = match &spec.template {
+            None => None,
+            Some(source) => Some(std::sync::Arc::new(
+                crate::render::compile_template(source).map_err(|e| {
+                    NotReady::new(
+                        NotReadyReason::InvalidTemplate,
+                        format!("spec.template: {e}"),
+                    )
+                })?,
+            )),
+        };
 
         let authorization = match spec.auth.kind {
             AuthType::None => None,
@@ -267,11 +282,18 @@ impl Target {
             url,
             language: spec.language,
             timeout,
+            format: spec.format,
+            template,
             authorization,
             headers: Sensitive::new(headers),
             signing_keys,
             client,
         })
+    }
+
+    /// The compiled custom body template, if any.
+    pub fn template(&self) -> Option<&minijinja::Environment<'static>> {
+        self.template.as_deref()
     }
 
     /// The HTTP client for this webhook.

@@ -75,6 +75,8 @@ pub enum NotReadyReason {
     InvalidSigningSecret,
     /// A header from `headersSecretRef` is reserved or not a valid header.
     InvalidHeader,
+    /// `spec.template` does not compile.
+    InvalidTemplate,
     /// The spec fails validation (for sources that do not validate on admission).
     InvalidSpec,
 }
@@ -91,6 +93,7 @@ impl NotReadyReason {
             NotReadyReason::InvalidClientCertificate => "InvalidClientCertificate",
             NotReadyReason::InvalidSigningSecret => "InvalidSigningSecret",
             NotReadyReason::InvalidHeader => "InvalidHeader",
+            NotReadyReason::InvalidTemplate => "InvalidTemplate",
             NotReadyReason::InvalidSpec => "InvalidSpec",
         }
     }
