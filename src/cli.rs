@@ -171,6 +171,9 @@ pub struct ControllerArgs {
     /// This replica's identity; the pod name in a cluster.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Watch Kubernetes Events (events.k8s.io) and deliver them to `Events` webhooks.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub events: bool,
     /// Shortest time between two status writes of one webhook.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub status_interval: Duration,
@@ -555,6 +558,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             watch_namespaces: args.watch_namespaces.clone(),
             identity: identity.clone(),
             status_interval: args.status_interval,
+            watch_events: args.events,
         },
         leader,
         elected_rx,

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod delivery;
+pub mod events;
 pub mod herald;
 pub mod metrics;
 pub mod receiver;

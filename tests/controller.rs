@@ -672,3 +672,184 @@ async fn with_two_replicas_one_leader_sends_each_test_once() {
         "lease holder {holder:?}"
     );
 }
+
+fn kube_event(ns: &str, name: &str, reason: &str, type_: &str, pod: &str) -> Event {
+    use k8s_openapi::api::core::v1::ObjectReference;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+    Event {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            ..ObjectMeta::default()
+        },
+        event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+        reason: Some(reason.into()),
+        type_: Some(type_.into()),
+        note: Some(format!("{reason} happened to {pod}")),
+        action: Some("Testing".into()),
+        reporting_controller: Some("tests.herald.dev/kubelet".into()),
+        reporting_instance: Some("node-1".into()),
+        regarding: Some(ObjectReference {
+            kind: Some("Pod".into()),
+            name: Some(pod.into()),
+            namespace: Some(ns.into()),
+            ..ObjectReference::default()
+        }),
+        ..Event::default()
+    }
+}
+
+#[tokio::test]
+async fn events_webhooks_get_each_matching_kubernetes_event_once() {
+    use kube::api::PostParams;
+    let client = cluster::client().await;
+    let ns = "kube-events";
+    cluster::namespace(&client, ns).await;
+    let events_sink = Sink::http().await;
+    let alarms_sink = Sink::http().await;
+    let _controller = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
+    apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: warnings, namespace: {ns}}}\nspec: {{matchExpressions: [{{key: type, operator: In, values: [Warning]}}]}}\n"
+    ));
+    apply(&webhook(
+        ns,
+        "events",
+        &format!(
+            "{{type: Events, url: '{}', eventTypes: [BackOff], conditions: [warnings]}}",
+            events_sink.url()
+        ),
+    ));
+    apply(&webhook(
+        ns,
+        "alarms",
+        &format!("{{url: '{}'}}", alarms_sink.url()),
+    ));
+    wait_webhook(&client, ns, "events", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    wait_webhook(&client, ns, "alarms", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    // Leadership is taken within the first election round.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let pp = PostParams::default();
+    events
+        .create(&pp, &kube_event(ns, "web.1", "BackOff", "Warning", "web"))
+        .await
+        .expect("create");
+    events
+        .create(&pp, &kube_event(ns, "web.2", "Pulled", "Normal", "web"))
+        .await
+        .expect("create");
+    events
+        .create(&pp, &kube_event(ns, "web.3", "BackOff", "Normal", "web"))
+        .await
+        .expect("create");
+
+    let got = events_sink.wait_for(1, WAIT).await;
+    let body = got[0].json();
+    assert_eq!(body["type"], "Events");
+    let labels = &body["alerts"][0]["labels"];
+    assert_eq!(labels["reason"], "BackOff");
+    assert_eq!(labels["type"], "Warning");
+    assert_eq!(labels["kind"], "Pod");
+    assert_eq!(labels["name"], "web");
+    assert_eq!(labels["namespace"], ns);
+    assert_eq!(labels["reportingController"], "tests.herald.dev/kubelet");
+    assert_eq!(
+        body["alerts"][0]["annotations"]["message"],
+        "BackOff happened to web"
+    );
+
+    // A change that keeps the count is not delivered again; a new count is.
+    let patch = |value: serde_json::Value| Patch::Merge(value);
+    events
+        .patch(
+            "web.1",
+            &PatchParams::default(),
+            &patch(json!({"metadata": {"labels": {"touched": "yes"}}})),
+        )
+        .await
+        .expect("patch labels");
+    events_sink
+        .assert_no_more_within(Duration::from_millis(800))
+        .await;
+    events
+        .patch(
+            "web.1",
+            &PatchParams::default(),
+            &patch(
+                json!({"series": {"count": 2, "lastObservedTime": "2026-11-25T10:05:00.000000Z"}}),
+            ),
+        )
+        .await
+        .expect("patch series");
+    let got = events_sink.wait_for(2, WAIT).await;
+    assert_eq!(
+        got[1].json()["alerts"][0]["fingerprint"]
+            .as_str()
+            .map(|f| f.ends_with("/2")),
+        Some(true)
+    );
+    events_sink
+        .assert_no_more_within(Duration::from_millis(500))
+        .await;
+    assert_eq!(
+        alarms_sink.count(),
+        0,
+        "Alarms webhooks never get Kubernetes Events"
+    );
+}
+
+#[tokio::test]
+async fn a_webhook_whose_deliveries_start_failing_gets_a_warning_event() {
+    let client = cluster::client().await;
+    let ns = "failing";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    sink.respond_with(vec![Reply::status(400)]);
+    let controller =
+        Controller::start(ns, &[ns], &["--cluster-namespace", ns, "--events=false"]).await;
+    apply(&webhook(ns, "hook", &format!("{{url: '{}'}}", sink.url())));
+    wait_webhook(&client, ns, "hook", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    controller
+        .post_until_delivered(json!({"alertname": "A"}), 1)
+        .await;
+    let wh = wait_webhook(&client, ns, "hook", "failed", |w| {
+        w.status
+            .as_ref()
+            .and_then(|s| s.last_delivery.as_ref())
+            .is_some_and(|d| d.outcome == DeliveryOutcome::Failed)
+    })
+    .await;
+    assert_eq!(
+        wh.status
+            .and_then(|s| s.last_delivery)
+            .and_then(|d| d.http_status),
+        Some(400)
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let list = events.list(&ListParams::default()).await.expect("events");
+        if list.items.iter().any(|e| {
+            e.reason.as_deref() == Some("DeliveryFailing") && e.type_.as_deref() == Some("Warning")
+        }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no DeliveryFailing event: {:?}",
+            list.items
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

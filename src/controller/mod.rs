@@ -40,6 +40,8 @@ pub struct ControllerSettings {
     pub identity: String,
     /// How often status is written at most.
     pub status_interval: Duration,
+    /// Watch Kubernetes Events for `Events` webhooks.
+    pub watch_events: bool,
 }
 
 /// The namespace/name of a namespaced object, when it has both.
@@ -55,6 +57,7 @@ enum Change {
     Webhook(Box<Event<Webhook>>),
     Condition(Event<NotificationCondition>),
     Secret(Event<PartialObjectMeta<Secret>>),
+    KubeEvent(Box<Event<k8s_openapi::api::events::v1::Event>>),
     /// This replica became leader: rewrite status and look for pending tests.
     Elected,
     /// A watch failed; it retries by itself.
@@ -78,7 +81,7 @@ where
     }
 }
 
-fn watches(client: &Client, namespaces: &[String]) -> Vec<ChangeStream> {
+fn watches(client: &Client, namespaces: &[String], watch_events: bool) -> Vec<ChangeStream> {
     use kube::runtime::WatchStreamExt;
     let mut streams: Vec<ChangeStream> = Vec::new();
     for api in apis::<Webhook>(client, namespaces) {
@@ -117,6 +120,20 @@ fn watches(client: &Client, namespaces: &[String]) -> Vec<ChangeStream> {
                 }),
         ));
     }
+    if watch_events {
+        for api in apis::<k8s_openapi::api::events::v1::Event>(client, namespaces) {
+            streams.push(Box::pin(
+                watcher::watcher(api, watcher::Config::default())
+                    .default_backoff()
+                    .map(|e| {
+                        e.map_or_else(
+                            |e| Change::WatchError(format!("events: {e}")),
+                            |e| Change::KubeEvent(Box::new(e)),
+                        )
+                    }),
+            ));
+        }
+    }
     streams
 }
 
@@ -138,6 +155,7 @@ struct Controller {
     synced_conditions: usize,
     tests_in_flight: Arc<std::sync::Mutex<HashSet<(ObjectKey, String)>>>,
     watch_count: usize,
+    events: crate::events::EventLedger,
 }
 
 impl Controller {
@@ -374,6 +392,31 @@ impl Controller {
                     self.reconcile(&webhook).await;
                 }
             }
+            Change::KubeEvent(event) => match *event {
+                // Events that exist before a (re)list were delivered by whoever ran then:
+                // remember their counts, deliver only what happens from now on.
+                Event::InitApply(ev) => {
+                    self.events.record(&ev);
+                }
+                Event::Apply(ev) => {
+                    // Every replica sees every Event: only the leader delivers them.
+                    if self.events.record(&ev)
+                        && self.leader.load(Ordering::SeqCst)
+                        && let Some(alert) = crate::events::to_alert(&ev)
+                    {
+                        let batch = crate::alert::AlertBatch {
+                            alerts: vec![alert],
+                            ..Default::default()
+                        };
+                        if let Err(e) = self.herald.dispatch(batch, crate::crd::WebhookType::Events)
+                        {
+                            tracing::warn!("cannot queue a Kubernetes Event: {e}");
+                        }
+                    }
+                }
+                Event::Delete(ev) => self.events.forget(&ev),
+                Event::Init | Event::InitDone => {}
+            },
             Change::Elected => {
                 self.status.mark_all_dirty();
                 let webhooks: Vec<(ObjectKey, Webhook)> = self
@@ -419,7 +462,7 @@ pub async fn run(
     let writer = tokio::spawn(status.clone().run(settings.status_interval, cancel.clone()));
 
     let watch_count = settings.watch_namespaces.len().max(1);
-    let mut streams = watches(&client, &settings.watch_namespaces);
+    let mut streams = watches(&client, &settings.watch_namespaces, settings.watch_events);
     streams.push(Box::pin(
         tokio_stream_from_unbounded(elected).map(|()| Change::Elected),
     ));
@@ -439,6 +482,7 @@ pub async fn run(
         synced_conditions: 0,
         tests_in_flight: Arc::default(),
         watch_count,
+        events: crate::events::EventLedger::default(),
     };
     loop {
         tokio::select! {
