@@ -16,6 +16,7 @@ use crate::receiver::{self, ReceiverConfig};
 use crate::routing::{ObjectKey, Subject};
 use crate::secret::Sensitive;
 use crate::standalone::{self, DEFAULT_NAMESPACE, Loader, Manifests};
+use crate::store::{RecordLimits, Store};
 
 /// Herald turns Alertmanager alerts and cluster events into webhook notifications.
 #[derive(Debug, Parser)]
@@ -53,6 +54,45 @@ pub enum Command {
     Crdgen,
     /// Send a test message to one webhook and print the outcome.
     Test(TestArgs),
+    /// List delivery records from a running Herald, or replay one.
+    Deliveries(DeliveriesArgs),
+}
+
+/// `herald deliveries`.
+#[derive(Debug, Args)]
+pub struct DeliveriesArgs {
+    /// Only this webhook (`NAMESPACE/NAME`).
+    #[arg(long)]
+    pub webhook: Option<String>,
+    /// Only finally failed deliveries.
+    #[arg(long)]
+    pub failed: bool,
+    /// Only this outcome: Succeeded, Failed or Dropped.
+    #[arg(long, conflicts_with = "failed")]
+    pub outcome: Option<String>,
+    /// At most this many, newest first.
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    /// Herald's admin listener.
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:8081",
+        env = "HERALD_ADMIN_URL"
+    )]
+    pub server: String,
+    /// Replay instead of listing.
+    #[command(subcommand)]
+    pub action: Option<DeliveriesAction>,
+}
+
+/// What `herald deliveries` can do besides listing.
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesAction {
+    /// Send a recorded delivery again (new attempt, same Idempotency-Key).
+    Replay {
+        /// The delivery id.
+        id: String,
+    },
 }
 
 /// Settings shared by every command that routes and delivers.
@@ -76,6 +116,21 @@ pub struct CoreArgs {
     /// Most attempts per delivery.
     #[arg(long, default_value_t = 30)]
     pub retry_max_attempts: u32,
+    /// Keep accepted deliveries and delivery records on disk here (crash-safe); in memory when unset.
+    #[arg(long, env = "HERALD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The admin listener (delivery records and replay); keep it on loopback unless protected.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub admin_listen: SocketAddr,
+    /// Keep the content of every delivery in its record, not only of dead letters.
+    #[arg(long)]
+    pub record_bodies: bool,
+    /// Succeeded deliveries recorded per webhook.
+    #[arg(long, default_value_t = 100)]
+    pub records_per_webhook: usize,
+    /// Failed and dropped deliveries (dead letters) recorded per webhook.
+    #[arg(long, default_value_t = 1000)]
+    pub dead_letters_per_webhook: usize,
 }
 
 impl CoreArgs {
@@ -92,8 +147,42 @@ impl CoreArgs {
         }
     }
 
-    fn herald(&self, cluster_namespaces: &[String]) -> Herald {
-        Herald::new(cluster_namespaces.iter().cloned(), self.engine_config())
+    fn herald(&self, cluster_namespaces: &[String]) -> anyhow::Result<Herald> {
+        let limits = RecordLimits {
+            per_webhook: self.records_per_webhook,
+            dead_letters: self.dead_letters_per_webhook,
+            record_bodies: self.record_bodies,
+        };
+        let store = match &self.data_dir {
+            Some(dir) => Store::open(dir, limits)
+                .with_context(|| format!("opening the delivery store in {}", dir.display()))?,
+            None => Store::memory(limits),
+        };
+        Ok(Herald::with_store(
+            cluster_namespaces.iter().cloned(),
+            self.engine_config(),
+            std::sync::Arc::new(store),
+        ))
+    }
+
+    /// Serves the admin router until `cancel` fires.
+    async fn serve_admin(
+        &self,
+        herald: &Herald,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let listener = tokio::net::TcpListener::bind(self.admin_listen)
+            .await
+            .with_context(|| format!("binding the admin listener to {}", self.admin_listen))?;
+        tracing::info!(address = %self.admin_listen, durable = herald.engine().store().is_durable(), "admin listener (delivery records)");
+        let router = crate::admin::router(herald.engine().clone());
+        Ok(tokio::spawn(async move {
+            if let Err(e) =
+                receiver::serve(listener, router, async move { cancel.cancelled().await }).await
+            {
+                tracing::error!("admin listener: {e}");
+            }
+        }))
     }
 }
 
@@ -281,6 +370,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Test(args) => test(args).await,
+        Command::Deliveries(args) => deliveries(args).await,
     }
 }
 
@@ -318,7 +408,7 @@ fn read_token(path: &Option<PathBuf>) -> anyhow::Result<Option<Sensitive<String>
 }
 
 async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let herald = args.core.herald(&args.cluster_namespaces);
+    let herald = args.core.herald(&args.cluster_namespaces)?;
     let mut loader = Loader::new(&args.config);
     let report = loader
         .reload_if_changed(&herald)
@@ -326,6 +416,10 @@ async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(report) = &report {
         standalone::log_report(report);
     }
+    herald
+        .engine()
+        .resume()
+        .context("resuming pending deliveries")?;
     herald.set_ready(true);
 
     let config = args.receiver.config()?;
@@ -338,6 +432,7 @@ async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(address = %local, config = %args.config.display(), "herald receiver listening");
 
     let cancel = CancellationToken::new();
+    let admin = args.core.serve_admin(&herald, cancel.clone()).await?;
     let watcher = tokio::spawn(standalone::watch(
         loader,
         herald.clone(),
@@ -358,6 +453,7 @@ async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
     .context("serving the receiver")?;
     cancel.cancel();
     let _ = watcher.await;
+    let _ = admin.await;
     herald.engine().shutdown(args.shutdown_timeout).await;
     Ok(ExitCode::SUCCESS)
 }
@@ -525,9 +621,10 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     } else {
         args.cluster_namespaces.clone()
     };
-    let herald = args.core.herald(&cluster_namespaces);
+    let herald = args.core.herald(&cluster_namespaces)?;
     let identity = args.identity.clone().unwrap_or_else(hostname);
     let cancel = CancellationToken::new();
+    let admin = args.core.serve_admin(&herald, cancel.clone()).await?;
     let leader = Arc::new(AtomicBool::new(!args.leader_election));
     let (elected_tx, elected_rx) = tokio::sync::mpsc::unbounded_channel();
     let election = if args.leader_election {
@@ -586,6 +683,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     .context("serving the receiver")?;
     cancel.cancel();
     let _ = controller.await;
+    let _ = admin.await;
     if let Some(election) = election {
         let _ = election.await;
     }
@@ -639,4 +737,71 @@ async fn test_in_cluster(args: &TestArgs) -> anyhow::Result<ExitCode> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+async fn deliveries(args: DeliveriesArgs) -> anyhow::Result<ExitCode> {
+    let client = reqwest::Client::new();
+    let base = args.server.trim_end_matches('/');
+    if let Some(DeliveriesAction::Replay { id }) = &args.action {
+        let response = client
+            .post(format!("{base}/api/v1/deliveries/{id}/replay"))
+            .send()
+            .await
+            .with_context(|| format!("contacting Herald's admin listener at {base}"))?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        if status.is_success() {
+            println!("replaying {id}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        bail!(
+            "replay refused ({status}): {}",
+            body["error"].as_str().unwrap_or("")
+        );
+    }
+    let mut query: Vec<(&str, String)> = vec![("limit", args.limit.to_string())];
+    if let Some(webhook) = &args.webhook {
+        query.push(("webhook", webhook.clone()));
+    }
+    if args.failed {
+        query.push(("outcome", "Failed".into()));
+    } else if let Some(outcome) = &args.outcome {
+        query.push(("outcome", outcome.clone()));
+    }
+    let response = client
+        .get(format!("{base}/api/v1/deliveries"))
+        .query(&query)
+        .send()
+        .await
+        .with_context(|| format!("contacting Herald's admin listener at {base}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.context("reading the answer")?;
+    if !status.is_success() {
+        bail!(
+            "listing refused ({status}): {}",
+            body["error"].as_str().unwrap_or("")
+        );
+    }
+    let records: Vec<crate::store::DeliveryRecord> =
+        serde_json::from_value(body["deliveries"].clone()).context("decoding delivery records")?;
+    println!(
+        "{:<36} {:<28} {:<27} {:<9} {:>6} {:>8} {:>6} {:>9}  ERROR",
+        "ID", "WEBHOOK", "TIME", "OUTCOME", "STATUS", "ATTEMPTS", "ALERTS", "LATENCY"
+    );
+    for r in records {
+        println!(
+            "{:<36} {:<28} {:<27} {:<9} {:>6} {:>8} {:>6} {:>7}ms  {}",
+            r.id,
+            r.webhook.to_string(),
+            r.time,
+            format!("{:?}", r.outcome),
+            r.http_status
+                .map_or_else(|| "-".to_string(), |s| s.to_string()),
+            r.attempts,
+            r.alerts,
+            r.latency_ms,
+            r.error
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

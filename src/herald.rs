@@ -9,13 +9,14 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::alert::AlertBatch;
 use crate::crd::{WebhookSpec, WebhookType};
 use crate::delivery::{
-    Delivery, DeliveryReport, Engine, EngineConfig, Overloaded, SubmitSummary, Target,
+    Delivery, DeliveryReport, Engine, EngineConfig, SubmitError, SubmitSummary, Target,
 };
 use crate::metrics::Metrics;
 use crate::routing::{
     ConditionInput, NotReady, NotReadyReason, ObjectKey, Subject, Table, WebhookInput,
 };
 use crate::secret::SecretData;
+use crate::store::{RecordLimits, Store};
 
 /// The routing table, the delivery engine and the metrics, wired together.
 #[derive(Clone, Debug)]
@@ -43,12 +44,22 @@ pub enum TestError {
 }
 
 impl Herald {
-    /// A core with an empty table.
+    /// A core with an empty table and an in-memory delivery store.
     pub fn new(cluster_namespaces: impl IntoIterator<Item = String>, config: EngineConfig) -> Self {
+        let store = Arc::new(Store::memory(RecordLimits::default()));
+        Self::with_store(cluster_namespaces, config, store)
+    }
+
+    /// A core with an empty table, keeping deliveries in `store`.
+    pub fn with_store(
+        cluster_namespaces: impl IntoIterator<Item = String>,
+        config: EngineConfig,
+        store: Arc<Store>,
+    ) -> Self {
         let metrics = Arc::new(Metrics::new());
         Herald {
             table: Arc::new(RwLock::new(Table::new(cluster_namespaces))),
-            engine: Engine::new(config, metrics.clone()),
+            engine: Engine::new(config, metrics.clone(), store),
             metrics,
             ready: Arc::new(AtomicBool::new(false)),
         }
@@ -143,7 +154,7 @@ impl Herald {
         &self,
         batch: AlertBatch,
         kind: WebhookType,
-    ) -> Result<SubmitSummary, Overloaded> {
+    ) -> Result<SubmitSummary, SubmitError> {
         let mut per_webhook: BTreeMap<ObjectKey, Vec<usize>> = BTreeMap::new();
         {
             let table = self.table();

@@ -1,5 +1,6 @@
 //! Herald: a Kubernetes operator that turns Alertmanager alerts and cluster events into
 //! webhook notifications.
+pub mod admin;
 pub mod alert;
 pub mod cli;
 pub mod controller;
@@ -13,3 +14,4 @@ pub mod render;
 pub mod routing;
 pub mod secret;
 pub mod standalone;
+pub mod store;

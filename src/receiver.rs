@@ -202,9 +202,16 @@ async fn receive(
             )
                 .into_response()
         }
-        Err(overloaded) => {
-            metrics.rejected("overloaded");
-            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, overloaded.to_string());
+        Err(refused) => {
+            let reason = match &refused {
+                crate::delivery::SubmitError::Overloaded(_) => "overloaded",
+                crate::delivery::SubmitError::Store(e) => {
+                    tracing::error!("cannot accept alerts: {e}");
+                    "store"
+                }
+            };
+            metrics.rejected(reason);
+            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, refused.to_string());
             response.headers_mut().insert(
                 header::RETRY_AFTER,
                 header::HeaderValue::from(state.config.retry_after_seconds),

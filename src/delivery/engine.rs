@@ -14,6 +14,7 @@ use super::send::{AttemptClass, AttemptResult, Delivery, send};
 use super::target::Target;
 use crate::metrics::{Metrics, WebhookLabels};
 use crate::routing::ObjectKey;
+use crate::store::{DeliveryRecord, Store, StoreError};
 
 /// How failed attempts are retried.
 #[derive(Clone, Copy, Debug)]
@@ -79,7 +80,7 @@ impl Default for EngineConfig {
 }
 
 /// The final outcome of a delivery.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ReportOutcome {
     /// The endpoint answered 2xx.
     Succeeded,
@@ -150,6 +151,36 @@ pub struct Overloaded {
     pub pending: usize,
 }
 
+/// Why deliveries were not accepted; nothing was queued.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// Too many deliveries pending, or Herald is stopping.
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
+    /// The store could not keep them.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a recorded delivery could not be replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// No record with that id.
+    #[error("no delivery record {0}")]
+    NotFound(String),
+    /// The record holds no content (successes keep it only with --record-bodies).
+    #[error(
+        "delivery {0} was recorded without its content; only dead letters, or every delivery with --record-bodies, can be replayed"
+    )]
+    NoContent(String),
+    /// The webhook cannot deliver now.
+    #[error("webhook {0} is not ready to deliver")]
+    NotReady(ObjectKey),
+    /// Submitting failed.
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
+}
+
 /// What `submit` did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SubmitSummary {
@@ -173,13 +204,34 @@ struct Worker {
 struct Shared {
     config: EngineConfig,
     metrics: Arc<Metrics>,
+    store: Arc<Store>,
     observers: RwLock<Vec<Arc<dyn DeliveryObserver>>>,
 }
 
 impl Shared {
-    fn report(&self, report: DeliveryReport) {
+    fn report(&self, report: DeliveryReport, delivery: &Delivery) {
         self.metrics
             .delivery(&report.webhook, report.outcome.as_str());
+        let record = DeliveryRecord {
+            id: report.delivery_id.clone(),
+            webhook: report.webhook.clone(),
+            time: report.finished_at.to_string(),
+            alerts: report.alerts,
+            attempts: report.attempts,
+            outcome: report.outcome,
+            http_status: report.http_status,
+            latency_ms: u64::try_from(report.latency.as_millis()).unwrap_or(u64::MAX),
+            error: if report.outcome == ReportOutcome::Succeeded {
+                String::new()
+            } else {
+                report.message.clone()
+            },
+            test: report.test,
+            delivery: Some(delivery.clone()),
+        };
+        if let Err(e) = self.store.finish(record) {
+            tracing::error!(delivery = %report.delivery_id, "cannot record the delivery: {e}");
+        }
         match report.outcome {
             ReportOutcome::Succeeded => tracing::debug!(
                 webhook = %report.webhook, delivery = %report.delivery_id,
@@ -198,18 +250,21 @@ impl Shared {
     }
 
     fn dropped(&self, delivery: &Delivery, why: &str) {
-        self.report(DeliveryReport {
-            webhook: delivery.webhook.clone(),
-            delivery_id: delivery.id.clone(),
-            test: delivery.test,
-            alerts: delivery.alerts.len(),
-            attempts: 0,
-            outcome: ReportOutcome::Dropped,
-            http_status: None,
-            message: why.to_string(),
-            latency: Duration::ZERO,
-            finished_at: Timestamp::now(),
-        });
+        self.report(
+            DeliveryReport {
+                webhook: delivery.webhook.clone(),
+                delivery_id: delivery.id.clone(),
+                test: delivery.test,
+                alerts: delivery.alerts.len(),
+                attempts: 0,
+                outcome: ReportOutcome::Dropped,
+                http_status: None,
+                message: why.to_string(),
+                latency: Duration::ZERO,
+                finished_at: Timestamp::now(),
+            },
+            delivery,
+        );
     }
 }
 
@@ -232,13 +287,14 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// A new engine with no webhooks.
-    pub fn new(config: EngineConfig, metrics: Arc<Metrics>) -> Self {
+    /// A new engine with no webhooks, keeping deliveries in `store`.
+    pub fn new(config: EngineConfig, metrics: Arc<Metrics>, store: Arc<Store>) -> Self {
         Engine {
             pending: Arc::new(Semaphore::new(config.max_pending)),
             shared: Arc::new(Shared {
                 config,
                 metrics,
+                store,
                 observers: RwLock::new(Vec::new()),
             }),
             workers: Arc::default(),
@@ -307,60 +363,142 @@ impl Engine {
         self.workers().get(key).map(|w| w.target.borrow().clone())
     }
 
-    /// Queues deliveries. All or none are accepted against the global limit: `Overloaded` means
-    /// nothing was queued. A webhook whose own queue is full drops its delivery (reported).
-    pub fn submit(&self, deliveries: Vec<Delivery>) -> Result<SubmitSummary, Overloaded> {
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.shared.store
+    }
+
+    /// Accepts deliveries: stores them (durably with a disk store) and queues them. All or none
+    /// are accepted against the global limit; an error means nothing was accepted. A webhook
+    /// whose own queue is full drops its delivery (recorded as a dead letter).
+    pub fn submit(&self, deliveries: Vec<Delivery>) -> Result<SubmitSummary, SubmitError> {
         let mut summary = SubmitSummary::default();
         if deliveries.is_empty() {
             return Ok(summary);
         }
+        let overloaded = || Overloaded {
+            pending: self.shared.config.max_pending,
+        };
         if self.shutdown.is_cancelled() {
-            return Err(Overloaded {
-                pending: self.shared.config.max_pending,
-            });
+            return Err(overloaded().into());
         }
         let count = u32::try_from(deliveries.len()).unwrap_or(u32::MAX);
         let mut permits = self
             .pending
             .clone()
             .try_acquire_many_owned(count)
-            .map_err(|_| Overloaded {
-                pending: self.shared.config.max_pending,
-            })?;
+            .map_err(|_| overloaded())?;
         let workers = self.workers();
+        let mut accepted = Vec::with_capacity(deliveries.len());
+        let mut refused = Vec::new();
         for delivery in deliveries {
+            let slot = workers
+                .get(&delivery.webhook)
+                .map(|w| w.queue.try_reserve())
+                .map(|r| r.map_err(|_| "the webhook's queue is full"));
+            match slot {
+                Some(Ok(slot)) => accepted.push((delivery, slot)),
+                Some(Err(why)) => refused.push((delivery, why)),
+                None => refused.push((delivery, "the webhook is not ready to deliver")),
+            }
+        }
+        let to_store: Vec<Delivery> = accepted.iter().map(|(d, _)| d.clone()).collect();
+        self.shared.store.add_pending(&to_store)?;
+        for (delivery, slot) in accepted {
             let Some(permit) = permits.split(1) else {
                 break;
             };
-            let Some(worker) = workers.get(&delivery.webhook) else {
-                self.shared
-                    .dropped(&delivery, "the webhook is not ready to deliver");
-                summary.dropped += 1;
-                continue;
-            };
-            let key = delivery.webhook.clone();
-            match worker.queue.try_send(Job {
+            self.shared
+                .metrics
+                .queue_depth
+                .get_or_create(&WebhookLabels::from(&delivery.webhook))
+                .inc();
+            slot.send(Job {
                 delivery,
                 _permit: permit,
-            }) {
-                Ok(()) => {
-                    summary.queued += 1;
-                    self.shared
-                        .metrics
-                        .queue_depth
-                        .get_or_create(&WebhookLabels::from(&key))
-                        .inc();
-                }
-                Err(
-                    mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job),
-                ) => {
-                    self.shared
-                        .dropped(&job.delivery, "the webhook's queue is full");
-                    summary.dropped += 1;
-                }
-            }
+            });
+            summary.queued += 1;
+        }
+        drop(workers);
+        for (delivery, why) in refused {
+            self.shared.dropped(&delivery, why);
+            summary.dropped += 1;
         }
         Ok(summary)
+    }
+
+    /// Queues again what the store holds as pending (after a restart). Call once the webhooks
+    /// are loaded: deliveries for webhooks that no longer exist are dropped and recorded.
+    pub fn resume(&self) -> Result<usize, StoreError> {
+        let pending = self.shared.store.pending()?;
+        let total = pending.len();
+        let workers = self.workers();
+        let mut by_webhook: HashMap<ObjectKey, Vec<Delivery>> = HashMap::new();
+        for delivery in pending {
+            by_webhook
+                .entry(delivery.webhook.clone())
+                .or_default()
+                .push(delivery);
+        }
+        for (key, deliveries) in by_webhook {
+            let Some(worker) = workers.get(&key) else {
+                for delivery in deliveries {
+                    self.shared
+                        .dropped(&delivery, "the webhook no longer exists or cannot deliver");
+                }
+                continue;
+            };
+            let queue = worker.queue.clone();
+            let semaphore = self.pending.clone();
+            let metrics = self.shared.metrics.clone();
+            self.tasks.spawn(async move {
+                let labels = WebhookLabels::from(&key);
+                for delivery in deliveries {
+                    let Ok(permit) = semaphore.clone().acquire_owned().await else {
+                        return;
+                    };
+                    metrics.queue_depth.get_or_create(&labels).inc();
+                    if queue
+                        .send(Job {
+                            delivery,
+                            _permit: permit,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        metrics.queue_depth.get_or_create(&labels).dec();
+                        return;
+                    }
+                }
+            });
+        }
+        if total > 0 {
+            tracing::info!(deliveries = total, "resuming pending deliveries");
+        }
+        Ok(total)
+    }
+
+    /// Sends a recorded delivery again: a new attempt with the same Idempotency-Key.
+    pub fn replay(&self, id: &str) -> Result<(), ReplayError> {
+        let record = self
+            .shared
+            .store
+            .record(id)
+            .map_err(SubmitError::from)?
+            .ok_or_else(|| ReplayError::NotFound(id.to_string()))?;
+        let delivery = record
+            .delivery
+            .clone()
+            .ok_or_else(|| ReplayError::NoContent(id.to_string()))?;
+        if !self.contains(&delivery.webhook) {
+            return Err(ReplayError::NotReady(delivery.webhook));
+        }
+        self.shared.store.unindex(&record);
+        let summary = self.submit(vec![delivery.clone()])?;
+        if summary.queued == 0 {
+            return Err(ReplayError::NotReady(delivery.webhook));
+        }
+        Ok(())
     }
 
     /// Sends one test message to a webhook right away (one attempt, no queue) and reports it.
@@ -370,7 +508,7 @@ impl Engine {
         let delivery = Delivery::test(key.clone());
         let result = send(&target, &delivery).await;
         let report = finish(&delivery, 1, &result);
-        self.shared.report(report.clone());
+        self.shared.report(report.clone(), &delivery);
         Some(report)
     }
 
@@ -462,7 +600,7 @@ async fn deliver(
             .get_or_create(labels)
             .observe(result.latency.as_secs_f64());
         if result.class != AttemptClass::Retryable {
-            shared.report(finish(delivery, attempt, &result));
+            shared.report(finish(delivery, attempt, &result), delivery);
             return;
         }
         let delay = policy.delay(attempt, result.retry_after);
@@ -471,7 +609,7 @@ async fn deliver(
         if exhausted {
             let mut report = finish(delivery, attempt, &result);
             report.message = format!("gave up after {attempt} attempts: {}", report.message);
-            shared.report(report);
+            shared.report(report, delivery);
             return;
         }
         shared.metrics.delivery(&delivery.webhook, "retried");

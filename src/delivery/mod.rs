@@ -6,8 +6,8 @@ mod send;
 pub mod target;
 
 pub use engine::{
-    DeliveryObserver, DeliveryReport, Engine, EngineConfig, Overloaded, ReportOutcome, RetryPolicy,
-    SubmitSummary,
+    DeliveryObserver, DeliveryReport, Engine, EngineConfig, Overloaded, ReplayError, ReportOutcome,
+    RetryPolicy, SubmitError, SubmitSummary,
 };
 pub use send::{AttemptClass, AttemptResult, Delivery, send, sign};
 pub use target::{Target, USER_AGENT, parse_signing_secrets, referenced_secrets};

@@ -170,6 +170,8 @@ impl Controller {
             plane.kubeconfig.to_string_lossy().into_owned(),
             "--listen".into(),
             format!("127.0.0.1:{port}"),
+            "--admin-listen".into(),
+            "127.0.0.1:0".into(),
             "--namespace".into(),
             own.into(),
             "--status-interval".into(),

@@ -33,6 +33,8 @@ pub struct Running {
     child: Child,
     /// Receiver address.
     pub addr: SocketAddr,
+    /// Admin listener address.
+    pub admin: SocketAddr,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -43,12 +45,15 @@ impl Running {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("herald.log");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let mut args: Vec<String> = [
             "run",
             "--config",
             config.to_str().expect("utf-8 path"),
             "--listen",
             &addr.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
             "--reload-interval",
             "200ms",
             "--retry-initial-backoff",
@@ -70,6 +75,7 @@ impl Running {
         let running = Running {
             child,
             addr,
+            admin,
             log,
             _dir: dir,
         };
@@ -130,6 +136,17 @@ impl Running {
             status,
             response.json().await.unwrap_or(serde_json::Value::Null),
         )
+    }
+
+    /// Kills the process with SIGKILL: no shutdown code runs.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The admin listener's base URL.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
     }
 
     /// Sends SIGTERM and waits (bounded) for a clean exit.

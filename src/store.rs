@@ -1,0 +1,502 @@
+//! The delivery store: accepted deliveries that are not finished yet (so a restart resumes them)
+//! and a bounded record of finished ones (recent deliveries and dead letters). On disk with
+//! `--data-dir` (redb, crash-safe), in memory otherwise.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::delivery::{Delivery, ReportOutcome};
+use crate::routing::ObjectKey;
+
+const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending");
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+
+/// What went wrong with the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened or written.
+    #[error("delivery store: {0}")]
+    Database(String),
+    /// A stored value does not decode.
+    #[error("delivery store: corrupt entry {key}: {message}")]
+    Corrupt {
+        /// The entry's key.
+        key: String,
+        /// The decoding error.
+        message: String,
+    },
+}
+
+fn db<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+/// One finished delivery, as `herald deliveries` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryRecord {
+    /// The delivery id, also its Idempotency-Key.
+    pub id: String,
+    /// The webhook.
+    pub webhook: ObjectKey,
+    /// When it finished (RFC 3339).
+    pub time: String,
+    /// Number of alerts.
+    pub alerts: usize,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Succeeded, Failed or Dropped.
+    pub outcome: ReportOutcome,
+    /// The last HTTP status, when the endpoint answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    /// Latency of the last attempt, in milliseconds.
+    pub latency_ms: u64,
+    /// What went wrong, if anything.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    /// A test message.
+    #[serde(default)]
+    pub test: bool,
+    /// The content, kept for dead letters (so they can be replayed) and for every delivery with
+    /// `--record-bodies`. Never holds credentials or signatures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Delivery>,
+}
+
+/// How many records are kept per webhook.
+#[derive(Clone, Copy, Debug)]
+pub struct RecordLimits {
+    /// Succeeded deliveries kept per webhook.
+    pub per_webhook: usize,
+    /// Failed and dropped deliveries (dead letters) kept per webhook.
+    pub dead_letters: usize,
+    /// Keep the content of every delivery, not only of dead letters.
+    pub record_bodies: bool,
+}
+
+impl Default for RecordLimits {
+    fn default() -> Self {
+        RecordLimits {
+            per_webhook: 100,
+            dead_letters: 1000,
+            record_bodies: false,
+        }
+    }
+}
+
+/// Which records to list.
+#[derive(Clone, Debug, Default)]
+pub struct RecordFilter {
+    /// Only this webhook.
+    pub webhook: Option<ObjectKey>,
+    /// Only this outcome.
+    pub outcome: Option<ReportOutcome>,
+    /// At most this many, newest first.
+    pub limit: usize,
+}
+
+#[derive(Default)]
+struct Index {
+    /// Record ids per webhook and class (dead letter or not), oldest first.
+    by_webhook: HashMap<(ObjectKey, bool), BTreeSet<String>>,
+}
+
+impl Index {
+    fn add(&mut self, record: &DeliveryRecord) {
+        self.by_webhook
+            .entry((
+                record.webhook.clone(),
+                record.outcome != ReportOutcome::Succeeded,
+            ))
+            .or_default()
+            .insert(record.id.clone());
+    }
+
+    fn remove(&mut self, record: &DeliveryRecord) {
+        if let Some(ids) = self.by_webhook.get_mut(&(
+            record.webhook.clone(),
+            record.outcome != ReportOutcome::Succeeded,
+        )) {
+            ids.remove(&record.id);
+        }
+    }
+
+    /// Ids beyond the limit for this record's webhook and class, oldest first.
+    fn overflow(&self, record: &DeliveryRecord, limits: &RecordLimits) -> Vec<String> {
+        let dead = record.outcome != ReportOutcome::Succeeded;
+        let limit = if dead {
+            limits.dead_letters
+        } else {
+            limits.per_webhook
+        };
+        self.by_webhook
+            .get(&(record.webhook.clone(), dead))
+            .map(|ids| {
+                let excess = ids.len().saturating_sub(limit);
+                ids.iter().take(excess).cloned().collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+enum Backend {
+    Memory {
+        pending: BTreeMap<String, Delivery>,
+        records: BTreeMap<String, DeliveryRecord>,
+    },
+    Disk(redb::Database),
+}
+
+/// The delivery store.
+pub struct Store {
+    backend: Mutex<Backend>,
+    index: Mutex<Index>,
+    limits: RecordLimits,
+    durable: bool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("durable", &self.durable)
+            .finish()
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Plain structs of strings, numbers and maps always serialise.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+impl Store {
+    /// A store in memory: lost on exit.
+    pub fn memory(limits: RecordLimits) -> Self {
+        Store {
+            backend: Mutex::new(Backend::Memory {
+                pending: BTreeMap::new(),
+                records: BTreeMap::new(),
+            }),
+            index: Mutex::new(Index::default()),
+            limits,
+            durable: false,
+        }
+    }
+
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path, limits: RecordLimits) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Database(format!("creating {}: {e}", dir.display())))?;
+        let database = redb::Database::create(dir.join("herald.redb")).map_err(db)?;
+        let txn = database.begin_write().map_err(db)?;
+        {
+            txn.open_table(PENDING).map_err(db)?;
+            txn.open_table(RECORDS).map_err(db)?;
+        }
+        txn.commit().map_err(db)?;
+        let store = Store {
+            backend: Mutex::new(Backend::Disk(database)),
+            index: Mutex::new(Index::default()),
+            limits,
+            durable: true,
+        };
+        let records = store.records(&RecordFilter {
+            limit: usize::MAX,
+            ..RecordFilter::default()
+        })?;
+        let mut index = store.index();
+        for record in &records {
+            index.add(record);
+        }
+        drop(index);
+        Ok(store)
+    }
+
+    /// Whether accepted deliveries survive a restart.
+    pub fn is_durable(&self) -> bool {
+        self.durable
+    }
+
+    /// The record limits.
+    pub fn limits(&self) -> RecordLimits {
+        self.limits
+    }
+
+    fn backend(&self) -> std::sync::MutexGuard<'_, Backend> {
+        self.backend.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores accepted deliveries; on disk this returns only once they are durable.
+    pub fn add_pending(&self, deliveries: &[Delivery]) -> Result<(), StoreError> {
+        match &mut *self.backend() {
+            Backend::Memory { pending, .. } => {
+                for d in deliveries {
+                    pending.insert(d.id.clone(), d.clone());
+                }
+                Ok(())
+            }
+            Backend::Disk(database) => {
+                let txn = database.begin_write().map_err(db)?;
+                {
+                    let mut table = txn.open_table(PENDING).map_err(db)?;
+                    for d in deliveries {
+                        table
+                            .insert(d.id.as_str(), encode(d).as_slice())
+                            .map_err(db)?;
+                    }
+                }
+                txn.commit().map_err(db)
+            }
+        }
+    }
+
+    /// Every delivery accepted and not finished, oldest first.
+    pub fn pending(&self) -> Result<Vec<Delivery>, StoreError> {
+        match &*self.backend() {
+            Backend::Memory { pending, .. } => Ok(pending.values().cloned().collect()),
+            Backend::Disk(database) => {
+                let txn = database.begin_read().map_err(db)?;
+                let table = txn.open_table(PENDING).map_err(db)?;
+                let mut out = Vec::new();
+                for entry in table.iter().map_err(db)? {
+                    let (key, value) = entry.map_err(db)?;
+                    out.push(decode(key.value(), value.value())?);
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Finishes a delivery: no longer pending, recorded, older records past the limits pruned.
+    /// Written without waiting for the disk: after a crash a finished delivery may be sent
+    /// again (with the same Idempotency-Key), never lost.
+    pub fn finish(&self, mut record: DeliveryRecord) -> Result<(), StoreError> {
+        let dead = record.outcome != ReportOutcome::Succeeded;
+        if !dead && !self.limits.record_bodies {
+            record.delivery = None;
+        }
+        let prune = {
+            let mut index = self.index();
+            index.add(&record);
+            index.overflow(&record, &self.limits)
+        };
+        let mut backend = self.backend();
+        match &mut *backend {
+            Backend::Memory { pending, records } => {
+                pending.remove(&record.id);
+                for id in &prune {
+                    records.remove(id);
+                }
+                records.insert(record.id.clone(), record.clone());
+            }
+            Backend::Disk(database) => {
+                let mut txn = database.begin_write().map_err(db)?;
+                txn.set_durability(redb::Durability::None).map_err(db)?;
+                {
+                    let mut pending = txn.open_table(PENDING).map_err(db)?;
+                    pending.remove(record.id.as_str()).map_err(db)?;
+                    let mut records = txn.open_table(RECORDS).map_err(db)?;
+                    for id in &prune {
+                        records.remove(id.as_str()).map_err(db)?;
+                    }
+                    records
+                        .insert(record.id.as_str(), encode(&record).as_slice())
+                        .map_err(db)?;
+                }
+                txn.commit().map_err(db)?;
+            }
+        }
+        drop(backend);
+        let mut index = self.index();
+        for id in prune {
+            if let Some(ids) = index.by_webhook.get_mut(&(record.webhook.clone(), dead)) {
+                ids.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    /// One record by id.
+    pub fn record(&self, id: &str) -> Result<Option<DeliveryRecord>, StoreError> {
+        match &*self.backend() {
+            Backend::Memory { records, .. } => Ok(records.get(id).cloned()),
+            Backend::Disk(database) => {
+                let txn = database.begin_read().map_err(db)?;
+                let table = txn.open_table(RECORDS).map_err(db)?;
+                match table.get(id).map_err(db)? {
+                    Some(value) => Ok(Some(decode(id, value.value())?)),
+                    None => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// Records matching a filter, newest first.
+    pub fn records(&self, filter: &RecordFilter) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let keep = |r: &DeliveryRecord| {
+            filter.webhook.as_ref().is_none_or(|w| &r.webhook == w)
+                && filter.outcome.is_none_or(|o| r.outcome == o)
+        };
+        let limit = if filter.limit == 0 {
+            usize::MAX
+        } else {
+            filter.limit
+        };
+        match &*self.backend() {
+            Backend::Memory { records, .. } => Ok(records
+                .values()
+                .rev()
+                .filter(|r| keep(r))
+                .take(limit)
+                .cloned()
+                .collect()),
+            Backend::Disk(database) => {
+                let txn = database.begin_read().map_err(db)?;
+                let table = txn.open_table(RECORDS).map_err(db)?;
+                let mut out = Vec::new();
+                for entry in table.iter().map_err(db)?.rev() {
+                    let (key, value) = entry.map_err(db)?;
+                    let record: DeliveryRecord = decode(key.value(), value.value())?;
+                    if keep(&record) {
+                        out.push(record);
+                        if out.len() >= limit {
+                            break;
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Forgets the record index entry of a record that is being replaced (replay).
+    pub(crate) fn unindex(&self, record: &DeliveryRecord) {
+        self.index().remove(record);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(webhook: &str) -> Delivery {
+        Delivery::new(
+            webhook.parse().expect("key"),
+            vec![],
+            Default::default(),
+            String::new(),
+        )
+    }
+
+    fn record(d: &Delivery, outcome: ReportOutcome) -> DeliveryRecord {
+        DeliveryRecord {
+            id: d.id.clone(),
+            webhook: d.webhook.clone(),
+            time: "2026-11-25T00:00:00Z".into(),
+            alerts: 0,
+            attempts: 1,
+            outcome,
+            http_status: Some(200),
+            latency_ms: 1,
+            error: String::new(),
+            test: false,
+            delivery: Some(d.clone()),
+        }
+    }
+
+    fn exercise(store: &Store) {
+        let a = delivery("ns/a");
+        let b = delivery("ns/a");
+        store.add_pending(&[a.clone(), b.clone()]).expect("add");
+        assert_eq!(store.pending().expect("pending").len(), 2);
+        store
+            .finish(record(&a, ReportOutcome::Succeeded))
+            .expect("finish");
+        store
+            .finish(record(&b, ReportOutcome::Failed))
+            .expect("finish");
+        assert!(store.pending().expect("pending").is_empty());
+        let ok = store.record(&a.id).expect("read").expect("kept");
+        assert_eq!(
+            ok.delivery, None,
+            "bodies are not kept for successes by default"
+        );
+        let dead = store.record(&b.id).expect("read").expect("kept");
+        assert!(
+            dead.delivery.is_some(),
+            "dead letters keep their content for replay"
+        );
+        let failed = store
+            .records(&RecordFilter {
+                outcome: Some(ReportOutcome::Failed),
+                ..Default::default()
+            })
+            .expect("list");
+        assert_eq!(failed.len(), 1);
+        // Limits: 2 successes kept per webhook.
+        for _ in 0..5 {
+            let d = delivery("ns/a");
+            store
+                .finish(record(&d, ReportOutcome::Succeeded))
+                .expect("finish");
+        }
+        let kept = store
+            .records(&RecordFilter {
+                webhook: Some("ns/a".parse().expect("key")),
+                outcome: Some(ReportOutcome::Succeeded),
+                limit: 0,
+            })
+            .expect("list");
+        assert_eq!(kept.len(), 2);
+        assert!(kept[0].id > kept[1].id, "newest first");
+    }
+
+    fn limits() -> RecordLimits {
+        RecordLimits {
+            per_webhook: 2,
+            dead_letters: 3,
+            record_bodies: false,
+        }
+    }
+
+    #[test]
+    fn memory_store_keeps_pending_and_bounded_records() {
+        exercise(&Store::memory(limits()));
+    }
+
+    #[test]
+    fn disk_store_keeps_pending_and_records_across_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), limits()).expect("open");
+        exercise(&store);
+        let pending = delivery("ns/b");
+        store
+            .add_pending(std::slice::from_ref(&pending))
+            .expect("add");
+        drop(store);
+        let reopened = Store::open(dir.path(), limits()).expect("reopen");
+        assert_eq!(reopened.pending().expect("pending"), vec![pending]);
+        assert_eq!(
+            reopened
+                .records(&RecordFilter::default())
+                .expect("list")
+                .len(),
+            3
+        );
+    }
+}
