@@ -195,6 +195,87 @@ impl From<AlertmanagerPayload> for AlertBatch {
     }
 }
 
+/// Bounds on what one request may carry, beyond the body size.
+#[derive(Clone, Copy, Debug)]
+pub struct PayloadLimits {
+    /// Alerts per request.
+    pub max_alerts: usize,
+    /// Labels (and, separately, annotations) per alert.
+    pub max_labels: usize,
+    /// Bytes in one label name.
+    pub max_name_bytes: usize,
+    /// Bytes in one label or annotation value.
+    pub max_value_bytes: usize,
+}
+
+impl Default for PayloadLimits {
+    fn default() -> Self {
+        PayloadLimits {
+            max_alerts: 10_000,
+            max_labels: 256,
+            max_name_bytes: 1024,
+            max_value_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl AlertBatch {
+    /// Checks the batch against limits; the error names the offending path.
+    pub fn check(&self, limits: &PayloadLimits) -> Result<(), ParseError> {
+        let refuse = |path: String, message: String| Err(ParseError { path, message });
+        if self.alerts.len() > limits.max_alerts {
+            return refuse(
+                "alerts".into(),
+                format!(
+                    "{} alerts in one request; at most {} are accepted",
+                    self.alerts.len(),
+                    limits.max_alerts
+                ),
+            );
+        }
+        for (i, alert) in self.alerts.iter().enumerate() {
+            for (field, set) in [
+                ("labels", &alert.labels),
+                ("annotations", &alert.annotations),
+            ] {
+                if set.len() > limits.max_labels {
+                    return refuse(
+                        format!("alerts[{i}].{field}"),
+                        format!(
+                            "{} entries; at most {} are accepted",
+                            set.len(),
+                            limits.max_labels
+                        ),
+                    );
+                }
+                for (name, value) in set {
+                    if name.len() > limits.max_name_bytes {
+                        return refuse(
+                            format!("alerts[{i}].{field}"),
+                            format!(
+                                "a name of {} bytes; at most {} are accepted",
+                                name.len(),
+                                limits.max_name_bytes
+                            ),
+                        );
+                    }
+                    if value.len() > limits.max_value_bytes {
+                        return refuse(
+                            format!("alerts[{i}].{field}.{name}"),
+                            format!(
+                                "a value of {} bytes; at most {} are accepted",
+                                value.len(),
+                                limits.max_value_bytes
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why a payload could not be parsed: the message and the JSON path where it failed.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid payload at {path}: {message}")]
@@ -281,6 +362,26 @@ mod tests {
                 AlertStatus::Firing
             ]
         );
+    }
+
+    #[test]
+    fn limits_name_the_offending_path() {
+        let body = br#"{"alerts":[{"labels":{"a":"1"}},{"labels":{"b":"xxxxxxxxxx"}}]}"#;
+        let batch = parse_alertmanager(body).expect("valid");
+        let limits = PayloadLimits {
+            max_value_bytes: 5,
+            ..PayloadLimits::default()
+        };
+        let err = batch.check(&limits).expect_err("too long");
+        assert_eq!(err.path, "alerts[1].labels.b");
+        assert!(batch.check(&PayloadLimits::default()).is_ok());
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let depth = 100_000;
+        let body = format!("{{\"alerts\": {}{}}}", "[".repeat(depth), "]".repeat(depth));
+        assert!(parse_alertmanager(body.as_bytes()).is_err());
     }
 
     #[test]

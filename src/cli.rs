@@ -131,6 +131,10 @@ pub struct CoreArgs {
     /// Failed and dropped deliveries (dead letters) recorded per webhook.
     #[arg(long, default_value_t = 1000)]
     pub dead_letters_per_webhook: usize,
+    /// Refuse webhook and proxy URLs that are or resolve to link-local or cloud metadata
+    /// addresses (169.254.0.0/16, fe80::/10, metadata.google.internal, ...).
+    #[arg(long)]
+    pub deny_link_local: bool,
 }
 
 impl CoreArgs {
@@ -162,7 +166,10 @@ impl CoreArgs {
             cluster_namespaces.iter().cloned(),
             self.engine_config(),
             std::sync::Arc::new(store),
-        ))
+        )
+        .with_policy(crate::delivery::TargetPolicy {
+            deny_link_local: self.deny_link_local,
+        }))
     }
 
     /// Serves the admin router until `cancel` fires.

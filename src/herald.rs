@@ -10,6 +10,7 @@ use crate::alert::AlertBatch;
 use crate::crd::{WebhookSpec, WebhookType};
 use crate::delivery::{
     Delivery, DeliveryReport, Engine, EngineConfig, SubmitError, SubmitSummary, Target,
+    TargetPolicy,
 };
 use crate::metrics::Metrics;
 use crate::routing::{
@@ -25,6 +26,7 @@ pub struct Herald {
     engine: Engine,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    policy: TargetPolicy,
 }
 
 /// Why a test message could not be sent.
@@ -62,7 +64,14 @@ impl Herald {
             engine: Engine::new(config, metrics.clone(), store),
             metrics,
             ready: Arc::new(AtomicBool::new(false)),
+            policy: TargetPolicy::default(),
         }
+    }
+
+    /// Sets the rules targets are built under (before any webhook is applied).
+    pub fn with_policy(mut self, policy: TargetPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Read access to the routing table.
@@ -105,7 +114,7 @@ impl Herald {
         lookup: impl Fn(&str) -> Option<&'a SecretData>,
     ) -> Result<(), NotReady> {
         let target = if spec.enabled {
-            Target::build(key.clone(), &spec, lookup)
+            Target::build(key.clone(), &spec, &self.policy, lookup)
         } else {
             Err(NotReady::new(
                 NotReadyReason::Disabled,

@@ -73,6 +73,8 @@ pub struct Metrics {
     pub queue_depth: Family<WebhookLabels, Gauge>,
     /// Webhooks by readiness.
     pub webhooks: Family<ReadyLabels, Gauge>,
+    /// 1 while a webhook's circuit breaker holds deliveries back.
+    pub circuit_open: Family<WebhookLabels, Gauge>,
     /// Requests the receiver refused.
     pub receiver_rejected: Family<ReasonLabels, Counter>,
 }
@@ -123,6 +125,12 @@ impl Metrics {
         );
         let webhooks = Family::<ReadyLabels, Gauge>::default();
         registry.register("webhooks", "Webhooks by readiness", webhooks.clone());
+        let circuit_open = Family::<WebhookLabels, Gauge>::default();
+        registry.register(
+            "circuit_open",
+            "1 while a webhook's endpoint keeps failing and deliveries to it are held back",
+            circuit_open.clone(),
+        );
         let receiver_rejected = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "receiver_rejected",
@@ -136,6 +144,7 @@ impl Metrics {
             delivery_duration,
             queue_depth,
             webhooks,
+            circuit_open,
             receiver_rejected,
         }
     }
@@ -175,6 +184,7 @@ impl Metrics {
     pub fn forget_webhook(&self, key: &ObjectKey) {
         let labels = WebhookLabels::from(key);
         self.queue_depth.remove(&labels);
+        self.circuit_open.remove(&labels);
         self.delivery_duration.remove(&labels);
         for outcome in ["succeeded", "retried", "failed", "dropped"] {
             self.deliveries.remove(&OutcomeLabels {

@@ -31,6 +31,8 @@ pub struct ReceiverConfig {
     pub retry_after_seconds: u64,
     /// Longest time one request may take, body included.
     pub request_timeout: Duration,
+    /// Bounds on alerts and labels per request.
+    pub payload: alert::PayloadLimits,
 }
 
 impl Default for ReceiverConfig {
@@ -40,6 +42,7 @@ impl Default for ReceiverConfig {
             token: None,
             retry_after_seconds: 10,
             request_timeout: Duration::from_secs(30),
+            payload: alert::PayloadLimits::default(),
         }
     }
 }
@@ -172,7 +175,7 @@ async fn receive(
             return error(StatusCode::BAD_REQUEST, format!("cannot read body: {err}"));
         }
     };
-    let batch = match parse(&bytes) {
+    let batch = match parse(&bytes).and_then(|b| b.check(&state.config.payload).map(|()| b)) {
         Ok(batch) => batch,
         Err(err) => {
             metrics.rejected("invalid_payload");
@@ -221,13 +224,97 @@ async fn receive(
     }
 }
 
-/// Serves the router on a bound listener until `shutdown` completes.
+/// Limits of the HTTP server itself.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerLimits {
+    /// Time a client has to send the request head (slow clients are cut off).
+    pub header_read_timeout: Duration,
+    /// Connections served at once; more are closed right away.
+    pub max_connections: usize,
+    /// Time given to open connections to finish after shutdown starts.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves the router on a bound listener until `shutdown` completes, with default limits.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
+    serve_with_limits(listener, router, ServerLimits::default(), shutdown).await
+}
+
+/// Serves the router until `shutdown` completes: a header read timeout and a connection limit
+/// keep slow or numerous clients from holding the server; on shutdown it stops accepting and
+/// lets open connections finish within `drain_timeout`.
+pub async fn serve_with_limits(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: ServerLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt as _;
+
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little rather than spin.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(
+            router
+                .clone()
+                .map_request(|req: hyper::Request<hyper::body::Incoming>| req.map(Body::new)),
+        );
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
         .await
+        .is_err()
+    {
+        tracing::warn!(
+            "connections still open after {:?}; closing them",
+            limits.drain_timeout
+        );
+    }
+    Ok(())
 }

@@ -205,6 +205,8 @@ struct Shared {
     config: EngineConfig,
     metrics: Arc<Metrics>,
     store: Arc<Store>,
+    /// Herald is stopping: unfinished deliveries stay pending in the store for the next start.
+    stopping: CancellationToken,
     observers: RwLock<Vec<Arc<dyn DeliveryObserver>>>,
 }
 
@@ -289,16 +291,18 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// A new engine with no webhooks, keeping deliveries in `store`.
     pub fn new(config: EngineConfig, metrics: Arc<Metrics>, store: Arc<Store>) -> Self {
+        let shutdown = CancellationToken::new();
         Engine {
             pending: Arc::new(Semaphore::new(config.max_pending)),
             shared: Arc::new(Shared {
                 config,
                 metrics,
                 store,
+                stopping: shutdown.clone(),
                 observers: RwLock::new(Vec::new()),
             }),
             workers: Arc::default(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             tasks: TaskTracker::new(),
         }
     }
@@ -558,6 +562,7 @@ async fn run_worker(
     cancel: CancellationToken,
 ) {
     let labels = WebhookLabels::from(&key);
+    let mut breaker = Breaker::default();
     loop {
         let job = tokio::select! {
             biased;
@@ -568,15 +573,83 @@ async fn run_worker(
             },
         };
         shared.metrics.queue_depth.get_or_create(&labels).dec();
-        deliver(&shared, &labels, &target, &job.delivery, &cancel).await;
+        deliver(
+            &shared,
+            &labels,
+            &target,
+            &job.delivery,
+            &cancel,
+            &mut breaker,
+        )
+        .await;
     }
     queue.close();
+    let mut left = 0usize;
     while let Ok(job) = queue.try_recv() {
-        shared.metrics.queue_depth.get_or_create(&labels).dec();
-        shared.dropped(
-            &job.delivery,
-            "the webhook was removed or Herald is stopping",
-        );
+        if shared.stopping.is_cancelled() {
+            left += 1;
+        } else {
+            shared.dropped(
+                &job.delivery,
+                "the webhook was removed or can no longer deliver",
+            );
+        }
+    }
+    // The worker is gone: so are its per-webhook gauges.
+    shared.metrics.queue_depth.remove(&labels);
+    shared.metrics.circuit_open.remove(&labels);
+    if left > 0 {
+        if shared.store.is_durable() {
+            tracing::info!(webhook = %key, deliveries = left, "stopping; queued deliveries stay in the store for the next start");
+        } else {
+            tracing::warn!(webhook = %key, deliveries = left, "stopping without --data-dir: queued deliveries are lost");
+        }
+    }
+}
+
+/// A delivery interrupted by cancellation: kept pending when Herald is stopping (resumed at the
+/// next start), dropped and recorded when its webhook went away.
+fn leave_or_drop(shared: &Shared, delivery: &Delivery) {
+    if !shared.stopping.is_cancelled() {
+        shared.dropped(delivery, "the webhook was removed or can no longer deliver");
+    }
+}
+
+/// Stops hammering an endpoint that keeps failing: after `THRESHOLD` failed attempts in a row,
+/// the first attempt of each further delivery waits a growing cool-down (a probe); any success
+/// closes it again.
+#[derive(Debug, Default)]
+struct Breaker {
+    failures: u32,
+}
+
+impl Breaker {
+    const THRESHOLD: u32 = 5;
+
+    fn is_open(&self) -> bool {
+        self.failures >= Self::THRESHOLD
+    }
+
+    /// How long the next delivery's first attempt waits.
+    fn cool_down(&self, policy: &RetryPolicy) -> Option<Duration> {
+        if !self.is_open() {
+            return None;
+        }
+        let exponent = (self.failures - Self::THRESHOLD).min(20);
+        Some(
+            policy
+                .initial_backoff
+                .saturating_mul(1u32 << exponent)
+                .min(policy.max_backoff),
+        )
+    }
+
+    fn record(&mut self, class: AttemptClass) {
+        match class {
+            AttemptClass::Retryable => self.failures = self.failures.saturating_add(1),
+            // A final answer (2xx or 4xx) means the endpoint is up.
+            AttemptClass::Success | AttemptClass::Final => self.failures = 0,
+        }
     }
 }
 
@@ -586,8 +659,19 @@ async fn deliver(
     target: &watch::Receiver<Arc<Target>>,
     delivery: &Delivery,
     cancel: &CancellationToken,
+    breaker: &mut Breaker,
 ) {
     let policy = shared.config.retry;
+    if let Some(wait) = breaker.cool_down(&policy) {
+        tracing::debug!(webhook = %delivery.webhook, ?wait, "circuit open: waiting before probing the endpoint");
+        tokio::select! {
+            () = cancel.cancelled() => {
+                leave_or_drop(shared, delivery);
+                return;
+            }
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
     let started = tokio::time::Instant::now();
     let mut attempt = 0u32;
     loop {
@@ -599,6 +683,12 @@ async fn deliver(
             .delivery_duration
             .get_or_create(labels)
             .observe(result.latency.as_secs_f64());
+        breaker.record(result.class);
+        shared
+            .metrics
+            .circuit_open
+            .get_or_create(labels)
+            .set(i64::from(breaker.is_open()));
         if result.class != AttemptClass::Retryable {
             shared.report(finish(delivery, attempt, &result), delivery);
             return;
@@ -619,7 +709,7 @@ async fn deliver(
         );
         tokio::select! {
             () = cancel.cancelled() => {
-                shared.dropped(delivery, "the webhook was removed or Herald is stopping during retries");
+                leave_or_drop(shared, delivery);
                 return;
             }
             () = tokio::time::sleep(delay) => {}

@@ -2,6 +2,7 @@
 //! retrying on its own, so a slow or dead endpoint touches nobody else.
 
 mod engine;
+pub mod guard;
 mod send;
 pub mod target;
 
@@ -10,4 +11,4 @@ pub use engine::{
     RetryPolicy, SubmitError, SubmitSummary,
 };
 pub use send::{AttemptClass, AttemptResult, Delivery, send, sign};
-pub use target::{Target, USER_AGENT, parse_signing_secrets, referenced_secrets};
+pub use target::{Target, TargetPolicy, USER_AGENT, parse_signing_secrets, referenced_secrets};

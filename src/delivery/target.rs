@@ -14,6 +14,13 @@ use crate::secret::{SecretData, Sensitive};
 /// The `User-Agent` Herald sends.
 pub const USER_AGENT: &str = concat!("herald/", env!("CARGO_PKG_VERSION"));
 
+/// Rules every target is built under.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TargetPolicy {
+    /// Refuse link-local and cloud metadata destinations (169.254.0.0/16 and friends).
+    pub deny_link_local: bool,
+}
+
 /// Everything needed to send to one webhook. Secret material is held in [`Sensitive`] wrappers.
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -129,12 +136,30 @@ impl Target {
     pub fn build<'a>(
         key: ObjectKey,
         spec: &WebhookSpec,
+        policy: &TargetPolicy,
         lookup: impl Fn(&str) -> Option<&'a SecretData>,
     ) -> Result<Target, NotReady> {
         let url = reqwest::Url::parse(&spec.url)
             .map_err(|e| invalid_spec(format!("url is not a valid URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(invalid_spec("url must be an absolute http or https URL"));
+        }
+        if policy.deny_link_local {
+            let proxy = spec
+                .proxy_url
+                .as_deref()
+                .and_then(|p| reqwest::Url::parse(p).ok());
+            for (field, host) in [
+                ("url", url.host()),
+                ("proxyURL", proxy.as_ref().and_then(|p| p.host())),
+            ] {
+                if let Some(why) = host.as_ref().and_then(super::guard::refuse_host) {
+                    return Err(NotReady::new(
+                        NotReadyReason::ForbiddenAddress,
+                        format!("{field}: {why}; refused by --deny-link-local"),
+                    ));
+                }
+            }
         }
 
         let template = match &spec.template {
@@ -255,6 +280,9 @@ impl Target {
                 })?;
                 builder = builder.identity(identity);
             }
+        }
+        if policy.deny_link_local {
+            builder = builder.dns_resolver(super::guard::resolver());
         }
         builder = match &spec.proxy_url {
             Some(proxy) => builder.proxy(
@@ -377,9 +405,12 @@ mod tests {
     }
 
     fn build(spec: &WebhookSpec, secrets: &[(&str, SecretData)]) -> Result<Target, NotReady> {
-        Target::build(ObjectKey::new("ns", "wh"), spec, |name| {
-            secrets.iter().find(|(n, _)| *n == name).map(|(_, d)| d)
-        })
+        Target::build(
+            ObjectKey::new("ns", "wh"),
+            spec,
+            &TargetPolicy::default(),
+            |name| secrets.iter().find(|(n, _)| *n == name).map(|(_, d)| d),
+        )
     }
 
     #[test]
@@ -452,6 +483,28 @@ mod tests {
         let s = spec("url: http://x\nsigning: {secretRef: {name: s, key: secret}}\n");
         let err = build(&s, &[("s", data(&[("secret", "whsec_nope")]))]).expect_err("bad");
         assert_eq!(err.reason, NotReadyReason::InvalidSigningSecret);
+    }
+
+    #[test]
+    fn link_local_destinations_are_refused_when_asked() {
+        let deny = TargetPolicy {
+            deny_link_local: true,
+        };
+        let build_with = |url: &str, policy: &TargetPolicy| {
+            Target::build(
+                ObjectKey::new("ns", "wh"),
+                &spec(&format!("url: '{url}'\n")),
+                policy,
+                |_| None,
+            )
+        };
+        let err =
+            build_with("http://169.254.169.254/latest/meta-data", &deny).expect_err("refused");
+        assert_eq!(err.reason, NotReadyReason::ForbiddenAddress);
+        assert!(build_with("http://[fe80::1]/x", &deny).is_err());
+        assert!(build_with("http://metadata.google.internal/x", &deny).is_err());
+        assert!(build_with("http://hooks.example.com/x", &deny).is_ok());
+        assert!(build_with("http://169.254.169.254/x", &TargetPolicy::default()).is_ok());
     }
 
     #[test]

@@ -77,6 +77,8 @@ pub enum NotReadyReason {
     InvalidHeader,
     /// `spec.template` does not compile.
     InvalidTemplate,
+    /// The URL or proxy points at a link-local or cloud metadata address.
+    ForbiddenAddress,
     /// The spec fails validation (for sources that do not validate on admission).
     InvalidSpec,
 }
@@ -94,6 +96,7 @@ impl NotReadyReason {
             NotReadyReason::InvalidSigningSecret => "InvalidSigningSecret",
             NotReadyReason::InvalidHeader => "InvalidHeader",
             NotReadyReason::InvalidTemplate => "InvalidTemplate",
+            NotReadyReason::ForbiddenAddress => "ForbiddenAddress",
             NotReadyReason::InvalidSpec => "InvalidSpec",
         }
     }
