@@ -267,15 +267,64 @@ impl<'a> Subject<'a> {
     }
 }
 
+/// The webhooks of one type in one namespace, by the event types they want.
+#[derive(Debug, Default)]
+struct NamespaceIndex {
+    /// Webhooks with empty `eventTypes`: every event type.
+    any: BTreeSet<ObjectKey>,
+    /// Webhooks by each event type they list.
+    by_event_type: HashMap<String, BTreeSet<ObjectKey>>,
+}
+
+impl NamespaceIndex {
+    fn insert(&mut self, key: &ObjectKey, event_types: &BTreeSet<String>) {
+        if event_types.is_empty() {
+            self.any.insert(key.clone());
+        }
+        for t in event_types {
+            self.by_event_type
+                .entry(t.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+    }
+
+    fn remove(&mut self, key: &ObjectKey, event_types: &BTreeSet<String>) {
+        self.any.remove(key);
+        for t in event_types {
+            if let Some(keys) = self.by_event_type.get_mut(t) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.by_event_type.remove(t);
+                }
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.any.is_empty() && self.by_event_type.is_empty()
+    }
+
+    /// The webhooks that may want this event type.
+    fn candidates<'a>(&'a self, event_type: &str) -> impl Iterator<Item = &'a ObjectKey> {
+        self.any
+            .iter()
+            .chain(self.by_event_type.get(event_type).into_iter().flatten())
+    }
+}
+
 /// The routing table.
 #[derive(Debug, Default)]
 pub struct Table {
     cluster_namespaces: BTreeSet<String>,
     webhooks: HashMap<ObjectKey, WebhookEntry>,
-    /// Webhook keys by (type, namespace): resolve looks only at the namespaces that can matter.
-    by_namespace: HashMap<(WebhookType, String), BTreeSet<ObjectKey>>,
+    /// Webhook keys by type, namespace and event type: resolve looks only at the webhooks that
+    /// can want the subject.
+    index: HashMap<WebhookType, HashMap<String, NamespaceIndex>>,
     /// Conditions by namespace, then name.
     conditions: HashMap<String, BTreeMap<String, Arc<NotificationConditionSpec>>>,
+    /// The subset of `conditions` that have a `webhookSelector`.
+    selector_conditions: HashMap<String, BTreeMap<String, Arc<NotificationConditionSpec>>>,
 }
 
 impl Table {
@@ -295,43 +344,58 @@ impl Table {
     /// Adds or replaces a webhook.
     pub fn apply_webhook(&mut self, input: WebhookInput) {
         self.delete_webhook(&input.key);
-        let index_key = (input.spec.kind, input.key.namespace.clone());
-        self.by_namespace
-            .entry(index_key)
+        let event_types: BTreeSet<String> = input.spec.event_types.iter().cloned().collect();
+        self.index
+            .entry(input.spec.kind)
             .or_default()
-            .insert(input.key.clone());
-        let event_types = input.spec.event_types.iter().cloned().collect();
+            .entry(input.key.namespace.clone())
+            .or_default()
+            .insert(&input.key, &event_types);
         self.webhooks
             .insert(input.key.clone(), WebhookEntry { input, event_types });
     }
 
     /// Removes a webhook; removing an unknown one is a no-op.
     pub fn delete_webhook(&mut self, key: &ObjectKey) {
-        if let Some(old) = self.webhooks.remove(key) {
-            let index_key = (old.input.spec.kind, key.namespace.clone());
-            if let Some(set) = self.by_namespace.get_mut(&index_key) {
-                set.remove(key);
-                if set.is_empty() {
-                    self.by_namespace.remove(&index_key);
-                }
+        let Some(old) = self.webhooks.remove(key) else {
+            return;
+        };
+        if let Some(namespaces) = self.index.get_mut(&old.input.spec.kind)
+            && let Some(index) = namespaces.get_mut(&key.namespace)
+        {
+            index.remove(key, &old.event_types);
+            if index.is_empty() {
+                namespaces.remove(&key.namespace);
             }
         }
     }
 
     /// Adds or replaces a condition.
     pub fn apply_condition(&mut self, input: ConditionInput) {
+        let spec = Arc::new(input.spec);
+        let with_selector = self
+            .selector_conditions
+            .entry(input.key.namespace.clone())
+            .or_default();
+        if spec.webhook_selector.is_some() {
+            with_selector.insert(input.key.name.clone(), spec.clone());
+        } else {
+            with_selector.remove(&input.key.name);
+        }
         self.conditions
             .entry(input.key.namespace)
             .or_default()
-            .insert(input.key.name, Arc::new(input.spec));
+            .insert(input.key.name, spec);
     }
 
     /// Removes a condition; webhooks naming it stop delivering (fail closed).
     pub fn delete_condition(&mut self, key: &ObjectKey) {
-        if let Some(names) = self.conditions.get_mut(&key.namespace) {
-            names.remove(&key.name);
-            if names.is_empty() {
-                self.conditions.remove(&key.namespace);
+        for map in [&mut self.conditions, &mut self.selector_conditions] {
+            if let Some(names) = map.get_mut(&key.namespace) {
+                names.remove(&key.name);
+                if names.is_empty() {
+                    map.remove(&key.namespace);
+                }
             }
         }
     }
@@ -371,7 +435,7 @@ impl Table {
             return Vec::new();
         };
         let mut names: BTreeSet<String> = entry.input.spec.conditions.iter().cloned().collect();
-        if let Some(in_ns) = self.conditions.get(&key.namespace) {
+        if let Some(in_ns) = self.selector_conditions.get(&key.namespace) {
             for (name, spec) in in_ns {
                 if spec
                     .webhook_selector
@@ -411,12 +475,13 @@ impl Table {
     /// The webhooks that get this subject, sorted by key.
     pub fn resolve(&self, subject: Subject<'_>) -> Vec<ObjectKey> {
         let mut matched = Vec::new();
+        let Some(namespaces) = self.index.get(&subject.kind) else {
+            return matched;
+        };
+        let event_type = subject.event_type();
         let mut visit = |namespace: &str| {
-            if let Some(keys) = self
-                .by_namespace
-                .get(&(subject.kind, namespace.to_string()))
-            {
-                for key in keys {
+            if let Some(index) = namespaces.get(namespace) {
+                for key in index.candidates(event_type) {
                     if let Some(entry) = self.webhooks.get(key)
                         && self.check(entry, subject).is_ok()
                     {
@@ -481,8 +546,8 @@ impl Table {
                 check_condition(name, condition, subject.labels)?;
             }
         }
-        if let Some(in_ns) = in_ns {
-            for (name, condition) in in_ns {
+        if let Some(with_selector) = self.selector_conditions.get(namespace) {
+            for (name, condition) in with_selector {
                 let selected = condition
                     .webhook_selector
                     .as_ref()
