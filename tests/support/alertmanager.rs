@@ -346,6 +346,48 @@ scrape_configs: []
         }
     }
 
+    /// Starts Prometheus scraping `target`'s `/metrics` every second (no rules, no alerting).
+    pub async fn scraping(target: SocketAddr) -> Prometheus {
+        let binary = find_binary("prometheus", "prometheus");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("prometheus.yml"),
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: herald\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .expect("write prometheus.yml");
+        let proc = Proc::start("prometheus", &binary, "/-/ready", dir, |root, addr| {
+            vec![
+                format!("--config.file={}", root.join("prometheus.yml").display()),
+                format!("--storage.tsdb.path={}", root.join("data").display()),
+                format!("--web.listen-address={addr}"),
+            ]
+        })
+        .await;
+        Prometheus {
+            addr: proc.addr,
+            proc,
+        }
+    }
+
+    /// Runs an instant query and returns the `data.result` array.
+    pub async fn query(&self, promql: &str) -> Vec<serde_json::Value> {
+        let body: serde_json::Value = reqwest::Client::new()
+            .get(self.url("/api/v1/query"))
+            .query(&[("query", promql)])
+            .send()
+            .await
+            .expect("query Prometheus")
+            .json()
+            .await
+            .expect("query answer");
+        body["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// A URL on the API.
     pub fn url(&self, path: &str) -> String {
         self.proc.url(path)
