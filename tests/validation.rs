@@ -78,3 +78,38 @@ fn committed_crds_match_the_types() {
         "crds/herald.yaml is stale: run `cargo run -- crdgen > crds/herald.yaml`"
     );
 }
+
+#[tokio::test]
+async fn the_examples_are_valid_and_every_webhook_but_the_disabled_one_is_ready() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/herald");
+    let manifests = Manifests::load(&dir).expect("read examples");
+    assert!(manifests.errors.is_empty(), "{:#?}", manifests.errors);
+    let herald = herald::herald::Herald::new(["default".to_string()], Default::default());
+    let mut loader = herald::standalone::Loader::new(&dir);
+    let report = loader.reload(&herald).expect("load");
+    let not_ready: Vec<String> = report
+        .not_ready
+        .iter()
+        .map(|(k, r)| format!("{k}: {r}"))
+        .collect();
+    assert_eq!(
+        not_ready,
+        ["default/self-signed: Disabled: spec.enabled is false"]
+    );
+}
+
+#[test]
+fn the_example_alertmanager_configuration_is_valid() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/alertmanager/alertmanager.yml");
+    let out = std::process::Command::new("amtool")
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .expect("amtool (apt-get install prometheus-alertmanager)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
