@@ -660,9 +660,9 @@ async fn with_two_replicas_one_leader_sends_each_test_once() {
     let out = kubectl(&[
         "get",
         "lease",
-        "herald-leader",
+        "replicas-leader",
         "-n",
-        ns,
+        "herald",
         "-o",
         "jsonpath={.spec.holderIdentity}",
     ]);

@@ -153,6 +153,84 @@ fn at<'a>(value: &'a Value, pointer: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("{pointer} is missing in {value:#}"))
 }
 
+/// Where the Deployment's `--data-dir` points: the mount path of its `data` volume.
+const DATA_DIR: &str = "/var/lib/herald";
+
+/// A `herald controller` command line as (flag, value) pairs in order: `--flag=value` and
+/// `--flag value` read alike, a flag without a value gets "".
+fn flags(args: &Value) -> Vec<(String, String)> {
+    let args: Vec<&str> = args
+        .as_array()
+        .unwrap_or_else(|| panic!("args are a list: {args}"))
+        .iter()
+        .map(|a| a.as_str().expect("string arg"))
+        .collect();
+    assert_eq!(args.first(), Some(&"controller"), "{args:?}");
+    let mut pairs = Vec::new();
+    let mut rest = args[1..].iter().peekable();
+    while let Some(arg) = rest.next() {
+        assert!(arg.starts_with("--"), "{arg:?} is not a flag: {args:?}");
+        let pair = match arg.split_once('=') {
+            Some((flag, value)) => (flag.to_owned(), value.to_owned()),
+            None => {
+                let value = rest.next_if(|next| !next.starts_with("--"));
+                (arg.to_string(), value.map_or("", |v| v).to_owned())
+            }
+        };
+        pairs.push(pair);
+    }
+    pairs
+}
+
+/// Checks a pod spec that runs with a durable delivery store: its root filesystem is
+/// read-only, so `--data-dir` must name exactly the mount path of a writable volume, the volume
+/// `data`, writable by the non-root user through fsGroup; and the admin listener stays on
+/// loopback. Returns that volume.
+fn data_volume(pod: &Value) -> &Value {
+    let container = at(pod, "/containers/0");
+    assert_eq!(
+        container["securityContext"]["readOnlyRootFilesystem"], true,
+        "{container:#}"
+    );
+    let flags = flags(&container["args"]);
+    let dirs: Vec<&str> = flags
+        .iter()
+        .filter(|(flag, _)| flag == "--data-dir")
+        .map(|(_, value)| value.as_str())
+        .collect();
+    assert_eq!(dirs, [DATA_DIR], "{flags:?}");
+    for (_, listen) in flags.iter().filter(|(flag, _)| flag == "--admin-listen") {
+        let address: std::net::SocketAddr = listen.parse().expect("an --admin-listen address");
+        assert!(address.ip().is_loopback(), "--admin-listen={listen}");
+    }
+    let mounts: Vec<&Value> = container["volumeMounts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no volumeMounts: {container:#}"))
+        .iter()
+        .filter(|m| m["mountPath"] == DATA_DIR)
+        .collect();
+    assert_eq!(
+        mounts.len(),
+        1,
+        "one volume mounted at {DATA_DIR}: {container:#}"
+    );
+    let mount = mounts[0];
+    assert_eq!(mount["name"], "data", "{mount}");
+    assert!(
+        mount.get("readOnly").is_none_or(|r| r == false) && mount.get("subPath").is_none(),
+        "{mount}"
+    );
+    assert_eq!(at(pod, "/securityContext/fsGroup"), 65532);
+    let volumes: Vec<&Value> = at(pod, "/volumes")
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .filter(|v| v["name"] == "data")
+        .collect();
+    assert_eq!(volumes.len(), 1, "one volume named data: {pod:#}");
+    volumes[0]
+}
+
 /// The manifests in `deploy/` that `kubectl apply -f deploy/` reads (.yaml, .yml, .json).
 fn deploy_files() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("deploy"))
@@ -252,7 +330,23 @@ fn deploy_applies_with_kustomize_and_every_object_exists() {
     assert_eq!(containers.len(), 1);
     let c = &containers[0];
     assert_eq!(c["image"], "ghcr.io/herald-dev/herald:0.1.0");
-    assert_eq!(c["args"], json!(["controller", "--log-format", "json"]));
+    assert_eq!(
+        c["args"],
+        json!([
+            "controller",
+            "--log-format",
+            "json",
+            "--deny-link-local",
+            "--data-dir",
+            DATA_DIR
+        ])
+    );
+    // The delivery store on an emptyDir, the only writable place in the container.
+    assert_eq!(data_volume(pod), &json!({"name": "data", "emptyDir": {}}));
+    assert_eq!(
+        c["volumeMounts"],
+        json!([{"name": "data", "mountPath": DATA_DIR}])
+    );
     let sc = &c["securityContext"];
     assert_eq!(sc["runAsNonRoot"], true, "{sc}");
     assert_eq!(sc["runAsUser"], 65532, "{sc}");
@@ -618,7 +712,8 @@ fn controller_runs_with_only_the_service_account_permissions() {
     let sa_kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&sa_kubeconfig, kubeconfig.to_string()).expect("writing kubeconfig");
 
-    // The Deployment's own command line, plus what differs outside a pod.
+    // The Deployment's own command line, plus what differs outside a pod: the delivery store
+    // in a temporary directory instead of the pod's volume, the listeners on free ports.
     let deployment = objects(&read("deploy/deployment.yaml"));
     let container = at(&deployment[0], "/spec/template/spec/containers/0");
     let mut args: Vec<String> = container["args"]
@@ -627,15 +722,28 @@ fn controller_runs_with_only_the_service_account_permissions() {
         .iter()
         .map(|a| a.as_str().expect("string arg").to_owned())
         .collect();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let data_dir = dir.path().join("data");
+    let value = args
+        .iter()
+        .position(|a| a == "--data-dir")
+        .expect("deploy/ passes --data-dir")
+        + 1;
+    assert_eq!(args[value], DATA_DIR);
+    args[value] = data_dir.to_str().expect("UTF-8 path").to_owned();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    };
+    let (port, admin_port) = (free_port(), free_port());
     args.extend([
         "--kubeconfig".into(),
         sa_kubeconfig.to_str().unwrap().into(),
         "--listen".into(),
         format!("127.0.0.1:{port}"),
+        "--admin-listen".into(),
+        format!("127.0.0.1:{admin_port}"),
         "--status-interval".into(),
         "200ms".into(),
     ]);
@@ -660,6 +768,13 @@ fn controller_runs_with_only_the_service_account_permissions() {
     wait_for("/readyz", &controller, || {
         (http_status(port, "/readyz") == Some(200)).then_some(())
     });
+    // --data-dir: the durable store is open there.
+    assert!(
+        data_dir.join("herald.redb").is_file(),
+        "no delivery store in {}; controller log:\n{}",
+        data_dir.display(),
+        controller.log()
+    );
     // Leader election created the Lease in Herald's namespace.
     wait_for("the leader Lease", &controller, || {
         let lease = kubectl_json(&["get", "-n", "herald", "leases.coordination.k8s.io"]);
@@ -681,9 +796,18 @@ fn controller_runs_with_only_the_service_account_permissions() {
   "metadata": {{"name": "ops", "namespace": "{ns}"}},
   "spec": {{"url": "http://127.0.0.1:9/closed",
            "auth": {{"type": "Bearer", "secretRef": {{"name": "ops-auth"}}}}}}}}
+---
+{{"apiVersion": "herald.dev/v1alpha1", "kind": "Webhook",
+  "metadata": {{"name": "metadata", "namespace": "{ns}"}},
+  "spec": {{"url": "http://169.254.169.254/latest/meta-data/"}}}}
 "#
         )),
     );
+    // --deny-link-local: the cloud metadata address is refused.
+    wait_for("Ready=False ForbiddenAddress", &controller, || {
+        let webhook = kubectl_json(&["get", "-n", ns, "webhooks.herald.dev/metadata"]);
+        (ready_condition(&webhook)? == ("False".into(), "ForbiddenAddress".into())).then_some(())
+    });
     // Status is written (patch webhooks/status): the Secret is missing.
     wait_for("Ready=False SecretNotFound", &controller, || {
         let webhook = kubectl_json(&["get", "-n", ns, "webhooks.herald.dev/ops"]);
@@ -724,9 +848,18 @@ fn controller_runs_with_only_the_service_account_permissions() {
             .then_some(())
     });
 
+    // A 403 from the API server; the refused metadata Webhook says ForbiddenAddress instead.
     let log = controller.log();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|line| {
+            line.to_lowercase().contains("forbidden")
+                && !line.contains("ForbiddenAddress")
+                && !line.contains("--deny-link-local")
+        })
+        .collect();
     assert!(
-        !log.to_lowercase().contains("forbidden"),
+        refused.is_empty(),
         "the controller was refused something:\n{log}"
     );
 }
@@ -767,6 +900,10 @@ leaderElection:
   enabled: true
 events:
   enabled: true
+denyLinkLocal: true
+persistence:
+  enabled: true
+  emptyDir: {sizeLimit: 1Gi}
 resources:
   requests: {cpu: 100m, memory: 128Mi}
   limits: {memory: 512Mi}
@@ -882,9 +1019,14 @@ fn chart_default_render_applies_and_matches_deploy() {
             "--log-format=json",
             "--leader-election=true",
             "--events=true",
-            "--lease-name=hd-herald-leader"
+            "--lease-name=hd-herald-leader",
+            "--deny-link-local",
+            "--data-dir=/var/lib/herald"
         ])
     );
+    let pod = at(deployment, "/spec/template/spec");
+    assert_eq!(data_volume(pod), &json!({"name": "data", "emptyDir": {}}));
+    assert!(deployment["spec"]["strategy"]["type"] != "Recreate");
 
     // The CRDs ship in crds/ (installed by `helm install`, rendered with --include-crds).
     let out = template("hd", "herald-chart-default", None, &["--include-crds"]);
@@ -936,6 +1078,9 @@ fn chart_default_render_applies_and_matches_deploy() {
         "/spec/template/spec/containers/0/readinessProbe",
         "/spec/template/spec/containers/0/resources",
         "/spec/template/spec/containers/0/securityContext",
+        "/spec/template/spec/containers/0/volumeMounts",
+        "/spec/template/spec/volumes",
+        "/spec/strategy",
     ] {
         assert_eq!(
             c.pointer(pointer),
@@ -943,6 +1088,21 @@ fn chart_default_render_applies_and_matches_deploy() {
             "Deployment {pointer}"
         );
     }
+    // The same command line, but for the chart spelling out three of the binary's defaults.
+    let args = "/spec/template/spec/containers/0/args";
+    let mut expected = flags(at(d, args));
+    expected.extend(
+        [
+            ("--leader-election", "true"),
+            ("--events", "true"),
+            ("--lease-name", "herald-leader"),
+        ]
+        .map(|(flag, value)| (flag.to_owned(), value.to_owned())),
+    );
+    let mut chart_flags = flags(at(c, args));
+    expected.sort();
+    chart_flags.sort();
+    assert_eq!(chart_flags, expected);
 }
 
 #[test]
@@ -1020,6 +1180,8 @@ fn chart_with_every_option_renders_and_applies() {
             "--leader-election=true",
             "--events=true",
             "--lease-name=hf-herald-leader",
+            "--deny-link-local",
+            "--data-dir=/var/lib/herald",
             "--cluster-namespace=monitoring",
             "--cluster-namespace=platform",
             "--watch-namespace=monitoring",
@@ -1042,16 +1204,23 @@ fn chart_with_every_option_renders_and_applies() {
         text(&parsed.stderr)
     );
 
-    // The token Secret is mounted where --receiver-token-file points, readable by the
-    // non-root user through fsGroup.
+    // The delivery store on a size-limited emptyDir where --data-dir points; the token Secret
+    // mounted where --receiver-token-file points, both usable by the non-root user through
+    // fsGroup.
+    assert_eq!(
+        data_volume(at(pod, "/spec")),
+        &json!({"name": "data", "emptyDir": {"sizeLimit": "1Gi"}})
+    );
     assert_eq!(
         container["volumeMounts"],
-        json!([{"name": "receiver-auth", "mountPath": "/etc/herald/receiver-auth",
+        json!([{"name": "data", "mountPath": DATA_DIR},
+               {"name": "receiver-auth", "mountPath": "/etc/herald/receiver-auth",
                 "readOnly": true}])
     );
     assert_eq!(
         at(pod, "/spec/volumes"),
-        &json!([{"name": "receiver-auth", "secret": {
+        &json!([{"name": "data", "emptyDir": {"sizeLimit": "1Gi"}},
+                {"name": "receiver-auth", "secret": {
             "secretName": "herald-receiver", "defaultMode": 0o440,
             "items": [{"key": "bearer", "path": "token"}]}}])
     );
@@ -1085,7 +1254,10 @@ fn chart_options_turned_off_drop_their_permissions() {
     let docs = rendered(
         "hs",
         "herald-single",
-        Some("replicaCount: 1\nleaderElection: {enabled: false}\nevents: {enabled: false}\n"),
+        Some(concat!(
+            "replicaCount: 1\nleaderElection: {enabled: false}\nevents: {enabled: false}\n",
+            "denyLinkLocal: false\npersistence: {enabled: false}\n"
+        )),
     );
     let kinds: BTreeSet<&str> = docs.iter().filter_map(|o| o["kind"].as_str()).collect();
     assert!(
@@ -1096,18 +1268,20 @@ fn chart_options_turned_off_drop_their_permissions() {
         !kinds.contains("PodDisruptionBudget"),
         "one replica: no PDB; {kinds:?}"
     );
-    let args = at(
-        of_kind(&docs, "Deployment"),
-        "/spec/template/spec/containers/0/args",
-    );
+    let pod = at(of_kind(&docs, "Deployment"), "/spec/template/spec");
     assert_eq!(
-        args,
+        at(pod, "/containers/0/args"),
         &json!([
             "controller",
             "--log-format=json",
             "--leader-election=false",
             "--events=false"
-        ])
+        ]),
+        "no --deny-link-local, no --data-dir (deliveries held in memory)"
+    );
+    assert!(
+        pod.get("volumes").is_none() && pod["containers"][0].get("volumeMounts").is_none(),
+        "no persistence, no receiver token: no volumes; {pod:#}"
     );
     let events_rule = at(of_kind(&docs, "ClusterRole"), "/rules")
         .as_array()
@@ -1119,6 +1293,47 @@ fn chart_options_turned_off_drop_their_permissions() {
         events_rule["verbs"],
         json!(["create", "patch"]),
         "without --events nothing lists Events"
+    );
+}
+
+#[test]
+fn chart_existing_claim_replaces_the_empty_dir() {
+    let ns = "herald-chart-claim";
+    let docs = rendered_documents(
+        "hc",
+        ns,
+        Some("replicaCount: 1\npersistence: {existingClaim: herald-data}\n"),
+    );
+    let live = apply_into(ns, &docs);
+    let deployment = &live[&format!("Deployment/{ns}/hc-herald")];
+    assert_eq!(
+        data_volume(at(deployment, "/spec/template/spec")),
+        &json!({"name": "data", "persistentVolumeClaim": {"claimName": "herald-data"}})
+    );
+    // The old pod lets go of the store before the new one opens it.
+    assert_eq!(
+        at(deployment, "/spec/strategy"),
+        &json!({"type": "Recreate"})
+    );
+
+    // persistence.enabled=false wins over a claim.
+    let docs = rendered(
+        "hc",
+        ns,
+        Some("replicaCount: 1\npersistence: {enabled: false, existingClaim: herald-data}\n"),
+    );
+    let deployment = of_kind(&docs, "Deployment");
+    assert!(
+        deployment["spec"].get("strategy").is_none(),
+        "{deployment:#}"
+    );
+    let pod = at(deployment, "/spec/template/spec");
+    assert!(pod.get("volumes").is_none(), "{pod:#}");
+    assert!(
+        !flags(at(pod, "/containers/0/args"))
+            .iter()
+            .any(|(flag, _)| flag == "--data-dir"),
+        "{pod:#}"
     );
 }
 
@@ -1150,6 +1365,29 @@ fn chart_rejects_bad_values() {
             "additional properties 'enable' not allowed",
         ),
         ("logFormat: xml\n", "/logFormat"),
+        ("denyLinkLocal: \"yes\"\n", "/denyLinkLocal"),
+        ("persistence: {enabled: 1}\n", "/persistence/enabled"),
+        (
+            "persistence: {enable: true}\n",
+            "additional properties 'enable' not allowed",
+        ),
+        ("persistence: {emptyDir: []}\n", "/persistence/emptyDir"),
+        (
+            "persistence: {emptyDir: {sizeLimit: lots}}\n",
+            "/persistence/emptyDir/sizeLimit",
+        ),
+        (
+            "persistence: {emptyDir: {sizelimit: 1Gi}}\n",
+            "additional properties 'sizelimit' not allowed",
+        ),
+        (
+            "persistence: {existingClaim: Herald_Data}\n",
+            "/persistence/existingClaim",
+        ),
+        (
+            "persistence: {existingClaim: 7}\n",
+            "/persistence/existingClaim",
+        ),
     ];
     for (values, expected) in cases {
         let out = template("bad", "herald", Some(values), &[]);
@@ -1171,6 +1409,19 @@ fn chart_rejects_bad_values() {
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("leaderElection.enabled=false needs replicaCount: 1"),
+        "{}",
+        text(&out.stderr)
+    );
+    // One claim cannot hold the stores of several replicas.
+    let out = template(
+        "bad",
+        "herald",
+        Some("persistence: {existingClaim: herald-data}\n"),
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("persistence.existingClaim needs replicaCount: 1"),
         "{}",
         text(&out.stderr)
     );

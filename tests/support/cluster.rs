@@ -13,11 +13,41 @@ use kube::api::{Api, ObjectMeta, PostParams};
 
 use crate::control_plane::{self, ControlPlane};
 
-/// The shared control plane, with `crds/herald.yaml` applied and established.
+/// The ServiceAccount that `deploy/` grants Herald's permissions to.
+pub const SERVICE_ACCOUNT: &str = "system:serviceaccount:herald:herald";
+
+/// A kubeconfig for the shared plane that impersonates Herald's ServiceAccount, so controllers
+/// under test run with exactly the permissions `deploy/rbac.yaml` grants.
+pub fn service_account_kubeconfig() -> PathBuf {
+    let plane = plane();
+    plane.dir().join("herald-sa.kubeconfig")
+}
+
+/// The shared control plane, with `crds/herald.yaml` applied and established and Herald's
+/// namespace, ServiceAccount and RBAC from `deploy/` in place.
 pub fn plane() -> &'static ControlPlane {
     static CRDS: Once = Once::new();
     let plane = control_plane::shared();
     CRDS.call_once(|| {
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+        for file in ["00-namespace.yaml", "serviceaccount.yaml", "rbac.yaml"] {
+            let path = deploy.join(file);
+            let out = kubectl(&["apply", "--server-side", "-f", path.to_str().expect("path")]);
+            assert!(
+                out.status.success(),
+                "applying {file}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut kubeconfig: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&plane.kubeconfig).expect("kubeconfig"))
+                .expect("the plane's kubeconfig is JSON");
+        kubeconfig["users"][0]["user"]["as"] = serde_json::json!(SERVICE_ACCOUNT);
+        std::fs::write(
+            plane.dir().join("herald-sa.kubeconfig"),
+            kubeconfig.to_string(),
+        )
+        .expect("writing the ServiceAccount kubeconfig");
         let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/herald.yaml");
         let out = kubectl(&["apply", "--server-side", "-f", crds.to_str().expect("path")]);
         assert!(
@@ -157,23 +187,27 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Starts a controller watching `watch` namespaces, with `own` as its namespace and cluster
-    /// namespace, and waits for `/readyz`.
+    /// Starts a controller watching `watch` namespaces, with the Lease `<own>-leader`, running as
+    /// Herald's ServiceAccount, and waits for `/readyz`.
     pub async fn start(own: &str, watch: &[&str], extra: &[&str]) -> Controller {
         let plane = plane();
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("controller.log");
         let port = crate::process::free_port();
+        let _ = plane;
         let mut args: Vec<String> = vec![
             "controller".into(),
             "--kubeconfig".into(),
-            plane.kubeconfig.to_string_lossy().into_owned(),
+            service_account_kubeconfig().to_string_lossy().into_owned(),
             "--listen".into(),
             format!("127.0.0.1:{port}"),
             "--admin-listen".into(),
             "127.0.0.1:0".into(),
+            // Herald's own namespace, where its RBAC allows Leases; one Lease per test.
             "--namespace".into(),
-            own.into(),
+            "herald".into(),
+            "--lease-name".into(),
+            format!("{own}-leader"),
             "--status-interval".into(),
             "200ms".into(),
             "--retry-initial-backoff".into(),
