@@ -54,3 +54,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "herald.receiverTokenDir" -}}
 /etc/herald/receiver-auth
 {{- end }}
+
+{{/* Where the delivery store's volume is mounted (--data-dir). */}}
+{{- define "herald.dataDir" -}}
+/var/lib/herald
+{{- end }}
