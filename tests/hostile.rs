@@ -267,11 +267,6 @@ async fn slow_loris_heads_are_cut_off_while_other_clients_are_served() {
             outcome
         }));
     }
-    let idle = tokio::spawn(async move {
-        let started = Instant::now();
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        read_until_closed(&mut stream, started, Duration::from_secs(10)).await
-    });
 
     // Meanwhile, normal clients are served quickly.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -306,18 +301,106 @@ async fn slow_loris_heads_are_cut_off_while_other_clients_are_served() {
         slowest < header_read_timeout + Duration::from_secs(2),
         "slow heads were cut off only after {slowest:?}"
     );
-    let idle = idle.await.expect("idle task");
-    assert!(idle.closed, "an idle connection stayed open: {idle:?}");
-    assert!(
-        idle.elapsed < header_read_timeout + Duration::from_secs(2),
-        "an idle connection was closed after {:?}",
-        idle.elapsed
-    );
+    eprintln!("slow-loris: the slowest head was cut off after {slowest:?}");
+    assert_still_serves(addr).await;
+}
+
+#[tokio::test]
+async fn connections_that_send_nothing_or_trickle_the_http2_preface_are_cut_off() {
+    let header_read_timeout = Duration::from_millis(500);
+    let addr = start(
+        ReceiverConfig::default(),
+        ServerLimits {
+            header_read_timeout,
+            ..ServerLimits::default()
+        },
+    )
+    .await;
+    // Idle after one served request (keep-alive).
+    let kept_alive = tokio::spawn(async move {
+        let mut connection = KeepAlive::connect(addr).await;
+        assert_eq!(connection.request("GET", "/healthz", "").await, Some(200));
+        let started = Instant::now();
+        read_until_closed(&mut connection.stream, started, Duration::from_secs(5)).await
+    });
+    // Connected, never sends a byte.
+    let silent = tokio::spawn(async move {
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        read_until_closed(&mut stream, started, Duration::from_secs(5)).await
+    });
+    // Sends the HTTP/2 prior-knowledge preface one byte every 200 ms.
+    let preface = tokio::spawn(async move {
+        let started = Instant::now();
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (mut reader, mut writer) = stream.into_split();
+        let writing = tokio::spawn(async move {
+            for byte in b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" {
+                if writer.write_all(&[*byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            // Then nothing: hold the connection.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        let outcome = read_until_closed(&mut reader, started, Duration::from_secs(8)).await;
+        writing.abort();
+        outcome
+    });
+    let kept_alive = kept_alive.await.expect("task");
+    let silent = silent.await.expect("task");
+    let preface = preface.await.expect("task");
     eprintln!(
-        "slow-loris: slowest cut off after {slowest:?}, idle connection after {:?}",
-        idle.elapsed
+        "idle connections: kept-alive closed={} after {:?}; silent closed={} after {:?}; \
+         preface trickle closed={} after {:?}",
+        kept_alive.closed, kept_alive.elapsed, silent.closed, silent.elapsed, preface.closed,
+        preface.elapsed
+    );
+    let bound = header_read_timeout + Duration::from_secs(2);
+    assert!(
+        kept_alive.closed && kept_alive.elapsed < bound,
+        "an idle kept-alive connection: {kept_alive:?}"
+    );
+    assert!(
+        silent.closed && silent.elapsed < bound,
+        "a connection that never sends a byte holds a connection slot: {silent:?}"
+    );
+    assert!(
+        preface.closed && preface.elapsed < Duration::from_secs(7),
+        "a connection trickling the HTTP/2 preface holds a connection slot: {preface:?}"
     );
     assert_still_serves(addr).await;
+}
+
+#[tokio::test]
+async fn silent_connections_cannot_take_every_connection_slot() {
+    let max_connections = 16;
+    let header_read_timeout = Duration::from_millis(500);
+    let addr = start(
+        ReceiverConfig::default(),
+        ServerLimits {
+            max_connections,
+            header_read_timeout,
+            ..ServerLimits::default()
+        },
+    )
+    .await;
+    // An attacker opens as many connections as the limit allows and sends nothing.
+    let mut silent = Vec::new();
+    for _ in 0..max_connections {
+        silent.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    // Once the header timeout has passed, a real client must get through again.
+    tokio::time::sleep(header_read_timeout + Duration::from_millis(500)).await;
+    let mut connection = KeepAlive::connect(addr).await;
+    let status = connection.request("POST", V1, &good_payload()).await;
+    assert_eq!(
+        status,
+        Some(200),
+        "{max_connections} silent connections still hold every slot after the header timeout"
+    );
+    drop(silent);
 }
 
 #[tokio::test]
@@ -400,12 +483,6 @@ async fn json_nested_100k_levels_deep_is_400() {
     for (path, body) in cases {
         let (status, reply) = post(addr, path, body).await;
         assert_400(status, &reply, "100k levels of nesting");
-        assert!(
-            reply["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("recursion limit")),
-            "{reply}"
-        );
         assert!(reply["path"].is_string(), "{reply}");
     }
     assert_still_serves(addr).await;
@@ -633,7 +710,6 @@ async fn missing_alerts_and_non_payloads_are_400() {
         (V1, "null"),
         (V1, "[]"),
         (V1, r#""alerts""#),
-        (V1, r#"{"alerts": []} trailing"#),
         (V1, r#"{"alerts": [], "alerts": []}"#),
         (V2, ""),
         (V2, "null"),
@@ -642,6 +718,25 @@ async fn missing_alerts_and_non_payloads_are_400() {
         let (status, reply) = post(addr, endpoint, body).await;
         assert_400(status, &reply, body);
     }
+    assert_still_serves(addr).await;
+}
+
+#[tokio::test]
+async fn bytes_after_the_payload_are_400() {
+    let addr = start_default().await;
+    for (endpoint, body) in [
+        (V1, r#"{"alerts": []} trailing"#),
+        (V1, r#"{"alerts": []}{"alerts": []}"#),
+        (V1, r#"{"alerts": [{"labels": {"alertname": "A"}}]}]"#),
+        (V2, r#"[] []"#),
+        (V2, r#"[{"labels": {"alertname": "A"}}],"#),
+    ] {
+        let (status, reply) = post(addr, endpoint, body).await;
+        assert_400(status, &reply, body);
+    }
+    // Whitespace after the document is fine.
+    let (status, reply) = post(addr, V1, format!("{}\n\r\n \t", good_payload())).await;
+    assert_eq!(status, 200, "{reply}");
     assert_still_serves(addr).await;
 }
 
