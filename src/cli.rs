@@ -403,6 +403,29 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Serves the receiver until SIGTERM or Ctrl-C, then cancels `cancel` for everything else.
+async fn serve_receiver(
+    listener: tokio::net::TcpListener,
+    herald: &Herald,
+    config: ReceiverConfig,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let stop = cancel.clone();
+    let served = receiver::serve(
+        listener,
+        receiver::router(herald.clone(), config),
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            stop.cancel();
+        },
+    )
+    .await
+    .context("serving the receiver");
+    cancel.cancel();
+    served
+}
+
 fn read_token(path: &Option<PathBuf>) -> anyhow::Result<Option<Sensitive<String>>> {
     let Some(path) = path else { return Ok(None) };
     let token = std::fs::read_to_string(path)
@@ -446,19 +469,7 @@ async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
         args.reload_interval,
         cancel.clone(),
     ));
-    let stop = cancel.clone();
-    receiver::serve(
-        listener,
-        receiver::router(herald.clone(), config),
-        async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-            stop.cancel();
-        },
-    )
-    .await
-    .context("serving the receiver")?;
-    cancel.cancel();
+    serve_receiver(listener, &herald, config, &cancel).await?;
     let _ = watcher.await;
     let _ = admin.await;
     herald.engine().shutdown(args.shutdown_timeout).await;
@@ -676,19 +687,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         .local_addr()
         .context("reading the receiver address")?;
     tracing::info!(address = %local, identity = %identity, cluster_namespaces = ?cluster_namespaces, "herald controller starting");
-    let stop = cancel.clone();
-    receiver::serve(
-        listener,
-        receiver::router(herald.clone(), args.receiver.config()?),
-        async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-            stop.cancel();
-        },
-    )
-    .await
-    .context("serving the receiver")?;
-    cancel.cancel();
+    serve_receiver(listener, &herald, args.receiver.config()?, &cancel).await?;
     let _ = controller.await;
     let _ = admin.await;
     if let Some(election) = election {

@@ -354,7 +354,11 @@ async fn connections_that_send_nothing_or_trickle_the_http2_preface_are_cut_off(
     eprintln!(
         "idle connections: kept-alive closed={} after {:?}; silent closed={} after {:?}; \
          preface trickle closed={} after {:?}",
-        kept_alive.closed, kept_alive.elapsed, silent.closed, silent.elapsed, preface.closed,
+        kept_alive.closed,
+        kept_alive.elapsed,
+        silent.closed,
+        silent.elapsed,
+        preface.closed,
         preface.elapsed
     );
     let bound = header_read_timeout + Duration::from_secs(2);
