@@ -403,6 +403,17 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Binds the receiver's listener.
+async fn bind_receiver(addr: SocketAddr) -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the receiver to {addr}"))?;
+    let local = listener
+        .local_addr()
+        .context("reading the receiver address")?;
+    Ok((listener, local))
+}
+
 /// Serves the receiver until SIGTERM or Ctrl-C, then cancels `cancel` for everything else.
 async fn serve_receiver(
     listener: tokio::net::TcpListener,
@@ -453,12 +464,7 @@ async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
     herald.set_ready(true);
 
     let config = args.receiver.config()?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding the receiver to {}", args.listen))?;
-    let local = listener
-        .local_addr()
-        .context("reading the receiver address")?;
+    let (listener, local) = bind_receiver(args.listen).await?;
     tracing::info!(address = %local, config = %args.config.display(), "herald receiver listening");
 
     let cancel = CancellationToken::new();
@@ -680,12 +686,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         cancel.clone(),
     ));
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding the receiver to {}", args.listen))?;
-    let local = listener
-        .local_addr()
-        .context("reading the receiver address")?;
+    let (listener, local) = bind_receiver(args.listen).await?;
     tracing::info!(address = %local, identity = %identity, cluster_namespaces = ?cluster_namespaces, "herald controller starting");
     serve_receiver(listener, &herald, args.receiver.config()?, &cancel).await?;
     let _ = controller.await;

@@ -81,58 +81,60 @@ where
     }
 }
 
-fn watches(client: &Client, namespaces: &[String], watch_events: bool) -> Vec<ChangeStream> {
+/// One watch stream per namespace (or one for all), each event wrapped as a `Change`.
+fn watch<K>(
+    client: &Client,
+    namespaces: &[String],
+    what: &'static str,
+    wrap: fn(Event<K>) -> Change,
+) -> Vec<ChangeStream>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+    K::DynamicType: Default,
+{
     use kube::runtime::WatchStreamExt;
-    let mut streams: Vec<ChangeStream> = Vec::new();
-    for api in apis::<Webhook>(client, namespaces) {
-        streams.push(Box::pin(
-            watcher::watcher(api, watcher::Config::default())
-                .default_backoff()
-                .map(|e| {
-                    e.map_or_else(
-                        |e| Change::WatchError(format!("webhooks: {e}")),
-                        |e| Change::Webhook(Box::new(e)),
-                    )
-                }),
-        ));
-    }
-    for api in apis::<NotificationCondition>(client, namespaces) {
-        streams.push(Box::pin(
-            watcher::watcher(api, watcher::Config::default())
-                .default_backoff()
-                .map(|e| {
-                    e.map_or_else(
-                        |e| Change::WatchError(format!("conditions: {e}")),
-                        Change::Condition,
-                    )
-                }),
-        ));
-    }
-    for api in apis::<PartialObjectMeta<Secret>>(client, namespaces) {
-        streams.push(Box::pin(
-            watcher::watcher(api, watcher::Config::default())
-                .default_backoff()
-                .map(|e| {
-                    e.map_or_else(
-                        |e| Change::WatchError(format!("secrets: {e}")),
-                        Change::Secret,
-                    )
-                }),
-        ));
-    }
-    if watch_events {
-        for api in apis::<k8s_openapi::api::events::v1::Event>(client, namespaces) {
-            streams.push(Box::pin(
+    apis::<K>(client, namespaces)
+        .into_iter()
+        .map(|api| -> ChangeStream {
+            Box::pin(
                 watcher::watcher(api, watcher::Config::default())
                     .default_backoff()
-                    .map(|e| {
-                        e.map_or_else(
-                            |e| Change::WatchError(format!("events: {e}")),
-                            |e| Change::KubeEvent(Box::new(e)),
-                        )
+                    .map(move |e| {
+                        e.map_or_else(|e| Change::WatchError(format!("{what}: {e}")), wrap)
                     }),
-            ));
-        }
+            )
+        })
+        .collect()
+}
+
+fn watches(client: &Client, namespaces: &[String], watch_events: bool) -> Vec<ChangeStream> {
+    let mut streams = watch::<Webhook>(client, namespaces, "webhooks", |e| {
+        Change::Webhook(Box::new(e))
+    });
+    streams.extend(watch::<NotificationCondition>(
+        client,
+        namespaces,
+        "conditions",
+        Change::Condition,
+    ));
+    streams.extend(watch::<PartialObjectMeta<Secret>>(
+        client,
+        namespaces,
+        "secrets",
+        Change::Secret,
+    ));
+    if watch_events {
+        streams.extend(watch::<k8s_openapi::api::events::v1::Event>(
+            client,
+            namespaces,
+            "events",
+            |e| Change::KubeEvent(Box::new(e)),
+        ));
     }
     streams
 }
