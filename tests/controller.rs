@@ -312,14 +312,26 @@ async fn secret_rotation_and_deletion_take_effect_without_a_restart() {
         .await;
 
     apply(&secret("third-token"));
-    wait_webhook(&client, ns, "hook", "Ready again", |w| {
+    let wh = wait_webhook(&client, ns, "hook", "Ready again", |w| {
         ready_is(w, "True", "Ready")
     })
     .await;
-    assert!(
-        !controller.log().contains("second-token"),
-        "a secret reached the log"
-    );
+    // No token reaches the log, the status or an Event.
+    let status = serde_json::to_string(&wh.status).expect("status");
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let events = serde_json::to_string(
+        &events
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items,
+    )
+    .expect("events");
+    for token in ["first-token", "second-token", "third-token"] {
+        assert!(!controller.log().contains(token), "{token} reached the log");
+        assert!(!status.contains(token), "{token} reached the status");
+        assert!(!events.contains(token), "{token} reached an Event");
+    }
 }
 
 #[tokio::test]
