@@ -234,7 +234,9 @@ impl ReceiverArgs {
     fn config(&self) -> anyhow::Result<ReceiverConfig> {
         Ok(ReceiverConfig {
             body_limit: self.body_limit,
+            // Read once now so a wrong path fails at start; then re-read whenever it changes.
             token: read_token(&self.receiver_token_file)?,
+            token_file: self.receiver_token_file.clone(),
             ..ReceiverConfig::default()
         })
     }

@@ -27,6 +27,9 @@ pub struct ReceiverConfig {
     pub body_limit: usize,
     /// When set, callers must send `Authorization: Bearer <token>`.
     pub token: Option<Sensitive<String>>,
+    /// A file holding that token, read again whenever it changes (a mounted Secret rotates
+    /// without a restart). Takes precedence over `token`.
+    pub token_file: Option<std::path::PathBuf>,
     /// Seconds to put in `Retry-After` when Herald is full.
     pub retry_after_seconds: u64,
     /// Longest time one request may take, body included.
@@ -40,6 +43,7 @@ impl Default for ReceiverConfig {
         ReceiverConfig {
             body_limit: DEFAULT_BODY_LIMIT,
             token: None,
+            token_file: None,
             retry_after_seconds: 10,
             request_timeout: Duration::from_secs(30),
             payload: alert::PayloadLimits::default(),
@@ -51,6 +55,45 @@ impl Default for ReceiverConfig {
 struct AppState {
     herald: Herald,
     config: ReceiverConfig,
+    token_file: std::sync::Arc<std::sync::Mutex<TokenFile>>,
+}
+
+/// The last token read from `token_file`, and the file's modification time then.
+#[derive(Default)]
+struct TokenFile {
+    modified: Option<std::time::SystemTime>,
+    token: Option<Sensitive<String>>,
+}
+
+impl AppState {
+    /// The token callers must present now, if any.
+    fn expected_token(&self) -> Option<Sensitive<String>> {
+        let Some(path) = &self.config.token_file else {
+            return self.config.token.clone();
+        };
+        let mut cache = self.token_file.lock().unwrap_or_else(|e| e.into_inner());
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if modified.is_none() || modified != cache.modified {
+            match std::fs::read_to_string(path) {
+                Ok(text) if !text.trim().is_empty() => {
+                    cache.token = Some(Sensitive::new(text.trim().to_string()));
+                    cache.modified = modified;
+                }
+                // Keep the last good token while the file is missing or empty (mid-rotation).
+                Ok(_) => tracing::warn!(file = %path.display(), "receiver token file is empty"),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), "cannot read the receiver token file: {e}")
+                }
+            }
+        }
+        // Fail closed: with a token file configured, no readable token means nobody gets in.
+        Some(
+            cache
+                .token
+                .clone()
+                .unwrap_or_else(|| Sensitive::new(String::new())),
+        )
+    }
 }
 
 /// The receiver's router.
@@ -66,7 +109,11 @@ pub fn router(herald: Herald, config: ReceiverConfig) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             timeout,
         ))
-        .with_state(AppState { herald, config })
+        .with_state(AppState {
+            herald,
+            config,
+            token_file: Default::default(),
+        })
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -132,7 +179,7 @@ fn authorized(headers: &HeaderMap, token: &Sensitive<String>) -> bool {
     else {
         return false;
     };
-    given.as_bytes().ct_eq(token.expose().as_bytes()).into()
+    !token.expose().is_empty() && bool::from(given.as_bytes().ct_eq(token.expose().as_bytes()))
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
@@ -156,8 +203,8 @@ async fn receive(
 ) -> Response {
     let metrics = state.herald.metrics().clone();
     let (parts, body): (_, Body) = request.into_parts();
-    if let Some(token) = &state.config.token
-        && !authorized(&parts.headers, token)
+    if let Some(token) = state.expected_token()
+        && !authorized(&parts.headers, &token)
     {
         metrics.rejected("unauthorized");
         let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");

@@ -306,3 +306,44 @@ async fn health_readiness_and_metrics() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_rotated_receiver_token_file_takes_effect_without_a_restart() {
+    let (herald, _) = core::core();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("token");
+    std::fs::write(&file, "first\n").expect("write");
+    let addr = start(
+        herald,
+        ReceiverConfig {
+            token_file: Some(file.clone()),
+            ..ReceiverConfig::default()
+        },
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let post = |token: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .post(format!("http://{addr}/api/v1/alerts"))
+                .header("content-type", "application/json")
+                .header("authorization", format!("Bearer {token}"))
+                .body(v1_payload(json!([])).to_string())
+                .send()
+                .await
+                .expect("request")
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(post("first").await, 200);
+    assert_eq!(post("second").await, 401);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    std::fs::write(&file, "second").expect("rotate");
+    assert_eq!(post("second").await, 200);
+    assert_eq!(post("first").await, 401);
+    // A file emptied mid-rotation keeps the last good token.
+    std::fs::write(&file, "").expect("empty");
+    assert_eq!(post("second").await, 200);
+}
