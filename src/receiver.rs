@@ -80,7 +80,10 @@ impl AppState {
                     cache.modified = modified;
                 }
                 // Keep the last good token while the file is missing or empty (mid-rotation).
-                Ok(_) => tracing::warn!(file = %path.display(), "receiver token file is empty"),
+                Ok(_) => {
+                    tracing::warn!(file = %path.display(), "receiver token file is empty; keeping the last token");
+                    cache.modified = modified;
+                }
                 Err(e) => {
                     tracing::warn!(file = %path.display(), "cannot read the receiver token file: {e}")
                 }
