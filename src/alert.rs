@@ -287,14 +287,20 @@ pub struct ParseError {
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ParseError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|err| {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();
         ParseError {
             path: if path.is_empty() { ".".into() } else { path },
             message: err.into_inner().to_string(),
         }
-    })
+    })?;
+    // Anything but white space after the document is an error, not something to ignore.
+    de.end().map_err(|err| ParseError {
+        path: ".".into(),
+        message: err.to_string(),
+    })?;
+    Ok(value)
 }
 
 /// Parses an Alertmanager webhook payload (`POST /api/v1/alerts`).
@@ -344,6 +350,17 @@ mod tests {
         let body = br#"{"alerts":[{"labels":{"alertname":5}}]}"#;
         let err = parse_alertmanager(body).expect_err("label values are strings");
         assert_eq!(err.path, "alerts[0].labels.alertname");
+    }
+
+    #[test]
+    fn trailing_bytes_are_an_error() {
+        let err = parse_alertmanager(br#"{"alerts": []} trailing"#).expect_err("trailing");
+        assert!(
+            err.message.contains("trailing characters"),
+            "{}",
+            err.message
+        );
+        assert!(parse_alertmanager(b"{\"alerts\": []}\n  ").is_ok());
     }
 
     #[test]

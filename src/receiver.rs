@@ -225,6 +225,18 @@ async fn receive(
         );
     }
     let limit = state.config.body_limit;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        metrics.rejected("too_large");
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body larger than {limit} bytes"),
+        );
+    }
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(bytes) => bytes,
         Err(err) => {
@@ -287,6 +299,28 @@ async fn receive(
             );
             response
         }
+    }
+}
+
+/// Waits until the client has sent enough to tell its protocol: the whole HTTP/2 preface, or
+/// a first byte that cannot start one. False when the connection closes or time runs out.
+async fn preface_arrives(stream: &tokio::net::TcpStream, timeout: Duration) -> bool {
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; 24];
+    loop {
+        let seen = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return false,
+            Ok(Ok(n)) => n,
+        };
+        if seen >= H2_PREFACE.len() || !H2_PREFACE.starts_with(&buf[..seen]) {
+            return true;
+        }
+        // Part of the preface is there; peek returns at once until more arrives.
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -363,12 +397,18 @@ pub async fn serve_with_limits(
                 .clone()
                 .map_request(|req: hyper::Request<hyper::body::Incoming>| req.map(Body::new)),
         );
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let header_read_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            let _ = connection.await;
+            // hyper's header timeout starts with the first byte of HTTP/1; a client that sends
+            // nothing, or trickles the HTTP/2 preface, is cut off here instead.
+            if preface_arrives(&stream, header_read_timeout).await {
+                let connection = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let _ = watcher.watch(connection).await;
+            }
             drop(permit);
         });
     }
