@@ -220,12 +220,17 @@ impl Default for PayloadLimits {
 }
 
 impl AlertBatch {
-    /// Checks the batch against limits; the error names the offending path.
-    pub fn check(&self, limits: &PayloadLimits) -> Result<(), ParseError> {
+    /// Checks the batch against limits; the error names the offending path, under `root` (the
+    /// alerts' array in the request: `alerts` for a webhook payload, empty for an API v2 array).
+    pub fn check(&self, limits: &PayloadLimits, root: &str) -> Result<(), ParseError> {
         let refuse = |path: String, message: String| Err(ParseError { path, message });
         if self.alerts.len() > limits.max_alerts {
             return refuse(
-                "alerts".into(),
+                if root.is_empty() {
+                    ".".into()
+                } else {
+                    root.to_string()
+                },
                 format!(
                     "{} alerts in one request; at most {} are accepted",
                     self.alerts.len(),
@@ -240,7 +245,7 @@ impl AlertBatch {
             ] {
                 if set.len() > limits.max_labels {
                     return refuse(
-                        format!("alerts[{i}].{field}"),
+                        format!("{root}[{i}].{field}"),
                         format!(
                             "{} entries; at most {} are accepted",
                             set.len(),
@@ -251,7 +256,7 @@ impl AlertBatch {
                 for (name, value) in set {
                     if name.len() > limits.max_name_bytes {
                         return refuse(
-                            format!("alerts[{i}].{field}"),
+                            format!("{root}[{i}].{field}"),
                             format!(
                                 "a name of {} bytes; at most {} are accepted",
                                 name.len(),
@@ -261,7 +266,7 @@ impl AlertBatch {
                     }
                     if value.len() > limits.max_value_bytes {
                         return refuse(
-                            format!("alerts[{i}].{field}.{name}"),
+                            format!("{root}[{i}].{field}.{name}"),
                             format!(
                                 "a value of {} bytes; at most {} are accepted",
                                 value.len(),
@@ -389,9 +394,13 @@ mod tests {
             max_value_bytes: 5,
             ..PayloadLimits::default()
         };
-        let err = batch.check(&limits).expect_err("too long");
+        let err = batch.check(&limits, "alerts").expect_err("too long");
         assert_eq!(err.path, "alerts[1].labels.b");
-        assert!(batch.check(&PayloadLimits::default()).is_ok());
+        assert_eq!(
+            batch.check(&limits, "").expect_err("too long").path,
+            "[1].labels.b"
+        );
+        assert!(batch.check(&PayloadLimits::default(), "alerts").is_ok());
     }
 
     #[test]

@@ -164,11 +164,18 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
 }
 
 async fn alertmanager_v1(State(state): State<AppState>, request: Request) -> Response {
-    receive(state, request, "/api/v1/alerts", alert::parse_alertmanager).await
+    receive(
+        state,
+        request,
+        "/api/v1/alerts",
+        "alerts",
+        alert::parse_alertmanager,
+    )
+    .await
 }
 
 async fn alerts_v2(State(state): State<AppState>, request: Request) -> Response {
-    receive(state, request, "/api/v2/alerts", |body| {
+    receive(state, request, "/api/v2/alerts", "", |body| {
         alert::parse_v2(body, k8s_openapi::jiff::Timestamp::now())
     })
     .await
@@ -202,6 +209,7 @@ async fn receive(
     state: AppState,
     request: Request,
     endpoint: &'static str,
+    root: &'static str,
     parse: impl FnOnce(&[u8]) -> Result<AlertBatch, ParseError>,
 ) -> Response {
     let metrics = state.herald.metrics().clone();
@@ -253,7 +261,7 @@ async fn receive(
             return error(StatusCode::BAD_REQUEST, format!("cannot read body: {err}"));
         }
     };
-    let batch = match parse(&bytes).and_then(|b| b.check(&state.config.payload).map(|()| b)) {
+    let batch = match parse(&bytes).and_then(|b| b.check(&state.config.payload, root).map(|()| b)) {
         Ok(batch) => batch,
         Err(err) => {
             metrics.rejected("invalid_payload");

@@ -151,6 +151,26 @@ fn describe(err: reqwest::Error) -> String {
     message
 }
 
+/// The start of an error body: at most 1 KiB read, secret values masked, 200 characters kept.
+async fn error_snippet(mut response: reqwest::Response, target: &Target) -> String {
+    const READ: usize = 1024;
+    let mut bytes = Vec::new();
+    while bytes.len() < READ {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let take = chunk.len().min(READ - bytes.len());
+                bytes.extend_from_slice(&chunk[..take]);
+            }
+            _ => break,
+        }
+    }
+    target
+        .redact(&String::from_utf8_lossy(&bytes))
+        .chars()
+        .take(200)
+        .collect()
+}
+
 /// Parses `Retry-After`: delay-seconds or an HTTP date.
 pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
     let text = value.to_str().ok()?.trim();
@@ -223,15 +243,12 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
             } else {
                 AttemptClass::Final
             };
-            // Drain a little of the body so the connection can be reused; ignore its content.
+            // A little of an error body helps users; more could be anything, even an echo of
+            // our own credentials, so read at most 1 KiB and mask secret values.
             let snippet = if class == AttemptClass::Success {
                 None
             } else {
-                response
-                    .text()
-                    .await
-                    .ok()
-                    .map(|t| t.chars().take(200).collect::<String>())
+                Some(error_snippet(response, target).await)
             };
             let latency = started.elapsed();
             let error = (class != AttemptClass::Success).then(|| match snippet {

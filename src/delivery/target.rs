@@ -40,6 +40,8 @@ pub struct Target {
     authorization: Option<Sensitive<HeaderValue>>,
     headers: Sensitive<HeaderMap>,
     signing_keys: Vec<Sensitive<Vec<u8>>>,
+    /// Every secret value this target sends, to mask them in anything the endpoint echoes back.
+    secret_values: Vec<Sensitive<String>>,
     client: reqwest::Client,
 }
 
@@ -174,6 +176,7 @@ impl Target {
             )),
         };
 
+        let mut secret_values: Vec<Sensitive<String>> = Vec::new();
         let authorization = match spec.auth.kind {
             AuthType::None => None,
             kind => {
@@ -187,12 +190,16 @@ impl Target {
                     .name;
                 let data = secret(&lookup, name, "auth")?;
                 let value = if kind == AuthType::Bearer {
-                    format!("Bearer {}", text(data, name, "token")?)
+                    let token = text(data, name, "token")?;
+                    secret_values.push(Sensitive::new(token.to_string()));
+                    format!("Bearer {token}")
                 } else {
                     let user = text(data, name, "username")?;
                     let password = text(data, name, "password")?;
                     let encoded = base64::engine::general_purpose::STANDARD
                         .encode(format!("{user}:{password}"));
+                    secret_values.push(Sensitive::new(password.to_string()));
+                    secret_values.push(Sensitive::new(encoded.clone()));
                     format!("Basic {encoded}")
                 };
                 let mut value = HeaderValue::from_str(&value).map_err(|_| {
@@ -214,7 +221,9 @@ impl Target {
             let data = secret(&lookup, &r.name, "headers")?;
             for (name, value) in data.iter() {
                 let origin = format!("Secret {:?}", r.name);
-                insert_header(&mut headers, name, trim_bytes(value), &origin)?;
+                let value = trim_bytes(value);
+                insert_header(&mut headers, name, value, &origin)?;
+                secret_values.push(Sensitive::new(String::from_utf8_lossy(value).into_owned()));
             }
         }
 
@@ -224,6 +233,11 @@ impl Target {
                 let r = &signing.secret_ref;
                 let data = secret(&lookup, &r.name, "signing")?;
                 let value = text(data, &r.name, &r.key)?;
+                secret_values.extend(
+                    value
+                        .split_whitespace()
+                        .map(|v| Sensitive::new(v.to_string())),
+                );
                 parse_signing_secrets(value)
                     .map_err(|e| {
                         NotReady::new(
@@ -315,6 +329,10 @@ impl Target {
             authorization,
             headers: Sensitive::new(headers),
             signing_keys,
+            secret_values: secret_values
+                .into_iter()
+                .filter(|v| v.expose().len() >= 4)
+                .collect(),
             client,
         })
     }
@@ -322,6 +340,18 @@ impl Target {
     /// The compiled custom body template, if any.
     pub fn template(&self) -> Option<&minijinja::Environment<'static>> {
         self.template.as_deref()
+    }
+
+    /// Masks every secret value this target sends (token, password, header values, signing
+    /// secrets) in a text that came back from the endpoint.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for secret in &self.secret_values {
+            if out.contains(secret.expose().as_str()) {
+                out = out.replace(secret.expose().as_str(), "[redacted]");
+            }
+        }
+        out
     }
 
     /// The HTTP client for this webhook.
@@ -421,6 +451,25 @@ mod tests {
         assert!(
             !format!("{t:?}").contains("abc"),
             "Debug must not print the token"
+        );
+    }
+
+    #[test]
+    fn secret_values_are_masked_in_echoed_text() {
+        let s = spec(
+            "url: http://x\nauth: {type: Bearer, secretRef: {name: a}}\nheadersSecretRef: {name: h}\n",
+        );
+        let t = build(
+            &s,
+            &[
+                ("a", data(&[("token", "tok-secret")])),
+                ("h", data(&[("X-Key", "hdr-secret")])),
+            ],
+        )
+        .expect("ready");
+        assert_eq!(
+            t.redact("bad token tok-secret and key hdr-secret"),
+            "bad token [redacted] and key [redacted]"
         );
     }
 
