@@ -1,0 +1,465 @@
+//! `herald-bench`: starts everything on loopback and prints a table.
+//!
+//! 1. Throughput and latency of Herald (`herald run`, 100 Webhooks, each alert matching 10 of
+//!    them through conditions) at a fixed offered load and at saturation.
+//! 2. The same load through a minimal forwarder (the ceiling) and 3. through Alertmanager's
+//!    own webhook fan-out with the equivalent routing tree (the peer).
+//! 4. Scale: route resolution per alert with 10 to 10,000 Webhooks, and `herald controller`'s
+//!    initial sync and memory with 1,000 and 10,000 Webhooks in a real API server.
+//!
+//! Run it with `cargo run --release -p herald-bench` (add `-- --quick` for about a minute);
+//! docs/benchmarks.md explains every figure.
+
+mod cluster;
+mod fixture;
+mod forwarder;
+mod load;
+mod probe;
+mod procs;
+mod report;
+mod sink;
+mod suts;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::load::{Ingest, Load, Mode};
+use crate::report::{Phase, Report, RouteRow, ScaleRow, SystemRow};
+use crate::sink::Sink;
+use crate::suts::Sut;
+
+#[derive(Parser)]
+#[command(name = "herald-bench", about = "Loopback benchmark of Herald")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Sub>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Sub {
+    /// The minimal forwarder (started by the benchmark itself).
+    #[command(hide = true)]
+    Forwarder(forwarder::ForwarderArgs),
+    /// In-process probes for profiling.
+    #[command(hide = true, subcommand)]
+    Probe(probe::Probe),
+}
+
+#[derive(clap::Args, Clone, Debug)]
+struct RunArgs {
+    /// About a minute: short phases, scale with 1,000 Webhooks only.
+    #[arg(long)]
+    quick: bool,
+    /// The herald binary; default: build it (`cargo build --release`) and use the one next to
+    /// this executable.
+    #[arg(long)]
+    herald_bin: Option<PathBuf>,
+    /// Fixed offered load, in alerts per second (each alert is 10 deliveries).
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    /// Seconds per load phase (default 10, 4 with --quick).
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Senders in the saturation phase.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Alert deliveries accepted but not yet at the sinks, at most, in the saturation phase
+    /// (Herald's default --max-pending).
+    #[arg(long, default_value_t = 20_000)]
+    max_outstanding: u64,
+    /// Webhook counts for the controller scale runs (default 1000,10000; 1000 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    scale: Option<Vec<usize>>,
+    /// Longest wait for the controller's initial sync, in seconds (default 45, 20 with --quick).
+    #[arg(long)]
+    sync_limit: Option<u64>,
+    /// Parts to run: throughput, alertmanager, routing, scale (default: all).
+    #[arg(long, value_delimiter = ',')]
+    only: Option<Vec<String>>,
+    /// Also write the Markdown report here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+impl RunArgs {
+    fn wants(&self, part: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|parts| parts.iter().any(|p| p == part))
+    }
+
+    fn phase_duration(&self) -> Duration {
+        Duration::from_secs(self.duration.unwrap_or(if self.quick { 4 } else { 10 }))
+    }
+
+    fn sync_limit(&self) -> Duration {
+        Duration::from_secs(self.sync_limit.unwrap_or(if self.quick { 20 } else { 45 }))
+    }
+
+    fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(if self.quick { 10 } else { 15 })
+    }
+}
+
+/// Webhooks in the throughput runs.
+const WEBHOOKS: usize = 100;
+/// Deliveries per alert (webhooks sharing a team).
+const FANOUT: u64 = fixture::PER_TEAM as u64;
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Some(Sub::Forwarder(args)) => runtime.block_on(forwarder::run(args)),
+        Some(Sub::Probe(probe)) => runtime.block_on(probe::run(probe)),
+        None => runtime.block_on(bench(cli.run)),
+    }
+}
+
+/// Builds the herald binary next to this one unless told which to use.
+fn herald_binary(args: &RunArgs) -> Result<PathBuf> {
+    if let Some(path) = &args.herald_bin {
+        return Ok(path.clone());
+    }
+    let here = std::env::current_exe().context("locating herald-bench")?;
+    let dir = here.parent().context("herald-bench's directory")?;
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        eprintln!("building herald (cargo build --release -p herald -p herald-bench --bins)...");
+        // The same package selection as `cargo run -p herald-bench` plus herald's binary, so
+        // dependencies resolve to the same features and nothing is compiled twice.
+        let mut build = Command::new(cargo);
+        // `cargo run` gives this process its package's variables (CARGO_PKG_NAME, OUT_DIR, ...);
+        // build scripts such as ring's rerun when those differ, so the inner build must not
+        // see them, or it would rebuild half the dependency tree.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy().into_owned();
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_MANIFEST_")
+                || name.starts_with("CARGO_BIN_")
+                || matches!(
+                    name.as_str(),
+                    "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "OUT_DIR"
+                )
+            {
+                build.env_remove(&name);
+            }
+        }
+        let status = build
+            .current_dir(cluster::repo_root())
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "herald",
+                "-p",
+                "herald-bench",
+                "--bins",
+            ])
+            .status()
+            .context("running cargo build")?;
+        if !status.success() {
+            bail!("cargo build --release failed");
+        }
+    }
+    let path = dir.join("herald");
+    if !path.is_file() {
+        bail!(
+            "{} not found: build it with `cargo build --release --bin herald` or pass --herald-bin",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+async fn bench(args: RunArgs) -> Result<()> {
+    let started = Instant::now();
+    let herald = herald_binary(&args)?;
+    let work = tempfile::Builder::new().prefix("herald-bench-").tempdir()?;
+    let mut report = Report::new(&args.quick, &herald, args.rate, args.phase_duration());
+    let sink = Sink::start().await?;
+    let mut phase_id = 0u32;
+
+    if args.wants("routing") {
+        eprintln!("route resolution (in process)...");
+        report.routes = route_resolution(if args.quick { 0.3 } else { 1.0 });
+    }
+
+    if args.wants("throughput") || args.wants("alertmanager") {
+        let mut systems: Vec<(&str, Ingest)> = Vec::new();
+        if args.wants("throughput") {
+            systems.push(("Herald", Ingest::AlertmanagerWebhook));
+            systems.push(("minimal forwarder", Ingest::AlertmanagerWebhook));
+        }
+        if args.wants("alertmanager") {
+            systems.push(("Alertmanager", Ingest::AlertmanagerApiV2));
+        }
+        for (name, ingest) in systems {
+            eprintln!("throughput: {name}...");
+            let mut sut = match name {
+                "Herald" => suts::start_herald(&herald, work.path(), WEBHOOKS, &sink.url()).await?,
+                "minimal forwarder" => {
+                    suts::start_forwarder(work.path(), WEBHOOKS, &sink.url()).await?
+                }
+                _ => suts::start_alertmanager(work.path(), WEBHOOKS, &sink.url()).await?,
+            };
+            let idle_rss = sut.proc.memory_kib().0;
+            let mut phases = Vec::new();
+            for mode in [
+                Mode::Fixed {
+                    alerts_per_second: args.rate,
+                },
+                Mode::Saturate {
+                    concurrency: args.concurrency,
+                    max_outstanding: args.max_outstanding,
+                },
+            ] {
+                phase_id += 1;
+                let phase = measure(
+                    &mut sut,
+                    &sink,
+                    ingest,
+                    mode,
+                    &args,
+                    args.phase_duration(),
+                    WEBHOOKS,
+                    phase_id,
+                )
+                .await?;
+                eprintln!("  {}", phase.summary());
+                phases.push(phase);
+            }
+            let (_, peak) = sut.proc.memory_kib();
+            report.systems.push(SystemRow {
+                name: name.to_string(),
+                ready_after: sut.ready_after,
+                idle_rss_kib: idle_rss,
+                peak_rss_kib: peak,
+                phases,
+            });
+            sut.proc.stop(Duration::from_secs(5));
+        }
+        report.alertmanager_version = suts::find_on_path("prometheus-alertmanager")
+            .map(|p| suts::version(&p))
+            .unwrap_or_default();
+    }
+
+    if args.wants("scale") {
+        let sizes = args.scale.clone().unwrap_or_else(|| {
+            if args.quick {
+                vec![1_000]
+            } else {
+                vec![1_000, 10_000]
+            }
+        });
+        report.scale = scale(&args, &herald, &sink, work.path(), &sizes, &mut phase_id).await?;
+    }
+
+    report.total = started.elapsed();
+    let text = report.markdown();
+    println!("{text}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
+}
+
+/// One load phase against a running system; waits for the deliveries to drain.
+#[allow(clippy::too_many_arguments)]
+async fn measure(
+    sut: &mut Sut,
+    sink: &Sink,
+    ingest: Ingest,
+    mode: Mode,
+    args: &RunArgs,
+    duration: Duration,
+    webhooks: usize,
+    phase_id: u32,
+) -> Result<Phase> {
+    sut.proc.check_alive()?;
+    let stats = sink.stats.clone();
+    stats.begin(phase_id);
+    let cpu_before = sut.proc.cpu_seconds();
+    let outcome = load::run(
+        Load {
+            ingest,
+            addr: sut.addr.clone(),
+            mode,
+            duration,
+            teams: fixture::teams(webhooks),
+            fanout: FANOUT,
+            phase: phase_id,
+        },
+        stats.clone(),
+    )
+    .await;
+    stats.end_window();
+    let window_end = Instant::now();
+    let expected = outcome.accepted_alerts() * FANOUT;
+    let deadline = window_end + args.drain_timeout();
+    while stats.alerts.load(std::sync::atomic::Ordering::Relaxed) < expected
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Anything beyond the expected count (duplicates) would show up here.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let drained = window_end.elapsed();
+    let cpu = sut.proc.cpu_seconds() - cpu_before;
+    sut.proc.check_alive()?;
+    Ok(Phase::from_stats(
+        mode, &outcome, &stats, expected, cpu, drained,
+    ))
+}
+
+/// Route resolution per alert, in process, for each size and layout.
+fn route_resolution(seconds: f64) -> Vec<RouteRow> {
+    use herald::routing::Subject;
+    let mut rows = Vec::new();
+    for layout in [fixture::Layout::ClusterWide, fixture::Layout::Tenants] {
+        for webhooks in [10usize, 1_000, 10_000] {
+            let built = Instant::now();
+            let table = fixture::table(webhooks, layout);
+            let build = built.elapsed();
+            let alerts = fixture::alerts(layout, webhooks, 256);
+            let matched = table.resolve(Subject::alert(&alerts[0])).len();
+            let started = Instant::now();
+            let mut iterations = 0u64;
+            let mut total = 0usize;
+            while started.elapsed().as_secs_f64() < seconds {
+                for alert in &alerts {
+                    total += std::hint::black_box(table.resolve(Subject::alert(alert))).len();
+                }
+                iterations += alerts.len() as u64;
+            }
+            let per_alert = started.elapsed() / iterations.max(1) as u32;
+            std::hint::black_box(total);
+            rows.push(RouteRow {
+                layout: layout.name(),
+                webhooks,
+                matched,
+                per_alert,
+                build,
+            });
+        }
+    }
+    rows
+}
+
+async fn scale(
+    args: &RunArgs,
+    herald: &std::path::Path,
+    sink: &Sink,
+    dir: &std::path::Path,
+    sizes: &[usize],
+    phase_id: &mut u32,
+) -> Result<Vec<ScaleRow>> {
+    let mut rows = Vec::new();
+    let load_duration = args.phase_duration().min(Duration::from_secs(10));
+    let fixed = Mode::Fixed {
+        alerts_per_second: args.rate,
+    };
+    eprintln!("scale: starting etcd and kube-apiserver...");
+    let (plane, client) = cluster::start_plane().await?;
+    let mut created = 0usize;
+    let mut sizes = sizes.to_vec();
+    // Objects are only ever added: each size includes the previous ones.
+    sizes.sort_unstable();
+    sizes.dedup();
+    for webhooks in sizes {
+        eprintln!("scale: {webhooks} webhooks: creating objects...");
+        let create_time = cluster::create_objects(&client, created, webhooks, &sink.url()).await?;
+        created = webhooks;
+        eprintln!("scale: {webhooks} webhooks: herald controller...");
+        let started =
+            cluster::start_controller(herald, &plane, dir, webhooks, args.sync_limit()).await?;
+        let sync_cpu = started.proc.cpu_seconds();
+        let (ready_rss, _) = started.proc.memory_kib();
+        let progress = started.progress.clone();
+        let sync_time = started.ready_after;
+        let mut sut = Sut {
+            proc: started.proc,
+            addr: started.addr,
+            ready_after: started.ready_after.unwrap_or_default(),
+        };
+        let phase = match sync_time {
+            Some(_) => {
+                *phase_id += 1;
+                let phase = measure(
+                    &mut sut,
+                    sink,
+                    Ingest::AlertmanagerWebhook,
+                    fixed,
+                    args,
+                    load_duration,
+                    webhooks,
+                    *phase_id,
+                )
+                .await?;
+                eprintln!("  {}", phase.summary());
+                Some(phase)
+            }
+            None => {
+                eprintln!(
+                    "  not synced after {:.0} s: {:?} (s, webhooks in table, ready)",
+                    args.sync_limit().as_secs_f64(),
+                    progress
+                );
+                None
+            }
+        };
+        let (_, peak) = sut.proc.memory_kib();
+        sut.proc.stop(Duration::from_secs(5));
+
+        eprintln!("scale: {webhooks} webhooks: herald run (standalone)...");
+        let standalone_dir = dir.join(format!("standalone-{webhooks}"));
+        std::fs::create_dir_all(&standalone_dir)?;
+        let mut standalone =
+            suts::start_herald(herald, &standalone_dir, webhooks, &sink.url()).await?;
+        let (standalone_rss, _) = standalone.proc.memory_kib();
+        *phase_id += 1;
+        let standalone_phase = measure(
+            &mut standalone,
+            sink,
+            Ingest::AlertmanagerWebhook,
+            fixed,
+            args,
+            load_duration,
+            webhooks,
+            *phase_id,
+        )
+        .await?;
+        eprintln!("  {}", standalone_phase.summary());
+        let (_, standalone_peak) = standalone.proc.memory_kib();
+        standalone.proc.stop(Duration::from_secs(5));
+
+        rows.push(ScaleRow {
+            webhooks,
+            create_time,
+            sync_time,
+            sync_limit: args.sync_limit(),
+            progress,
+            sync_cpu,
+            ready_rss_kib: ready_rss,
+            peak_rss_kib: peak,
+            phase,
+            standalone_ready: standalone.ready_after,
+            standalone_rss_kib: standalone_rss,
+            standalone_peak_kib: standalone_peak,
+            standalone_phase,
+        });
+    }
+    drop(client);
+    tokio::task::spawn_blocking(move || drop(plane)).await?;
+    Ok(rows)
+}

@@ -1,0 +1,480 @@
+//! The figures and the Markdown table they are printed as.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::load::{LoadOutcome, Mode};
+use crate::sink::SinkStats;
+
+/// One load phase against one system.
+#[derive(Clone, Debug)]
+pub struct Phase {
+    pub mode: Mode,
+    pub seconds: f64,
+    pub sent_batches: u64,
+    pub accepted_alerts_per_s: f64,
+    /// Deliveries (POSTs at the sinks) per second inside the load window.
+    pub deliveries_per_s: f64,
+    /// Deliveries at the sinks in the whole phase, drain included.
+    pub deliveries: u64,
+    /// Alert deliveries at the sinks (equal to `deliveries` here: one alert per POST).
+    pub alert_deliveries: u64,
+    pub expected: u64,
+    pub rejected: u64,
+    pub errors: u64,
+    pub behind: u64,
+    pub stale: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub cpu_seconds: f64,
+    pub drain: Duration,
+}
+
+impl Phase {
+    pub fn from_stats(
+        mode: Mode,
+        outcome: &LoadOutcome,
+        stats: &SinkStats,
+        expected: u64,
+        cpu_seconds: f64,
+        drain: Duration,
+    ) -> Phase {
+        let seconds = outcome.elapsed.as_secs_f64();
+        let latencies = stats.sorted_latencies();
+        let pct = |p: f64| -> f64 {
+            if latencies.is_empty() {
+                return f64::NAN;
+            }
+            let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+            latencies[i] as f64 / 1e6
+        };
+        Phase {
+            mode,
+            seconds,
+            sent_batches: outcome.batches_sent,
+            accepted_alerts_per_s: outcome.accepted_alerts() as f64 / seconds,
+            deliveries_per_s: stats.posts_in_window.load(Ordering::Relaxed) as f64 / seconds,
+            deliveries: stats.posts.load(Ordering::Relaxed),
+            alert_deliveries: stats.alerts.load(Ordering::Relaxed),
+            expected,
+            rejected: outcome.batches_rejected,
+            errors: outcome.errors,
+            behind: outcome.behind,
+            stale: stats.stale.load(Ordering::Relaxed),
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            max_ms: pct(1.0),
+            cpu_seconds,
+            drain,
+        }
+    }
+
+    pub fn load_name(&self) -> String {
+        match self.mode {
+            Mode::Fixed { alerts_per_second } => format!("fixed {alerts_per_second:.0} alerts/s"),
+            Mode::Saturate { .. } => "saturation".to_string(),
+        }
+    }
+
+    /// CPU seconds per 1,000 deliveries.
+    pub fn cpu_per_1000(&self) -> f64 {
+        if self.deliveries == 0 {
+            f64::NAN
+        } else {
+            self.cpu_seconds / self.deliveries as f64 * 1000.0
+        }
+    }
+
+    /// Alert deliveries that never arrived (accepted but not delivered within the drain time).
+    pub fn missing(&self) -> u64 {
+        self.expected.saturating_sub(self.alert_deliveries)
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "{}: {} POSTs in {:.1} s, accepted {:.0} alerts/s, {:.0} deliveries/s, p50 {:.1} ms, p99 {:.1} ms, \
+             max {:.1} ms, {:.3} CPU s/1k, missing {}, 503 {}, errors {}, behind {}, stale {}, drained in {:.1} s",
+            self.load_name(),
+            self.sent_batches,
+            self.seconds,
+            self.accepted_alerts_per_s,
+            self.deliveries_per_s,
+            self.p50_ms,
+            self.p99_ms,
+            self.max_ms,
+            self.cpu_per_1000(),
+            self.missing(),
+            self.rejected,
+            self.errors,
+            self.behind,
+            self.stale,
+            self.drain.as_secs_f64(),
+        )
+    }
+}
+
+/// One system of the throughput runs.
+#[derive(Clone, Debug)]
+pub struct SystemRow {
+    pub name: String,
+    pub ready_after: Duration,
+    pub idle_rss_kib: u64,
+    pub peak_rss_kib: u64,
+    pub phases: Vec<Phase>,
+}
+
+impl SystemRow {
+    fn saturation(&self) -> Option<&Phase> {
+        self.phases
+            .iter()
+            .find(|p| matches!(p.mode, Mode::Saturate { .. }))
+    }
+}
+
+/// Route resolution for one table.
+#[derive(Clone, Debug)]
+pub struct RouteRow {
+    pub layout: &'static str,
+    pub webhooks: usize,
+    pub matched: usize,
+    pub per_alert: Duration,
+    pub build: Duration,
+}
+
+/// The controller with N webhooks.
+#[derive(Clone, Debug)]
+pub struct ScaleRow {
+    pub webhooks: usize,
+    pub create_time: Duration,
+    /// Spawn to `/readyz`; `None` when not synced within `sync_limit`.
+    pub sync_time: Option<Duration>,
+    pub sync_limit: Duration,
+    /// `(seconds, webhooks in the table, ready)` while syncing.
+    pub progress: Vec<(f64, u64, u64)>,
+    pub sync_cpu: f64,
+    pub ready_rss_kib: u64,
+    pub peak_rss_kib: u64,
+    /// The fixed load against the synced controller.
+    pub phase: Option<Phase>,
+    pub standalone_ready: Duration,
+    pub standalone_rss_kib: u64,
+    pub standalone_peak_kib: u64,
+    pub standalone_phase: Phase,
+}
+
+/// Everything measured in one run.
+pub struct Report {
+    pub quick: bool,
+    pub herald: String,
+    pub rate: f64,
+    pub phase_duration: Duration,
+    pub systems: Vec<SystemRow>,
+    pub routes: Vec<RouteRow>,
+    pub scale: Vec<ScaleRow>,
+    pub alertmanager_version: String,
+    pub total: Duration,
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+fn ms(v: f64) -> String {
+    if v.is_nan() {
+        "–".into()
+    } else if v < 10.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+fn shell(cmd: &str) -> String {
+    Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "**missed**" }
+}
+
+impl Report {
+    pub fn new(quick: &bool, herald: &Path, rate: f64, phase_duration: Duration) -> Report {
+        Report {
+            quick: *quick,
+            herald: herald.display().to_string(),
+            rate,
+            phase_duration,
+            systems: Vec::new(),
+            routes: Vec::new(),
+            scale: Vec::new(),
+            alertmanager_version: String::new(),
+            total: Duration::ZERO,
+        }
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let root = crate::cluster::repo_root();
+        let root = root.display();
+        let _ = writeln!(
+            out,
+            "## herald-bench results{}\n",
+            if self.quick { " (--quick)" } else { "" }
+        );
+        let _ = writeln!(
+            out,
+            "- machine: `nproc` = {}, {}; kernel {}",
+            shell("nproc"),
+            shell("lscpu | sed -n 's/^Model name: *//p' | head -1"),
+            shell("uname -r"),
+        );
+        let _ = writeln!(
+            out,
+            "- herald: {} (git {}{})",
+            self.herald,
+            shell(&format!("git -C {root} rev-parse --short HEAD")),
+            if shell(&format!(
+                "git -C {root} status --porcelain -- src Cargo.toml"
+            ))
+            .is_empty()
+            {
+                ""
+            } else {
+                ", with uncommitted changes"
+            },
+        );
+        if !self.alertmanager_version.is_empty() {
+            let _ = writeln!(out, "- peer: {}", self.alertmanager_version);
+        }
+        let _ = writeln!(
+            out,
+            "- load: POSTs of 10 alerts; each alert matches 10 of 100 webhooks (1 alert per delivery); \
+             fixed load {:.0} alerts/s = {:.0} deliveries/s; saturation = 4 closed-loop senders, \
+             at most 20,000 deliveries outstanding; {} s per phase; total run {:.0} s\n",
+            self.rate,
+            self.rate * 10.0,
+            self.phase_duration.as_secs(),
+            self.total.as_secs_f64()
+        );
+
+        if !self.systems.is_empty() {
+            let _ = writeln!(out, "### 1-3. Throughput and latency (100 webhooks)\n");
+            let _ = writeln!(
+                out,
+                "| system | load | accepted alerts/s | deliveries/s | p50 ms | p99 ms | max ms | CPU s / 1k deliveries | missing | 503s |"
+            );
+            let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|");
+            for system in &self.systems {
+                for phase in &system.phases {
+                    let _ = writeln!(
+                        out,
+                        "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {:.3} | {} | {} |",
+                        system.name,
+                        phase.load_name(),
+                        phase.accepted_alerts_per_s,
+                        phase.deliveries_per_s,
+                        ms(phase.p50_ms),
+                        ms(phase.p99_ms),
+                        ms(phase.max_ms),
+                        phase.cpu_per_1000(),
+                        phase.missing(),
+                        phase.rejected,
+                    );
+                }
+            }
+            let _ = writeln!(
+                out,
+                "\n| system | ready after | RSS idle MiB | peak RSS MiB (VmHWM) |"
+            );
+            let _ = writeln!(out, "|---|--:|--:|--:|");
+            for system in &self.systems {
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.2} s | {} | {} |",
+                    system.name,
+                    system.ready_after.as_secs_f64(),
+                    mib(system.idle_rss_kib),
+                    mib(system.peak_rss_kib)
+                );
+            }
+            let find = |name: &str| self.systems.iter().find(|s| s.name == name);
+            if let Some(herald) = find("Herald").and_then(SystemRow::saturation) {
+                out.push('\n');
+                for (other, label) in [
+                    (
+                        "minimal forwarder",
+                        "of the minimal forwarder's (the ceiling)",
+                    ),
+                    ("Alertmanager", "of Alertmanager's (the peer)"),
+                ] {
+                    if let Some(o) = find(other).and_then(SystemRow::saturation) {
+                        let _ = writeln!(
+                            out,
+                            "- Herald at saturation: **{:.0}%** {label} deliveries/s ({:.0} vs {:.0}); \
+                             CPU per delivery {:.2}x; p50 latency at the fixed load {} vs {} ms",
+                            100.0 * herald.deliveries_per_s / o.deliveries_per_s,
+                            herald.deliveries_per_s,
+                            o.deliveries_per_s,
+                            herald.cpu_per_1000() / o.cpu_per_1000(),
+                            find("Herald")
+                                .map(|s| ms(s.phases[0].p50_ms))
+                                .unwrap_or_default(),
+                            find(other)
+                                .map(|s| ms(s.phases[0].p50_ms))
+                                .unwrap_or_default(),
+                        );
+                    }
+                }
+            }
+            out.push('\n');
+        }
+
+        if !self.routes.is_empty() {
+            let _ = writeln!(
+                out,
+                "### 4a. Route resolution per alert (in process, `Table::resolve`)\n"
+            );
+            let _ = writeln!(
+                out,
+                "| layout | webhooks + conditions | matched per alert | µs per alert | table build ms |"
+            );
+            let _ = writeln!(out, "|---|--:|--:|--:|--:|");
+            for row in &self.routes {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {:.2} | {:.1} |",
+                    row.layout,
+                    row.webhooks,
+                    row.matched,
+                    row.per_alert.as_secs_f64() * 1e6,
+                    row.build.as_secs_f64() * 1e3
+                );
+            }
+            out.push('\n');
+        }
+
+        if !self.scale.is_empty() {
+            let _ = writeln!(
+                out,
+                "### 4b. Scale: herald controller on a real API server, and herald run\n"
+            );
+            let _ = writeln!(
+                out,
+                "| webhooks + conditions | objects created in | controller sync (spawn → /readyz) | controller CPU s in sync | controller RSS at sync MiB | controller peak RSS MiB | controller deliveries/s | p50 / p99 ms | `herald run` ready | `herald run` RSS loaded MiB | `herald run` peak RSS under load MiB | `herald run` deliveries/s | p50 / p99 ms |"
+            );
+            let _ = writeln!(out, "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+            for row in &self.scale {
+                let sync = match row.sync_time {
+                    Some(t) => format!("{:.2} s", t.as_secs_f64()),
+                    None => {
+                        let (_, total, ready) = row.progress.last().copied().unwrap_or_default();
+                        format!(
+                            "**not synced after {:.0} s** ({total} in table, {ready} ready)",
+                            row.sync_limit.as_secs_f64()
+                        )
+                    }
+                };
+                let (rate, lat) = match &row.phase {
+                    Some(p) => (
+                        format!("{:.0}", p.deliveries_per_s),
+                        format!("{} / {}", ms(p.p50_ms), ms(p.p99_ms)),
+                    ),
+                    None => ("–".into(), "–".into()),
+                };
+                let s = &row.standalone_phase;
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.1} s | {} | {:.1} | {} | {} | {} | {} | {:.2} s | {} | {} | {:.0} | {} / {} |",
+                    row.webhooks,
+                    row.create_time.as_secs_f64(),
+                    sync,
+                    row.sync_cpu,
+                    mib(row.ready_rss_kib),
+                    mib(row.peak_rss_kib),
+                    rate,
+                    lat,
+                    row.standalone_ready.as_secs_f64(),
+                    mib(row.standalone_rss_kib),
+                    mib(row.standalone_peak_kib),
+                    s.deliveries_per_s,
+                    ms(s.p50_ms),
+                    ms(s.p99_ms),
+                );
+            }
+            for row in self.scale.iter().filter(|r| r.sync_time.is_none()) {
+                let points: Vec<String> = row
+                    .progress
+                    .iter()
+                    .map(|(t, total, ready)| format!("{t:.0} s: {total}/{ready}"))
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "\n- controller with {} webhooks, webhooks in table / ready while syncing: {}",
+                    row.webhooks,
+                    points.join(", ")
+                );
+            }
+            out.push('\n');
+        }
+
+        let _ = writeln!(out, "### Targets (measured, not asserted)\n");
+        let _ = writeln!(out, "| target | measured | |\n|---|---|---|");
+        let herald = self
+            .systems
+            .iter()
+            .find(|s| s.name == "Herald")
+            .and_then(SystemRow::saturation);
+        let forwarder = self
+            .systems
+            .iter()
+            .find(|s| s.name == "minimal forwarder")
+            .and_then(SystemRow::saturation);
+        if let (Some(h), Some(f)) = (herald, forwarder) {
+            let ratio = h.deliveries_per_s / f.deliveries_per_s;
+            let _ = writeln!(
+                out,
+                "| Herald ≥ 70% of the minimal forwarder's throughput | {:.0}% | {} |",
+                ratio * 100.0,
+                verdict(ratio >= 0.7)
+            );
+        }
+        if let Some(r) = self
+            .routes
+            .iter()
+            .filter(|r| r.webhooks == 10_000)
+            .max_by_key(|r| r.per_alert)
+        {
+            let us = r.per_alert.as_secs_f64() * 1e6;
+            let _ = writeln!(
+                out,
+                "| route resolution < 20 µs per alert at 10,000 webhooks | {us:.1} µs ({}) | {} |",
+                r.layout,
+                verdict(us < 20.0)
+            );
+        }
+        if let Some(r) = self.scale.iter().find(|r| r.webhooks == 10_000) {
+            let peak = r.peak_rss_kib.max(r.standalone_peak_kib) as f64 / 1024.0;
+            let _ = writeln!(
+                out,
+                "| peak RSS < 64 MiB with 10,000 webhooks, loaded and under load | controller {} MiB{}, herald run {} MiB | {} |",
+                mib(r.peak_rss_kib),
+                if r.sync_time.is_none() {
+                    " (still syncing, no load)"
+                } else {
+                    ""
+                },
+                mib(r.standalone_peak_kib),
+                verdict(peak < 64.0)
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,188 @@
+//! The loopback sinks every system under test delivers to: one HTTP/1.1 listener, any path
+//! (`/wh-N` per webhook), answering 200 at once. For every alert in a delivered body it reads
+//! the `bench_sent_ns` annotation the load generator stamped (`PHASE.NANOS` since the bench
+//! started) and records the end-to-end latency.
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+
+/// Latencies kept per phase at most (bounded memory).
+const MAX_SAMPLES: usize = 4_000_000;
+
+/// Nanoseconds since the bench started: the clock of the `bench_sent_ns` stamps.
+pub fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// What the sinks saw in the current phase.
+#[derive(Default)]
+pub struct SinkStats {
+    phase: AtomicU32,
+    /// POSTs carrying at least one alert of the current phase.
+    pub posts: AtomicU64,
+    /// Alert deliveries (an alert in a POST to a webhook) of the current phase.
+    pub alerts: AtomicU64,
+    /// Alert deliveries that arrived before `window_end_ns`.
+    pub alerts_in_window: AtomicU64,
+    /// POSTs that arrived before `window_end_ns`.
+    pub posts_in_window: AtomicU64,
+    window_end_ns: AtomicU64,
+    /// Alerts of an earlier phase (a late delivery) or without a stamp.
+    pub stale: AtomicU64,
+    /// Bodies that were not a webhook payload.
+    pub unparsable: AtomicU64,
+    /// When the last alert of the current phase arrived.
+    pub last_arrival_ns: AtomicU64,
+    latencies: Mutex<Vec<u64>>,
+}
+
+impl SinkStats {
+    /// Starts counting phase `phase` from zero.
+    pub fn begin(&self, phase: u32) {
+        self.phase.store(phase, Ordering::SeqCst);
+        self.window_end_ns.store(u64::MAX, Ordering::SeqCst);
+        for counter in [
+            &self.posts,
+            &self.alerts,
+            &self.alerts_in_window,
+            &self.posts_in_window,
+            &self.stale,
+            &self.unparsable,
+            &self.last_arrival_ns,
+        ] {
+            counter.store(0, Ordering::SeqCst);
+        }
+        self.latencies.lock().expect("latencies").clear();
+    }
+
+    /// Arrivals from now on no longer count as inside the load window.
+    pub fn end_window(&self) {
+        self.window_end_ns.store(now_ns(), Ordering::SeqCst);
+    }
+
+    /// The latencies (ns) recorded in the current phase, sorted.
+    pub fn sorted_latencies(&self) -> Vec<u64> {
+        let mut latencies = self.latencies.lock().expect("latencies").clone();
+        latencies.sort_unstable();
+        latencies
+    }
+
+    fn record(&self, body: &[u8]) {
+        let now = now_ns();
+        let Ok(payload) = serde_json::from_slice::<Payload<'_>>(body) else {
+            self.unparsable.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let phase = self.phase.load(Ordering::Relaxed);
+        let mut mine = Vec::with_capacity(payload.alerts.len());
+        for alert in &payload.alerts {
+            let stamp = alert
+                .annotations
+                .bench_sent_ns
+                .as_deref()
+                .and_then(|s| s.split_once('.'))
+                .and_then(|(p, ns)| Some((p.parse::<u32>().ok()?, ns.parse::<u64>().ok()?)));
+            match stamp {
+                Some((p, sent)) if p == phase => mine.push(now.saturating_sub(sent)),
+                _ => {
+                    self.stale.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if mine.is_empty() {
+            return;
+        }
+        let n = mine.len() as u64;
+        self.posts.fetch_add(1, Ordering::Relaxed);
+        self.alerts.fetch_add(n, Ordering::Relaxed);
+        if now <= self.window_end_ns.load(Ordering::Relaxed) {
+            self.posts_in_window.fetch_add(1, Ordering::Relaxed);
+            self.alerts_in_window.fetch_add(n, Ordering::Relaxed);
+        }
+        self.last_arrival_ns.fetch_max(now, Ordering::Relaxed);
+        let mut latencies = self.latencies.lock().expect("latencies");
+        if latencies.len() + mine.len() <= MAX_SAMPLES {
+            latencies.extend(mine);
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Payload<'a> {
+    #[serde(borrow, default)]
+    alerts: Vec<PayloadAlert<'a>>,
+}
+
+#[derive(Deserialize)]
+struct PayloadAlert<'a> {
+    #[serde(borrow, default)]
+    annotations: Stamp<'a>,
+}
+
+#[derive(Deserialize, Default)]
+struct Stamp<'a> {
+    #[serde(borrow, default)]
+    bench_sent_ns: Option<Cow<'a, str>>,
+}
+
+/// A running sink listener.
+pub struct Sink {
+    pub addr: SocketAddr,
+    pub stats: Arc<SinkStats>,
+}
+
+impl Sink {
+    /// Binds a loopback port and serves until the runtime stops.
+    pub async fn start() -> Result<Sink> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the sink")?;
+        let addr = listener.local_addr()?;
+        let stats = Arc::new(SinkStats::default());
+        let shared = stats.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let stats = shared.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        let stats = stats.clone();
+                        async move {
+                            if let Ok(body) = request.into_body().collect().await {
+                                stats.record(&body.to_bytes());
+                            }
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Sink { addr, stats })
+    }
+
+    /// The base URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
