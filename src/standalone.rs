@@ -83,6 +83,17 @@ fn manifest_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Most documents one manifest file may hold: a generated file may carry thousands of Webhooks.
+pub const MAX_DOCUMENTS_PER_FILE: usize = 100_000;
+
+fn parse_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_documents: MAX_DOCUMENTS_PER_FILE,
+        },
+    }
+}
+
 fn typed<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, (String, String)> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
@@ -116,13 +127,14 @@ impl Manifests {
                     continue;
                 }
             };
-            let docs: Vec<serde_json::Value> = match serde_saphyr::from_multiple(&text) {
-                Ok(docs) => docs,
-                Err(e) => {
-                    manifests.error(&file, 0, "", format!("invalid YAML: {e}"));
-                    continue;
-                }
-            };
+            let docs: Vec<serde_json::Value> =
+                match serde_saphyr::from_multiple_with_options(&text, parse_options()) {
+                    Ok(docs) => docs,
+                    Err(e) => {
+                        manifests.error(&file, 0, "", format!("invalid YAML: {e}"));
+                        continue;
+                    }
+                };
             for (i, doc) in docs.into_iter().enumerate() {
                 if doc.is_null() {
                     continue;

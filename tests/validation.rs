@@ -113,3 +113,21 @@ fn the_example_alertmanager_configuration_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_file_with_thousands_of_documents_loads_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml: String = (0..1100)
+        .map(|i| {
+            format!("---\napiVersion: herald.dev/v1alpha1\nkind: Webhook\nmetadata: {{name: hook-{i}}}\nspec: {{url: 'http://127.0.0.1:9/x'}}\n")
+        })
+        .collect();
+    std::fs::write(dir.path().join("many.yaml"), yaml).expect("write");
+    let manifests = Manifests::load(dir.path()).expect("read");
+    assert!(
+        manifests.errors.is_empty(),
+        "{:?}",
+        manifests.errors.first()
+    );
+    assert_eq!(manifests.webhooks.len(), 1100);
+}

@@ -202,14 +202,27 @@ impl Controller {
         self.maybe_send_test(&key, webhook);
     }
 
-    /// Readiness may change with conditions: refresh the status of a namespace's webhooks.
-    fn refresh_namespace(&self, namespace: &str) {
+    /// A condition came or went: refresh the readiness shown by the webhooks that name it.
+    /// Skipped during the initial sync, which ends with one pass over every webhook.
+    fn refresh_condition(&self, condition: &ObjectKey) {
+        if !self.herald.is_ready() {
+            return;
+        }
         let table = self.herald.table();
-        for (key, webhook) in self
-            .webhooks
-            .iter()
-            .filter(|(k, _)| k.namespace == namespace)
-        {
+        for (key, webhook) in &self.webhooks {
+            if key.namespace == condition.namespace
+                && webhook.spec.conditions.contains(&condition.name)
+                && let Some(readiness) = table.readiness(key)
+            {
+                self.status.set_ready(webhook, &readiness);
+            }
+        }
+    }
+
+    /// Writes the readiness of every webhook (once the initial sync is complete).
+    fn refresh_all(&self) {
+        let table = self.herald.table();
+        for (key, webhook) in &self.webhooks {
             if let Some(readiness) = table.readiness(key) {
                 self.status.set_ready(webhook, &readiness);
             }
@@ -327,13 +340,13 @@ impl Controller {
                         spec: nc.spec,
                     });
                     self.conditions.insert(key.clone());
-                    self.refresh_namespace(&key.namespace);
+                    self.refresh_condition(&key);
                 }
                 Event::Delete(nc) => {
                     if let Some(key) = key_of(&nc) {
                         self.herald.delete_condition(&key);
                         self.conditions.remove(&key);
-                        self.refresh_namespace(&key.namespace);
+                        self.refresh_condition(&key);
                     }
                 }
                 Event::InitDone => {
@@ -352,7 +365,7 @@ impl Controller {
                         for key in stale {
                             self.herald.delete_condition(&key);
                             self.conditions.remove(&key);
-                            self.refresh_namespace(&key.namespace);
+                            self.refresh_condition(&key);
                         }
                     }
                     self.synced_conditions += 1;
@@ -438,7 +451,13 @@ impl Controller {
                 conditions = self.conditions.len(),
                 "initial sync done"
             );
+            // Deliveries accepted before a restart (with --data-dir) go out again now that
+            // every webhook is known.
+            if let Err(e) = self.herald.engine().resume() {
+                tracing::error!("cannot resume pending deliveries: {e}");
+            }
             self.herald.set_ready(true);
+            self.refresh_all();
         }
     }
 }
