@@ -210,8 +210,8 @@ impl Manifests {
             }
         };
         let problems = match &parsed {
-            Parsed::Webhook(wh) => wh.validate_cel().err().map(cel_errors),
-            Parsed::Condition(nc) => nc.validate_cel().err().map(cel_errors),
+            Parsed::Webhook(wh) => crate::crd::validate_webhook(wh).err().map(cel_errors),
+            Parsed::Condition(nc) => crate::crd::validate_condition(nc).err().map(cel_errors),
             Parsed::Secret(_) => None,
         };
         if let Some(problems) = problems {
