@@ -5,9 +5,12 @@
 FROM rust:1-bookworm AS builder
 WORKDIR /src
 # Only what the release binary is built from (see .dockerignore): a change in tests/, deploy/
-# or charts/ does not invalidate the build.
+# or charts/ does not invalidate the build. The workspace manifest names bench/ and benches/,
+# so cargo needs them present even though the image builds only `herald`.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY bench ./bench
+COPY benches ./benches
 # The cache mounts keep the registry and target/ between builds (BuildKit); the binary is
 # copied out of the cached target/ in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
