@@ -201,6 +201,7 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
     let mut request = target
         .client()
         .post(target.url.clone())
+        .timeout(target.timeout)
         .header(http::header::CONTENT_TYPE, "application/json")
         .header("Idempotency-Key", delivery.id.as_str());
     if let Some(auth) = target.authorization() {

@@ -42,7 +42,96 @@ pub struct Target {
     signing_keys: Vec<Sensitive<Vec<u8>>>,
     /// Every secret value this target sends, to mask them in anything the endpoint echoes back.
     secret_values: Vec<Sensitive<String>>,
-    client: reqwest::Client,
+    client: std::sync::Arc<reqwest::Client>,
+}
+
+/// Everything about a webhook that shapes its HTTP client (not its requests).
+struct Transport {
+    insecure_skip_verify: bool,
+    roots: Vec<u8>,
+    identity: Option<Sensitive<Vec<u8>>>,
+    proxy: Option<String>,
+    deny_link_local: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum TransportError {
+    #[error("proxyURL is not usable: {0}")]
+    Proxy(String),
+    #[error("cannot build the HTTP client: {0}")]
+    Build(String),
+}
+
+type ClientCache =
+    std::sync::Mutex<std::collections::HashMap<[u8; 32], std::sync::Weak<reqwest::Client>>>;
+
+/// Clients in use, by transport digest: webhooks with equal settings share one.
+static CLIENTS: std::sync::LazyLock<ClientCache> = std::sync::LazyLock::new(Default::default);
+
+impl Transport {
+    fn digest(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        hasher.update([
+            u8::from(self.insecure_skip_verify),
+            u8::from(self.deny_link_local),
+        ]);
+        for part in [
+            self.roots.as_slice(),
+            self.identity
+                .as_ref()
+                .map_or(&[][..], |i| i.expose().as_slice()),
+            self.proxy.as_deref().unwrap_or("").as_bytes(),
+        ] {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+        hasher.finalize().into()
+    }
+
+    /// The shared client for these settings, built on first use.
+    fn client(&self) -> Result<std::sync::Arc<reqwest::Client>, TransportError> {
+        let digest = self.digest();
+        let mut cache = CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = cache.get(&digest).and_then(std::sync::Weak::upgrade) {
+            return Ok(client);
+        }
+        let client = std::sync::Arc::new(self.build()?);
+        cache.retain(|_, weak| weak.strong_count() > 0);
+        cache.insert(digest, std::sync::Arc::downgrade(&client));
+        Ok(client)
+    }
+
+    fn build(&self) -> Result<reqwest::Client, TransportError> {
+        let build = |e: reqwest::Error| TransportError::Build(e.without_url().to_string());
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .user_agent(USER_AGENT)
+            .connect_timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(8)
+            .danger_accept_invalid_certs(self.insecure_skip_verify);
+        if !self.roots.is_empty() {
+            for cert in reqwest::Certificate::from_pem_bundle(&self.roots).map_err(build)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        if let Some(identity) = &self.identity {
+            builder =
+                builder.identity(reqwest::Identity::from_pem(identity.expose()).map_err(build)?);
+        }
+        if self.deny_link_local {
+            builder = builder.dns_resolver(super::guard::resolver());
+        }
+        builder = match &self.proxy {
+            Some(proxy) => builder.proxy(
+                reqwest::Proxy::all(proxy).map_err(|e| TransportError::Proxy(e.to_string()))?,
+            ),
+            None => builder.no_proxy(),
+        };
+        builder.build().map_err(build)
+    }
 }
 
 /// Names of every Secret a webhook spec refers to (all in the webhook's own namespace).
@@ -252,70 +341,60 @@ impl Target {
         };
 
         let timeout = Duration::from_secs(u64::from(spec.timeout_seconds.clamp(1, 300)));
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .user_agent(USER_AGENT)
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(4);
+        // Webhooks with the same transport settings share one client and its connection pool;
+        // the timeout is set per request.
+        let mut transport = Transport {
+            insecure_skip_verify: false,
+            roots: Vec::new(),
+            identity: None,
+            proxy: spec.proxy_url.clone(),
+            deny_link_local: policy.deny_link_local,
+        };
         if let Some(tls) = &spec.tls {
-            builder = builder.danger_accept_invalid_certs(tls.insecure_skip_verify);
+            transport.insecure_skip_verify = tls.insecure_skip_verify;
             if let Some(r) = &tls.ca_secret_ref {
                 let data = secret(&lookup, &r.name, "CA bundle")?;
                 let pem = secret_key(data, &r.name, &r.key)?;
-                let certs = reqwest::Certificate::from_pem_bundle(pem)
+                let valid = reqwest::Certificate::from_pem_bundle(pem)
                     .ok()
-                    .filter(|c| !c.is_empty())
-                    .ok_or_else(|| {
-                        NotReady::new(
-                            NotReadyReason::InvalidCa,
-                            format!(
-                                "Secret {:?} key {:?} holds no PEM certificate",
-                                r.name, r.key
-                            ),
-                        )
-                    })?;
-                for cert in certs {
-                    builder = builder.add_root_certificate(cert);
+                    .is_some_and(|c| !c.is_empty());
+                if !valid {
+                    return Err(NotReady::new(
+                        NotReadyReason::InvalidCa,
+                        format!(
+                            "Secret {:?} key {:?} holds no PEM certificate",
+                            r.name, r.key
+                        ),
+                    ));
                 }
+                transport.roots = pem.to_vec();
             }
             if let Some(r) = &tls.client_cert_secret_ref {
                 let data = secret(&lookup, &r.name, "client certificate")?;
                 let mut pem = secret_key(data, &r.name, "tls.crt")?.to_vec();
                 pem.push(b'\n');
                 pem.extend_from_slice(secret_key(data, &r.name, "tls.key")?);
-                let identity = reqwest::Identity::from_pem(&pem).map_err(|_| {
-                    NotReady::new(
+                if reqwest::Identity::from_pem(&pem).is_err() {
+                    return Err(NotReady::new(
                         NotReadyReason::InvalidClientCertificate,
-                        format!("Secret {:?}: tls.crt and tls.key are not a valid PEM certificate and key", r.name),
-                    )
-                })?;
-                builder = builder.identity(identity);
+                        format!(
+                            "Secret {:?}: tls.crt and tls.key are not a valid PEM certificate and key",
+                            r.name
+                        ),
+                    ));
+                }
+                transport.identity = Some(Sensitive::new(pem));
             }
         }
-        if policy.deny_link_local {
-            builder = builder.dns_resolver(super::guard::resolver());
-        }
-        builder = match &spec.proxy_url {
-            Some(proxy) => builder.proxy(
-                reqwest::Proxy::all(proxy)
-                    .map_err(|e| invalid_spec(format!("proxyURL is not usable: {e}")))?,
-            ),
-            None => builder.no_proxy(),
-        };
-        let client = builder.build().map_err(|e| {
-            let reason = if spec
-                .tls
-                .as_ref()
-                .is_some_and(|t| t.client_cert_secret_ref.is_some())
-            {
-                NotReadyReason::InvalidClientCertificate
-            } else {
-                NotReadyReason::InvalidSpec
+        let client = transport.client().map_err(|e| {
+            let reason = match e {
+                TransportError::Proxy(_) => NotReadyReason::InvalidSpec,
+                TransportError::Build(_) if transport.identity.is_some() => {
+                    NotReadyReason::InvalidClientCertificate
+                }
+                TransportError::Build(_) => NotReadyReason::InvalidSpec,
             };
-            NotReady::new(reason, format!("cannot build the HTTP client: {e}"))
+            NotReady::new(reason, e.to_string())
         })?;
 
         Ok(Target {
@@ -554,6 +633,20 @@ mod tests {
         assert!(build_with("http://metadata.google.internal/x", &deny).is_err());
         assert!(build_with("http://hooks.example.com/x", &deny).is_ok());
         assert!(build_with("http://169.254.169.254/x", &TargetPolicy::default()).is_ok());
+    }
+
+    #[test]
+    fn webhooks_with_the_same_transport_share_one_client() {
+        let a = build(&spec("url: http://a.example/x\ntimeoutSeconds: 5\n"), &[]).expect("a");
+        let b = build(&spec("url: http://b.example/y\n"), &[]).expect("b");
+        assert!(std::sync::Arc::ptr_eq(&a.client, &b.client));
+        let proxied = build(
+            &spec("url: http://a.example/x\nproxyURL: http://proxy.example:3128\n"),
+            &[],
+        )
+        .expect("c");
+        assert!(!std::sync::Arc::ptr_eq(&a.client, &proxied.client));
+        assert_eq!(a.timeout, Duration::from_secs(5));
     }
 
     #[test]
