@@ -228,6 +228,12 @@ impl Store {
         self.durable
     }
 
+    /// Whether a record with this outcome keeps the delivery's content: dead letters always (so
+    /// they can be replayed), successes only with `--record-bodies`.
+    pub fn keeps_content(&self, outcome: ReportOutcome) -> bool {
+        outcome != ReportOutcome::Succeeded || self.limits.record_bodies
+    }
+
     /// The record limits.
     pub fn limits(&self) -> RecordLimits {
         self.limits
@@ -287,7 +293,7 @@ impl Store {
     /// again (with the same Idempotency-Key), never lost.
     pub fn finish(&self, mut record: DeliveryRecord) -> Result<(), StoreError> {
         let dead = record.outcome != ReportOutcome::Succeeded;
-        if !dead && !self.limits.record_bodies {
+        if !self.keeps_content(record.outcome) {
             record.delivery = None;
         }
         let prune = {

@@ -229,7 +229,11 @@ impl Shared {
                 report.message.clone()
             },
             test: report.test,
-            delivery: Some(delivery.clone()),
+            // Copy the content only when the record will keep it.
+            delivery: self
+                .store
+                .keeps_content(report.outcome)
+                .then(|| delivery.clone()),
         };
         if let Err(e) = self.store.finish(record) {
             tracing::error!(delivery = %report.delivery_id, "cannot record the delivery: {e}");
