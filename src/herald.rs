@@ -164,19 +164,22 @@ impl Herald {
         batch: AlertBatch,
         kind: WebhookType,
     ) -> Result<SubmitSummary, SubmitError> {
-        let mut per_webhook: BTreeMap<ObjectKey, Vec<usize>> = BTreeMap::new();
-        {
+        // Alert indexes per webhook, gathered under the read lock without cloning keys.
+        let per_webhook: Vec<(ObjectKey, Vec<usize>)> = {
             let table = self.table();
+            let mut per_webhook: BTreeMap<&ObjectKey, Vec<usize>> = BTreeMap::new();
             for (i, alert) in batch.alerts.iter().enumerate() {
                 let subject = match kind {
                     WebhookType::Alarms => Subject::alert(alert),
                     WebhookType::Events => Subject::event(alert),
                 };
-                for key in table.resolve(subject) {
-                    per_webhook.entry(key).or_default().push(i);
-                }
+                table.resolve_each(subject, |key| per_webhook.entry(key).or_default().push(i));
             }
-        }
+            per_webhook
+                .into_iter()
+                .map(|(key, indexes)| (key.clone(), indexes))
+                .collect()
+        };
         let deliveries = per_webhook
             .into_iter()
             .map(|(key, indexes)| {

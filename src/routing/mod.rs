@@ -254,7 +254,7 @@ impl<'a> Subject<'a> {
         }
     }
 
-    fn event_type(&self) -> &str {
+    fn event_type(&self) -> &'a str {
         let label = match self.kind {
             WebhookType::Alarms => "alertname",
             WebhookType::Events => "reason",
@@ -262,54 +262,171 @@ impl<'a> Subject<'a> {
         self.labels.get(label).map(String::as_str).unwrap_or("")
     }
 
-    fn namespace(&self) -> Option<&str> {
+    fn namespace(&self) -> Option<&'a str> {
         self.labels.get("namespace").map(String::as_str)
     }
 }
 
-/// The webhooks of one type in one namespace, by the event types they want.
+/// The webhooks of one type in one namespace, each filed once: by the event types it lists,
+/// else by the first NotificationCondition it names, else among those that want everything.
 #[derive(Debug, Default)]
 struct NamespaceIndex {
-    /// Webhooks with empty `eventTypes`: every event type.
+    /// Webhooks with empty `eventTypes` and no named condition.
     any: BTreeSet<ObjectKey>,
     /// Webhooks by each event type they list.
     by_event_type: HashMap<String, BTreeSet<ObjectKey>>,
+    /// Webhooks with empty `eventTypes`, by the first condition they name: every condition must
+    /// hold, so a subject that fails this one cannot reach them.
+    by_condition: HashMap<String, BTreeSet<ObjectKey>>,
+}
+
+/// Where a webhook is filed in its [`NamespaceIndex`].
+fn filing(spec: &WebhookSpec) -> Filing<'_> {
+    if !spec.event_types.is_empty() {
+        Filing::EventTypes
+    } else if let Some(first) = spec.conditions.first() {
+        Filing::Condition(first)
+    } else {
+        Filing::Any
+    }
+}
+
+enum Filing<'a> {
+    Any,
+    EventTypes,
+    Condition(&'a str),
 }
 
 impl NamespaceIndex {
-    fn insert(&mut self, key: &ObjectKey, event_types: &BTreeSet<String>) {
-        if event_types.is_empty() {
-            self.any.insert(key.clone());
-        }
-        for t in event_types {
-            self.by_event_type
-                .entry(t.clone())
-                .or_default()
-                .insert(key.clone());
+    fn insert(&mut self, key: &ObjectKey, spec: &WebhookSpec, event_types: &BTreeSet<String>) {
+        match filing(spec) {
+            Filing::Any => {
+                self.any.insert(key.clone());
+            }
+            Filing::EventTypes => {
+                for t in event_types {
+                    self.by_event_type
+                        .entry(t.clone())
+                        .or_default()
+                        .insert(key.clone());
+                }
+            }
+            Filing::Condition(name) => {
+                self.by_condition
+                    .entry(name.to_string())
+                    .or_default()
+                    .insert(key.clone());
+            }
         }
     }
 
-    fn remove(&mut self, key: &ObjectKey, event_types: &BTreeSet<String>) {
-        self.any.remove(key);
-        for t in event_types {
-            if let Some(keys) = self.by_event_type.get_mut(t) {
-                keys.remove(key);
-                if keys.is_empty() {
-                    self.by_event_type.remove(t);
+    fn remove(&mut self, key: &ObjectKey, spec: &WebhookSpec, event_types: &BTreeSet<String>) {
+        match filing(spec) {
+            Filing::Any => {
+                self.any.remove(key);
+            }
+            Filing::EventTypes => {
+                for t in event_types {
+                    remove_from(&mut self.by_event_type, t, key);
+                }
+            }
+            Filing::Condition(name) => remove_from(&mut self.by_condition, name, key),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.any.is_empty() && self.by_event_type.is_empty() && self.by_condition.is_empty()
+    }
+}
+
+fn remove_from<T: Ord>(map: &mut HashMap<String, BTreeSet<T>>, name: &str, item: &T) {
+    if let Some(set) = map.get_mut(name) {
+        set.remove(item);
+        if set.is_empty() {
+            map.remove(name);
+        }
+    }
+}
+
+/// The NotificationConditions of one namespace, by one `In` requirement each: a subject can
+/// only satisfy a condition whose anchor label carries one of the anchor values, so resolve
+/// looks up the subject's labels instead of testing every condition.
+#[derive(Debug, Default)]
+struct ConditionIndex {
+    /// Condition names by anchor label, then anchor value.
+    anchored: HashMap<String, HashMap<String, BTreeSet<String>>>,
+    /// Conditions without an `In` requirement: candidates for every subject.
+    unanchored: BTreeSet<String>,
+}
+
+/// The `In` requirement a condition is indexed by: the one with the fewest values.
+fn anchor(spec: &NotificationConditionSpec) -> Option<&LabelRequirement> {
+    spec.match_expressions
+        .iter()
+        .filter(|req| req.operator == LabelOperator::In && !req.values.is_empty())
+        .min_by_key(|req| req.values.len())
+}
+
+impl ConditionIndex {
+    fn insert(&mut self, name: &str, spec: &NotificationConditionSpec) {
+        match anchor(spec) {
+            None => {
+                self.unanchored.insert(name.to_string());
+            }
+            Some(req) => {
+                let by_value = self.anchored.entry(req.key.clone()).or_default();
+                for value in &req.values {
+                    by_value
+                        .entry(value.clone())
+                        .or_default()
+                        .insert(name.to_string());
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, name: &str, spec: &NotificationConditionSpec) {
+        match anchor(spec) {
+            None => {
+                self.unanchored.remove(name);
+            }
+            Some(req) => {
+                if let Some(by_value) = self.anchored.get_mut(&req.key) {
+                    for value in &req.values {
+                        remove_from(by_value, value, &name.to_string());
+                    }
+                    if by_value.is_empty() {
+                        self.anchored.remove(&req.key);
+                    }
                 }
             }
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.any.is_empty() && self.by_event_type.is_empty()
+        self.anchored.is_empty() && self.unanchored.is_empty()
     }
 
-    /// The webhooks that may want this event type.
-    fn candidates<'a>(&'a self, event_type: &str) -> impl Iterator<Item = &'a ObjectKey> {
-        self.any
-            .iter()
-            .chain(self.by_event_type.get(event_type).into_iter().flatten())
+    /// Calls `visit` once for each condition the labels may satisfy.
+    fn candidates<'a>(&'a self, labels: &'a LabelSet, mut visit: impl FnMut(&'a str)) {
+        let mut anchored = |label: &str, value: &str| {
+            if let Some(names) = self.anchored.get(label).and_then(|v| v.get(value)) {
+                names.iter().for_each(|n| visit(n));
+            }
+        };
+        // Walk the smaller side: the anchor labels in use, or the subject's labels.
+        if self.anchored.len() <= labels.len() {
+            for label in self.anchored.keys() {
+                if let Some(value) = labels.get(label) {
+                    anchored(label, value);
+                }
+            }
+        } else {
+            for (label, value) in labels {
+                anchored(label, value);
+            }
+        }
+        self.unanchored.iter().for_each(|n| visit(n));
     }
 }
 
@@ -325,6 +442,8 @@ pub struct Table {
     conditions: HashMap<String, BTreeMap<String, Arc<NotificationConditionSpec>>>,
     /// The subset of `conditions` that have a `webhookSelector`.
     selector_conditions: HashMap<String, BTreeMap<String, Arc<NotificationConditionSpec>>>,
+    /// `conditions` by namespace, indexed by an `In` requirement each.
+    condition_index: HashMap<String, ConditionIndex>,
 }
 
 impl Table {
@@ -350,7 +469,7 @@ impl Table {
             .or_default()
             .entry(input.key.namespace.clone())
             .or_default()
-            .insert(&input.key, &event_types);
+            .insert(&input.key, &input.spec, &event_types);
         self.webhooks
             .insert(input.key.clone(), WebhookEntry { input, event_types });
     }
@@ -363,7 +482,7 @@ impl Table {
         if let Some(namespaces) = self.index.get_mut(&old.input.spec.kind)
             && let Some(index) = namespaces.get_mut(&key.namespace)
         {
-            index.remove(key, &old.event_types);
+            index.remove(key, &old.input.spec, &old.event_types);
             if index.is_empty() {
                 namespaces.remove(&key.namespace);
             }
@@ -372,6 +491,11 @@ impl Table {
 
     /// Adds or replaces a condition.
     pub fn apply_condition(&mut self, input: ConditionInput) {
+        self.unindex_condition(&input.key);
+        self.condition_index
+            .entry(input.key.namespace.clone())
+            .or_default()
+            .insert(&input.key.name, &input.spec);
         let spec = Arc::new(input.spec);
         let with_selector = self
             .selector_conditions
@@ -390,12 +514,29 @@ impl Table {
 
     /// Removes a condition; webhooks naming it stop delivering (fail closed).
     pub fn delete_condition(&mut self, key: &ObjectKey) {
+        self.unindex_condition(key);
         for map in [&mut self.conditions, &mut self.selector_conditions] {
             if let Some(names) = map.get_mut(&key.namespace) {
                 names.remove(&key.name);
                 if names.is_empty() {
                     map.remove(&key.namespace);
                 }
+            }
+        }
+    }
+
+    fn unindex_condition(&mut self, key: &ObjectKey) {
+        let Some(old) = self
+            .conditions
+            .get(&key.namespace)
+            .and_then(|names| names.get(&key.name))
+        else {
+            return;
+        };
+        if let Some(index) = self.condition_index.get_mut(&key.namespace) {
+            index.remove(&key.name, old);
+            if index.is_empty() {
+                self.condition_index.remove(&key.namespace);
             }
         }
     }
@@ -458,36 +599,60 @@ impl Table {
         }
         entry.input.credentials.clone()?;
         let in_ns = self.conditions.get(&entry.input.key.namespace);
-        for name in &entry.input.spec.conditions {
-            if !in_ns.is_some_and(|c| c.contains_key(name)) {
-                return Err(NotReady::new(
-                    NotReadyReason::ConditionNotFound,
-                    format!(
-                        "NotificationCondition {name:?} not found in namespace {:?}; nothing is delivered until it exists",
-                        entry.input.key.namespace
-                    ),
-                ));
-            }
+        match entry
+            .input
+            .spec
+            .conditions
+            .iter()
+            .find(|name| !in_ns.is_some_and(|c| c.contains_key(name.as_str())))
+        {
+            Some(missing) => Err(condition_not_found(entry, missing)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The webhooks that get this subject, sorted by key.
     pub fn resolve(&self, subject: Subject<'_>) -> Vec<ObjectKey> {
         let mut matched = Vec::new();
+        self.resolve_each(subject, |key| matched.push(key.clone()));
+        matched.sort();
+        matched
+    }
+
+    /// Calls `deliver` once for each webhook that gets this subject, in no particular order,
+    /// without allocating: the receiver's path.
+    pub fn resolve_each<'a>(
+        &'a self,
+        subject: Subject<'_>,
+        mut deliver: impl FnMut(&'a ObjectKey),
+    ) {
         let Some(namespaces) = self.index.get(&subject.kind) else {
-            return matched;
+            return;
         };
-        let event_type = subject.event_type();
+        let mut consider = |key: &'a ObjectKey| {
+            if let Some(entry) = self.webhooks.get(key)
+                && self.check(entry, subject).is_ok()
+            {
+                deliver(key);
+            }
+        };
         let mut visit = |namespace: &str| {
-            if let Some(index) = namespaces.get(namespace) {
-                for key in index.candidates(event_type) {
-                    if let Some(entry) = self.webhooks.get(key)
-                        && self.check(entry, subject).is_ok()
-                    {
-                        matched.push(key.clone());
+            let Some(index) = namespaces.get(namespace) else {
+                return;
+            };
+            index.any.iter().for_each(&mut consider);
+            if let Some(keys) = index.by_event_type.get(subject.event_type()) {
+                keys.iter().for_each(&mut consider);
+            }
+            if !index.by_condition.is_empty()
+                && let Some(conditions) = self.condition_index.get(namespace)
+            {
+                // Webhooks filed under a condition that does not exist are not ready: skipped.
+                conditions.candidates(subject.labels, |name| {
+                    if let Some(keys) = index.by_condition.get(name) {
+                        keys.iter().for_each(&mut consider);
                     }
-                }
+                });
             }
         };
         for ns in &self.cluster_namespaces {
@@ -498,8 +663,6 @@ impl Table {
         {
             visit(ns);
         }
-        matched.sort();
-        matched
     }
 
     /// The verdict for every webhook, sorted by key: who gets the subject and why the others don't.
@@ -509,38 +672,48 @@ impl Table {
             .values()
             .map(|entry| Verdict {
                 webhook: entry.input.key.clone(),
-                outcome: self.check(entry, subject),
+                outcome: self.check(entry, subject).map_err(Rejected::into_rejection),
             })
             .collect();
         verdicts.sort_by(|a, b| a.webhook.cmp(&b.webhook));
         verdicts
     }
 
-    fn check(&self, entry: &WebhookEntry, subject: Subject<'_>) -> Result<(), Rejection> {
+    /// Whether a webhook gets a subject; the rejection borrows, so resolve never allocates.
+    fn check<'a>(
+        &'a self,
+        entry: &'a WebhookEntry,
+        subject: Subject<'a>,
+    ) -> Result<(), Rejected<'a>> {
         let spec = &entry.input.spec;
         if !spec.enabled {
-            return Err(Rejection::Disabled);
+            return Err(Rejected::Owned(Rejection::Disabled));
         }
         if spec.kind != subject.kind {
-            return Err(Rejection::WrongType(spec.kind));
+            return Err(Rejected::Owned(Rejection::WrongType(spec.kind)));
         }
-        self.entry_readiness(entry).map_err(Rejection::NotReady)?;
+        if let Err(not_ready) = &entry.input.credentials {
+            return Err(Rejected::NotReady(not_ready));
+        }
         let namespace = &entry.input.key.namespace;
+        let in_ns = self.conditions.get(namespace);
+        if let Some(missing) = spec
+            .conditions
+            .iter()
+            .find(|name| !in_ns.is_some_and(|c| c.contains_key(name.as_str())))
+        {
+            return Err(Rejected::ConditionNotFound { entry, missing });
+        }
         if !self.cluster_namespaces.contains(namespace) && subject.namespace() != Some(namespace) {
-            return Err(Rejection::Tenancy {
-                alert_namespace: subject.namespace().map(str::to_string),
-            });
+            return Err(Rejected::Tenancy(subject.namespace()));
         }
         if !entry.event_types.is_empty() && !entry.event_types.contains(subject.event_type()) {
-            return Err(Rejection::EventTypeNotWanted(
-                subject.event_type().to_string(),
-            ));
+            return Err(Rejected::EventTypeNotWanted(subject.event_type()));
         }
         if subject.status == AlertStatus::Resolved && !spec.send_resolved {
-            return Err(Rejection::ResolvedNotWanted);
+            return Err(Rejected::Owned(Rejection::ResolvedNotWanted));
         }
-        let in_ns = self.conditions.get(namespace);
-        // Named conditions: readiness above guarantees each exists.
+        // Named conditions: each exists (checked above).
         for name in &spec.conditions {
             if let Some(condition) = in_ns.and_then(|c| c.get(name)) {
                 check_condition(name, condition, subject.labels)?;
@@ -561,21 +734,70 @@ impl Table {
     }
 }
 
-fn check_condition(
-    name: &str,
-    condition: &NotificationConditionSpec,
+/// A [`Rejection`] that borrows from the table and the subject until someone wants to keep it.
+enum Rejected<'a> {
+    Owned(Rejection),
+    NotReady(&'a NotReady),
+    ConditionNotFound {
+        entry: &'a WebhookEntry,
+        missing: &'a str,
+    },
+    Tenancy(Option<&'a str>),
+    EventTypeNotWanted(&'a str),
+    ConditionFailed {
+        condition: &'a str,
+        requirement: &'a LabelRequirement,
+    },
+}
+
+impl Rejected<'_> {
+    fn into_rejection(self) -> Rejection {
+        match self {
+            Rejected::Owned(rejection) => rejection,
+            Rejected::NotReady(not_ready) => Rejection::NotReady(not_ready.clone()),
+            Rejected::ConditionNotFound { entry, missing } => {
+                Rejection::NotReady(condition_not_found(entry, missing))
+            }
+            Rejected::Tenancy(alert_namespace) => Rejection::Tenancy {
+                alert_namespace: alert_namespace.map(str::to_string),
+            },
+            Rejected::EventTypeNotWanted(t) => Rejection::EventTypeNotWanted(t.to_string()),
+            Rejected::ConditionFailed {
+                condition,
+                requirement,
+            } => Rejection::ConditionFailed {
+                condition: condition.to_string(),
+                label: requirement.key.clone(),
+                operator: requirement.operator,
+            },
+        }
+    }
+}
+
+fn condition_not_found(entry: &WebhookEntry, name: &str) -> NotReady {
+    NotReady::new(
+        NotReadyReason::ConditionNotFound,
+        format!(
+            "NotificationCondition {name:?} not found in namespace {:?}; nothing is delivered until it exists",
+            entry.input.key.namespace
+        ),
+    )
+}
+
+fn check_condition<'a>(
+    name: &'a str,
+    condition: &'a NotificationConditionSpec,
     labels: &LabelSet,
-) -> Result<(), Rejection> {
+) -> Result<(), Rejected<'a>> {
     match condition
         .match_expressions
         .iter()
         .find(|req| !requirement_holds(req, labels))
     {
         None => Ok(()),
-        Some(req) => Err(Rejection::ConditionFailed {
-            condition: name.to_string(),
-            label: req.key.clone(),
-            operator: req.operator,
+        Some(requirement) => Err(Rejected::ConditionFailed {
+            condition: name,
+            requirement,
         }),
     }
 }

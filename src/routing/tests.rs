@@ -478,3 +478,117 @@ fn resolve_agrees_with_explain() {
         assert_eq!(t.resolve(Subject::alert(&a)), explained);
     }
 }
+
+/// The index narrows candidates by namespace, event type and one `In` requirement per
+/// condition; whatever is applied, changed or deleted, it must pick exactly the webhooks a
+/// full scan (`explain`) accepts.
+#[test]
+fn indexed_resolve_agrees_with_a_full_scan_through_random_changes() {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    const NAMESPACES: [&str; 3] = [CLUSTER_NS, "team-a", "team-b"];
+    const LABELS: [&str; 4] = ["alertname", "severity", "team", "namespace"];
+    const VALUES: [&str; 4] = ["HighCPU", "critical", "team-a", "team-b"];
+    const OPERATORS: [LabelOperator; 4] = [
+        LabelOperator::In,
+        LabelOperator::NotIn,
+        LabelOperator::Exists,
+        LabelOperator::DoesNotExist,
+    ];
+
+    let mut rng = StdRng::seed_from_u64(0x4e7a1d);
+    let pick = |rng: &mut StdRng, items: &[&'static str]| items[rng.random_range(0..items.len())];
+    let mut t = Table::new([CLUSTER_NS.to_string()]);
+    let alerts: Vec<Alert> = (0..64)
+        .map(|_| {
+            let mut labels = LabelSet::new();
+            for label in LABELS {
+                if rng.random_bool(0.7) {
+                    labels.insert(label.to_string(), pick(&mut rng, &VALUES).to_string());
+                }
+            }
+            if rng.random_bool(0.5) {
+                labels.insert("namespace".into(), pick(&mut rng, &NAMESPACES).to_string());
+            }
+            Alert {
+                labels,
+                ..Alert::default()
+            }
+        })
+        .collect();
+
+    for step in 0..400 {
+        let namespace = pick(&mut rng, &NAMESPACES);
+        let name = format!("n{}", rng.random_range(0..6));
+        let key = ObjectKey::new(namespace, name.clone());
+        match rng.random_range(0..10) {
+            0..=3 => {
+                let match_expressions = (0..rng.random_range(1..4))
+                    .map(|_| {
+                        let operator = OPERATORS[rng.random_range(0..OPERATORS.len())];
+                        let values = match operator {
+                            LabelOperator::In | LabelOperator::NotIn => (0..rng.random_range(1..3))
+                                .map(|_| pick(&mut rng, &VALUES).to_string())
+                                .collect(),
+                            _ => Vec::new(),
+                        };
+                        LabelRequirement {
+                            key: pick(&mut rng, &LABELS).to_string(),
+                            operator,
+                            values,
+                        }
+                    })
+                    .collect();
+                let spec: NotificationConditionSpec =
+                    serde_json::from_value(serde_json::json!({"matchExpressions": []}))
+                        .expect("empty condition");
+                t.apply_condition(ConditionInput {
+                    key,
+                    spec: NotificationConditionSpec {
+                        match_expressions,
+                        ..spec
+                    },
+                });
+            }
+            4 => t.delete_condition(&key),
+            5..=8 => {
+                let conditions: Vec<String> = (0..rng.random_range(0..3))
+                    .map(|_| format!("n{}", rng.random_range(0..6)))
+                    .collect();
+                let event_types: Vec<&str> = if rng.random_bool(0.3) {
+                    vec![pick(&mut rng, &["HighCPU", "critical"])]
+                } else {
+                    vec![]
+                };
+                let spec = serde_json::json!({
+                    "url": "https://example.test/hook",
+                    "conditions": conditions,
+                    "eventTypes": event_types,
+                    "sendResolved": rng.random_bool(0.5),
+                });
+                t.apply_webhook(WebhookInput {
+                    key,
+                    labels: BTreeMap::new(),
+                    spec: serde_json::from_value(spec).expect("webhook spec"),
+                    credentials: Ok(()),
+                });
+            }
+            _ => t.delete_webhook(&key),
+        }
+        for a in &alerts {
+            let full_scan: Vec<ObjectKey> = t
+                .explain(Subject::alert(a))
+                .into_iter()
+                .filter(|v| v.outcome.is_ok())
+                .map(|v| v.webhook)
+                .collect();
+            assert_eq!(
+                t.resolve(Subject::alert(a)),
+                full_scan,
+                "step {step}, alert {:?}",
+                a.labels
+            );
+        }
+    }
+}
