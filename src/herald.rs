@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::alert::AlertBatch;
+use crate::alert::{Alert, AlertBatch};
 use crate::crd::{WebhookSpec, WebhookType};
 use crate::delivery::{
     Delivery, DeliveryReport, Engine, EngineConfig, SubmitError, SubmitSummary, Target,
@@ -180,19 +180,15 @@ impl Herald {
                 .map(|(key, indexes)| (key.clone(), indexes))
                 .collect()
         };
+        // Each alert and the batch's labels are shared by every delivery they go into.
+        let alerts: Vec<Arc<Alert>> = batch.alerts.into_iter().map(Arc::new).collect();
+        let group_labels = Arc::new(batch.group_labels);
+        let external_url: Arc<str> = Arc::from(batch.external_url);
         let deliveries = per_webhook
             .into_iter()
             .map(|(key, indexes)| {
-                let alerts = indexes
-                    .into_iter()
-                    .map(|i| batch.alerts[i].clone())
-                    .collect();
-                Delivery::new(
-                    key,
-                    alerts,
-                    batch.group_labels.clone(),
-                    batch.external_url.clone(),
-                )
+                let alerts = indexes.into_iter().map(|i| alerts[i].clone()).collect();
+                Delivery::new(key, alerts, group_labels.clone(), external_url.clone())
             })
             .collect();
         self.engine.submit(deliveries)

@@ -5,6 +5,8 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 
+use std::sync::Arc;
+
 use crate::alert::{Alert, AlertStatus, LabelSet};
 use crate::crd::{BodyFormat, Language, WebhookType};
 use crate::routing::ObjectKey;
@@ -40,7 +42,7 @@ pub struct Notification<'a> {
     /// Human-readable details.
     pub message: String,
     /// The alerts that matched this webhook.
-    pub alerts: &'a [Alert],
+    pub alerts: &'a [Arc<Alert>],
     /// Alertmanager's group labels.
     pub group_labels: &'a LabelSet,
     /// Labels every alert shares.
@@ -62,7 +64,7 @@ pub struct Content<'a> {
     /// Whether this is a test message.
     pub test: bool,
     /// The alerts.
-    pub alerts: &'a [Alert],
+    pub alerts: &'a [Arc<Alert>],
     /// Group labels from Alertmanager.
     pub group_labels: &'a LabelSet,
     /// Alertmanager's URL.
@@ -241,10 +243,10 @@ fn subject_name(alert: &Alert) -> &str {
         .unwrap_or("")
 }
 
-fn names(alerts: &[Alert], language: Language) -> String {
+fn names(alerts: &[Arc<Alert>], language: Language) -> String {
     let unique: BTreeSet<&str> = alerts
         .iter()
-        .map(subject_name)
+        .map(|alert| subject_name(alert))
         .filter(|n| !n.is_empty())
         .collect();
     let shown: Vec<&str> = unique.iter().take(3).copied().collect();
@@ -257,7 +259,7 @@ fn names(alerts: &[Alert], language: Language) -> String {
     }
 }
 
-fn title(alerts: &[Alert], firing: usize, language: Language) -> String {
+fn title(alerts: &[Arc<Alert>], firing: usize, language: Language) -> String {
     let resolved = alerts.len() - firing;
     let names = names(alerts, language);
     match language {
@@ -285,7 +287,7 @@ fn severity_zh(severity: &str) -> &str {
     }
 }
 
-fn message(alerts: &[Alert], language: Language) -> String {
+fn message(alerts: &[Arc<Alert>], language: Language) -> String {
     let mut blocks = Vec::with_capacity(alerts.len());
     for alert in alerts {
         let mut lines = Vec::new();
@@ -378,8 +380,8 @@ fn test_text(webhook: &ObjectKey, language: Language) -> (String, String) {
 mod tests {
     use super::*;
 
-    fn alert(name: &str, status: AlertStatus, severity: &str) -> Alert {
-        Alert {
+    fn alert(name: &str, status: AlertStatus, severity: &str) -> Arc<Alert> {
+        Arc::new(Alert {
             status,
             labels: LabelSet::from([
                 ("alertname".into(), name.into()),
@@ -389,10 +391,10 @@ mod tests {
             annotations: LabelSet::from([("summary".into(), "CPU above 90%".into())]),
             starts_at: "2026-11-25T10:00:00Z".into(),
             ..Alert::default()
-        }
+        })
     }
 
-    fn render(alerts: &[Alert], language: Language, test: bool) -> Notification<'_> {
+    fn render(alerts: &[Arc<Alert>], language: Language, test: bool) -> Notification<'_> {
         static KEY: std::sync::LazyLock<ObjectKey> =
             std::sync::LazyLock::new(|| ObjectKey::new("monitoring", "ops"));
         static EMPTY: LabelSet = LabelSet::new();
@@ -520,7 +522,7 @@ mod tests {
 
     #[test]
     fn many_names_are_shortened() {
-        let alerts: Vec<Alert> = ["A", "B", "C", "D", "E"]
+        let alerts: Vec<Arc<Alert>> = ["A", "B", "C", "D", "E"]
             .iter()
             .map(|n| alert(n, AlertStatus::Firing, "info"))
             .collect();

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -65,7 +65,7 @@ pub struct DeliveryRecord {
     /// The content, kept for dead letters (so they can be replayed) and for every delivery with
     /// `--record-bodies`. Never holds credentials or signatures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub delivery: Option<Delivery>,
+    pub delivery: Option<Arc<Delivery>>,
 }
 
 /// How many records are kept per webhook.
@@ -146,7 +146,7 @@ impl Index {
 
 enum Backend {
     Memory {
-        pending: BTreeMap<String, Delivery>,
+        pending: BTreeMap<String, Arc<Delivery>>,
         records: BTreeMap<String, DeliveryRecord>,
     },
     Disk(redb::Database),
@@ -248,7 +248,7 @@ impl Store {
     }
 
     /// Stores accepted deliveries; on disk this returns only once they are durable.
-    pub fn add_pending(&self, deliveries: &[Delivery]) -> Result<(), StoreError> {
+    pub fn add_pending(&self, deliveries: &[Arc<Delivery>]) -> Result<(), StoreError> {
         match &mut *self.backend() {
             Backend::Memory { pending, .. } => {
                 for d in deliveries {
@@ -272,7 +272,7 @@ impl Store {
     }
 
     /// Every delivery accepted and not finished, oldest first.
-    pub fn pending(&self) -> Result<Vec<Delivery>, StoreError> {
+    pub fn pending(&self) -> Result<Vec<Arc<Delivery>>, StoreError> {
         match &*self.backend() {
             Backend::Memory { pending, .. } => Ok(pending.values().cloned().collect()),
             Backend::Disk(database) => {
@@ -281,7 +281,7 @@ impl Store {
                 let mut out = Vec::new();
                 for entry in table.iter().map_err(db)? {
                     let (key, value) = entry.map_err(db)?;
-                    out.push(decode(key.value(), value.value())?);
+                    out.push(Arc::new(decode(key.value(), value.value())?));
                 }
                 Ok(out)
             }
@@ -301,6 +301,8 @@ impl Store {
             index.add(&record);
             index.overflow(&record, &self.limits)
         };
+        // The pruned ids leave the index once the backend has dropped them.
+        let pruned_class = (!prune.is_empty()).then(|| (record.webhook.clone(), dead));
         let mut backend = self.backend();
         match &mut *backend {
             Backend::Memory { pending, records } => {
@@ -308,7 +310,7 @@ impl Store {
                 for id in &prune {
                     records.remove(id);
                 }
-                records.insert(record.id.clone(), record.clone());
+                records.insert(record.id.clone(), record);
             }
             Backend::Disk(database) => {
                 let mut txn = database.begin_write().map_err(db)?;
@@ -328,10 +330,12 @@ impl Store {
             }
         }
         drop(backend);
-        let mut index = self.index();
-        for id in prune {
-            if let Some(ids) = index.by_webhook.get_mut(&(record.webhook.clone(), dead)) {
-                ids.remove(&id);
+        if let Some(class) = pruned_class {
+            let mut index = self.index();
+            if let Some(ids) = index.by_webhook.get_mut(&class) {
+                for id in prune {
+                    ids.remove(&id);
+                }
             }
         }
         Ok(())
@@ -400,16 +404,16 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn delivery(webhook: &str) -> Delivery {
-        Delivery::new(
+    fn delivery(webhook: &str) -> Arc<Delivery> {
+        Arc::new(Delivery::new(
             webhook.parse().expect("key"),
             vec![],
             Default::default(),
-            String::new(),
-        )
+            Arc::from(""),
+        ))
     }
 
-    fn record(d: &Delivery, outcome: ReportOutcome) -> DeliveryRecord {
+    fn record(d: &Arc<Delivery>, outcome: ReportOutcome) -> DeliveryRecord {
         DeliveryRecord {
             id: d.id.clone(),
             webhook: d.webhook.clone(),

@@ -60,6 +60,7 @@ fn accepted(batch: &AlertBatch) {
         return;
     }
     let webhook = ObjectKey::new("monitoring", "fuzz");
+    let alerts: Vec<std::sync::Arc<_>> = batch.alerts.iter().cloned().map(Into::into).collect();
     for kind in [WebhookType::Alarms, WebhookType::Events] {
         for language in [Language::En, Language::ZhCn] {
             let notification = render::notification(
@@ -67,7 +68,7 @@ fn accepted(batch: &AlertBatch) {
                     webhook: &webhook,
                     kind,
                     test: false,
-                    alerts: &batch.alerts,
+                    alerts: &alerts,
                     group_labels: &batch.group_labels,
                     external_url: &batch.external_url,
                 },

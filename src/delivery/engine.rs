@@ -191,7 +191,7 @@ pub struct SubmitSummary {
 }
 
 struct Job {
-    delivery: Delivery,
+    delivery: Arc<Delivery>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -211,7 +211,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn report(&self, report: DeliveryReport, delivery: &Delivery) {
+    fn report(&self, report: DeliveryReport, delivery: &Arc<Delivery>) {
         self.metrics
             .delivery(&report.webhook, report.outcome.as_str());
         let record = DeliveryRecord {
@@ -255,7 +255,7 @@ impl Shared {
         }
     }
 
-    fn dropped(&self, delivery: &Delivery, why: &str) {
+    fn dropped(&self, delivery: &Arc<Delivery>, why: &str) {
         self.report(
             DeliveryReport {
                 webhook: delivery.webhook.clone(),
@@ -399,7 +399,7 @@ impl Engine {
         let workers = self.workers();
         let mut accepted = Vec::with_capacity(deliveries.len());
         let mut refused = Vec::new();
-        for delivery in deliveries {
+        for delivery in deliveries.into_iter().map(Arc::new) {
             let slot = workers
                 .get(&delivery.webhook)
                 .map(|w| w.queue.try_reserve())
@@ -410,7 +410,7 @@ impl Engine {
                 None => refused.push((delivery, "the webhook is not ready to deliver")),
             }
         }
-        let to_store: Vec<Delivery> = accepted.iter().map(|(d, _)| d.clone()).collect();
+        let to_store: Vec<Arc<Delivery>> = accepted.iter().map(|(d, _)| d.clone()).collect();
         self.shared.store.add_pending(&to_store)?;
         for (delivery, slot) in accepted {
             let Some(permit) = permits.split(1) else {
@@ -441,7 +441,7 @@ impl Engine {
         let pending = self.shared.store.pending()?;
         let total = pending.len();
         let workers = self.workers();
-        let mut by_webhook: HashMap<ObjectKey, Vec<Delivery>> = HashMap::new();
+        let mut by_webhook: HashMap<ObjectKey, Vec<Arc<Delivery>>> = HashMap::new();
         for delivery in pending {
             by_webhook
                 .entry(delivery.webhook.clone())
@@ -499,12 +499,12 @@ impl Engine {
             .clone()
             .ok_or_else(|| ReplayError::NoContent(id.to_string()))?;
         if !self.contains(&delivery.webhook) {
-            return Err(ReplayError::NotReady(delivery.webhook));
+            return Err(ReplayError::NotReady(delivery.webhook.clone()));
         }
         self.shared.store.unindex(&record);
-        let summary = self.submit(vec![delivery.clone()])?;
+        let summary = self.submit(vec![Delivery::clone(&delivery)])?;
         if summary.queued == 0 {
-            return Err(ReplayError::NotReady(delivery.webhook));
+            return Err(ReplayError::NotReady(delivery.webhook.clone()));
         }
         Ok(())
     }
@@ -513,7 +513,7 @@ impl Engine {
     /// `None` when the webhook has no worker (unknown, disabled or not ready).
     pub async fn send_test(&self, key: &ObjectKey) -> Option<DeliveryReport> {
         let target = self.target(key)?;
-        let delivery = Delivery::test(key.clone());
+        let delivery = Arc::new(Delivery::test(key.clone()));
         let result = send(&target, &delivery).await;
         let report = finish(&delivery, 1, &result);
         self.shared.report(report.clone(), &delivery);
@@ -613,7 +613,7 @@ async fn run_worker(
 
 /// A delivery interrupted by cancellation: kept pending when Herald is stopping (resumed at the
 /// next start), dropped and recorded when its webhook went away.
-fn leave_or_drop(shared: &Shared, delivery: &Delivery) {
+fn leave_or_drop(shared: &Shared, delivery: &Arc<Delivery>) {
     if !shared.stopping.is_cancelled() {
         shared.dropped(delivery, "the webhook was removed or can no longer deliver");
     }
@@ -661,7 +661,7 @@ async fn deliver(
     shared: &Shared,
     labels: &WebhookLabels,
     target: &watch::Receiver<Arc<Target>>,
-    delivery: &Delivery,
+    delivery: &Arc<Delivery>,
     cancel: &CancellationToken,
     breaker: &mut Breaker,
 ) {

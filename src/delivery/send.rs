@@ -1,5 +1,6 @@
 //! One HTTP attempt: render, sign, send, classify the answer.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -21,22 +22,22 @@ pub struct Delivery {
     pub webhook: ObjectKey,
     /// A test message.
     pub test: bool,
-    /// The alerts that matched this webhook.
-    pub alerts: Vec<Alert>,
+    /// The alerts that matched this webhook, shared with the other deliveries of their batch.
+    pub alerts: Vec<Arc<Alert>>,
     /// Group labels from Alertmanager.
-    pub group_labels: LabelSet,
+    pub group_labels: Arc<LabelSet>,
     /// Alertmanager's URL.
     #[serde(rename = "externalURL")]
-    pub external_url: String,
+    pub external_url: Arc<str>,
 }
 
 impl Delivery {
     /// A new delivery with a fresh time-ordered id.
     pub fn new(
         webhook: ObjectKey,
-        alerts: Vec<Alert>,
-        group_labels: LabelSet,
-        external_url: String,
+        alerts: Vec<Arc<Alert>>,
+        group_labels: Arc<LabelSet>,
+        external_url: Arc<str>,
     ) -> Self {
         Delivery {
             id: uuid::Uuid::now_v7().to_string(),
@@ -54,7 +55,12 @@ impl Delivery {
         let alert = render::test_alert(&webhook, &now);
         Delivery {
             test: true,
-            ..Delivery::new(webhook, vec![alert], LabelSet::new(), String::new())
+            ..Delivery::new(
+                webhook,
+                vec![Arc::new(alert)],
+                Arc::default(),
+                Arc::from(""),
+            )
         }
     }
 
