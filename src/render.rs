@@ -1,7 +1,7 @@
 //! Human text for notifications: titles and messages in English and Simplified Chinese, and
 //! the JSON body a webhook receives.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
@@ -46,9 +46,9 @@ pub struct Notification<'a> {
     /// Alertmanager's group labels.
     pub group_labels: &'a LabelSet,
     /// Labels every alert shares.
-    pub common_labels: LabelSet,
+    pub common_labels: BTreeMap<&'a str, &'a str>,
     /// Annotations every alert shares.
-    pub common_annotations: LabelSet,
+    pub common_annotations: BTreeMap<&'a str, &'a str>,
     /// Alertmanager's URL.
     #[serde(rename = "externalURL")]
     pub external_url: &'a str,
@@ -224,13 +224,17 @@ pub fn test_alert(webhook: &ObjectKey, now: &str) -> Alert {
     alert
 }
 
-fn common<'a>(mut sets: impl Iterator<Item = &'a LabelSet>) -> LabelSet {
+/// The labels every set shares, borrowed from the alerts.
+fn common<'a>(mut sets: impl Iterator<Item = &'a LabelSet>) -> BTreeMap<&'a str, &'a str> {
     let Some(first) = sets.next() else {
-        return LabelSet::new();
+        return BTreeMap::new();
     };
-    let mut shared = first.clone();
+    let mut shared: BTreeMap<&str, &str> = first
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     for set in sets {
-        shared.retain(|k, v| set.get(k) == Some(v));
+        shared.retain(|k, v| set.get(*k).map(String::as_str) == Some(*v));
     }
     shared
 }
@@ -288,9 +292,13 @@ fn severity_zh(severity: &str) -> &str {
 }
 
 fn message(alerts: &[Arc<Alert>], language: Language) -> String {
-    let mut blocks = Vec::with_capacity(alerts.len());
-    for alert in alerts {
-        let mut lines = Vec::new();
+    // One buffer for the whole message: blocks separated by a blank line, lines by a newline.
+    let mut out = String::with_capacity(alerts.len() * 256);
+    for (i, alert) in alerts.iter().enumerate() {
+        if i > 0 {
+            out.push_str("\n\n");
+        }
+        let mut lines = Lines::new(&mut out);
         let name = subject_name(alert);
         let label = |k: &str| alert.labels.get(k).map(String::as_str);
         let note = ["summary", "description", "message"]
@@ -302,26 +310,26 @@ fn message(alerts: &[Arc<Alert>], language: Language) -> String {
                     AlertStatus::Firing => "is firing",
                     AlertStatus::Resolved => "is resolved",
                 };
-                lines.push(format!("{name} {state}"));
+                lines.push(format_args!("{name} {state}"));
                 if let Some(s) = label("severity") {
-                    lines.push(format!("Severity: {s}"));
+                    lines.push(format_args!("Severity: {s}"));
                 }
                 if let Some(ns) = label("namespace") {
-                    lines.push(format!("Namespace: {ns}"));
+                    lines.push(format_args!("Namespace: {ns}"));
                 }
                 for (k, title) in [("pod", "Pod"), ("node", "Node"), ("instance", "Instance")] {
                     if let Some(v) = label(k) {
-                        lines.push(format!("{title}: {v}"));
+                        lines.push(format_args!("{title}: {v}"));
                     }
                 }
                 if let Some(note) = note {
-                    lines.push(format!("Summary: {note}"));
+                    lines.push(format_args!("Summary: {note}"));
                 }
                 if !alert.starts_at.is_empty() {
-                    lines.push(format!("Started: {}", alert.starts_at));
+                    lines.push(format_args!("Started: {}", alert.starts_at));
                 }
                 if alert.status == AlertStatus::Resolved && !alert.ends_at.is_empty() {
-                    lines.push(format!("Ended: {}", alert.ends_at));
+                    lines.push(format_args!("Ended: {}", alert.ends_at));
                 }
             }
             Language::ZhCn => {
@@ -329,34 +337,55 @@ fn message(alerts: &[Arc<Alert>], language: Language) -> String {
                     AlertStatus::Firing => "告警中",
                     AlertStatus::Resolved => "已恢复",
                 };
-                lines.push(format!("告警名称：{name}"));
-                lines.push(format!("状态：{state}"));
+                lines.push(format_args!("告警名称：{name}"));
+                lines.push(format_args!("状态：{state}"));
                 if let Some(s) = label("severity") {
-                    lines.push(format!("级别：{}", severity_zh(s)));
+                    lines.push(format_args!("级别：{}", severity_zh(s)));
                 }
                 if let Some(ns) = label("namespace") {
-                    lines.push(format!("命名空间：{ns}"));
+                    lines.push(format_args!("命名空间：{ns}"));
                 }
                 for (k, title) in [("pod", "容器组"), ("node", "节点"), ("instance", "实例")]
                 {
                     if let Some(v) = label(k) {
-                        lines.push(format!("{title}：{v}"));
+                        lines.push(format_args!("{title}：{v}"));
                     }
                 }
                 if let Some(note) = note {
-                    lines.push(format!("摘要：{note}"));
+                    lines.push(format_args!("摘要：{note}"));
                 }
                 if !alert.starts_at.is_empty() {
-                    lines.push(format!("开始时间：{}", alert.starts_at));
+                    lines.push(format_args!("开始时间：{}", alert.starts_at));
                 }
                 if alert.status == AlertStatus::Resolved && !alert.ends_at.is_empty() {
-                    lines.push(format!("结束时间：{}", alert.ends_at));
+                    lines.push(format_args!("结束时间：{}", alert.ends_at));
                 }
             }
         }
-        blocks.push(lines.join("\n"));
     }
-    blocks.join("\n\n")
+    out
+}
+
+/// Appends lines to a message block, newline-separated.
+struct Lines<'a> {
+    out: &'a mut String,
+    first: bool,
+}
+
+impl<'a> Lines<'a> {
+    fn new(out: &'a mut String) -> Self {
+        Lines { out, first: true }
+    }
+
+    fn push(&mut self, line: std::fmt::Arguments<'_>) {
+        use std::fmt::Write as _;
+        if !self.first {
+            self.out.push('\n');
+        }
+        self.first = false;
+        // Writing to a String cannot fail.
+        let _ = self.out.write_fmt(line);
+    }
 }
 
 fn test_text(webhook: &ObjectKey, language: Language) -> (String, String) {
@@ -459,10 +488,7 @@ mod tests {
         let n = render(&alerts, Language::En, false);
         assert_eq!(
             n.common_labels,
-            LabelSet::from([
-                ("namespace".into(), "prod".into()),
-                ("severity".into(), "critical".into())
-            ])
+            BTreeMap::from([("namespace", "prod"), ("severity", "critical")])
         );
         assert_eq!(n.title, "[FIRING:2] A, B");
     }

@@ -102,45 +102,45 @@ pub struct RecordFilter {
 
 #[derive(Default)]
 struct Index {
-    /// Record ids per webhook and class (dead letter or not), oldest first.
-    by_webhook: HashMap<(ObjectKey, bool), BTreeSet<String>>,
+    /// Record ids per webhook, oldest first: `[kept, dead letters]`.
+    by_webhook: HashMap<ObjectKey, [BTreeSet<String>; 2]>,
+}
+
+/// The slot of a record's class in [`Index::by_webhook`].
+fn class(record: &DeliveryRecord) -> usize {
+    usize::from(record.outcome != ReportOutcome::Succeeded)
 }
 
 impl Index {
     fn add(&mut self, record: &DeliveryRecord) {
-        self.by_webhook
-            .entry((
-                record.webhook.clone(),
-                record.outcome != ReportOutcome::Succeeded,
-            ))
-            .or_default()
-            .insert(record.id.clone());
+        let ids = match self.by_webhook.get_mut(&record.webhook) {
+            Some(ids) => ids,
+            None => self.by_webhook.entry(record.webhook.clone()).or_default(),
+        };
+        ids[class(record)].insert(record.id.clone());
     }
 
     fn remove(&mut self, record: &DeliveryRecord) {
-        if let Some(ids) = self.by_webhook.get_mut(&(
-            record.webhook.clone(),
-            record.outcome != ReportOutcome::Succeeded,
-        )) {
-            ids.remove(&record.id);
+        if let Some(ids) = self.by_webhook.get_mut(&record.webhook) {
+            ids[class(record)].remove(&record.id);
         }
     }
 
-    /// Ids beyond the limit for this record's webhook and class, oldest first.
-    fn overflow(&self, record: &DeliveryRecord, limits: &RecordLimits) -> Vec<String> {
-        let dead = record.outcome != ReportOutcome::Succeeded;
-        let limit = if dead {
+    /// Removes and returns the ids beyond the limit for this record's webhook and class, oldest
+    /// first.
+    fn overflow(&mut self, record: &DeliveryRecord, limits: &RecordLimits) -> Vec<String> {
+        let class = class(record);
+        let limit = if class == 1 {
             limits.dead_letters
         } else {
             limits.per_webhook
         };
-        self.by_webhook
-            .get(&(record.webhook.clone(), dead))
-            .map(|ids| {
-                let excess = ids.len().saturating_sub(limit);
-                ids.iter().take(excess).cloned().collect()
-            })
-            .unwrap_or_default()
+        let Some(ids) = self.by_webhook.get_mut(&record.webhook) else {
+            return Vec::new();
+        };
+        let ids = &mut ids[class];
+        let excess = ids.len().saturating_sub(limit);
+        (0..excess).filter_map(|_| ids.pop_first()).collect()
     }
 }
 
@@ -292,7 +292,6 @@ impl Store {
     /// Written without waiting for the disk: after a crash a finished delivery may be sent
     /// again (with the same Idempotency-Key), never lost.
     pub fn finish(&self, mut record: DeliveryRecord) -> Result<(), StoreError> {
-        let dead = record.outcome != ReportOutcome::Succeeded;
         if !self.keeps_content(record.outcome) {
             record.delivery = None;
         }
@@ -301,8 +300,6 @@ impl Store {
             index.add(&record);
             index.overflow(&record, &self.limits)
         };
-        // The pruned ids leave the index once the backend has dropped them.
-        let pruned_class = (!prune.is_empty()).then(|| (record.webhook.clone(), dead));
         let mut backend = self.backend();
         match &mut *backend {
             Backend::Memory { pending, records } => {
@@ -327,15 +324,6 @@ impl Store {
                         .map_err(db)?;
                 }
                 txn.commit().map_err(db)?;
-            }
-        }
-        drop(backend);
-        if let Some(class) = pruned_class {
-            let mut index = self.index();
-            if let Some(ids) = index.by_webhook.get_mut(&class) {
-                for id in prune {
-                    ids.remove(&id);
-                }
             }
         }
         Ok(())
