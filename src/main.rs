@@ -2,6 +2,7 @@
 
 /// mimalloc instead of the system allocator: the delivery path allocates per alert on every
 /// worker thread, where glibc's malloc spent a quarter of Herald's CPU time in the benchmark.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

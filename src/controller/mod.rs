@@ -104,12 +104,23 @@ where
             Box::pin(
                 watcher::watcher(api, watcher::Config::default())
                     .default_backoff()
+                    .modify(trim)
                     .map(move |e| {
                         e.map_or_else(|e| Change::WatchError(format!("{what}: {e}")), wrap)
                     }),
             )
         })
         .collect()
+}
+
+/// Drops what Herald never reads and the API server sends with every object: managed fields
+/// and kubectl's copy of the last applied object (the largest parts of a small object).
+fn trim<K: kube::Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
 }
 
 fn watches(client: &Client, namespaces: &[String], watch_events: bool) -> Vec<ChangeStream> {

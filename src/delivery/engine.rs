@@ -577,14 +577,16 @@ async fn run_worker(
             },
         };
         shared.metrics.queue_depth.get_or_create(&labels).dec();
-        deliver(
+        // Boxed: the HTTP send future is large, and an idle worker (most of them, with
+        // thousands of webhooks) should not carry its space.
+        Box::pin(deliver(
             &shared,
             &labels,
             &target,
             &job.delivery,
             &cancel,
             &mut breaker,
-        )
+        ))
         .await;
     }
     queue.close();

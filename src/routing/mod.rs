@@ -434,7 +434,8 @@ impl ConditionIndex {
 #[derive(Debug, Default)]
 pub struct Table {
     cluster_namespaces: BTreeSet<String>,
-    webhooks: HashMap<ObjectKey, WebhookEntry>,
+    /// Boxed: a spec is large, and the map's spare capacity should not hold its size.
+    webhooks: HashMap<ObjectKey, Box<WebhookEntry>>,
     /// Webhook keys by type, namespace and event type: resolve looks only at the webhooks that
     /// can want the subject.
     index: HashMap<WebhookType, HashMap<String, NamespaceIndex>>,
@@ -470,8 +471,10 @@ impl Table {
             .entry(input.key.namespace.clone())
             .or_default()
             .insert(&input.key, &input.spec, &event_types);
-        self.webhooks
-            .insert(input.key.clone(), WebhookEntry { input, event_types });
+        self.webhooks.insert(
+            input.key.clone(),
+            Box::new(WebhookEntry { input, event_types }),
+        );
     }
 
     /// Removes a webhook; removing an unknown one is a no-op.
