@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use rand::Rng;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::queue::JobQueue;
 use super::send::{AttemptClass, AttemptResult, Delivery, send};
 use super::target::Target;
 use crate::metrics::{Metrics, WebhookLabels};
@@ -197,7 +198,7 @@ struct Job {
 
 struct Worker {
     target: watch::Sender<Arc<Target>>,
-    queue: mpsc::Sender<Job>,
+    queue: Arc<JobQueue<Job>>,
     cancel: CancellationToken,
 }
 
@@ -334,20 +335,20 @@ impl Engine {
             return;
         }
         let (target_tx, target_rx) = watch::channel(target);
-        let (queue_tx, queue_rx) = mpsc::channel(self.shared.config.queue_capacity.max(1));
+        let queue = JobQueue::new(self.shared.config.queue_capacity);
         let cancel = self.shutdown.child_token();
         self.tasks.spawn(run_worker(
             self.shared.clone(),
             key.clone(),
             target_rx,
-            queue_rx,
+            queue.clone(),
             cancel.clone(),
         ));
         workers.insert(
             key,
             Worker {
                 target: target_tx,
-                queue: queue_tx,
+                queue,
                 cancel,
             },
         );
@@ -402,8 +403,7 @@ impl Engine {
         for delivery in deliveries.into_iter().map(Arc::new) {
             let slot = workers
                 .get(&delivery.webhook)
-                .map(|w| w.queue.try_reserve())
-                .map(|r| r.map_err(|_| "the webhook's queue is full"));
+                .map(|w| w.queue.try_reserve().ok_or("the webhook's queue is full"));
             match slot {
                 Some(Ok(slot)) => accepted.push((delivery, slot)),
                 Some(Err(why)) => refused.push((delivery, why)),
@@ -416,16 +416,27 @@ impl Engine {
             let Some(permit) = permits.split(1) else {
                 break;
             };
-            self.shared
+            let depth = self
+                .shared
                 .metrics
                 .queue_depth
                 .get_or_create(&WebhookLabels::from(&delivery.webhook))
-                .inc();
-            slot.send(Job {
+                .clone();
+            depth.inc();
+            match slot.send(Job {
                 delivery,
                 _permit: permit,
-            });
-            summary.queued += 1;
+            }) {
+                Ok(()) => summary.queued += 1,
+                Err(job) => {
+                    // The worker stopped between the reservation and now.
+                    depth.dec();
+                    refused.push((
+                        job.delivery,
+                        "the webhook was removed or can no longer deliver",
+                    ));
+                }
+            }
         }
         drop(workers);
         for (delivery, why) in refused {
@@ -467,7 +478,7 @@ impl Engine {
                     };
                     metrics.queue_depth.get_or_create(&labels).inc();
                     if queue
-                        .send(Job {
+                        .push(Job {
                             delivery,
                             _permit: permit,
                         })
@@ -562,7 +573,7 @@ async fn run_worker(
     shared: Arc<Shared>,
     key: ObjectKey,
     target: watch::Receiver<Arc<Target>>,
-    mut queue: mpsc::Receiver<Job>,
+    queue: Arc<JobQueue<Job>>,
     cancel: CancellationToken,
 ) {
     let labels = WebhookLabels::from(&key);
@@ -571,7 +582,7 @@ async fn run_worker(
         let job = tokio::select! {
             biased;
             () = cancel.cancelled() => break,
-            job = queue.recv() => match job {
+            job = queue.pop() => match job {
                 Some(job) => job,
                 None => break,
             },
@@ -591,7 +602,7 @@ async fn run_worker(
     }
     queue.close();
     let mut left = 0usize;
-    while let Ok(job) = queue.try_recv() {
+    while let Some(job) = queue.try_pop() {
         if shared.stopping.is_cancelled() {
             left += 1;
         } else {

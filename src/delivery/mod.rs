@@ -3,6 +3,7 @@
 
 mod engine;
 pub mod guard;
+mod queue;
 mod send;
 pub mod target;
 

@@ -7,7 +7,7 @@ mod selector;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -267,17 +267,18 @@ impl<'a> Subject<'a> {
     }
 }
 
-/// The webhooks of one type in one namespace, each filed once: by the event types it lists,
+/// The webhooks of one type in one namespace (hash sets: most hold one or a few keys, where a
+/// B-tree node would take half a kilobyte), each filed once: by the event types it lists,
 /// else by the first NotificationCondition it names, else among those that want everything.
 #[derive(Debug, Default)]
 struct NamespaceIndex {
     /// Webhooks with empty `eventTypes` and no named condition.
-    any: BTreeSet<ObjectKey>,
+    any: HashSet<ObjectKey>,
     /// Webhooks by each event type they list.
-    by_event_type: HashMap<String, BTreeSet<ObjectKey>>,
+    by_event_type: HashMap<String, HashSet<ObjectKey>>,
     /// Webhooks with empty `eventTypes`, by the first condition they name: every condition must
     /// hold, so a subject that fails this one cannot reach them.
-    by_condition: HashMap<String, BTreeSet<ObjectKey>>,
+    by_condition: HashMap<String, HashSet<ObjectKey>>,
 }
 
 /// Where a webhook is filed in its [`NamespaceIndex`].
@@ -339,7 +340,11 @@ impl NamespaceIndex {
     }
 }
 
-fn remove_from<T: Ord>(map: &mut HashMap<String, BTreeSet<T>>, name: &str, item: &T) {
+fn remove_from<T: Eq + std::hash::Hash>(
+    map: &mut HashMap<String, HashSet<T>>,
+    name: &str,
+    item: &T,
+) {
     if let Some(set) = map.get_mut(name) {
         set.remove(item);
         if set.is_empty() {
@@ -354,9 +359,9 @@ fn remove_from<T: Ord>(map: &mut HashMap<String, BTreeSet<T>>, name: &str, item:
 #[derive(Debug, Default)]
 struct ConditionIndex {
     /// Condition names by anchor label, then anchor value.
-    anchored: HashMap<String, HashMap<String, BTreeSet<String>>>,
+    anchored: HashMap<String, HashMap<String, HashSet<String>>>,
     /// Conditions without an `In` requirement: candidates for every subject.
-    unanchored: BTreeSet<String>,
+    unanchored: HashSet<String>,
 }
 
 /// The `In` requirement a condition is indexed by: the one with the fewest values.
