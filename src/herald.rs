@@ -133,7 +133,7 @@ impl Herald {
         let mut table = self.table_mut();
         table.apply_webhook(WebhookInput {
             key: key.clone(),
-            labels,
+            labels: labels.into(),
             spec,
             credentials,
         });

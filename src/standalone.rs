@@ -51,10 +51,11 @@ impl fmt::Display for ManifestError {
 /// Every valid manifest found in a folder, plus the errors of the invalid ones.
 #[derive(Clone, Debug, Default)]
 pub struct Manifests {
-    /// Webhooks, each with its namespace set.
-    pub webhooks: Vec<Webhook>,
+    /// Webhooks, each with its namespace set (boxed, so that applying them one by one frees
+    /// each as it goes).
+    pub webhooks: Vec<Box<Webhook>>,
     /// Conditions, each with its namespace set.
-    pub conditions: Vec<NotificationCondition>,
+    pub conditions: Vec<Box<NotificationCondition>>,
     /// Secrets by namespace and name.
     pub secrets: HashMap<ObjectKey, SecretData>,
     /// What could not be used, with file and field.
@@ -234,8 +235,8 @@ impl Manifests {
             return;
         }
         match parsed {
-            Parsed::Webhook(wh) => self.webhooks.push(*wh),
-            Parsed::Condition(nc) => self.conditions.push(nc),
+            Parsed::Webhook(wh) => self.webhooks.push(wh),
+            Parsed::Condition(nc) => self.conditions.push(Box::new(nc)),
             Parsed::Secret(secret) => {
                 self.secrets.insert(key, SecretData::from_secret(&secret));
             }
@@ -338,29 +339,37 @@ impl Loader {
 
     /// Reads the folder and applies every change to the core.
     pub fn reload(&mut self, herald: &Herald) -> std::io::Result<ReloadReport> {
-        let manifests = Manifests::load(&self.dir)?;
+        let Manifests {
+            webhooks: manifest_webhooks,
+            conditions: manifest_conditions,
+            secrets,
+            errors,
+        } = Manifests::load(&self.dir)?;
         let mut report = ReloadReport {
-            errors: manifests.errors.clone(),
+            errors,
             ..ReloadReport::default()
         };
 
+        // Manifests are consumed as they are applied: the parsed objects and the table never
+        // both hold everything.
         let mut conditions = HashMap::new();
-        for nc in &manifests.conditions {
+        for nc in manifest_conditions {
             let key = ObjectKey::new(nc.namespace().unwrap_or_default(), nc.name_any());
             let fp = fingerprint(&[&serde_json::to_vec(&nc.spec).unwrap_or_default()]);
             if self.conditions.get(&key) != Some(&fp) {
                 herald.apply_condition(ConditionInput {
                     key: key.clone(),
-                    spec: nc.spec.clone(),
+                    spec: nc.spec,
                 });
             }
             conditions.insert(key, fp);
         }
 
         let mut webhooks = HashMap::new();
-        for wh in &manifests.webhooks {
+        for wh in manifest_webhooks {
+            let wh = *wh;
             let key = ObjectKey::new(wh.namespace().unwrap_or_default(), wh.name_any());
-            let secret = |name: &str| manifests.secrets.get(&ObjectKey::new(&key.namespace, name));
+            let secret = |name: &str| secrets.get(&ObjectKey::new(&key.namespace, name));
             let mut parts: Vec<Vec<u8>> = vec![
                 serde_json::to_vec(&wh.spec).unwrap_or_default(),
                 serde_json::to_vec(&wh.metadata.labels).unwrap_or_default(),
@@ -378,8 +387,8 @@ impl Loader {
                 // Readiness is collected for every webhook below.
                 let _readiness = herald.apply_webhook(
                     key.clone(),
-                    wh.metadata.labels.clone().unwrap_or_default(),
-                    wh.spec.clone(),
+                    wh.metadata.labels.unwrap_or_default(),
+                    wh.spec,
                     secret,
                 );
                 report.applied += 1;

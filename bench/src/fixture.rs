@@ -82,7 +82,8 @@ pub fn table(webhooks: usize, layout: Layout) -> Table {
             key: ObjectKey::new(&namespace, &name),
             labels: [("team".to_string(), format!("team-{}", team_of(i)))]
                 .into_iter()
-                .collect(),
+                .collect::<std::collections::BTreeMap<_, _>>()
+                .into(),
             spec: serde_json::from_value(json!({
                 "url": format!("http://127.0.0.1:9/{name}"),
                 "conditions": [condition],

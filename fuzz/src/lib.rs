@@ -202,7 +202,7 @@ fn webhook(input: &mut Input<'_>) -> WebhookInput {
     };
     WebhookInput {
         key,
-        labels: labels(input, 2),
+        labels: labels(input, 2).into(),
         spec,
         credentials,
     }
@@ -339,9 +339,14 @@ impl Model {
         }
         let selected = self.conditions.iter().filter(|(key, c)| {
             &key.namespace == namespace
-                && c.webhook_selector
-                    .as_ref()
-                    .is_some_and(|s| selects(s, &webhook.labels))
+                && c.webhook_selector.as_ref().is_some_and(|s| {
+                    let labels: BTreeMap<String, String> = webhook
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect();
+                    selects(s, &labels)
+                })
         });
         spec.conditions
             .iter()

@@ -19,7 +19,7 @@ fn table(yaml: &str) -> Table {
                 let wh: Webhook = serde_json::from_value(doc).expect("webhook fixture");
                 table.apply_webhook(WebhookInput {
                     key: ObjectKey::new(namespace, wh.metadata.name.clone().expect("name")),
-                    labels: wh.metadata.labels.clone().unwrap_or_default(),
+                    labels: wh.metadata.labels.clone().unwrap_or_default().into(),
                     spec: wh.spec,
                     credentials: Ok(()),
                 });
@@ -569,7 +569,7 @@ fn indexed_resolve_agrees_with_a_full_scan_through_random_changes() {
                 });
                 t.apply_webhook(WebhookInput {
                     key,
-                    labels: BTreeMap::new(),
+                    labels: Labels::default(),
                     spec: serde_json::from_value(spec).expect("webhook spec"),
                     credentials: Ok(()),
                 });
