@@ -156,7 +156,8 @@ struct Controller {
     herald: Herald,
     status: Arc<StatusWriter>,
     leader: Arc<AtomicBool>,
-    webhooks: HashMap<ObjectKey, Webhook>,
+    /// Boxed: a Webhook is large, and the map's spare capacity should not hold its size.
+    webhooks: HashMap<ObjectKey, Box<Webhook>>,
     conditions: HashSet<ObjectKey>,
     /// Secret data by namespace/name; `None` records that the Secret does not exist.
     secrets: HashMap<ObjectKey, Option<SecretData>>,
@@ -309,7 +310,7 @@ impl Controller {
                         seen.insert(key.clone());
                     }
                     self.reconcile(&webhook).await;
-                    self.webhooks.insert(key, webhook);
+                    self.webhooks.insert(key, Box::new(webhook));
                 }
                 Event::Delete(webhook) => {
                     if let Some(key) = key_of(&webhook) {
@@ -404,7 +405,7 @@ impl Controller {
                     return;
                 }
                 self.secrets.remove(&key);
-                let affected: Vec<Webhook> = self
+                let affected: Vec<Box<Webhook>> = self
                     .webhooks
                     .iter()
                     .filter(|(k, w)| {
@@ -445,7 +446,7 @@ impl Controller {
             },
             Change::Elected => {
                 self.status.mark_all_dirty();
-                let webhooks: Vec<(ObjectKey, Webhook)> = self
+                let webhooks: Vec<(ObjectKey, Box<Webhook>)> = self
                     .webhooks
                     .iter()
                     .map(|(k, w)| (k.clone(), w.clone()))

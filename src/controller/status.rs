@@ -38,7 +38,8 @@ pub struct StatusWriter {
     client: kube::Client,
     recorder: Recorder,
     leader: Arc<AtomicBool>,
-    entries: Mutex<HashMap<ObjectKey, Entry>>,
+    /// Boxed entries: most of an entry's size is unused options.
+    entries: Mutex<HashMap<ObjectKey, Box<Entry>>>,
     wake: Notify,
 }
 
@@ -75,7 +76,7 @@ impl StatusWriter {
         }
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, Entry>> {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, Box<Entry>>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
