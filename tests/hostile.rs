@@ -6,12 +6,11 @@
 #[path = "support/core.rs"]
 mod core;
 
-use std::future::pending;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use herald::alert::PayloadLimits;
-use herald::receiver::{ReceiverConfig, ServerLimits, router, serve_with_limits};
+use herald::receiver::{ReceiverConfig, ServerLimits};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -23,17 +22,7 @@ const V2: &str = "/api/v2/alerts";
 async fn start(config: ReceiverConfig, limits: ServerLimits) -> SocketAddr {
     let (herald, _) = core::core();
     herald.set_ready(true);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(serve_with_limits(
-        listener,
-        router(herald, config),
-        limits,
-        pending(),
-    ));
-    addr
+    core::serve_receiver(herald, config, limits).await
 }
 
 async fn start_default() -> SocketAddr {

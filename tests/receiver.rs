@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use herald::delivery::EngineConfig;
 use herald::herald::Herald;
-use herald::receiver::{ReceiverConfig, router, serve};
+use herald::receiver::{ReceiverConfig, ServerLimits};
 use herald::secret::Sensitive;
 use serde_json::{Value, json};
 use sink::Sink;
@@ -19,16 +19,7 @@ use crate::core::{apply, fast_retry};
 
 /// Serves a receiver on a free loopback port for the rest of the test.
 async fn start(herald: Herald, config: ReceiverConfig) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(serve(
-        listener,
-        router(herald, config),
-        std::future::pending(),
-    ));
-    addr
+    core::serve_receiver(herald, config, ServerLimits::default()).await
 }
 
 fn v1_payload(alerts: Value) -> Value {

@@ -11,7 +11,6 @@ mod process;
 mod sink;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::future::pending;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -20,7 +19,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use herald::delivery::{EngineConfig, ReportOutcome, RetryPolicy};
 use herald::herald::Herald;
-use herald::receiver::{ReceiverConfig, ServerLimits, router, serve_with_limits};
+use herald::receiver::{ReceiverConfig, ServerLimits};
 use process::Running;
 use serde_json::{Value, json};
 use sink::{Reply, Sink};
@@ -156,17 +155,7 @@ impl Drop for PortSink {
 
 async fn serve_core(herald: Herald) -> SocketAddr {
     herald.set_ready(true);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(serve_with_limits(
-        listener,
-        router(herald, ReceiverConfig::default()),
-        ServerLimits::default(),
-        pending(),
-    ));
-    addr
+    core::serve_receiver(herald, ReceiverConfig::default(), ServerLimits::default()).await
 }
 
 async fn down_then_up(down: Down) {

@@ -2,12 +2,14 @@
 //! collected so tests can wait for outcomes.
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use herald::crd::Webhook;
 use herald::delivery::{DeliveryObserver, DeliveryReport, EngineConfig, RetryPolicy};
 use herald::herald::Herald;
+use herald::receiver::{ReceiverConfig, ServerLimits, router, serve_with_limits};
 use herald::routing::{NotReady, ObjectKey};
 use herald::secret::SecretData;
 
@@ -119,4 +121,23 @@ pub fn batch(alerts: &[&[(&str, &str)]]) -> herald::alert::AlertBatch {
             .collect(),
         ..Default::default()
     }
+}
+
+/// Serves a core's receiver on a free loopback port for the rest of the test.
+pub async fn serve_receiver(
+    herald: Herald,
+    config: ReceiverConfig,
+    limits: ServerLimits,
+) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(serve_with_limits(
+        listener,
+        router(herald, config),
+        limits,
+        std::future::pending(),
+    ));
+    addr
 }

@@ -109,18 +109,7 @@ impl Running {
 
     /// Waits (bounded) until the log contains `needle`.
     pub async fn wait_log(&self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let log = self.log();
-            if log.contains(needle) {
-                return log;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "log never contained {needle:?}:\n{log}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_log("herald", || self.log(), needle, timeout).await
     }
 
     /// Posts an Alertmanager payload and returns the status code and body.
@@ -169,5 +158,27 @@ impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits (bounded) until a process's log, as `read` returns it, contains `needle`; returns the
+/// log, or fails the test with it.
+pub async fn wait_for_log(
+    what: &str,
+    read: impl Fn() -> String,
+    needle: &str,
+    timeout: Duration,
+) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = read();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} log never contained {needle:?} within {timeout:?}:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -2,7 +2,8 @@
 //! (`apt-get install -y tinyproxy-bin`), started in the foreground on a free
 //! loopback port with a generated config, and stopped when dropped.
 //!
-//! Include it with `#[path = "support/tinyproxy.rs"] mod tinyproxy;`.
+//! Include it with `#[path = "support/tinyproxy.rs"] mod tinyproxy;`, beside
+//! `support/process.rs` as `mod process`, whose log wait it uses.
 //!
 //! tinyproxy forwards plain-HTTP requests itself (adding a
 //! `Via: 1.1 tinyproxy (tinyproxy/VERSION)` header) and tunnels https with
@@ -193,18 +194,7 @@ impl Tinyproxy {
 
     /// Waits (bounded) until the log contains `needle`, returning the log.
     pub async fn wait_log(&self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let log = self.log();
-            if log.contains(needle) {
-                return log;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tinyproxy log never contained {needle:?} within {timeout:?}:\n{log}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        super::process::wait_for_log("tinyproxy", || self.log(), needle, timeout).await
     }
 }
 
