@@ -632,7 +632,15 @@ impl Table {
                 "spec.enabled is false",
             ));
         }
-        entry.input.credentials.clone()?;
+        self.unready(entry).map_err(Unready::into_not_ready)
+    }
+
+    /// What keeps an enabled webhook from delivering: unresolved credentials, or a named
+    /// condition that does not exist (fail closed). Borrows, so resolve never allocates.
+    fn unready<'a>(&'a self, entry: &'a WebhookEntry) -> Result<(), Unready<'a>> {
+        if let Err(not_ready) = &entry.input.credentials {
+            return Err(Unready::Credentials(not_ready));
+        }
         let in_ns = self.conditions.get(&entry.input.key.namespace);
         match entry
             .input
@@ -641,7 +649,7 @@ impl Table {
             .iter()
             .find(|name| !in_ns.is_some_and(|c| c.contains_key(name.as_str())))
         {
-            Some(missing) => Err(condition_not_found(entry, missing)),
+            Some(missing) => Err(Unready::ConditionNotFound { entry, missing }),
             None => Ok(()),
         }
     }
@@ -727,18 +735,9 @@ impl Table {
         if spec.kind != subject.kind {
             return Err(Rejected::Owned(Rejection::WrongType(spec.kind)));
         }
-        if let Err(not_ready) = &entry.input.credentials {
-            return Err(Rejected::NotReady(not_ready));
-        }
+        self.unready(entry).map_err(Rejected::NotReady)?;
         let namespace = &entry.input.key.namespace;
         let in_ns = self.conditions.get(namespace);
-        if let Some(missing) = spec
-            .conditions
-            .iter()
-            .find(|name| !in_ns.is_some_and(|c| c.contains_key(name.as_str())))
-        {
-            return Err(Rejected::ConditionNotFound { entry, missing });
-        }
         if !self.cluster_namespaces.contains(namespace) && subject.namespace() != Some(namespace) {
             return Err(Rejected::Tenancy(subject.namespace()));
         }
@@ -772,11 +771,7 @@ impl Table {
 /// A [`Rejection`] that borrows from the table and the subject until someone wants to keep it.
 enum Rejected<'a> {
     Owned(Rejection),
-    NotReady(&'a NotReady),
-    ConditionNotFound {
-        entry: &'a WebhookEntry,
-        missing: &'a str,
-    },
+    NotReady(Unready<'a>),
     Tenancy(Option<&'a str>),
     EventTypeNotWanted(&'a str),
     ConditionFailed {
@@ -789,10 +784,7 @@ impl Rejected<'_> {
     fn into_rejection(self) -> Rejection {
         match self {
             Rejected::Owned(rejection) => rejection,
-            Rejected::NotReady(not_ready) => Rejection::NotReady(not_ready.clone()),
-            Rejected::ConditionNotFound { entry, missing } => {
-                Rejection::NotReady(condition_not_found(entry, missing))
-            }
+            Rejected::NotReady(unready) => Rejection::NotReady(unready.into_not_ready()),
             Rejected::Tenancy(alert_namespace) => Rejection::Tenancy {
                 alert_namespace: alert_namespace.map(str::to_string),
             },
@@ -809,14 +801,28 @@ impl Rejected<'_> {
     }
 }
 
-fn condition_not_found(entry: &WebhookEntry, name: &str) -> NotReady {
-    NotReady::new(
-        NotReadyReason::ConditionNotFound,
-        format!(
-            "NotificationCondition {name:?} not found in namespace {:?}; nothing is delivered until it exists",
-            entry.input.key.namespace
-        ),
-    )
+/// Why an enabled webhook cannot deliver, borrowed until someone wants to keep it.
+enum Unready<'a> {
+    Credentials(&'a NotReady),
+    ConditionNotFound {
+        entry: &'a WebhookEntry,
+        missing: &'a str,
+    },
+}
+
+impl Unready<'_> {
+    fn into_not_ready(self) -> NotReady {
+        match self {
+            Unready::Credentials(not_ready) => not_ready.clone(),
+            Unready::ConditionNotFound { entry, missing } => NotReady::new(
+                NotReadyReason::ConditionNotFound,
+                format!(
+                    "NotificationCondition {missing:?} not found in namespace {:?}; nothing is delivered until it exists",
+                    entry.input.key.namespace
+                ),
+            ),
+        }
+    }
 }
 
 fn check_condition<'a>(
