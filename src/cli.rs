@@ -131,6 +131,9 @@ pub struct CoreArgs {
     /// Failed and dropped deliveries (dead letters) recorded per webhook.
     #[arg(long, default_value_t = 1000)]
     pub dead_letters_per_webhook: usize,
+    /// Delivery records kept in all (successes and dead letters, oldest dropped first).
+    #[arg(long, default_value_t = 50_000)]
+    pub max_records: usize,
     /// Refuse webhook and proxy URLs that are or resolve to link-local or cloud metadata
     /// addresses (169.254.0.0/16, fe80::/10, metadata.google.internal, ...).
     #[arg(long)]
@@ -156,6 +159,7 @@ impl CoreArgs {
             per_webhook: self.records_per_webhook,
             dead_letters: self.dead_letters_per_webhook,
             record_bodies: self.record_bodies,
+            total: self.max_records,
         };
         let store = match &self.data_dir {
             Some(dir) => Store::open(dir, limits)

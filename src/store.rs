@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::delivery::{Delivery, ReportOutcome};
@@ -77,6 +77,9 @@ pub struct RecordLimits {
     pub dead_letters: usize,
     /// Keep the content of every delivery, not only of dead letters.
     pub record_bodies: bool,
+    /// Records kept in all, oldest dropped first: bounds memory (and the in-memory index of a
+    /// disk store) however many webhooks there are.
+    pub total: usize,
 }
 
 impl Default for RecordLimits {
@@ -85,6 +88,7 @@ impl Default for RecordLimits {
             per_webhook: 100,
             dead_letters: 1000,
             record_bodies: false,
+            total: 50_000,
         }
     }
 }
@@ -123,6 +127,9 @@ impl Index {
     fn remove(&mut self, record: &DeliveryRecord) {
         if let Some(ids) = self.by_webhook.get_mut(&record.webhook) {
             ids[class(record)].remove(&record.id);
+            if ids.iter().all(BTreeSet::is_empty) {
+                self.by_webhook.remove(&record.webhook);
+            }
         }
     }
 
@@ -300,6 +307,7 @@ impl Store {
             index.add(&record);
             index.overflow(&record, &self.limits)
         };
+        let mut evicted = Vec::new();
         let mut backend = self.backend();
         match &mut *backend {
             Backend::Memory { pending, records } => {
@@ -308,6 +316,13 @@ impl Store {
                     records.remove(id);
                 }
                 records.insert(record.id.clone(), record);
+                // Ids are time-ordered: the first entries are the oldest.
+                while records.len() > self.limits.total.max(1) {
+                    match records.pop_first() {
+                        Some((_, old)) => evicted.push(old),
+                        None => break,
+                    }
+                }
             }
             Backend::Disk(database) => {
                 let mut txn = database.begin_write().map_err(db)?;
@@ -322,8 +337,26 @@ impl Store {
                     records
                         .insert(record.id.as_str(), encode(&record).as_slice())
                         .map_err(db)?;
+                    let total = u64::try_from(self.limits.total.max(1)).unwrap_or(u64::MAX);
+                    while records.len().map_err(db)? > total {
+                        let Some((key, value)) = records.pop_first().map_err(db)? else {
+                            break;
+                        };
+                        // An undecodable record is gone either way; its index entry goes with
+                        // the next prune of its webhook.
+                        if let Ok(old) = decode::<DeliveryRecord>(key.value(), value.value()) {
+                            evicted.push(old);
+                        }
+                    }
                 }
                 txn.commit().map_err(db)?;
+            }
+        }
+        drop(backend);
+        if !evicted.is_empty() {
+            let mut index = self.index();
+            for old in &evicted {
+                index.remove(old);
             }
         }
         Ok(())
@@ -469,12 +502,69 @@ mod tests {
             per_webhook: 2,
             dead_letters: 3,
             record_bodies: false,
+            total: 100,
         }
     }
 
     #[test]
     fn memory_store_keeps_pending_and_bounded_records() {
         exercise(&Store::memory(limits()));
+    }
+
+    /// Many webhooks: the total cap drops the oldest records whatever their webhook.
+    fn exercise_total_cap(store: &Store) {
+        let mut finished = Vec::new();
+        for i in 0..250 {
+            let d = delivery(&format!("ns/w{}", i % 50));
+            let outcome = if i % 3 == 0 {
+                ReportOutcome::Failed
+            } else {
+                ReportOutcome::Succeeded
+            };
+            store.finish(record(&d, outcome)).expect("finish");
+            finished.push(d.id.clone());
+        }
+        let all = store
+            .records(&RecordFilter {
+                limit: 0,
+                ..RecordFilter::default()
+            })
+            .expect("list");
+        assert_eq!(all.len(), 100, "the total cap holds");
+        let newest: Vec<&String> = finished.iter().rev().take(100).collect();
+        let kept: Vec<&String> = all.iter().map(|r| &r.id).collect();
+        assert_eq!(kept, newest, "the newest records are the ones kept");
+        assert!(
+            store
+                .index()
+                .by_webhook
+                .values()
+                .flatten()
+                .flatten()
+                .count()
+                == 100,
+            "the index forgets evicted records"
+        );
+    }
+
+    #[test]
+    fn memory_store_caps_records_in_total() {
+        exercise_total_cap(&Store::memory(limits_many()));
+    }
+
+    #[test]
+    fn disk_store_caps_records_in_total() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        exercise_total_cap(&Store::open(dir.path(), limits_many()).expect("open"));
+    }
+
+    fn limits_many() -> RecordLimits {
+        RecordLimits {
+            per_webhook: 100,
+            dead_letters: 100,
+            record_bodies: false,
+            total: 100,
+        }
     }
 
     #[test]

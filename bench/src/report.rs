@@ -32,6 +32,8 @@ pub struct Phase {
     pub max_ms: f64,
     pub cpu_seconds: f64,
     pub drain: Duration,
+    /// TCP connections the sinks accepted during the phase.
+    pub connections: u64,
 }
 
 impl Phase {
@@ -70,6 +72,7 @@ impl Phase {
             max_ms: pct(1.0),
             cpu_seconds,
             drain,
+            connections: stats.connections.load(Ordering::Relaxed),
         }
     }
 
@@ -97,7 +100,8 @@ impl Phase {
     pub fn summary(&self) -> String {
         format!(
             "{}: {} POSTs in {:.1} s, accepted {:.0} alerts/s, {:.0} deliveries/s, p50 {:.1} ms, p99 {:.1} ms, \
-             max {:.1} ms, {:.3} CPU s/1k, missing {}, 503 {}, errors {}, behind {}, stale {}, drained in {:.1} s",
+             max {:.1} ms, {:.3} CPU s/1k, missing {}, 503 {}, errors {}, behind {}, stale {}, drained in {:.1} s, \
+             {} sink connections",
             self.load_name(),
             self.sent_batches,
             self.seconds,
@@ -113,6 +117,7 @@ impl Phase {
             self.behind,
             self.stale,
             self.drain.as_secs_f64(),
+            self.connections,
         )
     }
 }
@@ -269,14 +274,14 @@ impl Report {
             let _ = writeln!(out, "### 1-3. Throughput and latency (100 webhooks)\n");
             let _ = writeln!(
                 out,
-                "| system | load | accepted alerts/s | deliveries/s | p50 ms | p99 ms | max ms | CPU s / 1k deliveries | missing | 503s |"
+                "| system | load | accepted alerts/s | deliveries/s | p50 ms | p99 ms | max ms | CPU s / 1k deliveries | missing | 503s | sink connections |"
             );
-            let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|");
+            let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
             for system in &self.systems {
                 for phase in &system.phases {
                     let _ = writeln!(
                         out,
-                        "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {:.3} | {} | {} |",
+                        "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {:.3} | {} | {} | {} |",
                         system.name,
                         phase.load_name(),
                         phase.accepted_alerts_per_s,
@@ -287,6 +292,7 @@ impl Report {
                         phase.cpu_per_1000(),
                         phase.missing(),
                         phase.rejected,
+                        phase.connections,
                     );
                 }
             }

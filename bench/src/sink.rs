@@ -46,6 +46,8 @@ pub struct SinkStats {
     pub unparsable: AtomicU64,
     /// When the last alert of the current phase arrived.
     pub last_arrival_ns: AtomicU64,
+    /// TCP connections the sink accepted in the current phase (connection reuse shows here).
+    pub connections: AtomicU64,
     latencies: Mutex<Vec<u64>>,
 }
 
@@ -62,6 +64,7 @@ impl SinkStats {
             &self.stale,
             &self.unparsable,
             &self.last_arrival_ns,
+            &self.connections,
         ] {
             counter.store(0, Ordering::SeqCst);
         }
@@ -160,6 +163,7 @@ impl Sink {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                shared.connections.fetch_add(1, Ordering::Relaxed);
                 let stats = shared.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
