@@ -60,6 +60,20 @@ pub struct ReadyLabels {
     pub ready: String,
 }
 
+/// One webhook's busiest metric handles, looked up once per worker rather than at every
+/// delivery (a family lookup hashes and compares the label strings).
+#[derive(Clone, Debug)]
+pub struct WebhookMetrics {
+    /// Its `herald_delivery_queue_depth`.
+    pub queue_depth: Gauge,
+    /// Its `herald_delivery_duration_seconds`.
+    pub duration: Histogram,
+    /// Its `herald_circuit_open`.
+    pub circuit_open: Gauge,
+    /// Its `herald_deliveries_total{outcome="succeeded"}`.
+    pub succeeded: Counter,
+}
+
 /// Every metric Herald exports, registered in one registry.
 pub struct Metrics {
     registry: Registry,
@@ -146,6 +160,23 @@ impl Metrics {
             webhooks,
             circuit_open,
             receiver_rejected,
+        }
+    }
+
+    /// The handles of one webhook's per-delivery metrics (created if new).
+    pub fn webhook(&self, labels: &WebhookLabels) -> WebhookMetrics {
+        WebhookMetrics {
+            queue_depth: self.queue_depth.get_or_create(labels).clone(),
+            duration: self.delivery_duration.get_or_create(labels).clone(),
+            circuit_open: self.circuit_open.get_or_create(labels).clone(),
+            succeeded: self
+                .deliveries
+                .get_or_create(&OutcomeLabels {
+                    namespace: labels.namespace.clone(),
+                    webhook: labels.webhook.clone(),
+                    outcome: "succeeded".to_string(),
+                })
+                .clone(),
         }
     }
 

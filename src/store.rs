@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::delivery::{Delivery, ReportOutcome};
+use crate::delivery::{Delivery, DeliveryId, ReportOutcome};
 use crate::routing::ObjectKey;
 
 const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending");
@@ -40,7 +40,7 @@ fn db<E: std::fmt::Display>(e: E) -> StoreError {
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryRecord {
     /// The delivery id, also its Idempotency-Key.
-    pub id: String,
+    pub id: DeliveryId,
     /// The webhook.
     pub webhook: ObjectKey,
     /// When it finished (RFC 3339).
@@ -107,7 +107,7 @@ pub struct RecordFilter {
 #[derive(Default)]
 struct Index {
     /// Record ids per webhook, oldest first: `[kept, dead letters]`.
-    by_webhook: HashMap<ObjectKey, [BTreeSet<String>; 2]>,
+    by_webhook: HashMap<ObjectKey, [BTreeSet<DeliveryId>; 2]>,
 }
 
 /// The slot of a record's class in [`Index::by_webhook`].
@@ -121,7 +121,7 @@ impl Index {
             Some(ids) => ids,
             None => self.by_webhook.entry(record.webhook.clone()).or_default(),
         };
-        ids[class(record)].insert(record.id.clone());
+        ids[class(record)].insert(record.id);
     }
 
     fn remove(&mut self, record: &DeliveryRecord) {
@@ -135,7 +135,7 @@ impl Index {
 
     /// Removes and returns the ids beyond the limit for this record's webhook and class, oldest
     /// first.
-    fn overflow(&mut self, record: &DeliveryRecord, limits: &RecordLimits) -> Vec<String> {
+    fn overflow(&mut self, record: &DeliveryRecord, limits: &RecordLimits) -> Vec<DeliveryId> {
         let class = class(record);
         let limit = if class == 1 {
             limits.dead_letters
@@ -153,8 +153,8 @@ impl Index {
 
 enum Backend {
     Memory {
-        pending: BTreeMap<String, Arc<Delivery>>,
-        records: BTreeMap<String, DeliveryRecord>,
+        pending: BTreeMap<DeliveryId, Arc<Delivery>>,
+        records: BTreeMap<DeliveryId, DeliveryRecord>,
     },
     Disk(redb::Database),
 }
@@ -259,7 +259,7 @@ impl Store {
         match &mut *self.backend() {
             Backend::Memory { pending, .. } => {
                 for d in deliveries {
-                    pending.insert(d.id.clone(), d.clone());
+                    pending.insert(d.id, d.clone());
                 }
                 Ok(())
             }
@@ -268,8 +268,9 @@ impl Store {
                 {
                     let mut table = txn.open_table(PENDING).map_err(db)?;
                     for d in deliveries {
+                        let mut key = [0u8; uuid::fmt::Hyphenated::LENGTH];
                         table
-                            .insert(d.id.as_str(), encode(d).as_slice())
+                            .insert(d.id.encode(&mut key), encode(d).as_slice())
                             .map_err(db)?;
                     }
                 }
@@ -315,7 +316,7 @@ impl Store {
                 for id in &prune {
                     records.remove(id);
                 }
-                records.insert(record.id.clone(), record);
+                records.insert(record.id, record);
                 // Ids are time-ordered: the first entries are the oldest.
                 while records.len() > self.limits.total.max(1) {
                     match records.pop_first() {
@@ -329,13 +330,14 @@ impl Store {
                 txn.set_durability(redb::Durability::None).map_err(db)?;
                 {
                     let mut pending = txn.open_table(PENDING).map_err(db)?;
-                    pending.remove(record.id.as_str()).map_err(db)?;
+                    let mut key = [0u8; uuid::fmt::Hyphenated::LENGTH];
+                    pending.remove(record.id.encode(&mut key)).map_err(db)?;
                     let mut records = txn.open_table(RECORDS).map_err(db)?;
                     for id in &prune {
-                        records.remove(id.as_str()).map_err(db)?;
+                        records.remove(id.encode(&mut key)).map_err(db)?;
                     }
                     records
-                        .insert(record.id.as_str(), encode(&record).as_slice())
+                        .insert(record.id.encode(&mut key), encode(&record).as_slice())
                         .map_err(db)?;
                     let total = u64::try_from(self.limits.total.max(1)).unwrap_or(u64::MAX);
                     while records.len().map_err(db)? > total {
@@ -364,8 +366,12 @@ impl Store {
 
     /// One record by id.
     pub fn record(&self, id: &str) -> Result<Option<DeliveryRecord>, StoreError> {
+        // Whatever is not an id names no record.
+        let Ok(parsed) = id.parse::<DeliveryId>() else {
+            return Ok(None);
+        };
         match &*self.backend() {
-            Backend::Memory { records, .. } => Ok(records.get(id).cloned()),
+            Backend::Memory { records, .. } => Ok(records.get(&parsed).cloned()),
             Backend::Disk(database) => {
                 let txn = database.begin_read().map_err(db)?;
                 let table = txn.open_table(RECORDS).map_err(db)?;
@@ -436,7 +442,7 @@ mod tests {
 
     fn record(d: &Arc<Delivery>, outcome: ReportOutcome) -> DeliveryRecord {
         DeliveryRecord {
-            id: d.id.clone(),
+            id: d.id,
             webhook: d.webhook.clone(),
             time: "2026-11-25T00:00:00Z".into(),
             alerts: 0,
@@ -462,12 +468,12 @@ mod tests {
             .finish(record(&b, ReportOutcome::Failed))
             .expect("finish");
         assert!(store.pending().expect("pending").is_empty());
-        let ok = store.record(&a.id).expect("read").expect("kept");
+        let ok = store.record(&a.id.to_string()).expect("read").expect("kept");
         assert_eq!(
             ok.delivery, None,
             "bodies are not kept for successes by default"
         );
-        let dead = store.record(&b.id).expect("read").expect("kept");
+        let dead = store.record(&b.id.to_string()).expect("read").expect("kept");
         assert!(
             dead.delivery.is_some(),
             "dead letters keep their content for replay"
@@ -522,7 +528,7 @@ mod tests {
                 ReportOutcome::Succeeded
             };
             store.finish(record(&d, outcome)).expect("finish");
-            finished.push(d.id.clone());
+            finished.push(d.id);
         }
         let all = store
             .records(&RecordFilter {
@@ -531,8 +537,8 @@ mod tests {
             })
             .expect("list");
         assert_eq!(all.len(), 100, "the total cap holds");
-        let newest: Vec<&String> = finished.iter().rev().take(100).collect();
-        let kept: Vec<&String> = all.iter().map(|r| &r.id).collect();
+        let newest: Vec<&DeliveryId> = finished.iter().rev().take(100).collect();
+        let kept: Vec<&DeliveryId> = all.iter().map(|r| &r.id).collect();
         assert_eq!(kept, newest, "the newest records are the ones kept");
         assert!(
             store

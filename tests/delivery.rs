@@ -172,7 +172,7 @@ async fn retryable_answers_are_retried_with_the_same_idempotency_key() {
         .map(|r| r.header("idempotency-key").expect("key"))
         .collect();
     assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
-    assert_eq!(keys[0], report.delivery_id);
+    assert_eq!(keys[0], report.delivery_id.to_string());
     let metrics = herald.metrics().encode();
     assert!(
         metrics.contains(

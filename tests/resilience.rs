@@ -301,7 +301,7 @@ async fn down_then_up(down: Down) {
     };
     for report in &all {
         assert!(
-            arrived_keys.contains(&report.delivery_id),
+            arrived_keys.contains(&report.delivery_id.to_string()),
             "delivery {} reported as succeeded never arrived",
             report.delivery_id
         );

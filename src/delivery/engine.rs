@@ -1,7 +1,7 @@
 //! The delivery engine: per-webhook workers with bounded queues, retries and reports.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
@@ -10,10 +10,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::id::DeliveryId;
 use super::queue::JobQueue;
 use super::send::{AttemptClass, AttemptResult, Delivery, send};
 use super::target::Target;
-use crate::metrics::{Metrics, WebhookLabels};
+use crate::metrics::{Metrics, WebhookLabels, WebhookMetrics};
 use crate::routing::ObjectKey;
 use crate::store::{DeliveryRecord, Store, StoreError};
 
@@ -109,7 +110,7 @@ pub struct DeliveryReport {
     /// The webhook.
     pub webhook: ObjectKey,
     /// The delivery's id (its Idempotency-Key).
-    pub delivery_id: String,
+    pub delivery_id: DeliveryId,
     /// A test message.
     pub test: bool,
     /// Number of alerts it carried.
@@ -200,6 +201,17 @@ struct Worker {
     target: watch::Sender<Arc<Target>>,
     queue: Arc<JobQueue<Job>>,
     cancel: CancellationToken,
+    /// Made at the first delivery: idle webhooks export no series.
+    metrics: Arc<OnceLock<WebhookMetrics>>,
+}
+
+/// A webhook's metric handles, made on first use.
+fn webhook_metrics<'a>(
+    shared: &Shared,
+    cell: &'a OnceLock<WebhookMetrics>,
+    key: &ObjectKey,
+) -> &'a WebhookMetrics {
+    cell.get_or_init(|| shared.metrics.webhook(&WebhookLabels::from(key)))
 }
 
 struct Shared {
@@ -212,11 +224,22 @@ struct Shared {
 }
 
 impl Shared {
-    fn report(&self, report: DeliveryReport, delivery: &Arc<Delivery>) {
-        self.metrics
-            .delivery(&report.webhook, report.outcome.as_str());
+    fn report(
+        &self,
+        report: DeliveryReport,
+        delivery: &Arc<Delivery>,
+        handles: Option<&WebhookMetrics>,
+    ) {
+        match (report.outcome, handles) {
+            (ReportOutcome::Succeeded, Some(handles)) => {
+                handles.succeeded.inc();
+            }
+            _ => self
+                .metrics
+                .delivery(&report.webhook, report.outcome.as_str()),
+        };
         let record = DeliveryRecord {
-            id: report.delivery_id.clone(),
+            id: report.delivery_id,
             webhook: report.webhook.clone(),
             time: report.finished_at.to_string(),
             alerts: report.alerts,
@@ -250,9 +273,10 @@ impl Shared {
                 "delivery failed"
             ),
         }
-        let observers = self.observers.read().map(|o| o.clone()).unwrap_or_default();
-        for observer in observers {
-            observer.report(&report);
+        if let Ok(observers) = self.observers.read() {
+            for observer in observers.iter() {
+                observer.report(&report);
+            }
         }
     }
 
@@ -260,7 +284,7 @@ impl Shared {
         self.report(
             DeliveryReport {
                 webhook: delivery.webhook.clone(),
-                delivery_id: delivery.id.clone(),
+                delivery_id: delivery.id,
                 test: delivery.test,
                 alerts: delivery.alerts.len(),
                 attempts: 0,
@@ -271,6 +295,7 @@ impl Shared {
                 finished_at: Timestamp::now(),
             },
             delivery,
+            None,
         );
     }
 }
@@ -337,12 +362,14 @@ impl Engine {
         let (target_tx, target_rx) = watch::channel(target);
         let queue = JobQueue::new(self.shared.config.queue_capacity);
         let cancel = self.shutdown.child_token();
+        let metrics = Arc::new(OnceLock::new());
         self.tasks.spawn(run_worker(
             self.shared.clone(),
             key.clone(),
             target_rx,
             queue.clone(),
             cancel.clone(),
+            metrics.clone(),
         ));
         workers.insert(
             key,
@@ -350,6 +377,7 @@ impl Engine {
                 target: target_tx,
                 queue,
                 cancel,
+                metrics,
             },
         );
     }
@@ -401,27 +429,25 @@ impl Engine {
         let mut accepted = Vec::with_capacity(deliveries.len());
         let mut refused = Vec::new();
         for delivery in deliveries.into_iter().map(Arc::new) {
-            let slot = workers
-                .get(&delivery.webhook)
-                .map(|w| w.queue.try_reserve().ok_or("the webhook's queue is full"));
+            let slot = workers.get(&delivery.webhook).map(|w| {
+                w.queue
+                    .try_reserve()
+                    .map(|slot| (slot, &w.metrics))
+                    .ok_or("the webhook's queue is full")
+            });
             match slot {
-                Some(Ok(slot)) => accepted.push((delivery, slot)),
+                Some(Ok((slot, metrics))) => accepted.push((delivery, slot, metrics)),
                 Some(Err(why)) => refused.push((delivery, why)),
                 None => refused.push((delivery, "the webhook is not ready to deliver")),
             }
         }
-        let to_store: Vec<Arc<Delivery>> = accepted.iter().map(|(d, _)| d.clone()).collect();
+        let to_store: Vec<Arc<Delivery>> = accepted.iter().map(|(d, ..)| d.clone()).collect();
         self.shared.store.add_pending(&to_store)?;
-        for (delivery, slot) in accepted {
+        for (delivery, slot, metrics) in accepted {
             let Some(permit) = permits.split(1) else {
                 break;
             };
-            let depth = self
-                .shared
-                .metrics
-                .queue_depth
-                .get_or_create(&WebhookLabels::from(&delivery.webhook))
-                .clone();
+            let depth = &webhook_metrics(&self.shared, metrics, &delivery.webhook).queue_depth;
             depth.inc();
             match slot.send(Job {
                 delivery,
@@ -527,7 +553,7 @@ impl Engine {
         let delivery = Arc::new(Delivery::test(key.clone()));
         let result = send(&target, &delivery).await;
         let report = finish(&delivery, 1, &result);
-        self.shared.report(report.clone(), &delivery);
+        self.shared.report(report.clone(), &delivery, None);
         Some(report)
     }
 
@@ -557,7 +583,7 @@ fn finish(delivery: &Delivery, attempts: u32, last: &AttemptResult) -> DeliveryR
     };
     DeliveryReport {
         webhook: delivery.webhook.clone(),
-        delivery_id: delivery.id.clone(),
+        delivery_id: delivery.id,
         test: delivery.test,
         alerts: delivery.alerts.len(),
         attempts,
@@ -575,8 +601,8 @@ async fn run_worker(
     target: watch::Receiver<Arc<Target>>,
     queue: Arc<JobQueue<Job>>,
     cancel: CancellationToken,
+    metrics: Arc<OnceLock<WebhookMetrics>>,
 ) {
-    let labels = WebhookLabels::from(&key);
     let mut breaker = Breaker::default();
     loop {
         let job = tokio::select! {
@@ -587,12 +613,13 @@ async fn run_worker(
                 None => break,
             },
         };
-        shared.metrics.queue_depth.get_or_create(&labels).dec();
+        let handles = webhook_metrics(&shared, &metrics, &key);
+        handles.queue_depth.dec();
         // Boxed: the HTTP send future is large, and an idle worker (most of them, with
         // thousands of webhooks) should not carry its space.
         Box::pin(deliver(
             &shared,
-            &labels,
+            handles,
             &target,
             &job.delivery,
             &cancel,
@@ -613,6 +640,7 @@ async fn run_worker(
         }
     }
     // The worker is gone: so are its per-webhook gauges.
+    let labels = WebhookLabels::from(&key);
     shared.metrics.queue_depth.remove(&labels);
     shared.metrics.circuit_open.remove(&labels);
     if left > 0 {
@@ -672,7 +700,7 @@ impl Breaker {
 
 async fn deliver(
     shared: &Shared,
-    labels: &WebhookLabels,
+    handles: &WebhookMetrics,
     target: &watch::Receiver<Arc<Target>>,
     delivery: &Arc<Delivery>,
     cancel: &CancellationToken,
@@ -695,19 +723,11 @@ async fn deliver(
         attempt += 1;
         let current = target.borrow().clone();
         let result = send(&current, delivery).await;
-        shared
-            .metrics
-            .delivery_duration
-            .get_or_create(labels)
-            .observe(result.latency.as_secs_f64());
+        handles.duration.observe(result.latency.as_secs_f64());
         breaker.record(result.class);
-        shared
-            .metrics
-            .circuit_open
-            .get_or_create(labels)
-            .set(i64::from(breaker.is_open()));
+        handles.circuit_open.set(i64::from(breaker.is_open()));
         if result.class != AttemptClass::Retryable {
-            shared.report(finish(delivery, attempt, &result), delivery);
+            shared.report(finish(delivery, attempt, &result), delivery, Some(handles));
             return;
         }
         let delay = policy.delay(attempt, result.retry_after);
@@ -716,7 +736,7 @@ async fn deliver(
         if exhausted {
             let mut report = finish(delivery, attempt, &result);
             report.message = format!("gave up after {attempt} attempts: {}", report.message);
-            shared.report(report, delivery);
+            shared.report(report, delivery, Some(handles));
             return;
         }
         shared.metrics.delivery(&delivery.webhook, "retried");

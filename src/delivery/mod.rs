@@ -2,6 +2,7 @@
 //! retrying on its own, so a slow or dead endpoint touches nobody else.
 
 mod engine;
+mod id;
 pub mod guard;
 mod queue;
 mod send;
@@ -11,5 +12,6 @@ pub use engine::{
     DeliveryObserver, DeliveryReport, Engine, EngineConfig, Overloaded, ReplayError, ReportOutcome,
     RetryPolicy, SubmitError, SubmitSummary,
 };
+pub use id::{DeliveryId, InvalidDeliveryId};
 pub use send::{AttemptClass, AttemptResult, Delivery, send, sign};
 pub use target::{Target, TargetPolicy, USER_AGENT, parse_signing_secrets, referenced_secrets};

@@ -7,6 +7,7 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use http::{HeaderValue, StatusCode};
 
+use super::id::DeliveryId;
 use super::target::Target;
 use crate::alert::{Alert, LabelSet};
 use crate::render::{self, Content};
@@ -17,7 +18,7 @@ use crate::routing::ObjectKey;
 #[serde(rename_all = "camelCase")]
 pub struct Delivery {
     /// Unique id; sent as `Idempotency-Key` and `webhook-id`, the same on every retry.
-    pub id: String,
+    pub id: DeliveryId,
     /// The webhook.
     pub webhook: ObjectKey,
     /// A test message.
@@ -40,7 +41,7 @@ impl Delivery {
         external_url: Arc<str>,
     ) -> Self {
         Delivery {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: DeliveryId::new(),
             webhook,
             test: false,
             alerts,
@@ -204,12 +205,14 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
             };
         }
     };
+    let mut id_buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = delivery.id.encode(&mut id_buffer);
     let mut request = target
         .client()
         .post(target.url.clone())
         .timeout(target.timeout)
         .header(http::header::CONTENT_TYPE, "application/json")
-        .header("Idempotency-Key", delivery.id.as_str());
+        .header("Idempotency-Key", id);
     if let Some(auth) = target.authorization() {
         request = request.header(http::header::AUTHORIZATION, auth.clone());
     }
@@ -219,9 +222,9 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
     let mut keys = target.signing_keys().peekable();
     if keys.peek().is_some() {
         let timestamp = k8s_openapi::jiff::Timestamp::now().as_second();
-        let signature = sign(keys, &delivery.id, timestamp, &body);
+        let signature = sign(keys, id, timestamp, &body);
         request = request
-            .header("webhook-id", delivery.id.as_str())
+            .header("webhook-id", id)
             .header("webhook-timestamp", timestamp.to_string())
             .header("webhook-signature", signature);
     }

@@ -109,8 +109,10 @@ impl Transport {
             .user_agent(USER_AGENT)
             .connect_timeout(Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::none())
+            // Every worker sending to a host may need its own connection at the same moment:
+            // keep them all for reuse (a cap here closes and reopens a connection per delivery
+            // when many webhooks share a host); unused ones close after a minute.
             .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(8)
             .danger_accept_invalid_certs(self.insecure_skip_verify);
         if !self.roots.is_empty() {
             for cert in reqwest::Certificate::from_pem_bundle(&self.roots).map_err(build)? {
