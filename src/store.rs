@@ -468,12 +468,18 @@ mod tests {
             .finish(record(&b, ReportOutcome::Failed))
             .expect("finish");
         assert!(store.pending().expect("pending").is_empty());
-        let ok = store.record(&a.id.to_string()).expect("read").expect("kept");
+        let ok = store
+            .record(&a.id.to_string())
+            .expect("read")
+            .expect("kept");
         assert_eq!(
             ok.delivery, None,
             "bodies are not kept for successes by default"
         );
-        let dead = store.record(&b.id.to_string()).expect("read").expect("kept");
+        let dead = store
+            .record(&b.id.to_string())
+            .expect("read")
+            .expect("kept");
         assert!(
             dead.delivery.is_some(),
             "dead letters keep their content for replay"

@@ -229,7 +229,10 @@ async fn signed_requests_verify_with_the_standardwebhooks_library() {
     assert_eq!(report.http_status, Some(200));
     // webhook-id is the delivery's Idempotency-Key.
     assert_eq!(r["webhook_id"], report.delivery_id.to_string());
-    assert_eq!(r["headers"]["idempotency-key"], report.delivery_id.to_string());
+    assert_eq!(
+        r["headers"]["idempotency-key"],
+        report.delivery_id.to_string()
+    );
     let signature = r["webhook_signature"].as_str().expect("signature");
     assert_eq!(signature.split(' ').count(), 1, "{signature}");
     assert!(signature.starts_with("v1,"), "{signature}");
@@ -396,7 +399,10 @@ async fn retries_keep_the_webhook_id_and_each_attempt_verifies() {
     for r in &records {
         assert_eq!(r["verified"], true, "attempt not verifiable: {r:#}");
         assert_eq!(r["webhook_id"], report.delivery_id.to_string(), "{r:#}");
-        assert_eq!(r["headers"]["idempotency-key"], report.delivery_id.to_string());
+        assert_eq!(
+            r["headers"]["idempotency-key"],
+            report.delivery_id.to_string()
+        );
     }
 }
 

@@ -3,7 +3,6 @@
 //! the `bench_sent_ns` annotation the load generator stamped (`PHASE.NANOS` since the bench
 //! started) and records the end-to-end latency.
 
-use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -16,7 +15,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
 
 /// Latencies kept per phase at most (bounded memory).
 const MAX_SAMPLES: usize = 4_000_000;
@@ -85,25 +83,20 @@ impl SinkStats {
 
     fn record(&self, body: &[u8]) {
         let now = now_ns();
-        let Ok(payload) = serde_json::from_slice::<Payload<'_>>(body) else {
+        let phase = self.phase.load(Ordering::Relaxed);
+        let mut mine = Vec::new();
+        let mut stamps = 0usize;
+        for (sent_phase, sent) in stamps_in(body) {
+            stamps += 1;
+            if sent_phase == phase {
+                mine.push(now.saturating_sub(sent));
+            } else {
+                self.stale.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if stamps == 0 {
             self.unparsable.fetch_add(1, Ordering::Relaxed);
             return;
-        };
-        let phase = self.phase.load(Ordering::Relaxed);
-        let mut mine = Vec::with_capacity(payload.alerts.len());
-        for alert in &payload.alerts {
-            let stamp = alert
-                .annotations
-                .bench_sent_ns
-                .as_deref()
-                .and_then(|s| s.split_once('.'))
-                .and_then(|(p, ns)| Some((p.parse::<u32>().ok()?, ns.parse::<u64>().ok()?)));
-            match stamp {
-                Some((p, sent)) if p == phase => mine.push(now.saturating_sub(sent)),
-                _ => {
-                    self.stale.fetch_add(1, Ordering::Relaxed);
-                }
-            }
         }
         if mine.is_empty() {
             return;
@@ -123,22 +116,45 @@ impl SinkStats {
     }
 }
 
-#[derive(Deserialize)]
-struct Payload<'a> {
-    #[serde(borrow, default)]
-    alerts: Vec<PayloadAlert<'a>>,
+/// The `bench_sent_ns` stamps (`PHASE.NANOS`) of the alerts in a delivered body, one per alert,
+/// found by a substring search rather than by parsing the JSON: the sinks share the cores with
+/// the system under test, so their cost per delivery should not grow with how much else a
+/// system writes into its bodies. Every system here writes compact JSON
+/// (`"bench_sent_ns":"1.234"`) with its `alerts` before `commonAnnotations` (Herald's and
+/// Alertmanager's formats; the forwarder has no common annotations), so the search stops there:
+/// a one-alert delivery repeats the stamp among its common annotations.
+fn stamps_in(body: &[u8]) -> impl Iterator<Item = (u32, u64)> + '_ {
+    static STAMP: OnceLock<memchr::memmem::Finder<'static>> = OnceLock::new();
+    static COMMON: OnceLock<memchr::memmem::Finder<'static>> = OnceLock::new();
+    let stamp = STAMP.get_or_init(|| memchr::memmem::Finder::new(br#""bench_sent_ns":""#));
+    let common = COMMON.get_or_init(|| memchr::memmem::Finder::new(br#""commonAnnotations":"#));
+    let alerts = &body[..common.find(body).unwrap_or(body.len())];
+    stamp.find_iter(alerts).filter_map(move |at| {
+        let rest = &alerts[at + stamp.needle().len()..];
+        let end = memchr::memchr(b'"', rest)?;
+        let text = std::str::from_utf8(&rest[..end]).ok()?;
+        let (phase, sent) = text.split_once('.')?;
+        Some((phase.parse().ok()?, sent.parse().ok()?))
+    })
 }
 
-#[derive(Deserialize)]
-struct PayloadAlert<'a> {
-    #[serde(borrow, default)]
-    annotations: Stamp<'a>,
-}
+#[cfg(test)]
+mod tests {
+    fn stamps(body: &str) -> Vec<(u32, u64)> {
+        super::stamps_in(body.as_bytes()).collect()
+    }
 
-#[derive(Deserialize, Default)]
-struct Stamp<'a> {
-    #[serde(borrow, default)]
-    bench_sent_ns: Option<Cow<'a, str>>,
+    #[test]
+    fn one_stamp_per_alert_in_every_format() {
+        let herald = r#"{"version":"1","message":"x","alerts":[{"labels":{"a":"b"},"annotations":{"bench_sent_ns":"3.17","summary":"x"}}],"groupLabels":{},"commonLabels":{"a":"b"},"commonAnnotations":{"bench_sent_ns":"3.17"},"externalURL":""}"#;
+        assert_eq!(stamps(herald), vec![(3, 17)]);
+        let forwarder = r#"{"alerts":[{"annotations":{"bench_sent_ns":"2.5"},"labels":{}}]}"#;
+        assert_eq!(stamps(forwarder), vec![(2, 5)]);
+        let alertmanager = r#"{"receiver":"wh-1","status":"firing","alerts":[{"annotations":{"bench_sent_ns":"1.9"}},{"annotations":{"bench_sent_ns":"1.10"}}],"commonAnnotations":{}}"#;
+        assert_eq!(stamps(alertmanager), vec![(1, 9), (1, 10)]);
+        assert!(stamps(r#"{"alerts":[]}"#).is_empty());
+        assert!(stamps(r#"{"alerts":[{"annotations":{"bench_sent_ns":"bad"}}]}"#).is_empty());
+    }
 }
 
 /// A running sink listener.

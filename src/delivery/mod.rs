@@ -2,8 +2,8 @@
 //! retrying on its own, so a slow or dead endpoint touches nobody else.
 
 mod engine;
-mod id;
 pub mod guard;
+mod id;
 mod queue;
 mod send;
 pub mod target;
