@@ -804,9 +804,9 @@ async fn deliveries(args: DeliveriesArgs) -> anyhow::Result<ExitCode> {
     for r in records {
         println!(
             "{:<36} {:<28} {:<27} {:<9} {:>6} {:>8} {:>6} {:>7}ms  {}",
-            r.id,
+            r.id.to_string(),
             r.webhook.to_string(),
-            r.time,
+            r.time.to_string(),
             format!("{:?}", r.outcome),
             r.http_status
                 .map_or_else(|| "-".to_string(), |s| s.to_string()),

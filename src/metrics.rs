@@ -42,6 +42,13 @@ impl From<&ObjectKey> for WebhookLabels {
     }
 }
 
+/// Labels naming a namespace.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabels {
+    /// The Webhooks' namespace.
+    pub namespace: String,
+}
+
 /// Labels of delivery outcomes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -66,10 +73,8 @@ pub struct ReadyLabels {
 pub struct WebhookMetrics {
     /// Its `herald_delivery_queue_depth`.
     pub queue_depth: Gauge,
-    /// Its `herald_delivery_duration_seconds`.
+    /// Its namespace's `herald_delivery_duration_seconds`.
     pub duration: Histogram,
-    /// Its `herald_circuit_open`.
-    pub circuit_open: Gauge,
     /// Its `herald_deliveries_total{outcome="succeeded"}`.
     pub succeeded: Counter,
 }
@@ -81,13 +86,14 @@ pub struct Metrics {
     pub alerts_received: Family<EndpointLabels, Counter>,
     /// Delivery attempts and outcomes.
     pub deliveries: Family<OutcomeLabels, Counter>,
-    /// Duration of each HTTP request to a webhook.
-    pub delivery_duration: Family<WebhookLabels, Histogram>,
+    /// Duration of each HTTP request to a webhook, by the webhook's namespace (a histogram per
+    /// webhook would be thousands of series, and kilobytes each, with thousands of webhooks).
+    pub delivery_duration: Family<NamespaceLabels, Histogram>,
     /// Deliveries waiting in a webhook's queue.
     pub queue_depth: Family<WebhookLabels, Gauge>,
     /// Webhooks by readiness.
     pub webhooks: Family<ReadyLabels, Gauge>,
-    /// 1 while a webhook's circuit breaker holds deliveries back.
+    /// 1 while a webhook's circuit breaker holds deliveries back; absent while it is closed.
     pub circuit_open: Family<WebhookLabels, Gauge>,
     /// Requests the receiver refused.
     pub receiver_rejected: Family<ReasonLabels, Counter>,
@@ -121,14 +127,14 @@ impl Metrics {
             "Deliveries to webhooks by outcome (succeeded, retried, failed, dropped)",
             deliveries.clone(),
         );
-        let delivery_duration = Family::<WebhookLabels, Histogram>::new_with_constructor(|| {
+        let delivery_duration = Family::<NamespaceLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ])
         });
         registry.register(
             "delivery_duration_seconds",
-            "Duration of HTTP requests to webhooks",
+            "Duration of HTTP requests to webhooks, by namespace",
             delivery_duration.clone(),
         );
         let queue_depth = Family::<WebhookLabels, Gauge>::default();
@@ -167,8 +173,12 @@ impl Metrics {
     pub fn webhook(&self, labels: &WebhookLabels) -> WebhookMetrics {
         WebhookMetrics {
             queue_depth: self.queue_depth.get_or_create(labels).clone(),
-            duration: self.delivery_duration.get_or_create(labels).clone(),
-            circuit_open: self.circuit_open.get_or_create(labels).clone(),
+            duration: self
+                .delivery_duration
+                .get_or_create(&NamespaceLabels {
+                    namespace: labels.namespace.clone(),
+                })
+                .clone(),
             succeeded: self
                 .deliveries
                 .get_or_create(&OutcomeLabels {
@@ -216,7 +226,6 @@ impl Metrics {
         let labels = WebhookLabels::from(key);
         self.queue_depth.remove(&labels);
         self.circuit_open.remove(&labels);
-        self.delivery_duration.remove(&labels);
         for outcome in ["succeeded", "retried", "failed", "dropped"] {
             self.deliveries.remove(&OutcomeLabels {
                 namespace: key.namespace.clone(),

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use k8s_openapi::jiff::Timestamp;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -43,8 +44,9 @@ pub struct DeliveryRecord {
     pub id: DeliveryId,
     /// The webhook.
     pub webhook: ObjectKey,
-    /// When it finished (RFC 3339).
-    pub time: String,
+    /// When it finished (RFC 3339 in JSON).
+    #[serde(with = "rfc3339")]
+    pub time: Timestamp,
     /// Number of alerts.
     pub alerts: usize,
     /// Attempts made.
@@ -66,6 +68,21 @@ pub struct DeliveryRecord {
     /// `--record-bodies`. Never holds credentials or signatures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery: Option<Arc<Delivery>>,
+}
+
+/// A timestamp as RFC 3339 text.
+mod rfc3339 {
+    use k8s_openapi::jiff::Timestamp;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(time: &Timestamp, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(time)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Timestamp, D::Error> {
+        let text = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// How many records are kept per webhook.
@@ -444,7 +461,7 @@ mod tests {
         DeliveryRecord {
             id: d.id,
             webhook: d.webhook.clone(),
-            time: "2026-11-25T00:00:00Z".into(),
+            time: "2026-11-25T00:00:00Z".parse().expect("time"),
             alerts: 0,
             attempts: 1,
             outcome,

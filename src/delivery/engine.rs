@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use rand::Rng;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -197,8 +197,28 @@ struct Job {
     _permit: OwnedSemaphorePermit,
 }
 
+/// A webhook's current settings, read at the start of every attempt (a plain lock: the worker
+/// needs no wake-up when they change, and a watch channel costs ten times the memory).
+#[derive(Clone)]
+struct CurrentTarget(Arc<RwLock<Arc<Target>>>);
+
+impl CurrentTarget {
+    fn new(target: Arc<Target>) -> Self {
+        CurrentTarget(Arc::new(RwLock::new(target)))
+    }
+
+    fn get(&self) -> Arc<Target> {
+        // A poisoned lock still holds a whole Arc.
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, target: Arc<Target>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = target;
+    }
+}
+
 struct Worker {
-    target: watch::Sender<Arc<Target>>,
+    target: CurrentTarget,
     queue: Arc<JobQueue<Job>>,
     cancel: CancellationToken,
     /// Made at the first delivery: idle webhooks export no series.
@@ -241,7 +261,7 @@ impl Shared {
         let record = DeliveryRecord {
             id: report.delivery_id,
             webhook: report.webhook.clone(),
-            time: report.finished_at.to_string(),
+            time: report.finished_at,
             alerts: report.alerts,
             attempts: report.attempts,
             outcome: report.outcome,
@@ -356,17 +376,17 @@ impl Engine {
         let target = Arc::new(target);
         let mut workers = self.workers();
         if let Some(worker) = workers.get(&key) {
-            worker.target.send_replace(target);
+            worker.target.set(target);
             return;
         }
-        let (target_tx, target_rx) = watch::channel(target);
+        let current = CurrentTarget::new(target);
         let queue = JobQueue::new(self.shared.config.queue_capacity);
         let cancel = self.shutdown.child_token();
         let metrics = Arc::new(OnceLock::new());
         self.tasks.spawn(run_worker(
             self.shared.clone(),
             key.clone(),
-            target_rx,
+            current.clone(),
             queue.clone(),
             cancel.clone(),
             metrics.clone(),
@@ -374,7 +394,7 @@ impl Engine {
         workers.insert(
             key,
             Worker {
-                target: target_tx,
+                target: current,
                 queue,
                 cancel,
                 metrics,
@@ -397,7 +417,7 @@ impl Engine {
 
     /// The current settings of a webhook.
     pub fn target(&self, key: &ObjectKey) -> Option<Arc<Target>> {
-        self.workers().get(key).map(|w| w.target.borrow().clone())
+        self.workers().get(key).map(|w| w.target.get())
     }
 
     /// The store.
@@ -598,7 +618,7 @@ fn finish(delivery: &Delivery, attempts: u32, last: &AttemptResult) -> DeliveryR
 async fn run_worker(
     shared: Arc<Shared>,
     key: ObjectKey,
-    target: watch::Receiver<Arc<Target>>,
+    target: CurrentTarget,
     queue: Arc<JobQueue<Job>>,
     cancel: CancellationToken,
     metrics: Arc<OnceLock<WebhookMetrics>>,
@@ -698,10 +718,29 @@ impl Breaker {
     }
 }
 
+/// Exports `herald_circuit_open` for a webhook while its breaker is open, and nothing otherwise.
+fn export_breaker(shared: &Shared, key: &ObjectKey, was_open: bool, breaker: &Breaker) {
+    match (was_open, breaker.is_open()) {
+        (false, true) => shared
+            .metrics
+            .circuit_open
+            .get_or_create(&WebhookLabels::from(key))
+            .set(1),
+        (true, false) => {
+            shared
+                .metrics
+                .circuit_open
+                .remove(&WebhookLabels::from(key));
+            0
+        }
+        _ => 0,
+    };
+}
+
 async fn deliver(
     shared: &Shared,
     handles: &WebhookMetrics,
-    target: &watch::Receiver<Arc<Target>>,
+    target: &CurrentTarget,
     delivery: &Arc<Delivery>,
     cancel: &CancellationToken,
     breaker: &mut Breaker,
@@ -721,11 +760,12 @@ async fn deliver(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let current = target.borrow().clone();
+        let current = target.get();
         let result = send(&current, delivery).await;
         handles.duration.observe(result.latency.as_secs_f64());
+        let was_open = breaker.is_open();
         breaker.record(result.class);
-        handles.circuit_open.set(i64::from(breaker.is_open()));
+        export_breaker(shared, &delivery.webhook, was_open, breaker);
         if result.class != AttemptClass::Retryable {
             shared.report(finish(delivery, attempt, &result), delivery, Some(handles));
             return;

@@ -216,7 +216,7 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
     if let Some(auth) = target.authorization() {
         request = request.header(http::header::AUTHORIZATION, auth.clone());
     }
-    for (name, value) in target.headers() {
+    for (name, value) in target.headers().into_iter().flatten() {
         request = request.header(name, value);
     }
     let mut keys = target.signing_keys().peekable();

@@ -36,13 +36,30 @@ pub struct Target {
     pub timeout: Duration,
     /// Body format.
     pub format: BodyFormat,
+    /// What most webhooks do without: boxed, so that thousands of plain webhooks stay small.
+    extras: Option<Box<Extras>>,
+    client: std::sync::Arc<reqwest::Client>,
+}
+
+/// A target's template, credentials, headers and signing keys.
+#[derive(Clone, Debug)]
+struct Extras {
     template: Option<std::sync::Arc<minijinja::Environment<'static>>>,
     authorization: Option<Sensitive<HeaderValue>>,
     headers: Sensitive<HeaderMap>,
     signing_keys: Vec<Sensitive<Vec<u8>>>,
     /// Every secret value this target sends, to mask them in anything the endpoint echoes back.
     secret_values: Vec<Sensitive<String>>,
-    client: std::sync::Arc<reqwest::Client>,
+}
+
+impl Extras {
+    fn is_empty(&self) -> bool {
+        self.template.is_none()
+            && self.authorization.is_none()
+            && self.headers.expose().is_empty()
+            && self.signing_keys.is_empty()
+            && self.secret_values.is_empty()
+    }
 }
 
 /// Everything about a webhook that shapes its HTTP client (not its requests).
@@ -399,13 +416,7 @@ impl Target {
             NotReady::new(reason, e.to_string())
         })?;
 
-        Ok(Target {
-            key,
-            kind: spec.kind,
-            url,
-            language: spec.language,
-            timeout,
-            format: spec.format,
+        let extras = Extras {
             template,
             authorization,
             headers: Sensitive::new(headers),
@@ -414,20 +425,30 @@ impl Target {
                 .into_iter()
                 .filter(|v| v.expose().len() >= 4)
                 .collect(),
+        };
+        Ok(Target {
+            key,
+            kind: spec.kind,
+            url,
+            language: spec.language,
+            timeout,
+            format: spec.format,
+            extras: (!extras.is_empty()).then(|| Box::new(extras)),
             client,
         })
     }
 
     /// The compiled custom body template, if any.
     pub fn template(&self) -> Option<&minijinja::Environment<'static>> {
-        self.template.as_deref()
+        self.extras.as_ref()?.template.as_deref()
     }
 
     /// Masks every secret value this target sends (token, password, header values, signing
     /// secrets) in a text that came back from the endpoint.
     pub fn redact(&self, text: &str) -> String {
         let mut out = text.to_string();
-        for secret in &self.secret_values {
+        let secrets = self.extras.as_ref().map_or(&[][..], |e| &e.secret_values);
+        for secret in secrets {
             if out.contains(secret.expose().as_str()) {
                 out = out.replace(secret.expose().as_str(), "[redacted]");
             }
@@ -442,17 +463,24 @@ impl Target {
 
     /// The `Authorization` header, if any.
     pub(crate) fn authorization(&self) -> Option<&HeaderValue> {
-        self.authorization.as_ref().map(Sensitive::expose)
+        self.extras
+            .as_ref()?
+            .authorization
+            .as_ref()
+            .map(Sensitive::expose)
     }
 
     /// Extra headers (`spec.headers` and `headersSecretRef`).
-    pub(crate) fn headers(&self) -> &HeaderMap {
-        self.headers.expose()
+    pub(crate) fn headers(&self) -> Option<&HeaderMap> {
+        self.extras.as_ref().map(|e| e.headers.expose())
     }
 
     /// Standard Webhooks signing keys (decoded), empty when signing is off.
     pub(crate) fn signing_keys(&self) -> impl Iterator<Item = &[u8]> {
-        self.signing_keys.iter().map(|k| k.expose().as_slice())
+        self.extras
+            .iter()
+            .flat_map(|e| e.signing_keys.iter())
+            .map(|k| k.expose().as_slice())
     }
 }
 
@@ -588,7 +616,12 @@ mod tests {
         let err = build(&s, &[("h", data(&[("webhook-id", "x")]))]).expect_err("reserved");
         assert_eq!(err.reason, NotReadyReason::InvalidHeader);
         let t = build(&s, &[("h", data(&[("X-Api-Key", "k1\n")]))]).expect("ok");
-        assert_eq!(t.headers().get("x-api-key").expect("header"), "k1");
+        assert_eq!(
+            t.headers()
+                .and_then(|h| h.get("x-api-key"))
+                .expect("header"),
+            "k1"
+        );
     }
 
     #[test]
