@@ -134,7 +134,7 @@ impl Herald {
         table.apply_webhook(WebhookInput {
             key: key.clone(),
             labels: labels.into(),
-            spec,
+            spec: spec.into(),
             credentials,
         });
         table.readiness(&key).unwrap_or(Ok(()))

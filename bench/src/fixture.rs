@@ -84,11 +84,12 @@ pub fn table(webhooks: usize, layout: Layout) -> Table {
                 .into_iter()
                 .collect::<std::collections::BTreeMap<_, _>>()
                 .into(),
-            spec: serde_json::from_value(json!({
+            spec: serde_json::from_value::<herald::crd::WebhookSpec>(json!({
                 "url": format!("http://127.0.0.1:9/{name}"),
                 "conditions": [condition],
             }))
-            .expect("webhook spec"),
+            .expect("webhook spec")
+            .into(),
             credentials: Ok(()),
         });
     }

@@ -203,7 +203,7 @@ fn webhook(input: &mut Input<'_>) -> WebhookInput {
     WebhookInput {
         key,
         labels: labels(input, 2).into(),
-        spec,
+        spec: spec.into(),
         credentials,
     }
 }

@@ -160,16 +160,56 @@ impl From<BTreeMap<String, String>> for Labels {
     }
 }
 
-/// A webhook as the table sees it: spec, labels (for `webhookSelector`) and whether its
-/// credentials and TLS material resolved.
+/// The parts of a Webhook's spec that decide what reaches it: the table keeps these and
+/// nothing else (URLs, credentials and formats belong to delivery).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteSpec {
+    /// Alarms or Events.
+    pub kind: WebhookType,
+    /// `spec.enabled`.
+    pub enabled: bool,
+    /// `spec.eventTypes`.
+    pub event_types: Vec<String>,
+    /// `spec.conditions`, by name.
+    pub conditions: Vec<String>,
+    /// `spec.sendResolved`.
+    pub send_resolved: bool,
+}
+
+impl From<WebhookSpec> for RouteSpec {
+    fn from(spec: WebhookSpec) -> Self {
+        RouteSpec {
+            kind: spec.kind,
+            enabled: spec.enabled,
+            event_types: spec.event_types,
+            conditions: spec.conditions,
+            send_resolved: spec.send_resolved,
+        }
+    }
+}
+
+impl From<&WebhookSpec> for RouteSpec {
+    fn from(spec: &WebhookSpec) -> Self {
+        RouteSpec {
+            kind: spec.kind,
+            enabled: spec.enabled,
+            event_types: spec.event_types.clone(),
+            conditions: spec.conditions.clone(),
+            send_resolved: spec.send_resolved,
+        }
+    }
+}
+
+/// A webhook as the table sees it: what routes to it, its labels (for `webhookSelector`) and
+/// whether its credentials and TLS material resolved.
 #[derive(Clone, Debug)]
 pub struct WebhookInput {
     /// Namespace and name.
     pub key: ObjectKey,
     /// `metadata.labels`.
     pub labels: Labels,
-    /// The spec.
-    pub spec: WebhookSpec,
+    /// The routing part of the spec.
+    pub spec: RouteSpec,
     /// `Err` when Secrets or TLS material could not be resolved.
     pub credentials: Result<(), NotReady>,
 }
@@ -309,7 +349,7 @@ struct NamespaceIndex {
 }
 
 /// Where a webhook is filed in its [`NamespaceIndex`].
-fn filing(spec: &WebhookSpec) -> Filing<'_> {
+fn filing(spec: &RouteSpec) -> Filing<'_> {
     if !spec.event_types.is_empty() {
         Filing::EventTypes
     } else if let Some(first) = spec.conditions.first() {
@@ -326,7 +366,7 @@ enum Filing<'a> {
 }
 
 impl NamespaceIndex {
-    fn insert(&mut self, key: &ObjectKey, spec: &WebhookSpec, event_types: &BTreeSet<String>) {
+    fn insert(&mut self, key: &ObjectKey, spec: &RouteSpec, event_types: &BTreeSet<String>) {
         match filing(spec) {
             Filing::Any => {
                 self.any.insert(key.clone());
@@ -348,7 +388,7 @@ impl NamespaceIndex {
         }
     }
 
-    fn remove(&mut self, key: &ObjectKey, spec: &WebhookSpec, event_types: &BTreeSet<String>) {
+    fn remove(&mut self, key: &ObjectKey, spec: &RouteSpec, event_types: &BTreeSet<String>) {
         match filing(spec) {
             Filing::Any => {
                 self.any.remove(key);

@@ -20,7 +20,7 @@ fn table(yaml: &str) -> Table {
                 table.apply_webhook(WebhookInput {
                     key: ObjectKey::new(namespace, wh.metadata.name.clone().expect("name")),
                     labels: wh.metadata.labels.clone().unwrap_or_default().into(),
-                    spec: wh.spec,
+                    spec: wh.spec.into(),
                     credentials: Ok(()),
                 });
             }
@@ -111,7 +111,7 @@ fn reapplying_a_webhook_replaces_it_including_its_type() {
     t.apply_webhook(WebhookInput {
         key: ObjectKey::new("monitoring", "ops"),
         labels: Default::default(),
-        spec: wh.spec,
+        spec: wh.spec.into(),
         credentials: Ok(()),
     });
     let a = alert(&[]);
@@ -570,7 +570,9 @@ fn indexed_resolve_agrees_with_a_full_scan_through_random_changes() {
                 t.apply_webhook(WebhookInput {
                     key,
                     labels: Labels::default(),
-                    spec: serde_json::from_value(spec).expect("webhook spec"),
+                    spec: serde_json::from_value::<WebhookSpec>(spec)
+                        .expect("webhook spec")
+                        .into(),
                     credentials: Ok(()),
                 });
             }
