@@ -1,6 +1,7 @@
 //! The delivery engine: per-webhook workers with bounded queues, retries and reports.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::id::DeliveryId;
-use super::queue::JobQueue;
+use super::queue::{JobQueue, Queued};
 use super::send::{AttemptClass, AttemptResult, Delivery, send};
 use super::target::Target;
 use crate::metrics::{Metrics, WebhookLabels, WebhookMetrics};
@@ -197,41 +198,39 @@ struct Job {
     _permit: OwnedSemaphorePermit,
 }
 
-/// A webhook's current settings, read at the start of every attempt (a plain lock: the worker
-/// needs no wake-up when they change, and a watch channel costs ten times the memory).
-#[derive(Clone)]
-struct CurrentTarget(Arc<RwLock<Arc<Target>>>);
-
-impl CurrentTarget {
-    fn new(target: Arc<Target>) -> Self {
-        CurrentTarget(Arc::new(RwLock::new(target)))
-    }
-
-    fn get(&self) -> Arc<Target> {
-        // A poisoned lock still holds a whole Arc.
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn set(&self, target: Arc<Target>) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = target;
-    }
-}
-
-struct Worker {
-    target: CurrentTarget,
+/// One webhook's delivery state. Its task (see [`run_worker`]) runs only while the queue holds
+/// something: an idle webhook costs this struct and its queue, not a task.
+struct WorkerState {
+    key: ObjectKey,
+    /// The current settings, read at the start of every attempt (queued deliveries use new
+    /// settings from their next attempt on: Secret rotation needs no restart).
+    target: RwLock<Arc<Target>>,
     queue: Arc<JobQueue<Job>>,
+    /// Cancelled when the webhook goes away or Herald stops.
     cancel: CancellationToken,
     /// Made at the first delivery: idle webhooks export no series.
-    metrics: Arc<OnceLock<WebhookMetrics>>,
+    metrics: OnceLock<WebhookMetrics>,
+    /// The circuit breaker's count of failed attempts in a row, kept between tasks.
+    failures: AtomicU32,
 }
 
-/// A webhook's metric handles, made on first use.
-fn webhook_metrics<'a>(
-    shared: &Shared,
-    cell: &'a OnceLock<WebhookMetrics>,
-    key: &ObjectKey,
-) -> &'a WebhookMetrics {
-    cell.get_or_init(|| shared.metrics.webhook(&WebhookLabels::from(key)))
+impl WorkerState {
+    fn target(&self) -> Arc<Target> {
+        // A poisoned lock still holds a whole Arc.
+        self.target
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_target(&self, target: Arc<Target>) {
+        *self.target.write().unwrap_or_else(|e| e.into_inner()) = target;
+    }
+
+    fn metrics(&self, shared: &Shared) -> &WebhookMetrics {
+        self.metrics
+            .get_or_init(|| shared.metrics.webhook(&WebhookLabels::from(&self.key)))
+    }
 }
 
 struct Shared {
@@ -324,7 +323,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct Engine {
     shared: Arc<Shared>,
-    workers: Arc<Mutex<HashMap<ObjectKey, Worker>>>,
+    workers: Arc<Mutex<HashMap<ObjectKey, Arc<WorkerState>>>>,
     pending: Arc<Semaphore>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -364,7 +363,7 @@ impl Engine {
         }
     }
 
-    fn workers(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, Worker>> {
+    fn workers(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, Arc<WorkerState>>> {
         // A worker map poisoned by a panic elsewhere is still consistent: each entry is replaced whole.
         self.workers.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -376,38 +375,45 @@ impl Engine {
         let target = Arc::new(target);
         let mut workers = self.workers();
         if let Some(worker) = workers.get(&key) {
-            worker.target.set(target);
+            worker.set_target(target);
             return;
         }
-        let current = CurrentTarget::new(target);
-        let queue = JobQueue::new(self.shared.config.queue_capacity);
-        let cancel = self.shutdown.child_token();
-        let metrics = Arc::new(OnceLock::new());
-        self.tasks.spawn(run_worker(
-            self.shared.clone(),
-            key.clone(),
-            current.clone(),
-            queue.clone(),
-            cancel.clone(),
-            metrics.clone(),
-        ));
-        workers.insert(
-            key,
-            Worker {
-                target: current,
-                queue,
-                cancel,
-                metrics,
-            },
-        );
+        let state = WorkerState {
+            key: key.clone(),
+            target: RwLock::new(target),
+            queue: JobQueue::new(self.shared.config.queue_capacity),
+            cancel: self.shutdown.child_token(),
+            metrics: OnceLock::new(),
+            failures: AtomicU32::new(0),
+        };
+        workers.insert(key, Arc::new(state));
+    }
+
+    /// Starts the task that drains a webhook's queue (called by whoever queued into an idle one).
+    fn start(&self, worker: &Arc<WorkerState>) {
+        self.tasks
+            .spawn(run_worker(self.shared.clone(), worker.clone()));
     }
 
     /// Stops delivering to a webhook (deleted, disabled or no longer ready); what it had queued
     /// is dropped and reported as such.
     pub fn remove(&self, key: &ObjectKey) {
-        if let Some(worker) = self.workers().remove(key) {
-            worker.cancel.cancel();
+        let Some(worker) = self.workers().remove(key) else {
+            return;
+        };
+        worker.cancel.cancel();
+        // A running task drops what is queued itself; otherwise the queue is empty, but make sure.
+        for job in worker.queue.close() {
+            worker.metrics(&self.shared).queue_depth.dec();
+            self.shared.dropped(
+                &job.delivery,
+                "the webhook was removed or can no longer deliver",
+            );
         }
+        // Its per-webhook gauges go with it.
+        let labels = WebhookLabels::from(key);
+        self.shared.metrics.queue_depth.remove(&labels);
+        self.shared.metrics.circuit_open.remove(&labels);
     }
 
     /// Whether a webhook has a worker.
@@ -417,7 +423,7 @@ impl Engine {
 
     /// The current settings of a webhook.
     pub fn target(&self, key: &ObjectKey) -> Option<Arc<Target>> {
-        self.workers().get(key).map(|w| w.target.get())
+        self.workers().get(key).map(|w| w.target())
     }
 
     /// The store.
@@ -452,28 +458,33 @@ impl Engine {
             let slot = workers.get(&delivery.webhook).map(|w| {
                 w.queue
                     .try_reserve()
-                    .map(|slot| (slot, &w.metrics))
+                    .map(|slot| (slot, w))
                     .ok_or("the webhook's queue is full")
             });
             match slot {
-                Some(Ok((slot, metrics))) => accepted.push((delivery, slot, metrics)),
+                Some(Ok((slot, worker))) => accepted.push((delivery, slot, worker)),
                 Some(Err(why)) => refused.push((delivery, why)),
                 None => refused.push((delivery, "the webhook is not ready to deliver")),
             }
         }
         let to_store: Vec<Arc<Delivery>> = accepted.iter().map(|(d, ..)| d.clone()).collect();
         self.shared.store.add_pending(&to_store)?;
-        for (delivery, slot, metrics) in accepted {
+        for (delivery, slot, worker) in accepted {
             let Some(permit) = permits.split(1) else {
                 break;
             };
-            let depth = &webhook_metrics(&self.shared, metrics, &delivery.webhook).queue_depth;
+            let depth = &worker.metrics(&self.shared).queue_depth;
             depth.inc();
             match slot.send(Job {
                 delivery,
                 _permit: permit,
             }) {
-                Ok(()) => summary.queued += 1,
+                Ok(queued) => {
+                    summary.queued += 1;
+                    if queued == Queued::StartConsumer {
+                        self.start(worker);
+                    }
+                }
                 Err(job) => {
                     // The worker stopped between the reservation and now.
                     depth.dec();
@@ -513,26 +524,30 @@ impl Engine {
                 }
                 continue;
             };
-            let queue = worker.queue.clone();
+            let worker = worker.clone();
             let semaphore = self.pending.clone();
-            let metrics = self.shared.metrics.clone();
+            let engine = self.clone();
             self.tasks.spawn(async move {
-                let labels = WebhookLabels::from(&key);
                 for delivery in deliveries {
                     let Ok(permit) = semaphore.clone().acquire_owned().await else {
                         return;
                     };
-                    metrics.queue_depth.get_or_create(&labels).inc();
-                    if queue
+                    let depth = &worker.metrics(&engine.shared).queue_depth;
+                    depth.inc();
+                    match worker
+                        .queue
                         .push(Job {
                             delivery,
                             _permit: permit,
                         })
                         .await
-                        .is_err()
                     {
-                        metrics.queue_depth.get_or_create(&labels).dec();
-                        return;
+                        Ok(Queued::StartConsumer) => engine.start(&worker),
+                        Ok(Queued::Running) => {}
+                        Err(_) => {
+                            depth.dec();
+                            return;
+                        }
                     }
                 }
             });
@@ -615,41 +630,36 @@ fn finish(delivery: &Delivery, attempts: u32, last: &AttemptResult) -> DeliveryR
     }
 }
 
-async fn run_worker(
-    shared: Arc<Shared>,
-    key: ObjectKey,
-    target: CurrentTarget,
-    queue: Arc<JobQueue<Job>>,
-    cancel: CancellationToken,
-    metrics: Arc<OnceLock<WebhookMetrics>>,
-) {
-    let mut breaker = Breaker::default();
-    loop {
-        let job = tokio::select! {
-            biased;
-            () = cancel.cancelled() => break,
-            job = queue.pop() => match job {
-                Some(job) => job,
-                None => break,
-            },
+/// Drains a webhook's queue, one delivery at a time, and stops when it is empty (the next
+/// delivery queued starts a new task) or when the webhook goes away or Herald stops.
+async fn run_worker(shared: Arc<Shared>, worker: Arc<WorkerState>) {
+    let handles = worker.metrics(&shared);
+    let mut breaker = Breaker {
+        failures: worker.failures.load(Ordering::Relaxed),
+    };
+    while !worker.cancel.is_cancelled() {
+        let Some(job) = worker.queue.next_or_stop() else {
+            return;
         };
-        let handles = webhook_metrics(&shared, &metrics, &key);
         handles.queue_depth.dec();
-        // Boxed: the HTTP send future is large, and an idle worker (most of them, with
-        // thousands of webhooks) should not carry its space.
+        // Boxed: the HTTP send future is large, and this task should not carry its space
+        // between deliveries.
         Box::pin(deliver(
             &shared,
             handles,
-            &target,
+            &worker,
             &job.delivery,
-            &cancel,
             &mut breaker,
         ))
         .await;
+        worker.failures.store(breaker.failures, Ordering::Relaxed);
     }
-    queue.close();
+    // Cancelled: the webhook went away (its queued deliveries are dropped and recorded) or
+    // Herald is stopping (they stay pending in the store for the next start).
+    let _ = worker.queue.close();
     let mut left = 0usize;
-    while let Some(job) = queue.try_pop() {
+    while let Some(job) = worker.queue.try_pop() {
+        handles.queue_depth.dec();
         if shared.stopping.is_cancelled() {
             left += 1;
         } else {
@@ -659,15 +669,11 @@ async fn run_worker(
             );
         }
     }
-    // The worker is gone: so are its per-webhook gauges.
-    let labels = WebhookLabels::from(&key);
-    shared.metrics.queue_depth.remove(&labels);
-    shared.metrics.circuit_open.remove(&labels);
     if left > 0 {
         if shared.store.is_durable() {
-            tracing::info!(webhook = %key, deliveries = left, "stopping; queued deliveries stay in the store for the next start");
+            tracing::info!(webhook = %worker.key, deliveries = left, "stopping; queued deliveries stay in the store for the next start");
         } else {
-            tracing::warn!(webhook = %key, deliveries = left, "stopping without --data-dir: queued deliveries are lost");
+            tracing::warn!(webhook = %worker.key, deliveries = left, "stopping without --data-dir: queued deliveries are lost");
         }
     }
 }
@@ -740,11 +746,11 @@ fn export_breaker(shared: &Shared, key: &ObjectKey, was_open: bool, breaker: &Br
 async fn deliver(
     shared: &Shared,
     handles: &WebhookMetrics,
-    target: &CurrentTarget,
+    worker: &WorkerState,
     delivery: &Arc<Delivery>,
-    cancel: &CancellationToken,
     breaker: &mut Breaker,
 ) {
+    let cancel = &worker.cancel;
     let policy = shared.config.retry;
     if let Some(wait) = breaker.cool_down(&policy) {
         tracing::debug!(webhook = %delivery.webhook, ?wait, "circuit open: waiting before probing the endpoint");
@@ -760,7 +766,7 @@ async fn deliver(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let current = target.get();
+        let current = worker.target();
         let result = send(&current, delivery).await;
         handles.duration.observe(result.latency.as_secs_f64());
         let was_open = breaker.is_open();
