@@ -310,6 +310,10 @@ impl Controller {
                         seen.insert(key.clone());
                     }
                     self.reconcile(&webhook).await;
+                    // The status writer keeps what it needs of the status (seeded just now);
+                    // the kept copy is for re-reconciling on Secret and condition changes.
+                    let mut webhook = webhook;
+                    webhook.status = None;
                     self.webhooks.insert(key, Box::new(webhook));
                 }
                 Event::Delete(webhook) => {

@@ -24,13 +24,26 @@ pub const FIELD_MANAGER: &str = "herald";
 
 #[derive(Default)]
 struct Entry {
-    reference: Option<ObjectReference>,
+    /// The Webhook's uid, once seen: Events refer to it (the rest of the reference is the key).
+    uid: Option<String>,
     generation: Option<i64>,
     ready: Option<Condition>,
     last_delivery: Option<DeliveryResult>,
     last_test: Option<TestResult>,
     failing: bool,
     dirty: bool,
+}
+
+/// The reference Events give for a Webhook.
+fn reference(key: &ObjectKey, uid: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(<Webhook as kube::Resource>::api_version(&()).into_owned()),
+        kind: Some(<Webhook as kube::Resource>::kind(&()).into_owned()),
+        name: Some(key.name.clone()),
+        namespace: Some(key.namespace.clone()),
+        uid: (!uid.is_empty()).then(|| uid.to_string()),
+        ..ObjectReference::default()
+    }
 }
 
 /// Coalescing writer of Webhook status and Events.
@@ -81,7 +94,8 @@ impl StatusWriter {
     }
 
     /// Records a Webhook's readiness for its current generation. Status already on the object
-    /// seeds what this writer keeps (so a restart does not erase the last results).
+    /// seeds what this writer keeps (so a restart does not erase the last results); an object
+    /// without status (the controller's kept copy) is compared with what this writer knows.
     pub fn set_ready(&self, webhook: &Webhook, readiness: &Result<(), NotReady>) {
         let Some(key) = super::key_of(webhook) else {
             return;
@@ -106,7 +120,12 @@ impl StatusWriter {
         };
         let mut entries = self.entries();
         let entry = entries.entry(key).or_default();
-        if entry.reference.is_none() {
+        let observed_generation = match &webhook.status {
+            Some(status) => status.observed_generation,
+            None if entry.uid.is_some() => entry.generation,
+            None => None,
+        };
+        if entry.uid.is_none() {
             entry.last_delivery = existing.last_delivery.clone();
             entry.last_test = existing.last_test.clone();
             entry.failing = existing
@@ -114,7 +133,10 @@ impl StatusWriter {
                 .as_ref()
                 .is_some_and(|d| d.outcome == DeliveryOutcome::Failed);
         }
-        entry.reference = Some(kube::Resource::object_ref(webhook, &()));
+        entry.uid.clone_from(&webhook.metadata.uid);
+        if entry.uid.is_none() {
+            entry.uid = Some(String::new());
+        }
         let known = entry.ready.clone().or(previous);
         let transition = match &known {
             Some(c) if c.status == status => c.last_transition_time.clone(),
@@ -133,7 +155,7 @@ impl StatusWriter {
                 && c.reason == condition.reason
                 && c.message == condition.message
                 && c.observed_generation == condition.observed_generation
-        }) && existing.observed_generation == webhook.metadata.generation;
+        }) && observed_generation == webhook.metadata.generation;
         entry.generation = webhook.metadata.generation;
         entry.ready = Some(condition);
         if !unchanged {
@@ -191,7 +213,7 @@ impl StatusWriter {
                 message: message.clone(),
             });
             entry.dirty = true;
-            entry.reference.clone()
+            entry.uid.as_deref().map(|uid| reference(key, uid))
         };
         self.wake.notify_one();
         if let Some(reference) = reference {
@@ -257,7 +279,7 @@ impl StatusWriter {
             let mut entries = self.entries();
             entries
                 .iter_mut()
-                .filter(|(_, e)| e.dirty && e.reference.is_some())
+                .filter(|(_, e)| e.dirty && e.uid.is_some())
                 .map(|(k, e)| {
                     e.dirty = false;
                     (
@@ -335,7 +357,11 @@ impl DeliveryObserver for StatusWriter {
             let failing = outcome == DeliveryOutcome::Failed;
             let changed = failing != entry.failing;
             entry.failing = failing;
-            entry.reference.clone().filter(|_| changed)
+            entry
+                .uid
+                .as_deref()
+                .filter(|_| changed)
+                .map(|uid| reference(&report.webhook, uid))
         };
         if let Some(reference) = event {
             if outcome == DeliveryOutcome::Failed {
