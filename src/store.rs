@@ -2,7 +2,7 @@
 //! and a bounded record of finished ones (recent deliveries and dead letters). On disk with
 //! `--data-dir` (redb, crash-safe), in memory otherwise.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -123,8 +123,9 @@ pub struct RecordFilter {
 
 #[derive(Default)]
 struct Index {
-    /// Record ids per webhook, oldest first: `[kept, dead letters]`.
-    by_webhook: HashMap<ObjectKey, [BTreeSet<DeliveryId>; 2]>,
+    /// Record ids per webhook, sorted (so oldest first): `[kept, dead letters]`. Sorted deques
+    /// rather than trees: new ids go at the end, and a few ids cost a few bytes, not a node.
+    by_webhook: HashMap<ObjectKey, [VecDeque<DeliveryId>; 2]>,
 }
 
 /// The slot of a record's class in [`Index::by_webhook`].
@@ -138,13 +139,20 @@ impl Index {
             Some(ids) => ids,
             None => self.by_webhook.entry(record.webhook.clone()).or_default(),
         };
-        ids[class(record)].insert(record.id);
+        let ids = &mut ids[class(record)];
+        let at = ids.partition_point(|id| *id < record.id);
+        if ids.get(at) != Some(&record.id) {
+            ids.insert(at, record.id);
+        }
     }
 
     fn remove(&mut self, record: &DeliveryRecord) {
         if let Some(ids) = self.by_webhook.get_mut(&record.webhook) {
-            ids[class(record)].remove(&record.id);
-            if ids.iter().all(BTreeSet::is_empty) {
+            let class_ids = &mut ids[class(record)];
+            if let Ok(at) = class_ids.binary_search(&record.id) {
+                class_ids.remove(at);
+            }
+            if ids.iter().all(VecDeque::is_empty) {
                 self.by_webhook.remove(&record.webhook);
             }
         }
@@ -164,7 +172,11 @@ impl Index {
         };
         let ids = &mut ids[class];
         let excess = ids.len().saturating_sub(limit);
-        (0..excess).filter_map(|_| ids.pop_first()).collect()
+        let pruned: Vec<DeliveryId> = ids.drain(..excess).collect();
+        if ids.capacity() > 2 * ids.len().max(4) {
+            ids.shrink_to_fit();
+        }
+        pruned
     }
 }
 
@@ -240,7 +252,7 @@ impl Store {
             ..RecordFilter::default()
         })?;
         let mut index = store.index();
-        for record in &records {
+        for record in records.iter().rev() {
             index.add(record);
         }
         drop(index);
