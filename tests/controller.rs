@@ -397,10 +397,19 @@ async fn send_test_reaches_the_sink_and_shows_in_status_and_events() {
     let denied = Sink::http().await;
     denied.respond_with(vec![Reply::status(401)]);
     let _controller = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
+    let headers = |value: &str| {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: ok-headers, namespace: {ns}}}\nstringData: {{X-Team: {value}}}\n"
+        )
+    };
+    apply(&headers("one"));
     apply(&webhook(
         ns,
         "ok",
-        &format!("{{url: '{}', language: zh-CN}}", ok.url()),
+        &format!(
+            "{{url: '{}', language: zh-CN, headersSecretRef: {{name: ok-headers}}}}",
+            ok.url()
+        ),
     ));
     apply(&webhook(
         ns,
@@ -454,6 +463,10 @@ async fn send_test_reaches_the_sink_and_shows_in_status_and_events() {
     .await
     .expect("annotate");
     ok.wait_for(2, WAIT).await;
+    // A change to a Secret it references re-reconciles the webhook from the controller's kept
+    // copy: the test already sent for "second" is not sent again.
+    apply(&headers("two"));
+    ok.assert_no_more_within(Duration::from_millis(1500)).await;
 
     let events: Api<Event> = Api::namespaced(client.clone(), ns);
     let deadline = std::time::Instant::now() + WAIT;

@@ -273,29 +273,38 @@ impl StatusWriter {
         }
     }
 
-    /// Writes every dirty status now.
+    /// Whether the test message asked for with this token has been sent and recorded.
+    pub fn tested(&self, key: &ObjectKey, token: &str) -> bool {
+        self.entries()
+            .get(key)
+            .and_then(|e| e.last_test.as_ref())
+            .is_some_and(|t| t.token == token)
+    }
+
+    /// Writes every dirty status now, one at a time (a status is built just before its write,
+    /// so writing thousands does not hold thousands of copies).
     pub async fn flush(&self) {
-        let pending: Vec<(ObjectKey, WebhookStatus)> = {
-            let mut entries = self.entries();
-            entries
-                .iter_mut()
-                .filter(|(_, e)| e.dirty && e.uid.is_some())
-                .map(|(k, e)| {
-                    e.dirty = false;
-                    (
-                        k.clone(),
-                        WebhookStatus {
-                            observed_generation: e.generation,
-                            conditions: e.ready.iter().cloned().collect(),
-                            last_delivery: e.last_delivery.clone(),
-                            last_test: e.last_test.clone(),
-                        },
-                    )
-                })
-                .collect()
-        };
+        let dirty: Vec<ObjectKey> = self
+            .entries()
+            .iter()
+            .filter(|(_, e)| e.dirty && e.uid.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
         let mut gone = HashSet::new();
-        for (key, status) in pending {
+        for key in dirty {
+            let status = {
+                let mut entries = self.entries();
+                let Some(e) = entries.get_mut(&key).filter(|e| e.dirty) else {
+                    continue;
+                };
+                e.dirty = false;
+                WebhookStatus {
+                    observed_generation: e.generation,
+                    conditions: e.ready.iter().cloned().collect(),
+                    last_delivery: e.last_delivery.clone(),
+                    last_test: e.last_test.clone(),
+                }
+            };
             let api: Api<Webhook> = Api::namespaced(self.client.clone(), &key.namespace);
             let patch = serde_json::json!({
                 "apiVersion": "herald.dev/v1alpha1",
