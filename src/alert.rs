@@ -54,6 +54,52 @@ pub struct Alert {
     /// Alertmanager's fingerprint; computed from the labels when absent.
     #[serde(default)]
     pub fingerprint: String,
+    /// Renderings every delivery of this alert shares.
+    #[serde(skip)]
+    pub renderings: AlertRenderings,
+}
+
+/// Renderings of an alert made once, on first use, and shared by every delivery that carries
+/// it (an alert matching ten webhooks is written as JSON once, not ten times). Never
+/// serialized or compared; a clone starts empty.
+#[derive(Default)]
+pub struct AlertRenderings {
+    json: std::sync::OnceLock<Option<Box<serde_json::value::RawValue>>>,
+    /// The alert's block of a message, per language (English, Chinese).
+    messages: [std::sync::OnceLock<Box<str>>; 2],
+}
+
+impl AlertRenderings {
+    /// The alert's message block in a language, made by `make` the first time.
+    pub(crate) fn message(
+        &self,
+        language: crate::crd::Language,
+        make: impl FnOnce() -> String,
+    ) -> &str {
+        let slot = match language {
+            crate::crd::Language::En => &self.messages[0],
+            crate::crd::Language::ZhCn => &self.messages[1],
+        };
+        slot.get_or_init(|| make().into_boxed_str())
+    }
+}
+
+impl Clone for AlertRenderings {
+    fn clone(&self) -> Self {
+        AlertRenderings::default()
+    }
+}
+
+impl PartialEq for AlertRenderings {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for AlertRenderings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AlertRenderings")
+    }
 }
 
 impl Alert {
@@ -63,6 +109,16 @@ impl Alert {
             .get("alertname")
             .map(String::as_str)
             .unwrap_or("")
+    }
+
+    /// The alert as JSON, written once. Call only once the alert no longer changes (it is
+    /// shared by its deliveries). `None` only if it cannot be written (strings and string maps
+    /// always can).
+    pub fn json(&self) -> Option<&serde_json::value::RawValue> {
+        self.renderings
+            .json
+            .get_or_init(|| serde_json::value::to_raw_value(self).ok())
+            .as_deref()
     }
 
     /// Fills in the fingerprint from the labels when the sender gave none.
@@ -161,6 +217,7 @@ impl PostableAlert {
             ends_at: self.ends_at.unwrap_or_default(),
             generator_url: self.generator_url.unwrap_or_default(),
             fingerprint: String::new(),
+            renderings: AlertRenderings::default(),
         };
         alert.ensure_fingerprint();
         alert

@@ -105,7 +105,8 @@ pub fn body(
     let message = &notification.message;
     let value = match format {
         BodyFormat::Herald => {
-            return serde_json::to_vec(notification).map_err(|e| RenderError(e.to_string()));
+            return serde_json::to_vec(&HeraldJson(notification))
+                .map_err(|e| RenderError(e.to_string()));
         }
         BodyFormat::Alertmanager => serde_json::json!({
             "version": "4",
@@ -140,6 +141,49 @@ pub fn body(
         }),
     };
     serde_json::to_vec(&value).map_err(|e| RenderError(e.to_string()))
+}
+
+/// A notification as Herald's JSON body: the same as its derived `Serialize`, except that each
+/// alert is copied from the JSON the alert wrote once for all its deliveries.
+struct HeraldJson<'n, 'a>(&'n Notification<'a>);
+
+impl Serialize for HeraldJson<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let n = self.0;
+        let mut body = serializer.serialize_struct("Notification", 13)?;
+        body.serialize_field("version", n.version)?;
+        body.serialize_field("type", &n.kind)?;
+        body.serialize_field("test", &n.test)?;
+        body.serialize_field("webhook", &n.webhook)?;
+        body.serialize_field("language", n.language)?;
+        body.serialize_field("status", n.status)?;
+        body.serialize_field("title", &n.title)?;
+        body.serialize_field("message", &n.message)?;
+        body.serialize_field("alerts", &CachedAlerts(n.alerts))?;
+        body.serialize_field("groupLabels", n.group_labels)?;
+        body.serialize_field("commonLabels", &n.common_labels)?;
+        body.serialize_field("commonAnnotations", &n.common_annotations)?;
+        body.serialize_field("externalURL", n.external_url)?;
+        body.end()
+    }
+}
+
+/// Alerts written from their shared JSON.
+struct CachedAlerts<'a>(&'a [Arc<Alert>]);
+
+impl Serialize for CachedAlerts<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq as _;
+        let mut alerts = serializer.serialize_seq(Some(self.0.len()))?;
+        for alert in self.0 {
+            match alert.json() {
+                Some(json) => alerts.serialize_element(json)?,
+                None => alerts.serialize_element(alert.as_ref())?,
+            }
+        }
+        alerts.end()
+    }
 }
 
 fn truncate_chars(text: &str, max: usize) -> String {
@@ -292,12 +336,23 @@ fn severity_zh(severity: &str) -> &str {
 }
 
 fn message(alerts: &[Arc<Alert>], language: Language) -> String {
-    // One buffer for the whole message: blocks separated by a blank line, lines by a newline.
-    let mut out = String::with_capacity(alerts.len() * 256);
-    for (i, alert) in alerts.iter().enumerate() {
-        if i > 0 {
-            out.push_str("\n\n");
-        }
+    // Blocks separated by a blank line; each alert's block is written once per language and
+    // shared by every delivery of the alert.
+    let blocks: Vec<&str> = alerts
+        .iter()
+        .map(|alert| {
+            alert
+                .renderings
+                .message(language, || message_block(alert, language))
+        })
+        .collect();
+    blocks.join("\n\n")
+}
+
+/// One alert's part of a message: lines separated by a newline.
+fn message_block(alert: &Alert, language: Language) -> String {
+    let mut out = String::with_capacity(256);
+    {
         let mut lines = Lines::new(&mut out);
         let name = subject_name(alert);
         let label = |k: &str| alert.labels.get(k).map(String::as_str);
@@ -421,6 +476,28 @@ mod tests {
             starts_at: "2026-11-25T10:00:00Z".into(),
             ..Alert::default()
         })
+    }
+
+    #[test]
+    fn the_herald_body_equals_the_derived_serialization_byte_for_byte() {
+        let alerts = vec![
+            alert("CPUHigh", AlertStatus::Firing, "critical"),
+            alert("DiskFull \"quoted\" ✓", AlertStatus::Resolved, "warning"),
+        ];
+        for language in [Language::En, Language::ZhCn] {
+            for test in [false, true] {
+                let n = render(&alerts, language, test);
+                let derived = serde_json::to_vec(&n).expect("derived");
+                // Twice: once writing each alert's JSON, once reusing it.
+                for _ in 0..2 {
+                    let body = body(&n, BodyFormat::Herald, None).expect("body");
+                    assert_eq!(
+                        String::from_utf8_lossy(&body),
+                        String::from_utf8_lossy(&derived)
+                    );
+                }
+            }
+        }
     }
 
     fn render(alerts: &[Arc<Alert>], language: Language, test: bool) -> Notification<'_> {
