@@ -65,6 +65,9 @@ pub struct Alert {
 #[derive(Default)]
 pub struct AlertRenderings {
     json: std::sync::OnceLock<Option<Box<serde_json::value::RawValue>>>,
+    /// The alert's labels and annotations as JSON (the common ones of a one-alert delivery).
+    labels_json: std::sync::OnceLock<Option<Box<serde_json::value::RawValue>>>,
+    annotations_json: std::sync::OnceLock<Option<Box<serde_json::value::RawValue>>>,
     /// The alert's block of a message, per language (English, Chinese).
     messages: [std::sync::OnceLock<Box<str>>; 2],
 }
@@ -118,6 +121,22 @@ impl Alert {
         self.renderings
             .json
             .get_or_init(|| serde_json::value::to_raw_value(self).ok())
+            .as_deref()
+    }
+
+    /// The alert's labels as JSON, written once (see [`Alert::json`]).
+    pub fn labels_json(&self) -> Option<&serde_json::value::RawValue> {
+        self.renderings
+            .labels_json
+            .get_or_init(|| serde_json::value::to_raw_value(&self.labels).ok())
+            .as_deref()
+    }
+
+    /// The alert's annotations as JSON, written once (see [`Alert::json`]).
+    pub fn annotations_json(&self) -> Option<&serde_json::value::RawValue> {
+        self.renderings
+            .annotations_json
+            .get_or_init(|| serde_json::value::to_raw_value(&self.annotations).ok())
             .as_deref()
     }
 

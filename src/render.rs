@@ -46,12 +46,101 @@ pub struct Notification<'a> {
     /// Alertmanager's group labels.
     pub group_labels: &'a LabelSet,
     /// Labels every alert shares.
-    pub common_labels: BTreeMap<&'a str, &'a str>,
+    pub common_labels: Common<'a>,
     /// Annotations every alert shares.
-    pub common_annotations: BTreeMap<&'a str, &'a str>,
+    pub common_annotations: Common<'a>,
     /// Alertmanager's URL.
     #[serde(rename = "externalURL")]
     pub external_url: &'a str,
+}
+
+/// Labels (or annotations) every alert of a notification shares. With one alert these are its
+/// own, borrowed (and written from the JSON the alert keeps for all its deliveries); with
+/// several, their intersection. Written as a JSON object either way.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Common<'a> {
+    /// The only alert's labels or annotations.
+    Only {
+        /// The alert.
+        alert: &'a Alert,
+        /// Its annotations rather than its labels.
+        annotations: bool,
+    },
+    /// What several alerts (or none) share.
+    Shared(BTreeMap<&'a str, &'a str>),
+}
+
+impl<'a> Common<'a> {
+    fn of(alerts: &'a [Arc<Alert>], annotations: bool) -> Self {
+        if let [alert] = alerts {
+            return Common::Only { alert, annotations };
+        }
+        let sets = alerts.iter().map(|a| {
+            if annotations {
+                &a.annotations
+            } else {
+                &a.labels
+            }
+        });
+        Common::Shared(common(sets))
+    }
+
+    /// The shared names and values.
+    pub fn to_map(&self) -> BTreeMap<&'a str, &'a str> {
+        match self {
+            Common::Only { alert, annotations } => {
+                let set = if *annotations {
+                    &alert.annotations
+                } else {
+                    &alert.labels
+                };
+                set.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+            }
+            Common::Shared(map) => map.clone(),
+        }
+    }
+
+    /// The JSON the only alert keeps for this set, if this is one alert's set.
+    fn cached_json(&self) -> Option<&'a serde_json::value::RawValue> {
+        match self {
+            Common::Only {
+                alert,
+                annotations: false,
+            } => alert.labels_json(),
+            Common::Only {
+                alert,
+                annotations: true,
+            } => alert.annotations_json(),
+            Common::Shared(_) => None,
+        }
+    }
+}
+
+impl Serialize for Common<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Common::Only { alert, annotations } => {
+                if *annotations {
+                    alert.annotations.serialize(serializer)
+                } else {
+                    alert.labels.serialize(serializer)
+                }
+            }
+            Common::Shared(map) => map.serialize(serializer),
+        }
+    }
+}
+
+/// A common set written from the alert's shared JSON when there is one.
+struct CommonJson<'c, 'a>(&'c Common<'a>);
+
+impl Serialize for CommonJson<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0.cached_json() {
+            Some(json) => json.serialize(serializer),
+            None => self.0.serialize(serializer),
+        }
+    }
 }
 
 /// What one delivery carries, before rendering.
@@ -162,8 +251,8 @@ impl Serialize for HeraldJson<'_, '_> {
         body.serialize_field("message", &n.message)?;
         body.serialize_field("alerts", &CachedAlerts(n.alerts))?;
         body.serialize_field("groupLabels", n.group_labels)?;
-        body.serialize_field("commonLabels", &n.common_labels)?;
-        body.serialize_field("commonAnnotations", &n.common_annotations)?;
+        body.serialize_field("commonLabels", &CommonJson(&n.common_labels))?;
+        body.serialize_field("commonAnnotations", &CommonJson(&n.common_annotations))?;
         body.serialize_field("externalURL", n.external_url)?;
         body.end()
     }
@@ -242,8 +331,8 @@ pub fn notification<'a>(content: Content<'a>, language: Language) -> Notificatio
         message,
         alerts: content.alerts,
         group_labels: content.group_labels,
-        common_labels: common(content.alerts.iter().map(|a| &a.labels)),
-        common_annotations: common(content.alerts.iter().map(|a| &a.annotations)),
+        common_labels: Common::of(content.alerts, false),
+        common_annotations: Common::of(content.alerts, true),
         external_url: content.external_url,
     }
 }
@@ -292,6 +381,9 @@ fn subject_name(alert: &Alert) -> &str {
 }
 
 fn names(alerts: &[Arc<Alert>], language: Language) -> String {
+    if let [alert] = alerts {
+        return subject_name(alert).to_string();
+    }
     let unique: BTreeSet<&str> = alerts
         .iter()
         .map(|alert| subject_name(alert))
@@ -480,13 +572,19 @@ mod tests {
 
     #[test]
     fn the_herald_body_equals_the_derived_serialization_byte_for_byte() {
-        let alerts = vec![
+        let two = vec![
             alert("CPUHigh", AlertStatus::Firing, "critical"),
             alert("DiskFull \"quoted\" ✓", AlertStatus::Resolved, "warning"),
         ];
-        for language in [Language::En, Language::ZhCn] {
+        let one = vec![alert("Only \\ one", AlertStatus::Firing, "critical")];
+        for (alerts, language) in [
+            (&two, Language::En),
+            (&two, Language::ZhCn),
+            (&one, Language::En),
+            (&one, Language::ZhCn),
+        ] {
             for test in [false, true] {
-                let n = render(&alerts, language, test);
+                let n = render(alerts, language, test);
                 let derived = serde_json::to_vec(&n).expect("derived");
                 // Twice: once writing each alert's JSON, once reusing it.
                 for _ in 0..2 {
@@ -564,10 +662,25 @@ mod tests {
         ];
         let n = render(&alerts, Language::En, false);
         assert_eq!(
-            n.common_labels,
+            n.common_labels.to_map(),
             BTreeMap::from([("namespace", "prod"), ("severity", "critical")])
         );
         assert_eq!(n.title, "[FIRING:2] A, B");
+        let one = [alert("A", AlertStatus::Firing, "critical")];
+        let n = render(&one, Language::En, false);
+        assert_eq!(
+            n.common_labels.to_map(),
+            BTreeMap::from([
+                ("alertname", "A"),
+                ("namespace", "prod"),
+                ("severity", "critical")
+            ]),
+            "one alert: all of its labels"
+        );
+        assert_eq!(
+            n.common_annotations.to_map(),
+            BTreeMap::from([("summary", "CPU above 90%")])
+        );
     }
 
     #[test]
