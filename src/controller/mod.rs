@@ -113,6 +113,16 @@ where
         .collect()
 }
 
+/// Whether two versions of a Webhook give Herald the same inputs: same object, same spec
+/// (generation), labels (for `webhookSelector`) and annotations (test requests).
+fn same_inputs(kept: &Webhook, new: &Webhook) -> bool {
+    kept.metadata.uid == new.metadata.uid
+        && kept.metadata.generation.is_some()
+        && kept.metadata.generation == new.metadata.generation
+        && kept.metadata.labels == new.metadata.labels
+        && kept.metadata.annotations == new.metadata.annotations
+}
+
 /// Drops what Herald never reads and the API server sends with every object: managed fields
 /// and kubectl's copy of the last applied object (the largest parts of a small object).
 fn trim<K: kube::Resource>(object: &mut K) {
@@ -311,9 +321,19 @@ impl Controller {
                     if let Some(seen) = self.relisting_webhooks.as_mut() {
                         seen.insert(key.clone());
                     }
-                    self.reconcile(&webhook).await;
-                    // The status writer keeps what it needs of the status (seeded just now);
-                    // the kept copy is for re-reconciling on Secret and condition changes.
+                    // Herald's own status writes come back as events too: when neither the spec
+                    // (generation), the labels nor the annotations changed, there is nothing to
+                    // reconcile.
+                    let unchanged = self
+                        .webhooks
+                        .get(&key)
+                        .is_some_and(|kept| same_inputs(kept, &webhook));
+                    if !unchanged {
+                        self.reconcile(&webhook).await;
+                    }
+                    // The status writer keeps what it needs of the status (seeded at the first
+                    // reconcile); the kept copy is for re-reconciling on Secret and condition
+                    // changes.
                     let mut webhook = webhook;
                     webhook.status = None;
                     self.webhooks.insert(key, Box::new(webhook));
