@@ -64,10 +64,10 @@ pub struct Alert {
 /// serialized or compared; a clone starts empty.
 #[derive(Default)]
 pub struct AlertRenderings {
-    json: std::sync::OnceLock<Option<Box<serde_json::value::RawValue>>>,
+    json: JsonCell,
     /// The alert's labels and annotations as JSON (the common ones of a one-alert delivery).
-    labels_json: std::sync::OnceLock<Option<Box<serde_json::value::RawValue>>>,
-    annotations_json: std::sync::OnceLock<Option<Box<serde_json::value::RawValue>>>,
+    labels_json: JsonCell,
+    annotations_json: JsonCell,
     /// The alert's block of a message, per language (English, Chinese).
     messages: [std::sync::OnceLock<Box<str>>; 2],
 }
@@ -118,26 +118,17 @@ impl Alert {
     /// shared by its deliveries). `None` only if it cannot be written (strings and string maps
     /// always can).
     pub fn json(&self) -> Option<&serde_json::value::RawValue> {
-        self.renderings
-            .json
-            .get_or_init(|| serde_json::value::to_raw_value(self).ok())
-            .as_deref()
+        written_once(&self.renderings.json, self)
     }
 
     /// The alert's labels as JSON, written once (see [`Alert::json`]).
     pub fn labels_json(&self) -> Option<&serde_json::value::RawValue> {
-        self.renderings
-            .labels_json
-            .get_or_init(|| serde_json::value::to_raw_value(&self.labels).ok())
-            .as_deref()
+        written_once(&self.renderings.labels_json, &self.labels)
     }
 
     /// The alert's annotations as JSON, written once (see [`Alert::json`]).
     pub fn annotations_json(&self) -> Option<&serde_json::value::RawValue> {
-        self.renderings
-            .annotations_json
-            .get_or_init(|| serde_json::value::to_raw_value(&self.annotations).ok())
-            .as_deref()
+        written_once(&self.renderings.annotations_json, &self.annotations)
     }
 
     /// Fills in the fingerprint from the labels when the sender gave none.
@@ -147,6 +138,18 @@ impl Alert {
         }
     }
 }
+
+/// A cached JSON rendering: `value` written the first time, the same text afterwards.
+fn written_once<'a, T: Serialize + ?Sized>(
+    cell: &'a JsonCell,
+    value: &T,
+) -> Option<&'a serde_json::value::RawValue> {
+    cell.get_or_init(|| serde_json::value::to_raw_value(value).ok())
+        .as_deref()
+}
+
+/// Where a rendering's JSON is kept (`None` if it could not be written).
+type JsonCell = std::sync::OnceLock<Option<Box<serde_json::value::RawValue>>>;
 
 /// A stable 64-bit FNV-1a fingerprint of a label set, as 16 hex digits (Alertmanager's scheme).
 pub fn fingerprint(labels: &LabelSet) -> String {

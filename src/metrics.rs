@@ -221,11 +221,16 @@ impl Metrics {
         }
     }
 
-    /// Forgets the per-webhook series of a deleted webhook.
-    pub fn forget_webhook(&self, key: &ObjectKey) {
+    /// Forgets the gauges of a webhook that no longer delivers (its counters stay).
+    pub fn forget_webhook_gauges(&self, key: &ObjectKey) {
         let labels = WebhookLabels::from(key);
         self.queue_depth.remove(&labels);
         self.circuit_open.remove(&labels);
+    }
+
+    /// Forgets the per-webhook series of a deleted webhook.
+    pub fn forget_webhook(&self, key: &ObjectKey) {
+        self.forget_webhook_gauges(key);
         for outcome in ["succeeded", "retried", "failed", "dropped"] {
             self.deliveries.remove(&OutcomeLabels {
                 namespace: key.namespace.clone(),

@@ -70,32 +70,30 @@ pub enum Common<'a> {
     Shared(BTreeMap<&'a str, &'a str>),
 }
 
+/// An alert's labels, or its annotations.
+fn label_set(alert: &Alert, annotations: bool) -> &LabelSet {
+    if annotations {
+        &alert.annotations
+    } else {
+        &alert.labels
+    }
+}
+
 impl<'a> Common<'a> {
     fn of(alerts: &'a [Arc<Alert>], annotations: bool) -> Self {
         if let [alert] = alerts {
             return Common::Only { alert, annotations };
         }
-        let sets = alerts.iter().map(|a| {
-            if annotations {
-                &a.annotations
-            } else {
-                &a.labels
-            }
-        });
-        Common::Shared(common(sets))
+        Common::Shared(common(alerts.iter().map(|a| label_set(a, annotations))))
     }
 
     /// The shared names and values.
     pub fn to_map(&self) -> BTreeMap<&'a str, &'a str> {
         match self {
-            Common::Only { alert, annotations } => {
-                let set = if *annotations {
-                    &alert.annotations
-                } else {
-                    &alert.labels
-                };
-                set.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
-            }
+            Common::Only { alert, annotations } => label_set(alert, *annotations)
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
             Common::Shared(map) => map.clone(),
         }
     }
@@ -120,11 +118,7 @@ impl Serialize for Common<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
             Common::Only { alert, annotations } => {
-                if *annotations {
-                    alert.annotations.serialize(serializer)
-                } else {
-                    alert.labels.serialize(serializer)
-                }
+                label_set(alert, *annotations).serialize(serializer)
             }
             Common::Shared(map) => map.serialize(serializer),
         }

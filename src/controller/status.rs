@@ -133,10 +133,8 @@ impl StatusWriter {
                 .as_ref()
                 .is_some_and(|d| d.outcome == DeliveryOutcome::Failed);
         }
-        entry.uid.clone_from(&webhook.metadata.uid);
-        if entry.uid.is_none() {
-            entry.uid = Some(String::new());
-        }
+        // Some once seen, even without a uid (then Events carry none).
+        entry.uid = Some(webhook.metadata.uid.clone().unwrap_or_default());
         let known = entry.ready.clone().or(previous);
         let transition = match &known {
             Some(c) if c.status == status => c.last_transition_time.clone(),

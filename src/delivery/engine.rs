@@ -403,17 +403,8 @@ impl Engine {
         };
         worker.cancel.cancel();
         // A running task drops what is queued itself; otherwise the queue is empty, but make sure.
-        for job in worker.queue.close() {
-            worker.metrics(&self.shared).queue_depth.dec();
-            self.shared.dropped(
-                &job.delivery,
-                "the webhook was removed or can no longer deliver",
-            );
-        }
-        // Its per-webhook gauges go with it.
-        let labels = WebhookLabels::from(key);
-        self.shared.metrics.queue_depth.remove(&labels);
-        self.shared.metrics.circuit_open.remove(&labels);
+        give_up_queued(&self.shared, &worker, worker.queue.close());
+        self.shared.metrics.forget_webhook_gauges(key);
     }
 
     /// Whether a webhook has a worker.
@@ -654,20 +645,23 @@ async fn run_worker(shared: Arc<Shared>, worker: Arc<WorkerState>) {
         .await;
         worker.failures.store(breaker.failures, Ordering::Relaxed);
     }
-    // Cancelled: the webhook went away (its queued deliveries are dropped and recorded) or
-    // Herald is stopping (they stay pending in the store for the next start).
+    // Cancelled: nothing more is queued, and what is left goes.
     let _ = worker.queue.close();
+    give_up_queued(
+        &shared,
+        &worker,
+        std::iter::from_fn(|| worker.queue.try_pop()),
+    );
+}
+
+/// Lets go of a cancelled webhook's queued deliveries: when Herald is stopping they stay pending
+/// in the store for the next start; when the webhook went away they are dropped and recorded.
+fn give_up_queued(shared: &Shared, worker: &WorkerState, jobs: impl IntoIterator<Item = Job>) {
     let mut left = 0usize;
-    while let Some(job) = worker.queue.try_pop() {
-        handles.queue_depth.dec();
-        if shared.stopping.is_cancelled() {
-            left += 1;
-        } else {
-            shared.dropped(
-                &job.delivery,
-                "the webhook was removed or can no longer deliver",
-            );
-        }
+    for job in jobs {
+        worker.metrics(shared).queue_depth.dec();
+        left += usize::from(shared.stopping.is_cancelled());
+        leave_or_drop(shared, &job.delivery);
     }
     if left > 0 {
         if shared.store.is_durable() {
@@ -726,21 +720,16 @@ impl Breaker {
 
 /// Exports `herald_circuit_open` for a webhook while its breaker is open, and nothing otherwise.
 fn export_breaker(shared: &Shared, key: &ObjectKey, was_open: bool, breaker: &Breaker) {
+    let circuit_open = &shared.metrics.circuit_open;
     match (was_open, breaker.is_open()) {
-        (false, true) => shared
-            .metrics
-            .circuit_open
-            .get_or_create(&WebhookLabels::from(key))
-            .set(1),
-        (true, false) => {
-            shared
-                .metrics
-                .circuit_open
-                .remove(&WebhookLabels::from(key));
-            0
+        (false, true) => {
+            circuit_open.get_or_create(&WebhookLabels::from(key)).set(1);
         }
-        _ => 0,
-    };
+        (true, false) => {
+            circuit_open.remove(&WebhookLabels::from(key));
+        }
+        _ => {}
+    }
 }
 
 async fn deliver(
