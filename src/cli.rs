@@ -752,17 +752,45 @@ async fn test_in_cluster(args: &TestArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// One call to Herald's admin API: the status and the JSON answer (`null` when there is none).
+async fn admin_call(
+    client: &crate::delivery::client::HttpClient,
+    method: http::Method,
+    url: &str,
+) -> anyhow::Result<(http::StatusCode, serde_json::Value)> {
+    use http_body_util::BodyExt as _;
+    let mut request = http::Request::new(http_body_util::Full::new(bytes::Bytes::new()));
+    *request.method_mut() = method;
+    *request.uri_mut() = url
+        .parse()
+        .with_context(|| format!("{url} is not a valid URL"))?;
+    let response = tokio::time::timeout(Duration::from_secs(30), client.send(request))
+        .await
+        .context("no answer within 30s")?
+        .map_err(|e| anyhow::anyhow!(crate::delivery::client::describe_error(&e)))?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .context("reading the answer")?
+        .to_bytes();
+    let json = serde_json::from_slice(&body).unwrap_or_default();
+    Ok((status, json))
+}
+
 async fn deliveries(args: DeliveriesArgs) -> anyhow::Result<ExitCode> {
-    let client = reqwest::Client::new();
+    let client = crate::delivery::client::HttpClient::new(&Default::default())?;
     let base = args.server.trim_end_matches('/');
+    let contacting = || format!("contacting Herald's admin listener at {base}");
     if let Some(DeliveriesAction::Replay { id }) = &args.action {
-        let response = client
-            .post(format!("{base}/api/v1/deliveries/{id}/replay"))
-            .send()
-            .await
-            .with_context(|| format!("contacting Herald's admin listener at {base}"))?;
-        let status = response.status();
-        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        let (status, body) = admin_call(
+            &client,
+            http::Method::POST,
+            &format!("{base}/api/v1/deliveries/{id}/replay"),
+        )
+        .await
+        .with_context(contacting)?;
         if status.is_success() {
             println!("replaying {id}");
             return Ok(ExitCode::SUCCESS);
@@ -772,23 +800,23 @@ async fn deliveries(args: DeliveriesArgs) -> anyhow::Result<ExitCode> {
             body["error"].as_str().unwrap_or("")
         );
     }
-    let mut query: Vec<(&str, String)> = vec![("limit", args.limit.to_string())];
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    query.append_pair("limit", &args.limit.to_string());
     if let Some(webhook) = &args.webhook {
-        query.push(("webhook", webhook.clone()));
+        query.append_pair("webhook", webhook);
     }
     if args.failed {
-        query.push(("outcome", "Failed".into()));
+        query.append_pair("outcome", "Failed");
     } else if let Some(outcome) = &args.outcome {
-        query.push(("outcome", outcome.clone()));
+        query.append_pair("outcome", outcome);
     }
-    let response = client
-        .get(format!("{base}/api/v1/deliveries"))
-        .query(&query)
-        .send()
-        .await
-        .with_context(|| format!("contacting Herald's admin listener at {base}"))?;
-    let status = response.status();
-    let body: serde_json::Value = response.json().await.context("reading the answer")?;
+    let (status, body) = admin_call(
+        &client,
+        http::Method::GET,
+        &format!("{base}/api/v1/deliveries?{}", query.finish()),
+    )
+    .await
+    .with_context(contacting)?;
     if !status.is_success() {
         bail!(
             "listing refused ({status}): {}",

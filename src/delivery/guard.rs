@@ -1,8 +1,7 @@
 //! Refusing link-local and cloud metadata addresses as webhook destinations (an optional guard
 //! against server-side request forgery through a Webhook's URL).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Host names of cloud metadata services.
 const METADATA_HOSTS: &[&str] = &[
@@ -50,36 +49,6 @@ pub fn refuse_host(host: &url::Host<&str>) -> Option<String> {
         }
         _ => None,
     }
-}
-
-/// A DNS resolver that drops link-local and metadata addresses, so a name cannot lead there either.
-#[derive(Debug, Default, Clone)]
-pub struct GuardedResolver;
-
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let host = name.as_str().to_string();
-        Box::pin(async move {
-            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|addr| !is_forbidden_ip(addr.ip()))
-                .collect();
-            if resolved.is_empty() {
-                let err: Box<dyn std::error::Error + Send + Sync> = format!(
-                    "{host} resolves only to link-local or metadata addresses, which are refused"
-                )
-                .into();
-                return Err(err);
-            }
-            let addrs: reqwest::dns::Addrs = Box::new(resolved.into_iter());
-            Ok(addrs)
-        })
-    }
-}
-
-/// The resolver to install on a client.
-pub fn resolver() -> Arc<GuardedResolver> {
-    Arc::new(GuardedResolver)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Delivery: one worker and one bounded queue per webhook, each rendering, signing, sending and
 //! retrying on its own, so a slow or dead endpoint touches nobody else.
 
+pub mod client;
 mod engine;
 pub mod guard;
 mod id;

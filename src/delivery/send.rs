@@ -4,11 +4,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use bytes::Bytes;
 use hmac::{Hmac, Mac};
-use http::{HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
 
+use super::client::describe_error;
 use super::id::DeliveryId;
-use super::target::Target;
+use super::target::{Target, USER_AGENT};
 use crate::alert::{Alert, LabelSet};
 use crate::render::{self, Content};
 use crate::routing::ObjectKey;
@@ -82,6 +86,11 @@ impl Delivery {
     }
 }
 
+/// How much of a successful answer's body is read (a longer one closes its connection).
+const SUCCESS_BODY_READ: usize = 64 * 1024;
+/// How much of an error answer's body is read for the record.
+const ERROR_BODY_READ: usize = 1024;
+
 /// How an attempt ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttemptClass {
@@ -136,46 +145,22 @@ pub fn sign<'a>(
     signatures.join(" ")
 }
 
-fn describe(err: reqwest::Error) -> String {
-    let err = err.without_url();
-    let kind = if err.is_timeout() {
-        "timed out"
-    } else if err.is_connect() {
-        "connection failed"
-    } else {
-        "request failed"
-    };
-    let mut message = kind.to_string();
-    let mut source = std::error::Error::source(&err);
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
-}
-
-/// The start of an error body: at most 1 KiB read, secret values masked, 200 characters kept.
-async fn error_snippet(mut response: reqwest::Response, target: &Target) -> String {
-    const READ: usize = 1024;
+/// Reads at most `limit` bytes of a response body, until the deadline. Reading a small body to
+/// its end lets the connection go back to the pool.
+async fn read_prefix(mut body: Incoming, limit: usize, deadline: tokio::time::Instant) -> Vec<u8> {
     let mut bytes = Vec::new();
-    while bytes.len() < READ {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                let take = chunk.len().min(READ - bytes.len());
-                bytes.extend_from_slice(&chunk[..take]);
+    while bytes.len() < limit {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Some(chunk) = frame.data_ref() {
+                    let take = chunk.len().min(limit - bytes.len());
+                    bytes.extend_from_slice(&chunk[..take]);
+                }
             }
             _ => break,
         }
     }
-    target
-        .redact(&String::from_utf8_lossy(&bytes))
-        .chars()
-        .take(200)
-        .collect()
+    bytes
 }
 
 /// Parses `Retry-After`: delay-seconds or an HTTP date.
@@ -207,74 +192,110 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
     };
     let mut id_buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let id = delivery.id.encode(&mut id_buffer);
-    let mut request = target
-        .client()
-        .post(target.url.clone())
-        .timeout(target.timeout)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header("Idempotency-Key", id);
+    let id_value = HeaderValue::from_str(id).ok();
+    let mut headers = HeaderMap::with_capacity(8);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
+    headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+    if let Some(id) = &id_value {
+        headers.insert(HeaderName::from_static("idempotency-key"), id.clone());
+    }
     if let Some(auth) = target.authorization() {
-        request = request.header(http::header::AUTHORIZATION, auth.clone());
+        headers.insert(header::AUTHORIZATION, auth.clone());
     }
     for (name, value) in target.headers().into_iter().flatten() {
-        request = request.header(name, value);
+        headers.append(name, value.clone());
     }
     let mut keys = target.signing_keys().peekable();
     if keys.peek().is_some() {
         let timestamp = k8s_openapi::jiff::Timestamp::now().as_second();
         let signature = sign(keys, id, timestamp, &body);
-        request = request
-            .header("webhook-id", id)
-            .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signature);
-    }
-    let started = Instant::now();
-    match request.body(body).send().await {
-        Err(err) => AttemptResult {
-            class: AttemptClass::Retryable,
-            status: None,
-            latency: started.elapsed(),
-            error: Some(describe(err)),
-            retry_after: None,
-        },
-        Ok(response) => {
-            let status = response.status();
-            let retry_after = response
-                .headers()
-                .get(http::header::RETRY_AFTER)
-                .and_then(parse_retry_after);
-            let class = if status.is_success() {
-                AttemptClass::Success
-            } else if status == StatusCode::REQUEST_TIMEOUT
-                || status == StatusCode::TOO_MANY_REQUESTS
-                || status.is_server_error()
-            {
-                AttemptClass::Retryable
-            } else {
-                AttemptClass::Final
-            };
-            // A little of an error body helps users; more could be anything, even an echo of
-            // our own credentials, so read at most 1 KiB and mask secret values.
-            let snippet = if class == AttemptClass::Success {
-                None
-            } else {
-                Some(error_snippet(response, target).await)
-            };
-            let latency = started.elapsed();
-            let error = (class != AttemptClass::Success).then(|| match snippet {
-                Some(s) if !s.trim().is_empty() => {
-                    format!("HTTP {}: {}", status.as_u16(), s.trim())
-                }
-                _ => format!("HTTP {}", status.as_u16()),
-            });
-            AttemptResult {
-                class,
-                status: Some(status.as_u16()),
-                latency,
-                error,
-                retry_after,
-            }
+        if let Some(id) = id_value {
+            headers.insert(HeaderName::from_static("webhook-id"), id);
         }
+        headers.insert(
+            HeaderName::from_static("webhook-timestamp"),
+            HeaderValue::from(timestamp),
+        );
+        if let Ok(signature) = HeaderValue::try_from(signature) {
+            headers.insert(HeaderName::from_static("webhook-signature"), signature);
+        }
+    }
+    let mut request = Request::new(Full::new(Bytes::from(body)));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = target.uri.clone();
+    *request.headers_mut() = headers;
+
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + target.timeout;
+    let response = match tokio::time::timeout_at(deadline, target.client().send(request)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(err)) => {
+            return AttemptResult {
+                class: AttemptClass::Retryable,
+                status: None,
+                latency: started.elapsed(),
+                error: Some(describe_error(&err)),
+                retry_after: None,
+            };
+        }
+        Err(_) => {
+            return AttemptResult {
+                class: AttemptClass::Retryable,
+                status: None,
+                latency: started.elapsed(),
+                error: Some(format!(
+                    "timed out: no answer within {}s",
+                    target.timeout.as_secs()
+                )),
+                retry_after: None,
+            };
+        }
+    };
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(header::RETRY_AFTER)
+        .and_then(parse_retry_after);
+    let class = if status.is_success() {
+        AttemptClass::Success
+    } else if status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+    {
+        AttemptClass::Retryable
+    } else {
+        AttemptClass::Final
+    };
+    let latency = started.elapsed();
+    let error = if class == AttemptClass::Success {
+        // Read a short answer to its end so that the connection can be used again.
+        read_prefix(response.into_body(), SUCCESS_BODY_READ, deadline).await;
+        None
+    } else {
+        // A little of an error body helps users; more could be anything, even an echo of
+        // our own credentials, so read at most 1 KiB and mask secret values.
+        let bytes = read_prefix(response.into_body(), ERROR_BODY_READ, deadline).await;
+        let snippet: String = target
+            .redact(&String::from_utf8_lossy(&bytes))
+            .chars()
+            .take(200)
+            .collect();
+        Some(if snippet.trim().is_empty() {
+            format!("HTTP {}", status.as_u16())
+        } else {
+            format!("HTTP {}: {}", status.as_u16(), snippet.trim())
+        })
+    };
+    AttemptResult {
+        class,
+        status: Some(status.as_u16()),
+        latency,
+        error,
+        retry_after,
     }
 }
 

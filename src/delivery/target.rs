@@ -7,6 +7,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use super::client::{ClientError, ClientSettings, HttpClient};
 use crate::crd::{AuthType, BodyFormat, Language, WebhookSpec, WebhookType, is_reserved_header};
 use crate::routing::{NotReady, NotReadyReason, ObjectKey};
 use crate::secret::{SecretData, Sensitive};
@@ -29,7 +30,7 @@ pub struct Target {
     /// Alarms or Events.
     pub kind: WebhookType,
     /// The endpoint.
-    pub url: reqwest::Url,
+    pub uri: http::Uri,
     /// Language of titles and messages.
     pub language: Language,
     /// Per-request timeout.
@@ -38,7 +39,7 @@ pub struct Target {
     pub format: BodyFormat,
     /// What most webhooks do without: boxed, so that thousands of plain webhooks stay small.
     extras: Option<Box<Extras>>,
-    client: std::sync::Arc<reqwest::Client>,
+    client: std::sync::Arc<HttpClient>,
 }
 
 /// A target's template, credentials, headers and signing keys.
@@ -71,16 +72,8 @@ struct Transport {
     deny_link_local: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-enum TransportError {
-    #[error("proxyURL is not usable: {0}")]
-    Proxy(String),
-    #[error("cannot build the HTTP client: {0}")]
-    Build(String),
-}
-
 type ClientCache =
-    std::sync::Mutex<std::collections::HashMap<[u8; 32], std::sync::Weak<reqwest::Client>>>;
+    std::sync::Mutex<std::collections::HashMap<[u8; 32], std::sync::Weak<HttpClient>>>;
 
 /// Clients in use, by transport digest: webhooks with equal settings share one.
 static CLIENTS: std::sync::LazyLock<ClientCache> = std::sync::LazyLock::new(Default::default);
@@ -107,49 +100,22 @@ impl Transport {
     }
 
     /// The shared client for these settings, built on first use.
-    fn client(&self) -> Result<std::sync::Arc<reqwest::Client>, TransportError> {
+    fn client(&self) -> Result<std::sync::Arc<HttpClient>, ClientError> {
         let digest = self.digest();
         let mut cache = CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(client) = cache.get(&digest).and_then(std::sync::Weak::upgrade) {
             return Ok(client);
         }
-        let client = std::sync::Arc::new(self.build()?);
+        let client = std::sync::Arc::new(HttpClient::new(&ClientSettings {
+            insecure_skip_verify: self.insecure_skip_verify,
+            roots: &self.roots,
+            identity: self.identity.as_ref().map(|i| i.expose().as_slice()),
+            proxy: self.proxy.as_deref(),
+            deny_link_local: self.deny_link_local,
+        })?);
         cache.retain(|_, weak| weak.strong_count() > 0);
         cache.insert(digest, std::sync::Arc::downgrade(&client));
         Ok(client)
-    }
-
-    fn build(&self) -> Result<reqwest::Client, TransportError> {
-        let build = |e: reqwest::Error| TransportError::Build(e.without_url().to_string());
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .user_agent(USER_AGENT)
-            .connect_timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            // Every worker sending to a host may need its own connection at the same moment:
-            // keep them all for reuse (a cap here closes and reopens a connection per delivery
-            // when many webhooks share a host); unused ones close after a minute.
-            .pool_idle_timeout(Duration::from_secs(60))
-            .danger_accept_invalid_certs(self.insecure_skip_verify);
-        if !self.roots.is_empty() {
-            for cert in reqwest::Certificate::from_pem_bundle(&self.roots).map_err(build)? {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        if let Some(identity) = &self.identity {
-            builder =
-                builder.identity(reqwest::Identity::from_pem(identity.expose()).map_err(build)?);
-        }
-        if self.deny_link_local {
-            builder = builder.dns_resolver(super::guard::resolver());
-        }
-        builder = match &self.proxy {
-            Some(proxy) => builder.proxy(
-                reqwest::Proxy::all(proxy).map_err(|e| TransportError::Proxy(e.to_string()))?,
-            ),
-            None => builder.no_proxy(),
-        };
-        builder.build().map_err(build)
     }
 }
 
@@ -249,16 +215,24 @@ impl Target {
         policy: &TargetPolicy,
         lookup: impl Fn(&str) -> Option<&'a SecretData>,
     ) -> Result<Target, NotReady> {
-        let url = reqwest::Url::parse(&spec.url)
+        let url = url::Url::parse(&spec.url)
             .map_err(|e| invalid_spec(format!("url is not a valid URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(invalid_spec("url must be an absolute http or https URL"));
         }
+        if !url.username().is_empty() || url.password().is_some() {
+            // Anyone who can read the Webhook could read them: credentials belong in a Secret.
+            return Err(invalid_spec(
+                "url must not carry credentials; use auth with a Secret instead",
+            ));
+        }
+        let uri = http::Uri::try_from(url.as_str())
+            .map_err(|e| invalid_spec(format!("url is not a valid URL: {e}")))?;
         if policy.deny_link_local {
             let proxy = spec
                 .proxy_url
                 .as_deref()
-                .and_then(|p| reqwest::Url::parse(p).ok());
+                .and_then(|p| url::Url::parse(p).ok());
             for (field, host) in [
                 ("url", url.host()),
                 ("proxyURL", proxy.as_ref().and_then(|p| p.host())),
@@ -374,10 +348,7 @@ impl Target {
             if let Some(r) = &tls.ca_secret_ref {
                 let data = secret(&lookup, &r.name, "CA bundle")?;
                 let pem = secret_key(data, &r.name, &r.key)?;
-                let valid = reqwest::Certificate::from_pem_bundle(pem)
-                    .ok()
-                    .is_some_and(|c| !c.is_empty());
-                if !valid {
+                if super::client::check_roots(pem).is_err() {
                     return Err(NotReady::new(
                         NotReadyReason::InvalidCa,
                         format!(
@@ -393,7 +364,7 @@ impl Target {
                 let mut pem = secret_key(data, &r.name, "tls.crt")?.to_vec();
                 pem.push(b'\n');
                 pem.extend_from_slice(secret_key(data, &r.name, "tls.key")?);
-                if reqwest::Identity::from_pem(&pem).is_err() {
+                if super::client::check_identity(&pem).is_err() {
                     return Err(NotReady::new(
                         NotReadyReason::InvalidClientCertificate,
                         format!(
@@ -407,11 +378,9 @@ impl Target {
         }
         let client = transport.client().map_err(|e| {
             let reason = match e {
-                TransportError::Proxy(_) => NotReadyReason::InvalidSpec,
-                TransportError::Build(_) if transport.identity.is_some() => {
-                    NotReadyReason::InvalidClientCertificate
-                }
-                TransportError::Build(_) => NotReadyReason::InvalidSpec,
+                ClientError::Proxy(_) => NotReadyReason::InvalidSpec,
+                ClientError::Roots(_) => NotReadyReason::InvalidCa,
+                ClientError::Identity(_) => NotReadyReason::InvalidClientCertificate,
             };
             NotReady::new(reason, e.to_string())
         })?;
@@ -429,7 +398,7 @@ impl Target {
         Ok(Target {
             key,
             kind: spec.kind,
-            url,
+            uri,
             language: spec.language,
             timeout,
             format: spec.format,
@@ -457,7 +426,7 @@ impl Target {
     }
 
     /// The HTTP client for this webhook.
-    pub fn client(&self) -> &reqwest::Client {
+    pub fn client(&self) -> &HttpClient {
         &self.client
     }
 
@@ -646,6 +615,18 @@ mod tests {
         let s = spec("url: http://x\nsigning: {secretRef: {name: s, key: secret}}\n");
         let err = build(&s, &[("s", data(&[("secret", "whsec_nope")]))]).expect_err("bad");
         assert_eq!(err.reason, NotReadyReason::InvalidSigningSecret);
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_refused_without_being_echoed() {
+        let s = spec("url: 'https://user:s3cr3t-pw@hooks.example.com/x'\n");
+        let err = build(&s, &[]).expect_err("refused");
+        assert_eq!(err.reason, NotReadyReason::InvalidSpec);
+        assert!(err.message.contains("credentials"), "{}", err.message);
+        assert!(!err.message.contains("s3cr3t-pw"), "{}", err.message);
+        let target =
+            build(&spec("url: 'https://hooks.example.com:8443/x?y=1'\n"), &[]).expect("ok");
+        assert_eq!(target.uri, "https://hooks.example.com:8443/x?y=1");
     }
 
     #[test]

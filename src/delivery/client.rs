@@ -1,0 +1,545 @@
+//! The HTTP client deliveries go out on: hyper's pooled client over rustls, with the trust
+//! roots, client certificate, proxy and address guard a webhook's transport settings ask for.
+//!
+//! Herald sends one kind of request (a POST with a ready body, no redirects, no cookies), so it
+//! uses hyper's client directly rather than a general-purpose one: every layer a request passes
+//! through is paid for on every delivery.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio::net::TcpStream;
+
+use super::guard::is_forbidden_ip;
+use crate::secret::Sensitive;
+
+/// How long opening a TCP connection may take (the request timeout covers the rest).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an unused pooled connection stays open.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Everything about a webhook that shapes its HTTP client (not its requests).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClientSettings<'a> {
+    /// Accept any server certificate.
+    pub insecure_skip_verify: bool,
+    /// Extra trusted CA certificates (PEM), on top of the public roots.
+    pub roots: &'a [u8],
+    /// Client certificate chain and key (PEM), for mutual TLS.
+    pub identity: Option<&'a [u8]>,
+    /// `http://` or `https://` proxy, credentials in its user info.
+    pub proxy: Option<&'a str>,
+    /// Refuse link-local and metadata addresses that a host name resolves to.
+    pub deny_link_local: bool,
+}
+
+/// Why a client could not be built. Messages never contain secret material.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The proxy URL cannot be used.
+    #[error("proxyURL is not usable: {0}")]
+    Proxy(String),
+    /// The CA bundle has no certificate, or one rustls refuses.
+    #[error("the CA bundle holds no usable PEM certificate{0}")]
+    Roots(String),
+    /// The client certificate and key cannot be used together.
+    #[error("the client certificate and key are not a usable PEM certificate chain and key: {0}")]
+    Identity(String),
+}
+
+/// A pooled HTTP/1.1 and HTTP/2 client for one set of transport settings.
+#[derive(Clone, Debug)]
+pub struct HttpClient {
+    client: Client<HttpsConnector<RouteConnector>, Full<Bytes>>,
+    /// `Proxy-Authorization` for plain-HTTP requests sent through the proxy (a CONNECT tunnel
+    /// carries it in the CONNECT request instead).
+    proxy_authorization: Option<Sensitive<HeaderValue>>,
+}
+
+impl HttpClient {
+    /// Builds a client; connections are opened on first use.
+    pub fn new(settings: &ClientSettings<'_>) -> Result<Self, ClientError> {
+        let tls = tls_config(settings)?;
+        let mut direct = HttpConnector::new_with_resolver(Resolver {
+            deny_link_local: settings.deny_link_local,
+        });
+        direct.enforce_http(false);
+        direct.set_nodelay(true);
+        direct.set_connect_timeout(Some(CONNECT_TIMEOUT));
+
+        let (proxy, proxy_authorization) = match settings.proxy {
+            None => (None, None),
+            Some(text) => {
+                let proxy = ProxyAddress::parse(text)?;
+                // The connection to the proxy itself: TLS for an `https://` proxy, never h2.
+                let mut to_proxy_tls = tls.clone();
+                to_proxy_tls.alpn_protocols.clear();
+                let to_proxy = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(to_proxy_tls)
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(direct.clone());
+                let mut tunnel = Tunnel::new(proxy.uri.clone(), to_proxy.clone());
+                if let Some(auth) = &proxy.authorization {
+                    tunnel = tunnel.with_auth(auth.clone());
+                }
+                let route = ProxyRoute {
+                    uri: proxy.uri,
+                    to_proxy,
+                    tunnel,
+                };
+                (Some(route), proxy.authorization.map(Sensitive::new))
+            }
+        };
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(RouteConnector { direct, proxy });
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        Ok(HttpClient {
+            client,
+            proxy_authorization,
+        })
+    }
+
+    /// Sends a request. A plain-HTTP request through a proxy gets the proxy's credentials.
+    pub async fn send(
+        &self,
+        mut request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        if let Some(auth) = &self.proxy_authorization
+            && request.uri().scheme() == Some(&http::uri::Scheme::HTTP)
+        {
+            request
+                .headers_mut()
+                .insert(http::header::PROXY_AUTHORIZATION, auth.expose().clone());
+        }
+        self.client.request(request).await
+    }
+}
+
+/// Describes a failed request for a delivery record: what failed and why, from the error's
+/// causes (hyper's errors carry no URL, and the proxy credentials never reach them).
+pub fn describe_error(err: &hyper_util::client::legacy::Error) -> String {
+    let mut message = if err.is_connect() {
+        "connection failed".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
+/// Checks a CA bundle: at least one PEM certificate, every one readable.
+pub fn check_roots(pem: &[u8]) -> Result<(), ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    add_roots(&mut roots, pem)
+}
+
+/// Checks a client certificate chain and key (PEM, concatenated) without building a client.
+pub fn check_identity(pem: &[u8]) -> Result<(), ClientError> {
+    identity(pem).map(|_| ())
+}
+
+fn add_roots(roots: &mut rustls::RootCertStore, pem: &[u8]) -> Result<(), ClientError> {
+    let mut added = 0;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| ClientError::Roots(format!(": {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| ClientError::Roots(format!(": {e}")))?;
+        added += 1;
+    }
+    if added == 0 {
+        return Err(ClientError::Roots(String::new()));
+    }
+    Ok(())
+}
+
+fn identity(
+    pem: &[u8],
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ClientError> {
+    let chain = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClientError::Identity(format!("certificate: {e}")))?;
+    if chain.is_empty() {
+        return Err(ClientError::Identity("no certificate".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|e| ClientError::Identity(format!("private key: {e}")))?;
+    Ok((chain, key))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls_config(settings: &ClientSettings<'_>) -> Result<rustls::ClientConfig, ClientError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Identity(e.to_string()))?;
+    let builder = if settings.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider())))
+    } else {
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        if !settings.roots.is_empty() {
+            add_roots(&mut roots, settings.roots)?;
+        }
+        builder.with_root_certificates(roots)
+    };
+    match settings.identity {
+        None => Ok(builder.with_no_client_auth()),
+        Some(pem) => {
+            let (chain, key) = identity(pem)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| ClientError::Identity(e.to_string()))
+        }
+    }
+}
+
+/// `tls.insecureSkipVerify`: any certificate is accepted; signatures are still checked so that
+/// the handshake itself stays sound.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A proxy URL taken apart: where to connect, and the credentials from its user info.
+struct ProxyAddress {
+    uri: Uri,
+    authorization: Option<HeaderValue>,
+}
+
+impl ProxyAddress {
+    fn parse(text: &str) -> Result<Self, ClientError> {
+        let url = url::Url::parse(text).map_err(|e| ClientError::Proxy(e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ClientError::Proxy(format!(
+                "scheme {:?} is not supported (http or https)",
+                url.scheme()
+            )));
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| ClientError::Proxy("it has no host".into()))?;
+        let port = url
+            .port_or_known_default()
+            .ok_or_else(|| ClientError::Proxy("it has no port".into()))?;
+        let uri = Uri::builder()
+            .scheme(url.scheme())
+            .authority(format!("{host}:{port}"))
+            .path_and_query("/")
+            .build()
+            .map_err(|e| ClientError::Proxy(e.to_string()))?;
+        let authorization = if url.username().is_empty() && url.password().is_none() {
+            None
+        } else {
+            let decode = |part: &str| {
+                percent_decode(part)
+                    .ok_or_else(|| ClientError::Proxy("its credentials are not valid UTF-8".into()))
+            };
+            let user = decode(url.username())?;
+            let password = decode(url.password().unwrap_or(""))?;
+            let token = base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                format!("{user}:{password}"),
+            );
+            let mut value = HeaderValue::try_from(format!("Basic {token}"))
+                .map_err(|_| ClientError::Proxy("its credentials cannot be sent".into()))?;
+            value.set_sensitive(true);
+            Some(value)
+        };
+        Ok(ProxyAddress { uri, authorization })
+    }
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    url::form_urlencoded::parse(format!("x={}", text.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, value)| value.into_owned())
+}
+
+/// Resolves host names with the system resolver, dropping link-local and metadata addresses
+/// when the guard is on (so that a name cannot lead there either).
+#[derive(Clone, Copy, Debug)]
+struct Resolver {
+    deny_link_local: bool,
+}
+
+type Resolving = Pin<Box<dyn Future<Output = io::Result<std::vec::IntoIter<SocketAddr>>> + Send>>;
+
+impl tower::Service<Name> for Resolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = io::Error;
+    type Future = Resolving;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let deny_link_local = self.deny_link_local;
+        Box::pin(async move {
+            let host = name.as_str();
+            let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, 0))
+                .await?
+                .filter(|address| !(deny_link_local && is_forbidden_ip(address.ip())))
+                .collect();
+            if addresses.is_empty() {
+                return Err(io::Error::other(if deny_link_local {
+                    format!(
+                        "{host} resolves only to link-local or metadata addresses, which are refused"
+                    )
+                } else {
+                    format!("{host} resolves to no address")
+                }));
+            }
+            Ok(addresses.into_iter())
+        })
+    }
+}
+
+type TcpConnector = HttpConnector<Resolver>;
+type ProxyStream = MaybeHttpsStream<TokioIo<TcpStream>>;
+
+/// A proxy: plain-HTTP requests are sent to it in absolute form, HTTPS ones through a
+/// CONNECT tunnel.
+#[derive(Clone, Debug)]
+struct ProxyRoute {
+    uri: Uri,
+    to_proxy: HttpsConnector<TcpConnector>,
+    tunnel: Tunnel<HttpsConnector<TcpConnector>>,
+}
+
+/// Opens the TCP (or tunnelled) connection for a destination, straight or through the proxy;
+/// TLS to the destination is layered on top by `HttpsConnector`.
+#[derive(Clone, Debug)]
+struct RouteConnector {
+    direct: TcpConnector,
+    proxy: Option<ProxyRoute>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Connecting = Pin<Box<dyn Future<Output = Result<Stream, BoxError>> + Send>>;
+
+impl tower::Service<Uri> for RouteConnector {
+    type Response = Stream;
+    type Error = BoxError;
+    type Future = Connecting;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, destination: Uri) -> Self::Future {
+        match &self.proxy {
+            None => {
+                let connecting = self.direct.call(destination);
+                Box::pin(async move { Ok(Stream::Direct(connecting.await?)) })
+            }
+            Some(proxy) if destination.scheme() == Some(&http::uri::Scheme::HTTP) => {
+                let connecting = proxy.to_proxy.clone().call(proxy.uri.clone());
+                Box::pin(async move {
+                    Ok(Stream::Proxied {
+                        stream: Box::new(connecting.await?),
+                        forwarding: true,
+                    })
+                })
+            }
+            Some(proxy) => {
+                let connecting = proxy.tunnel.clone().call(destination);
+                Box::pin(async move {
+                    Ok(Stream::Proxied {
+                        stream: Box::new(connecting.await?),
+                        forwarding: false,
+                    })
+                })
+            }
+        }
+    }
+}
+
+/// A connection to the destination, or to the proxy (`forwarding`: requests go in absolute
+/// form to the proxy) or through its tunnel.
+#[derive(Debug)]
+enum Stream {
+    Direct(TokioIo<TcpStream>),
+    /// Boxed: a TLS stream is far larger than a TCP one, and rarely used.
+    Proxied {
+        stream: Box<ProxyStream>,
+        forwarding: bool,
+    },
+}
+
+impl Connection for Stream {
+    fn connected(&self) -> Connected {
+        match self {
+            Stream::Direct(io) => io.connected(),
+            Stream::Proxied { stream, forwarding } => stream.connected().proxy(*forwarding),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Direct(io) => Pin::new(io).poll_read(cx, buf),
+            Stream::Proxied { stream, .. } => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Direct(io) => Pin::new(io).poll_write(cx, buf),
+            Stream::Proxied { stream, .. } => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Direct(io) => Pin::new(io).poll_flush(cx),
+            Stream::Proxied { stream, .. } => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Direct(io) => Pin::new(io).poll_shutdown(cx),
+            Stream::Proxied { stream, .. } => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Direct(io) => io.is_write_vectored(),
+            Stream::Proxied { stream, .. } => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Direct(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Stream::Proxied { stream, .. } => Pin::new(stream).poll_write_vectored(cx, bufs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_credentials_are_decoded_into_basic_auth() {
+        let proxy = ProxyAddress::parse("http://us%40er:p%3Ass+w@proxy.example:3128").expect("ok");
+        assert_eq!(proxy.uri, "http://proxy.example:3128/");
+        let auth = proxy.authorization.expect("credentials");
+        let token =
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "us@er:p:ss+w");
+        assert_eq!(auth.to_str().expect("ascii"), format!("Basic {token}"));
+        assert!(auth.is_sensitive());
+        let plain = ProxyAddress::parse("https://proxy.example").expect("ok");
+        assert_eq!(plain.uri, "https://proxy.example:443/");
+        assert!(plain.authorization.is_none());
+        assert!(ProxyAddress::parse("socks5://proxy.example:1080").is_err());
+    }
+
+    #[test]
+    fn bundles_without_certificates_are_refused() {
+        assert!(check_roots(b"").is_err());
+        assert!(check_roots(b"not a certificate").is_err());
+        assert!(check_identity(b"not a certificate").is_err());
+    }
+}
