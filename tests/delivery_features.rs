@@ -516,6 +516,118 @@ async fn proxy_credentials_from_the_url_are_used_and_never_reported() {
     assert_eq!(got[0].header("proxy-authorization"), None);
 }
 
+/// An `https://` proxy: TLS terminated on loopback in front of tinyproxy, counting handshakes.
+struct TlsProxyFront {
+    port: u16,
+    handshakes: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsProxyFront {
+    async fn start(pki: &TestPki, backend: u16) -> TlsProxyFront {
+        let mut config = pki.server_config(false);
+        config.alpn_protocols.clear();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = handshakes.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let Ok(mut plain) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
+                    else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+        TlsProxyFront {
+            port,
+            handshakes,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    fn handshakes(&self) -> usize {
+        self.handshakes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for TlsProxyFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn an_https_proxy_is_reached_over_tls_for_http_and_https_destinations() {
+    let pki = TestPki::generate();
+    let http_sink = Sink::http().await;
+    let https_sink = Sink::https(&pki).await;
+    let proxy = Tinyproxy::start();
+    let front = TlsProxyFront::start(&pki, proxy.port()).await;
+    let (herald, reports) = core();
+    let ca = ("ca", secret(&[("ca.crt", pki.ca_pem.as_str())]));
+    for (name, url) in [("plain", http_sink.url()), ("tunnelled", https_sink.url())] {
+        apply(
+            &herald,
+            &format!(
+                "metadata: {{name: {name}}}\nspec: {{url: '{url}', proxyURL: '{}', tls: {{caSecretRef: {{name: ca, key: ca.crt}}}}}}",
+                front.url()
+            ),
+            std::slice::from_ref(&ca),
+        )
+        .expect("ready");
+    }
+    dispatch_one(&herald, "X");
+
+    for name in ["plain", "tunnelled"] {
+        let report = reports.wait_for(&format!("monitoring/{name}"), WAIT).await;
+        assert_eq!(
+            report.outcome,
+            ReportOutcome::Succeeded,
+            "{name}: {report:?}"
+        );
+    }
+    let plain = http_sink.wait_for(1, WAIT).await;
+    assert!(
+        plain[0]
+            .header("via")
+            .unwrap_or_default()
+            .contains("tinyproxy"),
+        "the http request bypassed the proxy: {:?}",
+        plain[0].header("via")
+    );
+    assert_eq!(https_sink.wait_for(1, WAIT).await.len(), 1);
+    let post = format!(
+        "POST http://127.0.0.1:{}/hook HTTP/1.1",
+        http_sink.addr().port()
+    );
+    let connect = format!("CONNECT 127.0.0.1:{} HTTP/1.1", https_sink.addr().port());
+    proxy.wait_log(&connect, WAIT).await;
+    proxy.wait_log(&post, WAIT).await;
+    let mut requests = proxy.requests();
+    requests.sort();
+    assert_eq!(requests, [connect, post]);
+    // Each request reached tinyproxy through a TLS connection to the front.
+    assert_eq!(front.handshakes(), 2);
+}
+
 #[tokio::test]
 async fn a_dead_proxy_fails_the_delivery_instead_of_going_direct() {
     let sink = Sink::http().await;

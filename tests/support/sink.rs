@@ -557,7 +557,8 @@ impl TestPki {
         )
     }
 
-    fn server_config(&self, require_client_cert: bool) -> rustls::ServerConfig {
+    /// The server side of this PKI: its server certificate, optionally requiring a client one.
+    pub fn server_config(&self, require_client_cert: bool) -> rustls::ServerConfig {
         let provider: Arc<CryptoProvider> = Arc::new(ring::default_provider());
         let certs = vec![parse_cert(&self.server_cert_pem)];
         let key = PrivateKeyDer::from_pem_slice(self.server_key_pem.as_bytes())
