@@ -70,6 +70,34 @@ pub struct AlertRenderings {
     annotations_json: JsonCell,
     /// The alert's block of a message, per language (English, Chinese).
     messages: [std::sync::OnceLock<Box<str>>; 2],
+    /// The title of a notification of this alert alone, per language.
+    titles: [std::sync::OnceLock<Box<str>>; 2],
+    /// The end of a Herald body carrying this alert alone, per language.
+    herald_tails: [std::sync::OnceLock<SharedTail>; 2],
+}
+
+/// The part of a one-alert Herald body that does not depend on the webhook (from `"language"`
+/// to the end), with the batch values it was written for: a delivery whose group labels or
+/// external URL differ writes its own.
+#[derive(Debug)]
+pub(crate) struct SharedTail {
+    /// Group labels the tail was written with.
+    pub group_labels: LabelSet,
+    /// External URL the tail was written with.
+    pub external_url: Box<str>,
+    /// The tail as a JSON object (`{"language":...}`); `None` if it could not be written.
+    pub json: Option<Box<[u8]>>,
+}
+
+/// The slot of a language in a per-language cache.
+fn per_language<T>(
+    slots: &[std::sync::OnceLock<T>; 2],
+    language: crate::crd::Language,
+) -> &std::sync::OnceLock<T> {
+    match language {
+        crate::crd::Language::En => &slots[0],
+        crate::crd::Language::ZhCn => &slots[1],
+    }
 }
 
 impl AlertRenderings {
@@ -79,11 +107,25 @@ impl AlertRenderings {
         language: crate::crd::Language,
         make: impl FnOnce() -> String,
     ) -> &str {
-        let slot = match language {
-            crate::crd::Language::En => &self.messages[0],
-            crate::crd::Language::ZhCn => &self.messages[1],
-        };
-        slot.get_or_init(|| make().into_boxed_str())
+        per_language(&self.messages, language).get_or_init(|| make().into_boxed_str())
+    }
+
+    /// The title of a notification of this alert alone, made by `make` the first time.
+    pub(crate) fn title(
+        &self,
+        language: crate::crd::Language,
+        make: impl FnOnce() -> String,
+    ) -> &str {
+        per_language(&self.titles, language).get_or_init(|| make().into_boxed_str())
+    }
+
+    /// The shared end of a one-alert Herald body, made by `make` the first time.
+    pub(crate) fn herald_tail(
+        &self,
+        language: crate::crd::Language,
+        make: impl FnOnce() -> SharedTail,
+    ) -> &SharedTail {
+        per_language(&self.herald_tails, language).get_or_init(make)
     }
 }
 

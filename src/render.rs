@@ -1,13 +1,14 @@
 //! Human text for notifications: titles and messages in English and Simplified Chinese, and
 //! the JSON body a webhook receives.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
 use std::sync::Arc;
 
-use crate::alert::{Alert, AlertStatus, LabelSet};
+use crate::alert::{Alert, AlertStatus, LabelSet, SharedTail};
 use crate::crd::{BodyFormat, Language, WebhookType};
 use crate::routing::ObjectKey;
 
@@ -38,9 +39,9 @@ pub struct Notification<'a> {
     /// "firing" when any alert fires, else "resolved".
     pub status: &'static str,
     /// One-line summary.
-    pub title: String,
+    pub title: Cow<'a, str>,
     /// Human-readable details.
-    pub message: String,
+    pub message: Cow<'a, str>,
     /// The alerts that matched this webhook.
     pub alerts: &'a [Arc<Alert>],
     /// Alertmanager's group labels.
@@ -184,12 +185,11 @@ pub fn body(
             .map(String::into_bytes)
             .map_err(|e| RenderError(e.to_string()));
     }
-    let title = &notification.title;
-    let message = &notification.message;
+    let title: &str = &notification.title;
+    let message: &str = &notification.message;
     let value = match format {
         BodyFormat::Herald => {
-            return serde_json::to_vec(&HeraldJson(notification))
-                .map_err(|e| RenderError(e.to_string()));
+            return herald_body(notification).map_err(|e| RenderError(e.to_string()));
         }
         BodyFormat::Alertmanager => serde_json::json!({
             "version": "4",
@@ -227,28 +227,86 @@ pub fn body(
 }
 
 /// A notification as Herald's JSON body: the same as its derived `Serialize`, except that each
-/// alert is copied from the JSON the alert wrote once for all its deliveries.
-struct HeraldJson<'n, 'a>(&'n Notification<'a>);
+/// alert is copied from the JSON the alert wrote once for all its deliveries, and that the end of
+/// a one-alert body (everything after the webhook) is written once for all the alert's
+/// deliveries in a language.
+fn herald_body(n: &Notification<'_>) -> serde_json::Result<Vec<u8>> {
+    let fresh;
+    let tail: &[u8] = match n.alerts {
+        [alert] if !n.test => {
+            let language = if n.language == Language::ZhCn.as_str() {
+                Language::ZhCn
+            } else {
+                Language::En
+            };
+            let shared = alert.renderings.herald_tail(language, || SharedTail {
+                group_labels: n.group_labels.clone(),
+                external_url: n.external_url.into(),
+                json: serde_json::to_vec(&HeraldTail(n))
+                    .ok()
+                    .map(Vec::into_boxed_slice),
+            });
+            match &shared.json {
+                Some(json)
+                    if shared.group_labels == *n.group_labels
+                        && *shared.external_url == *n.external_url =>
+                {
+                    json
+                }
+                _ => {
+                    fresh = serde_json::to_vec(&HeraldTail(n))?;
+                    &fresh
+                }
+            }
+        }
+        _ => {
+            fresh = serde_json::to_vec(&HeraldTail(n))?;
+            &fresh
+        }
+    };
+    let mut body = Vec::with_capacity(128 + tail.len());
+    serde_json::to_writer(&mut body, &HeraldHead(n))?;
+    // Join the two objects: `{head}` + `{tail}` → `{head,tail}`.
+    body.pop();
+    body.push(b',');
+    body.extend_from_slice(tail.get(1..).unwrap_or_default());
+    Ok(body)
+}
 
-impl Serialize for HeraldJson<'_, '_> {
+/// The start of a Herald body: what depends on the webhook and the delivery.
+struct HeraldHead<'n, 'a>(&'n Notification<'a>);
+
+impl Serialize for HeraldHead<'_, '_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
         let n = self.0;
-        let mut body = serializer.serialize_struct("Notification", 13)?;
-        body.serialize_field("version", n.version)?;
-        body.serialize_field("type", &n.kind)?;
-        body.serialize_field("test", &n.test)?;
-        body.serialize_field("webhook", &n.webhook)?;
-        body.serialize_field("language", n.language)?;
-        body.serialize_field("status", n.status)?;
-        body.serialize_field("title", &n.title)?;
-        body.serialize_field("message", &n.message)?;
-        body.serialize_field("alerts", &CachedAlerts(n.alerts))?;
-        body.serialize_field("groupLabels", n.group_labels)?;
-        body.serialize_field("commonLabels", &CommonJson(&n.common_labels))?;
-        body.serialize_field("commonAnnotations", &CommonJson(&n.common_annotations))?;
-        body.serialize_field("externalURL", n.external_url)?;
-        body.end()
+        let mut head = serializer.serialize_struct("Notification", 4)?;
+        head.serialize_field("version", n.version)?;
+        head.serialize_field("type", &n.kind)?;
+        head.serialize_field("test", &n.test)?;
+        head.serialize_field("webhook", &n.webhook)?;
+        head.end()
+    }
+}
+
+/// The rest of a Herald body: what depends on the alerts, the batch and the language.
+struct HeraldTail<'n, 'a>(&'n Notification<'a>);
+
+impl Serialize for HeraldTail<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let n = self.0;
+        let mut tail = serializer.serialize_struct("Notification", 9)?;
+        tail.serialize_field("language", n.language)?;
+        tail.serialize_field("status", n.status)?;
+        tail.serialize_field("title", &n.title)?;
+        tail.serialize_field("message", &n.message)?;
+        tail.serialize_field("alerts", &CachedAlerts(n.alerts))?;
+        tail.serialize_field("groupLabels", n.group_labels)?;
+        tail.serialize_field("commonLabels", &CommonJson(&n.common_labels))?;
+        tail.serialize_field("commonAnnotations", &CommonJson(&n.common_annotations))?;
+        tail.serialize_field("externalURL", n.external_url)?;
+        tail.end()
     }
 }
 
@@ -299,13 +357,29 @@ pub fn notification<'a>(content: Content<'a>, language: Language) -> Notificatio
         .iter()
         .filter(|a| a.status == AlertStatus::Firing)
         .count();
-    let (title, message) = if content.test {
-        test_text(content.webhook, language)
-    } else {
-        (
-            title(content.alerts, firing, language),
-            message(content.alerts, language),
-        )
+    let (title, message) = match content.alerts {
+        _ if content.test => {
+            let (title, message) = test_text(content.webhook, language);
+            (Cow::Owned(title), Cow::Owned(message))
+        }
+        // One alert: its title and message block are written once per language and shared by
+        // all its deliveries.
+        [alert] => (
+            Cow::Borrowed(
+                alert
+                    .renderings
+                    .title(language, || title(content.alerts, firing, language)),
+            ),
+            Cow::Borrowed(
+                alert
+                    .renderings
+                    .message(language, || message_block(alert, language)),
+            ),
+        ),
+        _ => (
+            Cow::Owned(title(content.alerts, firing, language)),
+            Cow::Owned(message(content.alerts, language)),
+        ),
     };
     Notification {
         version: "1",
@@ -588,6 +662,32 @@ mod tests {
                         String::from_utf8_lossy(&derived)
                     );
                 }
+                // The same alerts for another webhook, and in a batch with other group labels
+                // and URL: what was written for the first must not leak into these.
+                let other_key = ObjectKey::new("team-a", "pager");
+                let group = LabelSet::from([("alertname".to_string(), "Grouped".to_string())]);
+                for (webhook, group_labels, external_url) in [
+                    (&other_key, &LabelSet::new(), ""),
+                    (&other_key, &group, "http://alertmanager:9093"),
+                ] {
+                    let n = notification(
+                        Content {
+                            webhook,
+                            kind: WebhookType::Events,
+                            test,
+                            alerts,
+                            group_labels,
+                            external_url,
+                        },
+                        language,
+                    );
+                    let derived = serde_json::to_vec(&n).expect("derived");
+                    let body = body(&n, BodyFormat::Herald, None).expect("body");
+                    assert_eq!(
+                        String::from_utf8_lossy(&body),
+                        String::from_utf8_lossy(&derived)
+                    );
+                }
             }
         }
     }
@@ -694,7 +794,7 @@ mod tests {
         );
         let ding = json(BodyFormat::Dingtalk);
         assert_eq!(ding["msgtype"], "markdown");
-        assert_eq!(ding["markdown"]["title"], n.title);
+        assert_eq!(ding["markdown"]["title"], n.title.as_ref());
         let feishu = json(BodyFormat::Feishu);
         assert_eq!(feishu["msg_type"], "text");
         assert!(
