@@ -458,8 +458,10 @@ impl Engine {
                 None => refused.push((delivery, "the webhook is not ready to deliver")),
             }
         }
-        let to_store: Vec<Arc<Delivery>> = accepted.iter().map(|(d, ..)| d.clone()).collect();
-        self.shared.store.add_pending(&to_store)?;
+        if self.shared.store.is_durable() {
+            let to_store: Vec<Arc<Delivery>> = accepted.iter().map(|(d, ..)| d.clone()).collect();
+            self.shared.store.add_pending(&to_store)?;
+        }
         for (delivery, slot, worker) in accepted {
             let Some(permit) = permits.split(1) else {
                 break;
