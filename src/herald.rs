@@ -221,11 +221,10 @@ impl Herald {
     /// Refreshes gauges derived from the table (called before each scrape).
     pub fn refresh_gauges(&self) {
         let table = self.table();
-        let keys = table.webhook_keys();
-        let ready = keys
-            .iter()
-            .filter(|k| matches!(table.readiness(k), Some(Ok(()))))
+        let ready = table
+            .webhooks()
+            .filter(|w| matches!(table.readiness(&w.key), Some(Ok(()))))
             .count();
-        self.metrics.set_webhooks(ready, keys.len() - ready);
+        self.metrics.set_webhooks(ready, table.len() - ready);
     }
 }

@@ -1,7 +1,7 @@
 //! The status writer: coalesces readiness, delivery and test results per Webhook and writes them
 //! with server-side apply at most once per interval, and publishes Events. Only the leader writes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,16 +22,112 @@ use crate::routing::{NotReady, ObjectKey};
 /// The field manager Herald writes status as.
 pub const FIELD_MANAGER: &str = "herald";
 
+/// What the writer keeps per Webhook between writes, in a compact form: the status to write is
+/// built from it just before each write.
 #[derive(Default)]
 struct Entry {
     /// The Webhook's uid, once seen: Events refer to it (the rest of the reference is the key).
-    uid: Option<String>,
+    uid: Option<Box<str>>,
+    /// The generation last reconciled (`observedGeneration`).
     generation: Option<i64>,
-    ready: Option<Condition>,
-    last_delivery: Option<DeliveryResult>,
-    last_test: Option<TestResult>,
+    ready: Option<Ready>,
+    last_delivery: Option<LastDelivery>,
+    /// Boxed: tests are rare.
+    last_test: Option<Box<TestResult>>,
     failing: bool,
     dirty: bool,
+    /// Picked by the write round under way.
+    queued: bool,
+}
+
+/// The `Ready` condition as kept (its `observedGeneration` is the entry's generation).
+struct Ready {
+    /// Why the webhook cannot deliver; `None` when it can.
+    not_ready: Option<Box<NotReady>>,
+    since: Timestamp,
+}
+
+const READY_REASON: &str = "Ready";
+const READY_MESSAGE: &str = "the webhook can deliver";
+
+impl Ready {
+    fn status(&self) -> &'static str {
+        if self.not_ready.is_some() {
+            "False"
+        } else {
+            "True"
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        self.not_ready
+            .as_ref()
+            .map_or(READY_REASON, |n| n.reason.as_str())
+    }
+
+    fn message(&self) -> &str {
+        self.not_ready
+            .as_ref()
+            .map_or(READY_MESSAGE, |n| n.message.as_str())
+    }
+
+    fn condition(&self, generation: Option<i64>) -> Condition {
+        Condition {
+            type_: "Ready".into(),
+            status: self.status().into(),
+            reason: self.reason().into(),
+            message: self.message().into(),
+            observed_generation: generation,
+            last_transition_time: Time(self.since),
+        }
+    }
+}
+
+/// The most recent delivery as kept: a success keeps its counts, and its message is written
+/// from them.
+struct LastDelivery {
+    time: Timestamp,
+    outcome: DeliveryOutcome,
+    http_status: Option<u16>,
+    summary: Summary,
+}
+
+enum Summary {
+    Delivered { alerts: usize, attempts: u32 },
+    Text(Box<str>),
+}
+
+impl Summary {
+    fn message(&self) -> String {
+        match self {
+            Summary::Delivered { alerts, attempts } => {
+                format!("delivered {alerts} alert(s) in {attempts} attempt(s)")
+            }
+            Summary::Text(text) => text.to_string(),
+        }
+    }
+}
+
+impl LastDelivery {
+    fn result(&self) -> DeliveryResult {
+        DeliveryResult {
+            time: Time(self.time),
+            outcome: self.outcome,
+            http_status: self.http_status,
+            message: self.summary.message(),
+        }
+    }
+}
+
+impl From<&DeliveryResult> for LastDelivery {
+    fn from(result: &DeliveryResult) -> Self {
+        LastDelivery {
+            time: result.time.0,
+            outcome: result.outcome,
+            http_status: result.http_status,
+            summary: Summary::Text(result.message.as_str().into()),
+        }
+    }
 }
 
 /// The reference Events give for a Webhook.
@@ -46,12 +142,61 @@ fn reference(key: &ObjectKey, uid: &str) -> ObjectReference {
     }
 }
 
+/// Sets the entry's Ready condition; whether it differs from what was known (the entry's, or
+/// else `previous` from the object's status).
+fn update_ready(
+    entry: &mut Entry,
+    previous: Option<&Condition>,
+    generation: Option<i64>,
+    readiness: &Result<(), NotReady>,
+) -> bool {
+    let (status, reason, message) = match readiness {
+        Ok(()) => ("True", READY_REASON, READY_MESSAGE),
+        Err(not_ready) => (
+            "False",
+            not_ready.reason.as_str(),
+            not_ready.message.as_str(),
+        ),
+    };
+    let message = truncate(message, 1024);
+    // The known condition's status, whether it equals the new one, and since when it holds.
+    let known = match (&entry.ready, previous) {
+        (Some(r), _) => Some((
+            r.status(),
+            r.reason() == reason && r.message() == message && entry.generation == generation,
+            r.since,
+        )),
+        (None, Some(c)) => Some((
+            c.status.as_str(),
+            c.reason == reason && c.message == message && c.observed_generation == generation,
+            c.last_transition_time.0,
+        )),
+        (None, None) => None,
+    };
+    let unchanged = known.is_some_and(|(s, same, _)| s == status && same);
+    let since = match known {
+        Some((s, _, since)) if s == status => since,
+        _ => Timestamp::now(),
+    };
+    entry.generation = generation;
+    entry.ready = Some(Ready {
+        not_ready: readiness.as_ref().err().map(|n| {
+            Box::new(NotReady {
+                reason: n.reason,
+                message: message.into_owned(),
+            })
+        }),
+        since,
+    });
+    !unchanged
+}
+
 /// Coalescing writer of Webhook status and Events.
 pub struct StatusWriter {
     client: kube::Client,
     recorder: Recorder,
     leader: Arc<AtomicBool>,
-    /// Boxed entries: most of an entry's size is unused options.
+    /// Boxed: the map's spare capacity should not hold an entry's size.
     entries: Mutex<HashMap<ObjectKey, Box<Entry>>>,
     wake: Notify,
 }
@@ -66,15 +211,15 @@ fn now() -> Time {
     Time(Timestamp::now())
 }
 
-fn truncate(message: &str, max: usize) -> String {
+fn truncate(message: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if message.len() <= max {
-        return message.to_string();
+        return message.into();
     }
     let mut end = max;
     while !message.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}…", &message[..end])
+    format!("{}…", &message[..end]).into()
 }
 
 impl StatusWriter {
@@ -94,71 +239,84 @@ impl StatusWriter {
     }
 
     /// Records a Webhook's readiness for its current generation. Status already on the object
-    /// seeds what this writer keeps (so a restart does not erase the last results); an object
-    /// without status (the controller's kept copy) is compared with what this writer knows.
+    /// seeds what this writer keeps (so a restart does not erase the last results).
     pub fn set_ready(&self, webhook: &Webhook, readiness: &Result<(), NotReady>) {
         let Some(key) = super::key_of(webhook) else {
             return;
         };
-        let existing = webhook.status.clone().unwrap_or_default();
-        let previous = existing
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Ready")
-            .cloned();
-        let (status, reason, message) = match readiness {
-            Ok(()) => (
-                "True",
-                "Ready".to_string(),
-                "the webhook can deliver".to_string(),
-            ),
-            Err(not_ready) => (
-                "False",
-                not_ready.reason.to_string(),
-                not_ready.message.clone(),
-            ),
-        };
         let mut entries = self.entries();
         let entry = entries.entry(key).or_default();
-        let observed_generation = match &webhook.status {
+        let existing = webhook.status.as_ref();
+        let observed_generation = match existing {
             Some(status) => status.observed_generation,
             None if entry.uid.is_some() => entry.generation,
             None => None,
         };
-        if entry.uid.is_none() {
-            entry.last_delivery = existing.last_delivery.clone();
-            entry.last_test = existing.last_test.clone();
+        if entry.uid.is_none()
+            && let Some(existing) = existing
+        {
+            entry.last_delivery = existing.last_delivery.as_ref().map(LastDelivery::from);
+            entry.last_test = existing.last_test.clone().map(Box::new);
             entry.failing = existing
                 .last_delivery
                 .as_ref()
                 .is_some_and(|d| d.outcome == DeliveryOutcome::Failed);
         }
         // Some once seen, even without a uid (then Events carry none).
-        entry.uid = Some(webhook.metadata.uid.clone().unwrap_or_default());
-        let known = entry.ready.clone().or(previous);
-        let transition = match &known {
-            Some(c) if c.status == status => c.last_transition_time.clone(),
-            _ => now(),
-        };
-        let condition = Condition {
-            type_: "Ready".into(),
-            status: status.into(),
-            reason,
-            message: truncate(&message, 1024),
-            observed_generation: webhook.metadata.generation,
-            last_transition_time: transition,
-        };
-        let unchanged = known.as_ref().is_some_and(|c| {
-            c.status == condition.status
-                && c.reason == condition.reason
-                && c.message == condition.message
-                && c.observed_generation == condition.observed_generation
-        }) && observed_generation == webhook.metadata.generation;
-        entry.generation = webhook.metadata.generation;
-        entry.ready = Some(condition);
-        if !unchanged {
+        let uid = webhook.metadata.uid.as_deref().unwrap_or_default();
+        if entry.uid.as_deref() != Some(uid) {
+            entry.uid = Some(uid.into());
+        }
+        let previous = existing.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+        let changed = update_ready(entry, previous, webhook.metadata.generation, readiness);
+        if changed || observed_generation != webhook.metadata.generation {
             entry.dirty = true;
             self.wake.notify_one();
+        }
+    }
+
+    /// Records the readiness of a Webhook already seen by [`StatusWriter::set_ready`] (after a
+    /// condition it names came or went); unknown Webhooks are left alone.
+    pub fn refresh_ready(&self, key: &ObjectKey, readiness: &Result<(), NotReady>) {
+        let mut entries = self.entries();
+        let Some(entry) = entries.get_mut(key).filter(|e| e.uid.is_some()) else {
+            return;
+        };
+        let generation = entry.generation;
+        if update_ready(entry, None, generation, readiness) {
+            entry.dirty = true;
+            self.wake.notify_one();
+        }
+    }
+
+    /// Whether the Webhook `uid` at `generation` is the one last recorded for `key` (its status
+    /// is current: labels and annotations aside, a new version changes nothing Herald reads).
+    pub fn is_current(&self, key: &ObjectKey, uid: Option<&str>, generation: Option<i64>) -> bool {
+        generation.is_some()
+            && self.entries().get(key).is_some_and(|e| {
+                e.uid.as_deref() == Some(uid.unwrap_or_default()) && e.generation == generation
+            })
+    }
+
+    /// Records the result of the test asked for with the Webhook's current token, as its status
+    /// shows it (written by another replica): a replica that becomes leader then neither sends
+    /// that test again nor writes an older result over it.
+    pub fn observe_test(&self, webhook: &Webhook, token: &str) {
+        let Some(key) = super::key_of(webhook) else {
+            return;
+        };
+        let Some(test) = webhook
+            .status
+            .as_ref()
+            .and_then(|s| s.last_test.as_ref())
+            .filter(|t| t.token == token)
+        else {
+            return;
+        };
+        if let Some(entry) = self.entries().get_mut(&key)
+            && entry.last_test.as_ref().is_none_or(|t| t.token != token)
+        {
+            entry.last_test = Some(Box::new(test.clone()));
         }
     }
 
@@ -199,17 +357,17 @@ impl StatusWriter {
             ),
             Err(message) => (DeliveryOutcome::Failed, None, message),
         };
-        let message = truncate(&message, 1024);
+        let message = truncate(&message, 1024).into_owned();
         let reference = {
             let mut entries = self.entries();
             let entry = entries.entry(key.clone()).or_default();
-            entry.last_test = Some(TestResult {
+            entry.last_test = Some(Box::new(TestResult {
                 token: token.to_string(),
                 time: now(),
                 outcome,
                 http_status,
                 message: message.clone(),
-            });
+            }));
             entry.dirty = true;
             entry.uid.as_deref().map(|uid| reference(key, uid))
         };
@@ -280,55 +438,69 @@ impl StatusWriter {
     }
 
     /// Writes every dirty status now, one at a time (a status is built just before its write,
-    /// so writing thousands does not hold thousands of copies).
+    /// so writing thousands does not hold thousands of copies). The round covers the entries
+    /// dirty when it starts, taken a few at a time; what turns dirty meanwhile waits for the next.
     pub async fn flush(&self) {
-        let dirty: Vec<ObjectKey> = self
-            .entries()
-            .iter()
-            .filter(|(_, e)| e.dirty && e.uid.is_some())
-            .map(|(k, _)| k.clone())
-            .collect();
-        let mut gone = HashSet::new();
-        for key in dirty {
-            let status = {
-                let mut entries = self.entries();
-                let Some(e) = entries.get_mut(&key).filter(|e| e.dirty) else {
-                    continue;
-                };
-                e.dirty = false;
-                WebhookStatus {
-                    observed_generation: e.generation,
-                    conditions: e.ready.iter().cloned().collect(),
-                    last_delivery: e.last_delivery.clone(),
-                    last_test: e.last_test.clone(),
-                }
-            };
-            let api: Api<Webhook> = Api::namespaced(self.client.clone(), &key.namespace);
-            let patch = serde_json::json!({
-                "apiVersion": "herald.dev/v1alpha1",
-                "kind": "Webhook",
-                "status": status,
-            });
-            let params = PatchParams::apply(FIELD_MANAGER).force();
-            match api
-                .patch_status(&key.name, &params, &Patch::Apply(&patch))
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {
-                    gone.insert(key);
-                }
-                Err(e) => {
-                    tracing::warn!(webhook = %key, "cannot write status: {e}");
-                    if let Some(entry) = self.entries().get_mut(&key) {
-                        entry.dirty = true;
-                    }
-                }
+        const BATCH: usize = 64;
+        for entry in self.entries().values_mut() {
+            entry.queued = entry.dirty && entry.uid.is_some();
+        }
+        loop {
+            let batch: Vec<ObjectKey> = self
+                .entries()
+                .iter_mut()
+                .filter(|(_, e)| e.queued)
+                .take(BATCH)
+                .map(|(k, e)| {
+                    e.queued = false;
+                    k.clone()
+                })
+                .collect();
+            if batch.is_empty() {
+                break;
+            }
+            for key in batch {
+                self.write(key).await;
             }
         }
-        let mut entries = self.entries();
-        for key in gone {
-            entries.remove(&key);
+    }
+
+    /// Writes one Webhook's status, if still dirty.
+    async fn write(&self, key: ObjectKey) {
+        let status = {
+            let mut entries = self.entries();
+            let Some(e) = entries.get_mut(&key).filter(|e| e.dirty) else {
+                return;
+            };
+            e.dirty = false;
+            WebhookStatus {
+                observed_generation: e.generation,
+                conditions: e.ready.iter().map(|r| r.condition(e.generation)).collect(),
+                last_delivery: e.last_delivery.as_ref().map(LastDelivery::result),
+                last_test: e.last_test.as_deref().cloned(),
+            }
+        };
+        let api: Api<Webhook> = Api::namespaced(self.client.clone(), &key.namespace);
+        let patch = serde_json::json!({
+            "apiVersion": "herald.dev/v1alpha1",
+            "kind": "Webhook",
+            "status": status,
+        });
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        match api
+            .patch_status(&key.name, &params, &Patch::Apply(&patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                self.entries().remove(&key);
+            }
+            Err(e) => {
+                tracing::warn!(webhook = %key, "cannot write status: {e}");
+                if let Some(entry) = self.entries().get_mut(&key) {
+                    entry.dirty = true;
+                }
+            }
         }
     }
 }
@@ -342,35 +514,36 @@ impl DeliveryObserver for StatusWriter {
             ReportOutcome::Succeeded => DeliveryOutcome::Succeeded,
             ReportOutcome::Failed | ReportOutcome::Dropped => DeliveryOutcome::Failed,
         };
-        let message = match report.outcome {
-            ReportOutcome::Succeeded => format!(
-                "delivered {} alert(s) in {} attempt(s)",
-                report.alerts, report.attempts
-            ),
-            _ => truncate(&report.message, 1024),
+        let summary = match report.outcome {
+            ReportOutcome::Succeeded => Summary::Delivered {
+                alerts: report.alerts,
+                attempts: report.attempts,
+            },
+            _ => Summary::Text(truncate(&report.message, 1024).into()),
         };
         let event = {
             let mut entries = self.entries();
             let Some(entry) = entries.get_mut(&report.webhook) else {
                 return;
             };
-            entry.last_delivery = Some(DeliveryResult {
-                time: Time(report.finished_at),
-                outcome,
-                http_status: report.http_status,
-                message: message.clone(),
-            });
-            entry.dirty = true;
             let failing = outcome == DeliveryOutcome::Failed;
             let changed = failing != entry.failing;
             entry.failing = failing;
-            entry
+            entry.dirty = true;
+            let event = entry
                 .uid
                 .as_deref()
                 .filter(|_| changed)
-                .map(|uid| reference(&report.webhook, uid))
+                .map(|uid| (reference(&report.webhook, uid), summary.message()));
+            entry.last_delivery = Some(LastDelivery {
+                time: report.finished_at,
+                outcome,
+                http_status: report.http_status,
+                summary,
+            });
+            event
         };
-        if let Some(reference) = event {
+        if let Some((reference, message)) = event {
             if outcome == DeliveryOutcome::Failed {
                 self.publish(
                     reference,

@@ -177,7 +177,10 @@ pub struct RouteSpec {
 }
 
 impl From<WebhookSpec> for RouteSpec {
-    fn from(spec: WebhookSpec) -> Self {
+    fn from(mut spec: WebhookSpec) -> Self {
+        // Kept for as long as the webhook exists: without the spare capacity decoding left.
+        spec.event_types.shrink_to_fit();
+        spec.conditions.shrink_to_fit();
         RouteSpec {
             kind: spec.kind,
             enabled: spec.enabled,
@@ -334,18 +337,79 @@ impl<'a> Subject<'a> {
     }
 }
 
-/// The webhooks of one type in one namespace (hash sets: most hold one or a few keys, where a
-/// B-tree node would take half a kilobyte), each filed once: by the event types it lists,
+/// The webhooks of one type in one namespace, each filed once: by the event types it lists,
 /// else by the first NotificationCondition it names, else among those that want everything.
 #[derive(Debug, Default)]
 struct NamespaceIndex {
     /// Webhooks with empty `eventTypes` and no named condition.
     any: HashSet<ObjectKey>,
     /// Webhooks by each event type they list.
-    by_event_type: HashMap<String, HashSet<ObjectKey>>,
+    by_event_type: HashMap<String, Keys>,
     /// Webhooks with empty `eventTypes`, by the first condition they name: every condition must
     /// hold, so a subject that fails this one cannot reach them.
-    by_condition: HashMap<String, HashSet<ObjectKey>>,
+    by_condition: HashMap<String, Keys>,
+}
+
+/// The webhooks filed under one event type or condition: most often a single one, kept without
+/// a set of its own (a hash set's smallest table has room for four keys; a B-tree node takes
+/// half a kilobyte).
+#[derive(Debug)]
+enum Keys {
+    One(ObjectKey),
+    Many(HashSet<ObjectKey>),
+}
+
+impl Keys {
+    fn insert(&mut self, key: &ObjectKey) {
+        match self {
+            Keys::One(one) if one == key => {}
+            Keys::One(one) => {
+                let first = std::mem::replace(one, ObjectKey::new(String::new(), String::new()));
+                *self = Keys::Many(HashSet::from([first, key.clone()]));
+            }
+            Keys::Many(set) => {
+                set.insert(key.clone());
+            }
+        }
+    }
+
+    /// Removes a key; whether none is left.
+    fn remove(&mut self, key: &ObjectKey) -> bool {
+        match self {
+            Keys::One(one) => one == key,
+            Keys::Many(set) => {
+                set.remove(key);
+                set.is_empty()
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &ObjectKey> {
+        let (one, many) = match self {
+            Keys::One(key) => (Some(key), None),
+            Keys::Many(set) => (None, Some(set)),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+}
+
+/// Files a webhook under a name.
+fn file(map: &mut HashMap<String, Keys>, name: &str, key: &ObjectKey) {
+    match map.get_mut(name) {
+        Some(keys) => keys.insert(key),
+        None => {
+            map.insert(name.to_string(), Keys::One(key.clone()));
+        }
+    }
+}
+
+/// Takes a webhook out from under a name.
+fn unfile(map: &mut HashMap<String, Keys>, name: &str, key: &ObjectKey) {
+    if let Some(keys) = map.get_mut(name)
+        && keys.remove(key)
+    {
+        map.remove(name);
+    }
 }
 
 /// Where a webhook is filed in its [`NamespaceIndex`].
@@ -373,18 +437,10 @@ impl NamespaceIndex {
             }
             Filing::EventTypes => {
                 for t in event_types {
-                    self.by_event_type
-                        .entry(t.clone())
-                        .or_default()
-                        .insert(key.clone());
+                    file(&mut self.by_event_type, t, key);
                 }
             }
-            Filing::Condition(name) => {
-                self.by_condition
-                    .entry(name.to_string())
-                    .or_default()
-                    .insert(key.clone());
-            }
+            Filing::Condition(name) => file(&mut self.by_condition, name, key),
         }
     }
 
@@ -395,10 +451,10 @@ impl NamespaceIndex {
             }
             Filing::EventTypes => {
                 for t in event_types {
-                    remove_from(&mut self.by_event_type, t, key);
+                    unfile(&mut self.by_event_type, t, key);
                 }
             }
-            Filing::Condition(name) => remove_from(&mut self.by_condition, name, key),
+            Filing::Condition(name) => unfile(&mut self.by_condition, name, key),
         }
     }
 
@@ -565,7 +621,12 @@ impl Table {
     }
 
     /// Adds or replaces a condition.
-    pub fn apply_condition(&mut self, input: ConditionInput) {
+    pub fn apply_condition(&mut self, mut input: ConditionInput) {
+        // Kept for as long as the condition exists: without the spare capacity decoding left.
+        input.spec.match_expressions.shrink_to_fit();
+        for req in &mut input.spec.match_expressions {
+            req.values.shrink_to_fit();
+        }
         self.unindex_condition(&input.key);
         self.condition_index
             .entry(input.key.namespace.clone())
@@ -629,6 +690,18 @@ impl Table {
     /// The webhook input for a key.
     pub fn webhook(&self, key: &ObjectKey) -> Option<&WebhookInput> {
         self.webhooks.get(key).map(|e| &e.input)
+    }
+
+    /// Every webhook, in no particular order.
+    pub fn webhooks(&self) -> impl Iterator<Item = &WebhookInput> {
+        self.webhooks.values().map(|e| &e.input)
+    }
+
+    /// Every condition's key, in no particular order.
+    pub fn condition_keys(&self) -> impl Iterator<Item = ObjectKey> + '_ {
+        self.conditions
+            .iter()
+            .flat_map(|(ns, names)| names.keys().map(move |name| ObjectKey::new(ns, name)))
     }
 
     /// Every webhook key, sorted.
