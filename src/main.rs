@@ -10,11 +10,12 @@ fn main() -> std::process::ExitCode {
     herald::cli::main()
 }
 
-/// Gives freed memory back to the kernel at once and commits arena memory only when used
-/// (mimalloc v3 options `arena_eager_commit` and `purge_delay`; the environment variables
-/// `MIMALLOC_ARENA_EAGER_COMMIT` and `MIMALLOC_PURGE_DELAY` still override them). With
-/// 10,000 webhooks this keeps the resident set at about 60 MiB instead of 90 MiB, at no
-/// measurable cost in the throughput benchmark.
+/// Gives freed memory back to the kernel within 10 ms and commits arena memory only when used
+/// (mimalloc v3 options `purge_delay` and `arena_eager_commit`; the environment variables
+/// `MIMALLOC_PURGE_DELAY` and `MIMALLOC_ARENA_EAGER_COMMIT` still override them). With
+/// 10,000 webhooks this keeps the resident set at about 60 MiB under load instead of 90 MiB.
+/// A delay of 0 (return at once) saves 1-2 MiB more but costs 10-15% more CPU per delivery at
+/// saturation in the benchmark: every freed page is given back and faulted in again.
 ///
 /// Runs as a constructor, before the Rust runtime's first allocation makes mimalloc reserve
 /// its first arena with the default settings.
@@ -26,14 +27,14 @@ fn return_memory_promptly() {
     // pinned by Cargo.lock); the crate does not name these two.
     const ARENA_EAGER_COMMIT: mi_option_t = 4;
     const PURGE_DELAY: mi_option_t = 15;
-    for (option, variable) in [
-        (ARENA_EAGER_COMMIT, "MIMALLOC_ARENA_EAGER_COMMIT"),
-        (PURGE_DELAY, "MIMALLOC_PURGE_DELAY"),
+    for (option, value, variable) in [
+        (ARENA_EAGER_COMMIT, 0, "MIMALLOC_ARENA_EAGER_COMMIT"),
+        (PURGE_DELAY, 10, "MIMALLOC_PURGE_DELAY"),
     ] {
         // `std::env` is usable in a constructor: it reads the environment the loader set up.
         if std::env::var_os(variable).is_none() {
             // SAFETY: sets a global option by its documented index; mimalloc reads it atomically.
-            unsafe { mi_option_set(option, 0) };
+            unsafe { mi_option_set(option, value) };
         }
     }
 }
