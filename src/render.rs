@@ -231,8 +231,7 @@ pub fn body(
 /// a one-alert body (everything after the webhook) is written once for all the alert's
 /// deliveries in a language.
 fn herald_body(n: &Notification<'_>) -> serde_json::Result<Vec<u8>> {
-    let fresh;
-    let tail: &[u8] = match n.alerts {
+    let shared = match n.alerts {
         [alert] if !n.test => {
             let language = if n.language == Language::ZhCn.as_str() {
                 Language::ZhCn
@@ -246,20 +245,17 @@ fn herald_body(n: &Notification<'_>) -> serde_json::Result<Vec<u8>> {
                     .ok()
                     .map(Vec::into_boxed_slice),
             });
-            match &shared.json {
-                Some(json)
-                    if shared.group_labels == *n.group_labels
-                        && *shared.external_url == *n.external_url =>
-                {
-                    json
-                }
-                _ => {
-                    fresh = serde_json::to_vec(&HeraldTail(n))?;
-                    &fresh
-                }
-            }
+            // Written for this batch's group labels and URL, or not usable here.
+            shared.json.as_deref().filter(|_| {
+                shared.group_labels == *n.group_labels && *shared.external_url == *n.external_url
+            })
         }
-        _ => {
+        _ => None,
+    };
+    let fresh;
+    let tail: &[u8] = match shared {
+        Some(json) => json,
+        None => {
             fresh = serde_json::to_vec(&HeraldTail(n))?;
             &fresh
         }
@@ -370,11 +366,7 @@ pub fn notification<'a>(content: Content<'a>, language: Language) -> Notificatio
                     .renderings
                     .title(language, || title(content.alerts, firing, language)),
             ),
-            Cow::Borrowed(
-                alert
-                    .renderings
-                    .message(language, || message_block(alert, language)),
-            ),
+            Cow::Borrowed(shared_block(alert, language)),
         ),
         _ => (
             Cow::Owned(title(content.alerts, firing, language)),
@@ -496,17 +488,19 @@ fn severity_zh(severity: &str) -> &str {
 }
 
 fn message(alerts: &[Arc<Alert>], language: Language) -> String {
-    // Blocks separated by a blank line; each alert's block is written once per language and
-    // shared by every delivery of the alert.
+    // Blocks separated by a blank line.
     let blocks: Vec<&str> = alerts
         .iter()
-        .map(|alert| {
-            alert
-                .renderings
-                .message(language, || message_block(alert, language))
-        })
+        .map(|alert| shared_block(alert, language))
         .collect();
     blocks.join("\n\n")
+}
+
+/// An alert's message block, written once per language and shared by all its deliveries.
+fn shared_block(alert: &Alert, language: Language) -> &str {
+    alert
+        .renderings
+        .message(language, || message_block(alert, language))
 }
 
 /// One alert's part of a message: lines separated by a newline.

@@ -285,7 +285,10 @@ impl Store {
 
     /// Stores accepted deliveries for the next start; on disk this returns only once they are
     /// durable. A memory store has no next start and keeps nothing here.
-    pub fn add_pending(&self, deliveries: &[Arc<Delivery>]) -> Result<(), StoreError> {
+    pub fn add_pending<'d>(
+        &self,
+        deliveries: impl IntoIterator<Item = &'d Arc<Delivery>>,
+    ) -> Result<(), StoreError> {
         match &mut *self.backend() {
             Backend::Memory { .. } => Ok(()),
             Backend::Disk(database) => {

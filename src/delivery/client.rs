@@ -314,8 +314,10 @@ impl ProxyAddress {
             None
         } else {
             let decode = |part: &str| {
-                percent_decode(part)
-                    .ok_or_else(|| ClientError::Proxy("its credentials are not valid UTF-8".into()))
+                percent_encoding::percent_decode_str(part)
+                    .decode_utf8()
+                    .map(|text| text.into_owned())
+                    .map_err(|_| ClientError::Proxy("its credentials are not valid UTF-8".into()))
             };
             let user = decode(url.username())?;
             let password = decode(url.password().unwrap_or(""))?;
@@ -330,12 +332,6 @@ impl ProxyAddress {
         };
         Ok(ProxyAddress { uri, authorization })
     }
-}
-
-fn percent_decode(text: &str) -> Option<String> {
-    url::form_urlencoded::parse(format!("x={}", text.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, value)| value.into_owned())
 }
 
 /// Resolves host names with the system resolver, dropping link-local and metadata addresses

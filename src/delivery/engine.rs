@@ -458,10 +458,9 @@ impl Engine {
                 None => refused.push((delivery, "the webhook is not ready to deliver")),
             }
         }
-        if self.shared.store.is_durable() {
-            let to_store: Vec<Arc<Delivery>> = accepted.iter().map(|(d, ..)| d.clone()).collect();
-            self.shared.store.add_pending(&to_store)?;
-        }
+        self.shared
+            .store
+            .add_pending(accepted.iter().map(|(d, ..)| d))?;
         for (delivery, slot, worker) in accepted {
             let Some(permit) = permits.split(1) else {
                 break;

@@ -117,6 +117,19 @@ pub struct AttemptResult {
     pub retry_after: Option<Duration>,
 }
 
+impl AttemptResult {
+    /// An attempt that got no answer from the endpoint (it was not sent, or failed on the way).
+    fn unanswered(class: AttemptClass, latency: Duration, error: String) -> Self {
+        AttemptResult {
+            class,
+            status: None,
+            latency,
+            error: Some(error),
+            retry_after: None,
+        }
+    }
+}
+
 /// The `webhook-signature` value for a body: one `v1,<base64 HMAC-SHA256>` per key, space-separated
 /// (Standard Webhooks v1, signing `"{id}.{timestamp}.{body}"`).
 pub fn sign<'a>(
@@ -181,13 +194,7 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
     let body = match delivery.body(target) {
         Ok(body) => body,
         Err(e) => {
-            return AttemptResult {
-                class: AttemptClass::Final,
-                status: None,
-                latency: Duration::ZERO,
-                error: Some(e.to_string()),
-                retry_after: None,
-            };
+            return AttemptResult::unanswered(AttemptClass::Final, Duration::ZERO, e.to_string());
         }
     };
     let mut id_buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
@@ -234,25 +241,18 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
     let response = match tokio::time::timeout_at(deadline, target.client().send(request)).await {
         Ok(Ok(response)) => response,
         Ok(Err(err)) => {
-            return AttemptResult {
-                class: AttemptClass::Retryable,
-                status: None,
-                latency: started.elapsed(),
-                error: Some(describe_error(&err)),
-                retry_after: None,
-            };
+            return AttemptResult::unanswered(
+                AttemptClass::Retryable,
+                started.elapsed(),
+                describe_error(&err),
+            );
         }
         Err(_) => {
-            return AttemptResult {
-                class: AttemptClass::Retryable,
-                status: None,
-                latency: started.elapsed(),
-                error: Some(format!(
-                    "timed out: no answer within {}s",
-                    target.timeout.as_secs()
-                )),
-                retry_after: None,
-            };
+            return AttemptResult::unanswered(
+                AttemptClass::Retryable,
+                started.elapsed(),
+                format!("timed out: no answer within {}s", target.timeout.as_secs()),
+            );
         }
     };
     let status = response.status();
