@@ -232,6 +232,10 @@ pub struct ReceiverArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = receiver::DEFAULT_BODY_LIMIT)]
     pub body_limit: usize,
+    /// How long a request waits for room when --max-pending deliveries are pending, before
+    /// the receiver answers 503 (0s: at once).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub overload_wait: Duration,
 }
 
 impl ReceiverArgs {
@@ -241,6 +245,7 @@ impl ReceiverArgs {
             // Read once now so a wrong path fails at start; then re-read whenever it changes.
             token: read_token(&self.receiver_token_file)?,
             token_file: self.receiver_token_file.clone(),
+            overload_wait: self.overload_wait,
             ..ReceiverConfig::default()
         })
     }

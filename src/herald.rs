@@ -5,11 +5,12 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
 use crate::alert::{Alert, AlertBatch};
 use crate::crd::{WebhookSpec, WebhookType};
 use crate::delivery::{
-    Delivery, DeliveryReport, Engine, EngineConfig, SubmitError, SubmitSummary, Target,
+    Admission, Delivery, DeliveryReport, Engine, EngineConfig, SubmitError, SubmitSummary, Target,
     TargetPolicy,
 };
 use crate::metrics::Metrics;
@@ -27,6 +28,19 @@ pub struct Herald {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     policy: TargetPolicy,
+}
+
+/// A routed batch: its alerts, and for each webhook the indexes of the alerts it gets.
+struct Routed {
+    batch: AlertBatch,
+    per_webhook: Vec<(ObjectKey, Vec<usize>)>,
+}
+
+impl Routed {
+    /// How many deliveries it makes: one per webhook.
+    fn deliveries(&self) -> usize {
+        self.per_webhook.len()
+    }
 }
 
 /// Why a test message could not be sent.
@@ -158,13 +172,34 @@ impl Herald {
     }
 
     /// Routes a batch of alerts (or events, for `Events`) and queues one delivery per webhook
-    /// holding only the alerts that matched it.
+    /// holding only the alerts that matched it, if there is room for all of them now.
     pub fn dispatch(
         &self,
         batch: AlertBatch,
         kind: WebhookType,
     ) -> Result<SubmitSummary, SubmitError> {
-        // Alert indexes per webhook, gathered under the read lock without cloning keys.
+        let routed = self.route(batch, kind);
+        let admission = self.engine.try_admit(routed.deliveries())?;
+        self.submit(routed, admission)
+    }
+
+    /// Like [`Herald::dispatch`], but when Herald holds as many pending deliveries as it may,
+    /// waits up to `wait` for room before refusing: the batch is parsed and routed once rather
+    /// than again on every retry of its sender.
+    pub async fn dispatch_within(
+        &self,
+        batch: AlertBatch,
+        kind: WebhookType,
+        wait: Duration,
+    ) -> Result<SubmitSummary, SubmitError> {
+        let routed = self.route(batch, kind);
+        let admission = self.engine.admit(routed.deliveries(), wait).await?;
+        self.submit(routed, admission)
+    }
+
+    /// Which alerts of a batch go to which webhook (alert indexes per webhook).
+    fn route(&self, batch: AlertBatch, kind: WebhookType) -> Routed {
+        // Gathered under the read lock without cloning keys; the lock is not held while waiting.
         let per_webhook: Vec<(ObjectKey, Vec<usize>)> = {
             let table = self.table();
             let mut per_webhook: BTreeMap<&ObjectKey, Vec<usize>> = BTreeMap::new();
@@ -180,6 +215,11 @@ impl Herald {
                 .map(|(key, indexes)| (key.clone(), indexes))
                 .collect()
         };
+        Routed { batch, per_webhook }
+    }
+
+    fn submit(&self, routed: Routed, admission: Admission) -> Result<SubmitSummary, SubmitError> {
+        let Routed { batch, per_webhook } = routed;
         // Each alert and the batch's labels are shared by every delivery they go into.
         let alerts: Vec<Arc<Alert>> = batch.alerts.into_iter().map(Arc::new).collect();
         let group_labels = Arc::new(batch.group_labels);
@@ -191,7 +231,7 @@ impl Herald {
                 Delivery::new(key, alerts, group_labels.clone(), external_url.clone())
             })
             .collect();
-        self.engine.submit(deliveries)
+        self.engine.submit_admitted(admission, deliveries)
     }
 
     /// Sends a test message to a ready webhook and returns its report.

@@ -32,6 +32,9 @@ pub struct ReceiverConfig {
     pub token_file: Option<std::path::PathBuf>,
     /// Seconds to put in `Retry-After` when Herald is full.
     pub retry_after_seconds: u64,
+    /// How long a request waits for room when Herald holds as many pending deliveries as it
+    /// may, before the 503 (zero: answer at once).
+    pub overload_wait: Duration,
     /// Longest time one request may take, body included.
     pub request_timeout: Duration,
     /// Bounds on alerts and labels per request.
@@ -45,6 +48,7 @@ impl Default for ReceiverConfig {
             token: None,
             token_file: None,
             retry_after_seconds: 10,
+            overload_wait: Duration::from_secs(1),
             request_timeout: Duration::from_secs(30),
             payload: alert::PayloadLimits::default(),
         }
@@ -273,7 +277,11 @@ async fn receive(
         }
     };
     let accepted = batch.alerts.len();
-    match state.herald.dispatch(batch, WebhookType::Alarms) {
+    match state
+        .herald
+        .dispatch_within(batch, WebhookType::Alarms, state.config.overload_wait)
+        .await
+    {
         Ok(summary) => {
             metrics
                 .alerts_received

@@ -233,7 +233,12 @@ async fn full_herald_answers_503_with_retry_after_and_loses_nothing_it_accepted(
         &[],
     )
     .expect("ready");
-    let addr = start(herald, ReceiverConfig::default()).await;
+    // No waiting for room: a full Herald refuses at once.
+    let config = ReceiverConfig {
+        overload_wait: Duration::ZERO,
+        ..ReceiverConfig::default()
+    };
+    let addr = start(herald, config).await;
     let payload = v1_payload(json!([{"labels": {"alertname": "A"}}])).to_string();
     let mut accepted = 0;
     let mut refused = 0;
@@ -253,6 +258,80 @@ async fn full_herald_answers_503_with_retry_after_and_loses_nothing_it_accepted(
     assert_eq!(refused, 3);
     // Everything that got a 200 arrives.
     sink.wait_for(accepted, Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn a_full_herald_holds_a_batch_until_room_frees_and_refuses_one_that_can_never_fit() {
+    let sink = Sink::http().await;
+    // Each delivery takes 400 ms; one may be pending.
+    sink.respond_with(vec![
+        sink::Reply::status(200).delay(Duration::from_millis(400)),
+    ]);
+    let herald = Herald::new(
+        ["monitoring".to_string()],
+        EngineConfig {
+            max_pending: 1,
+            retry: fast_retry(),
+            ..EngineConfig::default()
+        },
+    );
+    for name in ["first", "second"] {
+        let condition =
+            format!("matchExpressions:\n  - {{key: to, operator: In, values: [{name}, both]}}");
+        herald.apply_condition(herald::routing::ConditionInput {
+            key: herald::routing::ObjectKey::new("monitoring", format!("only-{name}")),
+            spec: serde_saphyr::from_str(&condition).expect("condition YAML"),
+        });
+        apply(
+            &herald,
+            &format!(
+                "metadata: {{name: {name}}}\nspec: {{url: '{}/{name}', conditions: [only-{name}]}}",
+                sink.url()
+            ),
+            &[],
+        )
+        .expect("ready");
+    }
+    let wait = Duration::from_secs(5);
+    let addr = start(
+        herald,
+        ReceiverConfig {
+            overload_wait: wait,
+            ..ReceiverConfig::default()
+        },
+    )
+    .await;
+    let to = |target: &str| {
+        v1_payload(json!([{"labels": {"alertname": "A", "to": target}}])).to_string()
+    };
+
+    let (status, body, _) = post(addr, "/api/v1/alerts", "application/json", to("first")).await;
+    assert_eq!((status, &body["deliveries"]), (200, &json!(1)), "{body}");
+    // Herald is full: the next batch waits for the first delivery to finish, then gets in.
+    let started = std::time::Instant::now();
+    let (status, body, _) = post(addr, "/api/v1/alerts", "application/json", to("second")).await;
+    let waited = started.elapsed();
+    assert_eq!((status, &body["deliveries"]), (200, &json!(1)), "{body}");
+    assert!(
+        waited >= Duration::from_millis(200),
+        "accepted after {waited:?}, before the pending delivery could have finished"
+    );
+    // Two deliveries can never fit under a limit of one: refused without waiting.
+    let started = std::time::Instant::now();
+    let (status, body, headers) =
+        post(addr, "/api/v1/alerts", "application/json", to("both")).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(headers["retry-after"], "10");
+    assert!(
+        started.elapsed() < wait,
+        "refused only after {:?}",
+        started.elapsed()
+    );
+
+    let received = sink.wait_for(2, Duration::from_secs(10)).await;
+    let mut paths: Vec<String> = received.iter().map(|r| r.path.clone()).collect();
+    paths.sort();
+    assert_eq!(paths, ["/hook/first", "/hook/second"]);
 }
 
 #[tokio::test]

@@ -468,7 +468,15 @@ async fn a_flood_gets_503_with_retry_after_and_everything_accepted_is_delivered(
     write_config(dir.path(), &webhook_yaml("slow", &sink.url(), ""));
     let running = Running::start(
         dir.path(),
-        &["--max-pending", "200", "--queue-capacity", "1000"],
+        // A short wait for room: some batches get in while others wait, the rest get a 503.
+        &[
+            "--max-pending",
+            "200",
+            "--queue-capacity",
+            "1000",
+            "--overload-wait",
+            "50ms",
+        ],
     )
     .await;
     let pid = herald_pid(dir.path());

@@ -38,6 +38,9 @@ pub struct ForwarderArgs {
     /// Deliveries waiting before batches are refused with 503.
     #[arg(long, default_value_t = 20_000)]
     pub max_pending: usize,
+    /// How long a batch waits for room before the 503 (Herald's `--overload-wait`).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub overload_wait: std::time::Duration,
 }
 
 struct Job {
@@ -49,6 +52,7 @@ struct State {
     /// Destination queues by team.
     by_team: Vec<Vec<mpsc::UnboundedSender<Job>>>,
     pending: Arc<Semaphore>,
+    overload_wait: std::time::Duration,
 }
 
 /// Runs the forwarder until killed.
@@ -63,6 +67,7 @@ pub async fn run(args: ForwarderArgs) -> Result<()> {
     let state = Arc::new(State {
         by_team,
         pending: Arc::new(Semaphore::new(args.max_pending)),
+        overload_wait: args.overload_wait,
     });
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -120,11 +125,19 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
             outgoing.push((queue, body.clone()));
         }
     }
-    let Ok(mut permits) = state
-        .pending
-        .clone()
-        .try_acquire_many_owned(outgoing.len() as u32)
-    else {
+    // Like Herald: wait a while for room before refusing the batch.
+    let count = outgoing.len() as u32;
+    let permits = match state.pending.clone().try_acquire_many_owned(count) {
+        Ok(permits) => Ok(permits),
+        Err(_) => tokio::time::timeout(
+            state.overload_wait,
+            state.pending.clone().acquire_many_owned(count),
+        )
+        .await
+        .map_err(|_| ())
+        .and_then(|acquired| acquired.map_err(|_| ())),
+    };
+    let Ok(mut permits) = permits else {
         return reply(StatusCode::SERVICE_UNAVAILABLE, "full");
     };
     for (queue, body) in outgoing {

@@ -138,25 +138,6 @@ fn stamps_in(body: &[u8]) -> impl Iterator<Item = (u32, u64)> + '_ {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    fn stamps(body: &str) -> Vec<(u32, u64)> {
-        super::stamps_in(body.as_bytes()).collect()
-    }
-
-    #[test]
-    fn one_stamp_per_alert_in_every_format() {
-        let herald = r#"{"version":"1","message":"x","alerts":[{"labels":{"a":"b"},"annotations":{"bench_sent_ns":"3.17","summary":"x"}}],"groupLabels":{},"commonLabels":{"a":"b"},"commonAnnotations":{"bench_sent_ns":"3.17"},"externalURL":""}"#;
-        assert_eq!(stamps(herald), vec![(3, 17)]);
-        let forwarder = r#"{"alerts":[{"annotations":{"bench_sent_ns":"2.5"},"labels":{}}]}"#;
-        assert_eq!(stamps(forwarder), vec![(2, 5)]);
-        let alertmanager = r#"{"receiver":"wh-1","status":"firing","alerts":[{"annotations":{"bench_sent_ns":"1.9"}},{"annotations":{"bench_sent_ns":"1.10"}}],"commonAnnotations":{}}"#;
-        assert_eq!(stamps(alertmanager), vec![(1, 9), (1, 10)]);
-        assert!(stamps(r#"{"alerts":[]}"#).is_empty());
-        assert!(stamps(r#"{"alerts":[{"annotations":{"bench_sent_ns":"bad"}}]}"#).is_empty());
-    }
-}
-
 /// A running sink listener.
 pub struct Sink {
     pub addr: SocketAddr,
@@ -204,5 +185,24 @@ impl Sink {
     /// The base URL, `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    fn stamps(body: &str) -> Vec<(u32, u64)> {
+        super::stamps_in(body.as_bytes()).collect()
+    }
+
+    #[test]
+    fn one_stamp_per_alert_in_every_format() {
+        let herald = r#"{"version":"1","message":"x","alerts":[{"labels":{"a":"b"},"annotations":{"bench_sent_ns":"3.17","summary":"x"}}],"groupLabels":{},"commonLabels":{"a":"b"},"commonAnnotations":{"bench_sent_ns":"3.17"},"externalURL":""}"#;
+        assert_eq!(stamps(herald), vec![(3, 17)]);
+        let forwarder = r#"{"alerts":[{"annotations":{"bench_sent_ns":"2.5"},"labels":{}}]}"#;
+        assert_eq!(stamps(forwarder), vec![(2, 5)]);
+        let alertmanager = r#"{"receiver":"wh-1","status":"firing","alerts":[{"annotations":{"bench_sent_ns":"1.9"}},{"annotations":{"bench_sent_ns":"1.10"}}],"commonAnnotations":{}}"#;
+        assert_eq!(stamps(alertmanager), vec![(1, 9), (1, 10)]);
+        assert!(stamps(r#"{"alerts":[]}"#).is_empty());
+        assert!(stamps(r#"{"alerts":[{"annotations":{"bench_sent_ns":"bad"}}]}"#).is_empty());
     }
 }

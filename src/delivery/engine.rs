@@ -193,6 +193,20 @@ pub struct SubmitSummary {
     pub dropped: usize,
 }
 
+/// Room for a number of deliveries under the global pending limit, given back when dropped
+/// unless they were submitted.
+#[derive(Debug)]
+pub struct Admission {
+    permits: OwnedSemaphorePermit,
+}
+
+impl Admission {
+    /// How many deliveries it admits.
+    pub fn count(&self) -> usize {
+        self.permits.num_permits()
+    }
+}
+
 struct Job {
     delivery: Arc<Delivery>,
     _permit: OwnedSemaphorePermit,
@@ -422,26 +436,83 @@ impl Engine {
         &self.shared.store
     }
 
-    /// Accepts deliveries: stores them (durably with a disk store) and queues them. All or none
-    /// are accepted against the global limit; an error means nothing was accepted. A webhook
-    /// whose own queue is full drops its delivery (recorded as a dead letter).
-    pub fn submit(&self, deliveries: Vec<Delivery>) -> Result<SubmitSummary, SubmitError> {
-        let mut summary = SubmitSummary::default();
-        if deliveries.is_empty() {
-            return Ok(summary);
-        }
+    /// Room for `count` deliveries under the global limit, taken now or not at all.
+    pub fn try_admit(&self, count: usize) -> Result<Admission, Overloaded> {
         let overloaded = || Overloaded {
             pending: self.shared.config.max_pending,
         };
         if self.shutdown.is_cancelled() {
-            return Err(overloaded().into());
+            return Err(overloaded());
         }
-        let count = u32::try_from(deliveries.len()).unwrap_or(u32::MAX);
-        let mut permits = self
+        let Ok(count) = u32::try_from(count) else {
+            return Err(overloaded());
+        };
+        let permits = self
             .pending
             .clone()
             .try_acquire_many_owned(count)
             .map_err(|_| overloaded())?;
+        Ok(Admission { permits })
+    }
+
+    /// Room for `count` deliveries under the global limit, waiting up to `wait` for deliveries
+    /// in flight to finish. Waiting once costs less than a refusal that the sender answers by
+    /// sending the whole batch again. More than the limit itself, or Herald stopping, fails at
+    /// once.
+    pub async fn admit(&self, count: usize, wait: Duration) -> Result<Admission, Overloaded> {
+        match self.try_admit(count) {
+            Ok(admission) => return Ok(admission),
+            Err(overloaded) if wait.is_zero() || count > self.shared.config.max_pending => {
+                return Err(overloaded);
+            }
+            Err(_) => {}
+        }
+        let overloaded = Overloaded {
+            pending: self.shared.config.max_pending,
+        };
+        let count = u32::try_from(count).map_err(|_| Overloaded {
+            pending: self.shared.config.max_pending,
+        })?;
+        tokio::select! {
+            () = self.shutdown.cancelled() => Err(overloaded),
+            acquired = tokio::time::timeout(wait, self.pending.clone().acquire_many_owned(count)) => {
+                match acquired {
+                    Ok(Ok(permits)) => Ok(Admission { permits }),
+                    _ => Err(overloaded),
+                }
+            }
+        }
+    }
+
+    /// Accepts deliveries if there is room for all of them now: see [`Engine::submit_admitted`].
+    pub fn submit(&self, deliveries: Vec<Delivery>) -> Result<SubmitSummary, SubmitError> {
+        if deliveries.is_empty() {
+            return Ok(SubmitSummary::default());
+        }
+        let admission = self.try_admit(deliveries.len())?;
+        self.submit_admitted(admission, deliveries)
+    }
+
+    /// Accepts deliveries that were given room by [`Engine::admit`] (one permit each; spare
+    /// ones are returned): stores them (durably with a disk store) and queues them. An error
+    /// means nothing was accepted. A webhook whose own queue is full drops its delivery
+    /// (recorded as a dead letter).
+    pub fn submit_admitted(
+        &self,
+        admission: Admission,
+        deliveries: Vec<Delivery>,
+    ) -> Result<SubmitSummary, SubmitError> {
+        let mut summary = SubmitSummary::default();
+        let mut permits = admission.permits;
+        if deliveries.is_empty() {
+            return Ok(summary);
+        }
+        if self.shutdown.is_cancelled() {
+            return Err(Overloaded {
+                pending: self.shared.config.max_pending,
+            }
+            .into());
+        }
         let workers = self.workers();
         let mut accepted = Vec::with_capacity(deliveries.len());
         let mut refused = Vec::new();
@@ -462,8 +533,10 @@ impl Engine {
             .store
             .add_pending(accepted.iter().map(|(d, ..)| d))?;
         for (delivery, slot, worker) in accepted {
+            // Admitted without a permit of its own: refused like a full queue, never unbounded.
             let Some(permit) = permits.split(1) else {
-                break;
+                refused.push((delivery, "the webhook's queue is full"));
+                continue;
             };
             let depth = &worker.metrics(&self.shared).queue_depth;
             depth.inc();

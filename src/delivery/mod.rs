@@ -10,8 +10,8 @@ mod send;
 pub mod target;
 
 pub use engine::{
-    DeliveryObserver, DeliveryReport, Engine, EngineConfig, Overloaded, ReplayError, ReportOutcome,
-    RetryPolicy, SubmitError, SubmitSummary,
+    Admission, DeliveryObserver, DeliveryReport, Engine, EngineConfig, Overloaded, ReplayError,
+    ReportOutcome, RetryPolicy, SubmitError, SubmitSummary,
 };
 pub use id::{DeliveryId, InvalidDeliveryId};
 pub use send::{AttemptClass, AttemptResult, Delivery, send, sign};
