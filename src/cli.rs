@@ -589,7 +589,7 @@ async fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
     let Some(config) = &args.config else {
         return test_in_cluster(&args).await;
     };
-    let key = ObjectKey::new(&args.namespace, &args.name);
+    let key = ObjectKey::new(args.namespace.as_str(), args.name.as_str());
     let herald = Herald::new([args.namespace.clone()], EngineConfig::default());
     let mut loader = Loader::new(config);
     let report = loader

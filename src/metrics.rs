@@ -36,8 +36,8 @@ pub struct WebhookLabels {
 impl From<&ObjectKey> for WebhookLabels {
     fn from(key: &ObjectKey) -> Self {
         WebhookLabels {
-            namespace: key.namespace.clone(),
-            webhook: key.name.clone(),
+            namespace: key.namespace.to_string(),
+            webhook: key.name.to_string(),
         }
     }
 }
@@ -194,8 +194,8 @@ impl Metrics {
     pub fn delivery(&self, key: &ObjectKey, outcome: &str) {
         self.deliveries
             .get_or_create(&OutcomeLabels {
-                namespace: key.namespace.clone(),
-                webhook: key.name.clone(),
+                namespace: key.namespace.to_string(),
+                webhook: key.name.to_string(),
                 outcome: outcome.to_string(),
             })
             .inc();
@@ -233,8 +233,8 @@ impl Metrics {
         self.forget_webhook_gauges(key);
         for outcome in ["succeeded", "retried", "failed", "dropped"] {
             self.deliveries.remove(&OutcomeLabels {
-                namespace: key.namespace.clone(),
-                webhook: key.name.clone(),
+                namespace: key.namespace.to_string(),
+                webhook: key.name.to_string(),
                 outcome: outcome.to_string(),
             });
         }

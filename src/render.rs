@@ -404,7 +404,7 @@ pub fn test_alert(webhook: &ObjectKey, now: &str) -> Alert {
         labels: LabelSet::from([
             ("alertname".to_string(), "HeraldTest".to_string()),
             ("severity".to_string(), "info".to_string()),
-            ("namespace".to_string(), webhook.namespace.clone()),
+            ("namespace".to_string(), webhook.namespace.to_string()),
         ]),
         annotations: LabelSet::from([(
             "summary".to_string(),

@@ -369,7 +369,7 @@ impl Loader {
         for wh in manifest_webhooks {
             let wh = *wh;
             let key = ObjectKey::new(wh.namespace().unwrap_or_default(), wh.name_any());
-            let secret = |name: &str| secrets.get(&ObjectKey::new(&key.namespace, name));
+            let secret = |name: &str| secrets.get(&ObjectKey::new(key.namespace.clone(), name));
             let mut parts: Vec<Vec<u8>> = vec![
                 serde_json::to_vec(&wh.spec).unwrap_or_default(),
                 serde_json::to_vec(&wh.metadata.labels).unwrap_or_default(),

@@ -2,10 +2,11 @@
 //! and a bounded record of finished ones (recent deliveries and dead letters). On disk with
 //! `--data-dir` (redb, crash-safe), in memory otherwise.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use foldhash::HashMap;
 use k8s_openapi::jiff::Timestamp;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};

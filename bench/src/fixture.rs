@@ -75,11 +75,11 @@ pub fn table(webhooks: usize, layout: Layout) -> Table {
         let name = format!("wh-{i}");
         let condition = format!("cond-{i}");
         table.apply_condition(ConditionInput {
-            key: ObjectKey::new(&namespace, &condition),
+            key: ObjectKey::new(namespace.as_str(), condition.as_str()),
             spec: serde_json::from_value(condition_spec(team_of(i))).expect("condition spec"),
         });
         table.apply_webhook(WebhookInput {
-            key: ObjectKey::new(&namespace, &name),
+            key: ObjectKey::new(namespace.as_str(), name.as_str()),
             labels: [("team".to_string(), format!("team-{}", team_of(i)))]
                 .into_iter()
                 .collect::<std::collections::BTreeMap<_, _>>()

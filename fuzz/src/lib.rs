@@ -314,7 +314,10 @@ impl Model {
     fn gets(&self, webhook: &WebhookInput, subject: Subject<'_>) -> bool {
         let spec = &webhook.spec;
         let namespace = &webhook.key.namespace;
-        let condition = |name: &str| self.conditions.get(&ObjectKey::new(namespace, name));
+        let condition = |name: &str| {
+            self.conditions
+                .get(&ObjectKey::new(namespace.clone(), name))
+        };
         // Fail closed: a missing named condition means nothing is delivered.
         if !spec.enabled
             || spec.kind != subject.kind
@@ -323,7 +326,9 @@ impl Model {
         {
             return false;
         }
-        if !self.cluster.contains(namespace) && subject.labels.get("namespace") != Some(namespace) {
+        if !self.cluster.contains(&**namespace)
+            && subject.labels.get("namespace").map(String::as_str) != Some(&**namespace)
+        {
             return false;
         }
         let type_label = match subject.kind {
@@ -447,10 +452,10 @@ fn agree(table: &Table, model: &Model, input: &mut Input<'_>) {
             let input = table.webhook(key).expect("resolved webhooks exist");
             assert_eq!(input.spec.kind, subject.kind);
             // Tenancy: outside the cluster namespaces, only alerts of the webhook's own namespace.
-            if !table.cluster_namespaces().contains(&key.namespace) {
+            if !table.cluster_namespaces().contains(&*key.namespace) {
                 assert_eq!(
-                    subject.labels.get("namespace"),
-                    Some(&key.namespace),
+                    subject.labels.get("namespace").map(String::as_str),
+                    Some(&*key.namespace),
                     "{key} got an alert of another namespace"
                 );
             }

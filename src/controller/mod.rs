@@ -48,8 +48,8 @@ pub struct ControllerSettings {
 /// The namespace/name of a namespaced object, when it has both.
 pub fn key_of<K: ResourceExt>(object: &K) -> Option<ObjectKey> {
     Some(ObjectKey::new(
-        object.namespace()?,
-        object.meta().name.clone()?,
+        object.meta().namespace.as_deref()?,
+        object.meta().name.as_deref()?,
     ))
 }
 
@@ -282,7 +282,10 @@ impl Controller {
         let names = referenced_secrets(&webhook.spec);
         let mut secrets: HashMap<String, SecretData> = HashMap::new();
         for name in &names {
-            match self.secret(&ObjectKey::new(&key.namespace, name)).await {
+            match self
+                .secret(&ObjectKey::new(key.namespace.clone(), name.as_str()))
+                .await
+            {
                 Ok(Some(data)) => {
                     secrets.insert(name.clone(), data);
                 }
@@ -352,7 +355,11 @@ impl Controller {
         let table = self.herald.table();
         for webhook in table.webhooks() {
             if webhook.key.namespace == condition.namespace
-                && webhook.spec.conditions.contains(&condition.name)
+                && webhook
+                    .spec
+                    .conditions
+                    .iter()
+                    .any(|c| *c == *condition.name)
                 && let Some(readiness) = table.readiness(&webhook.key)
             {
                 self.status.refresh_ready(&webhook.key, &readiness);
@@ -565,7 +572,9 @@ impl Controller {
                 let affected: Vec<ObjectKey> = self
                     .secret_refs
                     .iter()
-                    .filter(|(k, names)| k.namespace == key.namespace && names.contains(&key.name))
+                    .filter(|(k, names)| {
+                        k.namespace == key.namespace && names.iter().any(|n| *n == *key.name)
+                    })
                     .map(|(k, _)| k.clone())
                     .collect();
                 for webhook in affected {

@@ -135,8 +135,8 @@ fn reference(key: &ObjectKey, uid: &str) -> ObjectReference {
     ObjectReference {
         api_version: Some(<Webhook as kube::Resource>::api_version(&()).into_owned()),
         kind: Some(<Webhook as kube::Resource>::kind(&()).into_owned()),
-        name: Some(key.name.clone()),
-        namespace: Some(key.namespace.clone()),
+        name: Some(key.name.to_string()),
+        namespace: Some(key.namespace.to_string()),
         uid: (!uid.is_empty()).then(|| uid.to_string()),
         ..ObjectReference::default()
     }

@@ -1,10 +1,10 @@
 //! The delivery engine: per-webhook workers with bounded queues, retries and reports.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
+use foldhash::HashMap;
 use k8s_openapi::jiff::Timestamp;
 use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -574,7 +574,7 @@ impl Engine {
         let pending = self.shared.store.pending()?;
         let total = pending.len();
         let workers = self.workers();
-        let mut by_webhook: HashMap<ObjectKey, Vec<Arc<Delivery>>> = HashMap::new();
+        let mut by_webhook: HashMap<ObjectKey, Vec<Arc<Delivery>>> = HashMap::default();
         for delivery in pending {
             by_webhook
                 .entry(delivery.webhook.clone())

@@ -7,9 +7,12 @@ mod selector;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
+
+// Looked up on every resolve: foldhash rather than SipHash, still randomly seeded.
+use foldhash::{HashMap, HashSet};
 
 use crate::alert::{Alert, AlertStatus, LabelSet};
 use crate::crd::{
@@ -18,20 +21,22 @@ use crate::crd::{
 
 pub use selector::selector_matches;
 
-/// Identifies a namespaced resource: `namespace/name`.
+/// Identifies a namespaced resource: `namespace/name`. The parts are shared (`Arc<str>`) so
+/// that the copies each delivery takes (delivery, report, record, store index) cost no
+/// allocation; they hash, compare and serialize as the strings do.
 #[derive(
     Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 pub struct ObjectKey {
     /// The namespace.
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// The name.
-    pub name: String,
+    pub name: Arc<str>,
 }
 
 impl ObjectKey {
-    /// Builds a key from its parts.
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    /// Builds a key from its parts (`&str`, `String` or an `Arc<str>` to share).
+    pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
         ObjectKey {
             namespace: namespace.into(),
             name: name.into(),
@@ -364,8 +369,7 @@ impl Keys {
         match self {
             Keys::One(one) if one == key => {}
             Keys::One(one) => {
-                let first = std::mem::replace(one, ObjectKey::new(String::new(), String::new()));
-                *self = Keys::Many(HashSet::from([first, key.clone()]));
+                *self = Keys::Many([one.clone(), key.clone()].into_iter().collect());
             }
             Keys::Many(set) => {
                 set.insert(key.clone());
@@ -596,7 +600,7 @@ impl Table {
         self.index
             .entry(input.spec.kind)
             .or_default()
-            .entry(input.key.namespace.clone())
+            .entry(input.key.namespace.to_string())
             .or_default()
             .insert(&input.key, &input.spec, &event_types);
         self.webhooks.insert(
@@ -611,11 +615,11 @@ impl Table {
             return;
         };
         if let Some(namespaces) = self.index.get_mut(&old.input.spec.kind)
-            && let Some(index) = namespaces.get_mut(&key.namespace)
+            && let Some(index) = namespaces.get_mut(&*key.namespace)
         {
             index.remove(key, &old.input.spec, &old.event_types);
             if index.is_empty() {
-                namespaces.remove(&key.namespace);
+                namespaces.remove(&*key.namespace);
             }
         }
     }
@@ -629,33 +633,33 @@ impl Table {
         }
         self.unindex_condition(&input.key);
         self.condition_index
-            .entry(input.key.namespace.clone())
+            .entry(input.key.namespace.to_string())
             .or_default()
             .insert(&input.key.name, &input.spec);
         let spec = Arc::new(input.spec);
         let with_selector = self
             .selector_conditions
-            .entry(input.key.namespace.clone())
+            .entry(input.key.namespace.to_string())
             .or_default();
         if spec.webhook_selector.is_some() {
-            with_selector.insert(input.key.name.clone(), spec.clone());
+            with_selector.insert(input.key.name.to_string(), spec.clone());
         } else {
-            with_selector.remove(&input.key.name);
+            with_selector.remove(&*input.key.name);
         }
         self.conditions
-            .entry(input.key.namespace)
+            .entry(input.key.namespace.to_string())
             .or_default()
-            .insert(input.key.name, spec);
+            .insert(input.key.name.to_string(), spec);
     }
 
     /// Removes a condition; webhooks naming it stop delivering (fail closed).
     pub fn delete_condition(&mut self, key: &ObjectKey) {
         self.unindex_condition(key);
         for map in [&mut self.conditions, &mut self.selector_conditions] {
-            if let Some(names) = map.get_mut(&key.namespace) {
-                names.remove(&key.name);
+            if let Some(names) = map.get_mut(&*key.namespace) {
+                names.remove(&*key.name);
                 if names.is_empty() {
-                    map.remove(&key.namespace);
+                    map.remove(&*key.namespace);
                 }
             }
         }
@@ -664,15 +668,15 @@ impl Table {
     fn unindex_condition(&mut self, key: &ObjectKey) {
         let Some(old) = self
             .conditions
-            .get(&key.namespace)
-            .and_then(|names| names.get(&key.name))
+            .get(&*key.namespace)
+            .and_then(|names| names.get(&*key.name))
         else {
             return;
         };
-        if let Some(index) = self.condition_index.get_mut(&key.namespace) {
+        if let Some(index) = self.condition_index.get_mut(&*key.namespace) {
             index.remove(&key.name, old);
             if index.is_empty() {
-                self.condition_index.remove(&key.namespace);
+                self.condition_index.remove(&*key.namespace);
             }
         }
     }
@@ -699,9 +703,11 @@ impl Table {
 
     /// Every condition's key, in no particular order.
     pub fn condition_keys(&self) -> impl Iterator<Item = ObjectKey> + '_ {
-        self.conditions
-            .iter()
-            .flat_map(|(ns, names)| names.keys().map(move |name| ObjectKey::new(ns, name)))
+        self.conditions.iter().flat_map(|(ns, names)| {
+            names
+                .keys()
+                .map(move |name| ObjectKey::new(ns.as_str(), name.as_str()))
+        })
     }
 
     /// Every webhook key, sorted.
@@ -724,7 +730,7 @@ impl Table {
             return Vec::new();
         };
         let mut names: BTreeSet<String> = entry.input.spec.conditions.iter().cloned().collect();
-        if let Some(in_ns) = self.selector_conditions.get(&key.namespace) {
+        if let Some(in_ns) = self.selector_conditions.get(&*key.namespace) {
             for (name, spec) in in_ns {
                 if spec
                     .webhook_selector
@@ -754,7 +760,7 @@ impl Table {
         if let Err(not_ready) = &entry.input.credentials {
             return Err(Unready::Credentials(not_ready));
         }
-        let in_ns = self.conditions.get(&entry.input.key.namespace);
+        let in_ns = self.conditions.get(&*entry.input.key.namespace);
         match entry
             .input
             .spec
@@ -849,7 +855,7 @@ impl Table {
             return Err(Rejected::Owned(Rejection::WrongType(spec.kind)));
         }
         self.unready(entry).map_err(Rejected::NotReady)?;
-        let namespace = &entry.input.key.namespace;
+        let namespace: &str = &entry.input.key.namespace;
         let in_ns = self.conditions.get(namespace);
         if !self.cluster_namespaces.contains(namespace) && subject.namespace() != Some(namespace) {
             return Err(Rejected::Tenancy(subject.namespace()));
