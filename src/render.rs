@@ -12,6 +12,9 @@ use crate::alert::{Alert, AlertStatus, LabelSet, SharedTail};
 use crate::crd::{BodyFormat, Language, WebhookType};
 use crate::routing::ObjectKey;
 
+/// The Herald body format's version.
+const VERSION: &str = "1";
+
 /// Names of the webhook inside the body.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct WebhookRef<'a> {
@@ -231,13 +234,13 @@ pub fn body(
 /// a one-alert body (everything after the webhook) is written once for all the alert's
 /// deliveries in a language.
 fn herald_body(n: &Notification<'_>) -> serde_json::Result<Vec<u8>> {
+    let language = if n.language == Language::ZhCn.as_str() {
+        Language::ZhCn
+    } else {
+        Language::En
+    };
     let shared = match n.alerts {
         [alert] if !n.test => {
-            let language = if n.language == Language::ZhCn.as_str() {
-                Language::ZhCn
-            } else {
-                Language::En
-            };
             let shared = alert.renderings.herald_tail(language, || SharedTail {
                 group_labels: n.group_labels.clone(),
                 external_url: n.external_url.into(),
@@ -245,10 +248,7 @@ fn herald_body(n: &Notification<'_>) -> serde_json::Result<Vec<u8>> {
                     .ok()
                     .map(Vec::into_boxed_slice),
             });
-            // Written for this batch's group labels and URL, or not usable here.
-            shared.json.as_deref().filter(|_| {
-                shared.group_labels == *n.group_labels && *shared.external_url == *n.external_url
-            })
+            usable_tail(shared, n.group_labels, n.external_url)
         }
         _ => None,
     };
@@ -260,9 +260,56 @@ fn herald_body(n: &Notification<'_>) -> serde_json::Result<Vec<u8>> {
             &fresh
         }
     };
+    let head = HeraldHead {
+        kind: n.kind,
+        test: n.test,
+        webhook: &n.webhook,
+    };
+    join_head_and_tail(&head, tail)
+}
+
+/// The Herald body of a one-alert delivery from the end its alert shares with its other
+/// deliveries, when that is written already for this batch: no [`Notification`] is built.
+/// `None` when the usual rendering is needed.
+pub fn shared_herald_body(
+    content: &Content<'_>,
+    language: Language,
+) -> Option<Result<Vec<u8>, RenderError>> {
+    let [alert] = content.alerts else {
+        return None;
+    };
+    if content.test {
+        return None;
+    }
+    let shared = alert.renderings.written_herald_tail(language)?;
+    let tail = usable_tail(shared, content.group_labels, content.external_url)?;
+    let head = HeraldHead {
+        kind: content.kind,
+        test: false,
+        webhook: &WebhookRef {
+            namespace: &content.webhook.namespace,
+            name: &content.webhook.name,
+        },
+    };
+    Some(join_head_and_tail(&head, tail).map_err(|e| RenderError(e.to_string())))
+}
+
+/// A shared tail's JSON, if it was written for this batch's group labels and URL.
+fn usable_tail<'s>(
+    shared: &'s SharedTail,
+    group_labels: &LabelSet,
+    external_url: &str,
+) -> Option<&'s [u8]> {
+    shared
+        .json
+        .as_deref()
+        .filter(|_| shared.group_labels == *group_labels && *shared.external_url == *external_url)
+}
+
+/// `{head}` + `{tail}` → `{head,tail}`.
+fn join_head_and_tail(head: &HeraldHead<'_>, tail: &[u8]) -> serde_json::Result<Vec<u8>> {
     let mut body = Vec::with_capacity(128 + tail.len());
-    serde_json::to_writer(&mut body, &HeraldHead(n))?;
-    // Join the two objects: `{head}` + `{tail}` → `{head,tail}`.
+    serde_json::to_writer(&mut body, head)?;
     body.pop();
     body.push(b',');
     body.extend_from_slice(tail.get(1..).unwrap_or_default());
@@ -270,17 +317,20 @@ fn herald_body(n: &Notification<'_>) -> serde_json::Result<Vec<u8>> {
 }
 
 /// The start of a Herald body: what depends on the webhook and the delivery.
-struct HeraldHead<'n, 'a>(&'n Notification<'a>);
+struct HeraldHead<'a> {
+    kind: WebhookType,
+    test: bool,
+    webhook: &'a WebhookRef<'a>,
+}
 
-impl Serialize for HeraldHead<'_, '_> {
+impl Serialize for HeraldHead<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
-        let n = self.0;
         let mut head = serializer.serialize_struct("Notification", 4)?;
-        head.serialize_field("version", n.version)?;
-        head.serialize_field("type", &n.kind)?;
-        head.serialize_field("test", &n.test)?;
-        head.serialize_field("webhook", &n.webhook)?;
+        head.serialize_field("version", VERSION)?;
+        head.serialize_field("type", &self.kind)?;
+        head.serialize_field("test", &self.test)?;
+        head.serialize_field("webhook", self.webhook)?;
         head.end()
     }
 }
@@ -374,7 +424,7 @@ pub fn notification<'a>(content: Content<'a>, language: Language) -> Notificatio
         ),
     };
     Notification {
-        version: "1",
+        version: VERSION,
         kind: content.kind,
         test: content.test,
         webhook: WebhookRef {
@@ -656,6 +706,15 @@ mod tests {
                         String::from_utf8_lossy(&derived)
                     );
                 }
+                // A one-alert delivery after the first: built from the shared end alone.
+                let shared = shared_herald_body(&content(alerts, test), language);
+                assert_eq!(shared.is_some(), alerts.len() == 1 && !test);
+                if let Some(shared) = shared {
+                    assert_eq!(
+                        String::from_utf8_lossy(&shared.expect("shared body")),
+                        String::from_utf8_lossy(&derived)
+                    );
+                }
                 // The same alerts for another webhook, and in a batch with other group labels
                 // and URL: what was written for the first must not leak into these.
                 let other_key = ObjectKey::new("team-a", "pager");
@@ -664,18 +723,23 @@ mod tests {
                     (&other_key, &LabelSet::new(), ""),
                     (&other_key, &group, "http://alertmanager:9093"),
                 ] {
-                    let n = notification(
-                        Content {
-                            webhook,
-                            kind: WebhookType::Events,
-                            test,
-                            alerts,
-                            group_labels,
-                            external_url,
-                        },
-                        language,
-                    );
+                    let content = Content {
+                        webhook,
+                        kind: WebhookType::Events,
+                        test,
+                        alerts,
+                        group_labels,
+                        external_url,
+                    };
+                    let n = notification(content, language);
                     let derived = serde_json::to_vec(&n).expect("derived");
+                    // Without a shared end written for this batch, the usual rendering.
+                    if let Some(shared) = shared_herald_body(&content, language) {
+                        assert_eq!(
+                            String::from_utf8_lossy(&shared.expect("shared body")),
+                            String::from_utf8_lossy(&derived)
+                        );
+                    }
                     let body = body(&n, BodyFormat::Herald, None).expect("body");
                     assert_eq!(
                         String::from_utf8_lossy(&body),
@@ -686,21 +750,22 @@ mod tests {
         }
     }
 
-    fn render(alerts: &[Arc<Alert>], language: Language, test: bool) -> Notification<'_> {
+    fn content(alerts: &[Arc<Alert>], test: bool) -> Content<'_> {
         static KEY: std::sync::LazyLock<ObjectKey> =
             std::sync::LazyLock::new(|| ObjectKey::new("monitoring", "ops"));
         static EMPTY: LabelSet = LabelSet::new();
-        notification(
-            Content {
-                webhook: &KEY,
-                kind: WebhookType::Alarms,
-                test,
-                alerts,
-                group_labels: &EMPTY,
-                external_url: "",
-            },
-            language,
-        )
+        Content {
+            webhook: &KEY,
+            kind: WebhookType::Alarms,
+            test,
+            alerts,
+            group_labels: &EMPTY,
+            external_url: "",
+        }
+    }
+
+    fn render(alerts: &[Arc<Alert>], language: Language, test: bool) -> Notification<'_> {
+        notification(content(alerts, test), language)
     }
 
     #[test]

@@ -159,9 +159,14 @@ impl Index {
         }
     }
 
-    /// Removes and returns the ids beyond the limit for this record's webhook and class, oldest
-    /// first.
-    fn overflow(&mut self, record: &DeliveryRecord, limits: &RecordLimits) -> Vec<DeliveryId> {
+    /// Removes the ids beyond the limit for this record's webhook and class, oldest first, and
+    /// hands each to `forget`.
+    fn prune(
+        &mut self,
+        record: &DeliveryRecord,
+        limits: &RecordLimits,
+        mut forget: impl FnMut(DeliveryId),
+    ) {
         let class = class(record);
         let limit = if class == 1 {
             limits.dead_letters
@@ -169,15 +174,17 @@ impl Index {
             limits.per_webhook
         };
         let Some(ids) = self.by_webhook.get_mut(&record.webhook) else {
-            return Vec::new();
+            return;
         };
         let ids = &mut ids[class];
         let excess = ids.len().saturating_sub(limit);
-        let pruned: Vec<DeliveryId> = ids.drain(..excess).collect();
+        if excess == 0 {
+            return;
+        }
+        ids.drain(..excess).for_each(&mut forget);
         if ids.capacity() > 2 * ids.len().max(4) {
             ids.shrink_to_fit();
         }
-        pruned
     }
 }
 
@@ -185,7 +192,8 @@ enum Backend {
     /// Records only: a memory store is empty at every start, so there is never anything
     /// pending to resume and no list of pending deliveries to keep.
     Memory {
-        records: BTreeMap<DeliveryId, DeliveryRecord>,
+        /// Boxed: inserting and pruning move a pointer, not a record.
+        records: BTreeMap<DeliveryId, Box<DeliveryRecord>>,
     },
     Disk(redb::Database),
 }
@@ -333,28 +341,28 @@ impl Store {
         if !self.keeps_content(record.outcome) {
             record.delivery = None;
         }
-        let prune = {
-            let mut index = self.index();
-            index.add(&record);
-            index.overflow(&record, &self.limits)
-        };
-        let mut evicted = Vec::new();
+        // Both locks, always in this order: index, then backend.
+        let mut index = self.index();
+        index.add(&record);
         let mut backend = self.backend();
         match &mut *backend {
             Backend::Memory { records } => {
-                for id in &prune {
-                    records.remove(id);
-                }
-                records.insert(record.id, record);
+                index.prune(&record, &self.limits, |id| {
+                    records.remove(&id);
+                });
+                records.insert(record.id, Box::new(record));
                 // Ids are time-ordered: the first entries are the oldest.
                 while records.len() > self.limits.total.max(1) {
                     match records.pop_first() {
-                        Some((_, old)) => evicted.push(old),
+                        Some((_, old)) => index.remove(&old),
                         None => break,
                     }
                 }
             }
             Backend::Disk(database) => {
+                let mut prune = Vec::new();
+                index.prune(&record, &self.limits, |id| prune.push(id));
+                let mut evicted = Vec::new();
                 let mut txn = database.begin_write().map_err(db)?;
                 txn.set_durability(redb::Durability::None).map_err(db)?;
                 {
@@ -381,13 +389,9 @@ impl Store {
                     }
                 }
                 txn.commit().map_err(db)?;
-            }
-        }
-        drop(backend);
-        if !evicted.is_empty() {
-            let mut index = self.index();
-            for old in &evicted {
-                index.remove(old);
+                for old in &evicted {
+                    index.remove(old);
+                }
             }
         }
         Ok(())
@@ -400,7 +404,9 @@ impl Store {
             return Ok(None);
         };
         match &*self.backend() {
-            Backend::Memory { records, .. } => Ok(records.get(&parsed).cloned()),
+            Backend::Memory { records, .. } => {
+                Ok(records.get(&parsed).map(|r| DeliveryRecord::clone(r)))
+            }
             Backend::Disk(database) => {
                 let txn = database.begin_read().map_err(db)?;
                 let table = txn.open_table(RECORDS).map_err(db)?;
@@ -429,7 +435,7 @@ impl Store {
                 .rev()
                 .filter(|r| keep(r))
                 .take(limit)
-                .cloned()
+                .map(|r| DeliveryRecord::clone(r))
                 .collect()),
             Backend::Disk(database) => {
                 let txn = database.begin_read().map_err(db)?;

@@ -14,6 +14,7 @@ use super::client::describe_error;
 use super::id::DeliveryId;
 use super::target::{Target, USER_AGENT};
 use crate::alert::{Alert, LabelSet};
+use crate::crd::BodyFormat;
 use crate::render::{self, Content};
 use crate::routing::ObjectKey;
 
@@ -71,17 +72,21 @@ impl Delivery {
 
     /// The request body for a target, in its language and format.
     pub fn body(&self, target: &Target) -> Result<Vec<u8>, render::RenderError> {
-        let notification = render::notification(
-            Content {
-                webhook: &self.webhook,
-                kind: target.kind,
-                test: self.test,
-                alerts: &self.alerts,
-                group_labels: &self.group_labels,
-                external_url: &self.external_url,
-            },
-            target.language,
-        );
+        let content = Content {
+            webhook: &self.webhook,
+            kind: target.kind,
+            test: self.test,
+            alerts: &self.alerts,
+            group_labels: &self.group_labels,
+            external_url: &self.external_url,
+        };
+        if target.format == BodyFormat::Herald
+            && target.template().is_none()
+            && let Some(body) = render::shared_herald_body(&content, target.language)
+        {
+            return body;
+        }
+        let notification = render::notification(content, target.language);
         render::body(&notification, target.format, target.template())
     }
 }
