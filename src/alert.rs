@@ -86,7 +86,8 @@ pub(crate) struct SharedTail {
     /// External URL the tail was written with.
     pub external_url: Box<str>,
     /// The tail as a JSON object (`{"language":...}`); `None` if it could not be written.
-    pub json: Option<Box<[u8]>>,
+    /// Shared, not copied, by every request body that ends with it.
+    pub json: Option<bytes::Bytes>,
 }
 
 /// The slot of a language in a per-language cache.

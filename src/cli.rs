@@ -764,7 +764,7 @@ async fn admin_call(
     url: &str,
 ) -> anyhow::Result<(http::StatusCode, serde_json::Value)> {
     use http_body_util::BodyExt as _;
-    let mut request = http::Request::new(http_body_util::Full::new(bytes::Bytes::new()));
+    let mut request = http::Request::new(crate::delivery::client::RequestBody::default());
     *request.method_mut() = method;
     *request.uri_mut() = url
         .parse()

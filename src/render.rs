@@ -246,9 +246,9 @@ fn herald_body(n: &Notification<'_>) -> serde_json::Result<Vec<u8>> {
                 external_url: n.external_url.into(),
                 json: serde_json::to_vec(&HeraldTail(n))
                     .ok()
-                    .map(Vec::into_boxed_slice),
+                    .map(bytes::Bytes::from),
             });
-            usable_tail(shared, n.group_labels, n.external_url)
+            usable_tail(shared, n.group_labels, n.external_url).map(|json| &json[..])
         }
         _ => None,
     };
@@ -269,12 +269,13 @@ fn herald_body(n: &Notification<'_>) -> serde_json::Result<Vec<u8>> {
 }
 
 /// The Herald body of a one-alert delivery from the end its alert shares with its other
-/// deliveries, when that is written already for this batch: no [`Notification`] is built.
+/// deliveries, when that is written already for this batch: no [`Notification`] is built, and
+/// the shared end is not copied (the body is the delivery's own start, then the shared end).
 /// `None` when the usual rendering is needed.
 pub fn shared_herald_body(
     content: &Content<'_>,
     language: Language,
-) -> Option<Result<Vec<u8>, RenderError>> {
+) -> Option<Result<(Vec<u8>, bytes::Bytes), RenderError>> {
     let [alert] = content.alerts else {
         return None;
     };
@@ -282,7 +283,7 @@ pub fn shared_herald_body(
         return None;
     }
     let shared = alert.renderings.written_herald_tail(language)?;
-    let tail = usable_tail(shared, content.group_labels, content.external_url)?;
+    let tail = usable_tail(shared, content.group_labels, content.external_url)?.slice(1..);
     let head = HeraldHead {
         kind: content.kind,
         test: false,
@@ -291,7 +292,12 @@ pub fn shared_herald_body(
             name: &content.webhook.name,
         },
     };
-    Some(join_head_and_tail(&head, tail).map_err(|e| RenderError(e.to_string())))
+    let mut start = Vec::with_capacity(128);
+    Some(
+        write_head(&mut start, &head)
+            .map(|()| (start, tail))
+            .map_err(|e| RenderError(e.to_string())),
+    )
 }
 
 /// A shared tail's JSON, if it was written for this batch's group labels and URL.
@@ -299,19 +305,25 @@ fn usable_tail<'s>(
     shared: &'s SharedTail,
     group_labels: &LabelSet,
     external_url: &str,
-) -> Option<&'s [u8]> {
+) -> Option<&'s bytes::Bytes> {
     shared
         .json
-        .as_deref()
+        .as_ref()
         .filter(|_| shared.group_labels == *group_labels && *shared.external_url == *external_url)
+}
+
+/// Writes `{head` + `,`: the start of a body whose tail (`{...}` without its `{`) follows.
+fn write_head(body: &mut Vec<u8>, head: &HeraldHead<'_>) -> serde_json::Result<()> {
+    serde_json::to_writer(&mut *body, head)?;
+    body.pop();
+    body.push(b',');
+    Ok(())
 }
 
 /// `{head}` + `{tail}` → `{head,tail}`.
 fn join_head_and_tail(head: &HeraldHead<'_>, tail: &[u8]) -> serde_json::Result<Vec<u8>> {
     let mut body = Vec::with_capacity(128 + tail.len());
-    serde_json::to_writer(&mut body, head)?;
-    body.pop();
-    body.push(b',');
+    write_head(&mut body, head)?;
     body.extend_from_slice(tail.get(1..).unwrap_or_default());
     Ok(body)
 }
@@ -710,8 +722,9 @@ mod tests {
                 let shared = shared_herald_body(&content(alerts, test), language);
                 assert_eq!(shared.is_some(), alerts.len() == 1 && !test);
                 if let Some(shared) = shared {
+                    let (start, end) = shared.expect("shared body");
                     assert_eq!(
-                        String::from_utf8_lossy(&shared.expect("shared body")),
+                        String::from_utf8_lossy(&[start.as_slice(), &end].concat()),
                         String::from_utf8_lossy(&derived)
                     );
                 }
@@ -735,8 +748,9 @@ mod tests {
                     let derived = serde_json::to_vec(&n).expect("derived");
                     // Without a shared end written for this batch, the usual rendering.
                     if let Some(shared) = shared_herald_body(&content, language) {
+                        let (start, end) = shared.expect("shared body");
                         assert_eq!(
-                            String::from_utf8_lossy(&shared.expect("shared body")),
+                            String::from_utf8_lossy(&[start.as_slice(), &end].concat()),
                             String::from_utf8_lossy(&derived)
                         );
                     }

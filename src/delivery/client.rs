@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Uri};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
@@ -68,7 +67,7 @@ pub enum ClientError {
 /// A pooled HTTP/1.1 and HTTP/2 client for one set of transport settings.
 #[derive(Clone, Debug)]
 pub struct HttpClient {
-    client: Client<HttpsConnector<RouteConnector>, Full<Bytes>>,
+    client: Client<HttpsConnector<RouteConnector>, RequestBody>,
     /// `Proxy-Authorization` for plain-HTTP requests sent through the proxy (a CONNECT tunnel
     /// carries it in the CONNECT request instead).
     proxy_authorization: Option<Sensitive<HeaderValue>>,
@@ -106,7 +105,10 @@ impl HttpClient {
                     to_proxy,
                     tunnel,
                 };
-                (Some(route), proxy.authorization.map(Sensitive::new))
+                (
+                    Some(Arc::new(route)),
+                    proxy.authorization.map(Sensitive::new),
+                )
             }
         };
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
@@ -128,7 +130,7 @@ impl HttpClient {
     /// Sends a request. A plain-HTTP request through a proxy gets the proxy's credentials.
     pub async fn send(
         &self,
-        mut request: Request<Full<Bytes>>,
+        mut request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
         if let Some(auth) = &self.proxy_authorization
             && request.uri().scheme() == Some(&http::uri::Scheme::HTTP)
@@ -138,6 +140,62 @@ impl HttpClient {
                 .insert(http::header::PROXY_AUTHORIZATION, auth.expose().clone());
         }
         self.client.request(request).await
+    }
+}
+
+/// A request body of one or two parts sent back to back, never joined into one buffer: a
+/// delivery's own start and the end it shares with the other deliveries of its alert.
+#[derive(Clone, Debug, Default)]
+pub struct RequestBody {
+    parts: [Bytes; 2],
+}
+
+impl RequestBody {
+    /// A body of two parts, `first` then `second`.
+    pub fn pair(first: Bytes, second: Bytes) -> Self {
+        RequestBody {
+            parts: [first, second],
+        }
+    }
+
+    /// The parts in order (an empty part is skipped when sending).
+    pub fn parts(&self) -> impl Iterator<Item = &[u8]> {
+        self.parts.iter().map(|part| &part[..])
+    }
+}
+
+impl From<Bytes> for RequestBody {
+    fn from(body: Bytes) -> Self {
+        RequestBody::pair(body, Bytes::new())
+    }
+}
+
+impl From<Vec<u8>> for RequestBody {
+    fn from(body: Vec<u8>) -> Self {
+        RequestBody::from(Bytes::from(body))
+    }
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let parts = &mut self.get_mut().parts;
+        let next = parts.iter_mut().find(|part| !part.is_empty());
+        Poll::Ready(next.map(|part| Ok(hyper::body::Frame::data(std::mem::take(part)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.parts.iter().all(Bytes::is_empty)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        let length: usize = self.parts.iter().map(Bytes::len).sum();
+        hyper::body::SizeHint::with_exact(u64::try_from(length).unwrap_or(u64::MAX))
     }
 }
 
@@ -391,7 +449,9 @@ struct ProxyRoute {
 #[derive(Clone, Debug)]
 struct RouteConnector {
     direct: TcpConnector,
-    proxy: Option<ProxyRoute>,
+    /// Shared rather than inline: hyper's client clones its connector into every request's
+    /// future, and a small connector keeps that future small.
+    proxy: Option<Arc<ProxyRoute>>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,5 +1,6 @@
 //! One HTTP attempt: render, sign, send, classify the answer.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -7,10 +8,10 @@ use base64::Engine as _;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 
-use super::client::describe_error;
+use super::client::{RequestBody, describe_error};
 use super::id::DeliveryId;
 use super::target::{Target, USER_AGENT};
 use crate::alert::{Alert, LabelSet};
@@ -71,7 +72,7 @@ impl Delivery {
     }
 
     /// The request body for a target, in its language and format.
-    pub fn body(&self, target: &Target) -> Result<Vec<u8>, render::RenderError> {
+    pub fn body(&self, target: &Target) -> Result<RequestBody, render::RenderError> {
         let content = Content {
             webhook: &self.webhook,
             kind: target.kind,
@@ -84,10 +85,10 @@ impl Delivery {
             && target.template().is_none()
             && let Some(body) = render::shared_herald_body(&content, target.language)
         {
-            return body;
+            return body.map(|(start, end)| RequestBody::pair(Bytes::from(start), end));
         }
         let notification = render::notification(content, target.language);
-        render::body(&notification, target.format, target.template())
+        render::body(&notification, target.format, target.template()).map(RequestBody::from)
     }
 }
 
@@ -143,6 +144,16 @@ pub fn sign<'a>(
     timestamp: i64,
     body: &[u8],
 ) -> String {
+    sign_parts(keys, id, timestamp, &[body])
+}
+
+/// [`sign`] for a body sent in parts.
+fn sign_parts<'a>(
+    keys: impl Iterator<Item = &'a [u8]>,
+    id: &str,
+    timestamp: i64,
+    body: &[&[u8]],
+) -> String {
     let mut signatures = Vec::new();
     for key in keys {
         // HMAC accepts keys of any length.
@@ -153,7 +164,9 @@ pub fn sign<'a>(
         mac.update(b".");
         mac.update(timestamp.to_string().as_bytes());
         mac.update(b".");
-        mac.update(body);
+        for part in body {
+            mac.update(part);
+        }
         let digest = mac.finalize().into_bytes();
         signatures.push(format!(
             "v1,{}",
@@ -163,13 +176,22 @@ pub fn sign<'a>(
     signatures.join(" ")
 }
 
-/// Reads at most `limit` bytes of a response body, until the deadline. Reading a small body to
-/// its end lets the connection go back to the pool.
-async fn read_prefix(mut body: Incoming, limit: usize, deadline: tokio::time::Instant) -> Vec<u8> {
+/// Reads at most `limit` bytes of a response body, until the deadline fires. Reading a small
+/// body to its end lets the connection go back to the pool.
+async fn read_prefix(
+    mut body: Incoming,
+    limit: usize,
+    mut deadline: Pin<&mut tokio::time::Sleep>,
+) -> Vec<u8> {
     let mut bytes = Vec::new();
     while bytes.len() < limit {
-        match tokio::time::timeout_at(deadline, body.frame()).await {
-            Ok(Some(Ok(frame))) => {
+        let frame = tokio::select! {
+            biased;
+            frame = body.frame() => frame,
+            () = &mut deadline => break,
+        };
+        match frame {
+            Some(Ok(frame)) => {
                 if let Some(chunk) = frame.data_ref() {
                     let take = chunk.len().min(limit - bytes.len());
                     bytes.extend_from_slice(&chunk[..take]);
@@ -224,7 +246,8 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
     let mut keys = target.signing_keys().peekable();
     if keys.peek().is_some() {
         let timestamp = k8s_openapi::jiff::Timestamp::now().as_second();
-        let signature = sign(keys, id, timestamp, &body);
+        let parts: Vec<&[u8]> = body.parts().collect();
+        let signature = sign_parts(keys, id, timestamp, &parts);
         if let Some(id) = id_value {
             headers.insert(HeaderName::from_static("webhook-id"), id);
         }
@@ -236,23 +259,30 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
             headers.insert(HeaderName::from_static("webhook-signature"), signature);
         }
     }
-    let mut request = Request::new(Full::new(Bytes::from(body)));
+    let mut request = Request::new(body);
     *request.method_mut() = Method::POST;
     *request.uri_mut() = target.uri.clone();
     *request.headers_mut() = headers;
 
     let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + target.timeout;
-    let response = match tokio::time::timeout_at(deadline, target.client().send(request)).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(err)) => {
+    // One timer for the whole attempt: the answer's head, then as much of its body as is read.
+    let deadline = tokio::time::sleep(target.timeout);
+    tokio::pin!(deadline);
+    let answer = tokio::select! {
+        biased;
+        answer = target.client().send(request) => Some(answer),
+        () = &mut deadline => None,
+    };
+    let response = match answer {
+        Some(Ok(response)) => response,
+        Some(Err(err)) => {
             return AttemptResult::unanswered(
                 AttemptClass::Retryable,
                 started.elapsed(),
                 describe_error(&err),
             );
         }
-        Err(_) => {
+        None => {
             return AttemptResult::unanswered(
                 AttemptClass::Retryable,
                 started.elapsed(),
@@ -278,12 +308,12 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
     let latency = started.elapsed();
     let error = if class == AttemptClass::Success {
         // Read a short answer to its end so that the connection can be used again.
-        read_prefix(response.into_body(), SUCCESS_BODY_READ, deadline).await;
+        read_prefix(response.into_body(), SUCCESS_BODY_READ, deadline.as_mut()).await;
         None
     } else {
         // A little of an error body helps users; more could be anything, even an echo of
         // our own credentials, so read at most 1 KiB and mask secret values.
-        let bytes = read_prefix(response.into_body(), ERROR_BODY_READ, deadline).await;
+        let bytes = read_prefix(response.into_body(), ERROR_BODY_READ, deadline.as_mut()).await;
         let snippet: String = target
             .redact(&String::from_utf8_lossy(&bytes))
             .chars()
