@@ -69,6 +69,10 @@ struct RunArgs {
     /// Senders in the saturation phase.
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
+    /// Saturation rounds of Herald and the minimal forwarder, interleaved (default 3, 1 with
+    /// --quick): each system's row shows its median round.
+    #[arg(long)]
+    rounds: Option<usize>,
     /// Alert deliveries accepted but not yet at the sinks, at most, in the saturation phase
     /// (Herald's default --max-pending).
     #[arg(long, default_value_t = 20_000)]
@@ -96,6 +100,10 @@ impl RunArgs {
 
     fn phase_duration(&self) -> Duration {
         Duration::from_secs(self.duration.unwrap_or(if self.quick { 4 } else { 10 }))
+    }
+
+    fn rounds(&self) -> usize {
+        self.rounds.unwrap_or(if self.quick { 1 } else { 3 }).max(1)
     }
 
     fn sync_limit(&self) -> Duration {
@@ -204,6 +212,10 @@ async fn bench(args: RunArgs) -> Result<()> {
         if args.wants("alertmanager") {
             systems.push(("Alertmanager", Ingest::AlertmanagerApiV2));
         }
+        // Every system is started and measured at the fixed load, then the saturation phase
+        // runs in rounds, Herald and the forwarder taking turns (in alternating order), so
+        // that a slow minute of this shared machine falls on both rather than on one.
+        let mut running = Vec::new();
         for (name, ingest) in systems {
             eprintln!("throughput: {name}...");
             let mut sut = match name {
@@ -214,21 +226,45 @@ async fn bench(args: RunArgs) -> Result<()> {
                 _ => suts::start_alertmanager(work.path(), WEBHOOKS, &sink.url()).await?,
             };
             let idle_rss = sut.proc.memory_kib().0;
-            let mut phases = Vec::new();
-            for mode in [
-                Mode::Fixed {
-                    alerts_per_second: args.rate,
-                },
-                Mode::Saturate {
+            phase_id += 1;
+            let mode = Mode::Fixed {
+                alerts_per_second: args.rate,
+            };
+            let phase = measure(
+                &mut sut,
+                &sink,
+                ingest,
+                mode,
+                &args,
+                args.phase_duration(),
+                WEBHOOKS,
+                phase_id,
+            )
+            .await?;
+            eprintln!("  {}", phase.summary());
+            running.push((name, ingest, sut, idle_rss, vec![phase], Vec::new()));
+        }
+        let rounds = args.rounds();
+        for round in 0..rounds {
+            let mut order: Vec<usize> = (0..running.len())
+                // Alertmanager, far below the others, saturates once.
+                .filter(|&i| round == 0 || running[i].0 != "Alertmanager")
+                .collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let (name, ingest, sut, _, _, saturation) = &mut running[i];
+                eprintln!("saturation, round {} of {rounds}: {name}...", round + 1);
+                phase_id += 1;
+                let mode = Mode::Saturate {
                     concurrency: args.concurrency,
                     max_outstanding: args.max_outstanding,
-                },
-            ] {
-                phase_id += 1;
+                };
                 let phase = measure(
-                    &mut sut,
+                    sut,
                     &sink,
-                    ingest,
+                    *ingest,
                     mode,
                     &args,
                     args.phase_duration(),
@@ -237,15 +273,24 @@ async fn bench(args: RunArgs) -> Result<()> {
                 )
                 .await?;
                 eprintln!("  {}", phase.summary());
-                phases.push(phase);
+                saturation.push(phase);
             }
+        }
+        for (name, _, mut sut, idle_rss, mut phases, mut saturation) in running {
             let (_, peak) = sut.proc.memory_kib();
+            let rounds: Vec<f64> = saturation.iter().map(|p| p.deliveries_per_s).collect();
+            // The median round stands for the system (the lower middle one of an even count).
+            saturation.sort_by(|a, b| a.deliveries_per_s.total_cmp(&b.deliveries_per_s));
+            if !saturation.is_empty() {
+                phases.push(saturation.swap_remove((saturation.len() - 1) / 2));
+            }
             report.systems.push(SystemRow {
                 name: name.to_string(),
                 ready_after: sut.ready_after,
                 idle_rss_kib: idle_rss,
                 peak_rss_kib: peak,
                 phases,
+                saturation_rounds: rounds,
             });
             sut.proc.stop(Duration::from_secs(5));
         }

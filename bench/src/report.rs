@@ -129,7 +129,10 @@ pub struct SystemRow {
     pub ready_after: Duration,
     pub idle_rss_kib: u64,
     pub peak_rss_kib: u64,
+    /// The fixed-load phase, then the median saturation round.
     pub phases: Vec<Phase>,
+    /// Deliveries/s of every saturation round, in order.
+    pub saturation_rounds: Vec<f64>,
 }
 
 impl SystemRow {
@@ -223,6 +226,30 @@ impl Report {
             alertmanager_version: String::new(),
             total: Duration::ZERO,
         }
+    }
+
+    /// Herald's deliveries/s over the forwarder's, round by round (each pair measured back to
+    /// back).
+    fn forwarder_ratios(&self) -> Vec<f64> {
+        let rounds = |name: &str| {
+            self.systems
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.saturation_rounds.clone())
+                .unwrap_or_default()
+        };
+        rounds("Herald")
+            .iter()
+            .zip(rounds("minimal forwarder"))
+            .map(|(h, f)| h / f)
+            .collect()
+    }
+
+    /// The median of [`Report::forwarder_ratios`] (the lower middle one of an even count).
+    fn forwarder_ratio(&self) -> Option<f64> {
+        let mut ratios = self.forwarder_ratios();
+        ratios.sort_by(f64::total_cmp);
+        ratios.get(ratios.len().checked_sub(1)? / 2).copied()
     }
 
     pub fn markdown(&self) -> String {
@@ -322,11 +349,16 @@ impl Report {
                     ("Alertmanager", "of Alertmanager's (the peer)"),
                 ] {
                     if let Some(o) = find(other).and_then(SystemRow::saturation) {
+                        let ratio = match other {
+                            "minimal forwarder" => self.forwarder_ratio(),
+                            _ => None,
+                        }
+                        .unwrap_or(herald.deliveries_per_s / o.deliveries_per_s);
                         let _ = writeln!(
                             out,
                             "- Herald at saturation: **{:.0}%** {label} deliveries/s ({:.0} vs {:.0}); \
                              CPU per delivery {:.2}x; p50 latency at the fixed load {} vs {} ms",
-                            100.0 * herald.deliveries_per_s / o.deliveries_per_s,
+                            100.0 * ratio,
                             herald.deliveries_per_s,
                             o.deliveries_per_s,
                             herald.cpu_per_1000() / o.cpu_per_1000(),
@@ -339,6 +371,34 @@ impl Report {
                         );
                     }
                 }
+            }
+            let rounds: Vec<String> = self
+                .systems
+                .iter()
+                .filter(|s| s.saturation_rounds.len() > 1)
+                .map(|s| {
+                    let each: Vec<String> = s
+                        .saturation_rounds
+                        .iter()
+                        .map(|d| format!("{d:.0}"))
+                        .collect();
+                    format!("{} {}", s.name, each.join(" / "))
+                })
+                .collect();
+            if !rounds.is_empty() {
+                let ratios: Vec<String> = self
+                    .forwarder_ratios()
+                    .iter()
+                    .map(|r| format!("{:.0}%", 100.0 * r))
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "- Saturation rounds, interleaved (deliveries/s; each row above shows its \
+                     system's median round): {}; Herald / forwarder per round: {} (the figure \
+                     above is their median)",
+                    rounds.join("; "),
+                    ratios.join(" / ")
+                );
             }
             out.push('\n');
         }
@@ -444,7 +504,9 @@ impl Report {
             .find(|s| s.name == "minimal forwarder")
             .and_then(SystemRow::saturation);
         if let (Some(h), Some(f)) = (herald, forwarder) {
-            let ratio = h.deliveries_per_s / f.deliveries_per_s;
+            let ratio = self
+                .forwarder_ratio()
+                .unwrap_or(h.deliveries_per_s / f.deliveries_per_s);
             let _ = writeln!(
                 out,
                 "| Herald ≥ 70% of the minimal forwarder's throughput | {:.0}% | {} |",
