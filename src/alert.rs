@@ -169,7 +169,7 @@ impl Alert {
     /// shared by its deliveries). `None` only if it cannot be written (strings and string maps
     /// always can).
     pub fn json(&self) -> Option<&serde_json::value::RawValue> {
-        written_once(&self.renderings.json, self)
+        written_once(&self.renderings.json, &AlertFromParts(self))
     }
 
     /// The alert's labels as JSON, written once (see [`Alert::json`]).
@@ -187,6 +187,32 @@ impl Alert {
         if self.fingerprint.is_empty() {
             self.fingerprint = fingerprint(&self.labels);
         }
+    }
+}
+
+/// An alert written as its derived `Serialize` writes it, with its labels and annotations
+/// copied from their own cached JSON (a one-alert body carries them again as its common ones).
+struct AlertFromParts<'a>(&'a Alert);
+
+impl Serialize for AlertFromParts<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let alert = self.0;
+        let mut out = serializer.serialize_struct("Alert", 7)?;
+        out.serialize_field("status", &alert.status)?;
+        match alert.labels_json() {
+            Some(json) => out.serialize_field("labels", json)?,
+            None => out.serialize_field("labels", &alert.labels)?,
+        }
+        match alert.annotations_json() {
+            Some(json) => out.serialize_field("annotations", json)?,
+            None => out.serialize_field("annotations", &alert.annotations)?,
+        }
+        out.serialize_field("startsAt", &alert.starts_at)?;
+        out.serialize_field("endsAt", &alert.ends_at)?;
+        out.serialize_field("generatorURL", &alert.generator_url)?;
+        out.serialize_field("fingerprint", &alert.fingerprint)?;
+        out.end()
     }
 }
 
@@ -422,6 +448,11 @@ pub struct ParseError {
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ParseError> {
+    // A valid document is read once, without tracking paths; only a refused one is read again
+    // to find where it went wrong.
+    if let Ok(value) = serde_json::from_slice(body) {
+        return Ok(value);
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();
