@@ -70,6 +70,23 @@ struct Transport {
     identity: Option<Sensitive<Vec<u8>>>,
     proxy: Option<String>,
     deny_link_local: bool,
+    /// Which of the [`CLIENT_SHARDS`] clients for these settings the webhook uses.
+    shard: u8,
+}
+
+/// Clients per set of transport settings: webhooks are spread over a few connection pools
+/// rather than all sharing one pool's lock, while thousands of webhooks still cost a handful of
+/// clients.
+const CLIENT_SHARDS: u64 = 8;
+
+/// The shard of a webhook's client: a stable hash of its key.
+fn client_shard(key: &ObjectKey) -> u8 {
+    use std::hash::Hasher as _;
+    let mut hasher = fnv::FnvHasher::default();
+    hasher.write(key.namespace.as_bytes());
+    hasher.write(&[0]);
+    hasher.write(key.name.as_bytes());
+    u8::try_from(hasher.finish() % CLIENT_SHARDS).unwrap_or(0)
 }
 
 type ClientCache =
@@ -85,6 +102,7 @@ impl Transport {
         hasher.update([
             u8::from(self.insecure_skip_verify),
             u8::from(self.deny_link_local),
+            self.shard,
         ]);
         for part in [
             self.roots.as_slice(),
@@ -334,14 +352,15 @@ impl Target {
         };
 
         let timeout = Duration::from_secs(u64::from(spec.timeout_seconds.clamp(1, 300)));
-        // Webhooks with the same transport settings share one client and its connection pool;
-        // the timeout is set per request.
+        // Webhooks with the same transport settings share a few clients and their connection
+        // pools (see CLIENT_SHARDS); the timeout is set per request.
         let mut transport = Transport {
             insecure_skip_verify: false,
             roots: Vec::new(),
             identity: None,
             proxy: spec.proxy_url.clone(),
             deny_link_local: policy.deny_link_local,
+            shard: client_shard(&key),
         };
         if let Some(tls) = &spec.tls {
             transport.insecure_skip_verify = tls.insecure_skip_verify;
@@ -652,7 +671,7 @@ mod tests {
     }
 
     #[test]
-    fn webhooks_with_the_same_transport_share_one_client() {
+    fn webhooks_with_the_same_transport_share_a_few_clients() {
         let a = build(&spec("url: http://a.example/x\ntimeoutSeconds: 5\n"), &[]).expect("a");
         let b = build(&spec("url: http://b.example/y\n"), &[]).expect("b");
         assert!(std::sync::Arc::ptr_eq(&a.client, &b.client));
@@ -663,6 +682,26 @@ mod tests {
         .expect("c");
         assert!(!std::sync::Arc::ptr_eq(&a.client, &proxied.client));
         assert_eq!(a.timeout, Duration::from_secs(5));
+        // A hundred webhooks with equal settings are spread over a few shared clients.
+        let clients: Vec<_> = (0..100)
+            .map(|i| {
+                Target::build(
+                    ObjectKey::new("ns", format!("wh-{i}")),
+                    &spec("url: http://a.example/x\n"),
+                    &TargetPolicy::default(),
+                    |_| None,
+                )
+                .expect("ready")
+                .client
+            })
+            .collect();
+        let distinct: std::collections::BTreeSet<_> =
+            clients.iter().map(std::sync::Arc::as_ptr).collect();
+        assert!(
+            distinct.len() > 1 && distinct.len() as u64 <= CLIENT_SHARDS,
+            "{} clients",
+            distinct.len()
+        );
     }
 
     #[test]
