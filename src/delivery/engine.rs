@@ -707,16 +707,9 @@ async fn run_worker(shared: Arc<Shared>, worker: Arc<WorkerState>) {
             return;
         };
         handles.queue_depth.dec();
-        // Boxed: the HTTP send future is large, and this task should not carry its space
-        // between deliveries.
-        Box::pin(deliver(
-            &shared,
-            handles,
-            &worker,
-            &job.delivery,
-            &mut breaker,
-        ))
-        .await;
+        // Not boxed: this task lives only while its queue holds work, so the space of the send
+        // future inside it is never kept for an idle webhook.
+        deliver(&shared, handles, &worker, &job.delivery, &mut breaker).await;
         worker.failures.store(breaker.failures, Ordering::Relaxed);
     }
     // Cancelled: nothing more is queued, and what is left goes.
