@@ -128,14 +128,6 @@ impl AlertRenderings {
     ) -> &SharedTail {
         per_language(&self.herald_tails, language).get_or_init(make)
     }
-
-    /// The shared end of a one-alert Herald body, if it was written already.
-    pub(crate) fn written_herald_tail(
-        &self,
-        language: crate::crd::Language,
-    ) -> Option<&SharedTail> {
-        per_language(&self.herald_tails, language).get()
-    }
 }
 
 impl Clone for AlertRenderings {

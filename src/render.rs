@@ -234,20 +234,14 @@ pub fn body(
 /// a one-alert body (everything after the webhook) is written once for all the alert's
 /// deliveries in a language.
 fn herald_body(n: &Notification<'_>) -> serde_json::Result<Vec<u8>> {
-    let language = if n.language == Language::ZhCn.as_str() {
-        Language::ZhCn
-    } else {
-        Language::En
-    };
     let shared = match n.alerts {
         [alert] if !n.test => {
-            let shared = alert.renderings.herald_tail(language, || SharedTail {
-                group_labels: n.group_labels.clone(),
-                external_url: n.external_url.into(),
-                json: serde_json::to_vec(&HeraldTail(n))
-                    .ok()
-                    .map(bytes::Bytes::from),
-            });
+            let language = if n.language == Language::ZhCn.as_str() {
+                Language::ZhCn
+            } else {
+                Language::En
+            };
+            let shared = alert.renderings.herald_tail(language, || shared_tail_of(n));
             usable_tail(shared, n.group_labels, n.external_url).map(|json| &json[..])
         }
         _ => None,
@@ -268,10 +262,22 @@ fn herald_body(n: &Notification<'_>) -> serde_json::Result<Vec<u8>> {
     join_head_and_tail(&head, tail)
 }
 
-/// The Herald body of a one-alert delivery from the end its alert shares with its other
-/// deliveries, when that is written already for this batch: no [`Notification`] is built, and
-/// the shared end is not copied (the body is the delivery's own start, then the shared end).
-/// `None` when the usual rendering is needed.
+/// The end of a one-alert notification's Herald body, to share with the alert's other
+/// deliveries in the same language.
+fn shared_tail_of(n: &Notification<'_>) -> SharedTail {
+    SharedTail {
+        group_labels: n.group_labels.clone(),
+        external_url: n.external_url.into(),
+        json: serde_json::to_vec(&HeraldTail(n))
+            .ok()
+            .map(bytes::Bytes::from),
+    }
+}
+
+/// The Herald body of a one-alert delivery as two parts: the delivery's own start, then the
+/// end its alert shares with its other deliveries (written by the first of them, the only one
+/// that builds a [`Notification`]), never copied. `None` when the usual rendering is needed: a
+/// test, several alerts, or a shared end written for another batch.
 pub fn shared_herald_body(
     content: &Content<'_>,
     language: Language,
@@ -282,7 +288,9 @@ pub fn shared_herald_body(
     if content.test {
         return None;
     }
-    let shared = alert.renderings.written_herald_tail(language)?;
+    let shared = alert.renderings.herald_tail(language, || {
+        shared_tail_of(&notification(*content, language))
+    });
     let tail = usable_tail(shared, content.group_labels, content.external_url)?.slice(1..);
     let head = HeraldHead {
         kind: content.kind,
@@ -701,6 +709,18 @@ mod tests {
             alert("DiskFull \"quoted\" ✓", AlertStatus::Resolved, "warning"),
         ];
         let one = vec![alert("Only \\ one", AlertStatus::Firing, "critical")];
+        // The first delivery of an alert writes the shared end itself.
+        let first = vec![alert("First", AlertStatus::Firing, "critical")];
+        for language in [Language::En, Language::ZhCn] {
+            let (start, end) = shared_herald_body(&content(&first, false), language)
+                .expect("one alert")
+                .expect("shared body");
+            let derived = serde_json::to_vec(&render(&first, language, false)).expect("derived");
+            assert_eq!(
+                String::from_utf8_lossy(&[start.as_slice(), &end].concat()),
+                String::from_utf8_lossy(&derived)
+            );
+        }
         for (alerts, language) in [
             (&two, Language::En),
             (&two, Language::ZhCn),
@@ -746,7 +766,7 @@ mod tests {
                     };
                     let n = notification(content, language);
                     let derived = serde_json::to_vec(&n).expect("derived");
-                    // Without a shared end written for this batch, the usual rendering.
+                    // A shared end written for another batch is not used: the usual rendering.
                     if let Some(shared) = shared_herald_body(&content, language) {
                         let (start, end) = shared.expect("shared body");
                         assert_eq!(

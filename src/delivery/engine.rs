@@ -200,13 +200,6 @@ pub struct Admission {
     permits: OwnedSemaphorePermit,
 }
 
-impl Admission {
-    /// How many deliveries it admits.
-    pub fn count(&self) -> usize {
-        self.permits.num_permits()
-    }
-}
-
 struct Job {
     delivery: Arc<Delivery>,
     _permit: OwnedSemaphorePermit,
@@ -436,22 +429,24 @@ impl Engine {
         &self.shared.store
     }
 
+    /// The refusal when there is no room (or Herald is stopping).
+    fn overloaded(&self) -> Overloaded {
+        Overloaded {
+            pending: self.shared.config.max_pending,
+        }
+    }
+
     /// Room for `count` deliveries under the global limit, taken now or not at all.
     pub fn try_admit(&self, count: usize) -> Result<Admission, Overloaded> {
-        let overloaded = || Overloaded {
-            pending: self.shared.config.max_pending,
-        };
         if self.shutdown.is_cancelled() {
-            return Err(overloaded());
+            return Err(self.overloaded());
         }
-        let Ok(count) = u32::try_from(count) else {
-            return Err(overloaded());
-        };
+        let count = u32::try_from(count).map_err(|_| self.overloaded())?;
         let permits = self
             .pending
             .clone()
             .try_acquire_many_owned(count)
-            .map_err(|_| overloaded())?;
+            .map_err(|_| self.overloaded())?;
         Ok(Admission { permits })
     }
 
@@ -467,18 +462,13 @@ impl Engine {
             }
             Err(_) => {}
         }
-        let overloaded = Overloaded {
-            pending: self.shared.config.max_pending,
-        };
-        let count = u32::try_from(count).map_err(|_| Overloaded {
-            pending: self.shared.config.max_pending,
-        })?;
+        let count = u32::try_from(count).map_err(|_| self.overloaded())?;
         tokio::select! {
-            () = self.shutdown.cancelled() => Err(overloaded),
+            () = self.shutdown.cancelled() => Err(self.overloaded()),
             acquired = tokio::time::timeout(wait, self.pending.clone().acquire_many_owned(count)) => {
                 match acquired {
                     Ok(Ok(permits)) => Ok(Admission { permits }),
-                    _ => Err(overloaded),
+                    _ => Err(self.overloaded()),
                 }
             }
         }
@@ -508,10 +498,7 @@ impl Engine {
             return Ok(summary);
         }
         if self.shutdown.is_cancelled() {
-            return Err(Overloaded {
-                pending: self.shared.config.max_pending,
-            }
-            .into());
+            return Err(self.overloaded().into());
         }
         let workers = self.workers();
         let mut accepted = Vec::with_capacity(deliveries.len());
