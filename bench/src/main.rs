@@ -115,6 +115,18 @@ impl RunArgs {
     }
 }
 
+/// A system under test in the throughput part, with what was measured of it so far.
+struct Running {
+    name: &'static str,
+    ingest: Ingest,
+    sut: Sut,
+    idle_rss: u64,
+    /// The fixed-load phase.
+    fixed: Phase,
+    /// The saturation rounds, in order.
+    saturation: Vec<Phase>,
+}
+
 /// Webhooks in the throughput runs.
 const WEBHOOKS: usize = 100;
 /// Deliveries per alert (webhooks sharing a team).
@@ -226,7 +238,6 @@ async fn bench(args: RunArgs) -> Result<()> {
                 _ => suts::start_alertmanager(work.path(), WEBHOOKS, &sink.url()).await?,
             };
             let idle_rss = sut.proc.memory_kib().0;
-            phase_id += 1;
             let mode = Mode::Fixed {
                 alerts_per_second: args.rate,
             };
@@ -238,49 +249,66 @@ async fn bench(args: RunArgs) -> Result<()> {
                 &args,
                 args.phase_duration(),
                 WEBHOOKS,
-                phase_id,
+                &mut phase_id,
             )
             .await?;
-            eprintln!("  {}", phase.summary());
-            running.push((name, ingest, sut, idle_rss, vec![phase], Vec::new()));
+            running.push(Running {
+                name,
+                ingest,
+                sut,
+                idle_rss,
+                fixed: phase,
+                saturation: Vec::new(),
+            });
         }
         let rounds = args.rounds();
         for round in 0..rounds {
             let mut order: Vec<usize> = (0..running.len())
                 // Alertmanager, far below the others, saturates once.
-                .filter(|&i| round == 0 || running[i].0 != "Alertmanager")
+                .filter(|&i| round == 0 || running[i].name != "Alertmanager")
                 .collect();
             if round % 2 == 1 {
                 order.reverse();
             }
             for i in order {
-                let (name, ingest, sut, _, _, saturation) = &mut running[i];
-                eprintln!("saturation, round {} of {rounds}: {name}...", round + 1);
-                phase_id += 1;
+                let system = &mut running[i];
+                eprintln!(
+                    "saturation, round {} of {rounds}: {}...",
+                    round + 1,
+                    system.name
+                );
                 let mode = Mode::Saturate {
                     concurrency: args.concurrency,
                     max_outstanding: args.max_outstanding,
                 };
                 let phase = measure(
-                    sut,
+                    &mut system.sut,
                     &sink,
-                    *ingest,
+                    system.ingest,
                     mode,
                     &args,
                     args.phase_duration(),
                     WEBHOOKS,
-                    phase_id,
+                    &mut phase_id,
                 )
                 .await?;
-                eprintln!("  {}", phase.summary());
-                saturation.push(phase);
+                system.saturation.push(phase);
             }
         }
-        for (name, _, mut sut, idle_rss, mut phases, mut saturation) in running {
+        for Running {
+            name,
+            mut sut,
+            idle_rss,
+            fixed,
+            mut saturation,
+            ..
+        } in running
+        {
             let (_, peak) = sut.proc.memory_kib();
             let rounds: Vec<f64> = saturation.iter().map(|p| p.deliveries_per_s).collect();
             // The median round stands for the system (the lower middle one of an even count).
             saturation.sort_by(|a, b| a.deliveries_per_s.total_cmp(&b.deliveries_per_s));
+            let mut phases = vec![fixed];
             if !saturation.is_empty() {
                 phases.push(saturation.swap_remove((saturation.len() - 1) / 2));
             }
@@ -319,7 +347,8 @@ async fn bench(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// One load phase against a running system; waits for the deliveries to drain.
+/// One load phase against a running system (the next phase id); waits for the deliveries to
+/// drain and prints a summary.
 #[allow(clippy::too_many_arguments)]
 async fn measure(
     sut: &mut Sut,
@@ -329,8 +358,10 @@ async fn measure(
     args: &RunArgs,
     duration: Duration,
     webhooks: usize,
-    phase_id: u32,
+    phase_id: &mut u32,
 ) -> Result<Phase> {
+    *phase_id += 1;
+    let phase_id = *phase_id;
     sut.proc.check_alive()?;
     let stats = sink.stats.clone();
     stats.begin(phase_id);
@@ -362,9 +393,9 @@ async fn measure(
     let drained = window_end.elapsed();
     let cpu = sut.proc.cpu_seconds() - cpu_before;
     sut.proc.check_alive()?;
-    Ok(Phase::from_stats(
-        mode, &outcome, &stats, expected, cpu, drained,
-    ))
+    let phase = Phase::from_stats(mode, &outcome, &stats, expected, cpu, drained);
+    eprintln!("  {}", phase.summary());
+    Ok(phase)
 }
 
 /// Route resolution per alert, in process, for each size and layout.
@@ -446,7 +477,6 @@ async fn scale(
         };
         let phase = match sync_time {
             Some(_) => {
-                *phase_id += 1;
                 let phase = measure(
                     &mut sut,
                     sink,
@@ -455,10 +485,9 @@ async fn scale(
                     args,
                     load_duration,
                     webhooks,
-                    *phase_id,
+                    phase_id,
                 )
                 .await?;
-                eprintln!("  {}", phase.summary());
                 Some(phase)
             }
             None => {
@@ -479,7 +508,6 @@ async fn scale(
         let mut standalone =
             suts::start_herald(herald, &standalone_dir, webhooks, &sink.url()).await?;
         let (standalone_rss, _) = standalone.proc.memory_kib();
-        *phase_id += 1;
         let standalone_phase = measure(
             &mut standalone,
             sink,
@@ -488,10 +516,9 @@ async fn scale(
             args,
             load_duration,
             webhooks,
-            *phase_id,
+            phase_id,
         )
         .await?;
-        eprintln!("  {}", standalone_phase.summary());
         let (_, standalone_peak) = standalone.proc.memory_kib();
         standalone.proc.stop(Duration::from_secs(5));
 
