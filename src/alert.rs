@@ -81,10 +81,11 @@ pub struct AlertRenderings {
 /// external URL differ writes its own.
 #[derive(Debug)]
 pub(crate) struct SharedTail {
-    /// Group labels the tail was written with.
-    pub group_labels: LabelSet,
+    /// Group labels the tail was written with (the batch's own, when one of its deliveries
+    /// wrote it).
+    pub group_labels: std::sync::Arc<LabelSet>,
     /// External URL the tail was written with.
-    pub external_url: Box<str>,
+    pub external_url: std::sync::Arc<str>,
     /// The tail as a JSON object (`{"language":...}`); `None` if it could not be written.
     /// Shared, not copied, by every request body that ends with it.
     pub json: Option<bytes::Bytes>,

@@ -152,10 +152,10 @@ pub struct Content<'a> {
     pub test: bool,
     /// The alerts.
     pub alerts: &'a [Arc<Alert>],
-    /// Group labels from Alertmanager.
-    pub group_labels: &'a LabelSet,
-    /// Alertmanager's URL.
-    pub external_url: &'a str,
+    /// Group labels from Alertmanager (the batch's own, shared by its deliveries).
+    pub group_labels: &'a Arc<LabelSet>,
+    /// Alertmanager's URL (the batch's own).
+    pub external_url: &'a Arc<str>,
 }
 
 /// Why a body could not be rendered (a custom template failing at run time).
@@ -241,7 +241,13 @@ fn herald_body(n: &Notification<'_>) -> serde_json::Result<Vec<u8>> {
             } else {
                 Language::En
             };
-            let shared = alert.renderings.herald_tail(language, || shared_tail_of(n));
+            let shared = alert.renderings.herald_tail(language, || {
+                shared_tail_of(
+                    n,
+                    Arc::new(n.group_labels.clone()),
+                    Arc::from(n.external_url),
+                )
+            });
             usable_tail(shared, n.group_labels, n.external_url).map(|json| &json[..])
         }
         _ => None,
@@ -264,24 +270,42 @@ fn herald_body(n: &Notification<'_>) -> serde_json::Result<Vec<u8>> {
 
 /// The end of a one-alert notification's Herald body, to share with the alert's other
 /// deliveries in the same language.
-fn shared_tail_of(n: &Notification<'_>) -> SharedTail {
+fn shared_tail_of(
+    n: &Notification<'_>,
+    group_labels: Arc<LabelSet>,
+    external_url: Arc<str>,
+) -> SharedTail {
     SharedTail {
-        group_labels: n.group_labels.clone(),
-        external_url: n.external_url.into(),
+        group_labels,
+        external_url,
         json: serde_json::to_vec(&HeraldTail(n))
             .ok()
             .map(bytes::Bytes::from),
     }
 }
 
-/// The Herald body of a one-alert delivery as two parts: the delivery's own start, then the
-/// end its alert shares with its other deliveries (written by the first of them, the only one
-/// that builds a [`Notification`]), never copied. `None` when the usual rendering is needed: a
-/// test, several alerts, or a shared end written for another batch.
-pub fn shared_herald_body(
-    content: &Content<'_>,
-    language: Language,
-) -> Option<Result<(Vec<u8>, bytes::Bytes), RenderError>> {
+/// The start of every Herald body a webhook receives outside tests (`{"version":...,"webhook":
+/// {...},`): it depends on the webhook alone, so a target writes it once and each one-alert
+/// delivery sends it as the first part of its body, followed by [`shared_herald_tail`].
+pub fn herald_head(kind: WebhookType, webhook: &ObjectKey) -> Result<bytes::Bytes, RenderError> {
+    let head = HeraldHead {
+        kind,
+        test: false,
+        webhook: &WebhookRef {
+            namespace: &webhook.namespace,
+            name: &webhook.name,
+        },
+    };
+    let mut start = Vec::with_capacity(128);
+    write_head(&mut start, &head).map_err(|e| RenderError(e.to_string()))?;
+    Ok(bytes::Bytes::from(start))
+}
+
+/// The end of a one-alert delivery's Herald body (everything after [`herald_head`]): the end
+/// its alert shares with its other deliveries in this language, written by the first of them
+/// (the only one that builds a [`Notification`]) and never copied. `None` when the usual
+/// rendering is needed: a test, several alerts, or a shared end written for another batch.
+pub fn shared_herald_tail(content: &Content<'_>, language: Language) -> Option<bytes::Bytes> {
     let [alert] = content.alerts else {
         return None;
     };
@@ -289,23 +313,13 @@ pub fn shared_herald_body(
         return None;
     }
     let shared = alert.renderings.herald_tail(language, || {
-        shared_tail_of(&notification(*content, language))
+        shared_tail_of(
+            &notification(*content, language),
+            content.group_labels.clone(),
+            content.external_url.clone(),
+        )
     });
-    let tail = usable_tail(shared, content.group_labels, content.external_url)?.slice(1..);
-    let head = HeraldHead {
-        kind: content.kind,
-        test: false,
-        webhook: &WebhookRef {
-            namespace: &content.webhook.namespace,
-            name: &content.webhook.name,
-        },
-    };
-    let mut start = Vec::with_capacity(128);
-    Some(
-        write_head(&mut start, &head)
-            .map(|()| (start, tail))
-            .map_err(|e| RenderError(e.to_string())),
-    )
+    Some(usable_tail(shared, content.group_labels, content.external_url)?.slice(1..))
 }
 
 /// A shared tail's JSON, if it was written for this batch's group labels and URL.
@@ -314,10 +328,13 @@ fn usable_tail<'s>(
     group_labels: &LabelSet,
     external_url: &str,
 ) -> Option<&'s bytes::Bytes> {
-    shared
-        .json
-        .as_ref()
-        .filter(|_| shared.group_labels == *group_labels && *shared.external_url == *external_url)
+    shared.json.as_ref().filter(|_| {
+        // The tail holds the batch's own values: the same object is the same value, and the
+        // deliveries of a batch all share them, so comparing them is rarely needed.
+        (std::ptr::eq(&*shared.group_labels, group_labels) || *shared.group_labels == *group_labels)
+            && (std::ptr::eq(&*shared.external_url, external_url)
+                || *shared.external_url == *external_url)
+    })
 }
 
 /// Writes `{head` + `,`: the start of a body whose tail (`{...}` without its `{`) follows.
@@ -717,7 +734,7 @@ mod tests {
                 .expect("shared body");
             let derived = serde_json::to_vec(&render(&first, language, false)).expect("derived");
             assert_eq!(
-                String::from_utf8_lossy(&[start.as_slice(), &end].concat()),
+                String::from_utf8_lossy(&[&start[..], &end[..]].concat()),
                 String::from_utf8_lossy(&derived)
             );
         }
@@ -744,18 +761,23 @@ mod tests {
                 if let Some(shared) = shared {
                     let (start, end) = shared.expect("shared body");
                     assert_eq!(
-                        String::from_utf8_lossy(&[start.as_slice(), &end].concat()),
+                        String::from_utf8_lossy(&[&start[..], &end[..]].concat()),
                         String::from_utf8_lossy(&derived)
                     );
                 }
                 // The same alerts for another webhook, and in a batch with other group labels
                 // and URL: what was written for the first must not leak into these.
                 let other_key = ObjectKey::new("team-a", "pager");
-                let group = LabelSet::from([("alertname".to_string(), "Grouped".to_string())]);
-                for (webhook, group_labels, external_url) in [
-                    (&other_key, &LabelSet::new(), ""),
-                    (&other_key, &group, "http://alertmanager:9093"),
-                ] {
+                let group = Arc::new(LabelSet::from([(
+                    "alertname".to_string(),
+                    "Grouped".to_string(),
+                )]));
+                // Equal to the first batch's values but other objects: compared by value.
+                let (no_group, no_url) = (Arc::new(LabelSet::new()), Arc::from(""));
+                let url = Arc::from("http://alertmanager:9093");
+                for (webhook, group_labels, external_url) in
+                    [(&other_key, &no_group, &no_url), (&other_key, &group, &url)]
+                {
                     let content = Content {
                         webhook,
                         kind: WebhookType::Events,
@@ -770,7 +792,7 @@ mod tests {
                     if let Some(shared) = shared_herald_body(&content, language) {
                         let (start, end) = shared.expect("shared body");
                         assert_eq!(
-                            String::from_utf8_lossy(&[start.as_slice(), &end].concat()),
+                            String::from_utf8_lossy(&[&start[..], &end[..]].concat()),
                             String::from_utf8_lossy(&derived)
                         );
                     }
@@ -784,17 +806,27 @@ mod tests {
         }
     }
 
+    /// A one-alert body as a delivery sends it: its target's head, then the shared end.
+    fn shared_herald_body(
+        content: &Content<'_>,
+        language: Language,
+    ) -> Option<Result<(bytes::Bytes, bytes::Bytes), RenderError>> {
+        let tail = shared_herald_tail(content, language)?;
+        Some(herald_head(content.kind, content.webhook).map(|head| (head, tail)))
+    }
+
     fn content(alerts: &[Arc<Alert>], test: bool) -> Content<'_> {
         static KEY: std::sync::LazyLock<ObjectKey> =
             std::sync::LazyLock::new(|| ObjectKey::new("monitoring", "ops"));
-        static EMPTY: LabelSet = LabelSet::new();
+        static EMPTY: std::sync::LazyLock<(Arc<LabelSet>, Arc<str>)> =
+            std::sync::LazyLock::new(|| (Arc::default(), Arc::from("")));
         Content {
             webhook: &KEY,
             kind: WebhookType::Alarms,
             test,
             alerts,
-            group_labels: &EMPTY,
-            external_url: "",
+            group_labels: &EMPTY.0,
+            external_url: &EMPTY.1,
         }
     }
 

@@ -77,6 +77,16 @@ async fn bearer_and_basic_credentials_arrive_with_only_the_matching_alerts() {
             .starts_with("herald/")
     );
     assert!(got[0].header("idempotency-key").is_some());
+    // The Host header Herald writes once per webhook: host and port, as the URL has them.
+    let url = url::Url::parse(&bearer_sink.url()).expect("sink url");
+    assert_eq!(
+        got[0].header("host"),
+        Some(format!(
+            "{}:{}",
+            url.host_str().expect("host"),
+            url.port().expect("port")
+        ))
+    );
 
     let got = basic_sink.wait_for(1, WAIT).await;
     // base64("alice:pa:ss")

@@ -61,6 +61,8 @@ fn accepted(batch: &AlertBatch) {
     }
     let webhook = ObjectKey::new("monitoring", "fuzz");
     let alerts: Vec<std::sync::Arc<_>> = batch.alerts.iter().cloned().map(Into::into).collect();
+    let group_labels = std::sync::Arc::new(batch.group_labels.clone());
+    let external_url: std::sync::Arc<str> = std::sync::Arc::from(batch.external_url.as_str());
     for kind in [WebhookType::Alarms, WebhookType::Events] {
         for language in [Language::En, Language::ZhCn] {
             let notification = render::notification(
@@ -69,8 +71,8 @@ fn accepted(batch: &AlertBatch) {
                     kind,
                     test: false,
                     alerts: &alerts,
-                    group_labels: &batch.group_labels,
-                    external_url: &batch.external_url,
+                    group_labels: &group_labels,
+                    external_url: &external_url,
                 },
                 language,
             );

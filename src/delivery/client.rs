@@ -509,8 +509,10 @@ enum Stream {
 impl Connection for Stream {
     fn connected(&self) -> Connected {
         match self {
-            Stream::Direct(io) => io.connected(),
-            Stream::Proxied { stream, forwarding } => stream.connected().proxy(*forwarding),
+            // Without the addresses a TCP stream would add (`HttpInfo`): nothing reads them, and
+            // hyper would copy them into every response's extensions, an allocation each.
+            Stream::Direct(_) => Connected::new(),
+            Stream::Proxied { forwarding, .. } => Connected::new().proxy(*forwarding),
         }
     }
 }

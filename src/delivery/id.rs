@@ -5,9 +5,10 @@ use std::str::FromStr;
 
 /// The id of a delivery: sent as `Idempotency-Key` and `webhook-id`, the same on every retry,
 /// and the key of its pending entry and record. Sixteen bytes, compared as one number (ids sort
-/// by the time they were made); written as the hyphenated lowercase UUID.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DeliveryId(uuid::Uuid);
+/// by the time they were made: the UUID's bytes read as a big-endian number, so that comparing
+/// two ids is one integer comparison); written as the hyphenated lowercase UUID.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeliveryId(u128);
 
 /// Why a text is not a delivery id.
 #[derive(Debug, thiserror::Error)]
@@ -17,12 +18,14 @@ pub struct InvalidDeliveryId(String);
 impl DeliveryId {
     /// A fresh id, later than every id made before it in this process.
     pub fn new() -> Self {
-        DeliveryId(uuid::Uuid::now_v7())
+        DeliveryId(uuid::Uuid::now_v7().as_u128())
     }
 
     /// The hyphenated lowercase text, without allocating.
     pub fn encode<'b>(&self, buffer: &'b mut [u8; uuid::fmt::Hyphenated::LENGTH]) -> &'b str {
-        self.0.hyphenated().encode_lower(buffer)
+        uuid::Uuid::from_u128(self.0)
+            .hyphenated()
+            .encode_lower(buffer)
     }
 }
 
@@ -32,9 +35,15 @@ impl Default for DeliveryId {
     }
 }
 
+impl fmt::Debug for DeliveryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
 impl fmt::Display for DeliveryId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0.hyphenated(), f)
+        fmt::Display::fmt(&uuid::Uuid::from_u128(self.0).hyphenated(), f)
     }
 }
 
@@ -43,7 +52,7 @@ impl FromStr for DeliveryId {
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         uuid::Uuid::try_parse(text)
-            .map(DeliveryId)
+            .map(|uuid| DeliveryId(uuid.as_u128()))
             .map_err(|_| InvalidDeliveryId(text.chars().take(64).collect()))
     }
 }

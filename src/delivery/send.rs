@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::BodyExt as _;
@@ -15,7 +14,6 @@ use super::client::{RequestBody, describe_error};
 use super::id::DeliveryId;
 use super::target::{Target, USER_AGENT};
 use crate::alert::{Alert, LabelSet};
-use crate::crd::BodyFormat;
 use crate::render::{self, Content};
 use crate::routing::ObjectKey;
 
@@ -81,11 +79,10 @@ impl Delivery {
             group_labels: &self.group_labels,
             external_url: &self.external_url,
         };
-        if target.format == BodyFormat::Herald
-            && target.template().is_none()
-            && let Some(body) = render::shared_herald_body(&content, target.language)
+        if let Some(head) = target.herald_head()
+            && let Some(tail) = render::shared_herald_tail(&content, target.language)
         {
-            return body.map(|(start, end)| RequestBody::pair(Bytes::from(start), end));
+            return Ok(RequestBody::pair(head.clone(), tail));
         }
         let notification = render::notification(content, target.language);
         render::body(&notification, target.format, target.template()).map(RequestBody::from)
@@ -226,7 +223,6 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
     };
     let mut id_buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let id = delivery.id.encode(&mut id_buffer);
-    let id_value = HeaderValue::from_str(id).ok();
     let mut headers = HeaderMap::with_capacity(8);
     headers.insert(
         header::CONTENT_TYPE,
@@ -234,8 +230,12 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
     );
     headers.insert(header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
     headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-    if let Some(id) = &id_value {
-        headers.insert(HeaderName::from_static("idempotency-key"), id.clone());
+    if let Some(host) = target.host() {
+        headers.insert(header::HOST, host.clone());
+    }
+    // A hyphenated UUID is always a valid header value.
+    if let Ok(value) = HeaderValue::from_str(id) {
+        headers.insert(HeaderName::from_static("idempotency-key"), value);
     }
     if let Some(auth) = target.authorization() {
         headers.insert(header::AUTHORIZATION, auth.clone());
@@ -248,8 +248,8 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
         let timestamp = k8s_openapi::jiff::Timestamp::now().as_second();
         let parts: Vec<&[u8]> = body.parts().collect();
         let signature = sign_parts(keys, id, timestamp, &parts);
-        if let Some(id) = id_value {
-            headers.insert(HeaderName::from_static("webhook-id"), id);
+        if let Ok(value) = HeaderValue::from_str(id) {
+            headers.insert(HeaderName::from_static("webhook-id"), value);
         }
         headers.insert(
             HeaderName::from_static("webhook-timestamp"),

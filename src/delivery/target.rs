@@ -5,10 +5,12 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use base64::Engine as _;
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::client::{ClientError, ClientSettings, HttpClient};
 use crate::crd::{AuthType, BodyFormat, Language, WebhookSpec, WebhookType, is_reserved_header};
+use crate::render;
 use crate::routing::{NotReady, NotReadyReason, ObjectKey};
 use crate::secret::{SecretData, Sensitive};
 
@@ -40,6 +42,12 @@ pub struct Target {
     /// What most webhooks do without: boxed, so that thousands of plain webhooks stay small.
     extras: Option<Box<Extras>>,
     client: std::sync::Arc<HttpClient>,
+    /// The start of this webhook's one-alert Herald bodies, written once (see
+    /// [`render::herald_head`]); `None` for other formats and templates.
+    herald_head: Option<Bytes>,
+    /// The `Host` header of a plain-HTTP URL (always HTTP/1.1), written once instead of by the
+    /// client on every request; `None` for HTTPS, where HTTP/2 may carry the authority instead.
+    host: Option<HeaderValue>,
 }
 
 /// A target's template, credentials, headers and signing keys.
@@ -414,7 +422,14 @@ impl Target {
                 .filter(|v| v.expose().len() >= 4)
                 .collect(),
         };
+        let herald_head = (spec.format == BodyFormat::Herald && extras.template.is_none())
+            .then(|| render::herald_head(spec.kind, &key))
+            .transpose()
+            .map_err(|e| invalid_spec(e.to_string()))?;
+        let host = host_header(&uri);
         Ok(Target {
+            herald_head,
+            host,
             key,
             kind: spec.kind,
             uri,
@@ -442,6 +457,16 @@ impl Target {
             }
         }
         out
+    }
+
+    /// The start of this webhook's one-alert Herald bodies, when it receives Herald bodies.
+    pub(crate) fn herald_head(&self) -> Option<&Bytes> {
+        self.herald_head.as_ref()
+    }
+
+    /// The `Host` header to send, when it is known in advance.
+    pub(crate) fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
     }
 
     /// The HTTP client for this webhook.
@@ -482,6 +507,20 @@ fn trim_bytes(value: &[u8]) -> &[u8] {
         .rposition(|b| !b.is_ascii_whitespace())
         .map_or(start, |e| e + 1);
     &value[start..end]
+}
+
+/// The `Host` header a plain-HTTP request to this URL carries: the host, and the port unless
+/// it is 80 (as hyper's client would write it). `None` for other schemes.
+fn host_header(uri: &http::Uri) -> Option<HeaderValue> {
+    if uri.scheme() != Some(&http::uri::Scheme::HTTP) {
+        return None;
+    }
+    let host = uri.host()?;
+    let value = match uri.port() {
+        Some(port) if port.as_u16() != 80 => HeaderValue::try_from(format!("{host}:{port}")),
+        _ => HeaderValue::try_from(host),
+    };
+    value.ok()
 }
 
 fn insert_header(
@@ -702,6 +741,28 @@ mod tests {
             "{} clients",
             distinct.len()
         );
+    }
+
+    #[test]
+    fn host_header_is_written_once_for_plain_http_only() {
+        let host = |url: &str| {
+            host_header(&http::Uri::try_from(url).expect("uri"))
+                .map(|v| v.to_str().expect("text").to_string())
+        };
+        assert_eq!(
+            host("http://127.0.0.1:8080/x").as_deref(),
+            Some("127.0.0.1:8080")
+        );
+        assert_eq!(
+            host("http://hooks.example/x").as_deref(),
+            Some("hooks.example")
+        );
+        assert_eq!(
+            host("http://hooks.example:80/x").as_deref(),
+            Some("hooks.example")
+        );
+        assert_eq!(host("http://[::1]:9000/").as_deref(), Some("[::1]:9000"));
+        assert_eq!(host("https://hooks.example/x"), None);
     }
 
     #[test]
