@@ -202,7 +202,8 @@ impl Herald {
         // Gathered under the read lock without cloning keys; the lock is not held while waiting.
         let per_webhook: Vec<(ObjectKey, Vec<usize>)> = {
             let table = self.table();
-            let mut per_webhook: BTreeMap<&ObjectKey, Vec<usize>> = BTreeMap::new();
+            let mut per_webhook: foldhash::HashMap<&ObjectKey, Vec<usize>> =
+                foldhash::HashMap::default();
             for (i, alert) in batch.alerts.iter().enumerate() {
                 let subject = match kind {
                     WebhookType::Alarms => Subject::alert(alert),

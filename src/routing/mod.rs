@@ -571,8 +571,8 @@ pub struct Table {
     /// Webhook keys by type, namespace and event type: resolve looks only at the webhooks that
     /// can want the subject.
     index: HashMap<WebhookType, HashMap<String, NamespaceIndex>>,
-    /// Conditions by namespace, then name.
-    conditions: HashMap<String, BTreeMap<String, Arc<NotificationConditionSpec>>>,
+    /// Conditions by namespace, then name (hashed: resolve looks names up for every candidate).
+    conditions: HashMap<String, HashMap<String, Arc<NotificationConditionSpec>>>,
     /// The subset of `conditions` that have a `webhookSelector`.
     selector_conditions: HashMap<String, BTreeMap<String, Arc<NotificationConditionSpec>>>,
     /// `conditions` by namespace, indexed by an `In` requirement each.
@@ -655,12 +655,16 @@ impl Table {
     /// Removes a condition; webhooks naming it stop delivering (fail closed).
     pub fn delete_condition(&mut self, key: &ObjectKey) {
         self.unindex_condition(key);
-        for map in [&mut self.conditions, &mut self.selector_conditions] {
-            if let Some(names) = map.get_mut(&*key.namespace) {
-                names.remove(&*key.name);
-                if names.is_empty() {
-                    map.remove(&*key.namespace);
-                }
+        if let Some(names) = self.conditions.get_mut(&*key.namespace) {
+            names.remove(&*key.name);
+            if names.is_empty() {
+                self.conditions.remove(&*key.namespace);
+            }
+        }
+        if let Some(names) = self.selector_conditions.get_mut(&*key.namespace) {
+            names.remove(&*key.name);
+            if names.is_empty() {
+                self.selector_conditions.remove(&*key.namespace);
             }
         }
     }
@@ -757,10 +761,18 @@ impl Table {
     /// What keeps an enabled webhook from delivering: unresolved credentials, or a named
     /// condition that does not exist (fail closed). Borrows, so resolve never allocates.
     fn unready<'a>(&'a self, entry: &'a WebhookEntry) -> Result<(), Unready<'a>> {
+        self.unready_in(entry, self.conditions.get(&*entry.input.key.namespace))
+    }
+
+    /// [`Table::unready`], given the conditions of the webhook's namespace.
+    fn unready_in<'a>(
+        &'a self,
+        entry: &'a WebhookEntry,
+        in_ns: Option<&'a HashMap<String, Arc<NotificationConditionSpec>>>,
+    ) -> Result<(), Unready<'a>> {
         if let Err(not_ready) = &entry.input.credentials {
             return Err(Unready::Credentials(not_ready));
         }
-        let in_ns = self.conditions.get(&*entry.input.key.namespace);
         match entry
             .input
             .spec
@@ -854,9 +866,9 @@ impl Table {
         if spec.kind != subject.kind {
             return Err(Rejected::Owned(Rejection::WrongType(spec.kind)));
         }
-        self.unready(entry).map_err(Rejected::NotReady)?;
         let namespace: &str = &entry.input.key.namespace;
         let in_ns = self.conditions.get(namespace);
+        self.unready_in(entry, in_ns).map_err(Rejected::NotReady)?;
         if !self.cluster_namespaces.contains(namespace) && subject.namespace() != Some(namespace) {
             return Err(Rejected::Tenancy(subject.namespace()));
         }
