@@ -298,7 +298,8 @@ pub fn herald_head(kind: WebhookType, webhook: &ObjectKey) -> Result<bytes::Byte
     };
     let mut start = Vec::with_capacity(128);
     write_head(&mut start, &head).map_err(|e| RenderError(e.to_string()))?;
-    Ok(bytes::Bytes::from(start))
+    // Kept for as long as the webhook: no spare capacity.
+    Ok(bytes::Bytes::copy_from_slice(&start))
 }
 
 /// The end of a one-alert delivery's Herald body (everything after [`herald_head`]): the end
