@@ -2,7 +2,7 @@
 //! and a bounded record of finished ones (recent deliveries and dead letters). On disk with
 //! `--data-dir` (redb, crash-safe), in memory otherwise.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -122,6 +122,7 @@ pub struct RecordFilter {
     pub limit: usize,
 }
 
+/// A disk store's record ids per webhook, kept in memory to prune without reading the disk.
 #[derive(Default)]
 struct Index {
     /// Record ids per webhook, sorted (so oldest first): `[kept, dead letters]`. Sorted deques
@@ -194,13 +195,129 @@ impl Index {
     }
 }
 
+/// Finished deliveries in memory: each webhook's records in two rings in id order (so oldest
+/// first), kept and dead letters apart, so that recording one appends it to its ring and
+/// pruning its webhook's oldest pops the front, with no store-wide ordered map.
+#[derive(Default)]
+struct MemoryRecords {
+    by_webhook: HashMap<ObjectKey, [VecDeque<Box<DeliveryRecord>>; 2]>,
+    /// Every record's id and webhook in the order they were recorded, for the store-wide cap
+    /// (oldest first). An entry whose record its webhook's own limit already pruned stays until
+    /// it reaches the front or the queue is compacted.
+    order: VecDeque<(DeliveryId, ObjectKey)>,
+    /// Records held.
+    len: usize,
+}
+
+impl MemoryRecords {
+    /// Records a finished delivery (replacing a record with the same id: a replay), then
+    /// drops what is over the limits, oldest first.
+    fn insert(&mut self, record: DeliveryRecord, limits: &RecordLimits) {
+        let (id, class) = (record.id, class(&record));
+        let rings = match self.by_webhook.get_mut(&record.webhook) {
+            Some(rings) => rings,
+            None => self.by_webhook.entry(record.webhook.clone()).or_default(),
+        };
+        // A webhook's deliveries finish in the order they were accepted: nearly every record
+        // is the newest of its webhook and goes at the end without a search.
+        let newest = rings
+            .iter()
+            .all(|ring| ring.back().is_none_or(|last| last.id < id));
+        if !newest {
+            for ring in rings.iter_mut() {
+                if let Ok(at) = ring.binary_search_by(|r| r.id.cmp(&id)) {
+                    ring.remove(at);
+                    self.len -= 1;
+                }
+            }
+        }
+        self.order.push_back((id, record.webhook.clone()));
+        let ring = &mut rings[class];
+        if newest {
+            ring.push_back(Box::new(record));
+        } else {
+            let at = ring.partition_point(|r| r.id < id);
+            ring.insert(at, Box::new(record));
+        }
+        self.len += 1;
+        let limit = if class == 1 {
+            limits.dead_letters
+        } else {
+            limits.per_webhook
+        };
+        while ring.len() > limit {
+            ring.pop_front();
+            self.len -= 1;
+        }
+        while self.len > limits.total.max(1) {
+            let Some((id, webhook)) = self.order.pop_front() else {
+                break;
+            };
+            self.remove(id, &webhook);
+        }
+        // Entries of records pruned by their webhook's limit: dropped once they outnumber
+        // the records.
+        if self.order.len() > 2 * self.len + 1024 {
+            let by_webhook = &self.by_webhook;
+            self.order
+                .retain(|(id, webhook)| find(by_webhook, *id, webhook).is_some());
+        }
+    }
+
+    /// Forgets one record, if it is still held.
+    fn remove(&mut self, id: DeliveryId, webhook: &ObjectKey) {
+        let Some((class, at)) = find(&self.by_webhook, id, webhook) else {
+            return;
+        };
+        if let Some(rings) = self.by_webhook.get_mut(webhook) {
+            rings[class].remove(at);
+            self.len -= 1;
+            if rings.iter().all(VecDeque::is_empty) {
+                self.by_webhook.remove(webhook);
+            }
+        }
+    }
+
+    /// The record with this id, wherever it is.
+    fn get(&self, id: DeliveryId) -> Option<&DeliveryRecord> {
+        self.by_webhook.values().find_map(|rings| {
+            rings.iter().find_map(|ring| {
+                let at = ring.binary_search_by(|r| r.id.cmp(&id)).ok()?;
+                ring.get(at).map(|r| &**r)
+            })
+        })
+    }
+
+    /// Every record, or one webhook's, in no particular order.
+    fn iter<'a>(
+        &'a self,
+        webhook: Option<&'a ObjectKey>,
+    ) -> impl Iterator<Item = &'a DeliveryRecord> + 'a {
+        self.by_webhook
+            .iter()
+            .filter(move |(key, _)| webhook.is_none_or(|w| *key == w))
+            .flat_map(|(_, rings)| rings.iter().flatten().map(|r| &**r))
+    }
+}
+
+/// Where a record is among its webhook's rings: `(class, position)`.
+fn find(
+    by_webhook: &HashMap<ObjectKey, [VecDeque<Box<DeliveryRecord>>; 2]>,
+    id: DeliveryId,
+    webhook: &ObjectKey,
+) -> Option<(usize, usize)> {
+    let rings = by_webhook.get(webhook)?;
+    rings.iter().enumerate().find_map(|(class, ring)| {
+        ring.binary_search_by(|r| r.id.cmp(&id))
+            .ok()
+            .map(|at| (class, at))
+    })
+}
+
 enum Backend {
     /// Records only: a memory store is empty at every start, so there is never anything
     /// pending to resume and no list of pending deliveries to keep.
-    Memory {
-        /// Boxed: inserting and pruning move a pointer, not a record.
-        records: BTreeMap<DeliveryId, Box<DeliveryRecord>>,
-    },
+    Memory(MemoryRecords),
     Disk(redb::Database),
 }
 
@@ -236,9 +353,7 @@ impl Store {
     /// A store in memory: lost on exit.
     pub fn memory(limits: RecordLimits) -> Self {
         Store {
-            backend: Mutex::new(Backend::Memory {
-                records: BTreeMap::new(),
-            }),
+            backend: Mutex::new(Backend::Memory(MemoryRecords::default())),
             index: Mutex::new(Index::default()),
             limits,
             durable: false,
@@ -305,7 +420,7 @@ impl Store {
         deliveries: impl IntoIterator<Item = &'d Arc<Delivery>>,
     ) -> Result<(), StoreError> {
         match &mut *self.backend() {
-            Backend::Memory { .. } => Ok(()),
+            Backend::Memory(_) => Ok(()),
             Backend::Disk(database) => {
                 let txn = database.begin_write().map_err(db)?;
                 {
@@ -326,7 +441,7 @@ impl Store {
     /// always empty for a memory store).
     pub fn pending(&self) -> Result<Vec<Arc<Delivery>>, StoreError> {
         match &*self.backend() {
-            Backend::Memory { .. } => Ok(Vec::new()),
+            Backend::Memory(_) => Ok(Vec::new()),
             Backend::Disk(database) => {
                 let txn = database.begin_read().map_err(db)?;
                 let table = txn.open_table(PENDING).map_err(db)?;
@@ -347,25 +462,14 @@ impl Store {
         if !self.keeps_content(record.outcome) {
             record.delivery = None;
         }
-        // Both locks, always in this order: index, then backend.
-        let mut index = self.index();
-        index.add(&record);
+        // A disk store holds both locks here, always in this order: backend, then index (no
+        // other place holds both).
         let mut backend = self.backend();
         match &mut *backend {
-            Backend::Memory { records } => {
-                index.prune(&record, &self.limits, |id| {
-                    records.remove(&id);
-                });
-                records.insert(record.id, Box::new(record));
-                // Ids are time-ordered: the first entries are the oldest.
-                while records.len() > self.limits.total.max(1) {
-                    match records.pop_first() {
-                        Some((_, old)) => index.remove(&old),
-                        None => break,
-                    }
-                }
-            }
+            Backend::Memory(records) => records.insert(record, &self.limits),
             Backend::Disk(database) => {
+                let mut index = self.index();
+                index.add(&record);
                 let mut prune = Vec::new();
                 index.prune(&record, &self.limits, |id| prune.push(id));
                 let mut evicted = Vec::new();
@@ -410,9 +514,7 @@ impl Store {
             return Ok(None);
         };
         match &*self.backend() {
-            Backend::Memory { records, .. } => {
-                Ok(records.get(&parsed).map(|r| DeliveryRecord::clone(r)))
-            }
+            Backend::Memory(records) => Ok(records.get(parsed).cloned()),
             Backend::Disk(database) => {
                 let txn = database.begin_read().map_err(db)?;
                 let table = txn.open_table(RECORDS).map_err(db)?;
@@ -436,13 +538,14 @@ impl Store {
             filter.limit
         };
         match &*self.backend() {
-            Backend::Memory { records, .. } => Ok(records
-                .values()
-                .rev()
-                .filter(|r| keep(r))
-                .take(limit)
-                .map(|r| DeliveryRecord::clone(r))
-                .collect()),
+            Backend::Memory(records) => {
+                let mut matching: Vec<&DeliveryRecord> = records
+                    .iter(filter.webhook.as_ref())
+                    .filter(|r| keep(r))
+                    .collect();
+                matching.sort_unstable_by_key(|r| std::cmp::Reverse(r.id));
+                Ok(matching.into_iter().take(limit).cloned().collect())
+            }
             Backend::Disk(database) => {
                 let txn = database.begin_read().map_err(db)?;
                 let table = txn.open_table(RECORDS).map_err(db)?;
@@ -462,9 +565,22 @@ impl Store {
         }
     }
 
-    /// Forgets the record index entry of a record that is being replaced (replay).
+    /// Forgets the record index entry of a record that is being replaced (replay). A memory
+    /// store replaces the record when the replay finishes.
     pub(crate) fn unindex(&self, record: &DeliveryRecord) {
-        self.index().remove(record);
+        if matches!(*self.backend(), Backend::Disk(_)) {
+            self.index().remove(record);
+        }
+    }
+
+    /// Record ids the store indexes: the records of a memory store, the per-webhook index of a
+    /// disk store.
+    #[cfg(test)]
+    fn indexed(&self) -> usize {
+        match &*self.backend() {
+            Backend::Memory(records) => records.iter(None).count(),
+            Backend::Disk(_) => self.index().by_webhook.values().flatten().flatten().count(),
+        }
     }
 }
 
@@ -589,16 +705,61 @@ mod tests {
         let newest: Vec<&DeliveryId> = finished.iter().rev().take(100).collect();
         let kept: Vec<&DeliveryId> = all.iter().map(|r| &r.id).collect();
         assert_eq!(kept, newest, "the newest records are the ones kept");
-        assert!(
+        assert_eq!(store.indexed(), 100, "the index forgets evicted records");
+    }
+
+    /// A replay finishes with the id of the record it replays: one record remains, with the
+    /// new outcome.
+    fn exercise_replay(store: &Store) {
+        let d = delivery("ns/a");
+        let newer = delivery("ns/a");
+        store
+            .finish(record(&d, ReportOutcome::Failed))
+            .expect("finish");
+        store
+            .finish(record(&newer, ReportOutcome::Succeeded))
+            .expect("finish");
+        let old = store
+            .record(&d.id.to_string())
+            .expect("read")
+            .expect("kept");
+        store.unindex(&old);
+        store
+            .finish(record(&d, ReportOutcome::Succeeded))
+            .expect("finish again");
+        let all = store.records(&RecordFilter::default()).expect("list");
+        let ids: Vec<DeliveryId> = all.iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![newer.id, d.id], "one record per id, newest first");
+        assert_eq!(all[1].outcome, ReportOutcome::Succeeded);
+        assert_eq!(store.indexed(), 2);
+    }
+
+    #[test]
+    fn a_replay_replaces_its_record() {
+        exercise_replay(&Store::memory(limits()));
+        let dir = tempfile::tempdir().expect("tempdir");
+        exercise_replay(&Store::open(dir.path(), limits()).expect("open"));
+    }
+
+    #[test]
+    fn records_pruned_per_webhook_do_not_pile_up_in_the_memory_store() {
+        let store = Store::memory(limits());
+        for _ in 0..5_000 {
+            let d = delivery("ns/a");
             store
-                .index()
-                .by_webhook
-                .values()
-                .flatten()
-                .flatten()
-                .count()
-                == 100,
-            "the index forgets evicted records"
+                .finish(record(&d, ReportOutcome::Succeeded))
+                .expect("finish");
+        }
+        assert_eq!(store.indexed(), 2);
+        let Backend::Memory(records) = &*store.backend() else {
+            panic!("a memory store");
+        };
+        assert_eq!(records.len, 2);
+        assert!(
+            records.order.len() <= 2 * records.len + 1024,
+            "{} entries for {} records",
+            records.order.len(),
+            records.len
         );
     }
 
