@@ -195,12 +195,66 @@ impl Index {
     }
 }
 
-/// Finished deliveries in memory: each webhook's records in two rings in id order (so oldest
-/// first), kept and dead letters apart, so that recording one appends it to its ring and
-/// pruning its webhook's oldest pops the front, with no store-wide ordered map.
+/// A record as a memory store holds it: in its webhook's ring, so without the webhook's key
+/// and without a box of its own.
+#[derive(Debug)]
+struct StoredRecord {
+    id: DeliveryId,
+    time: Timestamp,
+    alerts: usize,
+    attempts: u32,
+    outcome: ReportOutcome,
+    http_status: Option<u16>,
+    latency_ms: u64,
+    error: String,
+    test: bool,
+    delivery: Option<Arc<Delivery>>,
+}
+
+impl StoredRecord {
+    /// The record without its webhook, and the webhook.
+    fn split(record: DeliveryRecord) -> (ObjectKey, StoredRecord) {
+        let stored = StoredRecord {
+            id: record.id,
+            time: record.time,
+            alerts: record.alerts,
+            attempts: record.attempts,
+            outcome: record.outcome,
+            http_status: record.http_status,
+            latency_ms: record.latency_ms,
+            error: record.error,
+            test: record.test,
+            delivery: record.delivery,
+        };
+        (record.webhook, stored)
+    }
+
+    fn to_record(&self, webhook: &ObjectKey) -> DeliveryRecord {
+        DeliveryRecord {
+            id: self.id,
+            webhook: webhook.clone(),
+            time: self.time,
+            alerts: self.alerts,
+            attempts: self.attempts,
+            outcome: self.outcome,
+            http_status: self.http_status,
+            latency_ms: self.latency_ms,
+            error: self.error.clone(),
+            test: self.test,
+            delivery: self.delivery.clone(),
+        }
+    }
+}
+
+/// One webhook's records in id order (so oldest first): kept, then dead letters.
+type Rings = [VecDeque<StoredRecord>; 2];
+
+/// Finished deliveries in memory: each webhook's records in two rings in id order, kept and
+/// dead letters apart, so that recording one appends it to its ring and pruning its webhook's
+/// oldest pops the front, with no store-wide ordered map.
 #[derive(Default)]
 struct MemoryRecords {
-    by_webhook: HashMap<ObjectKey, [VecDeque<Box<DeliveryRecord>>; 2]>,
+    by_webhook: HashMap<ObjectKey, Rings>,
     /// Every record's id and webhook in the order they were recorded, for the store-wide cap
     /// (oldest first). An entry whose record its webhook's own limit already pruned stays until
     /// it reaches the front or the queue is compacted.
@@ -213,10 +267,12 @@ impl MemoryRecords {
     /// Records a finished delivery (replacing a record with the same id: a replay), then
     /// drops what is over the limits, oldest first.
     fn insert(&mut self, record: DeliveryRecord, limits: &RecordLimits) {
-        let (id, class) = (record.id, class(&record));
-        let rings = match self.by_webhook.get_mut(&record.webhook) {
+        let class = class(&record);
+        let (webhook, record) = StoredRecord::split(record);
+        let id = record.id;
+        let rings = match self.by_webhook.get_mut(&webhook) {
             Some(rings) => rings,
-            None => self.by_webhook.entry(record.webhook.clone()).or_default(),
+            None => self.by_webhook.entry(webhook.clone()).or_default(),
         };
         // A webhook's deliveries finish in the order they were accepted: nearly every record
         // is the newest of its webhook and goes at the end without a search.
@@ -231,13 +287,12 @@ impl MemoryRecords {
                 }
             }
         }
-        self.order.push_back((id, record.webhook.clone()));
         let ring = &mut rings[class];
         if newest {
-            ring.push_back(Box::new(record));
+            ring.push_back(record);
         } else {
             let at = ring.partition_point(|r| r.id < id);
-            ring.insert(at, Box::new(record));
+            ring.insert(at, record);
         }
         self.len += 1;
         let limit = if class == 1 {
@@ -249,6 +304,7 @@ impl MemoryRecords {
             ring.pop_front();
             self.len -= 1;
         }
+        self.order.push_back((id, webhook));
         while self.len > limits.total.max(1) {
             let Some((id, webhook)) = self.order.pop_front() else {
                 break;
@@ -279,30 +335,30 @@ impl MemoryRecords {
     }
 
     /// The record with this id, wherever it is.
-    fn get(&self, id: DeliveryId) -> Option<&DeliveryRecord> {
-        self.by_webhook.values().find_map(|rings| {
+    fn get(&self, id: DeliveryId) -> Option<DeliveryRecord> {
+        self.by_webhook.iter().find_map(|(webhook, rings)| {
             rings.iter().find_map(|ring| {
                 let at = ring.binary_search_by(|r| r.id.cmp(&id)).ok()?;
-                ring.get(at).map(|r| &**r)
+                ring.get(at).map(|r| r.to_record(webhook))
             })
         })
     }
 
-    /// Every record, or one webhook's, in no particular order.
+    /// Every record, or one webhook's, with its webhook, in no particular order.
     fn iter<'a>(
         &'a self,
         webhook: Option<&'a ObjectKey>,
-    ) -> impl Iterator<Item = &'a DeliveryRecord> + 'a {
+    ) -> impl Iterator<Item = (&'a ObjectKey, &'a StoredRecord)> + 'a {
         self.by_webhook
             .iter()
             .filter(move |(key, _)| webhook.is_none_or(|w| *key == w))
-            .flat_map(|(_, rings)| rings.iter().flatten().map(|r| &**r))
+            .flat_map(|(key, rings)| rings.iter().flatten().map(move |r| (key, r)))
     }
 }
 
 /// Where a record is among its webhook's rings: `(class, position)`.
 fn find(
-    by_webhook: &HashMap<ObjectKey, [VecDeque<Box<DeliveryRecord>>; 2]>,
+    by_webhook: &HashMap<ObjectKey, Rings>,
     id: DeliveryId,
     webhook: &ObjectKey,
 ) -> Option<(usize, usize)> {
@@ -514,7 +570,7 @@ impl Store {
             return Ok(None);
         };
         match &*self.backend() {
-            Backend::Memory(records) => Ok(records.get(parsed).cloned()),
+            Backend::Memory(records) => Ok(records.get(parsed)),
             Backend::Disk(database) => {
                 let txn = database.begin_read().map_err(db)?;
                 let table = txn.open_table(RECORDS).map_err(db)?;
@@ -539,12 +595,16 @@ impl Store {
         };
         match &*self.backend() {
             Backend::Memory(records) => {
-                let mut matching: Vec<&DeliveryRecord> = records
+                let mut matching: Vec<(&ObjectKey, &StoredRecord)> = records
                     .iter(filter.webhook.as_ref())
-                    .filter(|r| keep(r))
+                    .filter(|(_, r)| filter.outcome.is_none_or(|o| r.outcome == o))
                     .collect();
-                matching.sort_unstable_by_key(|r| std::cmp::Reverse(r.id));
-                Ok(matching.into_iter().take(limit).cloned().collect())
+                matching.sort_unstable_by_key(|(_, r)| std::cmp::Reverse(r.id));
+                Ok(matching
+                    .into_iter()
+                    .take(limit)
+                    .map(|(webhook, r)| r.to_record(webhook))
+                    .collect())
             }
             Backend::Disk(database) => {
                 let txn = database.begin_read().map_err(db)?;
