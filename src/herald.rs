@@ -202,8 +202,9 @@ impl Herald {
         // Gathered under the read lock without cloning keys; the lock is not held while waiting.
         let per_webhook: Vec<(ObjectKey, Vec<usize>)> = {
             let table = self.table();
+            // Sized for a few dozen webhooks: growing a small table is most of its cost.
             let mut per_webhook: foldhash::HashMap<&ObjectKey, Vec<usize>> =
-                foldhash::HashMap::default();
+                foldhash::HashMap::with_capacity_and_hasher(32, Default::default());
             for (i, alert) in batch.alerts.iter().enumerate() {
                 let subject = match kind {
                     WebhookType::Alarms => Subject::alert(alert),

@@ -69,7 +69,7 @@ struct RunArgs {
     /// Senders in the saturation phase.
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
-    /// Saturation rounds of Herald and the minimal forwarder, interleaved (default 3, 1 with
+    /// Saturation rounds of Herald and the minimal forwarder, interleaved (default 5, 1 with
     /// --quick): each system's row shows its median round.
     #[arg(long)]
     rounds: Option<usize>,
@@ -103,7 +103,7 @@ impl RunArgs {
     }
 
     fn rounds(&self) -> usize {
-        self.rounds.unwrap_or(if self.quick { 1 } else { 3 }).max(1)
+        self.rounds.unwrap_or(if self.quick { 1 } else { 5 }).max(1)
     }
 
     fn sync_limit(&self) -> Duration {
