@@ -1,12 +1,10 @@
 //! Incoming alert payloads (Alertmanager webhook v4 and API v2) and the one shape Herald
 //! routes and delivers.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 /// Labels or annotations: sorted so that rendering and fingerprints are deterministic.
-pub type LabelSet = BTreeMap<String, String>;
+pub use crate::labels::LabelSet;
 
 /// Whether an alert is firing or resolved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -152,10 +150,7 @@ impl std::fmt::Debug for AlertRenderings {
 impl Alert {
     /// The alert's name (`alertname` label), empty when absent.
     pub fn name(&self) -> &str {
-        self.labels
-            .get("alertname")
-            .map(String::as_str)
-            .unwrap_or("")
+        self.labels.get("alertname").unwrap_or("")
     }
 
     /// The alert as JSON, written once. Call only once the alert no longer changes (it is

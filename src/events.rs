@@ -128,11 +128,7 @@ regarding: {kind: Pod, name: web, namespace: shop}
     #[test]
     fn an_event_becomes_an_alert_with_the_contract_labels() {
         let alert = to_alert(&event(BACKOFF)).expect("alert");
-        let labels: Vec<(&str, &str)> = alert
-            .labels
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let labels: Vec<(&str, &str)> = alert.labels.iter().collect();
         assert_eq!(
             labels,
             [
@@ -145,7 +141,7 @@ regarding: {kind: Pod, name: web, namespace: shop}
             ]
         );
         assert_eq!(
-            alert.annotations["message"],
+            &alert.annotations["message"],
             "Back-off restarting failed container"
         );
         assert_eq!(alert.fingerprint, "u1/1");

@@ -8,6 +8,7 @@ pub mod crd;
 pub mod delivery;
 pub mod events;
 pub mod herald;
+pub mod labels;
 pub mod metrics;
 pub mod receiver;
 pub mod render;

@@ -94,10 +94,7 @@ impl<'a> Common<'a> {
     /// The shared names and values.
     pub fn to_map(&self) -> BTreeMap<&'a str, &'a str> {
         match self {
-            Common::Only { alert, annotations } => label_set(alert, *annotations)
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect(),
+            Common::Only { alert, annotations } => label_set(alert, *annotations).iter().collect(),
             Common::Shared(map) => map.clone(),
         }
     }
@@ -510,12 +507,9 @@ fn common<'a>(mut sets: impl Iterator<Item = &'a LabelSet>) -> BTreeMap<&'a str,
     let Some(first) = sets.next() else {
         return BTreeMap::new();
     };
-    let mut shared: BTreeMap<&str, &str> = first
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let mut shared: BTreeMap<&str, &str> = first.iter().collect();
     for set in sets {
-        shared.retain(|k, v| set.get(*k).map(String::as_str) == Some(*v));
+        shared.retain(|k, v| set.get(k) == Some(*v));
     }
     shared
 }
@@ -523,8 +517,7 @@ fn common<'a>(mut sets: impl Iterator<Item = &'a LabelSet>) -> BTreeMap<&'a str,
 fn subject_name(alert: &Alert) -> &str {
     ["alertname", "reason"]
         .iter()
-        .find_map(|k| alert.labels.get(*k))
-        .map(String::as_str)
+        .find_map(|k| alert.labels.get(k))
         .unwrap_or("")
 }
 
@@ -597,10 +590,10 @@ fn message_block(alert: &Alert, language: Language) -> String {
     {
         let mut lines = Lines::new(&mut out);
         let name = subject_name(alert);
-        let label = |k: &str| alert.labels.get(k).map(String::as_str);
+        let label = |k: &str| alert.labels.get(k);
         let note = ["summary", "description", "message"]
             .iter()
-            .find_map(|k| alert.annotations.get(*k));
+            .find_map(|k| alert.annotations.get(k));
         match language {
             Language::En => {
                 let state = match alert.status {

@@ -314,6 +314,12 @@ impl Model {
     }
 
     fn gets(&self, webhook: &WebhookInput, subject: Subject<'_>) -> bool {
+        // The model reads the labels from a plain map of its own.
+        let labels: BTreeMap<String, String> = subject
+            .labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let spec = &webhook.spec;
         let namespace = &webhook.key.namespace;
         let condition = |name: &str| {
@@ -329,7 +335,7 @@ impl Model {
             return false;
         }
         if !self.cluster.contains(&**namespace)
-            && subject.labels.get("namespace").map(String::as_str) != Some(&**namespace)
+            && labels.get("namespace").map(String::as_str) != Some(&**namespace)
         {
             return false;
         }
@@ -337,7 +343,7 @@ impl Model {
             WebhookType::Alarms => "alertname",
             WebhookType::Events => "reason",
         };
-        let event_type = subject.labels.get(type_label).map_or("", String::as_str);
+        let event_type = labels.get(type_label).map_or("", String::as_str);
         if !spec.event_types.is_empty() && !spec.event_types.iter().any(|t| t == event_type) {
             return false;
         }
@@ -362,7 +368,7 @@ impl Model {
             .all(|c| {
                 c.match_expressions
                     .iter()
-                    .all(|r| holds(&r.operator, &r.key, &r.values, subject.labels))
+                    .all(|r| holds(&r.operator, &r.key, &r.values, &labels))
             })
     }
 }
@@ -420,7 +426,7 @@ fn agree(table: &Table, model: &Model, input: &mut Input<'_>) {
         } else {
             AlertStatus::Firing
         },
-        labels: labels(input, 4),
+        labels: labels(input, 4).into_iter().collect(),
         ..Default::default()
     };
     for subject in [Subject::alert(&alert), Subject::event(&alert)] {
@@ -456,7 +462,7 @@ fn agree(table: &Table, model: &Model, input: &mut Input<'_>) {
             // Tenancy: outside the cluster namespaces, only alerts of the webhook's own namespace.
             if !table.cluster_namespaces().contains(&*key.namespace) {
                 assert_eq!(
-                    subject.labels.get("namespace").map(String::as_str),
+                    subject.labels.get("namespace"),
                     Some(&*key.namespace),
                     "{key} got an alert of another namespace"
                 );

@@ -334,11 +334,11 @@ impl<'a> Subject<'a> {
             WebhookType::Alarms => "alertname",
             WebhookType::Events => "reason",
         };
-        self.labels.get(label).map(String::as_str).unwrap_or("")
+        self.labels.get(label).unwrap_or("")
     }
 
     fn namespace(&self) -> Option<&'a str> {
-        self.labels.get("namespace").map(String::as_str)
+        self.labels.get("namespace")
     }
 }
 
@@ -978,8 +978,8 @@ fn check_condition<'a>(
 pub fn requirement_holds(req: &LabelRequirement, labels: &LabelSet) -> bool {
     let value = labels.get(&req.key);
     match req.operator {
-        LabelOperator::In => value.is_some_and(|v| req.values.contains(v)),
-        LabelOperator::NotIn => value.is_none_or(|v| !req.values.contains(v)),
+        LabelOperator::In => value.is_some_and(|v| req.values.iter().any(|x| x == v)),
+        LabelOperator::NotIn => value.is_none_or(|v| !req.values.iter().any(|x| x == v)),
         LabelOperator::Exists => value.is_some(),
         LabelOperator::DoesNotExist => value.is_none(),
     }
