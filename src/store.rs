@@ -111,6 +111,17 @@ impl Default for RecordLimits {
     }
 }
 
+impl RecordLimits {
+    /// How many records of a class (see [`class`]) are kept per webhook.
+    fn per_class(&self, class: usize) -> usize {
+        if class == 1 {
+            self.dead_letters
+        } else {
+            self.per_webhook
+        }
+    }
+}
+
 /// Which records to list.
 #[derive(Clone, Debug, Default)]
 pub struct RecordFilter {
@@ -175,11 +186,7 @@ impl Index {
         mut forget: impl FnMut(DeliveryId),
     ) {
         let class = class(record);
-        let limit = if class == 1 {
-            limits.dead_letters
-        } else {
-            limits.per_webhook
-        };
+        let limit = limits.per_class(class);
         let Some(ids) = self.by_webhook.get_mut(&record.webhook) else {
             return;
         };
@@ -295,11 +302,7 @@ impl MemoryRecords {
             ring.insert(at, record);
         }
         self.len += 1;
-        let limit = if class == 1 {
-            limits.dead_letters
-        } else {
-            limits.per_webhook
-        };
+        let limit = limits.per_class(class);
         while ring.len() > limit {
             ring.pop_front();
             self.len -= 1;
@@ -374,13 +377,16 @@ enum Backend {
     /// Records only: a memory store is empty at every start, so there is never anything
     /// pending to resume and no list of pending deliveries to keep.
     Memory(MemoryRecords),
-    Disk(redb::Database),
+    Disk {
+        database: redb::Database,
+        /// The records' ids per webhook, to prune without reading them back.
+        index: Index,
+    },
 }
 
 /// The delivery store.
 pub struct Store {
     backend: Mutex<Backend>,
-    index: Mutex<Index>,
     limits: RecordLimits,
     durable: bool,
 }
@@ -410,7 +416,6 @@ impl Store {
     pub fn memory(limits: RecordLimits) -> Self {
         Store {
             backend: Mutex::new(Backend::Memory(MemoryRecords::default())),
-            index: Mutex::new(Index::default()),
             limits,
             durable: false,
         }
@@ -428,8 +433,10 @@ impl Store {
         }
         txn.commit().map_err(db)?;
         let store = Store {
-            backend: Mutex::new(Backend::Disk(database)),
-            index: Mutex::new(Index::default()),
+            backend: Mutex::new(Backend::Disk {
+                database,
+                index: Index::default(),
+            }),
             limits,
             durable: true,
         };
@@ -437,11 +444,11 @@ impl Store {
             limit: usize::MAX,
             ..RecordFilter::default()
         })?;
-        let mut index = store.index();
-        for record in records.iter().rev() {
-            index.add(record);
+        if let Backend::Disk { index, .. } = &mut *store.backend() {
+            for record in records.iter().rev() {
+                index.add(record);
+            }
         }
-        drop(index);
         Ok(store)
     }
 
@@ -465,10 +472,6 @@ impl Store {
         self.backend.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
-        self.index.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Stores accepted deliveries for the next start; on disk this returns only once they are
     /// durable. A memory store has no next start and keeps nothing here.
     pub fn add_pending<'d>(
@@ -477,7 +480,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         match &mut *self.backend() {
             Backend::Memory(_) => Ok(()),
-            Backend::Disk(database) => {
+            Backend::Disk { database, .. } => {
                 let txn = database.begin_write().map_err(db)?;
                 {
                     let mut table = txn.open_table(PENDING).map_err(db)?;
@@ -498,7 +501,7 @@ impl Store {
     pub fn pending(&self) -> Result<Vec<Arc<Delivery>>, StoreError> {
         match &*self.backend() {
             Backend::Memory(_) => Ok(Vec::new()),
-            Backend::Disk(database) => {
+            Backend::Disk { database, .. } => {
                 let txn = database.begin_read().map_err(db)?;
                 let table = txn.open_table(PENDING).map_err(db)?;
                 let mut out = Vec::new();
@@ -518,13 +521,9 @@ impl Store {
         if !self.keeps_content(record.outcome) {
             record.delivery = None;
         }
-        // A disk store holds both locks here, always in this order: backend, then index (no
-        // other place holds both).
-        let mut backend = self.backend();
-        match &mut *backend {
+        match &mut *self.backend() {
             Backend::Memory(records) => records.insert(record, &self.limits),
-            Backend::Disk(database) => {
-                let mut index = self.index();
+            Backend::Disk { database, index } => {
                 index.add(&record);
                 let mut prune = Vec::new();
                 index.prune(&record, &self.limits, |id| prune.push(id));
@@ -571,7 +570,7 @@ impl Store {
         };
         match &*self.backend() {
             Backend::Memory(records) => Ok(records.get(parsed)),
-            Backend::Disk(database) => {
+            Backend::Disk { database, .. } => {
                 let txn = database.begin_read().map_err(db)?;
                 let table = txn.open_table(RECORDS).map_err(db)?;
                 match table.get(id).map_err(db)? {
@@ -606,7 +605,7 @@ impl Store {
                     .map(|(webhook, r)| r.to_record(webhook))
                     .collect())
             }
-            Backend::Disk(database) => {
+            Backend::Disk { database, .. } => {
                 let txn = database.begin_read().map_err(db)?;
                 let table = txn.open_table(RECORDS).map_err(db)?;
                 let mut out = Vec::new();
@@ -628,8 +627,8 @@ impl Store {
     /// Forgets the record index entry of a record that is being replaced (replay). A memory
     /// store replaces the record when the replay finishes.
     pub(crate) fn unindex(&self, record: &DeliveryRecord) {
-        if matches!(*self.backend(), Backend::Disk(_)) {
-            self.index().remove(record);
+        if let Backend::Disk { index, .. } = &mut *self.backend() {
+            index.remove(record);
         }
     }
 
@@ -639,7 +638,7 @@ impl Store {
     fn indexed(&self) -> usize {
         match &*self.backend() {
             Backend::Memory(records) => records.iter(None).count(),
-            Backend::Disk(_) => self.index().by_webhook.values().flatten().flatten().count(),
+            Backend::Disk { index, .. } => index.by_webhook.values().flatten().flatten().count(),
         }
     }
 }
