@@ -227,42 +227,17 @@ pub fn body(
 }
 
 /// A notification as Herald's JSON body: the same as its derived `Serialize`, except that each
-/// alert is copied from the JSON the alert wrote once for all its deliveries, and that the end of
-/// a one-alert body (everything after the webhook) is written once for all the alert's
-/// deliveries in a language.
+/// alert is copied from the JSON the alert wrote once for all its deliveries. (A one-alert
+/// delivery outside tests does not come here: it sends its webhook's start and the end its
+/// alert shares, see [`shared_herald_tail`].)
 fn herald_body(n: &Notification<'_>) -> serde_json::Result<Vec<u8>> {
-    let shared = match n.alerts {
-        [alert] if !n.test => {
-            let language = if n.language == Language::ZhCn.as_str() {
-                Language::ZhCn
-            } else {
-                Language::En
-            };
-            let shared = alert.renderings.herald_tail(language, || {
-                shared_tail_of(
-                    n,
-                    Arc::new(n.group_labels.clone()),
-                    Arc::from(n.external_url),
-                )
-            });
-            usable_tail(shared, n.group_labels, n.external_url).map(|json| &json[..])
-        }
-        _ => None,
-    };
-    let fresh;
-    let tail: &[u8] = match shared {
-        Some(json) => json,
-        None => {
-            fresh = serde_json::to_vec(&HeraldTail(n))?;
-            &fresh
-        }
-    };
+    let tail = serde_json::to_vec(&HeraldTail(n))?;
     let head = HeraldHead {
         kind: n.kind,
         test: n.test,
         webhook: &n.webhook,
     };
-    join_head_and_tail(&head, tail)
+    join_head_and_tail(&head, &tail)
 }
 
 /// The end of a one-alert notification's Herald body, to share with the alert's other
@@ -749,7 +724,7 @@ mod tests {
                         String::from_utf8_lossy(&derived)
                     );
                 }
-                // A one-alert delivery after the first: built from the shared end alone.
+                // A one-alert delivery: its webhook's start and the end its alert shares.
                 let shared = shared_herald_body(&content(alerts, test), language);
                 assert_eq!(shared.is_some(), alerts.len() == 1 && !test);
                 if let Some(shared) = shared {
