@@ -23,34 +23,33 @@ pub fn occurrences(event: &Event) -> i32 {
 pub fn to_alert(event: &Event) -> Option<Alert> {
     let reason = event.reason.clone().filter(|r| !r.is_empty())?;
     let regarding = event.regarding.as_ref();
-    let mut labels = LabelSet::new();
-    labels.insert("reason".into(), reason);
-    if let Some(t) = &event.type_ {
-        labels.insert("type".into(), t.clone());
-    }
     let namespace = regarding
         .and_then(|r| r.namespace.clone())
         .filter(|n| !n.is_empty())
         .or_else(|| event.metadata.namespace.clone());
-    if let Some(ns) = namespace {
-        labels.insert("namespace".into(), ns);
-    }
-    if let Some(kind) = regarding.and_then(|r| r.kind.clone()) {
-        labels.insert("kind".into(), kind);
-    }
-    if let Some(name) = regarding.and_then(|r| r.name.clone()) {
-        labels.insert("name".into(), name);
-    }
-    if let Some(controller) = event.reporting_controller.clone().filter(|c| !c.is_empty()) {
-        labels.insert("reportingController".into(), controller);
-    }
-    let mut annotations = LabelSet::new();
-    if let Some(note) = event.note.clone().filter(|n| !n.is_empty()) {
-        annotations.insert("message".into(), note);
-    }
-    if let Some(action) = event.action.clone().filter(|a| !a.is_empty()) {
-        annotations.insert("action".into(), action);
-    }
+    let present = |(name, value): (&'static str, Option<String>)| Some((name, value?));
+    // Each set built once from the values present.
+    let labels: LabelSet = [
+        ("reason", Some(reason)),
+        ("type", event.type_.clone()),
+        ("namespace", namespace),
+        ("kind", regarding.and_then(|r| r.kind.clone())),
+        ("name", regarding.and_then(|r| r.name.clone())),
+        (
+            "reportingController",
+            event.reporting_controller.clone().filter(|c| !c.is_empty()),
+        ),
+    ]
+    .into_iter()
+    .filter_map(present)
+    .collect();
+    let annotations: LabelSet = [
+        ("message", event.note.clone().filter(|n| !n.is_empty())),
+        ("action", event.action.clone().filter(|a| !a.is_empty())),
+    ]
+    .into_iter()
+    .filter_map(present)
+    .collect();
     let when = event
         .series
         .as_ref()

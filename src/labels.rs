@@ -116,11 +116,10 @@ impl LabelSet {
             }
             same
         });
-        let kept = pairs;
-        let size: usize = kept.iter().map(|(n, v)| n.len() + v.len()).sum();
+        let size: usize = pairs.iter().map(|(n, v)| n.len() + v.len()).sum();
         let mut text = String::with_capacity(size);
-        let mut spans = Vec::with_capacity(kept.len());
-        for (name, value) in &kept {
+        let mut spans = Vec::with_capacity(pairs.len());
+        for (name, value) in &pairs {
             // A set larger than 4 GiB cannot arrive: request bodies are limited far below.
             let start = u32::try_from(text.len()).unwrap_or(u32::MAX);
             text.push_str(name);
