@@ -409,11 +409,7 @@ fn file(map: &mut HashMap<String, Keys>, name: &str, key: &ObjectKey) {
 
 /// Takes a webhook out from under a name.
 fn unfile(map: &mut HashMap<String, Keys>, name: &str, key: &ObjectKey) {
-    if let Some(keys) = map.get_mut(name)
-        && keys.remove(key)
-    {
-        map.remove(name);
-    }
+    remove_in(map, name, |keys| keys.remove(key));
 }
 
 /// Where a webhook is filed in its [`NamespaceIndex`].
@@ -472,12 +468,10 @@ fn remove_from<T: Eq + std::hash::Hash>(
     name: &str,
     item: &T,
 ) {
-    if let Some(set) = map.get_mut(name) {
+    remove_in(map, name, |set| {
         set.remove(item);
-        if set.is_empty() {
-            map.remove(name);
-        }
-    }
+        set.is_empty()
+    });
 }
 
 /// The NotificationConditions of one namespace, by one `In` requirement each: a subject can
@@ -523,14 +517,12 @@ impl ConditionIndex {
                 self.unanchored.remove(name);
             }
             Some(req) => {
-                if let Some(by_value) = self.anchored.get_mut(&req.key) {
+                remove_in(&mut self.anchored, &req.key, |by_value| {
                     for value in &req.values {
                         remove_from(by_value, value, &name.to_string());
                     }
-                    if by_value.is_empty() {
-                        self.anchored.remove(&req.key);
-                    }
-                }
+                    by_value.is_empty()
+                });
             }
         }
     }
@@ -614,13 +606,11 @@ impl Table {
         let Some(old) = self.webhooks.remove(key) else {
             return;
         };
-        if let Some(namespaces) = self.index.get_mut(&old.input.spec.kind)
-            && let Some(index) = namespaces.get_mut(&*key.namespace)
-        {
-            index.remove(key, &old.input.spec, &old.event_types);
-            if index.is_empty() {
-                namespaces.remove(&*key.namespace);
-            }
+        if let Some(namespaces) = self.index.get_mut(&old.input.spec.kind) {
+            remove_in(namespaces, &key.namespace, |index| {
+                index.remove(key, &old.input.spec, &old.event_types);
+                index.is_empty()
+            });
         }
     }
 
@@ -655,18 +645,15 @@ impl Table {
     /// Removes a condition; webhooks naming it stop delivering (fail closed).
     pub fn delete_condition(&mut self, key: &ObjectKey) {
         self.unindex_condition(key);
-        if let Some(names) = self.conditions.get_mut(&*key.namespace) {
-            names.remove(&*key.name);
-            if names.is_empty() {
-                self.conditions.remove(&*key.namespace);
-            }
-        }
-        if let Some(names) = self.selector_conditions.get_mut(&*key.namespace) {
-            names.remove(&*key.name);
-            if names.is_empty() {
-                self.selector_conditions.remove(&*key.namespace);
-            }
-        }
+        let name: &str = &key.name;
+        remove_in(&mut self.conditions, &key.namespace, |names| {
+            names.remove(name);
+            names.is_empty()
+        });
+        remove_in(&mut self.selector_conditions, &key.namespace, |names| {
+            names.remove(name);
+            names.is_empty()
+        });
     }
 
     fn unindex_condition(&mut self, key: &ObjectKey) {
@@ -677,12 +664,10 @@ impl Table {
         else {
             return;
         };
-        if let Some(index) = self.condition_index.get_mut(&*key.namespace) {
+        remove_in(&mut self.condition_index, &key.namespace, |index| {
             index.remove(&key.name, old);
-            if index.is_empty() {
-                self.condition_index.remove(&*key.namespace);
-            }
-        }
+            index.is_empty()
+        });
     }
 
     /// Number of webhooks in the table.
@@ -971,6 +956,16 @@ fn check_condition<'a>(
             condition: name,
             requirement,
         }),
+    }
+}
+
+/// Removes something from the entry of `name` with `remove`, and drops the entry when `remove`
+/// says nothing is left in it.
+fn remove_in<V>(map: &mut HashMap<String, V>, name: &str, remove: impl FnOnce(&mut V) -> bool) {
+    if let Some(entry) = map.get_mut(name)
+        && remove(entry)
+    {
+        map.remove(name);
     }
 }
 
