@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Build the binaries the integration tests need (kube-apiserver, kubectl, etcd, helm)
-# from the Go module proxy into a cache directory outside the repository.
+# Build the binaries the integration tests need (kube-apiserver, kubectl, kubelet,
+# kube-controller-manager, kube-scheduler, etcd, helm) from the Go module proxy, and the
+# node's pause image, into a cache directory outside the repository.
 #
 #   HERALD_TOOLS_DIR  cache directory (default: ~/.cache/herald-tools)
 #
-# Layout: $HERALD_TOOLS_DIR/k8s-vX/kube-apiserver, etcd-vX/etcd, helm-vX/helm,
-# with symlinks in $HERALD_TOOLS_DIR/bin/. Each binary that already exists is
-# skipped, so only the first run pays (kube-apiserver: ~3 min on 2 cores).
+# Layout: $HERALD_TOOLS_DIR/k8s-vX/{kube-apiserver,kubectl,kubelet,...}, etcd-vX/etcd,
+# helm-vX/helm, pause-vN/pause.tar, with symlinks in $HERALD_TOOLS_DIR/bin/. Each binary
+# that already exists is skipped, so only the first run pays (the Kubernetes binaries:
+# ~3 min for the first, ~1.5 min for each further one on 2 cores).
 # Prints the bin directory on its last line of stdout.
 set -euo pipefail
 
@@ -54,23 +56,31 @@ wrapper_module() {
 
 link() { ln -sfn "$1" "$BIN_DIR/$(basename "$1")"; }
 
-# kube-apiserver and a kubectl of the same version, from one wrapper module.
+# The Kubernetes binaries, all from one wrapper module of k8s.io/kubernetes (so they share
+# one module download and one build cache).
+K8S_COMMANDS=(kube-apiserver kubectl kubelet kube-controller-manager kube-scheduler)
+
 build_k8s() {
-  local dir="$TOOLS_DIR/k8s-$K8S_VERSION"
-  if [[ -x $dir/kube-apiserver && -x $dir/kubectl ]]; then
-    log "kube-apiserver and kubectl $K8S_VERSION already built"
+  local dir="$TOOLS_DIR/k8s-$K8S_VERSION" missing=() cmd
+  for cmd in "${K8S_COMMANDS[@]}"; do
+    [[ -x $dir/$cmd ]] || missing+=("$cmd")
+  done
+  if ((${#missing[@]} == 0)); then
+    log "Kubernetes $K8S_VERSION binaries already built"
   else
-    log "building kube-apiserver and kubectl $K8S_VERSION (takes minutes)"
+    log "building ${missing[*]} $K8S_VERSION (takes minutes)"
     local tmp start=$SECONDS
     tmp=$(mktemp -d)
     local staging_version="v0.${K8S_VERSION#v1.}"
+    local imports=()
+    for cmd in "${K8S_COMMANDS[@]}"; do imports+=("k8s.io/kubernetes/cmd/$cmd"); done
     {
       printf '\nreplace (\n'
       for m in "${STAGING[@]}"; do
         printf '\tk8s.io/%s => k8s.io/%s %s\n' "$m" "$m" "$staging_version"
       done
       printf ')\n'
-    } | wrapper_module "$tmp" k8s.io/kubernetes "$K8S_VERSION" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl
+    } | wrapper_module "$tmp" k8s.io/kubernetes "$K8S_VERSION" "${imports[@]}"
     local major minor stamp
     major=$(cut -d. -f1 <<<"${K8S_VERSION#v}")
     minor=$(cut -d. -f2 <<<"$K8S_VERSION")
@@ -79,15 +89,16 @@ build_k8s() {
       stamp+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
     done
     mkdir -p "$dir"
-    for cmd in kube-apiserver kubectl; do
+    for cmd in "${missing[@]}"; do
+      local one=$SECONDS
       (cd "$tmp" && go build -trimpath -o "$dir/$cmd.tmp" -ldflags "-s -w$stamp" "k8s.io/kubernetes/cmd/$cmd")
       mv "$dir/$cmd.tmp" "$dir/$cmd"
+      log "$cmd built in $((SECONDS - one)) s"
     done
     rm -rf "$tmp"
-    log "kube-apiserver and kubectl built in $((SECONDS - start)) s"
+    log "Kubernetes binaries built in $((SECONDS - start)) s"
   fi
-  link "$dir/kube-apiserver"
-  link "$dir/kubectl"
+  for cmd in "${K8S_COMMANDS[@]}"; do link "$dir/$cmd"; done
 }
 
 build_etcd() {
@@ -124,8 +135,47 @@ build_helm() {
   link "$dir/helm"
 }
 
+# The node's pause image (the pod sandbox's first process): a static C program that sleeps
+# until SIGTERM, in an image from scratch, saved as a docker-archive that the test node's
+# containerd imports. Needs gcc (with static libc) and buildah.
+PAUSE_VERSION=1
+PAUSE_IMAGE="localhost/herald-pause:$PAUSE_VERSION"
+
+build_pause() {
+  local dir="$TOOLS_DIR/pause-v$PAUSE_VERSION"
+  if [[ -s $dir/pause.tar ]]; then
+    log "pause image $PAUSE_IMAGE already built"
+  else
+    log "building pause image $PAUSE_IMAGE"
+    local tmp
+    tmp=$(mktemp -d)
+    cat >"$tmp/pause.c" <<'EOF_C'
+#include <signal.h>
+#include <unistd.h>
+
+static void stop(int sig) { (void)sig; _exit(0); }
+
+int main(void) {
+  signal(SIGTERM, stop);
+  signal(SIGINT, stop);
+  for (;;) pause();
+}
+EOF_C
+    gcc -static -O2 -o "$tmp/pause" "$tmp/pause.c"
+    printf 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n' >"$tmp/Containerfile"
+    mkdir -p "$dir"
+    buildah --storage-driver vfs bud --quiet -t "$PAUSE_IMAGE" -f "$tmp/Containerfile" "$tmp" >/dev/null
+    rm -f "$dir/pause.tar.tmp"
+    buildah --storage-driver vfs push --quiet "$PAUSE_IMAGE" "docker-archive:$dir/pause.tar.tmp:$PAUSE_IMAGE"
+    mv "$dir/pause.tar.tmp" "$dir/pause.tar"
+    rm -rf "$tmp"
+  fi
+  ln -sfn "$dir/pause.tar" "$BIN_DIR/pause.tar"
+}
+
 build_etcd
 build_helm
 build_k8s
+build_pause
 
 echo "$BIN_DIR"

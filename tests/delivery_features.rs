@@ -47,11 +47,8 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// The venv interpreter made by `hack/python-peers.sh`.
 fn peer_python() -> PathBuf {
-    let root = match std::env::var_os("HERALD_TOOLS_DIR").filter(|d| !d.is_empty()) {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME or HERALD_TOOLS_DIR"))
-            .join(".cache/herald-tools"),
-    };
+    control_plane::tools::require_all();
+    let root = control_plane::tools::tools_root();
     let python = root.join("py-venv/bin/python");
     assert!(
         python.is_file(),

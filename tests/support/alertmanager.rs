@@ -14,6 +14,9 @@
 //! directory, log to a file there (see `log()`), and are killed when dropped.
 #![allow(dead_code)]
 
+#[path = "tools.rs"]
+mod tools;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,22 +30,16 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// can occasionally take it first.
 const START_ATTEMPTS: usize = 3;
 
-/// Finds `name` on `PATH`, else in `/usr/bin`; panics with the apt package to install.
+/// Finds `name` on `PATH`, else in `/usr/bin` or `/usr/sbin`, after checking every tool the
+/// suite needs (see [`tools::require_all`]); panics with the apt package to install.
 pub fn find_binary(name: &str, package: &str) -> PathBuf {
-    let on_path = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .unwrap_or_default();
-    on_path
-        .into_iter()
-        .chain([PathBuf::from("/usr/bin")])
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "`{name}` not found on PATH or in /usr/bin: these tests need a real {name}; \
-                 install it with `apt-get install -y {package}` (as root)"
-            )
-        })
+    tools::require_all();
+    tools::find_command(name).unwrap_or_else(|| {
+        panic!(
+            "`{name}` not found on PATH or in /usr/bin: these tests need a real {name}; \
+             install it with `apt-get install -y {package}` (as root)"
+        )
+    })
 }
 
 /// A child process with its temporary directory and log file; killed when dropped.

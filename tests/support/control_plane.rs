@@ -13,6 +13,9 @@
 //! need and do not wait for cascading deletes.
 #![allow(dead_code)]
 
+#[path = "tools.rs"]
+pub mod tools;
+
 use std::fs::{self, File};
 use std::io::Write;
 use std::net::TcpListener;
@@ -74,17 +77,11 @@ pub fn shared() -> &'static ControlPlane {
 }
 
 /// The directory holding the tool binaries: `$HERALD_TOOLS_DIR/bin`, or
-/// `~/.cache/herald-tools/bin` when `HERALD_TOOLS_DIR` is unset.
+/// `~/.cache/herald-tools/bin` when `HERALD_TOOLS_DIR` is unset. Checks every tool the
+/// suite needs first (see [`tools::require_all`]).
 pub fn tools_bin_dir() -> Result<PathBuf> {
-    let root = match std::env::var_os("HERALD_TOOLS_DIR") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => {
-            let home = std::env::var_os("HOME")
-                .context("neither HERALD_TOOLS_DIR nor HOME is set; cannot find the test tools")?;
-            PathBuf::from(home).join(".cache/herald-tools")
-        }
-    };
-    Ok(root.join("bin"))
+    tools::require_all();
+    Ok(tools::tools_root().join("bin"))
 }
 
 /// The path of tool `name` (`kube-apiserver`, `kubectl`, `etcd`, `helm`) in `bin_dir`,

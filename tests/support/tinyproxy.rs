@@ -13,6 +13,9 @@
 //! request went through the proxy. A missing binary is an error, never a skip.
 #![allow(dead_code)]
 
+#[path = "tools.rs"]
+mod tools;
+
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,20 +42,13 @@ pub fn binary() -> PathBuf {
     if let Some(path) = std::env::var_os("TINYPROXY").filter(|p| !p.is_empty()) {
         return PathBuf::from(path);
     }
-    let on_path = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .unwrap_or_default();
-    on_path
-        .into_iter()
-        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
-        .map(|dir| dir.join("tinyproxy"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "tinyproxy not found (on PATH, /usr/bin or /usr/sbin): install it with \
-                 `apt-get install -y tinyproxy-bin` (Debian), or set TINYPROXY to its path"
-            )
-        })
+    tools::require_all();
+    tools::find_command("tinyproxy").unwrap_or_else(|| {
+        panic!(
+            "tinyproxy not found (on PATH, /usr/bin or /usr/sbin): install it with \
+             `apt-get install -y tinyproxy-bin` (Debian), or set TINYPROXY to its path"
+        )
+    })
 }
 
 fn free_port() -> u16 {
