@@ -40,6 +40,8 @@ fi
 ctx=$(mktemp -d -t herald-image-XXXXXX)
 trap 'rm -rf "$ctx"' EXIT
 cp "$binary" "$ctx/herald"
+# Debug information is no use in the image (a test build's binary is mostly that).
+if command -v strip >/dev/null; then strip --strip-debug "$ctx/herald"; fi
 mkdir -p "$ctx/rootfs"
 # Every library the dynamic loader resolves, and the loader itself, at the path the binary
 # names (ldd prints "name => /path (addr)" or "/path (addr)").

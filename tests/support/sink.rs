@@ -233,6 +233,11 @@ impl Sink {
         Sink::start(None).await
     }
 
+    /// Plain HTTP sink on `ip` (a free port), e.g. an address pods can reach.
+    pub async fn http_on(ip: std::net::IpAddr) -> Sink {
+        Sink::start_on(ip, None).await
+    }
+
     /// HTTPS sink presenting `pki.server_cert_pem` (signed by `pki.ca_pem`).
     /// Clients must trust `pki.ca_pem`.
     pub async fn https(pki: &TestPki) -> Sink {
@@ -246,11 +251,16 @@ impl Sink {
     }
 
     async fn start(tls: Option<rustls::ServerConfig>) -> Sink {
+        Sink::start_on(std::net::Ipv4Addr::LOCALHOST.into(), tls).await
+    }
+
+    async fn start_on(ip: std::net::IpAddr, tls: Option<rustls::ServerConfig>) -> Sink {
         let shared = Arc::new(Shared::default());
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(shared.clone());
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("sink: bind 127.0.0.1:0");
+        let listener = std::net::TcpListener::bind((ip, 0))
+            .unwrap_or_else(|e| panic!("sink: bind {ip} port 0: {e}"));
         listener
             .set_nonblocking(true)
             .expect("sink: set_nonblocking");
