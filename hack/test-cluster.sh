@@ -80,12 +80,11 @@ down() {
   fi
   stop containerd 50
   # containerd's shims outlive it; each names this cluster's socket on its command line.
-  local proc pid
-  for proc in /proc/[0-9]*; do
-    pid=${proc#/proc/}
-    if tr '\0' ' ' <"$proc/cmdline" 2>/dev/null | grep -qF -- "-address $D/containerd.sock"; then
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
+  local file pid
+  for file in $(grep -laF -- "$D/containerd.sock" /proc/[0-9]*/cmdline 2>/dev/null); do
+    pid=${file#/proc/} pid=${pid%/cmdline}
+    [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == */containerd-shim* ]] || continue
+    kill -KILL "$pid" 2>/dev/null || true
   done
   # Pod network namespaces made while this cluster ran (containerd names them cni-UUID).
   if [[ -f $D/netns-before ]]; then

@@ -431,6 +431,17 @@ async fn helm_release_keeps_every_accepted_delivery_through_pod_deletion_restart
             .collect();
         (alertnames(&answered_200) == accepted_names).then_some(answered_200)
     });
+    eprintln!(
+        "pods {first} -> {second} -> {third} -> {}; {} failed attempts before the sink \
+         recovered; {} alerts accepted, delivered in {} requests",
+        pod_name(&pods[0]),
+        sink.received()
+            .iter()
+            .filter(|r| r.at < recovered_at)
+            .count(),
+        accepted_names.len(),
+        delivered.len()
+    );
     for r in &delivered {
         assert_eq!(
             r.header("authorization").as_deref(),
