@@ -86,6 +86,13 @@ down() {
     [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == */containerd-shim* ]] || continue
     kill -KILL "$pid" 2>/dev/null || true
   done
+  # Containers whose shim is gone (containerd killed before it could stop them): runc's
+  # state names this cluster's directory as the bundle.
+  local runc_root=/run/containerd/runc/k8s.io state
+  for state in "$runc_root"/*/state.json; do
+    [[ -f $state ]] && grep -qF -- "$D/" "$state" || continue
+    timeout 10 runc --root "$runc_root" delete -f "$(basename "$(dirname "$state")")" >/dev/null 2>&1 || true
+  done
   # Pod network namespaces made while this cluster ran (containerd names them cni-UUID).
   if [[ -f $D/netns-before ]]; then
     local ns
@@ -162,11 +169,13 @@ NODE_NAME=$NODE_NAME
 EOF
 (ls -d /run/netns/cni-* 2>/dev/null || true) >"$D/netns-before"
 
-# Start "$@" in the background with its output in DIR/$name.log; its pid goes to DIR/pids.
+# Start "$@" in the background, in a session of its own (a signal to the caller's process
+# group, e.g. Ctrl-C or a timeout, leaves it to `down`), with its output in DIR/$name.log;
+# its pid goes to DIR/pids.
 spawn() {
   local name=$1
   shift
-  "$@" </dev/null >"$D/$name.log" 2>&1 &
+  setsid "$@" </dev/null >"$D/$name.log" 2>&1 &
   echo $! >"$D/pids/$name"
 }
 in_node() { nsenter --net="/run/netns/$NETNS" -- "$@"; }

@@ -75,8 +75,11 @@ impl Cluster {
             .keep();
         let script = repo().join("hack/test-cluster.sh");
         // The watchdog waits for its stdin to close (this process exiting, or drop), then
-        // tears the cluster down; it ignores the terminal's signals so Ctrl-C still cleans up.
-        let watchdog = Command::new("sh")
+        // tears the cluster down. It runs in a session of its own and ignores the terminal's
+        // signals, so that Ctrl-C or a signal to the whole process group (`timeout`) leaves
+        // it alive to clean up.
+        let watchdog = Command::new("setsid")
+            .arg("sh")
             .arg("-c")
             .arg(r#"trap '' INT TERM HUP; cat >/dev/null; exec "$0" down "$1""#)
             .arg(&script)
