@@ -14,6 +14,8 @@
 //! directory, log to a file there (see `log()`), and are killed when dropped.
 #![allow(dead_code)]
 
+// Each harness stands alone, so a test using two of them holds two copies of the check.
+#[allow(clippy::duplicate_mod)]
 #[path = "tools.rs"]
 mod tools;
 

@@ -13,6 +13,8 @@
 //! request went through the proxy. A missing binary is an error, never a skip.
 #![allow(dead_code)]
 
+// Each harness stands alone, so a test using two of them holds two copies of the check.
+#[allow(clippy::duplicate_mod)]
 #[path = "tools.rs"]
 mod tools;
 
