@@ -36,20 +36,10 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 E=$(free_port) Q=$(free_port) P=$(free_port)
 
 # Certificates: ECDSA P-256 CA, serving cert, admin client cert, SA key pair.
+# shellcheck source=hack/lib/pki.sh
+source "$(dirname "$0")/lib/pki.sh"
+make_pki "$D" "DNS:localhost,IP:127.0.0.1"
 cd "$D"
-ec() { openssl ecparam -name prime256v1 -genkey -noout -out "$1" 2>/dev/null; }
-ec ca.key
-openssl req -x509 -new -key ca.key -subj /CN=herald-test-ca -days 30 -out ca.crt 2>/dev/null
-sign() { # name subject extensions
-  ec "$1.key"
-  openssl req -new -key "$1.key" -subj "$2" -out "$1.csr" 2>/dev/null
-  openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
-    -extfile <(printf '%s\n' "$3") -out "$1.crt" 2>/dev/null
-}
-sign apiserver /CN=localhost $'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth'
-sign admin /CN=admin/O=system:masters 'extendedKeyUsage=clientAuth'
-openssl genrsa -out sa.key 2048 2>/dev/null
-openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
 
 "$BIN/etcd" --data-dir "$D/etcd-data" --listen-client-urls "http://127.0.0.1:$E" \
   --advertise-client-urls "http://127.0.0.1:$E" --listen-peer-urls "http://127.0.0.1:$Q" \
@@ -66,20 +56,7 @@ pids+=($!)
   >"$D/kube-apiserver.log" 2>&1 &
 pids+=($!)
 
-cat >"$D/kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: herald-test
-  cluster: {server: "https://127.0.0.1:$P", certificate-authority: "$D/ca.crt"}
-users:
-- name: admin
-  user: {client-certificate: "$D/admin.crt", client-key: "$D/admin.key"}
-contexts:
-- name: herald-test
-  context: {cluster: herald-test, user: admin}
-current-context: herald-test
-EOF
+write_kubeconfig "$D" "https://127.0.0.1:$P"
 
 for _ in $(seq 600); do
   if [[ $(curl -s --cacert ca.crt --cert admin.crt --key admin.key "https://127.0.0.1:$P/readyz" || true) == ok ]]; then

@@ -207,35 +207,11 @@ in_node iptables -t nat -A PREROUTING -d "$SERVICE_IP/32" -p tcp --dport 443 \
   -j DNAT --to-destination "$HOST_IP:6443"
 
 # -- certificates ------------------------------------------------------------------------
+# shellcheck source=hack/lib/pki.sh
+source "$(dirname "$0")/lib/pki.sh"
+make_pki "$D" "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:127.0.0.1,IP:$HOST_IP,IP:$SERVICE_IP"
+write_kubeconfig "$D" "https://$HOST_IP:6443"
 cd "$D"
-ec() { openssl ecparam -name prime256v1 -genkey -noout -out "$1" 2>/dev/null; }
-ec ca.key
-openssl req -x509 -new -key ca.key -subj /CN=herald-test-ca -days 30 -out ca.crt 2>/dev/null
-sign() { # name subject extensions
-  ec "$1.key"
-  openssl req -new -key "$1.key" -subj "$2" -out "$1.csr" 2>/dev/null
-  openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
-    -extfile <(printf '%s\n' "$3") -out "$1.crt" 2>/dev/null
-}
-sign apiserver /CN=kube-apiserver "subjectAltName=DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:127.0.0.1,IP:$HOST_IP,IP:$SERVICE_IP
-extendedKeyUsage=serverAuth"
-sign admin /CN=admin/O=system:masters 'extendedKeyUsage=clientAuth'
-openssl genrsa -out sa.key 2048 2>/dev/null
-openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
-cat >kubeconfig <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: herald-test
-  cluster: {server: "https://$HOST_IP:6443", certificate-authority: "$D/ca.crt"}
-users:
-- name: admin
-  user: {client-certificate: "$D/admin.crt", client-key: "$D/admin.key"}
-contexts:
-- name: herald-test
-  context: {cluster: herald-test, user: admin}
-current-context: herald-test
-EOF
 
 # -- control plane -----------------------------------------------------------------------
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
