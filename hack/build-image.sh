@@ -53,9 +53,26 @@ for lib in $libs; do
 done
 log "libraries: $(tr '\n' ' ' <<<"$libs")"
 
-buildah --storage-driver vfs bud --quiet --layers \
+# What the build leaves behind: buildah 1.28 keeps a working container for each stage that
+# `COPY --from` reads, the stages' images stay as unnamed images (each holding a copy of the
+# binary), and the image this tag named before becomes unnamed. All of it is removed after the
+# build so that repeated builds do not fill the disk (vfs keeps a full copy of every layer);
+# containers and images that existed before are left alone.
+leftovers() {
+  buildah --storage-driver vfs containers --quiet 2>/dev/null | sort -u
+  buildah --storage-driver vfs images --noheading --quiet --filter dangling=true 2>/dev/null | sort -u
+}
+before=$(leftovers)
+buildah --storage-driver vfs bud --quiet \
   --build-arg BINARY_FROM=prebuilt --build-arg RUNTIME_IMAGE=local-runtime \
   -f Dockerfile -t "$tag" "$ctx" >&2
+for id in $(comm -13 <(sort -u <<<"$before") <(leftovers | sort -u)); do
+  buildah --storage-driver vfs rm "$id" >/dev/null 2>&1 || buildah --storage-driver vfs rmi "$id" >/dev/null 2>&1 || true
+done
+# Images freed by removing those containers.
+for id in $(comm -13 <(sort -u <<<"$before") <(leftovers | sort -u)); do
+  buildah --storage-driver vfs rmi "$id" >/dev/null 2>&1 || true
+done
 
 if [[ -n $archive ]]; then
   rm -f "$archive.tmp"
