@@ -37,6 +37,11 @@ if [[ -z $binary ]]; then
 fi
 [[ -x $binary ]] || { log "$binary is not an executable"; exit 1; }
 
+# One build at a time on this machine: the cleanup below tells its own leftovers by what appeared
+# during the build, and a tag pushed to an archive must still be the image this build made.
+exec 9>"${TMPDIR:-/tmp}/herald-build-image.lock"
+flock 9
+
 ctx=$(mktemp -d -t herald-image-XXXXXX)
 trap 'rm -rf "$ctx"' EXIT
 cp "$binary" "$ctx/herald"
