@@ -230,7 +230,8 @@ spawn kube-apiserver "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$E" 
   --service-account-issuer "https://kubernetes.default.svc" \
   --service-account-key-file "$D/sa.pub" --service-account-signing-key-file "$D/sa.key" \
   --client-ca-file "$D/ca.crt" \
-  --kubelet-client-certificate "$D/admin.crt" --kubelet-client-key "$D/admin.key"
+  --kubelet-client-certificate "$D/admin.crt" --kubelet-client-key "$D/admin.key" \
+  --kubelet-preferred-address-types InternalIP
 wait_for kube-apiserver 900 "$D/kube-apiserver.log" \
   curl -fsS --cacert ca.crt --cert admin.crt --key admin.key "https://$HOST_IP:6443/readyz"
 

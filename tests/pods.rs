@@ -282,6 +282,13 @@ async fn kubectl_apply_k_deploy_runs_ready_confined_pods_that_elect_a_leader_and
     }
     // The Lease is written through the API server with the pod's ServiceAccount token.
     let holder = leader(cluster, namespace, &names);
+    // The node has an address the API server reaches: `kubectl logs` works (JSON lines).
+    let logs = cluster.kubectl(&["logs", "-n", namespace, &holder]);
+    assert!(
+        logs.lines()
+            .any(|line| serde_json::from_str::<Value>(line).is_ok()),
+        "no JSON log line from {holder}:\n{logs}"
+    );
 
     let sink = Sink::http_on(cluster.host_ip.into()).await;
     cluster.apply(&webhook_manifest(
