@@ -98,10 +98,15 @@ pub enum DeliveriesAction {
 /// Settings shared by every command that routes and delivers.
 #[derive(Debug, Args)]
 pub struct CoreArgs {
-    /// Deliveries waiting per webhook before new ones to it are dropped.
-    #[arg(long, default_value_t = 1000)]
-    pub queue_capacity: usize,
-    /// Deliveries pending across all webhooks before the receiver answers 503.
+    /// Deliveries accepted and not finished per webhook (its backlog); past it, further
+    /// deliveries to that webhook become dead letters (kept with their content, replayable).
+    /// Without --data-dir a webhook's backlog is also held to half of --max-pending.
+    #[arg(long, default_value_t = 100_000)]
+    pub backlog_limit: usize,
+    /// Deliveries held in memory across all webhooks. Without --data-dir: every accepted and
+    /// unfinished delivery, past which the receiver answers 503. With --data-dir: the part of
+    /// the backlogs loaded to feed the workers (the rest waits on disk), and the deliveries
+    /// waiting to be written, past which the receiver answers 503.
     #[arg(long, default_value_t = 20_000)]
     pub max_pending: usize,
     /// Delay before the first retry.
@@ -143,7 +148,7 @@ pub struct CoreArgs {
 impl CoreArgs {
     fn engine_config(&self) -> EngineConfig {
         EngineConfig {
-            queue_capacity: self.queue_capacity,
+            backlog_limit: self.backlog_limit,
             max_pending: self.max_pending,
             retry: RetryPolicy {
                 initial_backoff: self.retry_initial_backoff,

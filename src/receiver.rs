@@ -293,8 +293,7 @@ async fn receive(
                 StatusCode::OK,
                 axum::Json(json!({
                     "accepted": accepted,
-                    "deliveries": summary.queued,
-                    "dropped": summary.dropped,
+                    "deliveries": summary.queued + summary.dead_letters,
                 })),
             )
                 .into_response()

@@ -907,7 +907,7 @@ persistence:
 resources:
   requests: {cpu: 100m, memory: 128Mi}
   limits: {memory: 512Mi}
-extraArgs: [--queue-capacity=5000, --status-interval=5s]
+extraArgs: [--backlog-limit=5000, --status-interval=5s]
 podAnnotations:
   example.com/team: platform
 nodeSelector:
@@ -1187,7 +1187,7 @@ fn chart_with_every_option_renders_and_applies() {
             "--watch-namespace=monitoring",
             "--watch-namespace=team-a",
             "--receiver-token-file=/etc/herald/receiver-auth/token",
-            "--queue-capacity=5000",
+            "--backlog-limit=5000",
             "--status-interval=5s",
         ]
     );

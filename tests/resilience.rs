@@ -472,7 +472,7 @@ async fn a_flood_gets_503_with_retry_after_and_everything_accepted_is_delivered(
         &[
             "--max-pending",
             "200",
-            "--queue-capacity",
+            "--backlog-limit",
             "1000",
             "--overload-wait",
             "50ms",
