@@ -71,8 +71,8 @@ impl RetryPolicy {
 pub struct EngineConfig {
     /// Deliveries accepted and not finished per webhook (its backlog). Past it, further
     /// deliveries to that webhook become dead letters (kept with their content, replayable).
-    /// With a memory store a webhook's backlog is also held to half of `max_pending`, so one
-    /// dead webhook cannot take the whole budget.
+    /// With a memory store a webhook whose backlog holds half of `max_pending` also refuses
+    /// (503) batches with deliveries for it, so one dead webhook cannot take the whole budget.
     pub backlog_limit: usize,
     /// Deliveries held in memory across all webhooks. With a memory store that is every
     /// accepted and unfinished delivery: past it, the receiver answers 503. With a disk store
@@ -94,7 +94,9 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
-    /// The backlog a webhook may hold with this store.
+    /// The backlog a webhook may hold with this store: past it, its deliveries become dead
+    /// letters (a disk store, or past `backlog_limit`) or its batches are refused (a memory
+    /// store's share of the budget).
     fn webhook_share(&self, durable: bool) -> usize {
         if durable {
             self.backlog_limit.max(1)
@@ -274,19 +276,25 @@ impl WorkerState {
             .get_or_init(|| shared.metrics.webhook(&WebhookLabels::from(&self.key)))
     }
 
-    /// Takes a place in the backlog; `false` when it is at `limit`.
-    fn take_place(&self, shared: &Shared, limit: usize) -> bool {
+    /// Takes a place in the backlog, or says why not: at the backlog limit (a dead letter), or
+    /// at a memory store's share of the budget (the batch is refused).
+    fn take_place(&self, shared: &Shared) -> Result<(), Placed> {
+        let limit = shared.config.backlog_limit.max(1);
+        let share = shared.config.webhook_share(shared.store.is_durable());
         let taken = self
             .backlog
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
-            })
-            .is_ok();
-        if taken {
-            self.metrics(shared).queue_depth.inc();
-            self.watch_limit(limit);
+                (n < share).then_some(n + 1)
+            });
+        match taken {
+            Ok(_) => {
+                self.metrics(shared).queue_depth.inc();
+                self.watch_limit(share);
+                Ok(())
+            }
+            Err(n) if n >= limit => Err(Placed::Overflow),
+            Err(_) => Err(Placed::Full),
         }
-        taken
     }
 
     /// Adds deliveries found in the store at start.
@@ -433,6 +441,8 @@ enum Placed {
     Overflow,
     /// Its webhook has no worker.
     Gone,
+    /// Its webhook holds its share of a memory store's budget: the batch is refused.
+    Full,
 }
 
 /// The delivery engine. Cheap to clone; every clone drives the same workers.
@@ -657,19 +667,35 @@ impl Engine {
     }
 
     /// Gives each delivery its place in its webhook's backlog, or says why it has none.
-    fn place(&self, deliveries: &[Arc<Delivery>]) -> Vec<Placed> {
-        let limit = self.shared.config.webhook_share(self.durable());
+    /// When a webhook holds its share of a memory store's budget, the whole batch is refused:
+    /// no place is kept.
+    fn place(&self, deliveries: &[Arc<Delivery>]) -> Result<Vec<Placed>, Overloaded> {
         let workers = self.workers();
-        deliveries
+        let placed: Vec<Placed> = deliveries
             .iter()
             .map(|delivery| match workers.get(&delivery.webhook) {
-                Some(worker) if worker.take_place(&self.shared, limit) => {
-                    Placed::Kept(worker.clone())
-                }
-                Some(_) => Placed::Overflow,
+                Some(worker) => match worker.take_place(&self.shared) {
+                    Ok(()) => Placed::Kept(worker.clone()),
+                    Err(why) => why,
+                },
                 None => Placed::Gone,
             })
-            .collect()
+            .collect();
+        drop(workers);
+        if placed.iter().any(|p| matches!(p, Placed::Full)) {
+            self.release(&placed);
+            return Err(self.overloaded());
+        }
+        Ok(placed)
+    }
+
+    /// Gives back the places taken.
+    fn release(&self, placed: &[Placed]) {
+        for placed in placed {
+            if let Placed::Kept(worker) = placed {
+                worker.release_place(&self.shared);
+            }
+        }
     }
 
     /// Ends deliveries whose webhook's backlog was full (dead letters) or whose webhook went
@@ -680,11 +706,11 @@ impl Engine {
         placed: &[Placed],
         seqs: &[Option<u64>],
     ) -> usize {
-        let limit = self.shared.config.webhook_share(self.durable());
+        let limit = self.shared.config.backlog_limit;
         let mut dead_letters = 0;
         for ((delivery, placed), seq) in deliveries.iter().zip(placed).zip(seqs) {
             match placed {
-                Placed::Kept(_) => {}
+                Placed::Kept(_) | Placed::Full => {}
                 Placed::Overflow => {
                     dead_letters += 1;
                     self.shared
@@ -719,7 +745,7 @@ impl Engine {
             return Err(self.overloaded().into());
         }
         if !self.durable() {
-            return Ok(self.queue_in_memory(admission, deliveries));
+            return self.queue_in_memory(admission, deliveries);
         }
         let count = deliveries.len();
         let engine = self.clone();
@@ -750,10 +776,10 @@ impl Engine {
             return Err(self.overloaded().into());
         }
         if !self.durable() {
-            return Ok(self.queue_in_memory(admission, deliveries));
+            return self.queue_in_memory(admission, deliveries);
         }
         let deliveries: Vec<Arc<Delivery>> = deliveries.into_iter().map(Arc::new).collect();
-        let placed = self.place(&deliveries);
+        let placed = self.place(&deliveries)?;
         // Dead letters are written with the rest, so that they too survive a crash once
         // answered; deliveries for a webhook that went away are not.
         let stored: Vec<Arc<Delivery>> = deliveries
@@ -767,11 +793,7 @@ impl Engine {
         let written = match written {
             Ok(seqs) => seqs,
             Err(e) => {
-                for placed in &placed {
-                    if let Placed::Kept(worker) = placed {
-                        worker.release_place(&self.shared);
-                    }
-                }
+                self.release(&placed);
                 return Err(e.into());
             }
         };
@@ -796,10 +818,14 @@ impl Engine {
 
     /// Queues deliveries in their webhooks' queues (a memory store), each holding one permit
     /// of the admission.
-    fn queue_in_memory(&self, admission: Admission, deliveries: Vec<Delivery>) -> SubmitSummary {
+    fn queue_in_memory(
+        &self,
+        admission: Admission,
+        deliveries: Vec<Delivery>,
+    ) -> Result<SubmitSummary, SubmitError> {
         let mut permits = Some(admission.permits);
         let deliveries: Vec<Arc<Delivery>> = deliveries.into_iter().map(Arc::new).collect();
-        let mut placed = self.place(&deliveries);
+        let mut placed = self.place(&deliveries)?;
         let mut summary = SubmitSummary::default();
         for (delivery, place) in deliveries.iter().zip(placed.iter_mut()) {
             let Placed::Kept(worker) = place else {
@@ -831,7 +857,7 @@ impl Engine {
         }
         let seqs = vec![None; deliveries.len()];
         summary.dead_letters = self.end_unplaced(&deliveries, &placed, &seqs);
-        summary
+        Ok(summary)
     }
 
     /// Resumes what the store holds (after a restart). Call once the webhooks are loaded:
