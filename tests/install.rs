@@ -153,7 +153,7 @@ fn at<'a>(value: &'a Value, pointer: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("{pointer} is missing in {value:#}"))
 }
 
-/// Where the Deployment's `--data-dir` points: the mount path of its `data` volume.
+/// Where the StatefulSet's `--data-dir` points: the mount path of its `data` volume.
 const DATA_DIR: &str = "/var/lib/herald";
 
 /// A `herald controller` command line as (flag, value) pairs in order: `--flag=value` and
@@ -182,11 +182,14 @@ fn flags(args: &Value) -> Vec<(String, String)> {
     pairs
 }
 
-/// Checks a pod spec that runs with a durable delivery store: its root filesystem is
+/// Checks a StatefulSet that runs with a durable delivery store: its root filesystem is
 /// read-only, so `--data-dir` must name exactly the mount path of a writable volume, the volume
 /// `data`, writable by the non-root user through fsGroup; and the admin listener stays on
-/// loopback. Returns that volume.
-fn data_volume(pod: &Value) -> &Value {
+/// loopback. Returns that volume: the pod's volume `data`, or, when the pods have none, the
+/// volumeClaimTemplate `data` as `{"name": "data", "claim": {accessModes, storage}}` (plus
+/// `storageClassName` when set).
+fn data_volume(workload: &Value) -> Value {
+    let pod = at(workload, "/spec/template/spec");
     let container = at(pod, "/containers/0");
     assert_eq!(
         container["securityContext"]["readOnlyRootFilesystem"], true,
@@ -221,14 +224,42 @@ fn data_volume(pod: &Value) -> &Value {
         "{mount}"
     );
     assert_eq!(at(pod, "/securityContext/fsGroup"), 65532);
-    let volumes: Vec<&Value> = at(pod, "/volumes")
-        .as_array()
-        .expect("volumes")
-        .iter()
+    let volumes: Vec<&Value> = pod
+        .get("volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
         .filter(|v| v["name"] == "data")
         .collect();
-    assert_eq!(volumes.len(), 1, "one volume named data: {pod:#}");
-    volumes[0]
+    let claims: Vec<&Value> = workload["spec"]
+        .get("volumeClaimTemplates")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|v| v["metadata"]["name"] == "data")
+        .collect();
+    assert_eq!(
+        volumes.len() + claims.len(),
+        1,
+        "one volume or claim template named data: {workload:#}"
+    );
+    if let Some(volume) = volumes.first() {
+        return (*volume).clone();
+    }
+    let spec = at(claims[0], "/spec");
+    let mut claim = json!({
+        "accessModes": spec["accessModes"],
+        "storage": at(spec, "/resources/requests/storage"),
+    });
+    if let Some(class) = spec.get("storageClassName") {
+        claim["storageClassName"] = class.clone();
+    }
+    json!({"name": "data", "claim": claim})
+}
+
+/// The claim template every replica gets by default: its own 1Gi volume.
+fn default_claim() -> Value {
+    json!({"name": "data", "claim": {"accessModes": ["ReadWriteOnce"], "storage": "1Gi"}})
 }
 
 /// The manifests in `deploy/` that `kubectl apply -f deploy/` reads (.yaml, .yml, .json).
@@ -290,7 +321,7 @@ const DEPLOY_OBJECTS: &[&str] = &[
     "clusterrolebinding.rbac.authorization.k8s.io/herald",
     "role.rbac.authorization.k8s.io/herald-leader-election",
     "rolebinding.rbac.authorization.k8s.io/herald-leader-election",
-    "deployment.apps/herald",
+    "statefulset.apps/herald",
     "service/herald",
     "poddisruptionbudget.policy/herald",
 ];
@@ -314,12 +345,25 @@ fn deploy_applies_with_kustomize_and_every_object_exists() {
         "crd/notificationconditions.herald.dev",
     ]);
 
-    let deployment = kubectl_json(&["get", "-n", "herald", "deployment/herald"]);
-    let spec = at(&deployment, "/spec");
+    let statefulset = kubectl_json(&["get", "-n", "herald", "statefulset/herald"]);
+    let spec = at(&statefulset, "/spec");
     assert_eq!(spec["replicas"], 2);
+    // Each replica's store on a claim of its own, kept when the pod goes (a rollout, a drain)
+    // and when the StatefulSet scales down; replaced one pod at a time.
+    assert_eq!(spec["serviceName"], "herald");
+    assert_eq!(spec["podManagementPolicy"], "Parallel");
+    assert_eq!(
+        spec["updateStrategy"],
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "partition": 0}})
+    );
+    assert_eq!(
+        spec["persistentVolumeClaimRetentionPolicy"],
+        json!({"whenDeleted": "Retain", "whenScaled": "Retain"})
+    );
     let pod = at(spec, "/template/spec");
     assert_eq!(pod["serviceAccountName"], "herald");
-    assert_eq!(pod["terminationGracePeriodSeconds"], 30);
+    // Time to deliver after SIGTERM: --shutdown-timeout is 10 s less.
+    assert_eq!(pod["terminationGracePeriodSeconds"], 60);
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(pod["securityContext"]["runAsUser"], 65532);
     assert_eq!(
@@ -338,11 +382,14 @@ fn deploy_applies_with_kustomize_and_every_object_exists() {
             "json",
             "--deny-link-local",
             "--data-dir",
-            DATA_DIR
+            DATA_DIR,
+            "--shutdown-timeout",
+            "50s"
         ])
     );
-    // The delivery store on an emptyDir, the only writable place in the container.
-    assert_eq!(data_volume(pod), &json!({"name": "data", "emptyDir": {}}));
+    // The delivery store on the replica's claim, the only writable place in the container.
+    assert_eq!(data_volume(&statefulset), default_claim());
+    assert!(pod.get("volumes").is_none(), "{pod:#}");
     assert_eq!(
         c["volumeMounts"],
         json!([{"name": "data", "mountPath": DATA_DIR}])
@@ -383,7 +430,7 @@ fn deploy_applies_with_kustomize_and_every_object_exists() {
         json!({"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}})
     );
 
-    // The Service and the PDB select exactly the Deployment's pods.
+    // The Service and the PDB select exactly the StatefulSet's pods.
     let pod_labels = at(spec, "/template/metadata/labels").as_object().unwrap();
     let selects_pods = |selector: &Value| {
         let selector = selector.as_object().expect("selector is a map");
@@ -601,7 +648,7 @@ fn service_account_has_exactly_the_controller_permissions() {
         ],
         &["delete", "events.events.k8s.io", "-n", "team-a"],
         &["deletecollection", "secrets", "-n", "team-a"],
-        &["delete", "deployments.apps", "-n", "herald"],
+        &["delete", "statefulsets.apps", "-n", "herald"],
         &["delete", "*", "--all-namespaces"],
         &["*", "*", "--all-namespaces"],
     ];
@@ -712,10 +759,10 @@ fn controller_runs_with_only_the_service_account_permissions() {
     let sa_kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&sa_kubeconfig, kubeconfig.to_string()).expect("writing kubeconfig");
 
-    // The Deployment's own command line, plus what differs outside a pod: the delivery store
+    // The StatefulSet's own command line, plus what differs outside a pod: the delivery store
     // in a temporary directory instead of the pod's volume, the listeners on free ports.
-    let deployment = objects(&read("deploy/deployment.yaml"));
-    let container = at(&deployment[0], "/spec/template/spec/containers/0");
+    let statefulset = objects(&read("deploy/statefulset.yaml"));
+    let container = at(&statefulset[0], "/spec/template/spec/containers/0");
     let mut args: Vec<String> = container["args"]
         .as_array()
         .expect("args")
@@ -903,7 +950,8 @@ events:
 denyLinkLocal: true
 persistence:
   enabled: true
-  emptyDir: {sizeLimit: 1Gi}
+  emptyDir: {enabled: true, sizeLimit: 1Gi}
+terminationGracePeriodSeconds: 120
 resources:
   requests: {cpu: 100m, memory: 128Mi}
   limits: {memory: 512Mi}
@@ -991,12 +1039,12 @@ fn apply_into(namespace: &str, docs: &[(String, Value)]) -> BTreeMap<String, Val
 const CHART_KINDS: &[&str] = &[
     "ClusterRole",
     "ClusterRoleBinding",
-    "Deployment",
     "PodDisruptionBudget",
     "Role",
     "RoleBinding",
     "Service",
     "ServiceAccount",
+    "StatefulSet",
 ];
 
 #[test]
@@ -1009,9 +1057,9 @@ fn chart_default_render_applies_and_matches_deploy() {
     assert_eq!(kinds, CHART_KINDS.iter().copied().collect());
     assert_eq!(docs.len(), CHART_KINDS.len());
     let live = apply_into("herald-chart-default", &docs);
-    let deployment = &live["Deployment/herald-chart-default/hd-herald"];
-    assert_eq!(at(deployment, "/spec/replicas"), 2);
-    let args = at(deployment, "/spec/template/spec/containers/0/args");
+    let statefulset = &live["StatefulSet/herald-chart-default/hd-herald"];
+    assert_eq!(at(statefulset, "/spec/replicas"), 2);
+    let args = at(statefulset, "/spec/template/spec/containers/0/args");
     assert_eq!(
         args,
         &json!([
@@ -1019,14 +1067,17 @@ fn chart_default_render_applies_and_matches_deploy() {
             "--log-format=json",
             "--leader-election=true",
             "--events=true",
+            "--shutdown-timeout=50s",
             "--lease-name=hd-herald-leader",
             "--deny-link-local",
             "--data-dir=/var/lib/herald"
         ])
     );
-    let pod = at(deployment, "/spec/template/spec");
-    assert_eq!(data_volume(pod), &json!({"name": "data", "emptyDir": {}}));
-    assert!(deployment["spec"]["strategy"]["type"] != "Recreate");
+    assert_eq!(data_volume(statefulset), default_claim());
+    assert_eq!(
+        at(statefulset, "/spec/updateStrategy/type"),
+        "RollingUpdate"
+    );
 
     // The CRDs ship in crds/ (installed by `helm install`, rendered with --include-crds).
     let out = template("hd", "herald-chart-default", None, &["--include-crds"]);
@@ -1063,8 +1114,8 @@ fn chart_default_render_applies_and_matches_deploy() {
         }
     }
     let (c, d) = (
-        of_kind(&chart, "Deployment"),
-        of_kind(&deploy, "Deployment"),
+        of_kind(&chart, "StatefulSet"),
+        of_kind(&deploy, "StatefulSet"),
     );
     for pointer in [
         "/spec/replicas",
@@ -1080,12 +1131,16 @@ fn chart_default_render_applies_and_matches_deploy() {
         "/spec/template/spec/containers/0/securityContext",
         "/spec/template/spec/containers/0/volumeMounts",
         "/spec/template/spec/volumes",
-        "/spec/strategy",
+        "/spec/serviceName",
+        "/spec/podManagementPolicy",
+        "/spec/updateStrategy",
+        "/spec/persistentVolumeClaimRetentionPolicy",
+        "/spec/volumeClaimTemplates/0/spec",
     ] {
         assert_eq!(
             c.pointer(pointer),
             d.pointer(pointer),
-            "Deployment {pointer}"
+            "StatefulSet {pointer}"
         );
     }
     // The same command line, but for the chart spelling out three of the binary's defaults.
@@ -1160,10 +1215,10 @@ fn chart_with_every_option_renders_and_applies() {
         .collect();
     assert_eq!(core.len(), CHART_KINDS.len());
     let live = apply_into(ns, &core);
-    let deployment = &live[&format!("Deployment/{ns}/hf-herald")];
-    let pod = at(deployment, "/spec/template");
+    let statefulset = &live[&format!("StatefulSet/{ns}/hf-herald")];
+    let pod = at(statefulset, "/spec/template");
     let container = at(pod, "/spec/containers/0");
-    assert_eq!(at(deployment, "/spec/replicas"), 3);
+    assert_eq!(at(statefulset, "/spec/replicas"), 3);
     assert_eq!(container["image"], "registry.example.com/herald:0.1.0-test");
     assert_eq!(container["imagePullPolicy"], "Always");
     let args: Vec<&str> = container["args"]
@@ -1179,6 +1234,7 @@ fn chart_with_every_option_renders_and_applies() {
             "--log-format=json",
             "--leader-election=true",
             "--events=true",
+            "--shutdown-timeout=110s",
             "--lease-name=hf-herald-leader",
             "--deny-link-local",
             "--data-dir=/var/lib/herald",
@@ -1208,9 +1264,14 @@ fn chart_with_every_option_renders_and_applies() {
     // mounted where --receiver-token-file points, both usable by the non-root user through
     // fsGroup.
     assert_eq!(
-        data_volume(at(pod, "/spec")),
-        &json!({"name": "data", "emptyDir": {"sizeLimit": "1Gi"}})
+        data_volume(statefulset),
+        json!({"name": "data", "emptyDir": {"sizeLimit": "1Gi"}})
     );
+    assert!(
+        statefulset["spec"].get("volumeClaimTemplates").is_none(),
+        "the emptyDir opt-out: no claims; {statefulset:#}"
+    );
+    assert_eq!(at(pod, "/spec/terminationGracePeriodSeconds"), 120);
     assert_eq!(
         container["volumeMounts"],
         json!([{"name": "data", "mountPath": DATA_DIR},
@@ -1268,14 +1329,20 @@ fn chart_options_turned_off_drop_their_permissions() {
         !kinds.contains("PodDisruptionBudget"),
         "one replica: no PDB; {kinds:?}"
     );
-    let pod = at(of_kind(&docs, "Deployment"), "/spec/template/spec");
+    let statefulset = of_kind(&docs, "StatefulSet");
+    assert!(
+        statefulset["spec"].get("volumeClaimTemplates").is_none(),
+        "{statefulset:#}"
+    );
+    let pod = at(statefulset, "/spec/template/spec");
     assert_eq!(
         at(pod, "/containers/0/args"),
         &json!([
             "controller",
             "--log-format=json",
             "--leader-election=false",
-            "--events=false"
+            "--events=false",
+            "--shutdown-timeout=50s"
         ]),
         "no --deny-link-local, no --data-dir (deliveries held in memory)"
     );
@@ -1297,7 +1364,7 @@ fn chart_options_turned_off_drop_their_permissions() {
 }
 
 #[test]
-fn chart_existing_claim_replaces_the_empty_dir() {
+fn chart_claims_replace_the_claim_template() {
     let ns = "herald-chart-claim";
     let docs = rendered_documents(
         "hc",
@@ -1305,15 +1372,32 @@ fn chart_existing_claim_replaces_the_empty_dir() {
         Some("replicaCount: 1\npersistence: {existingClaim: herald-data}\n"),
     );
     let live = apply_into(ns, &docs);
-    let deployment = &live[&format!("Deployment/{ns}/hc-herald")];
+    let statefulset = &live[&format!("StatefulSet/{ns}/hc-herald")];
     assert_eq!(
-        data_volume(at(deployment, "/spec/template/spec")),
-        &json!({"name": "data", "persistentVolumeClaim": {"claimName": "herald-data"}})
+        data_volume(statefulset),
+        json!({"name": "data", "persistentVolumeClaim": {"claimName": "herald-data"}})
     );
-    // The old pod lets go of the store before the new one opens it.
+    // A StatefulSet replaces a pod only once the old one is gone: the store is never opened
+    // twice.
     assert_eq!(
-        at(deployment, "/spec/strategy"),
-        &json!({"type": "Recreate"})
+        at(statefulset, "/spec/updateStrategy/type"),
+        "RollingUpdate"
+    );
+
+    // A storage class and a size for the claim template.
+    // (Claim templates cannot change on a live StatefulSet: another release.)
+    let class_ns = "herald-chart-class";
+    let docs = rendered_documents(
+        "hk",
+        class_ns,
+        Some("persistence: {size: 5Gi, storageClassName: fast}\n"),
+    );
+    let live = apply_into(class_ns, &docs);
+    let statefulset = &live[&format!("StatefulSet/{class_ns}/hk-herald")];
+    assert_eq!(
+        data_volume(statefulset),
+        json!({"name": "data", "claim": {"accessModes": ["ReadWriteOnce"], "storage": "5Gi",
+                                          "storageClassName": "fast"}})
     );
 
     // persistence.enabled=false wins over a claim.
@@ -1322,12 +1406,12 @@ fn chart_existing_claim_replaces_the_empty_dir() {
         ns,
         Some("replicaCount: 1\npersistence: {enabled: false, existingClaim: herald-data}\n"),
     );
-    let deployment = of_kind(&docs, "Deployment");
+    let statefulset = of_kind(&docs, "StatefulSet");
     assert!(
-        deployment["spec"].get("strategy").is_none(),
-        "{deployment:#}"
+        statefulset["spec"].get("volumeClaimTemplates").is_none(),
+        "{statefulset:#}"
     );
-    let pod = at(deployment, "/spec/template/spec");
+    let pod = at(statefulset, "/spec/template/spec");
     assert!(pod.get("volumes").is_none(), "{pod:#}");
     assert!(
         !flags(at(pod, "/containers/0/args"))
@@ -1387,6 +1471,15 @@ fn chart_rejects_bad_values() {
         (
             "persistence: {existingClaim: 7}\n",
             "/persistence/existingClaim",
+        ),
+        ("persistence: {size: lots}\n", "/persistence/size"),
+        (
+            "persistence: {emptyDir: {enabled: maybe}}\n",
+            "/persistence/emptyDir/enabled",
+        ),
+        (
+            "terminationGracePeriodSeconds: 5\n",
+            "/terminationGracePeriodSeconds",
         ),
     ];
     for (values, expected) in cases {

@@ -98,10 +98,6 @@ impl CountingSink {
         format!("http://{}/", self.addr)
     }
 
-    fn set_delay(&self, delay: Duration) {
-        *self.state.delay.lock().expect("delay") = delay;
-    }
-
     fn arrivals(&self) -> Vec<Arrival> {
         self.state.arrivals.lock().expect("arrivals").clone()
     }
@@ -319,12 +315,7 @@ async fn a_dead_webhook_keeps_its_backlog_and_does_not_hold_up_the_others() {
     let sink = CountingSink::start(0, Duration::ZERO).await;
     let data = tempfile::tempdir().expect("tempdir");
     let data_arg = data.path().to_str().expect("utf-8").to_string();
-    let args = [
-        "--data-dir",
-        &data_arg,
-        "--retry-max-attempts",
-        "100000",
-    ];
+    let args = ["--data-dir", &data_arg, "--retry-max-attempts", "100000"];
 
     // Baseline: ten healthy webhooks.
     let config = tempfile::tempdir().expect("tempdir");
@@ -422,7 +413,9 @@ async fn kill_9_during_a_flood_loses_nothing_answered_200() {
     // A duplicate is the same delivery again: same key, same alert.
     let mut seq_of_key: HashMap<&str, &Vec<usize>> = HashMap::new();
     for arrival in &arrivals {
-        let first = seq_of_key.entry(arrival.key.as_str()).or_insert(&arrival.seqs);
+        let first = seq_of_key
+            .entry(arrival.key.as_str())
+            .or_insert(&arrival.seqs);
         assert_eq!(*first, &arrival.seqs, "one Idempotency-Key, two contents");
     }
     eprintln!(
@@ -456,7 +449,10 @@ async fn a_full_backlog_turns_new_deliveries_into_replayable_dead_letters() {
         assert_eq!(body.get("dropped"), None, "{body}");
     }
     running
-        .wait_log("the webhook's backlog is near its limit", Duration::from_secs(10))
+        .wait_log(
+            "the webhook's backlog is near its limit",
+            Duration::from_secs(10),
+        )
         .await;
     let records: Value = reqwest::get(format!(
         "{}/api/v1/deliveries?webhook=default/w0&outcome=Failed",
@@ -467,13 +463,16 @@ async fn a_full_backlog_turns_new_deliveries_into_replayable_dead_letters() {
     .json()
     .await
     .expect("json");
-    let dead_letters = records["deliveries"].as_array().cloned().unwrap_or_default();
+    let dead_letters = records["deliveries"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     assert_eq!(dead_letters.len(), 2, "{records}");
     assert!(
-        dead_letters
-            .iter()
-            .all(|r| r["error"].as_str().is_some_and(|e| e.contains("backlog"))
-                && r["delivery"]["alerts"].is_array()),
+        dead_letters.iter().all(
+            |r| r["error"].as_str().is_some_and(|e| e.contains("backlog"))
+                && r["delivery"]["alerts"].is_array()
+        ),
         "{records}"
     );
     let metrics = reqwest::get(running.url("/metrics"))
@@ -483,9 +482,11 @@ async fn a_full_backlog_turns_new_deliveries_into_replayable_dead_letters() {
         .await
         .expect("text");
     assert!(
-        metrics.lines().any(|l| l.starts_with("herald_deliveries_total")
-            && l.contains("outcome=\"overflowed\"")
-            && l.trim_end().ends_with(" 2")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("herald_deliveries_total")
+                && l.contains("outcome=\"overflowed\"")
+                && l.trim_end().ends_with(" 2")),
         "{metrics}"
     );
     // The endpoint comes back: the backlog goes out, then the dead letters replay.
@@ -500,7 +501,10 @@ async fn a_full_backlog_turns_new_deliveries_into_replayable_dead_letters() {
     for record in &dead_letters {
         let id = record["id"].as_str().expect("id");
         let replayed = client
-            .post(format!("{}/api/v1/deliveries/{id}/replay", running.admin_url()))
+            .post(format!(
+                "{}/api/v1/deliveries/{id}/replay",
+                running.admin_url()
+            ))
             .send()
             .await
             .expect("replay");

@@ -27,6 +27,11 @@ use crate::routing::ObjectKey;
 const BACKLOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("backlog");
 /// The pending table of earlier versions (keyed by delivery id), moved into the backlog at open.
 const OLD_PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending");
+/// The next sequence number to hand out (key [`NEXT_SEQ`]), written with every append: the
+/// backlog alone cannot say it once its newest rows are finished, and numbers must never be
+/// handed out twice (a worker's cursor would pass over a row numbered below it).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const NEXT_SEQ: &str = "next_seq";
 /// Finished deliveries by id.
 pub(super) const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 
@@ -135,9 +140,15 @@ impl DiskStore {
         let mut next_seq = 1u64;
         let txn = database.begin_write().map_err(db)?;
         {
+            let mut meta = txn.open_table(META).map_err(db)?;
+            if let Some(stored) = meta.get(NEXT_SEQ).map_err(db)? {
+                next_seq = stored.value();
+            }
             let mut backlog = txn.open_table(BACKLOG).map_err(db)?;
-            if let Some((last, _)) = backlog.last().map_err(db)? {
-                next_seq = last.value().1 + 1;
+            // Rows are in webhook order: the highest number is wherever it is.
+            for entry in backlog.iter().map_err(db)? {
+                let (key, _) = entry.map_err(db)?;
+                next_seq = next_seq.max(key.value().1 + 1);
             }
             txn.open_table(RECORDS).map_err(db)?;
             // Deliveries pending under the earlier layout join the backlog in id order.
@@ -150,6 +161,7 @@ impl DiskStore {
                     .map_err(db)?;
                 next_seq += 1;
             }
+            meta.insert(NEXT_SEQ, next_seq).map_err(db)?;
         }
         txn.commit().map_err(db)?;
         let database = Arc::new(database);
@@ -385,6 +397,8 @@ impl Writer {
             let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
             let mut backlog = txn.open_table(BACKLOG).map_err(db)?;
             let mut records = txn.open_table(RECORDS).map_err(db)?;
+            let mut meta = txn.open_table(META).map_err(db)?;
+            let first_seq = self.next_seq;
             let mut key = [0u8; uuid::fmt::Hyphenated::LENGTH];
             let mut prune = Vec::new();
             let mut name = String::new();
@@ -435,6 +449,9 @@ impl Writer {
             }
             for old in &evicted {
                 index.remove(old);
+            }
+            if self.next_seq != first_seq {
+                meta.insert(NEXT_SEQ, self.next_seq).map_err(db)?;
             }
         }
         txn.commit().map_err(db)

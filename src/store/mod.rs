@@ -773,6 +773,23 @@ mod tests {
     }
 
     #[test]
+    fn sequence_numbers_are_never_handed_out_twice_across_reopens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), limits()).expect("open");
+        // The newest row belongs to the webhook that sorts first, and is finished.
+        let a = delivery("ns/a");
+        let seqs = append(&store, &[delivery("ns/z"), a.clone()]);
+        store
+            .finish(Some(seqs[1]), record(&a, ReportOutcome::Succeeded))
+            .expect("finish");
+        store.flush_blocking();
+        drop(store);
+        let reopened = Store::open(dir.path(), limits()).expect("reopen");
+        let later = append(&reopened, &[delivery("ns/a")]);
+        assert!(later[0] > seqs[1], "{later:?} after {seqs:?}");
+    }
+
+    #[test]
     fn disk_store_keeps_pending_and_records_across_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path(), limits()).expect("open");
