@@ -517,3 +517,49 @@ async fn a_full_backlog_turns_new_deliveries_into_replayable_dead_letters() {
     )
     .await;
 }
+
+/// SIGTERM: Herald stops accepting at once but keeps delivering what it holds for most of
+/// `--shutdown-timeout` before it exits; what it could not deliver stays in the store and the
+/// next start sends it.
+#[tokio::test]
+async fn sigterm_stops_accepting_and_delivers_the_backlog_before_exiting() {
+    const POSTS: usize = 200;
+    // One attempt at a time per webhook, 50 ms each: about a second of work per webhook.
+    let sink = CountingSink::start(0, Duration::from_millis(50)).await;
+    let config = tempfile::tempdir().expect("tempdir");
+    write_config(config.path(), &vec![sink.url(); WEBHOOKS]);
+    let data = tempfile::tempdir().expect("tempdir");
+    let data_arg = data.path().to_str().expect("utf-8").to_string();
+    let args = ["--data-dir", data_arg.as_str(), "--shutdown-timeout", "30s"];
+    let running = Running::start(config.path(), &args).await;
+    let url = running.url("/api/v1/alerts");
+    let answers = flood(&url, 0..POSTS, 16, None).await;
+    let accepted = accepted(&answers);
+    assert_eq!(accepted.len(), POSTS);
+    let before = sink.seqs().len();
+    let url_after = url.clone();
+    let status = tokio::task::spawn_blocking(move || running.terminate())
+        .await
+        .expect("terminate");
+    assert!(status.success(), "{status:?}");
+    let at_exit = sink.seqs();
+    eprintln!(
+        "SIGTERM with {} of {POSTS} delivered; {} delivered when the process exited",
+        before,
+        at_exit.len()
+    );
+    assert!(
+        accepted.is_subset(&at_exit),
+        "the backlog was not delivered during the grace period: {} missing",
+        accepted.difference(&at_exit).count()
+    );
+    // Nothing listens any more.
+    assert!(
+        reqwest::Client::new()
+            .post(&url_after)
+            .json(&payload(0))
+            .send()
+            .await
+            .is_err()
+    );
+}
