@@ -18,6 +18,7 @@ pub const RESERVED_HEADERS: &[&str] = &[
     "user-agent",
     "idempotency-key",
     "host",
+    "herald-delivery",
 ];
 
 /// Whether a header name is one Herald reserves for itself (case-insensitive).
@@ -123,6 +124,11 @@ pub struct WebhookSpec {
     #[schemars(length(max = 2048))]
     #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https']").message("proxyURL must be an http or https URL"))]
     pub proxy_url: Option<String>,
+
+    /// A Secret in this namespace with the proxy's `username` and `password` (Basic
+    /// authentication to the proxy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_secret_ref: Option<SecretRef>,
 
     /// NotificationCondition names in this namespace; every one must hold for an alert to be sent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

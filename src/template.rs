@@ -1,0 +1,285 @@
+//! Custom body templates in a box: a template written by a tenant runs with a step budget
+//! (MiniJinja's fuel), a bound on what it may write, and a wall-clock deadline, on a small pool
+//! of blocking threads rather than on the async runtime. One tenant's heavy template then costs
+//! only that tenant's deliveries: they fail with a reason, and everything else keeps running.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Bounds on one render of a custom template.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TemplateLimits {
+    /// Steps (MiniJinja instructions) one render may take.
+    pub fuel: u64,
+    /// Bytes one render may write.
+    pub max_output: usize,
+    /// Wall-clock time one render may take, waiting for a thread included.
+    pub deadline: Duration,
+    /// Largest template source accepted, in bytes.
+    pub max_source: usize,
+}
+
+impl Default for TemplateLimits {
+    fn default() -> Self {
+        TemplateLimits {
+            fuel: 1_000_000,
+            max_output: 1024 * 1024,
+            deadline: Duration::from_secs(2),
+            max_source: 64 * 1024,
+        }
+    }
+}
+
+/// Why a custom template produced no body.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// The source is larger than allowed.
+    #[error("the template is {size} bytes; at most {max} are allowed")]
+    TooLong {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The source does not compile.
+    #[error("{0}")]
+    Syntax(String),
+    /// Rendering took more steps than allowed.
+    #[error("the template used more than its {0} steps and was stopped")]
+    OutOfFuel(u64),
+    /// Rendering wrote more than allowed.
+    #[error("the template's output exceeds {0} bytes and was stopped")]
+    TooLarge(usize),
+    /// Rendering did not finish in time.
+    #[error("the template did not finish within {0:?} and was abandoned")]
+    Deadline(Duration),
+    /// Rendering failed (an undefined value, a wrong type, ...).
+    #[error("{0}")]
+    Failed(String),
+    /// The rendering thread stopped without an answer.
+    #[error("the template renderer stopped: {0}")]
+    Stopped(String),
+}
+
+/// A compiled template and the limits it runs under.
+#[derive(Debug)]
+pub struct SandboxedTemplate {
+    env: minijinja::Environment<'static>,
+    limits: TemplateLimits,
+}
+
+/// The name the template is kept under in its environment.
+const NAME: &str = "body";
+
+impl SandboxedTemplate {
+    /// Compiles a template (errors name the line).
+    pub fn compile(source: &str, limits: TemplateLimits) -> Result<Self, TemplateError> {
+        if source.len() > limits.max_source {
+            return Err(TemplateError::TooLong {
+                size: source.len(),
+                max: limits.max_source,
+            });
+        }
+        let mut env = minijinja::Environment::new();
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        env.set_fuel(Some(limits.fuel));
+        env.add_template_owned(NAME, source.to_string())
+            .map_err(|e| TemplateError::Syntax(e.to_string()))?;
+        Ok(SandboxedTemplate { env, limits })
+    }
+
+    /// The limits this template runs under.
+    pub fn limits(&self) -> TemplateLimits {
+        self.limits
+    }
+
+    /// Renders on the calling thread, within the step and output bounds (not the deadline:
+    /// see [`render`] for that).
+    pub fn render_here(&self, context: &minijinja::Value) -> Result<Vec<u8>, TemplateError> {
+        let template = self
+            .env
+            .get_template(NAME)
+            .map_err(|e| TemplateError::Failed(e.to_string()))?;
+        let mut out = BoundedWriter {
+            bytes: Vec::new(),
+            max: self.limits.max_output,
+            overflowed: false,
+        };
+        match template.render_captured_to(context, &mut out) {
+            Ok(_) => Ok(out.bytes),
+            Err(_) if out.overflowed => Err(TemplateError::TooLarge(self.limits.max_output)),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => {
+                Err(TemplateError::OutOfFuel(self.limits.fuel))
+            }
+            Err(e) => Err(TemplateError::Failed(e.to_string())),
+        }
+    }
+}
+
+/// A writer that refuses to grow past `max` bytes.
+struct BoundedWriter {
+    bytes: Vec<u8>,
+    max: usize,
+    overflowed: bool,
+}
+
+impl io::Write for BoundedWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.max {
+            self.overflowed = true;
+            return Err(io::Error::other("output limit reached"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Threads that render templates at once, across all tenants.
+fn pool_size() -> usize {
+    std::thread::available_parallelism()
+        .map(usize::from)
+        .unwrap_or(2)
+        .clamp(2, 8)
+}
+
+/// The render pool: a bound on renders in flight overall, and one per namespace, so that one
+/// tenant's templates hold at most one thread.
+struct Pool {
+    overall: Arc<Semaphore>,
+    per_namespace: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+static POOL: LazyLock<Pool> = LazyLock::new(|| Pool {
+    overall: Arc::new(Semaphore::new(pool_size())),
+    per_namespace: Mutex::new(HashMap::new()),
+});
+
+impl Pool {
+    fn namespace(&self, namespace: &str) -> Arc<Semaphore> {
+        let mut map = self.per_namespace.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget namespaces nobody renders in right now (a semaphore with its one permit free
+        // and no other holder).
+        if map.len() > 1024 {
+            map.retain(|_, s| Arc::strong_count(s) > 1 || s.available_permits() == 0);
+        }
+        map.entry(namespace.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(1)))
+            .clone()
+    }
+
+    async fn permits(
+        &self,
+        namespace: &str,
+    ) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let own = self.namespace(namespace).acquire_owned().await.ok()?;
+        let overall = self.overall.clone().acquire_owned().await.ok()?;
+        Some((own, overall))
+    }
+}
+
+/// Renders a tenant's template off the async runtime, within its limits: the wait for a
+/// thread and the render together take at most the deadline. A render that misses its
+/// deadline keeps its thread until its fuel runs out, so the pool stays bounded.
+pub async fn render(
+    template: Arc<SandboxedTemplate>,
+    namespace: &str,
+    context: minijinja::Value,
+) -> Result<Vec<u8>, TemplateError> {
+    let deadline = template.limits.deadline;
+    let work = async move {
+        let permits = POOL
+            .permits(namespace)
+            .await
+            .ok_or_else(|| TemplateError::Stopped("the render pool is closed".into()))?;
+        let task = tokio::task::spawn_blocking(move || {
+            let result = template.render_here(&context);
+            drop(permits);
+            result
+        });
+        task.await
+            .map_err(|e| TemplateError::Stopped(e.to_string()))?
+    };
+    tokio::time::timeout(deadline, work)
+        .await
+        .unwrap_or(Err(TemplateError::Deadline(deadline)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile(source: &str) -> SandboxedTemplate {
+        SandboxedTemplate::compile(source, TemplateLimits::default()).expect("compiles")
+    }
+
+    #[test]
+    fn endless_loops_run_out_of_fuel() {
+        let t = compile(
+            "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}",
+        );
+        assert!(matches!(
+            t.render_here(&minijinja::Value::UNDEFINED),
+            Err(TemplateError::OutOfFuel(_))
+        ));
+    }
+
+    #[test]
+    fn large_output_is_cut_off() {
+        let t = compile("{{ 'x' * 2000000 }}");
+        assert!(matches!(
+            t.render_here(&minijinja::Value::UNDEFINED),
+            Err(TemplateError::TooLarge(_))
+        ));
+        let t = compile("{% for i in range(3000) %}{{ 'y' * 1000 }}{% endfor %}");
+        assert!(matches!(
+            t.render_here(&minijinja::Value::UNDEFINED),
+            Err(TemplateError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn long_sources_are_refused() {
+        let source = "x".repeat(TemplateLimits::default().max_source + 1);
+        assert!(matches!(
+            SandboxedTemplate::compile(&source, TemplateLimits::default()),
+            Err(TemplateError::TooLong { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_slow_render_misses_its_deadline_without_blocking_the_runtime() {
+        // Enough fuel for far longer than the deadline (a render keeps its thread until its
+        // fuel runs out, which this test's runtime then waits for).
+        let limits = TemplateLimits {
+            fuel: 20_000_000,
+            deadline: Duration::from_millis(1),
+            ..TemplateLimits::default()
+        };
+        let t = Arc::new(
+            SandboxedTemplate::compile(
+                "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}",
+                limits,
+            )
+            .expect("compiles"),
+        );
+        let result = render(t, "team-a", minijinja::Value::UNDEFINED).await;
+        assert!(
+            matches!(result, Err(TemplateError::Deadline(_))),
+            "{result:?}"
+        );
+        // Another namespace still renders.
+        let quick = Arc::new(compile("ok"));
+        let out = render(quick, "team-b", minijinja::Value::UNDEFINED)
+            .await
+            .expect("renders");
+        assert_eq!(out, b"ok");
+    }
+}
