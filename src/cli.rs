@@ -56,6 +56,26 @@ pub enum Command {
     Test(TestArgs),
     /// List delivery records from a running Herald, or replay one.
     Deliveries(DeliveriesArgs),
+    /// Render custom templates for a running Herald (started by it, one JSON line each way).
+    #[command(hide = true)]
+    TemplateWorker {
+        /// The worker's data size limit, in MiB.
+        #[arg(long, default_value_t = DEFAULT_TEMPLATE_MEMORY_MIB)]
+        memory_limit_mib: u64,
+    },
+}
+
+/// The memory a template worker process may use, in MiB.
+const DEFAULT_TEMPLATE_MEMORY_MIB: u64 = 64;
+
+/// Renders custom templates in worker processes (this binary) with a memory limit.
+fn template_workers(memory_limit_mib: u64) {
+    match std::env::current_exe() {
+        Ok(program) => crate::template::use_workers(program, memory_limit_mib),
+        Err(e) => tracing::warn!(
+            "cannot find Herald's own binary ({e}): custom templates render in-process, without a memory limit"
+        ),
+    }
 }
 
 /// `herald deliveries`.
@@ -160,6 +180,10 @@ pub struct CoreArgs {
     /// repeatable. Deny rules win over allow rules.
     #[arg(long = "deny-destination", value_name = "RULE")]
     pub deny_destinations: Vec<crate::delivery::DestinationRule>,
+    /// Memory each template worker process may use, in MiB (custom templates render in two
+    /// such processes; one that exceeds it is ended and its delivery fails).
+    #[arg(long, default_value_t = DEFAULT_TEMPLATE_MEMORY_MIB)]
+    pub template_memory_mib: u64,
     /// Use only Secrets labelled or annotated `herald.dev/use: "true"` (ServiceAccount token
     /// Secrets are refused either way).
     #[arg(long)]
@@ -194,6 +218,7 @@ impl CoreArgs {
     }
 
     fn herald(&self, cluster_namespaces: &[String], loopback: bool) -> anyhow::Result<Herald> {
+        template_workers(self.template_memory_mib);
         let limits = RecordLimits {
             per_webhook: self.records_per_webhook,
             dead_letters: self.dead_letters_per_webhook,
@@ -416,6 +441,9 @@ pub struct TestArgs {
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::TemplateWorker { memory_limit_mib } = cli.command {
+        return crate::template::worker_main(memory_limit_mib);
+    }
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -502,6 +530,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Test(args) => test(args).await,
         Command::Deliveries(args) => deliveries(args).await,
+        Command::TemplateWorker { memory_limit_mib } => {
+            Ok(crate::template::worker_main(memory_limit_mib))
+        }
     }
 }
 
@@ -712,6 +743,7 @@ async fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
         return test_in_cluster(&args).await;
     };
     let key = ObjectKey::new(args.namespace.as_str(), args.name.as_str());
+    template_workers(DEFAULT_TEMPLATE_MEMORY_MIB);
     let herald = Herald::new([args.namespace.clone()], EngineConfig::default())
         .with_policy(crate::delivery::TargetPolicy::allowing_loopback());
     let mut loader = Loader::new(config);

@@ -1,7 +1,13 @@
 //! Custom body templates in a box: a template written by a tenant runs with a step budget
-//! (MiniJinja's fuel), a bound on what it may write, and a wall-clock deadline, on a small pool
-//! of blocking threads rather than on the async runtime. One tenant's heavy template then costs
-//! only that tenant's deliveries: they fail with a reason, and everything else keeps running.
+//! (MiniJinja's fuel), a bound on what it may write, and a wall-clock deadline, off the async
+//! runtime, at most one per namespace and a few overall. One tenant's heavy template then
+//! costs only that tenant's deliveries: they fail with a reason, and everything else keeps
+//! running.
+//!
+//! The `herald` binary renders in worker processes (`herald template-worker`) with a memory
+//! limit: a template that builds a huge string ends its worker, not Herald, and one past its
+//! deadline is killed. Used as a library without [`use_workers`], templates render on tokio's
+//! blocking threads (same fuel, output and deadline bounds, no memory bound).
 
 use std::collections::HashMap;
 use std::io;
@@ -55,8 +61,13 @@ pub enum TemplateError {
     #[error("the template's output exceeds {0} bytes and was stopped")]
     TooLarge(usize),
     /// Rendering did not finish in time.
-    #[error("the template did not finish within {0:?} and was abandoned")]
+    #[error("the template did not finish within {0:?} and was stopped")]
     Deadline(Duration),
+    /// The worker rendering it ran out of memory (or otherwise died).
+    #[error(
+        "the template's renderer exceeded its memory limit of {0} MiB (or crashed) and was stopped"
+    )]
+    Memory(u64),
     /// Rendering failed (an undefined value, a wrong type, ...).
     #[error("{0}")]
     Failed(String),
@@ -70,6 +81,8 @@ pub enum TemplateError {
 pub struct SandboxedTemplate {
     env: minijinja::Environment<'static>,
     limits: TemplateLimits,
+    /// The source, for worker processes.
+    source: String,
 }
 
 /// The name the template is kept under in its environment.
@@ -89,7 +102,11 @@ impl SandboxedTemplate {
         env.set_fuel(Some(limits.fuel));
         env.add_template_owned(NAME, source.to_string())
             .map_err(|e| TemplateError::Syntax(e.to_string()))?;
-        Ok(SandboxedTemplate { env, limits })
+        Ok(SandboxedTemplate {
+            env,
+            limits,
+            source: source.to_string(),
+        })
     }
 
     /// The limits this template runs under.
@@ -186,8 +203,7 @@ impl Pool {
 }
 
 /// Renders a tenant's template off the async runtime, within its limits: the wait for a
-/// thread and the render together take at most the deadline. A render that misses its
-/// deadline keeps its thread until its fuel runs out, so the pool stays bounded.
+/// turn and the render together take at most the deadline.
 pub async fn render(
     template: Arc<SandboxedTemplate>,
     namespace: &str,
@@ -199,6 +215,13 @@ pub async fn render(
             .permits(namespace)
             .await
             .ok_or_else(|| TemplateError::Stopped("the render pool is closed".into()))?;
+        if let Some(workers) = WORKERS.get() {
+            let result = workers.render(&template, &context).await;
+            drop(permits);
+            return result;
+        }
+        // A render that misses its deadline keeps its thread until its fuel runs out, so the
+        // threads in use stay bounded.
         let task = tokio::task::spawn_blocking(move || {
             let result = template.render_here(&context);
             drop(permits);
@@ -210,6 +233,196 @@ pub async fn render(
     tokio::time::timeout(deadline, work)
         .await
         .unwrap_or(Err(TemplateError::Deadline(deadline)))
+}
+
+/// The worker processes, once [`use_workers`] was called.
+static WORKERS: std::sync::OnceLock<Workers> = std::sync::OnceLock::new();
+
+/// Renders every template from now on in worker processes: `program` run with the argument
+/// `template-worker` and `--memory-limit-mib` (the `herald` binary itself).
+pub fn use_workers(program: std::path::PathBuf, memory_limit_mib: u64) {
+    let _ = WORKERS.set(Workers {
+        program,
+        memory_limit_mib,
+        idle: Mutex::new(Vec::new()),
+    });
+}
+
+/// Idle worker processes, started on demand; a worker that fails or misses a deadline is
+/// killed rather than reused.
+struct Workers {
+    program: std::path::PathBuf,
+    memory_limit_mib: u64,
+    idle: Mutex<Vec<Worker>>,
+}
+
+struct Worker {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
+}
+
+/// One render asked of a worker (one JSON line).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WorkerRequest {
+    source: String,
+    context: serde_json::Value,
+    fuel: u64,
+    max_output: usize,
+}
+
+/// A worker's answer (one JSON line).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum WorkerAnswer {
+    Body(String),
+    OutOfFuel,
+    TooLarge,
+    Failed(String),
+}
+
+impl Workers {
+    fn spawn(&self) -> Result<Worker, TemplateError> {
+        let mut child = tokio::process::Command::new(&self.program)
+            .args([
+                "template-worker",
+                "--memory-limit-mib",
+                &self.memory_limit_mib.to_string(),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| TemplateError::Stopped(format!("cannot start a template worker: {e}")))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(TemplateError::Stopped(
+                "the template worker has no pipes".into(),
+            ));
+        };
+        Ok(Worker {
+            child,
+            stdin,
+            stdout: tokio::io::BufReader::new(stdout),
+        })
+    }
+
+    async fn render(
+        &self,
+        template: &SandboxedTemplate,
+        context: &minijinja::Value,
+    ) -> Result<Vec<u8>, TemplateError> {
+        use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut worker = match idle {
+            Some(worker) => worker,
+            None => self.spawn()?,
+        };
+        let request = WorkerRequest {
+            source: template.source.clone(),
+            context: serde_json::to_value(context)
+                .map_err(|e| TemplateError::Failed(e.to_string()))?,
+            fuel: template.limits.fuel,
+            max_output: template.limits.max_output,
+        };
+        let mut line =
+            serde_json::to_vec(&request).map_err(|e| TemplateError::Failed(e.to_string()))?;
+        line.push(b'\n');
+        let mut answer = String::new();
+        let exchanged = async {
+            worker.stdin.write_all(&line).await?;
+            worker.stdin.flush().await?;
+            worker.stdout.read_line(&mut answer).await
+        }
+        .await;
+        match exchanged {
+            Ok(n) if n > 0 => {}
+            // The worker is gone: out of memory (its allocator failed under the limit), or
+            // killed. Dropping it reaps it.
+            _ => {
+                let _ = worker.child.start_kill();
+                return Err(TemplateError::Memory(self.memory_limit_mib));
+            }
+        }
+        let answer: WorkerAnswer = serde_json::from_str(&answer)
+            .map_err(|e| TemplateError::Stopped(format!("unreadable worker answer: {e}")))?;
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(worker);
+        match answer {
+            WorkerAnswer::Body(body) => Ok(body.into_bytes()),
+            WorkerAnswer::OutOfFuel => Err(TemplateError::OutOfFuel(template.limits.fuel)),
+            WorkerAnswer::TooLarge => Err(TemplateError::TooLarge(template.limits.max_output)),
+            WorkerAnswer::Failed(message) => Err(TemplateError::Failed(message)),
+        }
+    }
+}
+
+/// `herald template-worker`: renders requests from standard input, one JSON line each, with
+/// the process's data size limited to `memory_limit_mib`; answers on standard output. Ends at
+/// the end of its input (or when its allocator fails under the limit).
+pub fn worker_main(memory_limit_mib: u64) -> std::process::ExitCode {
+    use std::io::{BufRead as _, Write as _};
+    let bytes = memory_limit_mib.saturating_mul(1024 * 1024);
+    let limit = libc::rlimit {
+        rlim_cur: bytes as libc::rlim_t,
+        rlim_max: bytes as libc::rlim_t,
+    };
+    // SAFETY: setrlimit reads the struct it is given; RLIMIT_DATA bounds this process alone.
+    if unsafe { libc::setrlimit(libc::RLIMIT_DATA, &limit) } != 0 {
+        eprintln!(
+            "template-worker: cannot limit memory: {}",
+            std::io::Error::last_os_error()
+        );
+        return std::process::ExitCode::FAILURE;
+    }
+    let mut compiled: HashMap<String, SandboxedTemplate> = HashMap::new();
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout().lock();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        let answer = match serde_json::from_str::<WorkerRequest>(&line) {
+            Err(e) => WorkerAnswer::Failed(format!("unreadable request: {e}")),
+            Ok(request) => {
+                let limits = TemplateLimits {
+                    fuel: request.fuel,
+                    max_output: request.max_output,
+                    max_source: usize::MAX,
+                    ..TemplateLimits::default()
+                };
+                if compiled.len() > 256 {
+                    compiled.clear();
+                }
+                let template = match compiled.entry(request.source) {
+                    std::collections::hash_map::Entry::Occupied(entry) => Ok(entry.into_mut()),
+                    std::collections::hash_map::Entry::Vacant(entry) => {
+                        SandboxedTemplate::compile(entry.key(), limits).map(|t| entry.insert(t))
+                    }
+                };
+                let context = minijinja::Value::from_serialize(&request.context);
+                match template.and_then(|t| t.render_here(&context)) {
+                    Ok(body) => WorkerAnswer::Body(String::from_utf8_lossy(&body).into_owned()),
+                    Err(TemplateError::OutOfFuel(_)) => WorkerAnswer::OutOfFuel,
+                    Err(TemplateError::TooLarge(_)) => WorkerAnswer::TooLarge,
+                    Err(e) => WorkerAnswer::Failed(e.to_string()),
+                }
+            }
+        };
+        let Ok(mut out) = serde_json::to_vec(&answer) else {
+            break;
+        };
+        out.push(b'\n');
+        if stdout
+            .write_all(&out)
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
+    std::process::ExitCode::SUCCESS
 }
 
 #[cfg(test)]

@@ -108,7 +108,7 @@ pub struct WebhookSpec {
     /// Idempotency-Key, Host, webhook-*) are refused.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64), inner(length(max = 4096)))]
-    #[x_kube(validation = Rule::new("self.all(k, size(k) <= 256 && !(k.lowerAscii() in ['authorization', 'content-type', 'user-agent', 'idempotency-key', 'host']) && !k.lowerAscii().startsWith('webhook-'))").message("headers may not set Authorization, Content-Type, User-Agent, Idempotency-Key, Host or any webhook-* header, and names are at most 256 characters"))]
+    #[x_kube(validation = Rule::new("self.all(k, size(k) <= 256 && !(k.lowerAscii() in ['authorization', 'content-type', 'user-agent', 'idempotency-key', 'host', 'herald-delivery']) && !k.lowerAscii().startsWith('webhook-'))").message("headers may not set Authorization, Content-Type, User-Agent, Idempotency-Key, Host, Herald-Delivery or any webhook-* header, and names are at most 256 characters"))]
     pub headers: BTreeMap<String, String>,
 
     /// A Secret in this namespace whose every key is sent as a header (API keys).
