@@ -930,7 +930,7 @@ async fn a_reserved_key_in_the_headers_secret_makes_the_webhook_not_ready() {
     apply(&herald, spec, &[("hs", secret(&[("X-Fine", "1")]))]).expect("ready");
 }
 
-const RESERVED_MESSAGE: &str = "headers may not set Authorization, Content-Type, User-Agent, Idempotency-Key, Host or any webhook-* header";
+const RESERVED_MESSAGE: &str = "headers may not set Authorization, Content-Type, User-Agent, Idempotency-Key, Host, Herald-Delivery or any webhook-* header";
 
 fn header_webhook(namespace: &str, name: &str, header: &str) -> String {
     format!(
