@@ -878,3 +878,64 @@ async fn a_webhook_whose_deliveries_start_failing_gets_a_warning_event() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn service_account_tokens_and_unmarked_secrets_are_refused() {
+    let client = cluster::client().await;
+    let ns = "secret-consent";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    let _controller = Controller::start(
+        ns,
+        &[ns],
+        &["--cluster-namespace", ns, "--require-secret-consent"],
+    )
+    .await;
+    // A ServiceAccount token Secret, even one marked for Herald: never sent.
+    apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: sa-token, namespace: {ns}, labels: {{herald.dev/use: 'true'}}, annotations: {{kubernetes.io/service-account.name: default}}}}\ntype: kubernetes.io/service-account-token\nstringData: {{token: sa-t0ken-value}}\n"
+    ));
+    // An ordinary Secret without the mark: refused until its owner marks it.
+    apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: plain, namespace: {ns}}}\nstringData: {{token: plain-t0ken}}\n"
+    ));
+    for (name, secret) in [("steal", "sa-token"), ("plain", "plain")] {
+        apply(&webhook(
+            ns,
+            name,
+            &format!(
+                "{{url: '{}', auth: {{type: Bearer, secretRef: {{name: {secret}}}}}}}",
+                sink.url()
+            ),
+        ));
+    }
+    let steal = wait_webhook(&client, ns, "steal", "Ready=False SecretRefused", |w| {
+        ready_is(w, "False", "SecretRefused")
+    })
+    .await;
+    let condition = steal
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(condition.contains("ServiceAccount token"), "{condition}");
+    wait_webhook(&client, ns, "plain", "Ready=False SecretRefused", |w| {
+        ready_is(w, "False", "SecretRefused")
+    })
+    .await;
+    kubectl(&["label", "-n", ns, "secret/plain", "herald.dev/use=true"]);
+    wait_webhook(&client, ns, "plain", "Ready=True", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    let steal: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    let steal = steal.get("steal").await.expect("webhook");
+    assert!(ready_is(&steal, "False", "SecretRefused"));
+    assert!(
+        sink.received()
+            .iter()
+            .all(|r| r.header("authorization").as_deref() != Some("Bearer sa-t0ken-value")),
+        "a ServiceAccount token was sent"
+    );
+}

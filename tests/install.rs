@@ -407,9 +407,11 @@ fn deploy_applies_with_kustomize_and_every_object_exists() {
     let service = kubectl_json(&["get", "-n", "herald", "service/herald"]);
     selects_pods(at(&service, "/spec/selector"));
     let ports = at(&service, "/spec/ports").as_array().unwrap();
-    assert_eq!(ports.len(), 1);
+    assert_eq!(ports.len(), 2);
     assert_eq!(ports[0]["port"], 8080);
     assert_eq!(ports[0]["targetPort"], "receiver");
+    assert_eq!(ports[1]["port"], 9090);
+    assert_eq!(ports[1]["targetPort"], "metrics");
     let pdb = kubectl_json(&["get", "-n", "herald", "pdb/herald"]);
     assert_eq!(at(&pdb, "/spec/minAvailable"), 1);
     selects_pods(at(&pdb, "/spec/selector/matchLabels"));
@@ -1195,7 +1197,8 @@ fn chart_with_every_option_renders_and_applies() {
         .filter(|(_, o)| o["apiVersion"] != "monitoring.coreos.com/v1")
         .cloned()
         .collect();
-    assert_eq!(core.len(), CHART_KINDS.len());
+    // The receiver's token Secret is the installer's (receiverAuth.existingSecret).
+    assert_eq!(core.len(), CHART_KINDS.len() - 1);
     let live = apply_into(ns, &core);
     let deployment = &live[&format!("Deployment/{ns}/hf-herald")];
     let pod = at(deployment, "/spec/template");
@@ -1371,7 +1374,14 @@ fn chart_existing_claim_replaces_the_empty_dir() {
         "{deployment:#}"
     );
     let pod = at(deployment, "/spec/template/spec");
-    assert!(pod.get("volumes").is_none(), "{pod:#}");
+    assert!(
+        !at(pod, "/volumes")
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "data"),
+        "{pod:#}"
+    );
     assert!(
         !flags(at(pod, "/containers/0/args"))
             .iter()
@@ -1408,7 +1418,10 @@ fn chart_rejects_bad_values() {
             "additional properties 'enable' not allowed",
         ),
         ("logFormat: xml\n", "/logFormat"),
-        ("denyLinkLocal: \"yes\"\n", "/denyLinkLocal"),
+        (
+            "secretConsent: {required: \"yes\"}\n",
+            "/secretConsent/required",
+        ),
         ("persistence: {enabled: 1}\n", "/persistence/enabled"),
         (
             "persistence: {enable: true}\n",
