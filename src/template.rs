@@ -76,20 +76,22 @@ pub enum TemplateError {
     Stopped(String),
 }
 
-/// A compiled template and the limits it runs under.
+/// A checked template and the limits it runs under. Checking parses it only: compiling folds
+/// constant expressions (`"x" * 100000000 ~ ...`), which can take any amount of memory, so a
+/// template is compiled where it renders (a worker process, see [`use_workers`]).
 #[derive(Debug)]
 pub struct SandboxedTemplate {
-    env: minijinja::Environment<'static>,
     limits: TemplateLimits,
-    /// The source, for worker processes.
     source: String,
+    /// Compiled on first render on this side, when templates render in-process.
+    compiled: std::sync::OnceLock<Result<minijinja::Environment<'static>, String>>,
 }
 
 /// The name the template is kept under in its environment.
 const NAME: &str = "body";
 
 impl SandboxedTemplate {
-    /// Compiles a template (errors name the line).
+    /// Checks a template's size and syntax (errors name the line), without compiling it.
     pub fn compile(source: &str, limits: TemplateLimits) -> Result<Self, TemplateError> {
         if source.len() > limits.max_source {
             return Err(TemplateError::TooLong {
@@ -97,15 +99,17 @@ impl SandboxedTemplate {
                 max: limits.max_source,
             });
         }
-        let mut env = minijinja::Environment::new();
-        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-        env.set_fuel(Some(limits.fuel));
-        env.add_template_owned(NAME, source.to_string())
-            .map_err(|e| TemplateError::Syntax(e.to_string()))?;
+        minijinja::machinery::parse(
+            source,
+            NAME,
+            minijinja::syntax::SyntaxConfig::default(),
+            minijinja::machinery::WhitespaceConfig::default(),
+        )
+        .map_err(|e| TemplateError::Syntax(e.to_string()))?;
         Ok(SandboxedTemplate {
-            env,
             limits,
             source: source.to_string(),
+            compiled: std::sync::OnceLock::new(),
         })
     }
 
@@ -114,11 +118,25 @@ impl SandboxedTemplate {
         self.limits
     }
 
-    /// Renders on the calling thread, within the step and output bounds (not the deadline:
-    /// see [`render`] for that).
+    fn environment(&self) -> Result<&minijinja::Environment<'static>, TemplateError> {
+        self.compiled
+            .get_or_init(|| {
+                let mut env = minijinja::Environment::new();
+                env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+                env.set_fuel(Some(self.limits.fuel));
+                env.add_template_owned(NAME, self.source.clone())
+                    .map_err(|e| e.to_string())?;
+                Ok(env)
+            })
+            .as_ref()
+            .map_err(|e| TemplateError::Syntax(e.clone()))
+    }
+
+    /// Compiles (once) and renders on the calling thread, within the step and output bounds
+    /// (not the deadline or a memory bound: see [`render`] for those).
     pub fn render_here(&self, context: &minijinja::Value) -> Result<Vec<u8>, TemplateError> {
         let template = self
-            .env
+            .environment()?
             .get_template(NAME)
             .map_err(|e| TemplateError::Failed(e.to_string()))?;
         let mut out = BoundedWriter {
@@ -455,6 +473,18 @@ mod tests {
         assert!(matches!(
             t.render_here(&minijinja::Value::UNDEFINED),
             Err(TemplateError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn checking_does_not_fold_constants() {
+        // Compiling this would build a 400 MB string; checking it only parses.
+        let bomb =
+            "{{ ('x' * 100000000 ~ 'x' * 100000000) ~ ('x' * 100000000 ~ 'x' * 100000000) }}";
+        assert!(SandboxedTemplate::compile(bomb, TemplateLimits::default()).is_ok());
+        assert!(matches!(
+            SandboxedTemplate::compile("{% for %}", TemplateLimits::default()),
+            Err(TemplateError::Syntax(_))
         ));
     }
 

@@ -106,7 +106,12 @@ impl DestinationGuard {
 pub fn is_policy_refusal(err: &hyper_util::client::legacy::Error) -> bool {
     let mut source = std::error::Error::source(err);
     while let Some(cause) = source {
-        if cause.is::<PolicyRefusal>() {
+        // An `io::Error` wrapping one hides it from `source()`.
+        let wrapped = cause
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::get_ref)
+            .is_some_and(|inner| inner.is::<PolicyRefusal>());
+        if wrapped || cause.is::<PolicyRefusal>() {
             return true;
         }
         source = cause.source();
@@ -713,6 +718,74 @@ mod tests {
         assert_eq!(plain.uri, "https://proxy.example:443/");
         assert!(plain.authorization.is_none());
         assert!(ProxyAddress::parse("socks5://proxy.example:1080").is_err());
+    }
+
+    /// A request through a client under `policy` for namespace `team-a`.
+    async fn send_under(policy: &DestinationPolicy, url: &str) -> Result<u16, bool> {
+        let guard = DestinationGuard {
+            policy: policy.clone(),
+            namespace: Arc::from("team-a"),
+        };
+        let client = HttpClient::new(&ClientSettings {
+            guard: Some(&guard),
+            ..ClientSettings::default()
+        })
+        .expect("client");
+        let mut request = Request::new(RequestBody::default());
+        *request.uri_mut() = url.parse().expect("uri");
+        match client.send(request).await {
+            Ok(response) => Ok(response.status().as_u16()),
+            Err(e) => Err(is_policy_refusal(&e)),
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_are_checked_after_dns_and_by_the_address_reached() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        // By default a name that resolves to loopback is refused at connect time.
+        let deny = DestinationPolicy::default();
+        for url in [
+            format!("http://localhost:{port}/"),
+            format!("http://127.0.0.1:{port}/"),
+            format!("http://[::ffff:127.0.0.1]:{port}/"),
+        ] {
+            assert_eq!(send_under(&deny, &url).await, Err(true), "{url}");
+        }
+        let open = DestinationPolicy::allowing_loopback();
+        assert_eq!(
+            send_under(&open, &format!("http://localhost:{port}/")).await,
+            Ok(204)
+        );
+        // Once it is one of Herald's own listeners, it is refused by the address reached.
+        open.add_own_listener(SocketAddr::from(([127, 0, 0, 1], port)));
+        assert_eq!(
+            send_under(&open, &format!("http://localhost:{port}/")).await,
+            Err(true)
+        );
+        // So is a proxy that is.
+        let guard = DestinationGuard {
+            policy: deny,
+            namespace: Arc::from("team-a"),
+        };
+        let proxied = HttpClient::new(&ClientSettings {
+            guard: Some(&guard),
+            proxy: Some("http://127.0.0.1:3128"),
+            ..ClientSettings::default()
+        });
+        assert!(matches!(proxied, Err(ClientError::Proxy(_))));
     }
 
     #[test]
