@@ -102,7 +102,7 @@ impl SandboxedTemplate {
         minijinja::machinery::parse(
             source,
             NAME,
-            minijinja::syntax::SyntaxConfig::default(),
+            Default::default(),
             minijinja::machinery::WhitespaceConfig::default(),
         )
         .map_err(|e| TemplateError::Syntax(e.to_string()))?;

@@ -298,9 +298,7 @@ fn embedded_v4(v6: Ipv6Addr) -> Vec<Ipv4Addr> {
         out.push(low);
     }
     // NAT64: 64:ff9b::/96 (well-known) and 64:ff9b:1::/48 (local use).
-    if (s[0] == 0x64 && s[1] == 0xff9b && s[2..6].iter().all(|&x| x == 0))
-        || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1)
-    {
+    if s[0] == 0x64 && s[1] == 0xff9b && (s[2..6].iter().all(|&x| x == 0) || s[2] == 1) {
         out.push(low);
     }
     // 6to4: 2002:AABB:CCDD::/48.
