@@ -519,7 +519,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Controller(args) => run_controller(*args).await,
         Command::Run(args) => run_standalone(*args).await,
-        Command::Check(args) => check(args),
+        Command::Check(args) => check(args).await,
         Command::Route(args) => route(args),
         Command::Crdgen => {
             print!(
@@ -659,8 +659,48 @@ fn load_checked(
     Ok((herald, manifests))
 }
 
-fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+/// Renders a webhook's template for a test message, as a delivery would (in a worker, within
+/// the template limits): what fails there fails its deliveries too.
+async fn trial_render(webhook: &crate::crd::Webhook) -> Option<String> {
+    use std::sync::Arc;
+    let source = webhook.spec.template.as_deref()?;
+    let key = ObjectKey::new(
+        webhook.metadata.namespace.clone().unwrap_or_default(),
+        webhook.metadata.name.clone().unwrap_or_default(),
+    );
+    let template = match crate::render::compile_template(source) {
+        Ok(template) => Arc::new(template),
+        // Reported as the webhook's readiness already.
+        Err(_) => return None,
+    };
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let alerts = [Arc::new(crate::render::test_alert(&key, &now))];
+    let content = crate::render::Content {
+        webhook: &key,
+        kind: webhook.spec.kind,
+        test: true,
+        alerts: &alerts,
+        group_labels: &Arc::default(),
+        external_url: &Arc::from(""),
+    };
+    let context = crate::render::template_context(&crate::render::notification(
+        content,
+        webhook.spec.language,
+    ));
+    crate::template::render(template, &key.namespace, context)
+        .await
+        .err()
+        .map(|e| format!("{key}: spec.template fails on a test message: {e}"))
+}
+
+async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let (herald, manifests) = load_checked(&args.dir, &args.cluster_namespaces)?;
+    template_workers(DEFAULT_TEMPLATE_MEMORY_MIB);
+    for webhook in &manifests.webhooks {
+        if let Some(warning) = trial_render(webhook).await {
+            eprintln!("warning: {warning}");
+        }
+    }
     let table = herald.table();
     println!(
         "{:<40} {:<7} {:<8} {:<6} CONDITIONS",

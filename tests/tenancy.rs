@@ -141,6 +141,18 @@ async fn heavy_templates_fail_with_a_reason_while_everything_else_keeps_going() 
     heavy.assert_none_within(Duration::from_millis(200)).await;
     assert_healthy(&herald).await;
     assert!(herald.terminate().success(), "SIGTERM must stop Herald");
+    // `herald check` says so before any alert arrives.
+    let checked = process::herald(&["check", dir.path().to_str().expect("path")]);
+    let stderr = String::from_utf8_lossy(&checked.stderr);
+    for name in ["team-a/heavy-1", "team-a/heavy-2"] {
+        assert!(
+            stderr.contains(&format!(
+                "warning: {name}: spec.template fails on a test message"
+            )),
+            "{stderr}"
+        );
+    }
+    assert!(!stderr.contains("team-b/templated"), "{stderr}");
 }
 
 /// Herald's peak resident set, in KiB.
