@@ -71,14 +71,7 @@ impl Delivery {
 
     /// The request body for a target, in its language and format.
     pub fn body(&self, target: &Target) -> Result<RequestBody, render::RenderError> {
-        let content = Content {
-            webhook: &self.webhook,
-            kind: target.kind,
-            test: self.test,
-            alerts: &self.alerts,
-            group_labels: &self.group_labels,
-            external_url: &self.external_url,
-        };
+        let content = self.content(target);
         if let Some(head) = target.herald_head()
             && let Some(tail) = render::shared_herald_tail(&content, target.language)
         {
@@ -88,6 +81,18 @@ impl Delivery {
         render::body(&notification, target.format, None).map(RequestBody::from)
     }
 
+    /// What this delivery carries, for a target.
+    fn content<'a>(&'a self, target: &Target) -> Content<'a> {
+        Content {
+            webhook: &self.webhook,
+            kind: target.kind,
+            test: self.test,
+            alerts: &self.alerts,
+            group_labels: &self.group_labels,
+            external_url: &self.external_url,
+        }
+    }
+
     /// The request body from a target's custom template, rendered in the template pool
     /// within the template's limits.
     pub async fn template_body(
@@ -95,14 +100,7 @@ impl Delivery {
         target: &Target,
         template: &Arc<crate::template::SandboxedTemplate>,
     ) -> Result<RequestBody, render::RenderError> {
-        let content = Content {
-            webhook: &self.webhook,
-            kind: target.kind,
-            test: self.test,
-            alerts: &self.alerts,
-            group_labels: &self.group_labels,
-            external_url: &self.external_url,
-        };
+        let content = self.content(target);
         let context = render::template_context(&render::notification(content, target.language));
         let body =
             crate::template::render(template.clone(), &self.webhook.namespace, context).await?;
