@@ -939,3 +939,60 @@ async fn service_account_tokens_and_unmarked_secrets_are_refused() {
         "a ServiceAccount token was sent"
     );
 }
+
+#[tokio::test]
+async fn a_heavy_template_fails_its_delivery_with_the_reason_in_status_and_an_event() {
+    let client = cluster::client().await;
+    let ns = "heavy-template";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    let controller =
+        Controller::start(ns, &[ns], &["--cluster-namespace", ns, "--events=false"]).await;
+    apply(&webhook(
+        ns,
+        "hook",
+        &format!(
+            "{{url: '{}', template: '{{% for i in range(100000) %}}{{% for j in range(100000) %}}{{% endfor %}}{{% endfor %}}'}}",
+            sink.url()
+        ),
+    ));
+    wait_webhook(&client, ns, "hook", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    controller
+        .post_until_delivered(json!({"alertname": "A"}), 1)
+        .await;
+    let wh = wait_webhook(&client, ns, "hook", "failed", |w| {
+        w.status
+            .as_ref()
+            .and_then(|s| s.last_delivery.as_ref())
+            .is_some_and(|d| d.outcome == DeliveryOutcome::Failed)
+    })
+    .await;
+    let message = wh
+        .status
+        .and_then(|s| s.last_delivery)
+        .map(|d| d.message)
+        .unwrap_or_default();
+    assert!(message.contains("steps"), "{message}");
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let list = events.list(&ListParams::default()).await.expect("events");
+        if list.items.iter().any(|e| {
+            e.reason.as_deref() == Some("DeliveryFailing")
+                && e.note.as_deref().is_some_and(|n| n.contains("steps"))
+        }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no DeliveryFailing event naming the template's steps: {:?}",
+            list.items
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sink.assert_none_within(Duration::from_millis(100)).await;
+}
