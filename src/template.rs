@@ -177,13 +177,10 @@ impl io::Write for BoundedWriter {
     }
 }
 
-/// Threads that render templates at once, across all tenants.
-fn pool_size() -> usize {
-    std::thread::available_parallelism()
-        .map(usize::from)
-        .unwrap_or(2)
-        .clamp(2, 8)
-}
+/// Renders at once, across all tenants (worker processes, or threads in-process): with the
+/// per-namespace bound, two tenants render side by side, and with the default memory limit
+/// the workers take at most 128 MiB.
+const POOL_SIZE: usize = 2;
 
 /// The render pool: a bound on renders in flight overall, and one per namespace, so that one
 /// tenant's templates hold at most one thread.
@@ -193,7 +190,7 @@ struct Pool {
 }
 
 static POOL: LazyLock<Pool> = LazyLock::new(|| Pool {
-    overall: Arc::new(Semaphore::new(pool_size())),
+    overall: Arc::new(Semaphore::new(POOL_SIZE)),
     per_namespace: Mutex::new(HashMap::new()),
 });
 

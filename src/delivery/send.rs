@@ -69,7 +69,8 @@ impl Delivery {
         }
     }
 
-    /// The request body for a target, in its language and format.
+    /// The request body for a target, in its language and format (a custom template is
+    /// rendered by [`Delivery::template_body`] instead).
     pub fn body(&self, target: &Target) -> Result<RequestBody, render::RenderError> {
         let content = self.content(target);
         if let Some(head) = target.herald_head()
