@@ -226,7 +226,8 @@ async fn full_herald_answers_503_with_retry_after_and_loses_nothing_it_accepted(
             retry: fast_retry(),
             ..EngineConfig::default()
         },
-    );
+    )
+    .with_policy(herald::delivery::TargetPolicy::allowing_loopback());
     apply(
         &herald,
         &format!("metadata: {{name: slow}}\nspec: {{url: '{}'}}", sink.url()),
@@ -274,7 +275,8 @@ async fn a_full_herald_holds_a_batch_until_room_frees_and_refuses_one_that_can_n
             retry: fast_retry(),
             ..EngineConfig::default()
         },
-    );
+    )
+    .with_policy(herald::delivery::TargetPolicy::allowing_loopback());
     for name in ["first", "second"] {
         let condition =
             format!("matchExpressions:\n  - {{key: to, operator: In, values: [{name}, both]}}");
