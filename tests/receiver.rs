@@ -217,12 +217,13 @@ async fn receiver_authentication_requires_the_bearer_token() {
 #[tokio::test]
 async fn full_herald_answers_503_with_retry_after_and_loses_nothing_it_accepted() {
     let sink = Sink::http().await;
-    // A slow endpoint keeps deliveries pending; the global limit is 2.
+    // A slow endpoint keeps deliveries pending; the global limit is 4, of which one webhook
+    // may hold half.
     sink.respond_with(vec![sink::Reply::status(200).delay(Duration::from_secs(2))]);
     let herald = Herald::new(
         ["monitoring".to_string()],
         EngineConfig {
-            max_pending: 2,
+            max_pending: 4,
             retry: fast_retry(),
             ..EngineConfig::default()
         },
