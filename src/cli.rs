@@ -236,6 +236,19 @@ pub struct ReceiverArgs {
     /// the receiver answers 503 (0s: at once).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub overload_wait: Duration,
+    /// Most alerts one request may carry; more refuse the request.
+    #[arg(long, default_value_t = alert::PayloadLimits::default().max_alerts)]
+    pub max_alerts: usize,
+    /// Most labels (and, separately, annotations) one alert may have; more refuse that alert.
+    #[arg(long, default_value_t = alert::PayloadLimits::default().max_labels)]
+    pub max_labels: usize,
+    /// Longest label or annotation name, in bytes; a longer one refuses its alert.
+    #[arg(long, default_value_t = alert::PayloadLimits::default().max_name_bytes)]
+    pub max_label_name_bytes: usize,
+    /// Longest label or annotation value, in bytes; a longer one refuses its alert, not the
+    /// request. Defaults to --body-limit.
+    #[arg(long)]
+    pub max_label_value_bytes: Option<usize>,
 }
 
 impl ReceiverArgs {
@@ -246,6 +259,12 @@ impl ReceiverArgs {
             token: read_token(&self.receiver_token_file)?,
             token_file: self.receiver_token_file.clone(),
             overload_wait: self.overload_wait,
+            payload: alert::PayloadLimits {
+                max_alerts: self.max_alerts,
+                max_labels: self.max_labels,
+                max_name_bytes: self.max_label_name_bytes,
+                max_value_bytes: self.max_label_value_bytes.unwrap_or(self.body_limit),
+            },
             ..ReceiverConfig::default()
         })
     }
@@ -560,8 +579,15 @@ fn route(args: RouteArgs) -> anyhow::Result<ExitCode> {
     }
     let body = std::fs::read(&args.alerts)
         .with_context(|| format!("reading {}", args.alerts.display()))?;
-    let batch = alert::parse_any(&body, k8s_openapi::jiff::Timestamp::now())
+    let mut batch = alert::parse_any(&body, k8s_openapi::jiff::Timestamp::now())
         .with_context(|| format!("parsing {}", args.alerts.display()))?;
+    // What the receiver (with default limits) would refuse, alert by alert.
+    let refused = batch
+        .admit(&alert::PayloadLimits::default(), "")
+        .with_context(|| format!("checking {}", args.alerts.display()))?;
+    for refusal in &refused {
+        println!("refused: {refusal}");
+    }
     let table = herald.table();
     for (i, alert) in batch.alerts.iter().enumerate() {
         let labels: Vec<String> = alert

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use super::client::{RequestBody, describe_error};
 use super::id::DeliveryId;
 use super::target::{Target, USER_AGENT};
-use crate::alert::{Alert, LabelSet};
+use crate::alert::{Alert, GroupSource, LabelSet};
 use crate::render::{self, Content};
 use crate::routing::ObjectKey;
 
@@ -34,6 +34,13 @@ pub struct Delivery {
     /// Alertmanager's URL.
     #[serde(rename = "externalURL")]
     pub external_url: Arc<str>,
+    /// The rest of what Alertmanager said about the group (shared by the batch's deliveries).
+    #[serde(default, skip_serializing_if = "is_unknown_group")]
+    pub source: Arc<GroupSource>,
+}
+
+fn is_unknown_group(source: &Arc<GroupSource>) -> bool {
+    source.is_empty()
 }
 
 impl Delivery {
@@ -51,6 +58,18 @@ impl Delivery {
             alerts,
             group_labels,
             external_url,
+            source: Arc::default(),
+        }
+    }
+
+    /// The delivery with what Alertmanager said about its group.
+    pub fn from_group(self, source: &Arc<GroupSource>) -> Self {
+        if source.is_empty() {
+            return self;
+        }
+        Delivery {
+            source: source.clone(),
+            ..self
         }
     }
 
@@ -78,6 +97,7 @@ impl Delivery {
             alerts: &self.alerts,
             group_labels: &self.group_labels,
             external_url: &self.external_url,
+            source: &self.source,
         };
         if let Some(head) = target.herald_head()
             && let Some(tail) = render::shared_herald_tail(&content, target.language)
