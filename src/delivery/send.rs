@@ -14,6 +14,8 @@ use super::client::{RequestBody, describe_error};
 use super::id::DeliveryId;
 use super::target::{Target, USER_AGENT};
 use crate::alert::{Alert, GroupSource, LabelSet};
+use crate::chat::Answer;
+use crate::crd::BodyFormat;
 use crate::render::{self, Content};
 use crate::routing::ObjectKey;
 
@@ -105,7 +107,14 @@ impl Delivery {
             return Ok(RequestBody::pair(head.clone(), tail));
         }
         let notification = render::notification(content, target.language);
-        render::body(&notification, target.format, target.template()).map(RequestBody::from)
+        render::body_for_robot(
+            &notification,
+            target.format,
+            target.template(),
+            target.robot(),
+            k8s_openapi::jiff::Timestamp::now().as_second(),
+        )
+        .map(RequestBody::from)
     }
 }
 
@@ -281,7 +290,22 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
     }
     let mut request = Request::new(body);
     *request.method_mut() = Method::POST;
-    *request.uri_mut() = target.uri.clone();
+    *request.uri_mut() = match (&target.robot().secret, target.format) {
+        (Some(secret), BodyFormat::Dingtalk) => {
+            let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+            match crate::chat::dingtalk_signed_uri(&target.uri, secret.expose(), now) {
+                Ok(uri) => uri,
+                Err(e) => {
+                    return AttemptResult::unanswered(
+                        AttemptClass::Final,
+                        Duration::ZERO,
+                        format!("cannot sign the DingTalk URL: {e}"),
+                    );
+                }
+            }
+        }
+        _ => target.uri.clone(),
+    };
     *request.headers_mut() = headers;
 
     let started = Instant::now();
@@ -326,24 +350,53 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
         AttemptClass::Final
     };
     let latency = started.elapsed();
-    let error = if class == AttemptClass::Success {
+    let chat = crate::chat::default_pace(target.format).is_some();
+    let error = if class == AttemptClass::Success && !chat {
         // Read a short answer to its end so that the connection can be used again.
         read_prefix(response.into_body(), SUCCESS_BODY_READ, deadline.as_mut()).await;
         None
     } else {
         // A little of an error body helps users; more could be anything, even an echo of
-        // our own credentials, so read at most 1 KiB and mask secret values.
-        let bytes = read_prefix(response.into_body(), ERROR_BODY_READ, deadline.as_mut()).await;
-        let snippet: String = target
-            .redact(&String::from_utf8_lossy(&bytes))
-            .chars()
-            .take(200)
-            .collect();
-        Some(if snippet.trim().is_empty() {
-            format!("HTTP {}", status.as_u16())
+        // our own credentials, so read at most 1 KiB and mask secret values. A chat robot's
+        // answer is read whole (it says whether the message was taken).
+        let limit = if class == AttemptClass::Success {
+            SUCCESS_BODY_READ
         } else {
-            format!("HTTP {}: {}", status.as_u16(), snippet.trim())
-        })
+            ERROR_BODY_READ
+        };
+        let bytes = read_prefix(response.into_body(), limit, deadline.as_mut()).await;
+        if let Some(answer) = crate::chat::read_answer(target.format, status.as_u16(), &bytes) {
+            let (answer_class, error, wait) = match answer {
+                Answer::Taken => (AttemptClass::Success, None, None),
+                Answer::RateLimited { wait, reason } => {
+                    (AttemptClass::Retryable, Some(reason), Some(wait))
+                }
+                Answer::Busy(reason) => (AttemptClass::Retryable, Some(reason), None),
+                Answer::Refused(reason) => (AttemptClass::Final, Some(reason), None),
+            };
+            return AttemptResult {
+                class: answer_class,
+                status: Some(status.as_u16()),
+                latency,
+                error: error.map(|e| target.redact(&e)),
+                // The endpoint's own Retry-After comes first.
+                retry_after: retry_after.or(wait),
+            };
+        }
+        if class == AttemptClass::Success {
+            None
+        } else {
+            let snippet: String = target
+                .redact(&String::from_utf8_lossy(&bytes))
+                .chars()
+                .take(200)
+                .collect();
+            Some(if snippet.trim().is_empty() {
+                format!("HTTP {}", status.as_u16())
+            } else {
+                format!("HTTP {}: {}", status.as_u16(), snippet.trim())
+            })
+        }
     };
     AttemptResult {
         class,

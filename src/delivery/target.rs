@@ -57,6 +57,8 @@ struct Extras {
     authorization: Option<Sensitive<HeaderValue>>,
     headers: Sensitive<HeaderMap>,
     signing_keys: Vec<Sensitive<Vec<u8>>>,
+    /// A chat robot's keyword, mentions and signing secret.
+    robot: crate::chat::Robot,
     /// Every secret value this target sends, to mask them in anything the endpoint echoes back.
     secret_values: Vec<Sensitive<String>>,
 }
@@ -67,6 +69,7 @@ impl Extras {
             && self.authorization.is_none()
             && self.headers.expose().is_empty()
             && self.signing_keys.is_empty()
+            && self.robot == crate::chat::Robot::default()
             && self.secret_values.is_empty()
     }
 }
@@ -335,8 +338,31 @@ impl Target {
             }
         }
 
+        // DingTalk and Feishu robots sign their own way, with the secret as the robot shows it.
+        let robot_signs = matches!(spec.format, BodyFormat::Dingtalk | BodyFormat::Feishu);
+        let mut robot = crate::chat::Robot::default();
+        if let Some(chat) = &spec.chat {
+            robot.keyword = chat.keyword.clone();
+            robot.mention_all = chat.mention_all;
+            robot.mention_users = chat.mention_users.clone();
+            robot.mention_mobiles = chat.mention_mobiles.clone();
+        }
         let signing_keys = match &spec.signing {
             None => Vec::new(),
+            Some(signing) if robot_signs => {
+                let r = &signing.secret_ref;
+                let data = secret(&lookup, &r.name, "signing")?;
+                let value = text(data, &r.name, &r.key)?;
+                if value.is_empty() {
+                    return Err(NotReady::new(
+                        NotReadyReason::InvalidSigningSecret,
+                        format!("Secret {:?} key {:?} is empty", r.name, r.key),
+                    ));
+                }
+                secret_values.push(Sensitive::new(value.to_string()));
+                robot.secret = Some(Sensitive::new(value.to_string()));
+                Vec::new()
+            }
             Some(signing) => {
                 let r = &signing.secret_ref;
                 let data = secret(&lookup, &r.name, "signing")?;
@@ -417,6 +443,7 @@ impl Target {
             authorization,
             headers: Sensitive::new(headers),
             signing_keys,
+            robot,
             secret_values: secret_values
                 .into_iter()
                 .filter(|v| v.expose().len() >= 4)
@@ -486,6 +513,13 @@ impl Target {
     /// Extra headers (`spec.headers` and `headersSecretRef`).
     pub(crate) fn headers(&self) -> Option<&HeaderMap> {
         self.extras.as_ref().map(|e| e.headers.expose())
+    }
+
+    /// The chat robot's keyword, mentions and signing secret.
+    pub(crate) fn robot(&self) -> &crate::chat::Robot {
+        static NONE: std::sync::LazyLock<crate::chat::Robot> =
+            std::sync::LazyLock::new(crate::chat::Robot::default);
+        self.extras.as_ref().map_or(&NONE, |e| &e.robot)
     }
 
     /// Standard Webhooks signing keys (decoded), empty when signing is off.
