@@ -577,13 +577,80 @@ fn severity_zh(severity: &str) -> &str {
     }
 }
 
+/// Alerts shown in full in a message of many (a digest); the rest are counted.
+pub const DIGEST_SHOWN: usize = 10;
+
+/// How severe an alert is, for ordering a digest (most severe first, firing before resolved).
+fn severity_rank(alert: &Alert) -> (u8, u8) {
+    let firing = u8::from(alert.status != AlertStatus::Firing);
+    let severity = match alert.labels.get("severity") {
+        Some("critical") => 0,
+        Some("error") => 1,
+        Some("warning") => 2,
+        Some("info") => 3,
+        Some(_) => 4,
+        None => 5,
+    };
+    (firing, severity)
+}
+
 fn message(alerts: &[Arc<Alert>], language: Language) -> String {
-    // Blocks separated by a blank line.
-    let blocks: Vec<&str> = alerts
+    if alerts.len() <= DIGEST_SHOWN {
+        // Blocks separated by a blank line.
+        let blocks: Vec<&str> = alerts
+            .iter()
+            .map(|alert| shared_block(alert, language))
+            .collect();
+        return blocks.join("\n\n");
+    }
+    digest(alerts, language)
+}
+
+/// A message of many alerts: counts by status and severity, the most severe alerts in full,
+/// and how many more there are.
+fn digest(alerts: &[Arc<Alert>], language: Language) -> String {
+    let mut ordered: Vec<&Arc<Alert>> = alerts.iter().collect();
+    ordered.sort_by_key(|alert| severity_rank(alert));
+    let mut by_severity: BTreeMap<(u8, &str), usize> = BTreeMap::new();
+    for alert in &ordered {
+        if alert.status == AlertStatus::Firing {
+            let severity = alert.labels.get("severity").unwrap_or("none");
+            *by_severity
+                .entry((severity_rank(alert).1, severity))
+                .or_default() += 1;
+        }
+    }
+    let firing: usize = by_severity.values().sum();
+    let resolved = alerts.len() - firing;
+    let counts: Vec<String> = by_severity
         .iter()
-        .map(|alert| shared_block(alert, language))
+        .map(|((_, severity), n)| match language {
+            Language::En => format!("{n} {severity}"),
+            Language::ZhCn => format!("{}{n} 条", severity_zh(severity)),
+        })
         .collect();
-    blocks.join("\n\n")
+    let mut out = match language {
+        Language::En => format!(
+            "{} alerts: {firing} firing ({}), {resolved} resolved",
+            alerts.len(),
+            counts.join(", ")
+        ),
+        Language::ZhCn => format!(
+            "共 {} 条告警：告警中 {firing} 条（{}），已恢复 {resolved} 条",
+            alerts.len(),
+            counts.join("，")
+        ),
+    };
+    for alert in ordered.iter().take(DIGEST_SHOWN) {
+        out.push_str("\n\n");
+        out.push_str(shared_block(alert, language));
+    }
+    let rest = alerts.len().saturating_sub(DIGEST_SHOWN);
+    out.push_str(&match language {
+        Language::En => format!("\n\n… and {rest} more"),
+        Language::ZhCn => format!("\n\n…… 另有 {rest} 条"),
+    });
+    out
 }
 
 /// An alert's message block, written once per language and shared by all its deliveries.
@@ -970,6 +1037,26 @@ mod tests {
         let env = compile_template("{{ no_such_field.x }}").expect("compiles");
         let err = body(&n, BodyFormat::Herald, Some(&env)).expect_err("undefined");
         assert!(err.to_string().starts_with("template:"), "{err}");
+    }
+
+    #[test]
+    fn a_digest_counts_and_shows_the_most_severe_first() {
+        let mut alerts: Vec<Arc<Alert>> = (0..30)
+            .map(|i| alert(&format!("W{i:02}"), AlertStatus::Firing, "warning"))
+            .collect();
+        alerts.push(alert("Crit", AlertStatus::Firing, "critical"));
+        alerts.push(alert("Gone", AlertStatus::Resolved, "critical"));
+        let n = render(&alerts, Language::En, false);
+        assert!(
+            n.message.starts_with(
+                "32 alerts: 31 firing (1 critical, 30 warning), 1 resolved\n\nCrit is firing"
+            ),
+            "{}",
+            n.message
+        );
+        assert!(n.message.ends_with("… and 22 more"), "{}", n.message);
+        let zh = render(&alerts, Language::ZhCn, false);
+        assert!(zh.message.ends_with("另有 22 条"), "{}", zh.message);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::id::DeliveryId;
+use super::pace::{self, Gathering};
 use super::queue::{JobQueue, Queued};
 use super::send::{AttemptClass, AttemptResult, Delivery, send};
 use super::target::Target;
@@ -689,17 +690,59 @@ async fn run_worker(shared: Arc<Shared>, worker: Arc<WorkerState>) {
     let mut breaker = Breaker {
         failures: worker.failures.load(Ordering::Relaxed),
     };
+    // Deliveries taken from the queue while a paced or batching webhook waits to send.
+    let mut gathering = Gathering::default();
     while !worker.cancel.is_cancelled() {
-        let Some(job) = worker.queue.next_or_stop() else {
-            return;
+        if gathering.is_empty() {
+            let Some(job) = worker.queue.next_or_stop() else {
+                return;
+            };
+            handles.queue_depth.dec();
+            let target = worker.target();
+            if !target.gathers() {
+                // Not boxed: this task lives only while its queue holds work, so the space of
+                // the send future inside it is never kept for an idle webhook.
+                deliver(&shared, handles, &worker, &job.delivery, &[], &mut breaker).await;
+                worker.failures.store(breaker.failures, Ordering::Relaxed);
+                continue;
+            }
+            let alerts = job.delivery.alerts.len();
+            gathering.push(job, alerts);
+        }
+        let target = worker.target();
+        let pull = || {
+            let job = worker.queue.try_pop()?;
+            handles.queue_depth.dec();
+            let alerts = job.delivery.alerts.len();
+            Some((job, alerts))
         };
-        handles.queue_depth.dec();
-        // Not boxed: this task lives only while its queue holds work, so the space of the send
-        // future inside it is never kept for an idle webhook.
-        deliver(&shared, handles, &worker, &job.delivery, &mut breaker).await;
+        if !gathering
+            .wait(target.pacer(), target.batching(), pull, &worker.cancel)
+            .await
+        {
+            break;
+        }
+        let cap = target
+            .batching()
+            .map_or(pace::DIGEST_MAX_ALERTS, |b| b.max_alerts);
+        let jobs = gathering.next_message(cap);
+        let parts: Vec<Arc<Delivery>> = jobs.iter().map(|j| j.delivery.clone()).collect();
+        match (parts.as_slice(), Delivery::merged(&parts)) {
+            ([one], _) => deliver(&shared, handles, &worker, one, &[], &mut breaker).await,
+            (_, Some(merged)) => {
+                let merged = Arc::new(merged);
+                deliver(&shared, handles, &worker, &merged, &parts, &mut breaker).await;
+            }
+            _ => {}
+        }
         worker.failures.store(breaker.failures, Ordering::Relaxed);
+        // The permits go back once the message is done.
+        drop(jobs);
     }
     // Cancelled: nothing more is queued, and what is left goes.
+    for job in gathering.drain() {
+        leave_or_drop(&shared, &job.delivery);
+    }
     let _ = worker.queue.close();
     give_up_queued(
         &shared,
@@ -786,11 +829,55 @@ fn export_breaker(shared: &Shared, key: &ObjectKey, was_open: bool, breaker: &Br
     }
 }
 
+/// Reports the end of a delivery: for a merged one, the end of each delivery it carried.
+fn report_all(
+    shared: &Shared,
+    report: DeliveryReport,
+    delivery: &Arc<Delivery>,
+    parts: &[Arc<Delivery>],
+    handles: Option<&WebhookMetrics>,
+) {
+    if parts.is_empty() {
+        shared.report(report, delivery, handles);
+        return;
+    }
+    let merged = format!(
+        "sent in merged message {} with {} alerts of {} deliveries",
+        delivery.id,
+        delivery.alerts.len(),
+        parts.len()
+    );
+    for part in parts {
+        let mut own = report.clone();
+        own.delivery_id = part.id;
+        own.test = part.test;
+        own.alerts = part.alerts.len();
+        own.message = if own.message.is_empty() {
+            merged.clone()
+        } else {
+            format!("{}; {merged}", own.message)
+        };
+        shared.report(own, part, handles);
+    }
+}
+
+/// A delivery given up because its webhook went away or Herald stops (each part of a merged
+/// one).
+fn leave_or_drop_all(shared: &Shared, delivery: &Arc<Delivery>, parts: &[Arc<Delivery>]) {
+    if parts.is_empty() {
+        leave_or_drop(shared, delivery);
+    }
+    for part in parts {
+        leave_or_drop(shared, part);
+    }
+}
+
 async fn deliver(
     shared: &Shared,
     handles: &WebhookMetrics,
     worker: &WorkerState,
     delivery: &Arc<Delivery>,
+    parts: &[Arc<Delivery>],
     breaker: &mut Breaker,
 ) {
     let cancel = &worker.cancel;
@@ -799,7 +886,7 @@ async fn deliver(
         tracing::debug!(webhook = %delivery.webhook, ?wait, "circuit open: waiting before probing the endpoint");
         tokio::select! {
             () = cancel.cancelled() => {
-                leave_or_drop(shared, delivery);
+                leave_or_drop_all(shared, delivery, parts);
                 return;
             }
             () = tokio::time::sleep(wait) => {}
@@ -816,7 +903,13 @@ async fn deliver(
         breaker.record(result.class);
         export_breaker(shared, &delivery.webhook, was_open, breaker);
         if result.class != AttemptClass::Retryable {
-            shared.report(finish(delivery, attempt, &result), delivery, Some(handles));
+            report_all(
+                shared,
+                finish(delivery, attempt, &result),
+                delivery,
+                parts,
+                Some(handles),
+            );
             return;
         }
         let delay = policy.delay(attempt, result.retry_after);
@@ -825,7 +918,7 @@ async fn deliver(
         if exhausted {
             let mut report = finish(delivery, attempt, &result);
             report.message = format!("gave up after {attempt} attempts: {}", report.message);
-            shared.report(report, delivery, Some(handles));
+            report_all(shared, report, delivery, parts, Some(handles));
             return;
         }
         shared.metrics.delivery(&delivery.webhook, "retried");
@@ -835,7 +928,7 @@ async fn deliver(
         );
         tokio::select! {
             () = cancel.cancelled() => {
-                leave_or_drop(shared, delivery);
+                leave_or_drop_all(shared, delivery, parts);
                 return;
             }
             () = tokio::time::sleep(delay) => {}

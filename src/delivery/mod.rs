@@ -5,6 +5,7 @@ pub mod client;
 mod engine;
 pub mod guard;
 mod id;
+pub mod pace;
 mod queue;
 mod send;
 pub mod target;

@@ -64,6 +64,42 @@ impl Delivery {
         }
     }
 
+    /// One delivery carrying the alerts of several to the same webhook (a digest): each alert
+    /// once, in its latest state (the last delivery carrying its fingerprint), in the order
+    /// they were last seen. Group labels, URL and group details are kept where all agree.
+    pub fn merged(parts: &[Arc<Delivery>]) -> Option<Delivery> {
+        let first = parts.first()?;
+        let mut latest: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let all: Vec<&Arc<Alert>> = parts.iter().flat_map(|d| d.alerts.iter()).collect();
+        for (i, alert) in all.iter().enumerate() {
+            latest.insert(alert.fingerprint.as_str(), i);
+        }
+        let alerts = all
+            .iter()
+            .enumerate()
+            .filter(|(i, alert)| latest.get(alert.fingerprint.as_str()) == Some(i))
+            .map(|(_, alert)| Arc::clone(alert))
+            .collect();
+        let agree = |same: &dyn Fn(&Delivery) -> bool| parts.iter().all(|d| same(d));
+        Some(Delivery {
+            id: DeliveryId::new(),
+            webhook: first.webhook.clone(),
+            test: false,
+            alerts,
+            group_labels: if agree(&|d| d.group_labels == first.group_labels) {
+                first.group_labels.clone()
+            } else {
+                Arc::default()
+            },
+            external_url: first.external_url.clone(),
+            source: if agree(&|d| d.source == first.source) {
+                first.source.clone()
+            } else {
+                Arc::default()
+            },
+        })
+    }
+
     /// The delivery with what Alertmanager said about its group.
     pub fn from_group(self, source: &Arc<GroupSource>) -> Self {
         if source.is_empty() {
@@ -369,6 +405,10 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
             let (answer_class, error, wait) = match answer {
                 Answer::Taken => (AttemptClass::Success, None, None),
                 Answer::RateLimited { wait, reason } => {
+                    // Every webhook sending to this robot waits the block out.
+                    if let Some(pacer) = target.pacer() {
+                        pacer.block_for(retry_after.unwrap_or(wait));
+                    }
                     (AttemptClass::Retryable, Some(reason), Some(wait))
                 }
                 Answer::Busy(reason) => (AttemptClass::Retryable, Some(reason), None),

@@ -48,6 +48,10 @@ pub struct Target {
     /// The `Host` header of a plain-HTTP URL (always HTTP/1.1), written once instead of by the
     /// client on every request; `None` for HTTPS, where HTTP/2 may carry the authority instead.
     host: Option<HeaderValue>,
+    /// The pace of this webhook's URL (chat formats by default, others when `spec.pace` says).
+    pacer: Option<std::sync::Arc<super::pace::Pacer>>,
+    /// The batching window, when `spec.batching` sets one.
+    batching: Option<super::pace::Batching>,
 }
 
 /// A target's template, credentials, headers and signing keys.
@@ -454,7 +458,28 @@ impl Target {
             .transpose()
             .map_err(|e| invalid_spec(e.to_string()))?;
         let host = host_header(&uri);
+        let pacer = pace_windows(spec).map(|windows| super::pace::pacer_for(&spec.url, windows));
+        let batching = match &spec.batching {
+            None => None,
+            Some(b) => {
+                let max_wait = humantime::parse_duration(&b.max_wait)
+                    .ok()
+                    .filter(|d| !d.is_zero() && *d <= Duration::from_secs(3600))
+                    .ok_or_else(|| {
+                        invalid_spec(format!(
+                            "batching.maxWait {:?} is not a duration from 1ms to 1h",
+                            b.max_wait
+                        ))
+                    })?;
+                Some(super::pace::Batching {
+                    max_wait,
+                    max_alerts: b.max_alerts.clamp(1, 1000) as usize,
+                })
+            }
+        };
         Ok(Target {
+            pacer,
+            batching,
             herald_head,
             host,
             key,
@@ -515,6 +540,21 @@ impl Target {
         self.extras.as_ref().map(|e| e.headers.expose())
     }
 
+    /// The pace of this webhook's URL, if it is paced.
+    pub fn pacer(&self) -> Option<&super::pace::Pacer> {
+        self.pacer.as_deref()
+    }
+
+    /// The batching window, if any.
+    pub fn batching(&self) -> Option<super::pace::Batching> {
+        self.batching
+    }
+
+    /// Whether queued deliveries are gathered into merged messages.
+    pub(crate) fn gathers(&self) -> bool {
+        self.pacer.is_some() || self.batching.is_some()
+    }
+
     /// The chat robot's keyword, mentions and signing secret.
     pub(crate) fn robot(&self) -> &crate::chat::Robot {
         static NONE: std::sync::LazyLock<crate::chat::Robot> =
@@ -529,6 +569,38 @@ impl Target {
             .flat_map(|e| e.signing_keys.iter())
             .map(|k| k.expose().as_slice())
     }
+}
+
+/// A webhook's pace: `spec.pace` where set, else its chat platform's documented limit; `None`
+/// for a webhook that is not paced.
+fn pace_windows(spec: &WebhookSpec) -> Option<Vec<super::pace::Window>> {
+    let default = crate::chat::default_pace(spec.format);
+    let given = spec.pace.as_ref();
+    let per_second = given.and_then(|p| p.per_second).or_else(|| {
+        given
+            .is_none()
+            .then(|| default.and_then(|d| d.per_second))
+            .flatten()
+    });
+    let per_minute = given.and_then(|p| p.per_minute).or_else(|| {
+        given
+            .is_none()
+            .then(|| default.and_then(|d| d.per_minute))
+            .flatten()
+    });
+    let windows: Vec<super::pace::Window> = [
+        (Duration::from_secs(1), per_second),
+        (Duration::from_secs(60), per_minute),
+    ]
+    .into_iter()
+    .filter_map(|(per, max)| {
+        Some(super::pace::Window {
+            per,
+            max: max?.max(1),
+        })
+    })
+    .collect();
+    (!windows.is_empty()).then_some(windows)
 }
 
 fn trim_bytes(value: &[u8]) -> &[u8] {
