@@ -45,7 +45,7 @@ pub enum Command {
     /// The Kubernetes operator: watch Webhooks, NotificationConditions and Secrets, receive, deliver.
     Controller(Box<ControllerArgs>),
     /// Receive and deliver without Kubernetes, from manifests in a folder (reloaded on change).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate manifests offline with the API server's rules and print the routing table.
     Check(CheckArgs),
     /// Print which webhooks each alert in a file would reach, and why not the others.
@@ -396,7 +396,7 @@ fn init_logging(format: LogFormat) {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Controller(args) => run_controller(*args).await,
-        Command::Run(args) => run_standalone(args).await,
+        Command::Run(args) => run_standalone(*args).await,
         Command::Check(args) => check(args),
         Command::Route(args) => route(args),
         Command::Crdgen => {

@@ -94,7 +94,11 @@ async fn start_robot(limit: usize) -> (Arc<Robot>, String) {
 
 fn alert(herald: &Herald, i: usize) {
     let name = format!("Storm{i:04}");
-    let severity = if i % 10 == 0 { "critical" } else { "warning" };
+    let severity = if i.is_multiple_of(10) {
+        "critical"
+    } else {
+        "warning"
+    };
     let batch = core::batch(&[&[("alertname", &name), ("severity", severity)]]);
     herald
         .dispatch(batch, WebhookType::Alarms)

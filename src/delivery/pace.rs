@@ -240,8 +240,8 @@ impl<T> Gathering<T> {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn no_window_ever_sees_more_than_its_tokens() {
+    #[test]
+    fn no_window_ever_sees_more_than_its_tokens() {
         let pacer = Pacer::new(vec![Window {
             per: Duration::from_secs(60),
             max: 20,
