@@ -128,9 +128,7 @@ impl Robot {
                 parts.extend(self.mention_users.iter().map(|u| format!("@{u}")));
             }
             BodyFormat::Wecom => {
-                if self.mention_all {
-                    parts.push("<@all>".into());
-                }
+                // WeCom's markdown mentions users only (`mentioned_list` is for text messages).
                 parts.extend(self.mention_users.iter().map(|u| format!("<@{u}>")));
             }
             BodyFormat::Feishu => {

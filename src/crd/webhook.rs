@@ -165,8 +165,8 @@ pub struct ChatSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 64))]
     pub keyword: Option<String>,
-    /// Mention everyone (DingTalk `isAtAll`, WeCom `<@all>`, Feishu `<at user_id="all">`,
-    /// Slack `<!here>`).
+    /// Mention everyone (DingTalk `isAtAll`, Feishu `<at user_id="all">`, Slack `<!here>`;
+    /// WeCom's markdown cannot).
     #[serde(default)]
     pub mention_all: bool,
     /// User ids to mention (DingTalk `atUserIds`, WeCom `<@id>`, Feishu `<at user_id>`,
