@@ -61,36 +61,38 @@ struct Platform {
     refusal_words: &'static str,
 }
 
+/// A JSON answer with HTTP 200, as the robots give every answer.
+fn answer(body: Value) -> Reply {
+    Reply::status(200).body(body)
+}
+
 fn platforms() -> Vec<Platform> {
     vec![
         Platform {
             format: "dingtalk",
-            taken: Reply::status(200).body(json!({"errcode": 0, "errmsg": "ok"})),
-            rate_limited: Reply::status(200).body(
+            taken: answer(json!({"errcode": 0, "errmsg": "ok"})),
+            rate_limited: answer(
                 json!({"errcode": 130101, "errmsg": "send too fast, exceed 20 times per minute"}),
             ),
-            refused: Reply::status(200)
-                .body(json!({"errcode": 310000, "errmsg": "keywords not in content"})),
+            refused: answer(json!({"errcode": 310000, "errmsg": "keywords not in content"})),
             refusal_words: "DingTalk refused the message: errcode 310000: keywords not in content",
         },
         Platform {
             format: "wecom",
-            taken: Reply::status(200).body(json!({"errcode": 0, "errmsg": "ok"})),
-            rate_limited: Reply::status(200).body(
-                json!({"errcode": 45009, "errmsg": "api freq out of limit"}),
-            ),
-            refused: Reply::status(200)
-                .body(json!({"errcode": 93000, "errmsg": "invalid webhook url"})),
+            taken: answer(json!({"errcode": 0, "errmsg": "ok"})),
+            rate_limited: answer(json!({"errcode": 45009, "errmsg": "api freq out of limit"})),
+            refused: answer(json!({"errcode": 93000, "errmsg": "invalid webhook url"})),
             refusal_words: "WeCom refused the message: errcode 93000: invalid webhook url",
         },
         Platform {
             format: "feishu",
-            taken: Reply::status(200)
-                .body(json!({"StatusCode": 0, "StatusMessage": "success", "code": 0, "msg": "success", "data": {}})),
-            rate_limited: Reply::status(200)
-                .body(json!({"code": 11232, "msg": "frequency limited", "data": {}})),
-            refused: Reply::status(200)
-                .body(json!({"code": 19021, "msg": "sign match fail or timestamp is not within one hour from current time", "data": {}})),
+            taken: answer(
+                json!({"StatusCode": 0, "StatusMessage": "success", "code": 0, "msg": "success", "data": {}}),
+            ),
+            rate_limited: answer(json!({"code": 11232, "msg": "frequency limited", "data": {}})),
+            refused: answer(
+                json!({"code": 19021, "msg": "sign match fail or timestamp is not within one hour from current time", "data": {}}),
+            ),
             refusal_words: "Feishu refused the message: code 19021",
         },
         Platform {
@@ -147,9 +149,9 @@ async fn each_platform_answer_is_read_rate_limits_retried_and_refusals_final() {
 #[tokio::test]
 async fn a_robot_refusing_the_test_message_makes_herald_test_fail() {
     let sink = Sink::http().await;
-    sink.respond_with(vec![
-        Reply::status(200).body(json!({"errcode": 310000, "errmsg": "keywords not in content"})),
-    ]);
+    sink.respond_with(vec![answer(
+        json!({"errcode": 310000, "errmsg": "keywords not in content"}),
+    )]);
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(
         dir.path().join("webhook.yaml"),
@@ -192,34 +194,47 @@ fn string<'a>(value: &'a Value, what: &str) -> &'a str {
         .unwrap_or_else(|| panic!("{what} is a string: {value}"))
 }
 
-#[tokio::test]
-async fn bodies_follow_each_platforms_schema_with_keyword_mentions_and_signature() {
-    let (herald, reports) = core::core();
+/// The four robots (`ding`, `wecom`, `feishu`, `slack`), each with its own sink answering
+/// "taken", and `extra` spec fields per robot.
+async fn four_robots(herald: &Herald, extra: [&str; 4]) -> [Sink; 4] {
     let sinks = [
         Sink::http().await,
         Sink::http().await,
         Sink::http().await,
         Sink::http().await,
     ];
-    let chat = ", chat: {keyword: HeraldAlert, mentionAll: true, mentionUsers: [u1], mentionMobiles: ['13800000000']}";
-    let signing = ", signing: {secretRef: {name: robot-secret, key: secret}}";
-    robot(
-        &herald,
-        "ding",
-        "dingtalk",
-        &sinks[0],
-        &format!("{chat}{signing}"),
-    );
-    robot(&herald, "wecom", "wecom", &sinks[1], chat);
-    robot(
-        &herald,
-        "feishu",
-        "feishu",
-        &sinks[2],
-        &format!("{chat}{signing}"),
-    );
-    robot(&herald, "slack", "slack", &sinks[3], chat);
+    for ((name, format), (sink, extra)) in FOUR.iter().zip(sinks.iter().zip(extra)) {
+        robot(herald, name, format, sink, extra);
+    }
     sinks[3].respond_with(vec![Reply::status(200).text("ok")]);
+    sinks
+}
+
+const FOUR: [(&str, &str); 4] = [
+    ("ding", "dingtalk"),
+    ("wecom", "wecom"),
+    ("feishu", "feishu"),
+    ("slack", "slack"),
+];
+
+/// Waits for each of the four robots' deliveries to succeed.
+async fn four_succeeded(reports: &core::Reports) {
+    for (name, _) in FOUR {
+        let report = reports.wait_for(&format!("monitoring/{name}"), WAIT).await;
+        assert_eq!(
+            report.outcome,
+            ReportOutcome::Succeeded,
+            "{name}: {report:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bodies_follow_each_platforms_schema_with_keyword_mentions_and_signature() {
+    let (herald, reports) = core::core();
+    let chat = ", chat: {keyword: HeraldAlert, mentionAll: true, mentionUsers: [u1], mentionMobiles: ['13800000000']}";
+    let signed = format!("{chat}, signing: {{secretRef: {{name: robot-secret, key: secret}}}}");
+    let sinks = four_robots(&herald, [&signed, chat, &signed, chat]).await;
     let before = k8s_openapi::jiff::Timestamp::now();
     send(
         &herald,
@@ -319,14 +334,7 @@ async fn bodies_follow_each_platforms_schema_with_keyword_mentions_and_signature
     assert!(!text.contains("<!channel>"), "{text}");
     assert!(text.contains("<!here>") && text.contains("<@u1>"), "{text}");
 
-    for name in ["ding", "wecom", "feishu", "slack"] {
-        let report = reports.wait_for(&format!("monitoring/{name}"), WAIT).await;
-        assert_eq!(
-            report.outcome,
-            ReportOutcome::Succeeded,
-            "{name}: {report:?}"
-        );
-    }
+    four_succeeded(&reports).await;
 }
 
 #[tokio::test]
@@ -353,18 +361,8 @@ async fn test_messages_carry_the_keyword() {
 #[tokio::test]
 async fn long_messages_are_cut_to_each_platforms_limit_in_its_unit_with_a_note() {
     let (herald, reports) = core::core();
-    let sinks = [
-        Sink::http().await,
-        Sink::http().await,
-        Sink::http().await,
-        Sink::http().await,
-    ];
     let zh = ", language: zh-CN";
-    robot(&herald, "ding", "dingtalk", &sinks[0], zh);
-    robot(&herald, "wecom", "wecom", &sinks[1], zh);
-    robot(&herald, "feishu", "feishu", &sinks[2], zh);
-    robot(&herald, "slack", "slack", &sinks[3], zh);
-    sinks[3].respond_with(vec![Reply::status(200).text("ok")]);
+    let sinks = four_robots(&herald, [zh; 4]).await;
     // Chinese text: 3 bytes a character.
     let long = "磁盘空间不足".repeat(5000);
     send(
@@ -401,12 +399,5 @@ async fn long_messages_are_cut_to_each_platforms_limit_in_its_unit_with_a_note()
     );
     let section = string(&slack["blocks"][1]["text"]["text"], "section");
     assert!(section.chars().count() <= 3000 && section.contains(note));
-    for name in ["ding", "wecom", "feishu", "slack"] {
-        let report = reports.wait_for(&format!("monitoring/{name}"), WAIT).await;
-        assert_eq!(
-            report.outcome,
-            ReportOutcome::Succeeded,
-            "{name}: {report:?}"
-        );
-    }
+    four_succeeded(&reports).await;
 }

@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use herald::alert::PayloadLimits;
+
+use crate::core::post_json as post;
 use herald::receiver::{ReceiverConfig, ServerLimits};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -41,19 +43,6 @@ fn good_payload() -> String {
         {"status": "firing", "labels": {"alertname": "StillServing", "severity": "info"}}
     ]})
     .to_string()
-}
-
-/// Posts a JSON body; returns the status and the parsed JSON reply (Null when not JSON).
-async fn post(addr: SocketAddr, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
-    let response = client()
-        .post(format!("http://{addr}{path}"))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .expect("request");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
 }
 
 /// The server still answers a good request, promptly, from a fresh client.

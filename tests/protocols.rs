@@ -17,7 +17,7 @@ use herald::receiver::{ReceiverConfig, ServerLimits};
 use serde_json::{Value, json};
 use sink::Sink;
 
-use crate::core::apply;
+use crate::core::{apply, post_json as post};
 
 const WAIT: Duration = Duration::from_secs(10);
 const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
@@ -26,19 +26,9 @@ async fn start(herald: Herald, config: ReceiverConfig) -> SocketAddr {
     core::serve_receiver(herald, config, ServerLimits::default()).await
 }
 
-async fn post(addr: SocketAddr, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .post(format!("http://{addr}{path}"))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .expect("request");
-    let status = response.status().as_u16();
-    (
-        status,
-        response.json::<Value>().await.unwrap_or(Value::Null),
-    )
+/// Posts an API v2 alert array.
+async fn post_v2(addr: SocketAddr, alerts: Value) -> (u16, Value) {
+    post(addr, "/api/v2/alerts", alerts.to_string()).await
 }
 
 /// A core with one webhook, `am`, in `format: alertmanager` (and `extra` spec lines), and its
@@ -114,12 +104,10 @@ async fn amtool_alert_add_is_firing_with_a_real_start_and_goes_to_a_webhook_with
 async fn missing_times_are_never_written_as_empty_strings() {
     let sink = Sink::http().await;
     let addr = one_webhook(&sink, "", ReceiverConfig::default()).await;
-    let (status, body) = post(
+    let (status, body) = post_v2(
         addr,
-        "/api/v2/alerts",
         json!([{"labels": {"alertname": "NoTimes"}},
-               {"labels": {"alertname": "OnlyEnd"}, "endsAt": "2026-01-01T00:00:00Z"}])
-        .to_string(),
+               {"labels": {"alertname": "OnlyEnd"}, "endsAt": "2026-01-01T00:00:00Z"}]),
     )
     .await;
     assert_eq!(status, 200, "{body}");
@@ -281,12 +269,7 @@ async fn empty_valued_labels_are_removed_before_routing() {
     )
     .expect("ready");
     let addr = start(herald, ReceiverConfig::default()).await;
-    let (status, body) = post(
-        addr,
-        "/api/v2/alerts",
-        json!([{"labels": {"alertname": "A", "team": ""}}]).to_string(),
-    )
-    .await;
+    let (status, body) = post_v2(addr, json!([{"labels": {"alertname": "A", "team": ""}}])).await;
     assert_eq!((status, &body["deliveries"]), (200, &json!(1)), "{body}");
     let got = sink.wait_for(1, WAIT).await;
     assert_eq!(
@@ -299,13 +282,11 @@ async fn empty_valued_labels_are_removed_before_routing() {
 async fn an_alert_without_labels_is_refused_alone_and_null_annotations_are_accepted() {
     let sink = Sink::http().await;
     let addr = one_webhook(&sink, "", ReceiverConfig::default()).await;
-    let (status, body) = post(
+    let (status, body) = post_v2(
         addr,
-        "/api/v2/alerts",
         json!([{"labels": {}, "annotations": {"summary": "no labels"}},
                {"labels": {"only": ""}},
-               {"labels": {"alertname": "Kept"}, "annotations": null}])
-        .to_string(),
+               {"labels": {"alertname": "Kept"}, "annotations": null}]),
     )
     .await;
     assert_eq!(status, 400, "{body}");
@@ -353,12 +334,7 @@ async fn each_endpoint_points_to_the_other_for_the_other_shape() {
             .contains("POST it to /api/v2/alerts"),
         "{body}"
     );
-    let (status, body) = post(
-        addr,
-        "/api/v2/alerts",
-        json!({"alerts": [{"labels": {"alertname": "A"}}]}).to_string(),
-    )
-    .await;
+    let (status, body) = post_v2(addr, json!({"alerts": [{"labels": {"alertname": "A"}}]})).await;
     assert_eq!(status, 400);
     assert!(
         body["error"]
