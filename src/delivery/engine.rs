@@ -897,6 +897,15 @@ async fn deliver(
     loop {
         attempt += 1;
         let current = worker.target();
+        // A retry is a message too: it waits its turn at a paced destination (and out a block
+        // the destination asked for).
+        if attempt > 1
+            && let Some(pacer) = current.pacer()
+            && !pace::take_turn(pacer, cancel).await
+        {
+            leave_or_drop_all(shared, delivery, parts);
+            return;
+        }
         let result = send(&current, delivery).await;
         handles.duration.observe(result.latency.as_secs_f64());
         let was_open = breaker.is_open();
@@ -913,6 +922,12 @@ async fn deliver(
             return;
         }
         let delay = policy.delay(attempt, result.retry_after);
+        if result.retry_after.is_some()
+            && let Some(pacer) = current.pacer()
+        {
+            // The destination asked for a pause: every webhook sending to it waits it out.
+            pacer.block_for(delay);
+        }
         let exhausted =
             attempt >= policy.max_attempts || started.elapsed() + delay > policy.max_elapsed;
         if exhausted {

@@ -121,6 +121,20 @@ pub fn pacer_for(url: &str, windows: Vec<Window>) -> Arc<Pacer> {
     pacer
 }
 
+/// Waits until the pacer gives a token (and takes it). False when cancelled first.
+pub(crate) async fn take_turn(pacer: &Pacer, cancel: &CancellationToken) -> bool {
+    loop {
+        let wait = match pacer.try_take(Instant::now()) {
+            Ok(()) => return true,
+            Err(wait) => wait,
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return false,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
 /// A webhook's batching window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Batching {

@@ -405,10 +405,6 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
             let (answer_class, error, wait) = match answer {
                 Answer::Taken => (AttemptClass::Success, None, None),
                 Answer::RateLimited { wait, reason } => {
-                    // Every webhook sending to this robot waits the block out.
-                    if let Some(pacer) = target.pacer() {
-                        pacer.block_for(retry_after.unwrap_or(wait));
-                    }
                     (AttemptClass::Retryable, Some(reason), Some(wait))
                 }
                 Answer::Busy(reason) => (AttemptClass::Retryable, Some(reason), None),
