@@ -3,8 +3,12 @@
 //! reads them, and `format: alertmanager` passes on every field of Alertmanager's webhook
 //! message (`notify/webhook.Message`, `template.Data`).
 
+#[path = "support/alertmanager.rs"]
+mod alertmanager;
 #[path = "support/core.rs"]
 mod core;
+#[path = "support/process.rs"]
+mod process;
 #[path = "support/sink.rs"]
 mod sink;
 
@@ -343,4 +347,33 @@ async fn each_endpoint_points_to_the_other_for_the_other_shape() {
             .contains("POST it to /api/v1/alerts"),
         "{body}"
     );
+}
+
+#[tokio::test]
+async fn a_real_alertmanager_s_truncated_alerts_and_group_key_reach_the_webhook() {
+    let sink = Sink::http().await;
+    let addr = one_webhook(&sink, "", ReceiverConfig::default()).await;
+    let am = alertmanager::Alertmanager::start_with(
+        &format!("http://{addr}/api/v1/alerts"),
+        "        max_alerts: 1",
+    )
+    .await;
+    let alerts: Vec<Value> = (0..3)
+        .map(|i| json!({"labels": {"alertname": "Truncated", "instance": format!("i{i}"), "empty": ""}}))
+        .collect();
+    am.push_alerts(&json!(alerts)).await;
+    let got = sink.wait_for(1, Duration::from_secs(30)).await;
+    let sent = got[0].json();
+    assert_eq!(sent["truncatedAlerts"], 2, "{sent}");
+    assert_eq!(sent["receiver"], "herald");
+    assert_eq!(sent["externalURL"], am.base());
+    let group_key = sent["groupKey"].as_str().expect("groupKey");
+    assert!(
+        group_key.contains("alertname=\"Truncated\""),
+        "Alertmanager's own key: {group_key}"
+    );
+    assert_eq!(sent["alerts"].as_array().map(Vec::len), Some(1));
+    let alert = &sent["alerts"][0];
+    assert_eq!(alert["endsAt"], ZERO_TIME);
+    assert!(alert["labels"].get("empty").is_none(), "{alert}");
 }
