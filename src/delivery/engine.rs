@@ -639,6 +639,10 @@ impl Engine {
     pub async fn send_test(&self, key: &ObjectKey) -> Option<DeliveryReport> {
         let target = self.target(key)?;
         let delivery = Arc::new(Delivery::test(key.clone()));
+        // A test message counts toward its destination's pace (it is not held back for it).
+        if let Some(pacer) = target.pacer() {
+            let _ = pacer.try_take(tokio::time::Instant::now());
+        }
         let result = send(&target, &delivery).await;
         let report = finish(&delivery, 1, &result);
         self.shared.report(report.clone(), &delivery, None);
