@@ -183,6 +183,7 @@ pub struct ChatSpec {
 /// The most messages Herald posts to one URL per second and per minute.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(!has(self.perSecond) || (self.perSecond >= 1 && self.perSecond <= 1000)) && (!has(self.perMinute) || (self.perMinute >= 1 && self.perMinute <= 60000))").message("pace.perSecond is 1 to 1000 and pace.perMinute 1 to 60000"))]
 pub struct PaceSpec {
     /// Messages per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -197,6 +198,7 @@ pub struct PaceSpec {
 /// A batching window: alerts gathered and sent as one merged message.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.maxWait.matches('^[0-9]+(ms|s|m|h)$') && self.maxAlerts >= 1 && self.maxAlerts <= 1000").message("batching.maxWait is a duration such as 30s or 2m, and batching.maxAlerts 1 to 1000"))]
 pub struct BatchingSpec {
     /// Longest an alert waits for others, as a duration (`30s`, `2m`), at most 1h.
     #[schemars(length(min = 2, max = 16), regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
