@@ -525,6 +525,84 @@ async fn send_test_reaches_the_sink_and_shows_in_status_and_events() {
 }
 
 #[tokio::test]
+async fn a_robot_refusing_with_http_200_fails_the_test_in_status_event_and_herald_test() {
+    let client = cluster::client().await;
+    let ns = "robot-refusal";
+    cluster::namespace(&client, ns).await;
+    // DingTalk answers a refusal with HTTP 200 and an error code.
+    let robot = Sink::http().await;
+    robot.respond_with(vec![
+        Reply::status(200).body(json!({"errcode": 310000, "errmsg": "keywords not in content"})),
+    ]);
+    let _controller = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
+    apply(&webhook(
+        ns,
+        "ding",
+        &format!("{{url: '{}', format: dingtalk}}", robot.url()),
+    ));
+    wait_webhook(&client, ns, "ding", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    let kubeconfig = cluster::plane().kubeconfig.to_string_lossy().into_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(process::binary())
+            .args([
+                "test",
+                "ding",
+                "-n",
+                ns,
+                "--kubeconfig",
+                &kubeconfig,
+                "--timeout",
+                "30s",
+            ])
+            .output()
+            .expect("herald test")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "herald test exits non-zero: {stdout}"
+    );
+    assert!(stdout.contains("errcode 310000"), "{stdout}");
+
+    let api: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    let wh = api.get("ding").await.expect("webhook");
+    let test = wh.status.expect("status").last_test.expect("lastTest");
+    assert_eq!(test.outcome, DeliveryOutcome::Failed);
+    assert_eq!(test.http_status, Some(200));
+    assert!(
+        test.message
+            .contains("DingTalk refused the message: errcode 310000"),
+        "{}",
+        test.message
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let list = events.list(&ListParams::default()).await.expect("events");
+        let found = list.items.iter().any(|e| {
+            e.reason.as_deref() == Some("TestFailed")
+                && e.note
+                    .as_deref()
+                    .is_some_and(|n| n.contains("errcode 310000"))
+        });
+        if found {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no TestFailed event naming the error code: {:?}",
+            list.items
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
 async fn tenants_see_only_their_own_namespace() {
     let client = cluster::client().await;
     let (central, tenant) = ("tenancy-central", "tenancy-team");
