@@ -926,11 +926,13 @@ async fn deliver(
             return;
         }
         let delay = policy.delay(attempt, result.retry_after);
-        if result.retry_after.is_some()
+        if let Some(asked) = result.retry_after
             && let Some(pacer) = current.pacer()
         {
-            // The destination asked for a pause: every webhook sending to it waits it out.
-            pacer.block_for(delay);
+            // The destination asked for a pause (a robot's block time can be longer than the
+            // longest backoff): every webhook sending to it, this retry included, waits it out
+            // in full, up to the time a delivery is retried at all.
+            pacer.block_for(asked.min(policy.max_elapsed));
         }
         let exhausted =
             attempt >= policy.max_attempts || started.elapsed() + delay > policy.max_elapsed;
