@@ -314,6 +314,19 @@ pub struct ReceiverArgs {
     /// Serve `/metrics` on this address instead of the receiver's (which then has none).
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Most alerts one request may carry; more refuse the request.
+    #[arg(long, default_value_t = alert::PayloadLimits::default().max_alerts)]
+    pub max_alerts: usize,
+    /// Most labels (and, separately, annotations) one alert may have; more refuse that alert.
+    #[arg(long, default_value_t = alert::PayloadLimits::default().max_labels)]
+    pub max_labels: usize,
+    /// Longest label or annotation name, in bytes; a longer one refuses its alert.
+    #[arg(long, default_value_t = alert::PayloadLimits::default().max_name_bytes)]
+    pub max_label_name_bytes: usize,
+    /// Longest label or annotation value, in bytes; a longer one refuses its alert, not the
+    /// request. Defaults to --body-limit.
+    #[arg(long)]
+    pub max_label_value_bytes: Option<usize>,
 }
 
 impl ReceiverArgs {
@@ -325,6 +338,12 @@ impl ReceiverArgs {
             token_file: self.receiver_token_file.clone(),
             overload_wait: self.overload_wait,
             serve_metrics: self.metrics_listen.is_none(),
+            payload: alert::PayloadLimits {
+                max_alerts: self.max_alerts,
+                max_labels: self.max_labels,
+                max_name_bytes: self.max_label_name_bytes,
+                max_value_bytes: self.max_label_value_bytes.unwrap_or(self.body_limit),
+            },
             ..ReceiverConfig::default()
         })
     }
@@ -687,6 +706,7 @@ async fn trial_render(webhook: &crate::crd::Webhook) -> Option<String> {
         alerts: &alerts,
         group_labels: &Arc::default(),
         external_url: &Arc::from(""),
+        source: &crate::alert::GroupSource::default(),
     };
     let context = crate::render::template_context(&crate::render::notification(
         content,
@@ -758,8 +778,15 @@ fn route(args: RouteArgs) -> anyhow::Result<ExitCode> {
     }
     let body = std::fs::read(&args.alerts)
         .with_context(|| format!("reading {}", args.alerts.display()))?;
-    let batch = alert::parse_any(&body, k8s_openapi::jiff::Timestamp::now())
+    let mut batch = alert::parse_any(&body, k8s_openapi::jiff::Timestamp::now())
         .with_context(|| format!("parsing {}", args.alerts.display()))?;
+    // What the receiver (with default limits) would refuse, alert by alert.
+    let refused = batch
+        .admit(&alert::PayloadLimits::default(), "")
+        .with_context(|| format!("checking {}", args.alerts.display()))?;
+    for refusal in &refused {
+        println!("refused: {refusal}");
+    }
     let table = herald.table();
     for (i, alert) in batch.alerts.iter().enumerate() {
         let labels: Vec<String> = alert

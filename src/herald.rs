@@ -239,11 +239,13 @@ impl Herald {
         let alerts: Vec<Arc<Alert>> = batch.alerts.into_iter().map(Arc::new).collect();
         let group_labels = Arc::new(batch.group_labels);
         let external_url: Arc<str> = Arc::from(batch.external_url);
+        let source = Arc::new(batch.source);
         per_webhook
             .into_iter()
             .map(|(key, indexes)| {
                 let alerts = indexes.into_iter().map(|i| alerts[i].clone()).collect();
                 Delivery::new(key, alerts, group_labels.clone(), external_url.clone())
+                    .from_group(&source)
             })
             .collect()
     }

@@ -2,6 +2,7 @@
 //! webhook notifications.
 pub mod admin;
 pub mod alert;
+pub mod chat;
 pub mod cli;
 pub mod controller;
 pub mod crd;

@@ -298,8 +298,11 @@ async fn receive(
             return error(StatusCode::BAD_REQUEST, format!("cannot read body: {err}"));
         }
     };
-    let batch = match parse(&bytes).and_then(|b| b.check(&state.config.payload, root).map(|()| b)) {
-        Ok(batch) => batch,
+    let (batch, refused) = match parse(&bytes).and_then(|mut batch| {
+        let refused = batch.admit(&state.config.payload, root)?;
+        Ok((batch, refused))
+    }) {
+        Ok(parsed) => parsed,
         Err(err) => {
             metrics.rejected("invalid_payload");
             return (
@@ -322,6 +325,13 @@ async fn receive(
                     endpoint: endpoint.to_string(),
                 })
                 .inc_by(accepted as u64);
+            if !refused.is_empty() {
+                // As Alertmanager's API v2 answers: the valid alerts are taken, and the answer
+                // is 400 naming each refused one (a sender does not retry a 4xx, and sending
+                // the taken alerts again would only repeat them).
+                metrics.rejected("invalid_alert");
+                return refused_alerts(accepted, summary, &refused);
+            }
             (
                 StatusCode::OK,
                 axum::Json(json!({
@@ -348,6 +358,36 @@ async fn receive(
             response
         }
     }
+}
+
+/// The 400 for a request some of whose alerts were refused: how many were taken, and each
+/// refused alert's path and reason.
+fn refused_alerts(
+    accepted: usize,
+    summary: crate::delivery::SubmitSummary,
+    refused: &[ParseError],
+) -> Response {
+    let first = refused.first().map(|e| e.to_string()).unwrap_or_default();
+    let first_path = refused.first().map(|e| e.path.clone()).unwrap_or_default();
+    let error = match refused.len() {
+        1 => format!("1 alert refused ({first}); {accepted} taken"),
+        n => format!("{n} alerts refused (first: {first}); {accepted} taken"),
+    };
+    let refused: Vec<_> = refused
+        .iter()
+        .map(|e| json!({ "path": e.path, "error": e.message }))
+        .collect();
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({
+            "error": error,
+            "path": first_path,
+            "accepted": accepted,
+            "deliveries": summary.queued + summary.dead_letters,
+            "refused": refused,
+        })),
+    )
+        .into_response()
 }
 
 /// Waits until the client has sent enough to tell its protocol: the whole HTTP/2 preface, or

@@ -362,7 +362,7 @@ async fn health_readiness_and_metrics() {
         addr,
         "/api/v1/alerts",
         "application/json",
-        v1_payload(json!([{"labels": {}}])).to_string(),
+        v1_payload(json!([{"labels": {"alertname": "A"}}])).to_string(),
     )
     .await;
     let text = get("/metrics").await.text().await.expect("text");

@@ -498,8 +498,8 @@ fn the_chart_installs_an_authenticated_receiver_by_default() {
             .unwrap_or_else(|| panic!("no {kind}"))
     };
     let docs = render(&[]);
-    let deployment = of_kind(&docs, "Deployment");
-    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let statefulset = of_kind(&docs, "StatefulSet");
+    let container = &statefulset["spec"]["template"]["spec"]["containers"][0];
     let args: Vec<&str> = container["args"]
         .as_array()
         .expect("args")
@@ -523,7 +523,7 @@ fn the_chart_installs_an_authenticated_receiver_by_default() {
         .decode(secret["data"]["token"].as_str().expect("token"))
         .expect("base64");
     assert!(token.len() >= 32, "{} bytes", token.len());
-    let volumes = &deployment["spec"]["template"]["spec"]["volumes"];
+    let volumes = &statefulset["spec"]["template"]["spec"]["volumes"];
     assert!(
         volumes
             .as_array()
@@ -537,8 +537,8 @@ fn the_chart_installs_an_authenticated_receiver_by_default() {
     assert!(!docs.iter().any(|d| d["kind"] == "Secret"));
     // Turning it off is explicit.
     let docs = render(&["--set", "receiverAuth.enabled=false"]);
-    let deployment = of_kind(&docs, "Deployment");
-    let args = &deployment["spec"]["template"]["spec"]["containers"][0]["args"];
+    let statefulset = of_kind(&docs, "StatefulSet");
+    let args = &statefulset["spec"]["template"]["spec"]["containers"][0]["args"];
     assert!(
         !args.to_string().contains("--receiver-token-file"),
         "{args}"

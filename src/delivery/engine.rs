@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::id::DeliveryId;
+use super::pace::{self, Gathering};
 use super::queue::{JobQueue, Next, Queued};
 use super::send::{AttemptClass, AttemptResult, Delivery, send};
 use super::target::Target;
@@ -927,6 +928,10 @@ impl Engine {
     pub async fn send_test(&self, key: &ObjectKey) -> Option<DeliveryReport> {
         let target = self.target(key)?;
         let delivery = Arc::new(Delivery::test(key.clone()));
+        // A test message counts toward its destination's pace (it is not held back for it).
+        if let Some(pacer) = target.pacer() {
+            let _ = pacer.try_take(tokio::time::Instant::now());
+        }
         let result = send(&target, &delivery).await;
         let report = finish(&delivery, 1, &result);
         self.shared.report(report.clone(), &delivery, None, None);
@@ -1054,27 +1059,76 @@ async fn run_worker(shared: Arc<Shared>, worker: Arc<WorkerState>) {
     let mut breaker = Breaker {
         failures: worker.failures.load(Ordering::Relaxed),
     };
+    // Deliveries taken from the queue while a paced or batching webhook waits to send.
+    let mut gathering = Gathering::default();
     while !worker.cancel.is_cancelled() {
-        match worker.queue.next() {
-            Next::Item(job) => {
-                // Not boxed: this task lives only while its queue holds work, so the space of
-                // the send future inside it is never kept for an idle webhook.
-                let ended = deliver(&shared, handles, &worker, &job, &mut breaker).await;
-                if ended {
-                    worker.release_place(&shared);
+        if gathering.is_empty() {
+            match worker.queue.next() {
+                Next::Item(job) => {
+                    if !worker.target().gathers() {
+                        // Not boxed: this task lives only while its queue holds work, so the
+                        // space of the send future inside it is never kept for an idle webhook.
+                        let message = job.delivery.clone();
+                        let jobs = [job];
+                        if deliver(&shared, handles, &worker, &message, &jobs, &mut breaker).await {
+                            worker.release_place(&shared);
+                        }
+                        worker.failures.store(breaker.failures, Ordering::Relaxed);
+                        continue;
+                    }
+                    let alerts = job.delivery.alerts.len();
+                    gathering.push(job, alerts);
                 }
-                worker.failures.store(breaker.failures, Ordering::Relaxed);
+                Next::Load { after } => {
+                    load_backlog(&shared, &worker, after).await;
+                    continue;
+                }
+                Next::Stop => return,
             }
-            Next::Load { after } => load_backlog(&shared, &worker, after).await,
-            Next::Stop => return,
         }
+        // A paced or batching webhook: gather what is queued while it waits, then send it as
+        // one message.
+        let target = worker.target();
+        let pull = || {
+            let job = worker.queue.try_pop()?;
+            let alerts = job.delivery.alerts.len();
+            Some((job, alerts))
+        };
+        if !gathering
+            .wait(target.pacer(), target.batching(), pull, &worker.cancel)
+            .await
+        {
+            break;
+        }
+        let cap = target
+            .batching()
+            .map_or(pace::DIGEST_MAX_ALERTS, |b| b.max_alerts);
+        let jobs = gathering.next_message(cap);
+        let parts: Vec<Arc<Delivery>> = jobs.iter().map(|j| j.delivery.clone()).collect();
+        let message = match parts.as_slice() {
+            [] => continue,
+            [one] => one.clone(),
+            _ => match Delivery::merged(&parts) {
+                Some(merged) => Arc::new(merged),
+                None => continue,
+            },
+        };
+        if deliver(&shared, handles, &worker, &message, &jobs, &mut breaker).await {
+            for _ in &jobs {
+                worker.release_place(&shared);
+            }
+        }
+        worker.failures.store(breaker.failures, Ordering::Relaxed);
     }
     // Cancelled: nothing more is queued, and what is left goes.
+    let gathered: Vec<Job> = gathering.drain().collect();
     let _ = worker.queue.close();
     give_up_queued(
         &shared,
         &worker,
-        std::iter::from_fn(|| worker.queue.try_pop()),
+        gathered
+            .into_iter()
+            .chain(std::iter::from_fn(|| worker.queue.try_pop())),
     );
 }
 
@@ -1166,22 +1220,65 @@ fn export_breaker(shared: &Shared, key: &ObjectKey, was_open: bool, breaker: &Br
     }
 }
 
-/// Delivers one job with its retries; returns whether it ended (it stays in the store when
-/// Herald stops first).
+/// Reports the end of a message: for a merged one, the end of each delivery it carried.
+fn report_all(
+    shared: &Shared,
+    report: DeliveryReport,
+    message: &Arc<Delivery>,
+    jobs: &[Job],
+    handles: Option<&WebhookMetrics>,
+) {
+    if let [job] = jobs
+        && Arc::ptr_eq(&job.delivery, message)
+    {
+        shared.report(report, message, job.seq, handles);
+        return;
+    }
+    let merged = format!(
+        "sent in merged message {} with {} alerts of {} deliveries",
+        message.id,
+        message.alerts.len(),
+        jobs.len()
+    );
+    for job in jobs {
+        let part = &job.delivery;
+        let mut own = report.clone();
+        own.delivery_id = part.id;
+        own.test = part.test;
+        own.alerts = part.alerts.len();
+        own.message = if own.message.is_empty() {
+            merged.clone()
+        } else {
+            format!("{}; {merged}", own.message)
+        };
+        shared.report(own, part, job.seq, handles);
+    }
+}
+
+/// Lets go of every delivery of an interrupted message (see [`leave_or_drop`]); returns
+/// whether they ended.
+fn leave_or_drop_all(shared: &Shared, jobs: &[Job]) -> bool {
+    // Every job is let go of, whatever the others did.
+    let ended = jobs.iter().filter(|job| leave_or_drop(shared, job)).count();
+    ended == jobs.len()
+}
+
+/// Delivers one message (one job, or the jobs merged into it) with its retries; returns
+/// whether it ended (it stays in the store when Herald stops first).
 async fn deliver(
     shared: &Shared,
     handles: &WebhookMetrics,
     worker: &WorkerState,
-    job: &Job,
+    delivery: &Arc<Delivery>,
+    jobs: &[Job],
     breaker: &mut Breaker,
 ) -> bool {
-    let delivery = &job.delivery;
     let cancel = &worker.cancel;
     let policy = shared.config.retry;
     if let Some(wait) = breaker.cool_down(&policy) {
         tracing::debug!(webhook = %delivery.webhook, ?wait, "circuit open: waiting before probing the endpoint");
         tokio::select! {
-            () = cancel.cancelled() => return leave_or_drop(shared, job),
+            () = cancel.cancelled() => return leave_or_drop_all(shared, jobs),
             () = tokio::time::sleep(wait) => {}
         }
     }
@@ -1190,27 +1287,44 @@ async fn deliver(
     loop {
         attempt += 1;
         let current = worker.target();
+        // A retry is a message too: it waits its turn at a paced destination (and out a block
+        // the destination asked for).
+        if attempt > 1
+            && let Some(pacer) = current.pacer()
+            && !pace::take_turn(pacer, cancel).await
+        {
+            return leave_or_drop_all(shared, jobs);
+        }
         let result = send(&current, delivery).await;
         handles.duration.observe(result.latency.as_secs_f64());
         let was_open = breaker.is_open();
         breaker.record(result.class);
         export_breaker(shared, &delivery.webhook, was_open, breaker);
         if result.class != AttemptClass::Retryable {
-            shared.report(
+            report_all(
+                shared,
                 finish(delivery, attempt, &result),
                 delivery,
-                job.seq,
+                jobs,
                 Some(handles),
             );
             return true;
         }
         let delay = policy.delay(attempt, result.retry_after);
+        if let Some(asked) = result.retry_after
+            && let Some(pacer) = current.pacer()
+        {
+            // The destination asked for a pause (a robot's block time can be longer than the
+            // longest backoff): every webhook sending to it, this retry included, waits it out
+            // in full, up to the time a delivery is retried at all.
+            pacer.block_for(asked.min(policy.max_elapsed));
+        }
         let exhausted =
             attempt >= policy.max_attempts || started.elapsed() + delay > policy.max_elapsed;
         if exhausted {
             let mut report = finish(delivery, attempt, &result);
             report.message = format!("gave up after {attempt} attempts: {}", report.message);
-            shared.report(report, delivery, job.seq, Some(handles));
+            report_all(shared, report, delivery, jobs, Some(handles));
             return true;
         }
         shared.metrics.delivery(&delivery.webhook, "retried");
@@ -1219,7 +1333,7 @@ async fn deliver(
             error = ?result.error, ?delay, "attempt failed; retrying"
         );
         tokio::select! {
-            () = cancel.cancelled() => return leave_or_drop(shared, job),
+            () = cancel.cancelled() => return leave_or_drop_all(shared, jobs),
             () = tokio::time::sleep(delay) => {}
         }
     }

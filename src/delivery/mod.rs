@@ -4,6 +4,7 @@
 pub mod client;
 mod engine;
 mod id;
+pub mod pace;
 pub mod policy;
 mod queue;
 mod send;

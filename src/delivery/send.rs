@@ -13,7 +13,9 @@ use hyper::body::Incoming;
 use super::client::{RequestBody, describe_error};
 use super::id::DeliveryId;
 use super::target::{Target, USER_AGENT};
-use crate::alert::{Alert, LabelSet};
+use crate::alert::{Alert, GroupSource, LabelSet};
+use crate::chat::Answer;
+use crate::crd::BodyFormat;
 use crate::render::{self, Content};
 use crate::routing::ObjectKey;
 
@@ -34,6 +36,13 @@ pub struct Delivery {
     /// Alertmanager's URL.
     #[serde(rename = "externalURL")]
     pub external_url: Arc<str>,
+    /// The rest of what Alertmanager said about the group (shared by the batch's deliveries).
+    #[serde(default, skip_serializing_if = "is_unknown_group")]
+    pub source: Arc<GroupSource>,
+}
+
+fn is_unknown_group(source: &Arc<GroupSource>) -> bool {
+    source.is_empty()
 }
 
 impl Delivery {
@@ -51,6 +60,54 @@ impl Delivery {
             alerts,
             group_labels,
             external_url,
+            source: Arc::default(),
+        }
+    }
+
+    /// One delivery carrying the alerts of several to the same webhook (a digest): each alert
+    /// once, in its latest state (the last delivery carrying its fingerprint), in the order
+    /// they were last seen. Group labels, URL and group details are kept where all agree.
+    pub fn merged(parts: &[Arc<Delivery>]) -> Option<Delivery> {
+        let first = parts.first()?;
+        let mut latest: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let all: Vec<&Arc<Alert>> = parts.iter().flat_map(|d| d.alerts.iter()).collect();
+        for (i, alert) in all.iter().enumerate() {
+            latest.insert(alert.fingerprint.as_str(), i);
+        }
+        let alerts = all
+            .iter()
+            .enumerate()
+            .filter(|(i, alert)| latest.get(alert.fingerprint.as_str()) == Some(i))
+            .map(|(_, alert)| Arc::clone(alert))
+            .collect();
+        let agree = |same: &dyn Fn(&Delivery) -> bool| parts.iter().all(|d| same(d));
+        Some(Delivery {
+            id: DeliveryId::new(),
+            webhook: first.webhook.clone(),
+            test: false,
+            alerts,
+            group_labels: if agree(&|d| d.group_labels == first.group_labels) {
+                first.group_labels.clone()
+            } else {
+                Arc::default()
+            },
+            external_url: first.external_url.clone(),
+            source: if agree(&|d| d.source == first.source) {
+                first.source.clone()
+            } else {
+                Arc::default()
+            },
+        })
+    }
+
+    /// The delivery with what Alertmanager said about its group.
+    pub fn from_group(self, source: &Arc<GroupSource>) -> Self {
+        if source.is_empty() {
+            return self;
+        }
+        Delivery {
+            source: source.clone(),
+            ..self
         }
     }
 
@@ -79,7 +136,14 @@ impl Delivery {
             return Ok(RequestBody::pair(head.clone(), tail));
         }
         let notification = render::notification(content, target.language);
-        render::body(&notification, target.format, None).map(RequestBody::from)
+        render::body_for_robot(
+            &notification,
+            target.format,
+            None,
+            target.robot(),
+            k8s_openapi::jiff::Timestamp::now().as_second(),
+        )
+        .map(RequestBody::from)
     }
 
     /// What this delivery carries, for a target.
@@ -91,6 +155,7 @@ impl Delivery {
             alerts: &self.alerts,
             group_labels: &self.group_labels,
             external_url: &self.external_url,
+            source: &self.source,
         }
     }
 
@@ -291,7 +356,22 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
     }
     let mut request = Request::new(body);
     *request.method_mut() = Method::POST;
-    *request.uri_mut() = target.uri.clone();
+    *request.uri_mut() = match (&target.robot().secret, target.format) {
+        (Some(secret), BodyFormat::Dingtalk) => {
+            let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+            match crate::chat::dingtalk_signed_uri(&target.uri, secret.expose(), now) {
+                Ok(uri) => uri,
+                Err(e) => {
+                    return AttemptResult::unanswered(
+                        AttemptClass::Final,
+                        Duration::ZERO,
+                        format!("cannot sign the DingTalk URL: {e}"),
+                    );
+                }
+            }
+        }
+        _ => target.uri.clone(),
+    };
     *request.headers_mut() = headers;
 
     let started = Instant::now();
@@ -341,20 +421,49 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
         AttemptClass::Final
     };
     let latency = started.elapsed();
-    let error = if class == AttemptClass::Success {
+    let chat = crate::chat::default_pace(target.format).is_some();
+    let error = if class == AttemptClass::Success && !chat {
         // Read a short answer to its end so that the connection can be used again.
         read_prefix(response.into_body(), SUCCESS_BODY_READ, deadline.as_mut()).await;
         None
     } else {
         // A little of an error body helps users; more could be anything, even an echo of
-        // our own credentials, so read at most 1 KiB and mask secret values.
-        let bytes = read_prefix(response.into_body(), ERROR_BODY_READ, deadline.as_mut()).await;
-        let snippet = target.answer_excerpt(&bytes);
-        Some(if snippet.is_empty() {
-            format!("HTTP {}", status.as_u16())
+        // our own credentials, so read at most 1 KiB and mask secret values. A chat robot's
+        // answer is read whole (it says whether the message was taken).
+        let limit = if class == AttemptClass::Success {
+            SUCCESS_BODY_READ
         } else {
-            format!("HTTP {}: {snippet}", status.as_u16())
-        })
+            ERROR_BODY_READ
+        };
+        let bytes = read_prefix(response.into_body(), limit, deadline.as_mut()).await;
+        if let Some(answer) = crate::chat::read_answer(target.format, status.as_u16(), &bytes) {
+            let (answer_class, error, wait) = match answer {
+                Answer::Taken => (AttemptClass::Success, None, None),
+                Answer::RateLimited { wait, reason } => {
+                    (AttemptClass::Retryable, Some(reason), Some(wait))
+                }
+                Answer::Busy(reason) => (AttemptClass::Retryable, Some(reason), None),
+                Answer::Refused(reason) => (AttemptClass::Final, Some(reason), None),
+            };
+            return AttemptResult {
+                class: answer_class,
+                status: Some(status.as_u16()),
+                latency,
+                error: error.map(|e| target.answer_excerpt(e.as_bytes())),
+                // The endpoint's own Retry-After comes first.
+                retry_after: retry_after.or(wait),
+            };
+        }
+        if class == AttemptClass::Success {
+            None
+        } else {
+            let snippet = target.answer_excerpt(&bytes);
+            Some(if snippet.is_empty() {
+                format!("HTTP {}", status.as_u16())
+            } else {
+                format!("HTTP {}: {snippet}", status.as_u16())
+            })
+        }
     };
     AttemptResult {
         class,

@@ -64,6 +64,10 @@ pub struct Target {
     /// The `Host` header of a plain-HTTP URL (always HTTP/1.1), written once instead of by the
     /// client on every request; `None` for HTTPS, where HTTP/2 may carry the authority instead.
     host: Option<HeaderValue>,
+    /// The pace of this webhook's URL (chat formats by default, others when `spec.pace` says).
+    pacer: Option<std::sync::Arc<super::pace::Pacer>>,
+    /// The batching window, when `spec.batching` sets one.
+    batching: Option<super::pace::Batching>,
 }
 
 /// A target's template, credentials, headers and signing keys.
@@ -73,6 +77,8 @@ struct Extras {
     authorization: Option<Sensitive<HeaderValue>>,
     headers: Sensitive<HeaderMap>,
     signing_keys: Vec<Sensitive<Vec<u8>>>,
+    /// A chat robot's keyword, mentions and signing secret.
+    robot: crate::chat::Robot,
     /// Every secret value this target sends, to mask them in anything the endpoint echoes back.
     masker: Masker,
 }
@@ -84,6 +90,7 @@ impl Extras {
             && self.headers.expose().is_empty()
             && self.signing_keys.is_empty()
             && self.masker.is_empty()
+            && self.robot == crate::chat::Robot::default()
     }
 }
 
@@ -402,8 +409,31 @@ impl Target {
             }
         }
 
+        // DingTalk and Feishu robots sign their own way, with the secret as the robot shows it.
+        let robot_signs = matches!(spec.format, BodyFormat::Dingtalk | BodyFormat::Feishu);
+        let mut robot = crate::chat::Robot::default();
+        if let Some(chat) = &spec.chat {
+            robot.keyword = chat.keyword.clone();
+            robot.mention_all = chat.mention_all;
+            robot.mention_users = chat.mention_users.clone();
+            robot.mention_mobiles = chat.mention_mobiles.clone();
+        }
         let signing_keys = match &spec.signing {
             None => Vec::new(),
+            Some(signing) if robot_signs => {
+                let r = &signing.secret_ref;
+                let data = secret(&lookup, policy, &r.name, "signing")?;
+                let value = text(data, &r.name, &r.key)?;
+                if value.is_empty() {
+                    return Err(NotReady::new(
+                        NotReadyReason::InvalidSigningSecret,
+                        format!("Secret {:?} key {:?} is empty", r.name, r.key),
+                    ));
+                }
+                masker.add(value.as_bytes());
+                robot.secret = Some(Sensitive::new(value.to_string()));
+                Vec::new()
+            }
             Some(signing) => {
                 let r = &signing.secret_ref;
                 let data = secret(&lookup, policy, &r.name, "signing")?;
@@ -492,13 +522,35 @@ impl Target {
             headers: Sensitive::new(headers),
             signing_keys,
             masker,
+            robot,
         };
         let herald_head = (spec.format == BodyFormat::Herald && extras.template.is_none())
             .then(|| render::herald_head(spec.kind, &key))
             .transpose()
             .map_err(|e| invalid_spec(e.to_string()))?;
         let host = host_header(&uri);
+        let pacer = pace_windows(spec).map(|windows| super::pace::pacer_for(&spec.url, windows));
+        let batching = match &spec.batching {
+            None => None,
+            Some(b) => {
+                let max_wait = humantime::parse_duration(&b.max_wait)
+                    .ok()
+                    .filter(|d| !d.is_zero() && *d <= Duration::from_secs(3600))
+                    .ok_or_else(|| {
+                        invalid_spec(format!(
+                            "batching.maxWait {:?} is not a duration from 1ms to 1h",
+                            b.max_wait
+                        ))
+                    })?;
+                Some(super::pace::Batching {
+                    max_wait,
+                    max_alerts: b.max_alerts.clamp(1, 1000) as usize,
+                })
+            }
+        };
         Ok(Target {
+            pacer,
+            batching,
             herald_head,
             host,
             key,
@@ -569,6 +621,28 @@ impl Target {
         self.extras.as_ref().map(|e| e.headers.expose())
     }
 
+    /// The pace of this webhook's URL, if it is paced.
+    pub fn pacer(&self) -> Option<&super::pace::Pacer> {
+        self.pacer.as_deref()
+    }
+
+    /// The batching window, if any.
+    pub fn batching(&self) -> Option<super::pace::Batching> {
+        self.batching
+    }
+
+    /// Whether queued deliveries are gathered into merged messages.
+    pub(crate) fn gathers(&self) -> bool {
+        self.pacer.is_some() || self.batching.is_some()
+    }
+
+    /// The chat robot's keyword, mentions and signing secret.
+    pub(crate) fn robot(&self) -> &crate::chat::Robot {
+        static NONE: std::sync::LazyLock<crate::chat::Robot> =
+            std::sync::LazyLock::new(crate::chat::Robot::default);
+        self.extras.as_ref().map_or(&NONE, |e| &e.robot)
+    }
+
     /// Standard Webhooks signing keys (decoded), empty when signing is off.
     pub(crate) fn signing_keys(&self) -> impl Iterator<Item = &[u8]> {
         self.extras
@@ -576,6 +650,38 @@ impl Target {
             .flat_map(|e| e.signing_keys.iter())
             .map(|k| k.expose().as_slice())
     }
+}
+
+/// A webhook's pace: `spec.pace` where set, else its chat platform's documented limit; `None`
+/// for a webhook that is not paced.
+fn pace_windows(spec: &WebhookSpec) -> Option<Vec<super::pace::Window>> {
+    let default = crate::chat::default_pace(spec.format);
+    let given = spec.pace.as_ref();
+    let per_second = given.and_then(|p| p.per_second).or_else(|| {
+        given
+            .is_none()
+            .then(|| default.and_then(|d| d.per_second))
+            .flatten()
+    });
+    let per_minute = given.and_then(|p| p.per_minute).or_else(|| {
+        given
+            .is_none()
+            .then(|| default.and_then(|d| d.per_minute))
+            .flatten()
+    });
+    let windows: Vec<super::pace::Window> = [
+        (Duration::from_secs(1), per_second),
+        (Duration::from_secs(60), per_minute),
+    ]
+    .into_iter()
+    .filter_map(|(per, max)| {
+        Some(super::pace::Window {
+            per,
+            max: max?.max(1),
+        })
+    })
+    .collect();
+    (!windows.is_empty()).then_some(windows)
 }
 
 fn trim_bytes(value: &[u8]) -> &[u8] {
