@@ -35,16 +35,17 @@ pub struct Alert {
     #[serde(default)]
     pub status: AlertStatus,
     /// Identifying labels (alertname, severity, namespace, ...).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable_set")]
     pub labels: LabelSet,
     /// Descriptive annotations (summary, description, ...).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable_set")]
     pub annotations: LabelSet,
-    /// RFC 3339 start time, as received.
-    #[serde(default)]
+    /// RFC 3339 start time, as received; written as Go's zero time when unset.
+    #[serde(default, serialize_with = "time_or_zero")]
     pub starts_at: String,
-    /// RFC 3339 end time, as received (Alertmanager's zero time while firing).
-    #[serde(default)]
+    /// RFC 3339 end time, as received; written as Go's zero time when unset (Alertmanager's
+    /// webhook shows a firing alert's end that way).
+    #[serde(default, serialize_with = "time_or_zero")]
     pub ends_at: String,
     /// Link back to the alert's source.
     #[serde(default, rename = "generatorURL")]
@@ -196,12 +197,47 @@ impl Serialize for AlertFromParts<'_> {
             Some(json) => out.serialize_field("annotations", json)?,
             None => out.serialize_field("annotations", &alert.annotations)?,
         }
-        out.serialize_field("startsAt", &alert.starts_at)?;
-        out.serialize_field("endsAt", &alert.ends_at)?;
+        out.serialize_field("startsAt", time_or_zero_str(&alert.starts_at))?;
+        out.serialize_field("endsAt", time_or_zero_str(&alert.ends_at))?;
         out.serialize_field("generatorURL", &alert.generator_url)?;
         out.serialize_field("fingerprint", &alert.fingerprint)?;
         out.end()
     }
+}
+
+/// Go's zero time as Alertmanager writes it: a time that is not set.
+pub const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
+/// A time as Alertmanager's Go types read it: an unset one is Go's zero time, never "".
+fn time_or_zero_str(time: &str) -> &str {
+    if time.is_empty() { ZERO_TIME } else { time }
+}
+
+fn time_or_zero<S: serde::Serializer>(time: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(time_or_zero_str(time))
+}
+
+/// Reads a label set that may be `null` (Alertmanager's API v2 accepts
+/// `"annotations": null`) as an empty one.
+fn nullable_set<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<LabelSet, D::Error> {
+    Ok(Option::<LabelSet>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// A time that is set: `None` when missing, empty, or Go's zero time (which Alertmanager reads
+/// as unset); `Err` when it is not an RFC 3339 time.
+fn set_time(time: Option<&str>) -> Result<Option<k8s_openapi::jiff::Timestamp>, ()> {
+    let Some(text) = time.filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    let parsed: k8s_openapi::jiff::Timestamp = text.parse().map_err(|_| ())?;
+    // Go's zero time is year 1; nothing real happened before year 2.
+    let unset = parsed.as_second() < -62_135_596_800 + 366 * 86_400;
+    Ok((!unset).then_some(parsed))
+}
+
+/// Whether a time is unset (missing, empty or Go's zero time).
+pub fn is_unset_time(time: &str) -> bool {
+    matches!(set_time(Some(time)), Ok(None))
 }
 
 /// A cached JSON rendering: `value` written the first time, the same text afterwards.
@@ -229,7 +265,7 @@ pub fn fingerprint(labels: &LabelSet) -> String {
     format!("{:016x}", hasher.finish())
 }
 
-/// Alertmanager's `webhook_configs` payload (version 4).
+/// Alertmanager's `webhook_configs` payload (version 4): its `Message` and `template.Data`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AlertmanagerPayload {
@@ -249,19 +285,58 @@ pub struct AlertmanagerPayload {
     #[serde(default)]
     pub receiver: String,
     /// Labels the group was formed by.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable_set")]
     pub group_labels: LabelSet,
     /// Labels every alert of the group shares.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable_set")]
     pub common_labels: LabelSet,
     /// Annotations every alert of the group shares.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable_set")]
     pub common_annotations: LabelSet,
     /// Alertmanager's own URL.
     #[serde(default, rename = "externalURL")]
     pub external_url: String,
+    /// Why Alertmanager sent this notification (newer Alertmanagers).
+    #[serde(default, rename = "notification_reason")]
+    pub notification_reason: Option<String>,
+    /// The labels of the route that sent it (newer Alertmanagers).
+    #[serde(default)]
+    pub route_labels: Option<LabelSet>,
     /// The alerts.
     pub alerts: Vec<Alert>,
+}
+
+/// What Alertmanager said about the group a batch came in, passed on unchanged by
+/// `format: alertmanager`. Empty for alerts that did not come in a webhook payload.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupSource {
+    /// The Alertmanager receiver that sent the batch.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub receiver: String,
+    /// Alertmanager's key for the group.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group_key: String,
+    /// Alerts Alertmanager cut from the group (`max_alerts`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub truncated_alerts: u64,
+    /// Why Alertmanager sent the notification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notification_reason: Option<String>,
+    /// The labels of the Alertmanager route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_labels: Option<LabelSet>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl GroupSource {
+    /// Whether nothing is known about the group.
+    pub fn is_empty(&self) -> bool {
+        *self == GroupSource::default()
+    }
 }
 
 /// One alert in Alertmanager's API v2 `POST /api/v2/alerts` shape.
@@ -269,9 +344,10 @@ pub struct AlertmanagerPayload {
 #[serde(rename_all = "camelCase")]
 pub struct PostableAlert {
     /// Identifying labels.
+    #[serde(default, deserialize_with = "nullable_set")]
     pub labels: LabelSet,
-    /// Descriptive annotations.
-    #[serde(default)]
+    /// Descriptive annotations (`null` reads as none, as Alertmanager reads it).
+    #[serde(default, deserialize_with = "nullable_set")]
     pub annotations: LabelSet,
     /// RFC 3339 start time.
     #[serde(default)]
@@ -285,23 +361,35 @@ pub struct PostableAlert {
 }
 
 impl PostableAlert {
-    /// Converts to Herald's alert shape; `now` decides whether `endsAt` lies in the past.
+    /// Converts to Herald's alert shape the way Alertmanager's API v2 reads it: an unset time
+    /// (missing or Go's zero time) is no time; an unset start is the end, or `now`; the alert is
+    /// resolved only when its end is set and not after `now`. A firing alert's end is written
+    /// as the zero time, as Alertmanager's webhook writes it. A time that cannot be read is
+    /// kept as given (and the alert refused by [`AlertBatch::admit`]).
     pub fn into_alert(self, now: k8s_openapi::jiff::Timestamp) -> Alert {
-        let resolved = self
-            .ends_at
-            .as_deref()
-            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
-            .is_some_and(|end| end <= now);
+        let start = set_time(self.starts_at.as_deref());
+        let end = set_time(self.ends_at.as_deref());
+        let resolved = matches!(end, Ok(Some(end)) if end <= now);
+        let starts_at = match (start, end) {
+            (Ok(Some(_)), _) | (Err(()), _) => self.starts_at.unwrap_or_default(),
+            (Ok(None), Ok(Some(end))) => end.to_string(),
+            (Ok(None), _) => now.to_string(),
+        };
+        let ends_at = match end {
+            Err(()) => self.ends_at.unwrap_or_default(),
+            Ok(_) if resolved => self.ends_at.unwrap_or_default(),
+            Ok(_) => ZERO_TIME.to_string(),
+        };
         let mut alert = Alert {
             status: if resolved {
                 AlertStatus::Resolved
             } else {
                 AlertStatus::Firing
             },
-            labels: self.labels,
+            labels: self.labels.without_empty_values(),
             annotations: self.annotations,
-            starts_at: self.starts_at.unwrap_or_else(|| now.to_string()),
-            ends_at: self.ends_at.unwrap_or_default(),
+            starts_at,
+            ends_at,
             generator_url: self.generator_url.unwrap_or_default(),
             fingerprint: String::new(),
             renderings: AlertRenderings::default(),
@@ -323,18 +411,36 @@ pub struct AlertBatch {
     /// Alertmanager's URL, when known.
     #[serde(default, rename = "externalURL")]
     pub external_url: String,
+    /// The rest of what Alertmanager said about the group, when known.
+    #[serde(default, skip_serializing_if = "GroupSource::is_empty")]
+    pub source: GroupSource,
 }
 
 impl From<AlertmanagerPayload> for AlertBatch {
     fn from(payload: AlertmanagerPayload) -> Self {
         let mut alerts = payload.alerts;
         for alert in &mut alerts {
+            // Alertmanager drops empty-valued labels before anything else looks at them.
+            alert.labels = std::mem::take(&mut alert.labels).without_empty_values();
+            // An unset time is Go's zero time, as Alertmanager's own types read it.
+            for time in [&mut alert.starts_at, &mut alert.ends_at] {
+                if time.is_empty() {
+                    *time = ZERO_TIME.to_string();
+                }
+            }
             alert.ensure_fingerprint();
         }
         AlertBatch {
             alerts,
             group_labels: payload.group_labels,
             external_url: payload.external_url,
+            source: GroupSource {
+                receiver: payload.receiver,
+                group_key: payload.group_key,
+                truncated_alerts: payload.truncated_alerts,
+                notification_reason: payload.notification_reason,
+                route_labels: payload.route_labels,
+            },
         }
     }
 }
@@ -342,13 +448,14 @@ impl From<AlertmanagerPayload> for AlertBatch {
 /// Bounds on what one request may carry, beyond the body size.
 #[derive(Clone, Copy, Debug)]
 pub struct PayloadLimits {
-    /// Alerts per request.
+    /// Alerts per request (more refuse the request).
     pub max_alerts: usize,
-    /// Labels (and, separately, annotations) per alert.
+    /// Labels (and, separately, annotations) per alert (more refuse the alert).
     pub max_labels: usize,
-    /// Bytes in one label name.
+    /// Bytes in one label name (more refuse the alert).
     pub max_name_bytes: usize,
-    /// Bytes in one label or annotation value.
+    /// Bytes in one label or annotation value (more refuse the alert). By default the body
+    /// limit: no value that fits in a request is refused for its size.
     pub max_value_bytes: usize,
 }
 
@@ -358,71 +465,112 @@ impl Default for PayloadLimits {
             max_alerts: 10_000,
             max_labels: 256,
             max_name_bytes: 1024,
-            max_value_bytes: 64 * 1024,
+            max_value_bytes: crate::receiver::DEFAULT_BODY_LIMIT,
         }
     }
 }
 
 impl AlertBatch {
-    /// Checks the batch against limits; the error names the offending path, under `root` (the
-    /// alerts' array in the request: `alerts` for a webhook payload, empty for an API v2 array).
-    pub fn check(&self, limits: &PayloadLimits, root: &str) -> Result<(), ParseError> {
-        let refuse = |path: String, message: String| Err(ParseError { path, message });
+    /// Takes the alerts that can be taken, as Alertmanager's API v2 does ("a best effort to
+    /// insert all alerts that are valid"): each alert without labels, with a time that is not
+    /// RFC 3339 or an end before its start, or past a limit, is removed and named in the
+    /// returned list (its path under `root`: `alerts` for a webhook payload, empty for an API
+    /// v2 array); the others stay. Only more alerts than `max_alerts` refuses the whole batch.
+    pub fn admit(
+        &mut self,
+        limits: &PayloadLimits,
+        root: &str,
+    ) -> Result<Vec<ParseError>, ParseError> {
         if self.alerts.len() > limits.max_alerts {
-            return refuse(
-                if root.is_empty() {
+            return Err(ParseError {
+                path: if root.is_empty() {
                     ".".into()
                 } else {
                     root.to_string()
                 },
-                format!(
+                message: format!(
                     "{} alerts in one request; at most {} are accepted",
                     self.alerts.len(),
                     limits.max_alerts
                 ),
-            );
+            });
         }
-        for (i, alert) in self.alerts.iter().enumerate() {
-            for (field, set) in [
-                ("labels", &alert.labels),
-                ("annotations", &alert.annotations),
-            ] {
-                if set.len() > limits.max_labels {
-                    return refuse(
-                        format!("{root}[{i}].{field}"),
-                        format!(
-                            "{} entries; at most {} are accepted",
-                            set.len(),
-                            limits.max_labels
-                        ),
-                    );
-                }
-                for (name, value) in set {
-                    if name.len() > limits.max_name_bytes {
-                        return refuse(
-                            format!("{root}[{i}].{field}"),
-                            format!(
-                                "a name of {} bytes; at most {} are accepted",
-                                name.len(),
-                                limits.max_name_bytes
-                            ),
-                        );
-                    }
-                    if value.len() > limits.max_value_bytes {
-                        return refuse(
-                            format!("{root}[{i}].{field}.{name}"),
-                            format!(
-                                "a value of {} bytes; at most {} are accepted",
-                                value.len(),
-                                limits.max_value_bytes
-                            ),
-                        );
-                    }
+        let mut refused = Vec::new();
+        let mut index = 0;
+        self.alerts.retain(|alert| {
+            let at = index;
+            index += 1;
+            match validate(alert, limits) {
+                Ok(()) => true,
+                Err((field, message)) => {
+                    refused.push(ParseError {
+                        path: format!("{root}[{at}]{field}"),
+                        message,
+                    });
+                    false
                 }
             }
-        }
-        Ok(())
+        });
+        Ok(refused)
     }
+}
+
+/// Why one alert cannot be taken: the path below the alert and the reason. Herald's own limits
+/// first, then what Alertmanager's `Alert.Validate` checks.
+fn validate(alert: &Alert, limits: &PayloadLimits) -> Result<(), (String, String)> {
+    for (field, set) in [
+        ("labels", &alert.labels),
+        ("annotations", &alert.annotations),
+    ] {
+        if set.len() > limits.max_labels {
+            return Err((
+                format!(".{field}"),
+                format!(
+                    "{} entries; at most {} are accepted",
+                    set.len(),
+                    limits.max_labels
+                ),
+            ));
+        }
+        for (name, value) in set {
+            if name.len() > limits.max_name_bytes {
+                return Err((
+                    format!(".{field}"),
+                    format!(
+                        "a name of {} bytes; at most {} are accepted",
+                        name.len(),
+                        limits.max_name_bytes
+                    ),
+                ));
+            }
+            if value.len() > limits.max_value_bytes {
+                return Err((
+                    format!(".{field}.{name}"),
+                    format!(
+                        "a value of {} bytes; at most {} are accepted",
+                        value.len(),
+                        limits.max_value_bytes
+                    ),
+                ));
+            }
+        }
+    }
+    let start = set_time(Some(&alert.starts_at))
+        .map_err(|()| (".startsAt".to_string(), "not an RFC 3339 time".to_string()))?;
+    let end = set_time(Some(&alert.ends_at))
+        .map_err(|()| (".endsAt".to_string(), "not an RFC 3339 time".to_string()))?;
+    if let (Some(start), Some(end)) = (start, end)
+        && end < start
+    {
+        return Err((
+            ".endsAt".into(),
+            "start time must be before end time".into(),
+        ));
+    }
+    if alert.labels.is_empty() {
+        return Err((".labels".into(), "at least one label pair required".into()));
+    }
+    Ok(())
 }
 
 /// Why a payload could not be parsed: the message and the JSON path where it failed.
@@ -457,14 +605,32 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ParseErr
     Ok(value)
 }
 
-/// Parses an Alertmanager webhook payload (`POST /api/v1/alerts`).
+/// Parses an Alertmanager webhook payload (`POST /api/v1/alerts`). An API v2 alert array is
+/// refused with a pointer to `/api/v2/alerts`.
 pub fn parse_alertmanager(body: &[u8]) -> Result<AlertBatch, ParseError> {
+    if first_byte(body) == Some(b'[') {
+        return Err(ParseError {
+            path: ".".into(),
+            message: "this is an API v2 alert array; POST it to /api/v2/alerts \
+                      (/api/v1/alerts takes Alertmanager's webhook payload, an object)"
+                .into(),
+        });
+    }
     let payload: AlertmanagerPayload = parse_json(body)?;
     Ok(payload.into())
 }
 
-/// Parses an API v2 alert array (`POST /api/v2/alerts`).
+/// Parses an API v2 alert array (`POST /api/v2/alerts`). A webhook payload is refused with a
+/// pointer to `/api/v1/alerts`.
 pub fn parse_v2(body: &[u8], now: k8s_openapi::jiff::Timestamp) -> Result<AlertBatch, ParseError> {
+    if first_byte(body) == Some(b'{') {
+        return Err(ParseError {
+            path: ".".into(),
+            message: "this is an Alertmanager webhook payload; POST it to /api/v1/alerts \
+                      (/api/v2/alerts takes an array of alerts)"
+                .into(),
+        });
+    }
     let alerts: Vec<PostableAlert> = parse_json(body)?;
     Ok(AlertBatch {
         alerts: alerts.into_iter().map(|a| a.into_alert(now)).collect(),
@@ -472,10 +638,14 @@ pub fn parse_v2(body: &[u8], now: k8s_openapi::jiff::Timestamp) -> Result<AlertB
     })
 }
 
+/// The first byte of a document that is not white space.
+fn first_byte(body: &[u8]) -> Option<u8> {
+    body.iter().copied().find(|b| !b.is_ascii_whitespace())
+}
+
 /// Parses either shape: an object is an Alertmanager payload, an array is API v2.
 pub fn parse_any(body: &[u8], now: k8s_openapi::jiff::Timestamp) -> Result<AlertBatch, ParseError> {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    match first {
+    match first_byte(body) {
         Some(b'[') => parse_v2(body, now),
         _ => parse_alertmanager(body),
     }
@@ -536,20 +706,38 @@ mod tests {
     }
 
     #[test]
-    fn limits_name_the_offending_path() {
+    fn limits_refuse_the_offending_alert_and_name_its_path() {
         let body = br#"{"alerts":[{"labels":{"a":"1"}},{"labels":{"b":"xxxxxxxxxx"}}]}"#;
-        let batch = parse_alertmanager(body).expect("valid");
         let limits = PayloadLimits {
             max_value_bytes: 5,
             ..PayloadLimits::default()
         };
-        let err = batch.check(&limits, "alerts").expect_err("too long");
-        assert_eq!(err.path, "alerts[1].labels.b");
+        let mut batch = parse_alertmanager(body).expect("valid");
+        let refused = batch.admit(&limits, "alerts").expect("per alert");
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].path, "alerts[1].labels.b");
+        assert_eq!(batch.alerts.len(), 1, "the other alert is taken");
+        assert_eq!(batch.alerts[0].labels.get("a"), Some("1"));
+        let mut batch = parse_alertmanager(body).expect("valid");
         assert_eq!(
-            batch.check(&limits, "").expect_err("too long").path,
+            batch.admit(&limits, "").expect("per alert")[0].path,
             "[1].labels.b"
         );
-        assert!(batch.check(&PayloadLimits::default(), "alerts").is_ok());
+        let mut batch = parse_alertmanager(body).expect("valid");
+        assert!(
+            batch
+                .admit(&PayloadLimits::default(), "alerts")
+                .expect("taken")
+                .is_empty()
+        );
+        let too_many = PayloadLimits {
+            max_alerts: 1,
+            ..PayloadLimits::default()
+        };
+        assert_eq!(
+            batch.admit(&too_many, "alerts").expect_err("whole").path,
+            "alerts"
+        );
     }
 
     #[test]

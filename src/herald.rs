@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::alert::{Alert, AlertBatch};
 use crate::crd::{WebhookSpec, WebhookType};
 use crate::delivery::{
-    Admission, Delivery, DeliveryReport, Engine, EngineConfig, SubmitError, SubmitSummary, Target,
+    Delivery, DeliveryReport, Engine, EngineConfig, SubmitError, SubmitSummary, Target,
     TargetPolicy,
 };
 use crate::metrics::Metrics;
@@ -88,6 +88,11 @@ impl Herald {
         self
     }
 
+    /// The rules targets are built under.
+    pub fn policy(&self) -> &TargetPolicy {
+        &self.policy
+    }
+
     /// Read access to the routing table.
     pub fn table(&self) -> RwLockReadGuard<'_, Table> {
         // The table is only ever replaced entry by entry; a poisoned lock still holds a usable table.
@@ -154,7 +159,8 @@ impl Herald {
         table.readiness(&key).unwrap_or(Ok(()))
     }
 
-    /// Removes a webhook; its queued deliveries are dropped.
+    /// Removes a webhook; its queued deliveries are dropped (a disk store keeps them until the
+    /// next start, in case it comes back).
     pub fn delete_webhook(&self, key: &ObjectKey) {
         self.table_mut().delete_webhook(key);
         self.engine.remove(key);
@@ -172,7 +178,9 @@ impl Herald {
     }
 
     /// Routes a batch of alerts (or events, for `Events`) and queues one delivery per webhook
-    /// holding only the alerts that matched it, if there is room for all of them now.
+    /// holding only the alerts that matched it, if there is room for all of them now. With a
+    /// disk store the deliveries are written in the background: a caller that answers for them
+    /// uses [`Herald::dispatch_within`], which returns once they are durable.
     pub fn dispatch(
         &self,
         batch: AlertBatch,
@@ -180,12 +188,14 @@ impl Herald {
     ) -> Result<SubmitSummary, SubmitError> {
         let routed = self.route(batch, kind);
         let admission = self.engine.try_admit(routed.deliveries())?;
-        self.submit(routed, admission)
+        self.engine
+            .submit_admitted(admission, Self::deliveries(routed))
     }
 
-    /// Like [`Herald::dispatch`], but when Herald holds as many pending deliveries as it may,
-    /// waits up to `wait` for room before refusing: the batch is parsed and routed once rather
-    /// than again on every retry of its sender.
+    /// Routes and accepts a batch like [`Herald::dispatch`], returning once its deliveries are
+    /// kept (durably with a disk store). When Herald holds as many deliveries as it may, waits
+    /// up to `wait` for room before refusing: the batch is parsed and routed once rather than
+    /// again on every retry of its sender. An error means none of it was accepted.
     pub async fn dispatch_within(
         &self,
         batch: AlertBatch,
@@ -194,7 +204,9 @@ impl Herald {
     ) -> Result<SubmitSummary, SubmitError> {
         let routed = self.route(batch, kind);
         let admission = self.engine.admit(routed.deliveries(), wait).await?;
-        self.submit(routed, admission)
+        self.engine
+            .accept(admission, Self::deliveries(routed))
+            .await
     }
 
     /// Which alerts of a batch go to which webhook (alert indexes per webhook).
@@ -220,20 +232,22 @@ impl Herald {
         Routed { batch, per_webhook }
     }
 
-    fn submit(&self, routed: Routed, admission: Admission) -> Result<SubmitSummary, SubmitError> {
+    /// One delivery per webhook of a routed batch.
+    fn deliveries(routed: Routed) -> Vec<Delivery> {
         let Routed { batch, per_webhook } = routed;
         // Each alert and the batch's labels are shared by every delivery they go into.
         let alerts: Vec<Arc<Alert>> = batch.alerts.into_iter().map(Arc::new).collect();
         let group_labels = Arc::new(batch.group_labels);
         let external_url: Arc<str> = Arc::from(batch.external_url);
-        let deliveries = per_webhook
+        let source = Arc::new(batch.source);
+        per_webhook
             .into_iter()
             .map(|(key, indexes)| {
                 let alerts = indexes.into_iter().map(|i| alerts[i].clone()).collect();
                 Delivery::new(key, alerts, group_labels.clone(), external_url.clone())
+                    .from_group(&source)
             })
-            .collect();
-        self.engine.submit_admitted(admission, deliveries)
+            .collect()
     }
 
     /// Sends a test message to a ready webhook and returns its report.

@@ -101,6 +101,21 @@ impl LabelSet {
         *self = LabelSet::from_pairs(pairs);
     }
 
+    /// The set without its pairs whose value is empty (Alertmanager removes empty-valued
+    /// labels before anything else, so that a matcher for a missing label holds for them).
+    /// Unchanged, without copying, when no value is empty.
+    pub fn without_empty_values(self) -> Self {
+        if self.spans.iter().all(|[_, value, end]| value < end) {
+            return self;
+        }
+        LabelSet::from_pairs(
+            self.iter()
+                .filter(|(_, value)| !value.is_empty())
+                .map(|(n, v)| (Cow::Borrowed(n), Cow::Borrowed(v)))
+                .collect(),
+        )
+    }
+
     /// Builds a set from pairs in any order; of repeated names, the last value wins.
     fn from_pairs(mut pairs: Vec<(Cow<'_, str>, Cow<'_, str>)>) -> Self {
         // Alertmanager (Go) writes maps sorted by key: usually there is nothing to sort. The
@@ -306,6 +321,13 @@ mod tests {
         assert_ne!(set, more);
         assert_eq!(LabelSet::new(), LabelSet::default());
         assert!(LabelSet::new().is_empty());
+        let with_empty: LabelSet = [("a", "1"), ("b", ""), ("c", "3")].into_iter().collect();
+        let cleaned = with_empty.without_empty_values();
+        assert_eq!(
+            cleaned.iter().collect::<Vec<_>>(),
+            vec![("a", "1"), ("c", "3")]
+        );
+        assert_eq!(cleaned.clone().without_empty_values(), cleaned);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! webhook notifications.
 pub mod admin;
 pub mod alert;
+pub mod chat;
 pub mod cli;
 pub mod controller;
 pub mod crd;
@@ -16,3 +17,4 @@ pub mod routing;
 pub mod secret;
 pub mod standalone;
 pub mod store;
+pub mod template;

@@ -39,6 +39,8 @@ pub struct ReceiverConfig {
     pub request_timeout: Duration,
     /// Bounds on alerts and labels per request.
     pub payload: alert::PayloadLimits,
+    /// Serve `/metrics` here (off when metrics have a listener of their own).
+    pub serve_metrics: bool,
 }
 
 impl Default for ReceiverConfig {
@@ -51,6 +53,7 @@ impl Default for ReceiverConfig {
             overload_wait: Duration::from_secs(1),
             request_timeout: Duration::from_secs(30),
             payload: alert::PayloadLimits::default(),
+            serve_metrics: true,
         }
     }
 }
@@ -106,12 +109,18 @@ impl AppState {
 /// The receiver's router.
 pub fn router(herald: Herald, config: ReceiverConfig) -> Router {
     let timeout = config.request_timeout;
-    Router::new()
+    let router = Router::new()
         .route("/api/v1/alerts", post(alertmanager_v1))
         .route("/api/v2/alerts", post(alerts_v2))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/readyz", get(readyz));
+    let router = if config.serve_metrics {
+        router.route("/metrics", get(metrics))
+    } else {
+        router
+    };
+    router
+        .layer(axum::middleware::from_fn(refuse_own_requests))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,
@@ -121,6 +130,30 @@ pub fn router(herald: Herald, config: ReceiverConfig) -> Router {
             config,
             token_file: Default::default(),
         })
+}
+
+/// A router serving only `/metrics` (for a listener of its own).
+pub fn metrics_router(herald: Herald) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(AppState {
+            herald,
+            config: ReceiverConfig::default(),
+            token_file: Default::default(),
+        })
+}
+
+/// Refuses requests that a Herald sent (they carry its mark): a webhook pointed at Herald's own
+/// listeners, directly or through another Herald, would otherwise turn one alert into an
+/// endless loop.
+pub async fn refuse_own_requests(request: Request, next: axum::middleware::Next) -> Response {
+    if request.headers().contains_key(crate::delivery::LOOP_HEADER) {
+        return error(
+            StatusCode::LOOP_DETECTED,
+            "this request was sent by Herald; Herald does not receive its own deliveries",
+        );
+    }
+    next.run(request).await
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -265,8 +298,11 @@ async fn receive(
             return error(StatusCode::BAD_REQUEST, format!("cannot read body: {err}"));
         }
     };
-    let batch = match parse(&bytes).and_then(|b| b.check(&state.config.payload, root).map(|()| b)) {
-        Ok(batch) => batch,
+    let (batch, refused) = match parse(&bytes).and_then(|mut batch| {
+        let refused = batch.admit(&state.config.payload, root)?;
+        Ok((batch, refused))
+    }) {
+        Ok(parsed) => parsed,
         Err(err) => {
             metrics.rejected("invalid_payload");
             return (
@@ -289,12 +325,18 @@ async fn receive(
                     endpoint: endpoint.to_string(),
                 })
                 .inc_by(accepted as u64);
+            if !refused.is_empty() {
+                // As Alertmanager's API v2 answers: the valid alerts are taken, and the answer
+                // is 400 naming each refused one (a sender does not retry a 4xx, and sending
+                // the taken alerts again would only repeat them).
+                metrics.rejected("invalid_alert");
+                return refused_alerts(accepted, summary, &refused);
+            }
             (
                 StatusCode::OK,
                 axum::Json(json!({
                     "accepted": accepted,
-                    "deliveries": summary.queued,
-                    "dropped": summary.dropped,
+                    "deliveries": summary.queued + summary.dead_letters,
                 })),
             )
                 .into_response()
@@ -316,6 +358,36 @@ async fn receive(
             response
         }
     }
+}
+
+/// The 400 for a request some of whose alerts were refused: how many were taken, and each
+/// refused alert's path and reason.
+fn refused_alerts(
+    accepted: usize,
+    summary: crate::delivery::SubmitSummary,
+    refused: &[ParseError],
+) -> Response {
+    let first = refused.first().map(|e| e.to_string()).unwrap_or_default();
+    let first_path = refused.first().map(|e| e.path.clone()).unwrap_or_default();
+    let error = match refused.len() {
+        1 => format!("1 alert refused ({first}); {accepted} taken"),
+        n => format!("{n} alerts refused (first: {first}); {accepted} taken"),
+    };
+    let refused: Vec<_> = refused
+        .iter()
+        .map(|e| json!({ "path": e.path, "error": e.message }))
+        .collect();
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({
+            "error": error,
+            "path": first_path,
+            "accepted": accepted,
+            "deliveries": summary.queued + summary.dead_letters,
+            "refused": refused,
+        })),
+    )
+        .into_response()
 }
 
 /// Waits until the client has sent enough to tell its protocol: the whole HTTP/2 preface, or

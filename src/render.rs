@@ -8,9 +8,11 @@ use serde::Serialize;
 
 use std::sync::Arc;
 
-use crate::alert::{Alert, AlertStatus, LabelSet, SharedTail};
+use crate::alert::{Alert, AlertStatus, GroupSource, LabelSet, SharedTail};
+use crate::chat::Robot;
 use crate::crd::{BodyFormat, Language, WebhookType};
 use crate::routing::ObjectKey;
+use crate::template::SandboxedTemplate;
 
 /// The Herald body format's version.
 const VERSION: &str = "1";
@@ -56,6 +58,9 @@ pub struct Notification<'a> {
     /// Alertmanager's URL.
     #[serde(rename = "externalURL")]
     pub external_url: &'a str,
+    /// The rest of what Alertmanager said about the group (`format: alertmanager` passes it on).
+    #[serde(skip)]
+    pub source: &'a GroupSource,
 }
 
 /// Labels (or annotations) every alert of a notification shares. With one alert these are its
@@ -153,6 +158,8 @@ pub struct Content<'a> {
     pub group_labels: &'a Arc<LabelSet>,
     /// Alertmanager's URL (the batch's own).
     pub external_url: &'a Arc<str>,
+    /// The rest of what Alertmanager said about the batch's group.
+    pub source: &'a GroupSource,
 }
 
 /// Why a body could not be rendered (a custom template failing at run time).
@@ -160,70 +167,123 @@ pub struct Content<'a> {
 #[error("template: {0}")]
 pub struct RenderError(String);
 
-/// Compiles a custom body template; errors name the line.
-pub fn compile_template(source: &str) -> Result<minijinja::Environment<'static>, String> {
-    let mut env = minijinja::Environment::new();
-    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-    env.add_template_owned("body", source.to_string())
-        .map_err(|e| e.to_string())?;
-    Ok(env)
+impl From<crate::template::TemplateError> for RenderError {
+    fn from(e: crate::template::TemplateError) -> Self {
+        RenderError(e.to_string())
+    }
 }
 
-/// The request body for a notification in a webhook's format, or from its template.
+/// Compiles a custom body template under the default limits; errors name the line.
+pub fn compile_template(source: &str) -> Result<SandboxedTemplate, String> {
+    SandboxedTemplate::compile(source, crate::template::TemplateLimits::default())
+        .map_err(|e| e.to_string())
+}
+
+/// What a custom template sees: the notification as a template value, owned (so that it can
+/// be rendered on another thread).
+pub fn template_context(notification: &Notification<'_>) -> minijinja::Value {
+    minijinja::Value::from_serialize(notification)
+}
+
+/// The request body for a notification in a webhook's format, or from its template (rendered
+/// here, within its step and output bounds; deliveries render templates in the pool instead,
+/// see [`crate::template::render`]), for a robot without keyword, mentions or secret.
 pub fn body(
     notification: &Notification<'_>,
     format: BodyFormat,
-    template: Option<&minijinja::Environment<'static>>,
+    template: Option<&SandboxedTemplate>,
 ) -> Result<Vec<u8>, RenderError> {
-    if let Some(env) = template {
-        let template = env
-            .get_template("body")
-            .map_err(|e| RenderError(e.to_string()))?;
-        let context = minijinja::Value::from_serialize(notification);
-        return template
-            .render(context)
-            .map(String::into_bytes)
-            .map_err(|e| RenderError(e.to_string()));
+    body_for_robot(notification, format, template, &Robot::default(), 0)
+}
+
+/// The request body for a notification in a webhook's format, or from its template; chat
+/// formats with the robot's keyword, mentions and (Feishu) signature made at `now` (seconds).
+pub fn body_for_robot(
+    notification: &Notification<'_>,
+    format: BodyFormat,
+    template: Option<&SandboxedTemplate>,
+    robot: &Robot,
+    now: i64,
+) -> Result<Vec<u8>, RenderError> {
+    if let Some(template) = template {
+        return Ok(template.render_here(&template_context(notification))?);
     }
-    let title: &str = &notification.title;
-    let message: &str = &notification.message;
-    let value = match format {
-        BodyFormat::Herald => {
-            return herald_body(notification).map_err(|e| RenderError(e.to_string()));
+    let bytes = match format {
+        BodyFormat::Herald => herald_body(notification),
+        BodyFormat::Alertmanager => serde_json::to_vec(&AlertmanagerMessage::of(notification)),
+        chat => {
+            let language = match notification.language {
+                "zh-CN" => Language::ZhCn,
+                _ => Language::En,
+            };
+            let value = crate::chat::body(
+                chat,
+                &notification.title,
+                &notification.message,
+                language,
+                robot,
+                now,
+            )
+            .unwrap_or_default();
+            serde_json::to_vec(&value)
         }
-        BodyFormat::Alertmanager => serde_json::json!({
-            "version": "4",
-            "groupKey": format!("{}/{}", notification.webhook.namespace, notification.webhook.name),
-            "truncatedAlerts": 0,
-            "status": notification.status,
-            "receiver": notification.webhook.name,
-            "groupLabels": notification.group_labels,
-            "commonLabels": notification.common_labels,
-            "commonAnnotations": notification.common_annotations,
-            "externalURL": notification.external_url,
-            "alerts": notification.alerts,
-        }),
-        BodyFormat::Slack => serde_json::json!({
-            "text": format!("{title}\n{message}"),
-            "blocks": [
-                {"type": "header", "text": {"type": "plain_text", "text": truncate_chars(title, 150)}},
-                {"type": "section", "text": {"type": "mrkdwn", "text": truncate_chars(message, 3000)}},
-            ],
-        }),
-        BodyFormat::Dingtalk => serde_json::json!({
-            "msgtype": "markdown",
-            "markdown": {"title": title, "text": format!("### {title}\n\n{}", markdown_lines(message))},
-        }),
-        BodyFormat::Feishu => serde_json::json!({
-            "msg_type": "text",
-            "content": {"text": format!("{title}\n{message}")},
-        }),
-        BodyFormat::Wecom => serde_json::json!({
-            "msgtype": "markdown",
-            "markdown": {"content": truncate_chars(&format!("**{title}**\n{message}"), 4000)},
-        }),
     };
-    serde_json::to_vec(&value).map_err(|e| RenderError(e.to_string()))
+    bytes.map_err(|e| RenderError(e.to_string()))
+}
+
+/// Alertmanager's webhook message (`notify/webhook.Message` with its `template.Data`), field
+/// for field: what Alertmanager said about the group is passed on (its receiver, group key,
+/// truncated alerts, notification reason and route labels); what depends on the alerts this
+/// webhook gets (status, common labels and annotations) is Herald's own.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AlertmanagerMessage<'n, 'a> {
+    version: &'static str,
+    group_key: Cow<'n, str>,
+    truncated_alerts: u64,
+    status: &'static str,
+    receiver: &'n str,
+    group_labels: &'a LabelSet,
+    common_labels: &'n Common<'a>,
+    common_annotations: &'n Common<'a>,
+    #[serde(rename = "externalURL")]
+    external_url: &'a str,
+    #[serde(
+        rename = "notification_reason",
+        skip_serializing_if = "Option::is_none"
+    )]
+    notification_reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route_labels: Option<&'a LabelSet>,
+    alerts: CachedAlerts<'a>,
+}
+
+impl<'n, 'a> AlertmanagerMessage<'n, 'a> {
+    fn of(n: &'n Notification<'a>) -> Self {
+        let source = n.source;
+        AlertmanagerMessage {
+            version: "4",
+            group_key: if source.group_key.is_empty() {
+                Cow::Owned(format!("{}/{}", n.webhook.namespace, n.webhook.name))
+            } else {
+                Cow::Borrowed(source.group_key.as_str())
+            },
+            truncated_alerts: source.truncated_alerts,
+            status: n.status,
+            receiver: if source.receiver.is_empty() {
+                n.webhook.name
+            } else {
+                &source.receiver
+            },
+            group_labels: n.group_labels,
+            common_labels: &n.common_labels,
+            common_annotations: &n.common_annotations,
+            external_url: n.external_url,
+            notification_reason: source.notification_reason.as_deref(),
+            route_labels: source.route_labels.as_ref(),
+            alerts: CachedAlerts(n.alerts),
+        }
+    }
 }
 
 /// A notification as Herald's JSON body: the same as its derived `Serialize`, except that each
@@ -383,29 +443,6 @@ impl Serialize for CachedAlerts<'_> {
     }
 }
 
-fn truncate_chars(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        return text.to_string();
-    }
-    let mut out: String = text.chars().take(max.saturating_sub(1)).collect();
-    out.push('…');
-    out
-}
-
-/// Markdown renderers join single newlines; keep each line its own.
-fn markdown_lines(text: &str) -> String {
-    text.lines()
-        .map(|l| {
-            if l.is_empty() {
-                String::new()
-            } else {
-                format!("{l}  ")
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// Renders a notification in a language.
 pub fn notification<'a>(content: Content<'a>, language: Language) -> Notification<'a> {
     let firing = content
@@ -454,6 +491,7 @@ pub fn notification<'a>(content: Content<'a>, language: Language) -> Notificatio
         common_labels: Common::of(content.alerts, false),
         common_annotations: Common::of(content.alerts, true),
         external_url: content.external_url,
+        source: content.source,
     }
 }
 
@@ -543,13 +581,80 @@ fn severity_zh(severity: &str) -> &str {
     }
 }
 
+/// Alerts shown in full in a message of many (a digest); the rest are counted.
+pub const DIGEST_SHOWN: usize = 10;
+
+/// How severe an alert is, for ordering a digest (most severe first, firing before resolved).
+fn severity_rank(alert: &Alert) -> (u8, u8) {
+    let firing = u8::from(alert.status != AlertStatus::Firing);
+    let severity = match alert.labels.get("severity") {
+        Some("critical") => 0,
+        Some("error") => 1,
+        Some("warning") => 2,
+        Some("info") => 3,
+        Some(_) => 4,
+        None => 5,
+    };
+    (firing, severity)
+}
+
 fn message(alerts: &[Arc<Alert>], language: Language) -> String {
-    // Blocks separated by a blank line.
-    let blocks: Vec<&str> = alerts
+    if alerts.len() <= DIGEST_SHOWN {
+        // Blocks separated by a blank line.
+        let blocks: Vec<&str> = alerts
+            .iter()
+            .map(|alert| shared_block(alert, language))
+            .collect();
+        return blocks.join("\n\n");
+    }
+    digest(alerts, language)
+}
+
+/// A message of many alerts: counts by status and severity, the most severe alerts in full,
+/// and how many more there are.
+fn digest(alerts: &[Arc<Alert>], language: Language) -> String {
+    let mut ordered: Vec<&Arc<Alert>> = alerts.iter().collect();
+    ordered.sort_by_key(|alert| severity_rank(alert));
+    let mut by_severity: BTreeMap<(u8, &str), usize> = BTreeMap::new();
+    for alert in &ordered {
+        if alert.status == AlertStatus::Firing {
+            let severity = alert.labels.get("severity").unwrap_or("none");
+            *by_severity
+                .entry((severity_rank(alert).1, severity))
+                .or_default() += 1;
+        }
+    }
+    let firing: usize = by_severity.values().sum();
+    let resolved = alerts.len() - firing;
+    let counts: Vec<String> = by_severity
         .iter()
-        .map(|alert| shared_block(alert, language))
+        .map(|((_, severity), n)| match language {
+            Language::En => format!("{n} {severity}"),
+            Language::ZhCn => format!("{}{n} 条", severity_zh(severity)),
+        })
         .collect();
-    blocks.join("\n\n")
+    let mut out = match language {
+        Language::En => format!(
+            "{} alerts: {firing} firing ({}), {resolved} resolved",
+            alerts.len(),
+            counts.join(", ")
+        ),
+        Language::ZhCn => format!(
+            "共 {} 条告警：告警中 {firing} 条（{}），已恢复 {resolved} 条",
+            alerts.len(),
+            counts.join("，")
+        ),
+    };
+    for alert in ordered.iter().take(DIGEST_SHOWN) {
+        out.push_str("\n\n");
+        out.push_str(shared_block(alert, language));
+    }
+    let rest = alerts.len().saturating_sub(DIGEST_SHOWN);
+    out.push_str(&match language {
+        Language::En => format!("\n\n… and {rest} more"),
+        Language::ZhCn => format!("\n\n…… 另有 {rest} 条"),
+    });
+    out
 }
 
 /// An alert's message block, written once per language and shared by all its deliveries.
@@ -590,10 +695,12 @@ fn message_block(alert: &Alert, language: Language) -> String {
                 if let Some(note) = note {
                     lines.push(format_args!("Summary: {note}"));
                 }
-                if !alert.starts_at.is_empty() {
+                if !crate::alert::is_unset_time(&alert.starts_at) {
                     lines.push(format_args!("Started: {}", alert.starts_at));
                 }
-                if alert.status == AlertStatus::Resolved && !alert.ends_at.is_empty() {
+                if alert.status == AlertStatus::Resolved
+                    && !crate::alert::is_unset_time(&alert.ends_at)
+                {
                     lines.push(format_args!("Ended: {}", alert.ends_at));
                 }
             }
@@ -619,10 +726,12 @@ fn message_block(alert: &Alert, language: Language) -> String {
                 if let Some(note) = note {
                     lines.push(format_args!("摘要：{note}"));
                 }
-                if !alert.starts_at.is_empty() {
+                if !crate::alert::is_unset_time(&alert.starts_at) {
                     lines.push(format_args!("开始时间：{}", alert.starts_at));
                 }
-                if alert.status == AlertStatus::Resolved && !alert.ends_at.is_empty() {
+                if alert.status == AlertStatus::Resolved
+                    && !crate::alert::is_unset_time(&alert.ends_at)
+                {
                     lines.push(format_args!("结束时间：{}", alert.ends_at));
                 }
             }
@@ -754,6 +863,7 @@ mod tests {
                         alerts,
                         group_labels,
                         external_url,
+                        source: &NO_SOURCE,
                     };
                     let n = notification(content, language);
                     let derived = serde_json::to_vec(&n).expect("derived");
@@ -796,8 +906,17 @@ mod tests {
             alerts,
             group_labels: &EMPTY.0,
             external_url: &EMPTY.1,
+            source: &NO_SOURCE,
         }
     }
+
+    static NO_SOURCE: GroupSource = GroupSource {
+        receiver: String::new(),
+        group_key: String::new(),
+        truncated_alerts: 0,
+        notification_reason: None,
+        route_labels: None,
+    };
 
     fn render(alerts: &[Arc<Alert>], language: Language, test: bool) -> Notification<'_> {
         notification(content(alerts, test), language)
@@ -922,6 +1041,26 @@ mod tests {
         let env = compile_template("{{ no_such_field.x }}").expect("compiles");
         let err = body(&n, BodyFormat::Herald, Some(&env)).expect_err("undefined");
         assert!(err.to_string().starts_with("template:"), "{err}");
+    }
+
+    #[test]
+    fn a_digest_counts_and_shows_the_most_severe_first() {
+        let mut alerts: Vec<Arc<Alert>> = (0..30)
+            .map(|i| alert(&format!("W{i:02}"), AlertStatus::Firing, "warning"))
+            .collect();
+        alerts.push(alert("Crit", AlertStatus::Firing, "critical"));
+        alerts.push(alert("Gone", AlertStatus::Resolved, "critical"));
+        let n = render(&alerts, Language::En, false);
+        assert!(
+            n.message.starts_with(
+                "32 alerts: 31 firing (1 critical, 30 warning), 1 resolved\n\nCrit is firing"
+            ),
+            "{}",
+            n.message
+        );
+        assert!(n.message.ends_with("… and 22 more"), "{}", n.message);
+        let zh = render(&alerts, Language::ZhCn, false);
+        assert!(zh.message.ends_with("另有 22 条"), "{}", zh.message);
     }
 
     #[test]

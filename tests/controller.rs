@@ -388,6 +388,47 @@ async fn a_missing_condition_blocks_delivery_until_it_exists() {
         .await;
 }
 
+/// Waits (bounded) until an Event in `ns` satisfies `wanted`.
+async fn wait_event(client: &kube::Client, ns: &str, what: &str, wanted: impl Fn(&Event) -> bool) {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let list = events.list(&ListParams::default()).await.expect("events");
+        if list.items.iter().any(&wanted) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {what} event: {:?}",
+            list.items
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs `herald test <name> -n <ns>` in cluster mode (it sets the annotation and waits for
+/// the status).
+async fn herald_test_in_cluster(ns: &'static str, name: &'static str) -> std::process::Output {
+    let kubeconfig = cluster::plane().kubeconfig.to_string_lossy().into_owned();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(process::binary())
+            .args([
+                "test",
+                name,
+                "-n",
+                ns,
+                "--kubeconfig",
+                &kubeconfig,
+                "--timeout",
+                "30s",
+            ])
+            .output()
+            .expect("herald test")
+    })
+    .await
+    .expect("join")
+}
+
 #[tokio::test]
 async fn send_test_reaches_the_sink_and_shows_in_status_and_events() {
     let client = cluster::client().await;
@@ -468,46 +509,14 @@ async fn send_test_reaches_the_sink_and_shows_in_status_and_events() {
     apply(&headers("two"));
     ok.assert_no_more_within(Duration::from_millis(1500)).await;
 
-    let events: Api<Event> = Api::namespaced(client.clone(), ns);
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let list = events.list(&ListParams::default()).await.expect("events");
-        let found = list.items.iter().any(|e| {
-            e.reason.as_deref() == Some("TestSucceeded")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("ok")
-        });
-        if found {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no TestSucceeded event: {:?}",
-            list.items
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_event(&client, ns, "TestSucceeded", |e| {
+        e.reason.as_deref() == Some("TestSucceeded")
+            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("ok")
+    })
+    .await;
 
     // `herald test` in cluster mode: sets the annotation, waits for status, exits non-zero on 401.
-    let kubeconfig = cluster::plane().kubeconfig.to_string_lossy().into_owned();
-    let run = |name: &'static str| {
-        let kubeconfig = kubeconfig.clone();
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(process::binary())
-                .args([
-                    "test",
-                    name,
-                    "-n",
-                    ns,
-                    "--kubeconfig",
-                    &kubeconfig,
-                    "--timeout",
-                    "30s",
-                ])
-                .output()
-                .expect("herald test")
-        })
-    };
-    let out = run("denied").await.expect("join");
+    let out = herald_test_in_cluster(ns, "denied").await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
     assert!(
@@ -515,13 +524,61 @@ async fn send_test_reaches_the_sink_and_shows_in_status_and_events() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = run("ok").await.expect("join");
+    let out = herald_test_in_cluster(ns, "ok").await;
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("Succeeded, HTTP status 200"));
+}
+
+#[tokio::test]
+async fn a_robot_refusing_with_http_200_fails_the_test_in_status_event_and_herald_test() {
+    let client = cluster::client().await;
+    let ns = "robot-refusal";
+    cluster::namespace(&client, ns).await;
+    // DingTalk answers a refusal with HTTP 200 and an error code.
+    let robot = Sink::http().await;
+    robot.respond_with(vec![
+        Reply::status(200).body(json!({"errcode": 310000, "errmsg": "keywords not in content"})),
+    ]);
+    let _controller = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
+    apply(&webhook(
+        ns,
+        "ding",
+        &format!("{{url: '{}', format: dingtalk}}", robot.url()),
+    ));
+    wait_webhook(&client, ns, "ding", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    let out = herald_test_in_cluster(ns, "ding").await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "herald test exits non-zero: {stdout}"
+    );
+    assert!(stdout.contains("errcode 310000"), "{stdout}");
+
+    let api: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    let wh = api.get("ding").await.expect("webhook");
+    let test = wh.status.expect("status").last_test.expect("lastTest");
+    assert_eq!(test.outcome, DeliveryOutcome::Failed);
+    assert_eq!(test.http_status, Some(200));
+    assert!(
+        test.message
+            .contains("DingTalk refused the message: errcode 310000"),
+        "{}",
+        test.message
+    );
+    wait_event(&client, ns, "TestFailed naming the error code", |e| {
+        e.reason.as_deref() == Some("TestFailed")
+            && e.note
+                .as_deref()
+                .is_some_and(|n| n.contains("errcode 310000"))
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -861,20 +918,126 @@ async fn a_webhook_whose_deliveries_start_failing_gets_a_warning_event() {
             .and_then(|d| d.http_status),
         Some(400)
     );
+    wait_event(&client, ns, "DeliveryFailing", |e| {
+        e.reason.as_deref() == Some("DeliveryFailing") && e.type_.as_deref() == Some("Warning")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn service_account_tokens_and_unmarked_secrets_are_refused() {
+    let client = cluster::client().await;
+    let ns = "secret-consent";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    let _controller = Controller::start(
+        ns,
+        &[ns],
+        &["--cluster-namespace", ns, "--require-secret-consent"],
+    )
+    .await;
+    // A ServiceAccount token Secret, even one marked for Herald: never sent.
+    apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: sa-token, namespace: {ns}, labels: {{herald.dev/use: 'true'}}, annotations: {{kubernetes.io/service-account.name: default}}}}\ntype: kubernetes.io/service-account-token\nstringData: {{token: sa-t0ken-value}}\n"
+    ));
+    // An ordinary Secret without the mark: refused until its owner marks it.
+    apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: plain, namespace: {ns}}}\nstringData: {{token: plain-t0ken}}\n"
+    ));
+    for (name, secret) in [("steal", "sa-token"), ("plain", "plain")] {
+        apply(&webhook(
+            ns,
+            name,
+            &format!(
+                "{{url: '{}', auth: {{type: Bearer, secretRef: {{name: {secret}}}}}}}",
+                sink.url()
+            ),
+        ));
+    }
+    let steal = wait_webhook(&client, ns, "steal", "Ready=False SecretRefused", |w| {
+        ready_is(w, "False", "SecretRefused")
+    })
+    .await;
+    let condition = steal
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(condition.contains("ServiceAccount token"), "{condition}");
+    wait_webhook(&client, ns, "plain", "Ready=False SecretRefused", |w| {
+        ready_is(w, "False", "SecretRefused")
+    })
+    .await;
+    kubectl(&["label", "-n", ns, "secret/plain", "herald.dev/use=true"]);
+    wait_webhook(&client, ns, "plain", "Ready=True", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    let steal: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    let steal = steal.get("steal").await.expect("webhook");
+    assert!(ready_is(&steal, "False", "SecretRefused"));
+    assert!(
+        sink.received()
+            .iter()
+            .all(|r| r.header("authorization").as_deref() != Some("Bearer sa-t0ken-value")),
+        "a ServiceAccount token was sent"
+    );
+}
+
+#[tokio::test]
+async fn a_heavy_template_fails_its_delivery_with_the_reason_in_status_and_an_event() {
+    let client = cluster::client().await;
+    let ns = "heavy-template";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    let controller =
+        Controller::start(ns, &[ns], &["--cluster-namespace", ns, "--events=false"]).await;
+    apply(&webhook(
+        ns,
+        "hook",
+        &format!(
+            "{{url: '{}', template: '{{% for i in range(100000) %}}{{% for j in range(100000) %}}{{% endfor %}}{{% endfor %}}'}}",
+            sink.url()
+        ),
+    ));
+    wait_webhook(&client, ns, "hook", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    controller
+        .post_until_delivered(json!({"alertname": "A"}), 1)
+        .await;
+    let wh = wait_webhook(&client, ns, "hook", "failed", |w| {
+        w.status
+            .as_ref()
+            .and_then(|s| s.last_delivery.as_ref())
+            .is_some_and(|d| d.outcome == DeliveryOutcome::Failed)
+    })
+    .await;
+    let message = wh
+        .status
+        .and_then(|s| s.last_delivery)
+        .map(|d| d.message)
+        .unwrap_or_default();
+    assert!(message.contains("steps"), "{message}");
     let events: Api<Event> = Api::namespaced(client.clone(), ns);
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let list = events.list(&ListParams::default()).await.expect("events");
         if list.items.iter().any(|e| {
-            e.reason.as_deref() == Some("DeliveryFailing") && e.type_.as_deref() == Some("Warning")
+            e.reason.as_deref() == Some("DeliveryFailing")
+                && e.note.as_deref().is_some_and(|n| n.contains("steps"))
         }) {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no DeliveryFailing event: {:?}",
+            "no DeliveryFailing event naming the template's steps: {:?}",
             list.items
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    sink.assert_none_within(Duration::from_millis(100)).await;
 }

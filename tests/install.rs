@@ -153,7 +153,7 @@ fn at<'a>(value: &'a Value, pointer: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("{pointer} is missing in {value:#}"))
 }
 
-/// Where the Deployment's `--data-dir` points: the mount path of its `data` volume.
+/// Where the StatefulSet's `--data-dir` points: the mount path of its `data` volume.
 const DATA_DIR: &str = "/var/lib/herald";
 
 /// A `herald controller` command line as (flag, value) pairs in order: `--flag=value` and
@@ -182,11 +182,14 @@ fn flags(args: &Value) -> Vec<(String, String)> {
     pairs
 }
 
-/// Checks a pod spec that runs with a durable delivery store: its root filesystem is
+/// Checks a StatefulSet that runs with a durable delivery store: its root filesystem is
 /// read-only, so `--data-dir` must name exactly the mount path of a writable volume, the volume
 /// `data`, writable by the non-root user through fsGroup; and the admin listener stays on
-/// loopback. Returns that volume.
-fn data_volume(pod: &Value) -> &Value {
+/// loopback. Returns that volume: the pod's volume `data`, or, when the pods have none, the
+/// volumeClaimTemplate `data` as `{"name": "data", "claim": {accessModes, storage}}` (plus
+/// `storageClassName` when set).
+fn data_volume(workload: &Value) -> Value {
+    let pod = at(workload, "/spec/template/spec");
     let container = at(pod, "/containers/0");
     assert_eq!(
         container["securityContext"]["readOnlyRootFilesystem"], true,
@@ -221,14 +224,42 @@ fn data_volume(pod: &Value) -> &Value {
         "{mount}"
     );
     assert_eq!(at(pod, "/securityContext/fsGroup"), 65532);
-    let volumes: Vec<&Value> = at(pod, "/volumes")
-        .as_array()
-        .expect("volumes")
-        .iter()
+    let volumes: Vec<&Value> = pod
+        .get("volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
         .filter(|v| v["name"] == "data")
         .collect();
-    assert_eq!(volumes.len(), 1, "one volume named data: {pod:#}");
-    volumes[0]
+    let claims: Vec<&Value> = workload["spec"]
+        .get("volumeClaimTemplates")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|v| v["metadata"]["name"] == "data")
+        .collect();
+    assert_eq!(
+        volumes.len() + claims.len(),
+        1,
+        "one volume or claim template named data: {workload:#}"
+    );
+    if let Some(volume) = volumes.first() {
+        return (*volume).clone();
+    }
+    let spec = at(claims[0], "/spec");
+    let mut claim = json!({
+        "accessModes": spec["accessModes"],
+        "storage": at(spec, "/resources/requests/storage"),
+    });
+    if let Some(class) = spec.get("storageClassName") {
+        claim["storageClassName"] = class.clone();
+    }
+    json!({"name": "data", "claim": claim})
+}
+
+/// The claim template every replica gets by default: its own 1Gi volume.
+fn default_claim() -> Value {
+    json!({"name": "data", "claim": {"accessModes": ["ReadWriteOnce"], "storage": "1Gi"}})
 }
 
 /// The manifests in `deploy/` that `kubectl apply -f deploy/` reads (.yaml, .yml, .json).
@@ -290,7 +321,7 @@ const DEPLOY_OBJECTS: &[&str] = &[
     "clusterrolebinding.rbac.authorization.k8s.io/herald",
     "role.rbac.authorization.k8s.io/herald-leader-election",
     "rolebinding.rbac.authorization.k8s.io/herald-leader-election",
-    "deployment.apps/herald",
+    "statefulset.apps/herald",
     "service/herald",
     "poddisruptionbudget.policy/herald",
 ];
@@ -314,12 +345,28 @@ fn deploy_applies_with_kustomize_and_every_object_exists() {
         "crd/notificationconditions.herald.dev",
     ]);
 
-    let deployment = kubectl_json(&["get", "-n", "herald", "deployment/herald"]);
-    let spec = at(&deployment, "/spec");
+    let statefulset = kubectl_json(&["get", "-n", "herald", "statefulset/herald"]);
+    let spec = at(&statefulset, "/spec");
     assert_eq!(spec["replicas"], 2);
+    // Each replica's store on a claim of its own, kept when the pod goes (a rollout, a drain)
+    // and when the StatefulSet scales down; replaced one pod at a time.
+    assert_eq!(spec["serviceName"], "herald");
+    assert_eq!(spec["podManagementPolicy"], "Parallel");
+    assert_eq!(spec["updateStrategy"]["type"], "RollingUpdate");
+    assert!(
+        spec["updateStrategy"]
+            .pointer("/rollingUpdate/partition")
+            .is_none_or(|p| p == 0),
+        "every pod is updated: {spec:#}"
+    );
+    assert_eq!(
+        spec["persistentVolumeClaimRetentionPolicy"],
+        json!({"whenDeleted": "Retain", "whenScaled": "Retain"})
+    );
     let pod = at(spec, "/template/spec");
     assert_eq!(pod["serviceAccountName"], "herald");
-    assert_eq!(pod["terminationGracePeriodSeconds"], 30);
+    // Time to deliver after SIGTERM: --shutdown-timeout is 10 s less.
+    assert_eq!(pod["terminationGracePeriodSeconds"], 60);
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(pod["securityContext"]["runAsUser"], 65532);
     assert_eq!(
@@ -336,16 +383,24 @@ fn deploy_applies_with_kustomize_and_every_object_exists() {
             "controller",
             "--log-format",
             "json",
-            "--deny-link-local",
+            "--metrics-listen",
+            "0.0.0.0:9090",
+            "--require-secret-consent",
             "--data-dir",
-            DATA_DIR
+            DATA_DIR,
+            "--receiver-token-file",
+            "/etc/herald/receiver-auth/token",
+            "--shutdown-timeout",
+            "50s"
         ])
     );
-    // The delivery store on an emptyDir, the only writable place in the container.
-    assert_eq!(data_volume(pod), &json!({"name": "data", "emptyDir": {}}));
+    // The delivery store on the replica's claim, the only writable place in the container.
+    assert_eq!(data_volume(&statefulset), default_claim());
     assert_eq!(
         c["volumeMounts"],
-        json!([{"name": "data", "mountPath": DATA_DIR}])
+        json!([{"name": "data", "mountPath": DATA_DIR},
+               {"name": "receiver-auth", "mountPath": "/etc/herald/receiver-auth",
+                "readOnly": true}])
     );
     let sc = &c["securityContext"];
     assert_eq!(sc["runAsNonRoot"], true, "{sc}");
@@ -372,7 +427,8 @@ fn deploy_applies_with_kustomize_and_every_object_exists() {
 
     assert_eq!(
         c["ports"],
-        json!([{"name": "receiver", "containerPort": 8080, "protocol": "TCP"}])
+        json!([{"name": "receiver", "containerPort": 8080, "protocol": "TCP"},
+               {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}])
     );
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["livenessProbe"]["httpGet"]["port"], "receiver");
@@ -383,7 +439,7 @@ fn deploy_applies_with_kustomize_and_every_object_exists() {
         json!({"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}})
     );
 
-    // The Service and the PDB select exactly the Deployment's pods.
+    // The Service and the PDB select exactly the StatefulSet's pods.
     let pod_labels = at(spec, "/template/metadata/labels").as_object().unwrap();
     let selects_pods = |selector: &Value| {
         let selector = selector.as_object().expect("selector is a map");
@@ -400,9 +456,11 @@ fn deploy_applies_with_kustomize_and_every_object_exists() {
     let service = kubectl_json(&["get", "-n", "herald", "service/herald"]);
     selects_pods(at(&service, "/spec/selector"));
     let ports = at(&service, "/spec/ports").as_array().unwrap();
-    assert_eq!(ports.len(), 1);
+    assert_eq!(ports.len(), 2);
     assert_eq!(ports[0]["port"], 8080);
     assert_eq!(ports[0]["targetPort"], "receiver");
+    assert_eq!(ports[1]["port"], 9090);
+    assert_eq!(ports[1]["targetPort"], "metrics");
     let pdb = kubectl_json(&["get", "-n", "herald", "pdb/herald"]);
     assert_eq!(at(&pdb, "/spec/minAvailable"), 1);
     selects_pods(at(&pdb, "/spec/selector/matchLabels"));
@@ -601,7 +659,7 @@ fn service_account_has_exactly_the_controller_permissions() {
         ],
         &["delete", "events.events.k8s.io", "-n", "team-a"],
         &["deletecollection", "secrets", "-n", "team-a"],
-        &["delete", "deployments.apps", "-n", "herald"],
+        &["delete", "statefulsets.apps", "-n", "herald"],
         &["delete", "*", "--all-namespaces"],
         &["*", "*", "--all-namespaces"],
     ];
@@ -712,10 +770,10 @@ fn controller_runs_with_only_the_service_account_permissions() {
     let sa_kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&sa_kubeconfig, kubeconfig.to_string()).expect("writing kubeconfig");
 
-    // The Deployment's own command line, plus what differs outside a pod: the delivery store
+    // The StatefulSet's own command line, plus what differs outside a pod: the delivery store
     // in a temporary directory instead of the pod's volume, the listeners on free ports.
-    let deployment = objects(&read("deploy/deployment.yaml"));
-    let container = at(&deployment[0], "/spec/template/spec/containers/0");
+    let statefulset = objects(&read("deploy/statefulset.yaml"));
+    let container = at(&statefulset[0], "/spec/template/spec/containers/0");
     let mut args: Vec<String> = container["args"]
         .as_array()
         .expect("args")
@@ -730,14 +788,31 @@ fn controller_runs_with_only_the_service_account_permissions() {
         + 1;
     assert_eq!(args[value], DATA_DIR);
     args[value] = data_dir.to_str().expect("UTF-8 path").to_owned();
+    // The receiver's token from a file of ours instead of the pod's Secret volume.
+    let token_file = dir.path().join("receiver-token");
+    std::fs::write(&token_file, "install-test-token").expect("token file");
+    let value = args
+        .iter()
+        .position(|a| a == "--receiver-token-file")
+        .expect("deploy/ passes --receiver-token-file")
+        + 1;
+    args[value] = token_file.to_str().expect("UTF-8 path").to_owned();
     let free_port = || {
         std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port()
     };
-    let (port, admin_port) = (free_port(), free_port());
+    let (port, admin_port, metrics_port) = (free_port(), free_port(), free_port());
+    let value = args
+        .iter()
+        .position(|a| a == "--metrics-listen")
+        .expect("deploy/ passes --metrics-listen")
+        + 1;
+    args[value] = format!("127.0.0.1:{metrics_port}");
     args.extend([
+        // The test endpoints listen on loopback, which a controller refuses by default.
+        "--allow-loopback".into(),
         "--kubeconfig".into(),
         sa_kubeconfig.to_str().unwrap().into(),
         "--listen".into(),
@@ -803,7 +878,7 @@ fn controller_runs_with_only_the_service_account_permissions() {
 "#
         )),
     );
-    // --deny-link-local: the cloud metadata address is refused.
+    // The destination policy: the cloud metadata address is refused.
     wait_for("Ready=False ForbiddenAddress", &controller, || {
         let webhook = kubectl_json(&["get", "-n", ns, "webhooks.herald.dev/metadata"]);
         (ready_condition(&webhook)? == ("False".into(), "ForbiddenAddress".into())).then_some(())
@@ -823,6 +898,12 @@ fn controller_runs_with_only_the_service_account_permissions() {
         ns,
         "--from-literal=token=s3cret",
     ]);
+    // --require-secret-consent: unused until its owner marks it.
+    wait_for("Ready=False SecretRefused", &controller, || {
+        let webhook = kubectl_json(&["get", "-n", ns, "webhooks.herald.dev/ops"]);
+        (ready_condition(&webhook)? == ("False".into(), "SecretRefused".into())).then_some(())
+    });
+    kubectl(&["label", "-n", ns, "secret/ops-auth", "herald.dev/use=true"]);
     wait_for("Ready=True", &controller, || {
         let webhook = kubectl_json(&["get", "-n", ns, "webhooks.herald.dev/ops"]);
         (ready_condition(&webhook)?.0 == "True").then_some(())
@@ -900,14 +981,17 @@ leaderElection:
   enabled: true
 events:
   enabled: true
-denyLinkLocal: true
+destinations:
+  allow: [10.0.0.0/8, "team-a=*.example.com"]
+  deny: [10.96.0.0/12]
 persistence:
   enabled: true
-  emptyDir: {sizeLimit: 1Gi}
+  emptyDir: {enabled: true, sizeLimit: 1Gi}
+terminationGracePeriodSeconds: 120
 resources:
   requests: {cpu: 100m, memory: 128Mi}
   limits: {memory: 512Mi}
-extraArgs: [--queue-capacity=5000, --status-interval=5s]
+extraArgs: [--backlog-limit=5000, --status-interval=5s]
 podAnnotations:
   example.com/team: platform
 nodeSelector:
@@ -991,12 +1075,13 @@ fn apply_into(namespace: &str, docs: &[(String, Value)]) -> BTreeMap<String, Val
 const CHART_KINDS: &[&str] = &[
     "ClusterRole",
     "ClusterRoleBinding",
-    "Deployment",
     "PodDisruptionBudget",
     "Role",
     "RoleBinding",
+    "Secret",
     "Service",
     "ServiceAccount",
+    "StatefulSet",
 ];
 
 #[test]
@@ -1009,9 +1094,9 @@ fn chart_default_render_applies_and_matches_deploy() {
     assert_eq!(kinds, CHART_KINDS.iter().copied().collect());
     assert_eq!(docs.len(), CHART_KINDS.len());
     let live = apply_into("herald-chart-default", &docs);
-    let deployment = &live["Deployment/herald-chart-default/hd-herald"];
-    assert_eq!(at(deployment, "/spec/replicas"), 2);
-    let args = at(deployment, "/spec/template/spec/containers/0/args");
+    let statefulset = &live["StatefulSet/herald-chart-default/hd-herald"];
+    assert_eq!(at(statefulset, "/spec/replicas"), 2);
+    let args = at(statefulset, "/spec/template/spec/containers/0/args");
     assert_eq!(
         args,
         &json!([
@@ -1019,14 +1104,19 @@ fn chart_default_render_applies_and_matches_deploy() {
             "--log-format=json",
             "--leader-election=true",
             "--events=true",
+            "--shutdown-timeout=50s",
             "--lease-name=hd-herald-leader",
-            "--deny-link-local",
-            "--data-dir=/var/lib/herald"
+            "--metrics-listen=0.0.0.0:9090",
+            "--require-secret-consent",
+            "--data-dir=/var/lib/herald",
+            "--receiver-token-file=/etc/herald/receiver-auth/token"
         ])
     );
-    let pod = at(deployment, "/spec/template/spec");
-    assert_eq!(data_volume(pod), &json!({"name": "data", "emptyDir": {}}));
-    assert!(deployment["spec"]["strategy"]["type"] != "Recreate");
+    assert_eq!(data_volume(statefulset), default_claim());
+    assert_eq!(
+        at(statefulset, "/spec/updateStrategy/type"),
+        "RollingUpdate"
+    );
 
     // The CRDs ship in crds/ (installed by `helm install`, rendered with --include-crds).
     let out = template("hd", "herald-chart-default", None, &["--include-crds"]);
@@ -1049,7 +1139,8 @@ fn chart_default_render_applies_and_matches_deploy() {
     for file in deploy_files() {
         deploy.extend(objects(&std::fs::read_to_string(file).unwrap()));
     }
-    for kind in CHART_KINDS {
+    // deploy/ leaves the receiver's token Secret to the installer (README, Install).
+    for kind in CHART_KINDS.iter().filter(|kind| **kind != "Secret") {
         let (c, d) = (of_kind(&chart, kind), of_kind(&deploy, kind));
         assert_eq!(identity(c), identity(d));
         for pointer in [
@@ -1063,8 +1154,8 @@ fn chart_default_render_applies_and_matches_deploy() {
         }
     }
     let (c, d) = (
-        of_kind(&chart, "Deployment"),
-        of_kind(&deploy, "Deployment"),
+        of_kind(&chart, "StatefulSet"),
+        of_kind(&deploy, "StatefulSet"),
     );
     for pointer in [
         "/spec/replicas",
@@ -1080,12 +1171,16 @@ fn chart_default_render_applies_and_matches_deploy() {
         "/spec/template/spec/containers/0/securityContext",
         "/spec/template/spec/containers/0/volumeMounts",
         "/spec/template/spec/volumes",
-        "/spec/strategy",
+        "/spec/serviceName",
+        "/spec/podManagementPolicy",
+        "/spec/updateStrategy",
+        "/spec/persistentVolumeClaimRetentionPolicy",
+        "/spec/volumeClaimTemplates/0/spec",
     ] {
         assert_eq!(
             c.pointer(pointer),
             d.pointer(pointer),
-            "Deployment {pointer}"
+            "StatefulSet {pointer}"
         );
     }
     // The same command line, but for the chart spelling out three of the binary's defaults.
@@ -1122,7 +1217,8 @@ fn chart_with_every_option_renders_and_applies() {
         at(service, "/spec/selector")
     );
     let endpoint = at(monitor, "/spec/endpoints/0");
-    assert_eq!(endpoint["port"], at(service, "/spec/ports/0/name").clone());
+    assert_eq!(endpoint["port"], at(service, "/spec/ports/1/name").clone());
+    assert_eq!(endpoint["port"], "metrics");
     assert_eq!(endpoint["path"], "/metrics");
     assert_eq!(endpoint["interval"], "15s");
     assert_eq!(endpoint["honorLabels"], true);
@@ -1158,12 +1254,13 @@ fn chart_with_every_option_renders_and_applies() {
         .filter(|(_, o)| o["apiVersion"] != "monitoring.coreos.com/v1")
         .cloned()
         .collect();
-    assert_eq!(core.len(), CHART_KINDS.len());
+    // The receiver's token Secret is the installer's (receiverAuth.existingSecret).
+    assert_eq!(core.len(), CHART_KINDS.len() - 1);
     let live = apply_into(ns, &core);
-    let deployment = &live[&format!("Deployment/{ns}/hf-herald")];
-    let pod = at(deployment, "/spec/template");
+    let statefulset = &live[&format!("StatefulSet/{ns}/hf-herald")];
+    let pod = at(statefulset, "/spec/template");
     let container = at(pod, "/spec/containers/0");
-    assert_eq!(at(deployment, "/spec/replicas"), 3);
+    assert_eq!(at(statefulset, "/spec/replicas"), 3);
     assert_eq!(container["image"], "registry.example.com/herald:0.1.0-test");
     assert_eq!(container["imagePullPolicy"], "Always");
     let args: Vec<&str> = container["args"]
@@ -1179,15 +1276,20 @@ fn chart_with_every_option_renders_and_applies() {
             "--log-format=json",
             "--leader-election=true",
             "--events=true",
+            "--shutdown-timeout=110s",
             "--lease-name=hf-herald-leader",
-            "--deny-link-local",
+            "--metrics-listen=0.0.0.0:9090",
+            "--require-secret-consent",
+            "--allow-destination=10.0.0.0/8",
+            "--allow-destination=team-a=*.example.com",
+            "--deny-destination=10.96.0.0/12",
             "--data-dir=/var/lib/herald",
             "--cluster-namespace=monitoring",
             "--cluster-namespace=platform",
             "--watch-namespace=monitoring",
             "--watch-namespace=team-a",
             "--receiver-token-file=/etc/herald/receiver-auth/token",
-            "--queue-capacity=5000",
+            "--backlog-limit=5000",
             "--status-interval=5s",
         ]
     );
@@ -1208,9 +1310,14 @@ fn chart_with_every_option_renders_and_applies() {
     // mounted where --receiver-token-file points, both usable by the non-root user through
     // fsGroup.
     assert_eq!(
-        data_volume(at(pod, "/spec")),
-        &json!({"name": "data", "emptyDir": {"sizeLimit": "1Gi"}})
+        data_volume(statefulset),
+        json!({"name": "data", "emptyDir": {"sizeLimit": "1Gi"}})
     );
+    assert!(
+        statefulset["spec"].get("volumeClaimTemplates").is_none(),
+        "the emptyDir opt-out: no claims; {statefulset:#}"
+    );
+    assert_eq!(at(pod, "/spec/terminationGracePeriodSeconds"), 120);
     assert_eq!(
         container["volumeMounts"],
         json!([{"name": "data", "mountPath": DATA_DIR},
@@ -1256,7 +1363,8 @@ fn chart_options_turned_off_drop_their_permissions() {
         "herald-single",
         Some(concat!(
             "replicaCount: 1\nleaderElection: {enabled: false}\nevents: {enabled: false}\n",
-            "denyLinkLocal: false\npersistence: {enabled: false}\n"
+            "persistence: {enabled: false}\nreceiverAuth: {enabled: false}\n",
+            "secretConsent: {required: false}\n"
         )),
     );
     let kinds: BTreeSet<&str> = docs.iter().filter_map(|o| o["kind"].as_str()).collect();
@@ -1268,16 +1376,23 @@ fn chart_options_turned_off_drop_their_permissions() {
         !kinds.contains("PodDisruptionBudget"),
         "one replica: no PDB; {kinds:?}"
     );
-    let pod = at(of_kind(&docs, "Deployment"), "/spec/template/spec");
+    let statefulset = of_kind(&docs, "StatefulSet");
+    assert!(
+        statefulset["spec"].get("volumeClaimTemplates").is_none(),
+        "{statefulset:#}"
+    );
+    let pod = at(statefulset, "/spec/template/spec");
     assert_eq!(
         at(pod, "/containers/0/args"),
         &json!([
             "controller",
             "--log-format=json",
             "--leader-election=false",
-            "--events=false"
+            "--events=false",
+            "--shutdown-timeout=50s",
+            "--metrics-listen=0.0.0.0:9090"
         ]),
-        "no --deny-link-local, no --data-dir (deliveries held in memory)"
+        "no --require-secret-consent, no --data-dir (deliveries held in memory), no token"
     );
     assert!(
         pod.get("volumes").is_none() && pod["containers"][0].get("volumeMounts").is_none(),
@@ -1297,7 +1412,7 @@ fn chart_options_turned_off_drop_their_permissions() {
 }
 
 #[test]
-fn chart_existing_claim_replaces_the_empty_dir() {
+fn chart_claims_replace_the_claim_template() {
     let ns = "herald-chart-claim";
     let docs = rendered_documents(
         "hc",
@@ -1305,15 +1420,32 @@ fn chart_existing_claim_replaces_the_empty_dir() {
         Some("replicaCount: 1\npersistence: {existingClaim: herald-data}\n"),
     );
     let live = apply_into(ns, &docs);
-    let deployment = &live[&format!("Deployment/{ns}/hc-herald")];
+    let statefulset = &live[&format!("StatefulSet/{ns}/hc-herald")];
     assert_eq!(
-        data_volume(at(deployment, "/spec/template/spec")),
-        &json!({"name": "data", "persistentVolumeClaim": {"claimName": "herald-data"}})
+        data_volume(statefulset),
+        json!({"name": "data", "persistentVolumeClaim": {"claimName": "herald-data"}})
     );
-    // The old pod lets go of the store before the new one opens it.
+    // A StatefulSet replaces a pod only once the old one is gone: the store is never opened
+    // twice.
     assert_eq!(
-        at(deployment, "/spec/strategy"),
-        &json!({"type": "Recreate"})
+        at(statefulset, "/spec/updateStrategy/type"),
+        "RollingUpdate"
+    );
+
+    // A storage class and a size for the claim template.
+    // (Claim templates cannot change on a live StatefulSet: another release.)
+    let class_ns = "herald-chart-class";
+    let docs = rendered_documents(
+        "hk",
+        class_ns,
+        Some("persistence: {size: 5Gi, storageClassName: fast}\n"),
+    );
+    let live = apply_into(class_ns, &docs);
+    let statefulset = &live[&format!("StatefulSet/{class_ns}/hk-herald")];
+    assert_eq!(
+        data_volume(statefulset),
+        json!({"name": "data", "claim": {"accessModes": ["ReadWriteOnce"], "storage": "5Gi",
+                                          "storageClassName": "fast"}})
     );
 
     // persistence.enabled=false wins over a claim.
@@ -1322,13 +1454,20 @@ fn chart_existing_claim_replaces_the_empty_dir() {
         ns,
         Some("replicaCount: 1\npersistence: {enabled: false, existingClaim: herald-data}\n"),
     );
-    let deployment = of_kind(&docs, "Deployment");
+    let statefulset = of_kind(&docs, "StatefulSet");
     assert!(
-        deployment["spec"].get("strategy").is_none(),
-        "{deployment:#}"
+        statefulset["spec"].get("volumeClaimTemplates").is_none(),
+        "{statefulset:#}"
     );
-    let pod = at(deployment, "/spec/template/spec");
-    assert!(pod.get("volumes").is_none(), "{pod:#}");
+    let pod = at(statefulset, "/spec/template/spec");
+    assert!(
+        !pod["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|v| v["name"] == "data"),
+        "{pod:#}"
+    );
     assert!(
         !flags(at(pod, "/containers/0/args"))
             .iter()
@@ -1365,7 +1504,10 @@ fn chart_rejects_bad_values() {
             "additional properties 'enable' not allowed",
         ),
         ("logFormat: xml\n", "/logFormat"),
-        ("denyLinkLocal: \"yes\"\n", "/denyLinkLocal"),
+        (
+            "secretConsent: {required: \"yes\"}\n",
+            "/secretConsent/required",
+        ),
         ("persistence: {enabled: 1}\n", "/persistence/enabled"),
         (
             "persistence: {enable: true}\n",
@@ -1387,6 +1529,15 @@ fn chart_rejects_bad_values() {
         (
             "persistence: {existingClaim: 7}\n",
             "/persistence/existingClaim",
+        ),
+        ("persistence: {size: lots}\n", "/persistence/size"),
+        (
+            "persistence: {emptyDir: {enabled: maybe}}\n",
+            "/persistence/emptyDir/enabled",
+        ),
+        (
+            "terminationGracePeriodSeconds: 5\n",
+            "/terminationGracePeriodSeconds",
         ),
     ];
     for (values, expected) in cases {

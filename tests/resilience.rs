@@ -171,7 +171,8 @@ async fn down_then_up(down: Down) {
             },
             ..EngineConfig::default()
         },
-    );
+    )
+    .with_policy(herald::delivery::TargetPolicy::allowing_loopback());
     let reports = Arc::new(Reports::default());
     herald.engine().observe(reports.clone());
 
@@ -472,7 +473,7 @@ async fn a_flood_gets_503_with_retry_after_and_everything_accepted_is_delivered(
         &[
             "--max-pending",
             "200",
-            "--queue-capacity",
+            "--backlog-limit",
             "1000",
             "--overload-wait",
             "50ms",

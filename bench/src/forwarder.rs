@@ -32,9 +32,12 @@ pub struct ForwarderArgs {
     /// Base URL of the sink (`http://127.0.0.1:PORT`).
     #[arg(long)]
     pub sink: String,
-    /// Destinations `/wh-0` .. `/wh-{webhooks-1}`; webhook `i` takes team `i / 10`.
+    /// Destinations `/wh-0` .. `/wh-{webhooks-1}`; webhook `i` takes team `i / per_team`.
     #[arg(long, default_value_t = 100)]
     pub webhooks: usize,
+    /// Webhooks per team.
+    #[arg(long, default_value_t = crate::fixture::PER_TEAM)]
+    pub per_team: usize,
     /// Deliveries waiting before batches are refused with 503.
     #[arg(long, default_value_t = 20_000)]
     pub max_pending: usize,
@@ -57,11 +60,12 @@ struct State {
 
 /// Runs the forwarder until killed.
 pub async fn run(args: ForwarderArgs) -> Result<()> {
-    let teams = args.webhooks.div_ceil(crate::fixture::PER_TEAM);
+    let per_team = args.per_team.max(1);
+    let teams = args.webhooks.div_ceil(per_team);
     let mut by_team: Vec<Vec<mpsc::UnboundedSender<Job>>> = vec![Vec::new(); teams];
     for i in 0..args.webhooks {
         let (tx, rx) = mpsc::unbounded_channel();
-        by_team[i / crate::fixture::PER_TEAM].push(tx);
+        by_team[i / per_team].push(tx);
         tokio::spawn(worker(format!("{}/wh-{i}", args.sink), rx));
     }
     let state = Arc::new(State {

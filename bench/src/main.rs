@@ -30,7 +30,7 @@ use clap::{Parser, Subcommand};
 use crate::load::{Ingest, Load, Mode};
 use crate::report::{Phase, Report, RouteRow, ScaleRow, SystemRow};
 use crate::sink::Sink;
-use crate::suts::Sut;
+use crate::suts::{Shape, Sut};
 
 #[derive(Parser)]
 #[command(name = "herald-bench", about = "Loopback benchmark of Herald")]
@@ -127,10 +127,144 @@ struct Running {
     saturation: Vec<Phase>,
 }
 
-/// Webhooks in the throughput runs.
-const WEBHOOKS: usize = 100;
-/// Deliveries per alert (webhooks sharing a team).
-const FANOUT: u64 = fixture::PER_TEAM as u64;
+/// The main throughput runs: 100 webhooks, each alert matching 10 of them.
+const FAN_OUT: Shape = Shape {
+    webhooks: 100,
+    per_team: fixture::PER_TEAM,
+};
+/// The one-to-one runs: 10 webhooks, each alert matching one of them.
+const ONE_TO_ONE: Shape = Shape {
+    webhooks: 10,
+    per_team: 1,
+};
+/// Herald in memory (its default).
+const HERALD: &str = "Herald";
+/// Herald with its durable store (`--data-dir`, the default of deploy/ and the chart).
+const HERALD_DURABLE: &str = "Herald --data-dir";
+/// The ceiling.
+const FORWARDER: &str = "minimal forwarder";
+
+/// Starts each system, measures it at the fixed load, then saturates Herald (both ways) and the
+/// forwarder in interleaved rounds; returns a row per system.
+async fn throughput(
+    args: &RunArgs,
+    herald: &std::path::Path,
+    work: &std::path::Path,
+    sink: &Sink,
+    shape: Shape,
+    systems: &[(&'static str, Ingest)],
+    phase_id: &mut u32,
+) -> Result<Vec<SystemRow>> {
+    // Every system is started and measured at the fixed load, then the saturation phase
+    // runs in rounds, the systems taking turns (in alternating order), so that a slow minute
+    // of this shared machine falls on all rather than on one.
+    let mut running = Vec::new();
+    for &(name, ingest) in systems {
+        eprintln!("throughput ({} webhooks): {name}...", shape.webhooks);
+        let dir = work.join(format!(
+            "{}-{}",
+            name.replace([' ', '-'], ""),
+            shape.webhooks
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let mut sut = match name {
+            HERALD => suts::start_herald(herald, &dir, shape, &sink.url(), None).await?,
+            HERALD_DURABLE => {
+                let data = dir.join("data");
+                suts::start_herald(herald, &dir, shape, &sink.url(), Some(&data)).await?
+            }
+            FORWARDER => suts::start_forwarder(&dir, shape, &sink.url()).await?,
+            _ => suts::start_alertmanager(&dir, shape.webhooks, &sink.url()).await?,
+        };
+        let idle_rss = sut.proc.memory_kib().0;
+        let mode = Mode::Fixed {
+            alerts_per_second: args.rate,
+        };
+        let phase = measure(
+            &mut sut,
+            sink,
+            ingest,
+            mode,
+            args,
+            args.phase_duration(),
+            shape,
+            phase_id,
+        )
+        .await?;
+        running.push(Running {
+            name,
+            ingest,
+            sut,
+            idle_rss,
+            fixed: phase,
+            saturation: Vec::new(),
+        });
+    }
+    let rounds = args.rounds();
+    for round in 0..rounds {
+        let mut order: Vec<usize> = (0..running.len())
+            // Alertmanager, far below the others, saturates once.
+            .filter(|&i| round == 0 || running[i].name != "Alertmanager")
+            .collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let system = &mut running[i];
+            eprintln!(
+                "saturation ({} webhooks), round {} of {rounds}: {}...",
+                shape.webhooks,
+                round + 1,
+                system.name
+            );
+            let mode = Mode::Saturate {
+                concurrency: args.concurrency,
+                max_outstanding: args.max_outstanding,
+            };
+            let phase = measure(
+                &mut system.sut,
+                sink,
+                system.ingest,
+                mode,
+                args,
+                args.phase_duration(),
+                shape,
+                phase_id,
+            )
+            .await?;
+            system.saturation.push(phase);
+        }
+    }
+    let mut rows = Vec::new();
+    for Running {
+        name,
+        mut sut,
+        idle_rss,
+        fixed,
+        mut saturation,
+        ..
+    } in running
+    {
+        let (_, peak) = sut.proc.memory_kib();
+        let rounds: Vec<f64> = saturation.iter().map(|p| p.deliveries_per_s).collect();
+        // The median round stands for the system (the lower middle one of an even count).
+        saturation.sort_by(|a, b| a.deliveries_per_s.total_cmp(&b.deliveries_per_s));
+        let mut phases = vec![fixed];
+        if !saturation.is_empty() {
+            phases.push(saturation.swap_remove((saturation.len() - 1) / 2));
+        }
+        rows.push(SystemRow {
+            name: name.to_string(),
+            ready_after: sut.ready_after,
+            idle_rss_kib: idle_rss,
+            peak_rss_kib: peak,
+            phases,
+            saturation_rounds: rounds,
+        });
+        sut.proc.stop(Duration::from_secs(5));
+    }
+    Ok(rows)
+}
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -218,109 +352,40 @@ async fn bench(args: RunArgs) -> Result<()> {
     if args.wants("throughput") || args.wants("alertmanager") {
         let mut systems: Vec<(&str, Ingest)> = Vec::new();
         if args.wants("throughput") {
-            systems.push(("Herald", Ingest::AlertmanagerWebhook));
-            systems.push(("minimal forwarder", Ingest::AlertmanagerWebhook));
+            systems.push((HERALD, Ingest::AlertmanagerWebhook));
+            systems.push((HERALD_DURABLE, Ingest::AlertmanagerWebhook));
+            systems.push((FORWARDER, Ingest::AlertmanagerWebhook));
         }
         if args.wants("alertmanager") {
             systems.push(("Alertmanager", Ingest::AlertmanagerApiV2));
         }
-        // Every system is started and measured at the fixed load, then the saturation phase
-        // runs in rounds, Herald and the forwarder taking turns (in alternating order), so
-        // that a slow minute of this shared machine falls on both rather than on one.
-        let mut running = Vec::new();
-        for (name, ingest) in systems {
-            eprintln!("throughput: {name}...");
-            let mut sut = match name {
-                "Herald" => suts::start_herald(&herald, work.path(), WEBHOOKS, &sink.url()).await?,
-                "minimal forwarder" => {
-                    suts::start_forwarder(work.path(), WEBHOOKS, &sink.url()).await?
-                }
-                _ => suts::start_alertmanager(work.path(), WEBHOOKS, &sink.url()).await?,
-            };
-            let idle_rss = sut.proc.memory_kib().0;
-            let mode = Mode::Fixed {
-                alerts_per_second: args.rate,
-            };
-            let phase = measure(
-                &mut sut,
-                &sink,
-                ingest,
-                mode,
+        report.systems = throughput(
+            &args,
+            &herald,
+            work.path(),
+            &sink,
+            FAN_OUT,
+            &systems,
+            &mut phase_id,
+        )
+        .await?;
+        if args.wants("throughput") {
+            // One to one: ten webhooks, each alert for one of them (the shape in which a
+            // per-webhook limit, rather than the global one, is met first).
+            let systems: Vec<(&str, Ingest)> = systems
+                .into_iter()
+                .filter(|(name, _)| *name != "Alertmanager")
+                .collect();
+            report.one_to_one = throughput(
                 &args,
-                args.phase_duration(),
-                WEBHOOKS,
+                &herald,
+                work.path(),
+                &sink,
+                ONE_TO_ONE,
+                &systems,
                 &mut phase_id,
             )
             .await?;
-            running.push(Running {
-                name,
-                ingest,
-                sut,
-                idle_rss,
-                fixed: phase,
-                saturation: Vec::new(),
-            });
-        }
-        let rounds = args.rounds();
-        for round in 0..rounds {
-            let mut order: Vec<usize> = (0..running.len())
-                // Alertmanager, far below the others, saturates once.
-                .filter(|&i| round == 0 || running[i].name != "Alertmanager")
-                .collect();
-            if round % 2 == 1 {
-                order.reverse();
-            }
-            for i in order {
-                let system = &mut running[i];
-                eprintln!(
-                    "saturation, round {} of {rounds}: {}...",
-                    round + 1,
-                    system.name
-                );
-                let mode = Mode::Saturate {
-                    concurrency: args.concurrency,
-                    max_outstanding: args.max_outstanding,
-                };
-                let phase = measure(
-                    &mut system.sut,
-                    &sink,
-                    system.ingest,
-                    mode,
-                    &args,
-                    args.phase_duration(),
-                    WEBHOOKS,
-                    &mut phase_id,
-                )
-                .await?;
-                system.saturation.push(phase);
-            }
-        }
-        for Running {
-            name,
-            mut sut,
-            idle_rss,
-            fixed,
-            mut saturation,
-            ..
-        } in running
-        {
-            let (_, peak) = sut.proc.memory_kib();
-            let rounds: Vec<f64> = saturation.iter().map(|p| p.deliveries_per_s).collect();
-            // The median round stands for the system (the lower middle one of an even count).
-            saturation.sort_by(|a, b| a.deliveries_per_s.total_cmp(&b.deliveries_per_s));
-            let mut phases = vec![fixed];
-            if !saturation.is_empty() {
-                phases.push(saturation.swap_remove((saturation.len() - 1) / 2));
-            }
-            report.systems.push(SystemRow {
-                name: name.to_string(),
-                ready_after: sut.ready_after,
-                idle_rss_kib: idle_rss,
-                peak_rss_kib: peak,
-                phases,
-                saturation_rounds: rounds,
-            });
-            sut.proc.stop(Duration::from_secs(5));
         }
         report.alertmanager_version = suts::find_on_path("prometheus-alertmanager")
             .map(|p| suts::version(&p))
@@ -357,7 +422,7 @@ async fn measure(
     mode: Mode,
     args: &RunArgs,
     duration: Duration,
-    webhooks: usize,
+    shape: Shape,
     phase_id: &mut u32,
 ) -> Result<Phase> {
     *phase_id += 1;
@@ -372,8 +437,8 @@ async fn measure(
             addr: sut.addr.clone(),
             mode,
             duration,
-            teams: fixture::teams(webhooks),
-            fanout: FANOUT,
+            teams: shape.teams(),
+            fanout: shape.per_team as u64,
             phase: phase_id,
         },
         stats.clone(),
@@ -381,7 +446,7 @@ async fn measure(
     .await;
     stats.end_window();
     let window_end = Instant::now();
-    let expected = outcome.accepted_alerts() * FANOUT;
+    let expected = outcome.accepted_alerts() * shape.per_team as u64;
     let deadline = window_end + args.drain_timeout();
     while stats.alerts.load(std::sync::atomic::Ordering::Relaxed) < expected
         && Instant::now() < deadline
@@ -484,7 +549,10 @@ async fn scale(
                     fixed,
                     args,
                     load_duration,
-                    webhooks,
+                    Shape {
+                        webhooks,
+                        per_team: fixture::PER_TEAM,
+                    },
                     phase_id,
                 )
                 .await?;
@@ -505,8 +573,17 @@ async fn scale(
         eprintln!("scale: {webhooks} webhooks: herald run (standalone)...");
         let standalone_dir = dir.join(format!("standalone-{webhooks}"));
         std::fs::create_dir_all(&standalone_dir)?;
-        let mut standalone =
-            suts::start_herald(herald, &standalone_dir, webhooks, &sink.url()).await?;
+        let mut standalone = suts::start_herald(
+            herald,
+            &standalone_dir,
+            Shape {
+                webhooks,
+                per_team: fixture::PER_TEAM,
+            },
+            &sink.url(),
+            None,
+        )
+        .await?;
         let (standalone_rss, _) = standalone.proc.memory_kib();
         let standalone_phase = measure(
             &mut standalone,
@@ -515,7 +592,10 @@ async fn scale(
             fixed,
             args,
             load_duration,
-            webhooks,
+            Shape {
+                webhooks,
+                per_team: fixture::PER_TEAM,
+            },
             phase_id,
         )
         .await?;

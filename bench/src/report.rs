@@ -92,15 +92,15 @@ impl Phase {
         }
     }
 
-    /// Alert deliveries that never arrived (accepted but not delivered within the drain time).
-    pub fn missing(&self) -> u64 {
+    /// Alert deliveries lost: answered 200 but not delivered within the drain time.
+    pub fn lost(&self) -> u64 {
         self.expected.saturating_sub(self.alert_deliveries)
     }
 
     pub fn summary(&self) -> String {
         format!(
             "{}: {} POSTs in {:.1} s, accepted {:.0} alerts/s, {:.0} deliveries/s, p50 {:.1} ms, p99 {:.1} ms, \
-             max {:.1} ms, {:.3} CPU s/1k, missing {}, 503 {}, errors {}, behind {}, stale {}, drained in {:.1} s, \
+             max {:.1} ms, {:.3} CPU s/1k, lost {}, 503 {}, errors {}, behind {}, stale {}, drained in {:.1} s, \
              {} sink connections",
             self.load_name(),
             self.sent_batches,
@@ -111,7 +111,7 @@ impl Phase {
             self.p99_ms,
             self.max_ms,
             self.cpu_per_1000(),
-            self.missing(),
+            self.lost(),
             self.rejected,
             self.errors,
             self.behind,
@@ -180,7 +180,10 @@ pub struct Report {
     pub herald: String,
     pub rate: f64,
     pub phase_duration: Duration,
+    /// 100 webhooks, each alert for 10 of them.
     pub systems: Vec<SystemRow>,
+    /// 10 webhooks, each alert for one of them.
+    pub one_to_one: Vec<SystemRow>,
     pub routes: Vec<RouteRow>,
     pub scale: Vec<ScaleRow>,
     pub alertmanager_version: String,
@@ -221,6 +224,7 @@ impl Report {
             rate,
             phase_duration,
             systems: Vec::new(),
+            one_to_one: Vec::new(),
             routes: Vec::new(),
             scale: Vec::new(),
             alertmanager_version: String::new(),
@@ -228,28 +232,188 @@ impl Report {
         }
     }
 
-    /// Herald's deliveries/s over the forwarder's, round by round (each pair measured back to
+    /// One system's deliveries/s over another's, round by round (each pair measured back to
     /// back).
-    fn forwarder_ratios(&self) -> Vec<f64> {
+    fn ratios(rows: &[SystemRow], of: &str, to: &str) -> Vec<f64> {
         let rounds = |name: &str| {
-            self.systems
-                .iter()
+            rows.iter()
                 .find(|s| s.name == name)
                 .map(|s| s.saturation_rounds.clone())
                 .unwrap_or_default()
         };
-        rounds("Herald")
+        rounds(of)
             .iter()
-            .zip(rounds("minimal forwarder"))
+            .zip(rounds(to))
             .map(|(h, f)| h / f)
             .collect()
     }
 
-    /// The median of [`Report::forwarder_ratios`] (the lower middle one of an even count).
-    fn forwarder_ratio(&self) -> Option<f64> {
-        let mut ratios = self.forwarder_ratios();
+    /// The median of [`Report::ratios`] (the lower middle one of an even count).
+    fn ratio(rows: &[SystemRow], of: &str, to: &str) -> Option<f64> {
+        let mut ratios = Self::ratios(rows, of, to);
         ratios.sort_by(f64::total_cmp);
         ratios.get(ratios.len().checked_sub(1)? / 2).copied()
+    }
+
+    /// A throughput table and the comparisons under it.
+    fn throughput_section(out: &mut String, title: &str, rows: &[SystemRow]) {
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "### {title}\n");
+        let _ = writeln!(
+            out,
+            "| system | load | accepted alerts/s | deliveries/s | p50 ms | p99 ms | max ms | CPU s / 1k deliveries | lost | 503s | sink connections |"
+        );
+        let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+        for system in rows {
+            for phase in &system.phases {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {:.3} | {} | {} | {} |",
+                    system.name,
+                    phase.load_name(),
+                    phase.accepted_alerts_per_s,
+                    phase.deliveries_per_s,
+                    ms(phase.p50_ms),
+                    ms(phase.p99_ms),
+                    ms(phase.max_ms),
+                    phase.cpu_per_1000(),
+                    phase.lost(),
+                    phase.rejected,
+                    phase.connections,
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "\n| system | ready after | RSS idle MiB | peak RSS MiB (VmHWM) |"
+        );
+        let _ = writeln!(out, "|---|--:|--:|--:|");
+        for system in rows {
+            let _ = writeln!(
+                out,
+                "| {} | {:.2} s | {} | {} |",
+                system.name,
+                system.ready_after.as_secs_f64(),
+                mib(system.idle_rss_kib),
+                mib(system.peak_rss_kib)
+            );
+        }
+        let find = |name: &str| rows.iter().find(|s| s.name == name);
+        out.push('\n');
+        for (of, to, label) in [
+            (
+                "Herald",
+                "minimal forwarder",
+                "of the minimal forwarder's (the ceiling)",
+            ),
+            ("Herald", "Alertmanager", "of Alertmanager's (the peer)"),
+            ("Herald --data-dir", "Herald", "of Herald in memory"),
+        ] {
+            let (Some(h), Some(o)) = (
+                find(of).and_then(SystemRow::saturation),
+                find(to).and_then(SystemRow::saturation),
+            ) else {
+                continue;
+            };
+            let ratio = Self::ratio(rows, of, to)
+                .filter(|_| to != "Alertmanager")
+                .unwrap_or(h.deliveries_per_s / o.deliveries_per_s);
+            let _ = writeln!(
+                out,
+                "- {of} at saturation: **{:.0}%** {label} deliveries/s ({:.0} vs {:.0}); \
+                 CPU per delivery {:.2}x; p50 / p99 latency at the fixed load {} / {} vs {} / {} ms",
+                100.0 * ratio,
+                h.deliveries_per_s,
+                o.deliveries_per_s,
+                h.cpu_per_1000() / o.cpu_per_1000(),
+                find(of).map(|s| ms(s.phases[0].p50_ms)).unwrap_or_default(),
+                find(of).map(|s| ms(s.phases[0].p99_ms)).unwrap_or_default(),
+                find(to).map(|s| ms(s.phases[0].p50_ms)).unwrap_or_default(),
+                find(to).map(|s| ms(s.phases[0].p99_ms)).unwrap_or_default(),
+            );
+        }
+        let rounds: Vec<String> = rows
+            .iter()
+            .filter(|s| s.saturation_rounds.len() > 1)
+            .map(|s| {
+                let each: Vec<String> = s
+                    .saturation_rounds
+                    .iter()
+                    .map(|d| format!("{d:.0}"))
+                    .collect();
+                format!("{} {}", s.name, each.join(" / "))
+            })
+            .collect();
+        if !rounds.is_empty() {
+            let ratios: Vec<String> = Self::ratios(rows, "Herald", "minimal forwarder")
+                .iter()
+                .map(|r| format!("{:.0}%", 100.0 * r))
+                .collect();
+            let _ = writeln!(
+                out,
+                "- Saturation rounds, interleaved (deliveries/s; each row above shows its \
+                 system's median round): {}; Herald / forwarder per round: {} (the figure \
+                 above is their median)",
+                rounds.join("; "),
+                ratios.join(" / ")
+            );
+        }
+        out.push('\n');
+    }
+
+    /// The throughput targets for one set of rows.
+    fn throughput_targets(out: &mut String, shape: &str, rows: &[SystemRow]) {
+        let find = |name: &str| rows.iter().find(|s| s.name == name);
+        let saturation = |name: &str| find(name).and_then(SystemRow::saturation);
+        if let (Some(h), Some(f)) = (saturation("Herald"), saturation("minimal forwarder")) {
+            let ratio = Self::ratio(rows, "Herald", "minimal forwarder")
+                .unwrap_or(h.deliveries_per_s / f.deliveries_per_s);
+            let _ = writeln!(
+                out,
+                "| {shape}: Herald in memory ≥ 80% of the minimal forwarder's deliveries/s | {:.0}% | {} |",
+                ratio * 100.0,
+                verdict(ratio >= 0.8)
+            );
+        }
+        if let (Some(d), Some(m)) = (saturation("Herald --data-dir"), saturation("Herald")) {
+            let ratio = Self::ratio(rows, "Herald --data-dir", "Herald")
+                .unwrap_or(d.deliveries_per_s / m.deliveries_per_s);
+            let cpu = d.cpu_per_1000() / m.cpu_per_1000();
+            let _ = writeln!(
+                out,
+                "| {shape}: durable ≥ 70% of in-memory deliveries/s at saturation | {:.0}% | {} |",
+                ratio * 100.0,
+                verdict(ratio >= 0.7)
+            );
+            let _ = writeln!(
+                out,
+                "| {shape}: durable CPU per delivery ≤ 1.5x in-memory | {cpu:.2}x | {} |",
+                verdict(cpu <= 1.5)
+            );
+        }
+        if let Some(fixed) = find("Herald --data-dir").map(|s| &s.phases[0]) {
+            let _ = writeln!(
+                out,
+                "| {shape}: durable p99 at the fixed load < 20 ms | {} ms | {} |",
+                ms(fixed.p99_ms),
+                verdict(fixed.p99_ms < 20.0)
+            );
+        }
+        let lost: u64 = rows
+            .iter()
+            .filter(|s| s.name.starts_with("Herald"))
+            .flat_map(|s| &s.phases)
+            .map(Phase::lost)
+            .sum();
+        if rows.iter().any(|s| s.name.starts_with("Herald")) {
+            let _ = writeln!(
+                out,
+                "| {shape}: Herald lost = 0 (answered 200, never arrived) | {lost} | {} |",
+                verdict(lost == 0)
+            );
+        }
     }
 
     pub fn markdown(&self) -> String {
@@ -297,111 +461,16 @@ impl Report {
             self.total.as_secs_f64()
         );
 
-        if !self.systems.is_empty() {
-            let _ = writeln!(out, "### 1-3. Throughput and latency (100 webhooks)\n");
-            let _ = writeln!(
-                out,
-                "| system | load | accepted alerts/s | deliveries/s | p50 ms | p99 ms | max ms | CPU s / 1k deliveries | missing | 503s | sink connections |"
-            );
-            let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
-            for system in &self.systems {
-                for phase in &system.phases {
-                    let _ = writeln!(
-                        out,
-                        "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {:.3} | {} | {} | {} |",
-                        system.name,
-                        phase.load_name(),
-                        phase.accepted_alerts_per_s,
-                        phase.deliveries_per_s,
-                        ms(phase.p50_ms),
-                        ms(phase.p99_ms),
-                        ms(phase.max_ms),
-                        phase.cpu_per_1000(),
-                        phase.missing(),
-                        phase.rejected,
-                        phase.connections,
-                    );
-                }
-            }
-            let _ = writeln!(
-                out,
-                "\n| system | ready after | RSS idle MiB | peak RSS MiB (VmHWM) |"
-            );
-            let _ = writeln!(out, "|---|--:|--:|--:|");
-            for system in &self.systems {
-                let _ = writeln!(
-                    out,
-                    "| {} | {:.2} s | {} | {} |",
-                    system.name,
-                    system.ready_after.as_secs_f64(),
-                    mib(system.idle_rss_kib),
-                    mib(system.peak_rss_kib)
-                );
-            }
-            let find = |name: &str| self.systems.iter().find(|s| s.name == name);
-            if let Some(herald) = find("Herald").and_then(SystemRow::saturation) {
-                out.push('\n');
-                for (other, label) in [
-                    (
-                        "minimal forwarder",
-                        "of the minimal forwarder's (the ceiling)",
-                    ),
-                    ("Alertmanager", "of Alertmanager's (the peer)"),
-                ] {
-                    if let Some(o) = find(other).and_then(SystemRow::saturation) {
-                        let ratio = match other {
-                            "minimal forwarder" => self.forwarder_ratio(),
-                            _ => None,
-                        }
-                        .unwrap_or(herald.deliveries_per_s / o.deliveries_per_s);
-                        let _ = writeln!(
-                            out,
-                            "- Herald at saturation: **{:.0}%** {label} deliveries/s ({:.0} vs {:.0}); \
-                             CPU per delivery {:.2}x; p50 latency at the fixed load {} vs {} ms",
-                            100.0 * ratio,
-                            herald.deliveries_per_s,
-                            o.deliveries_per_s,
-                            herald.cpu_per_1000() / o.cpu_per_1000(),
-                            find("Herald")
-                                .map(|s| ms(s.phases[0].p50_ms))
-                                .unwrap_or_default(),
-                            find(other)
-                                .map(|s| ms(s.phases[0].p50_ms))
-                                .unwrap_or_default(),
-                        );
-                    }
-                }
-            }
-            let rounds: Vec<String> = self
-                .systems
-                .iter()
-                .filter(|s| s.saturation_rounds.len() > 1)
-                .map(|s| {
-                    let each: Vec<String> = s
-                        .saturation_rounds
-                        .iter()
-                        .map(|d| format!("{d:.0}"))
-                        .collect();
-                    format!("{} {}", s.name, each.join(" / "))
-                })
-                .collect();
-            if !rounds.is_empty() {
-                let ratios: Vec<String> = self
-                    .forwarder_ratios()
-                    .iter()
-                    .map(|r| format!("{:.0}%", 100.0 * r))
-                    .collect();
-                let _ = writeln!(
-                    out,
-                    "- Saturation rounds, interleaved (deliveries/s; each row above shows its \
-                     system's median round): {}; Herald / forwarder per round: {} (the figure \
-                     above is their median)",
-                    rounds.join("; "),
-                    ratios.join(" / ")
-                );
-            }
-            out.push('\n');
-        }
+        Self::throughput_section(
+            &mut out,
+            "1-3. Throughput and latency (100 webhooks, each alert for 10)",
+            &self.systems,
+        );
+        Self::throughput_section(
+            &mut out,
+            "1b. Throughput and latency (10 webhooks, each alert for one)",
+            &self.one_to_one,
+        );
 
         if !self.routes.is_empty() {
             let _ = writeln!(
@@ -493,27 +562,8 @@ impl Report {
 
         let _ = writeln!(out, "### Targets (measured, not asserted)\n");
         let _ = writeln!(out, "| target | measured | |\n|---|---|---|");
-        let herald = self
-            .systems
-            .iter()
-            .find(|s| s.name == "Herald")
-            .and_then(SystemRow::saturation);
-        let forwarder = self
-            .systems
-            .iter()
-            .find(|s| s.name == "minimal forwarder")
-            .and_then(SystemRow::saturation);
-        if let (Some(h), Some(f)) = (herald, forwarder) {
-            let ratio = self
-                .forwarder_ratio()
-                .unwrap_or(h.deliveries_per_s / f.deliveries_per_s);
-            let _ = writeln!(
-                out,
-                "| Herald ≥ 70% of the minimal forwarder's throughput | {:.0}% | {} |",
-                ratio * 100.0,
-                verdict(ratio >= 0.7)
-            );
-        }
+        Self::throughput_targets(&mut out, "100 webhooks", &self.systems);
+        Self::throughput_targets(&mut out, "10 webhooks", &self.one_to_one);
         if let Some(r) = self
             .routes
             .iter()

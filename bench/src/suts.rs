@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::fixture::{PER_TEAM, team_of};
+use crate::fixture::PER_TEAM;
 use crate::procs::{Proc, free_port};
 
 /// A started system: its process and the address alerts go to.
@@ -20,12 +20,18 @@ pub struct Sut {
 }
 
 /// Webhook and NotificationCondition manifests for webhooks `from..to` delivering to `sink`:
-/// webhook `wh-i` lists condition `cond-i` (`team In [team-{i/10}]`, `severity In [critical,
-/// warning]`, `env NotIn [test, dev]`, `cluster Exists`).
-pub fn herald_manifests(namespace: &str, from: usize, to: usize, sink: &str) -> String {
+/// webhook `wh-i` lists condition `cond-i` (`team In [team-{i/per_team}]`, `severity In
+/// [critical, warning]`, `env NotIn [test, dev]`, `cluster Exists`).
+pub fn herald_manifests(
+    namespace: &str,
+    from: usize,
+    to: usize,
+    per_team: usize,
+    sink: &str,
+) -> String {
     let mut yaml = String::new();
     for i in from..to {
-        let team = team_of(i);
+        let team = i / per_team.max(1);
         let _ = write!(
             yaml,
             "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\n\
@@ -43,8 +49,30 @@ pub fn herald_manifests(namespace: &str, from: usize, to: usize, sink: &str) -> 
     yaml
 }
 
-/// `herald run` on `webhooks` generated webhooks.
-pub async fn start_herald(herald: &Path, dir: &Path, webhooks: usize, sink: &str) -> Result<Sut> {
+/// How many webhooks, and how many of them share a team (each alert goes to `per_team`).
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub webhooks: usize,
+    pub per_team: usize,
+}
+
+impl Shape {
+    /// The teams alerts are spread over.
+    pub fn teams(self) -> usize {
+        self.webhooks.div_ceil(self.per_team.max(1)).max(1)
+    }
+}
+
+/// `herald run` on generated webhooks, with its delivery store in `data_dir` when given (in
+/// memory otherwise).
+pub async fn start_herald(
+    herald: &Path,
+    dir: &Path,
+    shape: Shape,
+    sink: &str,
+    data_dir: Option<&Path>,
+) -> Result<Sut> {
+    let webhooks = shape.webhooks;
     let config = dir.join("herald-config");
     std::fs::create_dir_all(&config)?;
     // serde-saphyr refuses more than 1,024 documents in one file (its default budget), so
@@ -52,7 +80,13 @@ pub async fn start_herald(herald: &Path, dir: &Path, webhooks: usize, sink: &str
     for (file, from) in (0..webhooks).step_by(100).enumerate() {
         std::fs::write(
             config.join(format!("bench-{file:03}.yaml")),
-            herald_manifests("default", from, (from + 100).min(webhooks), sink),
+            herald_manifests(
+                "default",
+                from,
+                (from + 100).min(webhooks),
+                shape.per_team,
+                sink,
+            ),
         )?;
     }
     let port = free_port()?;
@@ -62,6 +96,12 @@ pub async fn start_herald(herald: &Path, dir: &Path, webhooks: usize, sink: &str
         .arg("--config")
         .arg(&config)
         .args(["--listen", &addr, "--admin-listen", "127.0.0.1:0"])
+        .args(
+            data_dir
+                .map(|d| ["--data-dir".as_ref(), d.as_os_str()])
+                .into_iter()
+                .flatten(),
+        )
         .env(
             "RUST_LOG",
             std::env::var("HERALD_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
@@ -80,12 +120,13 @@ pub async fn start_herald(herald: &Path, dir: &Path, webhooks: usize, sink: &str
 }
 
 /// The forwarder, as `herald-bench forwarder`.
-pub async fn start_forwarder(dir: &Path, webhooks: usize, sink: &str) -> Result<Sut> {
+pub async fn start_forwarder(dir: &Path, shape: Shape, sink: &str) -> Result<Sut> {
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     let mut cmd = Command::new(std::env::current_exe().context("locating herald-bench")?);
     cmd.args(["forwarder", "--listen", &addr, "--sink", sink])
-        .args(["--webhooks", &webhooks.to_string()]);
+        .args(["--webhooks", &shape.webhooks.to_string()])
+        .args(["--per-team", &shape.per_team.to_string()]);
     let mut proc = Proc::spawn("forwarder", cmd, &dir.join("forwarder.log"))?;
     let ready_after = proc
         .wait_http_ok(&addr, "/healthz", Duration::from_secs(30))

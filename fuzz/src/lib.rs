@@ -53,9 +53,12 @@ fn accepted(batch: &AlertBatch) {
     let json = serde_json::to_vec(batch).expect("a batch serialises");
     let again: AlertBatch = serde_json::from_slice(&json).expect("a serialised batch parses");
     assert_eq!(&again, batch, "JSON round trip");
-    if batch.check(&PayloadLimits::default(), "alerts").is_err() {
+    // What the receiver would take of it.
+    let mut admitted = batch.clone();
+    if admitted.admit(&PayloadLimits::default(), "alerts").is_err() {
         return;
     }
+    let batch = &admitted;
     if batch.alerts.len() > MAX_RENDERED_ALERTS {
         return;
     }
@@ -73,6 +76,7 @@ fn accepted(batch: &AlertBatch) {
                     alerts: &alerts,
                     group_labels: &group_labels,
                     external_url: &external_url,
+                    source: &batch.source,
                 },
                 language,
             );

@@ -11,9 +11,9 @@ pub use condition::{
     NotificationConditionStatus,
 };
 pub use webhook::{
-    AuthSpec, AuthType, BodyFormat, DeliveryOutcome, DeliveryResult, Language, RESERVED_HEADERS,
-    SecretKeyRef, SecretRef, SigningSpec, TEST_ANNOTATION, TestResult, TlsSpec, Webhook,
-    WebhookSpec, WebhookStatus, WebhookType, is_reserved_header,
+    AuthSpec, AuthType, BatchingSpec, BodyFormat, ChatSpec, DeliveryOutcome, DeliveryResult,
+    Language, PaceSpec, RESERVED_HEADERS, SecretKeyRef, SecretRef, SigningSpec, TEST_ANNOTATION,
+    TestResult, TlsSpec, Webhook, WebhookSpec, WebhookStatus, WebhookType, is_reserved_header,
 };
 
 use kube::CustomResourceExt;

@@ -18,6 +18,7 @@ pub const RESERVED_HEADERS: &[&str] = &[
     "user-agent",
     "idempotency-key",
     "host",
+    "herald-delivery",
 ];
 
 /// Whether a header name is one Herald reserves for itself (case-insensitive).
@@ -107,7 +108,7 @@ pub struct WebhookSpec {
     /// Idempotency-Key, Host, webhook-*) are refused.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64), inner(length(max = 4096)))]
-    #[x_kube(validation = Rule::new("self.all(k, size(k) <= 256 && !(k.lowerAscii() in ['authorization', 'content-type', 'user-agent', 'idempotency-key', 'host']) && !k.lowerAscii().startsWith('webhook-'))").message("headers may not set Authorization, Content-Type, User-Agent, Idempotency-Key, Host or any webhook-* header, and names are at most 256 characters"))]
+    #[x_kube(validation = Rule::new("self.all(k, size(k) <= 256 && !(k.lowerAscii() in ['authorization', 'content-type', 'user-agent', 'idempotency-key', 'host', 'herald-delivery']) && !k.lowerAscii().startsWith('webhook-'))").message("headers may not set Authorization, Content-Type, User-Agent, Idempotency-Key, Host, Herald-Delivery or any webhook-* header, and names are at most 256 characters"))]
     pub headers: BTreeMap<String, String>,
 
     /// A Secret in this namespace whose every key is sent as a header (API keys).
@@ -124,6 +125,11 @@ pub struct WebhookSpec {
     #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https']").message("proxyURL must be an http or https URL"))]
     pub proxy_url: Option<String>,
 
+    /// A Secret in this namespace with the proxy's `username` and `password` (Basic
+    /// authentication to the proxy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_secret_ref: Option<SecretRef>,
+
     /// NotificationCondition names in this namespace; every one must hold for an alert to be sent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(min = 1, max = 253)))]
@@ -137,6 +143,80 @@ pub struct WebhookSpec {
     #[serde(default = "default_timeout_seconds")]
     #[schemars(range(min = 1, max = 300))]
     pub timeout_seconds: u32,
+
+    /// Chat robot settings for the dingtalk, wecom, feishu and slack formats: a keyword the
+    /// robot requires and who to mention. (A DingTalk or Feishu robot's signing secret goes in
+    /// `signing.secretRef`.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<ChatSpec>,
+
+    /// How fast Herald posts to this webhook's URL, shared by every Webhook with the same URL.
+    /// Chat formats default to their platform's documented limit; other formats are not paced
+    /// unless this is set. While paced, queued alerts are merged into one message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pace: Option<PaceSpec>,
+
+    /// Gather alerts for up to `maxWait` (or until `maxAlerts`) and send them as one merged
+    /// message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batching: Option<BatchingSpec>,
+}
+
+/// A chat robot's keyword and mentions.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatSpec {
+    /// A word added to every message, test messages included (for robots that only take
+    /// messages containing their keyword).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub keyword: Option<String>,
+    /// Mention everyone (DingTalk `isAtAll`, Feishu `<at user_id="all">`, Slack `<!here>`;
+    /// WeCom's markdown cannot).
+    #[serde(default)]
+    pub mention_all: bool,
+    /// User ids to mention (DingTalk `atUserIds`, WeCom `<@id>`, Feishu `<at user_id>`,
+    /// Slack `<@id>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50), inner(length(min = 1, max = 128)))]
+    pub mention_users: Vec<String>,
+    /// Mobile numbers to mention (DingTalk `atMobiles`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50), inner(length(min = 1, max = 32)))]
+    pub mention_mobiles: Vec<String>,
+}
+
+/// The most messages Herald posts to one URL per second and per minute.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(!has(self.perSecond) || (self.perSecond >= 1 && self.perSecond <= 1000)) && (!has(self.perMinute) || (self.perMinute >= 1 && self.perMinute <= 60000))").message("pace.perSecond is 1 to 1000 and pace.perMinute 1 to 60000"))]
+pub struct PaceSpec {
+    /// Messages per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub per_second: Option<u32>,
+    /// Messages per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub per_minute: Option<u32>,
+}
+
+/// A batching window: alerts gathered and sent as one merged message.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.maxWait.matches('^[0-9]+(ms|s|m|h)$') && self.maxAlerts >= 1 && self.maxAlerts <= 1000").message("batching.maxWait is a duration such as 30s or 2m, and batching.maxAlerts 1 to 1000"))]
+pub struct BatchingSpec {
+    /// Longest an alert waits for others, as a duration (`30s`, `2m`), at most 1h.
+    #[schemars(length(min = 2, max = 16), regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
+    pub max_wait: String,
+    /// Send as soon as this many alerts are gathered.
+    #[serde(default = "default_batch_alerts")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_alerts: u32,
+}
+
+fn default_batch_alerts() -> u32 {
+    100
 }
 
 fn default_true() -> bool {

@@ -1,6 +1,11 @@
-//! The delivery engine: per-webhook workers with bounded queues, retries and reports.
+//! The delivery engine: per-webhook workers with their backlogs, retries and reports.
+//!
+//! A delivery accepted (answered 200) ends only as succeeded, failed (a final answer, its
+//! retries ran out, or its webhook's backlog was at its limit: a dead letter with its content,
+//! replayable), or dropped because its webhook went away. Nothing is dropped for lack of room:
+//! when Herald cannot keep a batch it refuses all of it before accepting any.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -12,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::id::DeliveryId;
-use super::queue::{JobQueue, Queued};
+use super::pace::{self, Gathering};
+use super::queue::{JobQueue, Next, Queued};
 use super::send::{AttemptClass, AttemptResult, Delivery, send};
 use super::target::Target;
 use crate::metrics::{Metrics, WebhookLabels, WebhookMetrics};
@@ -64,9 +70,15 @@ impl RetryPolicy {
 /// Limits of the engine.
 #[derive(Clone, Copy, Debug)]
 pub struct EngineConfig {
-    /// Deliveries waiting per webhook; past it, new deliveries to that webhook are dropped.
-    pub queue_capacity: usize,
-    /// Deliveries pending across all webhooks; past it, the receiver answers 503.
+    /// Deliveries accepted and not finished per webhook (its backlog). Past it, further
+    /// deliveries to that webhook become dead letters (kept with their content, replayable).
+    /// With a memory store a webhook whose backlog holds half of `max_pending` also refuses
+    /// (503) batches with deliveries for it, so one dead webhook cannot take the whole budget.
+    pub backlog_limit: usize,
+    /// Deliveries held in memory across all webhooks. With a memory store that is every
+    /// accepted and unfinished delivery: past it, the receiver answers 503. With a disk store
+    /// it is what is loaded to feed the workers (the rest waits on disk), and it also bounds
+    /// the deliveries waiting to be written: past that, the receiver answers 503.
     pub max_pending: usize,
     /// Retries.
     pub retry: RetryPolicy,
@@ -75,12 +87,31 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            queue_capacity: 1000,
+            backlog_limit: 100_000,
             max_pending: 20_000,
             retry: RetryPolicy::default(),
         }
     }
 }
+
+impl EngineConfig {
+    /// The backlog a webhook may hold with this store: past it, its deliveries become dead
+    /// letters (a disk store, or past `backlog_limit`) or its batches are refused (a memory
+    /// store's share of the budget).
+    fn webhook_share(&self, durable: bool) -> usize {
+        if durable {
+            self.backlog_limit.max(1)
+        } else {
+            self.backlog_limit.min(self.max_pending / 2).max(1)
+        }
+    }
+}
+
+/// Most deliveries a worker loads from a disk store at once.
+const LOAD_BATCH: usize = 256;
+
+/// A webhook's backlog at this share of its limit is reported as nearly full.
+const NEAR_LIMIT_PERCENT: usize = 80;
 
 /// The final outcome of a delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -89,7 +120,7 @@ pub enum ReportOutcome {
     Succeeded,
     /// Retries exhausted or a final error.
     Failed,
-    /// Never sent: the webhook's queue was full, or the webhook went away.
+    /// Never sent: the webhook went away.
     Dropped,
 }
 
@@ -187,14 +218,14 @@ pub enum ReplayError {
 /// What `submit` did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SubmitSummary {
-    /// Deliveries queued.
+    /// Deliveries accepted into their webhook's backlog.
     pub queued: usize,
-    /// Deliveries dropped because their webhook's queue was full or it went away.
-    pub dropped: usize,
+    /// Deliveries whose webhook's backlog was at its limit: kept as dead letters.
+    pub dead_letters: usize,
 }
 
-/// Room for a number of deliveries under the global pending limit, given back when dropped
-/// unless they were submitted.
+/// Room for a number of deliveries under the global limit (see [`EngineConfig::max_pending`]),
+/// given back when dropped unless they were submitted.
 #[derive(Debug)]
 pub struct Admission {
     permits: OwnedSemaphorePermit,
@@ -202,7 +233,10 @@ pub struct Admission {
 
 struct Job {
     delivery: Arc<Delivery>,
-    _permit: OwnedSemaphorePermit,
+    /// Its row in a disk store's backlog.
+    seq: Option<u64>,
+    /// Its place in the memory budget.
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 /// One webhook's delivery state. Its task (see [`run_worker`]) runs only while the queue holds
@@ -212,7 +246,11 @@ struct WorkerState {
     /// The current settings, read at the start of every attempt (queued deliveries use new
     /// settings from their next attempt on: Secret rotation needs no restart).
     target: RwLock<Arc<Target>>,
-    queue: Arc<JobQueue<Job>>,
+    queue: JobQueue<Job>,
+    /// Deliveries accepted and not finished, in memory or in the store.
+    backlog: AtomicUsize,
+    /// The backlog was reported as nearly full (and has not fallen back since).
+    near_limit: AtomicBool,
     /// Cancelled when the webhook goes away or Herald stops.
     cancel: CancellationToken,
     /// Made at the first delivery: idle webhooks export no series.
@@ -238,12 +276,68 @@ impl WorkerState {
         self.metrics
             .get_or_init(|| shared.metrics.webhook(&WebhookLabels::from(&self.key)))
     }
+
+    /// Takes a place in the backlog, or says why not: at the backlog limit (a dead letter), or
+    /// at a memory store's share of the budget (the batch is refused).
+    fn take_place(&self, shared: &Shared) -> Result<(), Placed> {
+        let limit = shared.config.backlog_limit.max(1);
+        let share = shared.config.webhook_share(shared.store.is_durable());
+        let taken = self
+            .backlog
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < share).then_some(n + 1)
+            });
+        match taken {
+            Ok(_) => {
+                self.metrics(shared).queue_depth.inc();
+                self.watch_limit(share);
+                Ok(())
+            }
+            Err(n) if n >= limit => Err(Placed::Overflow),
+            Err(_) => Err(Placed::Full),
+        }
+    }
+
+    /// Adds deliveries found in the store at start.
+    fn add_found(&self, shared: &Shared, count: usize) {
+        self.backlog.fetch_add(count, Ordering::AcqRel);
+        self.metrics(shared)
+            .queue_depth
+            .inc_by(i64::try_from(count).unwrap_or(i64::MAX));
+        self.watch_limit(shared.config.webhook_share(shared.store.is_durable()));
+    }
+
+    /// Gives a place back: a delivery finished.
+    fn release_place(&self, shared: &Shared) {
+        let left = self
+            .backlog
+            .fetch_sub(1, Ordering::AcqRel)
+            .saturating_sub(1);
+        self.metrics(shared).queue_depth.dec();
+        let limit = shared.config.webhook_share(shared.store.is_durable());
+        if left <= limit / 2 && self.near_limit.swap(false, Ordering::AcqRel) {
+            tracing::info!(webhook = %self.key, backlog = left, limit, "the webhook's backlog is no longer near its limit");
+        }
+    }
+
+    /// Warns once as the backlog nears its limit.
+    fn watch_limit(&self, limit: usize) {
+        let backlog = self.backlog.load(Ordering::Acquire);
+        if backlog.saturating_mul(100) >= limit.saturating_mul(NEAR_LIMIT_PERCENT)
+            && !self.near_limit.swap(true, Ordering::AcqRel)
+        {
+            tracing::warn!(webhook = %self.key, backlog, limit, "the webhook's backlog is near its limit; past it, new deliveries to it become dead letters");
+        }
+    }
 }
 
 struct Shared {
     config: EngineConfig,
     metrics: Arc<Metrics>,
     store: Arc<Store>,
+    /// The memory budget: permits held by deliveries in memory (see
+    /// [`EngineConfig::max_pending`]).
+    budget: Arc<Semaphore>,
     /// Herald is stopping: unfinished deliveries stay pending in the store for the next start.
     stopping: CancellationToken,
     observers: RwLock<Vec<Arc<dyn DeliveryObserver>>>,
@@ -254,6 +348,7 @@ impl Shared {
         &self,
         report: DeliveryReport,
         delivery: &Arc<Delivery>,
+        seq: Option<u64>,
         handles: Option<&WebhookMetrics>,
     ) {
         match (report.outcome, handles) {
@@ -285,7 +380,7 @@ impl Shared {
                 .keeps_content(report.outcome)
                 .then(|| delivery.clone()),
         };
-        if let Err(e) = self.store.finish(record) {
+        if let Err(e) = self.store.finish(seq, record) {
             tracing::error!(delivery = %report.delivery_id, "cannot record the delivery: {e}");
         }
         match report.outcome {
@@ -306,7 +401,15 @@ impl Shared {
         }
     }
 
-    fn dropped(&self, delivery: &Arc<Delivery>, why: &str) {
+    /// Ends a delivery that was never sent: `Dropped` (its webhook went away) or `Failed` (a
+    /// dead letter: its webhook's backlog was full).
+    fn unsent(
+        &self,
+        delivery: &Arc<Delivery>,
+        seq: Option<u64>,
+        outcome: ReportOutcome,
+        why: &str,
+    ) {
         self.report(
             DeliveryReport {
                 webhook: delivery.webhook.clone(),
@@ -314,16 +417,33 @@ impl Shared {
                 test: delivery.test,
                 alerts: delivery.alerts.len(),
                 attempts: 0,
-                outcome: ReportOutcome::Dropped,
+                outcome,
                 http_status: None,
                 message: why.to_string(),
                 latency: Duration::ZERO,
                 finished_at: Timestamp::now(),
             },
             delivery,
+            seq,
             None,
         );
     }
+
+    fn dropped(&self, delivery: &Arc<Delivery>, seq: Option<u64>, why: &str) {
+        self.unsent(delivery, seq, ReportOutcome::Dropped, why);
+    }
+}
+
+/// What became of a delivery's place in its webhook's backlog.
+enum Placed {
+    /// It holds a place.
+    Kept(Arc<WorkerState>),
+    /// Its webhook's backlog is full: it becomes a dead letter.
+    Overflow,
+    /// Its webhook has no worker.
+    Gone,
+    /// Its webhook holds its share of a memory store's budget: the batch is refused.
+    Full,
 }
 
 /// The delivery engine. Cheap to clone; every clone drives the same workers.
@@ -331,8 +451,15 @@ impl Shared {
 pub struct Engine {
     shared: Arc<Shared>,
     workers: Arc<Mutex<HashMap<ObjectKey, Arc<WorkerState>>>>,
-    pending: Arc<Semaphore>,
+    /// With a disk store: room for deliveries waiting to be written (see
+    /// [`EngineConfig::max_pending`]). With a memory store admission takes the budget itself.
+    writes: Arc<Semaphore>,
+    /// Refuses new deliveries: Herald is stopping.
+    closing: CancellationToken,
+    /// Stops the workers: what they hold stays in the store.
     shutdown: CancellationToken,
+    /// The store's backlog was counted at start (see [`Engine::resume`]).
+    resumed: Arc<AtomicBool>,
     tasks: TaskTracker,
 }
 
@@ -349,16 +476,19 @@ impl Engine {
     pub fn new(config: EngineConfig, metrics: Arc<Metrics>, store: Arc<Store>) -> Self {
         let shutdown = CancellationToken::new();
         Engine {
-            pending: Arc::new(Semaphore::new(config.max_pending)),
+            writes: Arc::new(Semaphore::new(config.max_pending)),
             shared: Arc::new(Shared {
                 config,
                 metrics,
                 store,
+                budget: Arc::new(Semaphore::new(config.max_pending)),
                 stopping: shutdown.clone(),
                 observers: RwLock::new(Vec::new()),
             }),
             workers: Arc::default(),
+            closing: CancellationToken::new(),
             shutdown,
+            resumed: Arc::default(),
             tasks: TaskTracker::new(),
         }
     }
@@ -375,8 +505,14 @@ impl Engine {
         self.workers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn durable(&self) -> bool {
+        self.shared.store.is_durable()
+    }
+
     /// Installs or replaces a webhook's settings. Queued deliveries keep their place and use the
-    /// new settings from their next attempt on (Secret rotation needs no restart).
+    /// new settings from their next attempt on (Secret rotation needs no restart). A webhook
+    /// that comes back (after it could not deliver for a while) resumes what a disk store
+    /// still holds for it.
     pub fn upsert(&self, target: Target) {
         let key = target.key.clone();
         let target = Arc::new(target);
@@ -385,31 +521,61 @@ impl Engine {
             worker.set_target(target);
             return;
         }
-        let state = WorkerState {
+        let state = Arc::new(WorkerState {
             key: key.clone(),
             target: RwLock::new(target),
-            queue: JobQueue::new(self.shared.config.queue_capacity),
+            queue: JobQueue::new(),
+            backlog: AtomicUsize::new(0),
+            near_limit: AtomicBool::new(false),
             cancel: self.shutdown.child_token(),
             metrics: OnceLock::new(),
             failures: AtomicU32::new(0),
-        };
-        workers.insert(key, Arc::new(state));
+        });
+        workers.insert(key, state.clone());
+        drop(workers);
+        if self.durable() && self.resumed.load(Ordering::Acquire) {
+            match self.shared.store.load(&state.key, 0, usize::MAX) {
+                Ok(found) if !found.is_empty() => {
+                    tracing::info!(webhook = %state.key, deliveries = found.len(), "resuming the webhook's stored backlog");
+                    state.add_found(&self.shared, found.len());
+                    self.wake(&state);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(webhook = %state.key, "cannot read the webhook's stored backlog: {e}")
+                }
+            }
+        }
     }
 
     /// Starts the task that drains a webhook's queue (called by whoever queued into an idle one).
     fn start(&self, worker: &Arc<WorkerState>) {
-        self.tasks
-            .spawn(run_worker(self.shared.clone(), worker.clone()));
+        let task = run_worker(self.shared.clone(), worker.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                self.tasks.spawn_on(task, &handle);
+            }
+            Err(_) => tracing::error!(webhook = %worker.key, "no async runtime to deliver in"),
+        }
     }
 
-    /// Stops delivering to a webhook (deleted, disabled or no longer ready); what it had queued
-    /// is dropped and reported as such.
+    /// Tells a webhook's worker that the store holds more for it, starting it if idle.
+    fn wake(&self, worker: &Arc<WorkerState>) {
+        if worker.queue.stored() == Some(Queued::StartConsumer) {
+            self.start(worker);
+        }
+    }
+
+    /// Stops delivering to a webhook (deleted, disabled or no longer ready). With a memory store
+    /// what it had queued is dropped and recorded as such; a disk store keeps its backlog, resumed
+    /// if the webhook comes back and dropped and recorded at the next start if it does not.
     pub fn remove(&self, key: &ObjectKey) {
         let Some(worker) = self.workers().remove(key) else {
             return;
         };
         worker.cancel.cancel();
-        // A running task drops what is queued itself; otherwise the queue is empty, but make sure.
+        // A running task lets go of what is queued itself; otherwise the queue is empty, but
+        // make sure.
         give_up_queued(&self.shared, &worker, worker.queue.close());
         self.shared.metrics.forget_webhook_gauges(key);
     }
@@ -424,6 +590,14 @@ impl Engine {
         self.workers().get(key).map(|w| w.target())
     }
 
+    /// A webhook's backlog (deliveries accepted and not finished) and its limit.
+    pub fn backlog(&self, key: &ObjectKey) -> Option<(usize, usize)> {
+        let limit = self.shared.config.webhook_share(self.durable());
+        self.workers()
+            .get(key)
+            .map(|w| (w.backlog.load(Ordering::Acquire), limit))
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<Store> {
         &self.shared.store
@@ -436,14 +610,24 @@ impl Engine {
         }
     }
 
+    /// What admission takes room from: the memory budget itself with a memory store, the
+    /// deliveries waiting to be written with a disk store.
+    fn admission_room(&self) -> &Arc<Semaphore> {
+        if self.durable() {
+            &self.writes
+        } else {
+            &self.shared.budget
+        }
+    }
+
     /// Room for `count` deliveries under the global limit, taken now or not at all.
     pub fn try_admit(&self, count: usize) -> Result<Admission, Overloaded> {
-        if self.shutdown.is_cancelled() {
+        if self.closing.is_cancelled() {
             return Err(self.overloaded());
         }
         let count = u32::try_from(count).map_err(|_| self.overloaded())?;
         let permits = self
-            .pending
+            .admission_room()
             .clone()
             .try_acquire_many_owned(count)
             .map_err(|_| self.overloaded())?;
@@ -464,8 +648,8 @@ impl Engine {
         }
         let count = u32::try_from(count).map_err(|_| self.overloaded())?;
         tokio::select! {
-            () = self.shutdown.cancelled() => Err(self.overloaded()),
-            acquired = tokio::time::timeout(wait, self.pending.clone().acquire_many_owned(count)) => {
+            () = self.closing.cancelled() => Err(self.overloaded()),
+            acquired = tokio::time::timeout(wait, self.admission_room().clone().acquire_many_owned(count)) => {
                 match acquired {
                     Ok(Ok(permits)) => Ok(Admission { permits }),
                     _ => Err(self.overloaded()),
@@ -483,126 +667,232 @@ impl Engine {
         self.submit_admitted(admission, deliveries)
     }
 
-    /// Accepts deliveries that were given room by [`Engine::admit`] (one permit each; spare
-    /// ones are returned): stores them (durably with a disk store) and queues them. An error
-    /// means nothing was accepted. A webhook whose own queue is full drops its delivery
-    /// (recorded as a dead letter).
+    /// Gives each delivery its place in its webhook's backlog, or says why it has none.
+    /// When a webhook holds its share of a memory store's budget, the whole batch is refused:
+    /// no place is kept.
+    fn place(&self, deliveries: &[Arc<Delivery>]) -> Result<Vec<Placed>, Overloaded> {
+        let workers = self.workers();
+        let placed: Vec<Placed> = deliveries
+            .iter()
+            .map(|delivery| match workers.get(&delivery.webhook) {
+                Some(worker) => match worker.take_place(&self.shared) {
+                    Ok(()) => Placed::Kept(worker.clone()),
+                    Err(why) => why,
+                },
+                None => Placed::Gone,
+            })
+            .collect();
+        drop(workers);
+        if placed.iter().any(|p| matches!(p, Placed::Full)) {
+            self.release(&placed);
+            return Err(self.overloaded());
+        }
+        Ok(placed)
+    }
+
+    /// Gives back the places taken.
+    fn release(&self, placed: &[Placed]) {
+        for placed in placed {
+            if let Placed::Kept(worker) = placed {
+                worker.release_place(&self.shared);
+            }
+        }
+    }
+
+    /// Ends deliveries whose webhook's backlog was full (dead letters) or whose webhook went
+    /// away; returns how many became dead letters.
+    fn end_unplaced(
+        &self,
+        deliveries: &[Arc<Delivery>],
+        placed: &[Placed],
+        seqs: &[Option<u64>],
+    ) -> usize {
+        let limit = self.shared.config.backlog_limit;
+        let mut dead_letters = 0;
+        for ((delivery, placed), seq) in deliveries.iter().zip(placed).zip(seqs) {
+            match placed {
+                Placed::Kept(_) | Placed::Full => {}
+                Placed::Overflow => {
+                    dead_letters += 1;
+                    self.shared
+                        .metrics
+                        .delivery(&delivery.webhook, "overflowed");
+                    let why = format!(
+                        "the webhook's backlog holds {limit} deliveries, its limit: kept as a dead letter (replay it once the webhook catches up)"
+                    );
+                    self.shared
+                        .unsent(delivery, *seq, ReportOutcome::Failed, &why);
+                }
+                Placed::Gone => self.shared.dropped(
+                    delivery,
+                    *seq,
+                    "the webhook was removed or can no longer deliver",
+                ),
+            }
+        }
+        dead_letters
+    }
+
+    /// Accepts deliveries that were given room by [`Engine::admit`]. With a memory store they
+    /// are queued at once; with a disk store they are written in the background (callers that
+    /// answer for them use [`Engine::accept`], which waits for the write). An error means
+    /// nothing was accepted.
     pub fn submit_admitted(
         &self,
         admission: Admission,
         deliveries: Vec<Delivery>,
     ) -> Result<SubmitSummary, SubmitError> {
-        let mut summary = SubmitSummary::default();
-        let mut permits = admission.permits;
-        if deliveries.is_empty() {
-            return Ok(summary);
-        }
-        if self.shutdown.is_cancelled() {
+        if self.closing.is_cancelled() {
             return Err(self.overloaded().into());
         }
-        let workers = self.workers();
-        let mut accepted = Vec::with_capacity(deliveries.len());
-        let mut refused = Vec::new();
-        for delivery in deliveries.into_iter().map(Arc::new) {
-            let slot = workers.get(&delivery.webhook).map(|w| {
-                w.queue
-                    .try_reserve()
-                    .map(|slot| (slot, w))
-                    .ok_or("the webhook's queue is full")
-            });
-            match slot {
-                Some(Ok((slot, worker))) => accepted.push((delivery, slot, worker)),
-                Some(Err(why)) => refused.push((delivery, why)),
-                None => refused.push((delivery, "the webhook is not ready to deliver")),
+        if !self.durable() {
+            return self.queue_in_memory(admission, deliveries);
+        }
+        let count = deliveries.len();
+        let engine = self.clone();
+        let task = async move {
+            if let Err(e) = engine.accept(admission, deliveries).await {
+                tracing::error!("cannot store deliveries: {e}");
+            }
+        };
+        tokio::runtime::Handle::try_current()
+            .map_err(|_| StoreError::Database("no async runtime to write in".into()))?
+            .spawn(task);
+        Ok(SubmitSummary {
+            queued: count,
+            dead_letters: 0,
+        })
+    }
+
+    /// Accepts deliveries that were given room by [`Engine::admit`]: returns once they are
+    /// kept (durably with a disk store, in one write shared with other requests waiting). An
+    /// error means nothing was accepted. A delivery whose webhook's backlog is at its limit is
+    /// kept as a dead letter.
+    pub async fn accept(
+        &self,
+        admission: Admission,
+        deliveries: Vec<Delivery>,
+    ) -> Result<SubmitSummary, SubmitError> {
+        if self.closing.is_cancelled() {
+            return Err(self.overloaded().into());
+        }
+        if !self.durable() {
+            return self.queue_in_memory(admission, deliveries);
+        }
+        let deliveries: Vec<Arc<Delivery>> = deliveries.into_iter().map(Arc::new).collect();
+        let placed = self.place(&deliveries)?;
+        // Dead letters are written with the rest, so that they too survive a crash once
+        // answered; deliveries for a webhook that went away are not.
+        let stored: Vec<Arc<Delivery>> = deliveries
+            .iter()
+            .zip(&placed)
+            .filter(|(_, p)| !matches!(p, Placed::Gone))
+            .map(|(d, _)| d.clone())
+            .collect();
+        let written = self.shared.store.append(&stored).await;
+        drop(admission);
+        let written = match written {
+            Ok(seqs) => seqs,
+            Err(e) => {
+                self.release(&placed);
+                return Err(e.into());
+            }
+        };
+        let mut seqs = written.into_iter();
+        let seqs: Vec<Option<u64>> = placed
+            .iter()
+            .map(|p| match p {
+                Placed::Gone => None,
+                _ => seqs.next(),
+            })
+            .collect();
+        let mut summary = SubmitSummary::default();
+        for placed in &placed {
+            if let Placed::Kept(worker) = placed {
+                summary.queued += 1;
+                self.wake(worker);
             }
         }
-        self.shared
-            .store
-            .add_pending(accepted.iter().map(|(d, ..)| d))?;
-        for (delivery, slot, worker) in accepted {
-            // Admitted without a permit of its own: refused like a full queue, never unbounded.
-            let Some(permit) = permits.split(1) else {
-                refused.push((delivery, "the webhook's queue is full"));
+        summary.dead_letters = self.end_unplaced(&deliveries, &placed, &seqs);
+        Ok(summary)
+    }
+
+    /// Queues deliveries in their webhooks' queues (a memory store), each holding one permit
+    /// of the admission.
+    fn queue_in_memory(
+        &self,
+        admission: Admission,
+        deliveries: Vec<Delivery>,
+    ) -> Result<SubmitSummary, SubmitError> {
+        let mut permits = Some(admission.permits);
+        let deliveries: Vec<Arc<Delivery>> = deliveries.into_iter().map(Arc::new).collect();
+        let mut placed = self.place(&deliveries)?;
+        let mut summary = SubmitSummary::default();
+        for (delivery, place) in deliveries.iter().zip(placed.iter_mut()) {
+            let Placed::Kept(worker) = place else {
                 continue;
             };
-            let depth = &worker.metrics(&self.shared).queue_depth;
-            depth.inc();
-            match slot.send(Job {
-                delivery,
+            let permit = match permits.as_mut().map(|p| p.num_permits()) {
+                Some(1) => permits.take(),
+                Some(_) => permits.as_mut().and_then(|p| p.split(1)),
+                None => None,
+            };
+            let job = Job {
+                delivery: delivery.clone(),
+                seq: None,
                 _permit: permit,
-            }) {
+            };
+            match worker.queue.push(job) {
                 Ok(queued) => {
                     summary.queued += 1;
                     if queued == Queued::StartConsumer {
                         self.start(worker);
                     }
                 }
-                Err(job) => {
-                    // The worker stopped between the reservation and now.
-                    depth.dec();
-                    refused.push((
-                        job.delivery,
-                        "the webhook was removed or can no longer deliver",
-                    ));
+                Err(_) => {
+                    // The worker stopped between the lookup and now.
+                    worker.release_place(&self.shared);
+                    *place = Placed::Gone;
                 }
             }
         }
-        drop(workers);
-        for (delivery, why) in refused {
-            self.shared.dropped(&delivery, why);
-            summary.dropped += 1;
-        }
+        let seqs = vec![None; deliveries.len()];
+        summary.dead_letters = self.end_unplaced(&deliveries, &placed, &seqs);
         Ok(summary)
     }
 
-    /// Queues again what the store holds as pending (after a restart). Call once the webhooks
-    /// are loaded: deliveries for webhooks that no longer exist are dropped and recorded.
+    /// Resumes what the store holds (after a restart). Call once the webhooks are loaded:
+    /// deliveries for webhooks that no longer exist are dropped and recorded.
     pub fn resume(&self) -> Result<usize, StoreError> {
-        let pending = self.shared.store.pending()?;
-        let total = pending.len();
-        let workers = self.workers();
-        let mut by_webhook: HashMap<ObjectKey, Vec<Arc<Delivery>>> = HashMap::default();
-        for delivery in pending {
-            by_webhook
-                .entry(delivery.webhook.clone())
-                .or_default()
-                .push(delivery);
-        }
-        for (key, deliveries) in by_webhook {
-            let Some(worker) = workers.get(&key) else {
-                for delivery in deliveries {
-                    self.shared
-                        .dropped(&delivery, "the webhook no longer exists or cannot deliver");
+        let backlog = self.shared.store.backlog()?;
+        self.resumed.store(true, Ordering::Release);
+        let mut total = 0;
+        for (key, count) in backlog {
+            total += count;
+            let worker = self.workers().get(&key).cloned();
+            match worker {
+                Some(worker) => {
+                    worker.add_found(&self.shared, count);
+                    self.wake(&worker);
                 }
-                continue;
-            };
-            let worker = worker.clone();
-            let semaphore = self.pending.clone();
-            let engine = self.clone();
-            self.tasks.spawn(async move {
-                for delivery in deliveries {
-                    let Ok(permit) = semaphore.clone().acquire_owned().await else {
-                        return;
-                    };
-                    let depth = &worker.metrics(&engine.shared).queue_depth;
-                    depth.inc();
-                    match worker
-                        .queue
-                        .push(Job {
-                            delivery,
-                            _permit: permit,
-                        })
-                        .await
-                    {
-                        Ok(Queued::StartConsumer) => engine.start(&worker),
-                        Ok(Queued::Running) => {}
-                        Err(_) => {
-                            depth.dec();
-                            return;
+                None => {
+                    let mut after = 0;
+                    loop {
+                        let found = self.shared.store.load(&key, after, LOAD_BATCH)?;
+                        let Some((last, _)) = found.last() else {
+                            break;
+                        };
+                        after = *last;
+                        for (seq, delivery) in &found {
+                            self.shared.dropped(
+                                delivery,
+                                Some(*seq),
+                                "the webhook no longer exists or cannot deliver",
+                            );
                         }
                     }
                 }
-            });
+            }
         }
         if total > 0 {
             tracing::info!(deliveries = total, "resuming pending deliveries");
@@ -638,21 +928,38 @@ impl Engine {
     pub async fn send_test(&self, key: &ObjectKey) -> Option<DeliveryReport> {
         let target = self.target(key)?;
         let delivery = Arc::new(Delivery::test(key.clone()));
+        // A test message counts toward its destination's pace (it is not held back for it).
+        if let Some(pacer) = target.pacer() {
+            let _ = pacer.try_take(tokio::time::Instant::now());
+        }
         let result = send(&target, &delivery).await;
         let report = finish(&delivery, 1, &result);
-        self.shared.report(report.clone(), &delivery, None);
+        self.shared.report(report.clone(), &delivery, None, None);
         Some(report)
     }
 
-    /// Stops every worker: no new attempts start; waits up to `deadline` for attempts in flight.
+    /// Stops: refuses new deliveries at once, keeps delivering for most of `deadline` (the
+    /// workers stop by themselves once every backlog is delivered), then stops the workers,
+    /// leaving what they hold in the store for the next start, and makes the store durable.
     pub async fn shutdown(&self, deadline: Duration) {
-        self.shutdown.cancel();
+        self.closing.cancel();
         self.tasks.close();
-        if tokio::time::timeout(deadline, self.tasks.wait())
+        // A fifth of the time, at most five seconds, is left for the attempts in flight to stop
+        // and the store to be written.
+        let margin = (deadline / 5).min(Duration::from_secs(5));
+        let delivered = tokio::time::timeout(deadline - margin, self.tasks.wait())
             .await
-            .is_err()
+            .is_ok();
+        self.shutdown.cancel();
+        if !delivered
+            && tokio::time::timeout(margin, self.tasks.wait())
+                .await
+                .is_err()
         {
             tracing::warn!("delivery workers did not stop within {deadline:?}");
+        }
+        if let Err(e) = self.shared.store.flush().await {
+            tracing::error!("cannot write the delivery store at shutdown: {e}");
         }
     }
 }
@@ -682,42 +989,162 @@ fn finish(delivery: &Delivery, attempts: u32, last: &AttemptResult) -> DeliveryR
     }
 }
 
-/// Drains a webhook's queue, one delivery at a time, and stops when it is empty (the next
-/// delivery queued starts a new task) or when the webhook goes away or Herald stops.
+/// Permits of the memory budget for up to `want` deliveries: as many as are free now, or one
+/// once it is free. `None` when the worker is cancelled first.
+async fn budget_for(
+    shared: &Shared,
+    worker: &WorkerState,
+    want: usize,
+) -> Option<OwnedSemaphorePermit> {
+    let budget = &shared.budget;
+    let want = u32::try_from(want.max(1)).unwrap_or(u32::MAX);
+    if let Ok(permits) = budget.clone().try_acquire_many_owned(want) {
+        return Some(permits);
+    }
+    let free = u32::try_from(budget.available_permits())
+        .unwrap_or(u32::MAX)
+        .clamp(1, want);
+    tokio::select! {
+        () = worker.cancel.cancelled() => None,
+        permits = budget.clone().acquire_many_owned(free) => permits.ok(),
+    }
+}
+
+/// Loads the next part of a webhook's backlog from a disk store into its queue.
+async fn load_backlog(shared: &Shared, worker: &WorkerState, after: u64) {
+    let Some(mut permits) = budget_for(shared, worker, LOAD_BATCH).await else {
+        worker.queue.reload();
+        return;
+    };
+    let want = permits.num_permits();
+    match shared.store.load(&worker.key, after, want) {
+        Ok(found) => {
+            let more = found.len() == want;
+            let last = found.last().map(|(seq, _)| *seq);
+            let mut jobs = Vec::with_capacity(found.len());
+            for (seq, delivery) in found {
+                let permit = if permits.num_permits() > 1 {
+                    permits.split(1)
+                } else {
+                    None
+                };
+                jobs.push(Job {
+                    delivery,
+                    seq: Some(seq),
+                    _permit: permit,
+                });
+            }
+            // The last job holds what is left of the permits.
+            if let Some(job) = jobs.last_mut() {
+                job._permit = Some(permits);
+            }
+            worker.queue.loaded(jobs, last, more);
+        }
+        Err(e) => {
+            tracing::error!(webhook = %worker.key, "cannot read the webhook's backlog (retrying): {e}");
+            worker.queue.reload();
+            tokio::select! {
+                () = worker.cancel.cancelled() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+/// Drains a webhook's queue (and its backlog in a disk store), one delivery at a time, and stops
+/// when there is nothing left (the next delivery accepted starts a new task) or when the
+/// webhook goes away or Herald stops.
 async fn run_worker(shared: Arc<Shared>, worker: Arc<WorkerState>) {
     let handles = worker.metrics(&shared);
     let mut breaker = Breaker {
         failures: worker.failures.load(Ordering::Relaxed),
     };
+    // Deliveries taken from the queue while a paced or batching webhook waits to send.
+    let mut gathering = Gathering::default();
     while !worker.cancel.is_cancelled() {
-        let Some(job) = worker.queue.next_or_stop() else {
-            return;
+        if gathering.is_empty() {
+            match worker.queue.next() {
+                Next::Item(job) => {
+                    if !worker.target().gathers() {
+                        // Not boxed: this task lives only while its queue holds work, so the
+                        // space of the send future inside it is never kept for an idle webhook.
+                        let message = job.delivery.clone();
+                        let jobs = [job];
+                        if deliver(&shared, handles, &worker, &message, &jobs, &mut breaker).await {
+                            worker.release_place(&shared);
+                        }
+                        worker.failures.store(breaker.failures, Ordering::Relaxed);
+                        continue;
+                    }
+                    let alerts = job.delivery.alerts.len();
+                    gathering.push(job, alerts);
+                }
+                Next::Load { after } => {
+                    load_backlog(&shared, &worker, after).await;
+                    continue;
+                }
+                Next::Stop => return,
+            }
+        }
+        // A paced or batching webhook: gather what is queued while it waits, then send it as
+        // one message.
+        let target = worker.target();
+        let pull = || {
+            let job = worker.queue.try_pop()?;
+            let alerts = job.delivery.alerts.len();
+            Some((job, alerts))
         };
-        handles.queue_depth.dec();
-        // Not boxed: this task lives only while its queue holds work, so the space of the send
-        // future inside it is never kept for an idle webhook.
-        deliver(&shared, handles, &worker, &job.delivery, &mut breaker).await;
+        if !gathering
+            .wait(target.pacer(), target.batching(), pull, &worker.cancel)
+            .await
+        {
+            break;
+        }
+        let cap = target
+            .batching()
+            .map_or(pace::DIGEST_MAX_ALERTS, |b| b.max_alerts);
+        let jobs = gathering.next_message(cap);
+        let parts: Vec<Arc<Delivery>> = jobs.iter().map(|j| j.delivery.clone()).collect();
+        let message = match parts.as_slice() {
+            [] => continue,
+            [one] => one.clone(),
+            _ => match Delivery::merged(&parts) {
+                Some(merged) => Arc::new(merged),
+                None => continue,
+            },
+        };
+        if deliver(&shared, handles, &worker, &message, &jobs, &mut breaker).await {
+            for _ in &jobs {
+                worker.release_place(&shared);
+            }
+        }
         worker.failures.store(breaker.failures, Ordering::Relaxed);
     }
     // Cancelled: nothing more is queued, and what is left goes.
+    let gathered: Vec<Job> = gathering.drain().collect();
     let _ = worker.queue.close();
     give_up_queued(
         &shared,
         &worker,
-        std::iter::from_fn(|| worker.queue.try_pop()),
+        gathered
+            .into_iter()
+            .chain(std::iter::from_fn(|| worker.queue.try_pop())),
     );
 }
 
-/// Lets go of a cancelled webhook's queued deliveries: when Herald is stopping they stay pending
-/// in the store for the next start; when the webhook went away they are dropped and recorded.
+/// Lets go of a cancelled webhook's queued deliveries: when Herald is stopping, or the store is
+/// on disk, they stay pending in the store; when the webhook went away from a memory store they
+/// are dropped and recorded.
 fn give_up_queued(shared: &Shared, worker: &WorkerState, jobs: impl IntoIterator<Item = Job>) {
     let mut left = 0usize;
     for job in jobs {
-        worker.metrics(shared).queue_depth.dec();
-        left += usize::from(shared.stopping.is_cancelled());
-        leave_or_drop(shared, &job.delivery);
+        if leave_or_drop(shared, &job) {
+            worker.release_place(shared);
+        } else {
+            left += 1;
+        }
     }
-    if left > 0 {
+    if left > 0 && shared.stopping.is_cancelled() {
         if shared.store.is_durable() {
             tracing::info!(webhook = %worker.key, deliveries = left, "stopping; queued deliveries stay in the store for the next start");
         } else {
@@ -726,12 +1153,19 @@ fn give_up_queued(shared: &Shared, worker: &WorkerState, jobs: impl IntoIterator
     }
 }
 
-/// A delivery interrupted by cancellation: kept pending when Herald is stopping (resumed at the
-/// next start), dropped and recorded when its webhook went away.
-fn leave_or_drop(shared: &Shared, delivery: &Arc<Delivery>) {
-    if !shared.stopping.is_cancelled() {
-        shared.dropped(delivery, "the webhook was removed or can no longer deliver");
+/// A delivery interrupted by cancellation: kept pending when Herald is stopping or the store is
+/// on disk (resumed at the next start, or when its webhook comes back), dropped and recorded
+/// when its webhook went away from a memory store. Returns whether it ended.
+fn leave_or_drop(shared: &Shared, job: &Job) -> bool {
+    if shared.stopping.is_cancelled() || shared.store.is_durable() {
+        return false;
     }
+    shared.dropped(
+        &job.delivery,
+        job.seq,
+        "the webhook was removed or can no longer deliver",
+    );
+    true
 }
 
 /// Stops hammering an endpoint that keeps failing: after `THRESHOLD` failed attempts in a row,
@@ -786,22 +1220,65 @@ fn export_breaker(shared: &Shared, key: &ObjectKey, was_open: bool, breaker: &Br
     }
 }
 
+/// Reports the end of a message: for a merged one, the end of each delivery it carried.
+fn report_all(
+    shared: &Shared,
+    report: DeliveryReport,
+    message: &Arc<Delivery>,
+    jobs: &[Job],
+    handles: Option<&WebhookMetrics>,
+) {
+    if let [job] = jobs
+        && Arc::ptr_eq(&job.delivery, message)
+    {
+        shared.report(report, message, job.seq, handles);
+        return;
+    }
+    let merged = format!(
+        "sent in merged message {} with {} alerts of {} deliveries",
+        message.id,
+        message.alerts.len(),
+        jobs.len()
+    );
+    for job in jobs {
+        let part = &job.delivery;
+        let mut own = report.clone();
+        own.delivery_id = part.id;
+        own.test = part.test;
+        own.alerts = part.alerts.len();
+        own.message = if own.message.is_empty() {
+            merged.clone()
+        } else {
+            format!("{}; {merged}", own.message)
+        };
+        shared.report(own, part, job.seq, handles);
+    }
+}
+
+/// Lets go of every delivery of an interrupted message (see [`leave_or_drop`]); returns
+/// whether they ended.
+fn leave_or_drop_all(shared: &Shared, jobs: &[Job]) -> bool {
+    // Every job is let go of, whatever the others did.
+    let ended = jobs.iter().filter(|job| leave_or_drop(shared, job)).count();
+    ended == jobs.len()
+}
+
+/// Delivers one message (one job, or the jobs merged into it) with its retries; returns
+/// whether it ended (it stays in the store when Herald stops first).
 async fn deliver(
     shared: &Shared,
     handles: &WebhookMetrics,
     worker: &WorkerState,
     delivery: &Arc<Delivery>,
+    jobs: &[Job],
     breaker: &mut Breaker,
-) {
+) -> bool {
     let cancel = &worker.cancel;
     let policy = shared.config.retry;
     if let Some(wait) = breaker.cool_down(&policy) {
         tracing::debug!(webhook = %delivery.webhook, ?wait, "circuit open: waiting before probing the endpoint");
         tokio::select! {
-            () = cancel.cancelled() => {
-                leave_or_drop(shared, delivery);
-                return;
-            }
+            () = cancel.cancelled() => return leave_or_drop_all(shared, jobs),
             () = tokio::time::sleep(wait) => {}
         }
     }
@@ -810,23 +1287,45 @@ async fn deliver(
     loop {
         attempt += 1;
         let current = worker.target();
+        // A retry is a message too: it waits its turn at a paced destination (and out a block
+        // the destination asked for).
+        if attempt > 1
+            && let Some(pacer) = current.pacer()
+            && !pace::take_turn(pacer, cancel).await
+        {
+            return leave_or_drop_all(shared, jobs);
+        }
         let result = send(&current, delivery).await;
         handles.duration.observe(result.latency.as_secs_f64());
         let was_open = breaker.is_open();
         breaker.record(result.class);
         export_breaker(shared, &delivery.webhook, was_open, breaker);
         if result.class != AttemptClass::Retryable {
-            shared.report(finish(delivery, attempt, &result), delivery, Some(handles));
-            return;
+            report_all(
+                shared,
+                finish(delivery, attempt, &result),
+                delivery,
+                jobs,
+                Some(handles),
+            );
+            return true;
         }
         let delay = policy.delay(attempt, result.retry_after);
+        if let Some(asked) = result.retry_after
+            && let Some(pacer) = current.pacer()
+        {
+            // The destination asked for a pause (a robot's block time can be longer than the
+            // longest backoff): every webhook sending to it, this retry included, waits it out
+            // in full, up to the time a delivery is retried at all.
+            pacer.block_for(asked.min(policy.max_elapsed));
+        }
         let exhausted =
             attempt >= policy.max_attempts || started.elapsed() + delay > policy.max_elapsed;
         if exhausted {
             let mut report = finish(delivery, attempt, &result);
             report.message = format!("gave up after {attempt} attempts: {}", report.message);
-            shared.report(report, delivery, Some(handles));
-            return;
+            report_all(shared, report, delivery, jobs, Some(handles));
+            return true;
         }
         shared.metrics.delivery(&delivery.webhook, "retried");
         tracing::debug!(
@@ -834,10 +1333,7 @@ async fn deliver(
             error = ?result.error, ?delay, "attempt failed; retrying"
         );
         tokio::select! {
-            () = cancel.cancelled() => {
-                leave_or_drop(shared, delivery);
-                return;
-            }
+            () = cancel.cancelled() => return leave_or_drop_all(shared, jobs),
             () = tokio::time::sleep(delay) => {}
         }
     }

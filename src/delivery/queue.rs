@@ -1,62 +1,72 @@
-//! The bounded FIFO between the engine and one webhook's worker.
+//! The FIFO between the engine and one webhook's worker.
 //!
-//! A tokio bounded channel allocates about 1.3 KiB when it is created, and a worker task waiting
-//! on it about 0.5 KiB more; with one queue per webhook that is 18 MiB for 10,000 mostly idle
+//! A tokio channel allocates about 1.3 KiB when it is created, and a worker task waiting on it
+//! about 0.5 KiB more; with one queue per webhook that is 18 MiB for 10,000 mostly idle
 //! webhooks. This queue allocates nothing until a job arrives, and it tells the producer when a
-//! consumer must be started: a webhook's worker task runs only while its queue holds something.
+//! consumer must be started: a webhook's worker task runs only while its queue holds something
+//! or its backlog in the store holds more.
+//!
+//! With a memory store the queue holds the webhook's whole backlog. With a disk store it holds
+//! only what feeds the worker: producers store deliveries and say so ([`JobQueue::stored`]);
+//! the consumer, finding the queue empty, is told to load the next part of the backlog after
+//! the last sequence number it loaded ([`Next::Load`]).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
-use tokio::sync::Notify;
-
-/// A bounded multi-producer queue drained by at most one consumer at a time, which exists only
-/// while there are items.
+/// A multi-producer queue drained by at most one consumer at a time, which exists only while
+/// there is work.
 pub(crate) struct JobQueue<T> {
     state: Mutex<State<T>>,
-    capacity: usize,
-    /// Wakes a producer waiting for space.
-    space: Notify,
 }
 
 struct State<T> {
     items: VecDeque<T>,
-    /// Places promised to [`Slot`]s and not yet filled.
-    reserved: usize,
     closed: bool,
-    /// A consumer is draining the queue. Whenever `items` is not empty, this is true.
+    /// A consumer is running. Whenever `items` is not empty or `on_disk` is set, this is true.
     consumer: bool,
+    /// The store may hold deliveries after `cursor` that are not in `items`.
+    on_disk: bool,
+    /// The last sequence number loaded from the store.
+    cursor: u64,
 }
 
 /// Whether the producer that queued an item must start the consumer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use]
 pub(crate) enum Queued {
-    /// A consumer is already draining the queue.
+    /// A consumer is already running.
     Running,
     /// No consumer was running: the caller starts one (and is the only one told to).
     StartConsumer,
 }
 
-/// A place in the queue, taken before the job exists; given back when dropped unused.
-pub(crate) struct Slot<T> {
-    queue: Arc<JobQueue<T>>,
-    filled: bool,
+/// What the consumer does next.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Next<T> {
+    /// Handle this item.
+    Item(T),
+    /// Load the backlog after this sequence number, then hand it to [`JobQueue::loaded`].
+    Load {
+        /// The last sequence number loaded so far.
+        after: u64,
+    },
+    /// Nothing more: the consumer is marked as gone and must stop.
+    Stop,
 }
 
 impl<T> JobQueue<T> {
-    /// An empty queue holding at most `capacity` items (at least one).
-    pub(crate) fn new(capacity: usize) -> Arc<Self> {
-        Arc::new(JobQueue {
+    /// An empty queue.
+    pub(crate) fn new() -> Self {
+        JobQueue {
             state: Mutex::new(State {
                 items: VecDeque::new(),
-                reserved: 0,
                 closed: false,
                 consumer: false,
+                on_disk: false,
+                cursor: 0,
             }),
-            capacity: capacity.max(1),
-            space: Notify::new(),
-        })
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State<T>> {
@@ -64,58 +74,62 @@ impl<T> JobQueue<T> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes a place without waiting; `None` when the queue is full or closed.
-    pub(crate) fn try_reserve(self: &Arc<Self>) -> Option<Slot<T>> {
+    /// Appends an item; gives it back when the queue is closed.
+    pub(crate) fn push(&self, item: T) -> Result<Queued, T> {
         let mut state = self.state();
-        if state.closed || state.items.len() + state.reserved >= self.capacity {
+        if state.closed {
+            return Err(item);
+        }
+        state.items.push_back(item);
+        Ok(state.claim_consumer())
+    }
+
+    /// Says that the store holds new deliveries for this queue; `None` when it is closed.
+    pub(crate) fn stored(&self) -> Option<Queued> {
+        let mut state = self.state();
+        if state.closed {
             return None;
         }
-        state.reserved += 1;
-        Some(Slot {
-            queue: self.clone(),
-            filled: false,
-        })
+        state.on_disk = true;
+        Some(state.claim_consumer())
     }
 
-    /// Appends an item, waiting for space; gives the item back when the queue is closed.
-    pub(crate) async fn push(&self, item: T) -> Result<Queued, T> {
-        loop {
-            let space = self.space.notified();
-            {
-                let mut state = self.state();
-                if state.closed {
-                    return Err(item);
-                }
-                if state.items.len() + state.reserved < self.capacity {
-                    return Ok(state.append(item));
-                }
-            }
-            space.await;
-        }
-    }
-
-    /// The consumer's next item; when there is none, the consumer is marked as gone (in the same
-    /// critical section, so no item is left without one) and must stop.
-    pub(crate) fn next_or_stop(&self) -> Option<T> {
+    /// The consumer's next step. When there is nothing, the consumer is marked as gone (in the
+    /// same critical section, so no work is left without one) and must stop.
+    pub(crate) fn next(&self) -> Next<T> {
         let mut state = self.state();
-        let item = state.items.pop_front();
-        if item.is_none() {
-            state.consumer = false;
+        if let Some(item) = state.items.pop_front() {
+            return Next::Item(item);
         }
-        drop(state);
-        if item.is_some() {
-            self.space.notify_one();
+        if state.on_disk && !state.closed {
+            state.on_disk = false;
+            return Next::Load {
+                after: state.cursor,
+            };
         }
-        item
+        state.consumer = false;
+        Next::Stop
+    }
+
+    /// What a [`Next::Load`] found: the items, the sequence number of the last one, and whether
+    /// more may follow (the load was cut at its limit).
+    pub(crate) fn loaded(&self, items: Vec<T>, last: Option<u64>, more: bool) {
+        let mut state = self.state();
+        state.items.extend(items);
+        if let Some(last) = last {
+            state.cursor = state.cursor.max(last);
+        }
+        state.on_disk |= more;
+    }
+
+    /// Asks the consumer to load again (a load that failed).
+    pub(crate) fn reload(&self) {
+        self.state().on_disk = true;
     }
 
     /// The next item if there is one (for draining a closed queue).
     pub(crate) fn try_pop(&self) -> Option<T> {
-        let item = self.state().items.pop_front();
-        if item.is_some() {
-            self.space.notify_one();
-        }
-        item
+        self.state().items.pop_front()
     }
 
     /// Refuses further items. Returns what was queued when no consumer is running (a running one
@@ -123,20 +137,16 @@ impl<T> JobQueue<T> {
     pub(crate) fn close(&self) -> Vec<T> {
         let mut state = self.state();
         state.closed = true;
-        let left = if state.consumer {
+        if state.consumer {
             Vec::new()
         } else {
             state.items.drain(..).collect()
-        };
-        drop(state);
-        self.space.notify_waiters();
-        left
+        }
     }
 }
 
 impl<T> State<T> {
-    fn append(&mut self, item: T) -> Queued {
-        self.items.push_back(item);
+    fn claim_consumer(&mut self) -> Queued {
         if std::mem::replace(&mut self.consumer, true) {
             Queued::Running
         } else {
@@ -145,98 +155,66 @@ impl<T> State<T> {
     }
 }
 
-impl<T> Slot<T> {
-    /// Fills the place; gives the item back when the queue closed in the meantime.
-    pub(crate) fn send(mut self, item: T) -> Result<Queued, T> {
-        self.filled = true;
-        let mut state = self.queue.state();
-        state.reserved -= 1;
-        if state.closed {
-            return Err(item);
-        }
-        Ok(state.append(item))
-    }
-}
-
-impl<T> Drop for Slot<T> {
-    fn drop(&mut self) {
-        if !self.filled {
-            self.queue.state().reserved -= 1;
-            self.queue.space.notify_one();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
-    #[tokio::test]
-    async fn bounded_fifo_with_reservations() {
-        let queue = JobQueue::new(2);
-        let first = queue.try_reserve().expect("room");
-        assert_eq!(queue.push(1).await, Ok(Queued::StartConsumer));
-        assert!(
-            queue.try_reserve().is_none(),
-            "one reserved + one queued = full"
-        );
-        drop(first);
-        let slot = queue.try_reserve().expect("the unused place came back");
-        assert_eq!(slot.send(2), Ok(Queued::Running));
-        assert_eq!(queue.next_or_stop(), Some(1));
-        assert_eq!(queue.next_or_stop(), Some(2));
-        assert_eq!(queue.next_or_stop(), None);
+    #[test]
+    fn fifo_that_asks_for_a_consumer_once() {
+        let queue = JobQueue::new();
+        assert_eq!(queue.push(1), Ok(Queued::StartConsumer));
+        assert_eq!(queue.push(2), Ok(Queued::Running));
+        assert_eq!(queue.next(), Next::Item(1));
+        assert_eq!(queue.next(), Next::Item(2));
+        assert_eq!(queue.next(), Next::Stop);
         assert_eq!(
-            queue.push(3).await,
+            queue.push(3),
             Ok(Queued::StartConsumer),
             "the consumer stopped on the empty queue: the next item starts another"
         );
     }
 
-    #[tokio::test]
-    async fn a_waiting_producer_gets_the_freed_place() {
-        let queue = JobQueue::new(1);
-        assert_eq!(queue.push(1).await, Ok(Queued::StartConsumer));
-        let producer = tokio::spawn({
-            let queue = queue.clone();
-            async move { queue.push(2).await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!producer.is_finished(), "waits while full");
-        assert_eq!(queue.next_or_stop(), Some(1));
-        assert_eq!(
-            producer.await.expect("task"),
-            Ok(Queued::Running),
-            "the consumer has not stopped yet"
-        );
-        assert_eq!(queue.next_or_stop(), Some(2));
+    #[test]
+    fn the_consumer_loads_the_backlog_after_its_cursor() {
+        let queue = JobQueue::new();
+        assert_eq!(queue.stored(), Some(Queued::StartConsumer));
+        assert_eq!(queue.stored(), Some(Queued::Running));
+        assert_eq!(queue.next(), Next::Load { after: 0 });
+        // A load cut at its limit: more to load after the last one.
+        queue.loaded(vec![10, 11], Some(11), true);
+        assert_eq!(queue.next(), Next::Item(10));
+        assert_eq!(queue.next(), Next::Item(11));
+        assert_eq!(queue.next(), Next::Load { after: 11 });
+        // Stored while loading: loaded again even though this load was not cut.
+        assert_eq!(queue.stored(), Some(Queued::Running));
+        queue.loaded(vec![12], Some(12), false);
+        assert_eq!(queue.next(), Next::Item(12));
+        assert_eq!(queue.next(), Next::Load { after: 12 });
+        queue.loaded(Vec::new(), None, false);
+        assert_eq!(queue.next(), Next::Stop);
+        assert_eq!(queue.stored(), Some(Queued::StartConsumer));
     }
 
-    #[tokio::test]
-    async fn closing_wakes_producers_and_leaves_the_queue_to_its_consumer() {
-        let queue = JobQueue::new(1);
-        assert_eq!(queue.push(1).await, Ok(Queued::StartConsumer));
-        assert!(queue.try_reserve().is_none());
-        let producer = tokio::spawn({
-            let queue = queue.clone();
-            async move { queue.push(2).await }
-        });
-        tokio::task::yield_now().await;
+    #[test]
+    fn closing_leaves_the_queue_to_its_consumer() {
+        let queue = JobQueue::new();
+        assert_eq!(queue.push(1), Ok(Queued::StartConsumer));
         assert!(
             queue.close().is_empty(),
             "a consumer is running: it drains the queue"
         );
-        assert_eq!(producer.await.expect("task"), Err(2));
+        assert_eq!(queue.push(2), Err(2));
+        assert_eq!(queue.stored(), None);
         assert_eq!(queue.try_pop(), Some(1));
         assert_eq!(queue.try_pop(), None);
-        assert!(queue.try_reserve().is_none());
     }
 
     #[test]
     fn no_item_is_ever_left_without_a_consumer() {
         // Producers and a consumer that stops whenever it finds the queue empty, from several
         // threads: every item is taken by a consumer some producer was told to start.
-        let queue: Arc<JobQueue<u32>> = JobQueue::new(usize::MAX);
+        let queue: Arc<JobQueue<u32>> = Arc::new(JobQueue::new());
         let taken = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let consumers = std::sync::Mutex::new(Vec::new());
         std::thread::scope(|scope| {
@@ -246,12 +224,11 @@ mod tests {
                 let consumers = &consumers;
                 scope.spawn(move || {
                     for i in 0..2_000u32 {
-                        let slot = queue.try_reserve().expect("unbounded");
-                        if slot.send(p * 10_000 + i) == Ok(Queued::StartConsumer) {
+                        if queue.push(p * 10_000 + i) == Ok(Queued::StartConsumer) {
                             let queue = queue.clone();
                             let taken = taken.clone();
                             let consumer = std::thread::spawn(move || {
-                                while queue.next_or_stop().is_some() {
+                                while let Next::Item(_) = queue.next() {
                                     taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                                 }
                             });

@@ -13,7 +13,9 @@ use hyper::body::Incoming;
 use super::client::{RequestBody, describe_error};
 use super::id::DeliveryId;
 use super::target::{Target, USER_AGENT};
-use crate::alert::{Alert, LabelSet};
+use crate::alert::{Alert, GroupSource, LabelSet};
+use crate::chat::Answer;
+use crate::crd::BodyFormat;
 use crate::render::{self, Content};
 use crate::routing::ObjectKey;
 
@@ -34,6 +36,13 @@ pub struct Delivery {
     /// Alertmanager's URL.
     #[serde(rename = "externalURL")]
     pub external_url: Arc<str>,
+    /// The rest of what Alertmanager said about the group (shared by the batch's deliveries).
+    #[serde(default, skip_serializing_if = "is_unknown_group")]
+    pub source: Arc<GroupSource>,
+}
+
+fn is_unknown_group(source: &Arc<GroupSource>) -> bool {
+    source.is_empty()
 }
 
 impl Delivery {
@@ -51,6 +60,54 @@ impl Delivery {
             alerts,
             group_labels,
             external_url,
+            source: Arc::default(),
+        }
+    }
+
+    /// One delivery carrying the alerts of several to the same webhook (a digest): each alert
+    /// once, in its latest state (the last delivery carrying its fingerprint), in the order
+    /// they were last seen. Group labels, URL and group details are kept where all agree.
+    pub fn merged(parts: &[Arc<Delivery>]) -> Option<Delivery> {
+        let first = parts.first()?;
+        let mut latest: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let all: Vec<&Arc<Alert>> = parts.iter().flat_map(|d| d.alerts.iter()).collect();
+        for (i, alert) in all.iter().enumerate() {
+            latest.insert(alert.fingerprint.as_str(), i);
+        }
+        let alerts = all
+            .iter()
+            .enumerate()
+            .filter(|(i, alert)| latest.get(alert.fingerprint.as_str()) == Some(i))
+            .map(|(_, alert)| Arc::clone(alert))
+            .collect();
+        let agree = |same: &dyn Fn(&Delivery) -> bool| parts.iter().all(|d| same(d));
+        Some(Delivery {
+            id: DeliveryId::new(),
+            webhook: first.webhook.clone(),
+            test: false,
+            alerts,
+            group_labels: if agree(&|d| d.group_labels == first.group_labels) {
+                first.group_labels.clone()
+            } else {
+                Arc::default()
+            },
+            external_url: first.external_url.clone(),
+            source: if agree(&|d| d.source == first.source) {
+                first.source.clone()
+            } else {
+                Arc::default()
+            },
+        })
+    }
+
+    /// The delivery with what Alertmanager said about its group.
+    pub fn from_group(self, source: &Arc<GroupSource>) -> Self {
+        if source.is_empty() {
+            return self;
+        }
+        Delivery {
+            source: source.clone(),
+            ..self
         }
     }
 
@@ -69,25 +126,57 @@ impl Delivery {
         }
     }
 
-    /// The request body for a target, in its language and format.
+    /// The request body for a target, in its language and format (a custom template is
+    /// rendered by [`Delivery::template_body`] instead).
     pub fn body(&self, target: &Target) -> Result<RequestBody, render::RenderError> {
-        let content = Content {
-            webhook: &self.webhook,
-            kind: target.kind,
-            test: self.test,
-            alerts: &self.alerts,
-            group_labels: &self.group_labels,
-            external_url: &self.external_url,
-        };
+        let content = self.content(target);
         if let Some(head) = target.herald_head()
             && let Some(tail) = render::shared_herald_tail(&content, target.language)
         {
             return Ok(RequestBody::pair(head.clone(), tail));
         }
         let notification = render::notification(content, target.language);
-        render::body(&notification, target.format, target.template()).map(RequestBody::from)
+        render::body_for_robot(
+            &notification,
+            target.format,
+            None,
+            target.robot(),
+            k8s_openapi::jiff::Timestamp::now().as_second(),
+        )
+        .map(RequestBody::from)
+    }
+
+    /// What this delivery carries, for a target.
+    fn content<'a>(&'a self, target: &Target) -> Content<'a> {
+        Content {
+            webhook: &self.webhook,
+            kind: target.kind,
+            test: self.test,
+            alerts: &self.alerts,
+            group_labels: &self.group_labels,
+            external_url: &self.external_url,
+            source: &self.source,
+        }
+    }
+
+    /// The request body from a target's custom template, rendered in the template pool
+    /// within the template's limits.
+    pub async fn template_body(
+        &self,
+        target: &Target,
+        template: &Arc<crate::template::SandboxedTemplate>,
+    ) -> Result<RequestBody, render::RenderError> {
+        let content = self.content(target);
+        let context = render::template_context(&render::notification(content, target.language));
+        let body =
+            crate::template::render(template.clone(), &self.webhook.namespace, context).await?;
+        Ok(RequestBody::from(body))
     }
 }
+
+/// The header every request Herald sends carries (the delivery id); Herald's receiver and
+/// admin listener refuse requests that carry it.
+pub const LOOP_HEADER: &str = "herald-delivery";
 
 /// How much of a successful answer's body is read (a longer one closes its connection).
 const SUCCESS_BODY_READ: usize = 64 * 1024;
@@ -215,7 +304,11 @@ pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
 
 /// Sends one attempt of a delivery to a target.
 pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
-    let body = match delivery.body(target) {
+    let rendered = match target.template() {
+        Some(template) => delivery.template_body(target, template).await,
+        None => delivery.body(target),
+    };
+    let body = match rendered {
         Ok(body) => body,
         Err(e) => {
             return AttemptResult::unanswered(AttemptClass::Final, Duration::ZERO, e.to_string());
@@ -235,7 +328,9 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
     }
     // A hyphenated UUID is always a valid header value.
     if let Ok(value) = HeaderValue::from_str(id) {
-        headers.insert(HeaderName::from_static("idempotency-key"), value);
+        headers.insert(HeaderName::from_static("idempotency-key"), value.clone());
+        // Herald's mark: a Herald receiver refuses what a Herald sent (no delivery loops).
+        headers.insert(HeaderName::from_static(LOOP_HEADER), value);
     }
     if let Some(auth) = target.authorization() {
         headers.insert(header::AUTHORIZATION, auth.clone());
@@ -261,7 +356,22 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
     }
     let mut request = Request::new(body);
     *request.method_mut() = Method::POST;
-    *request.uri_mut() = target.uri.clone();
+    *request.uri_mut() = match (&target.robot().secret, target.format) {
+        (Some(secret), BodyFormat::Dingtalk) => {
+            let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+            match crate::chat::dingtalk_signed_uri(&target.uri, secret.expose(), now) {
+                Ok(uri) => uri,
+                Err(e) => {
+                    return AttemptResult::unanswered(
+                        AttemptClass::Final,
+                        Duration::ZERO,
+                        format!("cannot sign the DingTalk URL: {e}"),
+                    );
+                }
+            }
+        }
+        _ => target.uri.clone(),
+    };
     *request.headers_mut() = headers;
 
     let started = Instant::now();
@@ -276,11 +386,13 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
     let response = match answer {
         Some(Ok(response)) => response,
         Some(Err(err)) => {
-            return AttemptResult::unanswered(
-                AttemptClass::Retryable,
-                started.elapsed(),
-                describe_error(&err),
-            );
+            // A destination the policy refuses stays refused: no retries.
+            let class = if super::client::is_policy_refusal(&err) {
+                AttemptClass::Final
+            } else {
+                AttemptClass::Retryable
+            };
+            return AttemptResult::unanswered(class, started.elapsed(), describe_error(&err));
         }
         None => {
             return AttemptResult::unanswered(
@@ -297,6 +409,9 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
         .and_then(parse_retry_after);
     let class = if status.is_success() {
         AttemptClass::Success
+    } else if status == StatusCode::LOOP_DETECTED {
+        // A Herald refusing what a Herald sent: trying again would loop again.
+        AttemptClass::Final
     } else if status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
         || status.is_server_error()
@@ -306,24 +421,49 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
         AttemptClass::Final
     };
     let latency = started.elapsed();
-    let error = if class == AttemptClass::Success {
+    let chat = crate::chat::default_pace(target.format).is_some();
+    let error = if class == AttemptClass::Success && !chat {
         // Read a short answer to its end so that the connection can be used again.
         read_prefix(response.into_body(), SUCCESS_BODY_READ, deadline.as_mut()).await;
         None
     } else {
         // A little of an error body helps users; more could be anything, even an echo of
-        // our own credentials, so read at most 1 KiB and mask secret values.
-        let bytes = read_prefix(response.into_body(), ERROR_BODY_READ, deadline.as_mut()).await;
-        let snippet: String = target
-            .redact(&String::from_utf8_lossy(&bytes))
-            .chars()
-            .take(200)
-            .collect();
-        Some(if snippet.trim().is_empty() {
-            format!("HTTP {}", status.as_u16())
+        // our own credentials, so read at most 1 KiB and mask secret values. A chat robot's
+        // answer is read whole (it says whether the message was taken).
+        let limit = if class == AttemptClass::Success {
+            SUCCESS_BODY_READ
         } else {
-            format!("HTTP {}: {}", status.as_u16(), snippet.trim())
-        })
+            ERROR_BODY_READ
+        };
+        let bytes = read_prefix(response.into_body(), limit, deadline.as_mut()).await;
+        if let Some(answer) = crate::chat::read_answer(target.format, status.as_u16(), &bytes) {
+            let (answer_class, error, wait) = match answer {
+                Answer::Taken => (AttemptClass::Success, None, None),
+                Answer::RateLimited { wait, reason } => {
+                    (AttemptClass::Retryable, Some(reason), Some(wait))
+                }
+                Answer::Busy(reason) => (AttemptClass::Retryable, Some(reason), None),
+                Answer::Refused(reason) => (AttemptClass::Final, Some(reason), None),
+            };
+            return AttemptResult {
+                class: answer_class,
+                status: Some(status.as_u16()),
+                latency,
+                error: error.map(|e| target.answer_excerpt(e.as_bytes())),
+                // The endpoint's own Retry-After comes first.
+                retry_after: retry_after.or(wait),
+            };
+        }
+        if class == AttemptClass::Success {
+            None
+        } else {
+            let snippet = target.answer_excerpt(&bytes);
+            Some(if snippet.is_empty() {
+                format!("HTTP {}", status.as_u16())
+            } else {
+                format!("HTTP {}: {snippet}", status.as_u16())
+            })
+        }
     };
     AttemptResult {
         class,

@@ -178,6 +178,12 @@ impl Alertmanager {
     /// Starts Alertmanager with the receiver `webhook_url` (e.g. Herald's
     /// `http://127.0.0.1:PORT/api/v1/alerts`) and waits for `/-/ready`.
     pub async fn start(webhook_url: &str) -> Alertmanager {
+        Alertmanager::start_with(webhook_url, "").await
+    }
+
+    /// [`Alertmanager::start`] with more settings for the webhook config (each line indented
+    /// by eight spaces, e.g. `        max_alerts: 1`).
+    pub async fn start_with(webhook_url: &str, webhook_settings: &str) -> Alertmanager {
         let binary = find_binary("prometheus-alertmanager", "prometheus-alertmanager");
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("alertmanager.yml");
@@ -197,6 +203,7 @@ receivers:
     webhook_configs:
       - url: '{webhook_url}'
         send_resolved: true
+{webhook_settings}
 "#
             ),
         )

@@ -68,7 +68,8 @@ pub fn core() -> (Herald, Arc<Reports>) {
             retry: fast_retry(),
             ..EngineConfig::default()
         },
-    );
+    )
+    .with_policy(herald::delivery::TargetPolicy::allowing_loopback());
     let reports = Arc::new(Reports::default());
     herald.engine().observe(reports.clone());
     (herald, reports)
@@ -140,4 +141,28 @@ pub async fn serve_receiver(
         std::future::pending(),
     ));
     addr
+}
+
+/// Posts a JSON body to a receiver; returns the status and the parsed JSON reply (Null when
+/// not JSON).
+pub async fn post_json(
+    addr: SocketAddr,
+    path: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .expect("client")
+        .post(format!("http://{addr}{path}"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
 }

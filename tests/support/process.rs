@@ -133,6 +133,11 @@ impl Running {
         let _ = self.child.wait();
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The admin listener's base URL.
     pub fn admin_url(&self) -> String {
         format!("http://{}", self.admin)

@@ -104,6 +104,8 @@ pub struct Reply {
     status: u16,
     headers: Vec<(String, String)>,
     body: serde_json::Value,
+    /// A plain-text body instead of the JSON one.
+    text: Option<String>,
     delay: Option<Duration>,
 }
 
@@ -120,6 +122,7 @@ impl Reply {
             status: code,
             headers: Vec::new(),
             body: serde_json::json!({}),
+            text: None,
             delay: None,
         }
     }
@@ -148,12 +151,27 @@ impl Reply {
         self
     }
 
+    /// Use this plain text as the response body (as Slack answers).
+    pub fn text(mut self, text: &str) -> Self {
+        self.text = Some(text.to_owned());
+        self
+    }
+
     fn into_response(self) -> Response {
-        let mut resp = Response::new(Body::from(self.body.to_string()));
+        let plain = self.text.is_some();
+        let mut resp = Response::new(Body::from(
+            self.text.unwrap_or_else(|| self.body.to_string()),
+        ));
         *resp.status_mut() = StatusCode::from_u16(self.status)
             .unwrap_or_else(|e| panic!("sink: invalid status {}: {e}", self.status));
-        resp.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(if plain {
+                "text/plain"
+            } else {
+                "application/json"
+            }),
+        );
         for (name, value) in self.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .unwrap_or_else(|e| panic!("sink: invalid header name {name:?}: {e}"));

@@ -8,14 +8,15 @@ use std::sync::{Arc, Mutex};
 
 use foldhash::HashMap;
 use k8s_openapi::jiff::Timestamp;
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 
 use crate::delivery::{Delivery, DeliveryId, ReportOutcome};
 use crate::routing::ObjectKey;
 
-const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending");
-const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+mod disk;
+
+use disk::{DiskStore, RECORDS};
 
 /// What went wrong with the store.
 #[derive(Debug, thiserror::Error)]
@@ -133,73 +134,9 @@ pub struct RecordFilter {
     pub limit: usize,
 }
 
-/// A disk store's record ids per webhook, kept in memory to prune without reading the disk.
-#[derive(Default)]
-struct Index {
-    /// Record ids per webhook, sorted (so oldest first): `[kept, dead letters]`. Sorted deques
-    /// rather than trees: new ids go at the end, and a few ids cost a few bytes, not a node.
-    by_webhook: HashMap<ObjectKey, [VecDeque<DeliveryId>; 2]>,
-}
-
 /// The slot of a record's class in [`Index::by_webhook`].
 fn class(record: &DeliveryRecord) -> usize {
     usize::from(record.outcome != ReportOutcome::Succeeded)
-}
-
-impl Index {
-    fn add(&mut self, record: &DeliveryRecord) {
-        let ids = match self.by_webhook.get_mut(&record.webhook) {
-            Some(ids) => ids,
-            None => self.by_webhook.entry(record.webhook.clone()).or_default(),
-        };
-        let ids = &mut ids[class(record)];
-        // A webhook's deliveries finish in the order they were accepted: nearly every id is
-        // the newest of its webhook and goes at the end without a search.
-        if ids.back().is_none_or(|last| *last < record.id) {
-            ids.push_back(record.id);
-            return;
-        }
-        let at = ids.partition_point(|id| *id < record.id);
-        if ids.get(at) != Some(&record.id) {
-            ids.insert(at, record.id);
-        }
-    }
-
-    fn remove(&mut self, record: &DeliveryRecord) {
-        if let Some(ids) = self.by_webhook.get_mut(&record.webhook) {
-            let class_ids = &mut ids[class(record)];
-            if let Ok(at) = class_ids.binary_search(&record.id) {
-                class_ids.remove(at);
-            }
-            if ids.iter().all(VecDeque::is_empty) {
-                self.by_webhook.remove(&record.webhook);
-            }
-        }
-    }
-
-    /// Removes the ids beyond the limit for this record's webhook and class, oldest first, and
-    /// hands each to `forget`.
-    fn prune(
-        &mut self,
-        record: &DeliveryRecord,
-        limits: &RecordLimits,
-        mut forget: impl FnMut(DeliveryId),
-    ) {
-        let class = class(record);
-        let limit = limits.per_class(class);
-        let Some(ids) = self.by_webhook.get_mut(&record.webhook) else {
-            return;
-        };
-        let ids = &mut ids[class];
-        let excess = ids.len().saturating_sub(limit);
-        if excess == 0 {
-            return;
-        }
-        ids.drain(..excess).for_each(&mut forget);
-        if ids.capacity() > 2 * ids.len().max(4) {
-            ids.shrink_to_fit();
-        }
-    }
 }
 
 /// A record as a memory store holds it: in its webhook's ring, so without the webhook's key
@@ -375,26 +312,29 @@ fn find(
 
 enum Backend {
     /// Records only: a memory store is empty at every start, so there is never anything
-    /// pending to resume and no list of pending deliveries to keep.
-    Memory(MemoryRecords),
-    Disk {
-        database: redb::Database,
-        /// The records' ids per webhook, to prune without reading them back.
-        index: Index,
-    },
+    /// pending to resume, and its backlog lives in the engine's queues.
+    Memory(Mutex<MemoryRecords>),
+    /// Backlog and records in redb, written in group commits.
+    Disk(DiskStore),
 }
 
 /// The delivery store.
+///
+/// What a store must do, whatever keeps it: [`Store::append`] keeps accepted deliveries and
+/// returns once they survive a crash, with a sequence number per delivery that orders its
+/// webhook's backlog; [`Store::load`] reads a webhook's backlog after a sequence number;
+/// [`Store::finish`] removes a delivery from the backlog and records it (without waiting: a
+/// crash before it is written means the delivery is sent again, with the same Idempotency-Key);
+/// [`Store::backlog`] counts each webhook's backlog at start.
 pub struct Store {
-    backend: Mutex<Backend>,
+    backend: Backend,
     limits: RecordLimits,
-    durable: bool,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("durable", &self.durable)
+            .field("durable", &self.is_durable())
             .finish()
     }
 }
@@ -415,46 +355,22 @@ impl Store {
     /// A store in memory: lost on exit.
     pub fn memory(limits: RecordLimits) -> Self {
         Store {
-            backend: Mutex::new(Backend::Memory(MemoryRecords::default())),
+            backend: Backend::Memory(Mutex::new(MemoryRecords::default())),
             limits,
-            durable: false,
         }
     }
 
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path, limits: RecordLimits) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Database(format!("creating {}: {e}", dir.display())))?;
-        let database = redb::Database::create(dir.join("herald.redb")).map_err(db)?;
-        let txn = database.begin_write().map_err(db)?;
-        {
-            txn.open_table(PENDING).map_err(db)?;
-            txn.open_table(RECORDS).map_err(db)?;
-        }
-        txn.commit().map_err(db)?;
-        let store = Store {
-            backend: Mutex::new(Backend::Disk {
-                database,
-                index: Index::default(),
-            }),
+        Ok(Store {
+            backend: Backend::Disk(DiskStore::open(dir, limits)?),
             limits,
-            durable: true,
-        };
-        let records = store.records(&RecordFilter {
-            limit: usize::MAX,
-            ..RecordFilter::default()
-        })?;
-        if let Backend::Disk { index, .. } = &mut *store.backend() {
-            for record in records.iter().rev() {
-                index.add(record);
-            }
-        }
-        Ok(store)
+        })
     }
 
     /// Whether accepted deliveries survive a restart.
     pub fn is_durable(&self) -> bool {
-        self.durable
+        matches!(self.backend, Backend::Disk(_))
     }
 
     /// Whether a record with this outcome keeps the delivery's content: dead letters always (so
@@ -468,98 +384,81 @@ impl Store {
         self.limits
     }
 
-    fn backend(&self) -> std::sync::MutexGuard<'_, Backend> {
-        self.backend.lock().unwrap_or_else(|e| e.into_inner())
+    fn memory_records(records: &Mutex<MemoryRecords>) -> std::sync::MutexGuard<'_, MemoryRecords> {
+        records.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores accepted deliveries for the next start; on disk this returns only once they are
-    /// durable. A memory store has no next start and keeps nothing here.
-    pub fn add_pending<'d>(
+    /// Keeps accepted deliveries in the backlog and returns, once they would survive a crash,
+    /// their sequence numbers (increasing in the order they were stored). Concurrent calls share
+    /// one write. A memory store keeps nothing here (the engine's queues hold its backlog) and
+    /// numbers nothing.
+    pub async fn append(&self, deliveries: &[Arc<Delivery>]) -> Result<Vec<u64>, StoreError> {
+        match &self.backend {
+            Backend::Memory(_) => Ok(vec![0; deliveries.len()]),
+            Backend::Disk(disk) => disk.append(deliveries).await,
+        }
+    }
+
+    /// Up to `limit` deliveries of a webhook's backlog with a sequence number above `after`,
+    /// in order (always none for a memory store).
+    pub fn load(
         &self,
-        deliveries: impl IntoIterator<Item = &'d Arc<Delivery>>,
-    ) -> Result<(), StoreError> {
-        match &mut *self.backend() {
-            Backend::Memory(_) => Ok(()),
-            Backend::Disk { database, .. } => {
-                let txn = database.begin_write().map_err(db)?;
-                {
-                    let mut table = txn.open_table(PENDING).map_err(db)?;
-                    for d in deliveries {
-                        let mut key = [0u8; uuid::fmt::Hyphenated::LENGTH];
-                        table
-                            .insert(d.id.encode(&mut key), encode(d).as_slice())
-                            .map_err(db)?;
-                    }
-                }
-                txn.commit().map_err(db)
-            }
-        }
-    }
-
-    /// Every delivery accepted and not finished at the last stop, oldest first (to resume them;
-    /// always empty for a memory store).
-    pub fn pending(&self) -> Result<Vec<Arc<Delivery>>, StoreError> {
-        match &*self.backend() {
+        webhook: &ObjectKey,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Arc<Delivery>)>, StoreError> {
+        match &self.backend {
             Backend::Memory(_) => Ok(Vec::new()),
-            Backend::Disk { database, .. } => {
-                let txn = database.begin_read().map_err(db)?;
-                let table = txn.open_table(PENDING).map_err(db)?;
-                let mut out = Vec::new();
-                for entry in table.iter().map_err(db)? {
-                    let (key, value) = entry.map_err(db)?;
-                    out.push(Arc::new(decode(key.value(), value.value())?));
-                }
-                Ok(out)
-            }
+            Backend::Disk(disk) => disk.load(webhook, after, limit),
         }
     }
 
-    /// Finishes a delivery: no longer pending, recorded, older records past the limits pruned.
-    /// Written without waiting for the disk: after a crash a finished delivery may be sent
-    /// again (with the same Idempotency-Key), never lost.
-    pub fn finish(&self, mut record: DeliveryRecord) -> Result<(), StoreError> {
+    /// How many deliveries each webhook has in the backlog (at start, to resume them; always
+    /// none for a memory store).
+    pub fn backlog(&self) -> Result<Vec<(ObjectKey, usize)>, StoreError> {
+        match &self.backend {
+            Backend::Memory(_) => Ok(Vec::new()),
+            Backend::Disk(disk) => disk.backlog(),
+        }
+    }
+
+    /// Finishes a delivery: out of the backlog (its row `seq`, when it has one), recorded, older
+    /// records past the limits pruned. A disk store writes it with the next batch without
+    /// waiting for the disk: after a crash a finished delivery may be sent again (with the same
+    /// Idempotency-Key), never lost.
+    pub fn finish(&self, seq: Option<u64>, mut record: DeliveryRecord) -> Result<(), StoreError> {
         if !self.keeps_content(record.outcome) {
             record.delivery = None;
         }
-        match &mut *self.backend() {
-            Backend::Memory(records) => records.insert(record, &self.limits),
-            Backend::Disk { database, index } => {
-                index.add(&record);
-                let mut prune = Vec::new();
-                index.prune(&record, &self.limits, |id| prune.push(id));
-                let mut evicted = Vec::new();
-                let mut txn = database.begin_write().map_err(db)?;
-                txn.set_durability(redb::Durability::None).map_err(db)?;
-                {
-                    let mut pending = txn.open_table(PENDING).map_err(db)?;
-                    let mut key = [0u8; uuid::fmt::Hyphenated::LENGTH];
-                    pending.remove(record.id.encode(&mut key)).map_err(db)?;
-                    let mut records = txn.open_table(RECORDS).map_err(db)?;
-                    for id in &prune {
-                        records.remove(id.encode(&mut key)).map_err(db)?;
-                    }
-                    records
-                        .insert(record.id.encode(&mut key), encode(&record).as_slice())
-                        .map_err(db)?;
-                    let total = u64::try_from(self.limits.total.max(1)).unwrap_or(u64::MAX);
-                    while records.len().map_err(db)? > total {
-                        let Some((key, value)) = records.pop_first().map_err(db)? else {
-                            break;
-                        };
-                        // An undecodable record is gone either way; its index entry goes with
-                        // the next prune of its webhook.
-                        if let Ok(old) = decode::<DeliveryRecord>(key.value(), value.value()) {
-                            evicted.push(old);
-                        }
-                    }
-                }
-                txn.commit().map_err(db)?;
-                for old in &evicted {
-                    index.remove(old);
-                }
+        match &self.backend {
+            Backend::Memory(records) => {
+                Self::memory_records(records).insert(record, &self.limits);
+                Ok(())
             }
+            Backend::Disk(disk) => disk.finish(seq, record),
         }
-        Ok(())
+    }
+
+    /// Makes every write so far durable (at shutdown).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Memory(_) => Ok(()),
+            Backend::Disk(disk) => disk
+                .flush()
+                .await
+                .map_err(|_| StoreError::Database("the store writer has stopped".into()))?,
+        }
+    }
+
+    /// Waits for every write so far, from outside the async runtime.
+    #[cfg(test)]
+    fn flush_blocking(&self) {
+        if let Backend::Disk(disk) = &self.backend {
+            disk.flush()
+                .blocking_recv()
+                .expect("writer answers")
+                .expect("flushed");
+        }
     }
 
     /// One record by id.
@@ -568,10 +467,10 @@ impl Store {
         let Ok(parsed) = id.parse::<DeliveryId>() else {
             return Ok(None);
         };
-        match &*self.backend() {
-            Backend::Memory(records) => Ok(records.get(parsed)),
-            Backend::Disk { database, .. } => {
-                let txn = database.begin_read().map_err(db)?;
+        match &self.backend {
+            Backend::Memory(records) => Ok(Self::memory_records(records).get(parsed)),
+            Backend::Disk(disk) => {
+                let txn = disk.database().begin_read().map_err(db)?;
                 let table = txn.open_table(RECORDS).map_err(db)?;
                 match table.get(id).map_err(db)? {
                     Some(value) => Ok(Some(decode(id, value.value())?)),
@@ -592,8 +491,9 @@ impl Store {
         } else {
             filter.limit
         };
-        match &*self.backend() {
+        match &self.backend {
             Backend::Memory(records) => {
+                let records = Self::memory_records(records);
                 let mut matching: Vec<(&ObjectKey, &StoredRecord)> = records
                     .iter(filter.webhook.as_ref())
                     .filter(|(_, r)| filter.outcome.is_none_or(|o| r.outcome == o))
@@ -605,8 +505,8 @@ impl Store {
                     .map(|(webhook, r)| r.to_record(webhook))
                     .collect())
             }
-            Backend::Disk { database, .. } => {
-                let txn = database.begin_read().map_err(db)?;
+            Backend::Disk(disk) => {
+                let txn = disk.database().begin_read().map_err(db)?;
                 let table = txn.open_table(RECORDS).map_err(db)?;
                 let mut out = Vec::new();
                 for entry in table.iter().map_err(db)?.rev() {
@@ -627,8 +527,8 @@ impl Store {
     /// Forgets the record index entry of a record that is being replaced (replay). A memory
     /// store replaces the record when the replay finishes.
     pub(crate) fn unindex(&self, record: &DeliveryRecord) {
-        if let Backend::Disk { index, .. } = &mut *self.backend() {
-            index.remove(record);
+        if let Backend::Disk(disk) = &self.backend {
+            disk.unindex(record);
         }
     }
 
@@ -636,9 +536,10 @@ impl Store {
     /// disk store.
     #[cfg(test)]
     fn indexed(&self) -> usize {
-        match &*self.backend() {
-            Backend::Memory(records) => records.iter(None).count(),
-            Backend::Disk { index, .. } => index.by_webhook.values().flatten().flatten().count(),
+        self.flush_blocking();
+        match &self.backend {
+            Backend::Memory(records) => Self::memory_records(records).iter(None).count(),
+            Backend::Disk(disk) => disk.indexed(),
         }
     }
 }
@@ -672,20 +573,44 @@ mod tests {
         }
     }
 
+    /// Appends deliveries from outside the runtime.
+    fn append(store: &Store, deliveries: &[Arc<Delivery>]) -> Vec<u64> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(store.append(deliveries))
+            .expect("append")
+    }
+
+    fn backlog_len(store: &Store, webhook: &str) -> usize {
+        store
+            .load(&webhook.parse().expect("key"), 0, usize::MAX)
+            .expect("load")
+            .len()
+    }
+
     fn exercise(store: &Store) {
         let a = delivery("ns/a");
         let b = delivery("ns/a");
-        store.add_pending(&[a.clone(), b.clone()]).expect("add");
-        // Only a durable store has a next start to resume them at.
+        let seqs = append(store, &[a.clone(), b.clone()]);
+        // Only a durable store keeps a backlog (a memory store's is in the engine's queues).
         let expected = if store.is_durable() { 2 } else { 0 };
-        assert_eq!(store.pending().expect("pending").len(), expected);
+        assert_eq!(backlog_len(store, "ns/a"), expected);
+        if store.is_durable() {
+            assert!(seqs[0] < seqs[1], "numbered in order");
+            let rest = store
+                .load(&"ns/a".parse().expect("key"), seqs[0], 10)
+                .expect("load");
+            assert_eq!(rest, vec![(seqs[1], b.clone())], "after a cursor");
+        }
         store
-            .finish(record(&a, ReportOutcome::Succeeded))
+            .finish(Some(seqs[0]), record(&a, ReportOutcome::Succeeded))
             .expect("finish");
         store
-            .finish(record(&b, ReportOutcome::Failed))
+            .finish(Some(seqs[1]), record(&b, ReportOutcome::Failed))
             .expect("finish");
-        assert!(store.pending().expect("pending").is_empty());
+        store.flush_blocking();
+        assert_eq!(backlog_len(store, "ns/a"), 0);
         let ok = store
             .record(&a.id.to_string())
             .expect("read")
@@ -713,9 +638,10 @@ mod tests {
         for _ in 0..5 {
             let d = delivery("ns/a");
             store
-                .finish(record(&d, ReportOutcome::Succeeded))
+                .finish(None, record(&d, ReportOutcome::Succeeded))
                 .expect("finish");
         }
+        store.flush_blocking();
         let kept = store
             .records(&RecordFilter {
                 webhook: Some("ns/a".parse().expect("key")),
@@ -751,9 +677,10 @@ mod tests {
             } else {
                 ReportOutcome::Succeeded
             };
-            store.finish(record(&d, outcome)).expect("finish");
+            store.finish(None, record(&d, outcome)).expect("finish");
             finished.push(d.id);
         }
+        store.flush_blocking();
         let all = store
             .records(&RecordFilter {
                 limit: 0,
@@ -773,19 +700,21 @@ mod tests {
         let d = delivery("ns/a");
         let newer = delivery("ns/a");
         store
-            .finish(record(&d, ReportOutcome::Failed))
+            .finish(None, record(&d, ReportOutcome::Failed))
             .expect("finish");
         store
-            .finish(record(&newer, ReportOutcome::Succeeded))
+            .finish(None, record(&newer, ReportOutcome::Succeeded))
             .expect("finish");
+        store.flush_blocking();
         let old = store
             .record(&d.id.to_string())
             .expect("read")
             .expect("kept");
         store.unindex(&old);
         store
-            .finish(record(&d, ReportOutcome::Succeeded))
+            .finish(None, record(&d, ReportOutcome::Succeeded))
             .expect("finish again");
+        store.flush_blocking();
         let all = store.records(&RecordFilter::default()).expect("list");
         let ids: Vec<DeliveryId> = all.iter().map(|r| r.id).collect();
         assert_eq!(ids, vec![newer.id, d.id], "one record per id, newest first");
@@ -806,13 +735,14 @@ mod tests {
         for _ in 0..5_000 {
             let d = delivery("ns/a");
             store
-                .finish(record(&d, ReportOutcome::Succeeded))
+                .finish(None, record(&d, ReportOutcome::Succeeded))
                 .expect("finish");
         }
         assert_eq!(store.indexed(), 2);
-        let Backend::Memory(records) = &*store.backend() else {
+        let Backend::Memory(records) = &store.backend else {
             panic!("a memory store");
         };
+        let records = Store::memory_records(records);
         assert_eq!(records.len, 2);
         assert!(
             records.order.len() <= 2 * records.len + 1024,
@@ -843,17 +773,43 @@ mod tests {
     }
 
     #[test]
+    fn sequence_numbers_are_never_handed_out_twice_across_reopens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), limits()).expect("open");
+        // The newest row belongs to the webhook that sorts first, and is finished.
+        let a = delivery("ns/a");
+        let seqs = append(&store, &[delivery("ns/z"), a.clone()]);
+        store
+            .finish(Some(seqs[1]), record(&a, ReportOutcome::Succeeded))
+            .expect("finish");
+        store.flush_blocking();
+        drop(store);
+        let reopened = Store::open(dir.path(), limits()).expect("reopen");
+        let later = append(&reopened, &[delivery("ns/a")]);
+        assert!(later[0] > seqs[1], "{later:?} after {seqs:?}");
+    }
+
+    #[test]
     fn disk_store_keeps_pending_and_records_across_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path(), limits()).expect("open");
         exercise(&store);
         let pending = delivery("ns/b");
-        store
-            .add_pending(std::slice::from_ref(&pending))
-            .expect("add");
+        let seqs = append(&store, std::slice::from_ref(&pending));
         drop(store);
         let reopened = Store::open(dir.path(), limits()).expect("reopen");
-        assert_eq!(reopened.pending().expect("pending"), vec![pending]);
+        assert_eq!(
+            reopened
+                .load(&"ns/b".parse().expect("key"), 0, 10)
+                .expect("load"),
+            vec![(seqs[0], pending)]
+        );
+        assert_eq!(
+            reopened.backlog().expect("backlog"),
+            vec![("ns/b".parse().expect("key"), 1)]
+        );
+        let later = append(&reopened, &[delivery("ns/b")]);
+        assert!(later[0] > seqs[0], "numbering goes on after a reopen");
         assert_eq!(
             reopened
                 .records(&RecordFilter::default())
