@@ -48,6 +48,33 @@ fn pod_ip(pod: &Value) -> String {
     pod["status"]["podIP"].as_str().expect("pod IP").to_owned()
 }
 
+/// A pod's uid: a StatefulSet's replacement pod has the same name and a new uid.
+fn pod_uid(pod: &Value) -> String {
+    pod["metadata"]["uid"].as_str().expect("pod uid").to_owned()
+}
+
+/// The pod named `name` among `pods`.
+fn pod_named<'a>(pods: &'a [Value], name: &str) -> &'a Value {
+    pods.iter()
+        .find(|p| p["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no pod {name}"))
+}
+
+/// The receiver's bearer token: key `token` of Secret `secret` (decoded by kubectl).
+fn receiver_token(cluster: &Cluster, namespace: &str, secret: &str) -> String {
+    let token = cluster.kubectl(&[
+        "get",
+        "secret",
+        "-n",
+        namespace,
+        secret,
+        "-o",
+        "go-template={{.data.token | base64decode}}",
+    ]);
+    assert!(!token.is_empty(), "Secret {secret} has no token");
+    token
+}
+
 /// Waits (bounded) until `check` returns `Some`, polling every 500 ms.
 fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -60,9 +87,10 @@ fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Optio
     }
 }
 
-/// Posts an Alertmanager webhook payload with one firing alert per name to a pod's receiver;
-/// returns the number of alerts it accepted (asserting the 200).
-async fn post_alerts(pod_ip: &str, names: &[String]) -> u64 {
+/// Posts an Alertmanager webhook payload with one firing alert per name to a pod's receiver,
+/// with the receiver's bearer `token`; returns the number of alerts it accepted (asserting the
+/// 200).
+async fn post_alerts(pod_ip: &str, token: &str, names: &[String]) -> u64 {
     let alerts: Vec<Value> = names
         .iter()
         .map(|name| {
@@ -81,6 +109,7 @@ async fn post_alerts(pod_ip: &str, names: &[String]) -> u64 {
     });
     let response = reqwest::Client::new()
         .post(format!("http://{pod_ip}:8080/api/v1/alerts"))
+        .bearer_auth(token)
         .json(&payload)
         .timeout(Duration::from_secs(20))
         .send()
@@ -92,12 +121,16 @@ async fn post_alerts(pod_ip: &str, names: &[String]) -> u64 {
     body["accepted"].as_u64().expect("accepted count")
 }
 
-/// A Secret and a Webhook in `namespace` delivering every alert to `sink` with `auth`.
+/// A Secret (labelled for Herald's use, which `--require-secret-consent` wants) and a Webhook
+/// in `namespace` delivering every alert to `sink` with `auth`.
 fn webhook_manifest(namespace: &str, sink: &Sink, auth: Value, secret: Value) -> String {
     [
         json!({
             "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "sink-auth", "namespace": namespace},
+            "metadata": {
+                "name": "sink-auth", "namespace": namespace,
+                "labels": {"herald.dev/use": "true"},
+            },
             "stringData": secret,
         }),
         json!({
@@ -163,9 +196,9 @@ fn assert_runs_confined(cluster: &Cluster, namespace: &str, pod: &str) {
 }
 
 /// The Lease's holder, once it names one of `pods`.
-fn leader(cluster: &Cluster, namespace: &str, pods: &[String]) -> String {
+fn leader(cluster: &Cluster, namespace: &str, lease: &str, pods: &[String]) -> String {
     eventually("a Lease naming a pod", WAIT, || {
-        let lease = cluster.get_json(&["lease", "-n", namespace, "herald-leader"]);
+        let lease = cluster.get_json(&["lease", "-n", namespace, lease]);
         lease["spec"]["holderIdentity"]
             .as_str()
             .filter(|holder| pods.iter().any(|p| p == holder))
@@ -194,7 +227,7 @@ fn wait_webhook_ready(cluster: &Cluster, namespace: &str) {
 }
 
 #[test]
-fn the_image_runs_under_podman_as_the_deployment_runs_it() {
+fn the_image_runs_under_podman_as_the_statefulset_runs_it() {
     let _serial = serial();
     let cluster = node::shared();
     let podman = |args: &[&str]| {
@@ -211,7 +244,7 @@ fn the_image_runs_under_podman_as_the_deployment_runs_it() {
             .output()
             .expect("running podman")
     };
-    // The Deployment's security context: uid 65532, a read-only root, no capabilities.
+    // The StatefulSet's security context: uid 65532, a read-only root, no capabilities.
     let out = podman(&[
         "run",
         "--rm",
@@ -266,6 +299,25 @@ fn the_image_runs_under_podman_as_the_deployment_runs_it() {
     );
 }
 
+/// Waits until every alertname of `expected` has arrived in requests recorded from `since` on
+/// (the sink answering 200); returns those requests.
+fn wait_delivered_since(
+    sink: &Sink,
+    since: Instant,
+    expected: &BTreeSet<String>,
+) -> Vec<sink::Received> {
+    eventually("every accepted alert delivered", WAIT, || {
+        let answered_200: Vec<sink::Received> = sink
+            .received()
+            .into_iter()
+            .filter(|r| r.at >= since)
+            .collect();
+        alertnames(&answered_200)
+            .is_superset(expected)
+            .then_some(answered_200)
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[allow(clippy::await_holding_lock)]
 async fn kubectl_apply_k_deploy_runs_ready_confined_pods_that_elect_a_leader_and_deliver() {
@@ -273,7 +325,22 @@ async fn kubectl_apply_k_deploy_runs_ready_confined_pods_that_elect_a_leader_and
     let cluster = node::shared();
     let namespace = "herald";
     let selector = "app.kubernetes.io/name=herald";
+    // The StatefulSet's claims (data-herald-0, data-herald-1) find a volume each.
+    for replica in 0..2 {
+        cluster.volume_for_claim(namespace, &format!("data-herald-{replica}"), "1Gi");
+    }
+    // As the README installs it: the manifests, then the receiver's token Secret.
     cluster.kubectl(&["apply", "--server-side", "-k", "deploy/"]);
+    let token = "pod-test-receiver-token";
+    cluster.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "herald-receiver-token",
+        "-n",
+        namespace,
+        &format!("--from-literal=token={token}"),
+    ]);
 
     let pods = cluster.wait_ready_pods(namespace, selector, 2, POD_WAIT);
     let names: Vec<String> = pods.iter().map(pod_name).collect();
@@ -281,7 +348,7 @@ async fn kubectl_apply_k_deploy_runs_ready_confined_pods_that_elect_a_leader_and
         assert_runs_confined(cluster, namespace, name);
     }
     // The Lease is written through the API server with the pod's ServiceAccount token.
-    let holder = leader(cluster, namespace, &names);
+    let holder = leader(cluster, namespace, "herald-leader", &names);
     // The node has an address the API server reaches: `kubectl logs` works (JSON lines).
     let logs = cluster.kubectl(&["logs", "-n", namespace, &holder]);
     assert!(
@@ -301,7 +368,7 @@ async fn kubectl_apply_k_deploy_runs_ready_confined_pods_that_elect_a_leader_and
 
     // Each replica receives and delivers on its own.
     for (i, pod) in pods.iter().enumerate() {
-        let accepted = post_alerts(&pod_ip(pod), &[format!("FromPod{i}")]).await;
+        let accepted = post_alerts(&pod_ip(pod), token, &[format!("FromPod{i}")]).await;
         assert_eq!(accepted, 1);
     }
     let received = sink.wait_for(2, WAIT).await;
@@ -317,6 +384,37 @@ async fn kubectl_apply_k_deploy_runs_ready_confined_pods_that_elect_a_leader_and
     );
     eprintln!("leader: {holder}; deliveries: {}", received.len());
 
+    // A replica's backlog survives the deletion of its pod: the sink fails, herald-0 accepts
+    // an alert, the pod is deleted (its grace period as deploy/ sets it), and the new herald-0
+    // (same claim) delivers it once the sink recovers.
+    sink.respond_with(vec![Reply::status(503)]);
+    let herald_0 = pod_named(&pods, "herald-0");
+    let kept = BTreeSet::from(["KeptThroughDeletion".to_owned()]);
+    let names_kept: Vec<String> = kept.iter().cloned().collect();
+    assert_eq!(post_alerts(&pod_ip(herald_0), token, &names_kept).await, 1);
+    sink.wait_for(received.len() + 1, WAIT).await;
+    cluster.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        namespace,
+        "herald-0",
+        "--timeout=120s",
+    ]);
+    let pods_after = cluster.wait_ready_pods(namespace, selector, 2, POD_WAIT);
+    assert_ne!(
+        pod_uid(pod_named(&pods_after, "herald-0")),
+        pod_uid(herald_0),
+        "herald-0 was not replaced"
+    );
+    let recovered_at = Instant::now();
+    sink.respond_with(vec![Reply::status(200)]);
+    let delivered = wait_delivered_since(&sink, recovered_at, &kept);
+    eprintln!(
+        "herald-0 replaced; {} requests answered 200 after the sink recovered",
+        delivered.len()
+    );
+
     cluster.kubectl(&["delete", "namespace", namespace, "--timeout=120s"]);
 }
 
@@ -327,28 +425,19 @@ async fn helm_release_keeps_every_accepted_delivery_through_pod_deletion_restart
     let cluster = node::shared();
     let namespace = "herald-helm";
     let release = "h";
+    let statefulset = format!("statefulset/{release}-herald");
     let selector = "app.kubernetes.io/instance=h";
-    cluster.kubectl(&["create", "namespace", namespace]);
-    // The store on a volume that outlives each pod: a static PersistentVolume and its claim.
-    cluster.hostpath_volume("herald-helm-data", "", "1Gi");
-    cluster.apply(
-        &json!({
-            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "data", "namespace": namespace},
-            "spec": {
-                "accessModes": ["ReadWriteOnce"], "storageClassName": "",
-                "volumeName": "herald-helm-data",
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        })
-        .to_string(),
-    );
+    // The chart's default: one claim per replica from the StatefulSet's volumeClaimTemplate
+    // (data-h-herald-0), bound to a volume made for it.
+    cluster.volume_for_claim(namespace, "data-h-herald-0", "1Gi");
+    // A grace period shorter than the default 60 s (the chart derives --shutdown-timeout
+    // from it): each replaced pod spends it retrying the failing sink before it stops.
     cluster.ok(
         "helm",
         &[
-            "install", release, "charts/herald", "--namespace", namespace,
+            "install", release, "charts/herald", "--namespace", namespace, "--create-namespace",
             "--set", "replicaCount=1",
-            "--set", "persistence.existingClaim=data",
+            "--set", "terminationGracePeriodSeconds=20",
             "--set-json",
             r#"extraArgs=["--retry-initial-backoff=500ms","--retry-max-backoff=2s","--retry-max-attempts=100000"]"#,
             "--wait", "--timeout", "5m",
@@ -356,6 +445,11 @@ async fn helm_release_keeps_every_accepted_delivery_through_pod_deletion_restart
     );
     let pods = cluster.wait_ready_pods(namespace, selector, 1, POD_WAIT);
     assert_runs_confined(cluster, namespace, &pod_name(&pods[0]));
+    let claim = cluster.get_json(&["pvc", "-n", namespace, "data-h-herald-0"]);
+    assert_eq!(claim["status"]["phase"], "Bound", "{claim}");
+    // The chart made the receiver's token Secret.
+    let token = receiver_token(cluster, namespace, "h-herald-receiver-token");
+    let holder = leader(cluster, namespace, "h-herald-leader", &[pod_name(&pods[0])]);
 
     let sink = Sink::http_on(cluster.host_ip.into()).await;
     sink.respond_with(vec![Reply::status(503)]);
@@ -370,42 +464,46 @@ async fn helm_release_keeps_every_accepted_delivery_through_pod_deletion_restart
     let mut accepted_names = BTreeSet::new();
     let mut post = async |pod: &Value, batch: &str| {
         let names: Vec<String> = (0..3).map(|i| format!("{batch}{i}")).collect();
-        assert_eq!(post_alerts(&pod_ip(pod), &names).await, 3);
+        assert_eq!(post_alerts(&pod_ip(pod), &token, &names).await, 3);
         accepted_names.extend(names);
     };
 
-    // 1. Deliveries wait behind the failing sink; the pod is deleted.
+    // 1. Deliveries wait behind the failing sink; the pod is deleted. The StatefulSet's
+    // replacement has the same name and a new uid.
     post(&pods[0], "BeforeDelete").await;
     sink.wait_for(1, WAIT).await;
-    let first = pod_name(&pods[0]);
-    cluster.kubectl(&["delete", "pod", "-n", namespace, &first, "--timeout=120s"]);
+    let first = pod_uid(&pods[0]);
+    cluster.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        namespace,
+        &pod_name(&pods[0]),
+        "--timeout=120s",
+    ]);
     let pods = cluster.wait_ready_pods(namespace, selector, 1, POD_WAIT);
-    assert_ne!(pod_name(&pods[0]), first);
+    assert_ne!(pod_uid(&pods[0]), first);
 
     // 2. A rollout restart.
     post(&pods[0], "BeforeRestart").await;
-    let second = pod_name(&pods[0]);
-    cluster.kubectl(&[
-        "rollout",
-        "restart",
-        "-n",
-        namespace,
-        &format!("deployment/{release}-herald"),
-    ]);
+    let second = pod_uid(&pods[0]);
+    cluster.kubectl(&["rollout", "restart", "-n", namespace, &statefulset]);
     cluster.kubectl(&[
         "rollout",
         "status",
         "-n",
         namespace,
-        &format!("deployment/{release}-herald"),
+        &statefulset,
         "--timeout=240s",
     ]);
-    let pods = cluster.wait_ready_pods(namespace, selector, 1, POD_WAIT);
-    assert_ne!(pod_name(&pods[0]), second);
+    let pods = eventually("the restarted pod", POD_WAIT, || {
+        let pods = cluster.wait_ready_pods(namespace, selector, 1, POD_WAIT);
+        (pod_uid(&pods[0]) != second).then_some(pods)
+    });
 
     // 3. A Helm upgrade that changes a value rolls the pod.
     post(&pods[0], "BeforeUpgrade").await;
-    let third = pod_name(&pods[0]);
+    let third = pod_uid(&pods[0]);
     cluster.ok(
         "helm",
         &[
@@ -422,24 +520,25 @@ async fn helm_release_keeps_every_accepted_delivery_through_pod_deletion_restart
             "5m",
         ],
     );
-    let pods = cluster.wait_ready_pods(namespace, selector, 1, POD_WAIT);
-    assert_ne!(pod_name(&pods[0]), third);
+    let pods = eventually("the upgraded pod", POD_WAIT, || {
+        let pods = cluster.wait_ready_pods(namespace, selector, 1, POD_WAIT);
+        (pod_uid(&pods[0]) != third).then_some(pods)
+    });
     assert_eq!(pods[0]["metadata"]["annotations"]["upgraded"], "yes");
+    // The upgrade kept the receiver's token.
+    assert_eq!(
+        receiver_token(cluster, namespace, "h-herald-receiver-token"),
+        token
+    );
 
     // The sink recovers: every delivery answered 200 arrives, with its credentials.
     // A request recorded after the switch is answered 200.
     let recovered_at = Instant::now();
     sink.respond_with(vec![Reply::status(200)]);
-    let delivered = eventually("every accepted alert delivered", WAIT, || {
-        let answered_200: Vec<sink::Received> = sink
-            .received()
-            .into_iter()
-            .filter(|r| r.at >= recovered_at)
-            .collect();
-        (alertnames(&answered_200) == accepted_names).then_some(answered_200)
-    });
+    let delivered = wait_delivered_since(&sink, recovered_at, &accepted_names);
+    assert_eq!(alertnames(&delivered), accepted_names);
     eprintln!(
-        "pods {first} -> {second} -> {third} -> {}; {} failed attempts before the sink \
+        "pod {} replaced 3 times (first leader {holder}); {} failed attempts before the sink \
          recovered; {} alerts accepted, delivered in {} requests",
         pod_name(&pods[0]),
         sink.received()

@@ -228,6 +228,24 @@ impl Cluster {
     /// this cluster owned by uid/gid 65532 (Herald's user), for claims of that class (an empty
     /// class: claims that name the volume or ask for no class).
     pub fn hostpath_volume(&self, name: &str, class: &str, size: &str) -> PathBuf {
+        self.hostpath_volume_reserved(name, class, size, None)
+    }
+
+    /// A [`Cluster::hostpath_volume`] without a class, reserved for the claim `claim` of
+    /// `namespace` (its `claimRef`), such as a StatefulSet's `data-herald-0`: only that claim
+    /// binds it, whichever other volumes and claims exist. Named `<namespace>-<claim>`.
+    pub fn volume_for_claim(&self, namespace: &str, claim: &str, size: &str) -> PathBuf {
+        let name = format!("{namespace}-{claim}");
+        self.hostpath_volume_reserved(&name, "", size, Some((namespace, claim)))
+    }
+
+    fn hostpath_volume_reserved(
+        &self,
+        name: &str,
+        class: &str,
+        size: &str,
+        claim: Option<(&str, &str)>,
+    ) -> PathBuf {
         let path = self.dir.join("volumes").join(name);
         std::fs::create_dir_all(&path).expect("volume directory");
         let chown = Command::new("chown")
@@ -236,21 +254,27 @@ impl Cluster {
             .status()
             .expect("chown");
         assert!(chown.success(), "chown 65532 {}", path.display());
-        self.apply(
-            &serde_json::json!({
+        let mut volume = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": name},
+            "spec": {
+                "capacity": {"storage": size},
+                "accessModes": ["ReadWriteOnce"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": class,
+                "hostPath": {"path": path, "type": "Directory"},
+            },
+        });
+        if let Some((namespace, claim)) = claim {
+            volume["spec"]["claimRef"] = serde_json::json!({
                 "apiVersion": "v1",
-                "kind": "PersistentVolume",
-                "metadata": {"name": name},
-                "spec": {
-                    "capacity": {"storage": size},
-                    "accessModes": ["ReadWriteOnce"],
-                    "persistentVolumeReclaimPolicy": "Retain",
-                    "storageClassName": class,
-                    "hostPath": {"path": path, "type": "Directory"},
-                },
-            })
-            .to_string(),
-        );
+                "kind": "PersistentVolumeClaim",
+                "namespace": namespace,
+                "name": claim,
+            });
+        }
+        self.apply(&volume.to_string());
         path
     }
 
