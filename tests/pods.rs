@@ -23,8 +23,8 @@ use serde_json::{Value, json};
 use node::{Cluster, IMAGE};
 use sink::{Reply, Sink};
 
-/// How long pods may take to become Ready (image import, probes, a crash-loop back-off while
-/// the previous pod still holds the store).
+/// How long pods may take to become Ready (claims binding, image import, probes, a replaced
+/// pod's grace period: a StatefulSet starts the successor once its predecessor is gone).
 const POD_WAIT: Duration = Duration::from_secs(240);
 /// How long a delivery or a status may take.
 const WAIT: Duration = Duration::from_secs(120);
@@ -393,6 +393,7 @@ async fn kubectl_apply_k_deploy_runs_ready_confined_pods_that_elect_a_leader_and
     let names_kept: Vec<String> = kept.iter().cloned().collect();
     assert_eq!(post_alerts(&pod_ip(herald_0), token, &names_kept).await, 1);
     sink.wait_for(received.len() + 1, WAIT).await;
+    let deleting = Instant::now();
     cluster.kubectl(&[
         "delete",
         "pod",
@@ -407,11 +408,13 @@ async fn kubectl_apply_k_deploy_runs_ready_confined_pods_that_elect_a_leader_and
         pod_uid(herald_0),
         "herald-0 was not replaced"
     );
+    let replaced_in = deleting.elapsed();
     let recovered_at = Instant::now();
     sink.respond_with(vec![Reply::status(200)]);
     let delivered = wait_delivered_since(&sink, recovered_at, &kept);
     eprintln!(
-        "herald-0 replaced; {} requests answered 200 after the sink recovered",
+        "herald-0 replaced (Ready again) in {replaced_in:.1?}; {} requests answered 200 after \
+         the sink recovered",
         delivered.len()
     );
 
