@@ -136,7 +136,7 @@ struct Finished {
     body: Vec<u8>,
 }
 
-/// The claims this replica holds: row id to `(claim id, webhook)`.
+/// The claims this replica holds: row id to claim id.
 type Held = Mutex<HashMap<i64, i64>>;
 
 /// The PostgreSQL store.
@@ -660,7 +660,7 @@ async fn write(
         // Ids taken first, so that each request gets its own in order.
         let rows = txn
             .query(
-                "SELECT nextval('herald_backlog_id_seq') FROM generate_series(1, $1)",
+                "SELECT nextval('herald_backlog_id_seq') FROM generate_series(1::bigint, $1::bigint)",
                 &[&count],
             )
             .await
@@ -909,7 +909,7 @@ async fn prune(
             "DELETE FROM herald_records r USING (\
                  SELECT id, class, row_number() OVER (PARTITION BY webhook, class ORDER BY id DESC) AS n \
                  FROM herald_records) x \
-             WHERE r.id = x.id AND x.n > CASE WHEN x.class = 1 THEN $2 ELSE $1 END",
+             WHERE r.id = x.id AND x.n > CASE WHEN x.class = 1 THEN $2::bigint ELSE $1::bigint END",
             &[&kept, &dead],
         )
         .await
@@ -917,7 +917,7 @@ async fn prune(
     client
         .execute(
             "DELETE FROM herald_records WHERE id < \
-             (SELECT id FROM herald_records ORDER BY id DESC OFFSET $1 - 1 LIMIT 1)",
+             (SELECT id FROM herald_records ORDER BY id DESC OFFSET $1::bigint - 1 LIMIT 1)",
             &[&total],
         )
         .await
