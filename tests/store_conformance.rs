@@ -327,7 +327,10 @@ async fn replicas_claim_a_webhook_one_at_a_time() {
     let claimed = first.claim(&key("ns/a"), 0, 10).await.expect("claim");
     assert_eq!(claimed, vec![(seqs[0], a.clone())]);
     let more = delivery("ns/a");
-    let more_seq = second.append(std::slice::from_ref(&more)).await.expect("append")[0];
+    let more_seq = second
+        .append(std::slice::from_ref(&more))
+        .await
+        .expect("append")[0];
     assert!(
         second
             .claim(&key("ns/a"), 0, 10)
@@ -369,7 +372,10 @@ async fn a_late_finish_after_a_takeover_is_refused() {
         .await
         .expect("second");
     let d = delivery("ns/a");
-    let seq = first.append(std::slice::from_ref(&d)).await.expect("append")[0];
+    let seq = first
+        .append(std::slice::from_ref(&d))
+        .await
+        .expect("append")[0];
     assert_eq!(
         first.claim(&key("ns/a"), 0, 10).await.expect("claim").len(),
         1
