@@ -56,6 +56,26 @@ pub enum Command {
     Test(TestArgs),
     /// List delivery records from a running Herald, or replay one.
     Deliveries(DeliveriesArgs),
+    /// Render custom templates for a running Herald (started by it, one JSON line each way).
+    #[command(hide = true)]
+    TemplateWorker {
+        /// The worker's data size limit, in MiB.
+        #[arg(long, default_value_t = DEFAULT_TEMPLATE_MEMORY_MIB)]
+        memory_limit_mib: u64,
+    },
+}
+
+/// The memory a template worker process may use, in MiB.
+const DEFAULT_TEMPLATE_MEMORY_MIB: u64 = 64;
+
+/// Renders custom templates in worker processes (this binary) with a memory limit.
+fn template_workers(memory_limit_mib: u64) {
+    match std::env::current_exe() {
+        Ok(program) => crate::template::use_workers(program, memory_limit_mib),
+        Err(e) => tracing::warn!(
+            "cannot find Herald's own binary ({e}): custom templates render in-process, without a memory limit"
+        ),
+    }
 }
 
 /// `herald deliveries`.
@@ -80,6 +100,9 @@ pub struct DeliveriesArgs {
         env = "HERALD_ADMIN_URL"
     )]
     pub server: String,
+    /// A file holding the admin API's bearer token (Herald's `--admin-token-file`).
+    #[arg(long, env = "HERALD_ADMIN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Replay instead of listing.
     #[command(subcommand)]
     pub action: Option<DeliveriesAction>,
@@ -146,6 +169,13 @@ pub struct CoreArgs {
     /// The admin listener (delivery records and replay); keep it on loopback unless protected.
     #[arg(long, default_value = "127.0.0.1:8081")]
     pub admin_listen: SocketAddr,
+    /// A file holding the bearer token admin API callers must send (none when unset).
+    #[arg(long, env = "HERALD_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// A host name admin API callers may use in `Host` besides addresses and `localhost`
+    /// (e.g. a Service name); repeatable.
+    #[arg(long = "admin-host", value_name = "NAME")]
+    pub admin_hosts: Vec<String>,
     /// Keep the content of every delivery in its record, not only of dead letters.
     #[arg(long)]
     pub record_bodies: bool,
@@ -158,10 +188,30 @@ pub struct CoreArgs {
     /// Delivery records kept in all (successes and dead letters, oldest dropped first).
     #[arg(long, default_value_t = 50_000)]
     pub max_records: usize,
-    /// Refuse webhook and proxy URLs that are or resolve to link-local or cloud metadata
-    /// addresses (169.254.0.0/16, fe80::/10, metadata.google.internal, ...).
-    #[arg(long)]
+    /// Accepted for compatibility: link-local and metadata destinations are always refused.
+    #[arg(long, hide = true)]
     pub deny_link_local: bool,
+    /// Let webhooks reach loopback addresses (127.0.0.0/8, ::1). Default: true for `herald
+    /// run`, false for `herald controller`. Herald's own listeners stay unreachable.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub allow_loopback: Option<bool>,
+    /// A destination webhooks may reach, `[NAMESPACE=]CIDR|ADDRESS|HOST|*.DOMAIN`; repeatable.
+    /// Once allow rules apply to a namespace, its webhooks reach only what they allow.
+    /// An allow rule also opens an internal range it names (e.g. 127.0.0.0/8).
+    #[arg(long = "allow-destination", value_name = "RULE")]
+    pub allow_destinations: Vec<crate::delivery::DestinationRule>,
+    /// A destination no webhook may reach, `[NAMESPACE=]CIDR|ADDRESS|HOST|*.DOMAIN`;
+    /// repeatable. Deny rules win over allow rules.
+    #[arg(long = "deny-destination", value_name = "RULE")]
+    pub deny_destinations: Vec<crate::delivery::DestinationRule>,
+    /// Memory each template worker process may use, in MiB (custom templates render in two
+    /// such processes; one that exceeds it is ended and its delivery fails).
+    #[arg(long, default_value_t = DEFAULT_TEMPLATE_MEMORY_MIB)]
+    pub template_memory_mib: u64,
+    /// Use only Secrets labelled or annotated `herald.dev/use: "true"` (ServiceAccount token
+    /// Secrets are refused either way).
+    #[arg(long)]
+    pub require_secret_consent: bool,
 }
 
 /// A database connection string: kept out of `Debug` output (it may hold a password).
@@ -216,7 +266,25 @@ impl CoreArgs {
         }
     }
 
-    async fn herald(&self, cluster_namespaces: &[String]) -> anyhow::Result<Herald> {
+    /// The rules targets are built under; `loopback` is the command's default for
+    /// `--allow-loopback`.
+    fn policy(&self, loopback: bool) -> crate::delivery::TargetPolicy {
+        crate::delivery::TargetPolicy {
+            destinations: crate::delivery::DestinationPolicy::new(
+                self.allow_destinations.clone(),
+                self.deny_destinations.clone(),
+                self.allow_loopback.unwrap_or(loopback),
+            ),
+            require_secret_consent: self.require_secret_consent,
+        }
+    }
+
+    async fn herald(
+        &self,
+        cluster_namespaces: &[String],
+        loopback: bool,
+    ) -> anyhow::Result<Herald> {
+        template_workers(self.template_memory_mib);
         let limits = RecordLimits {
             per_webhook: self.records_per_webhook,
             dead_letters: self.dead_letters_per_webhook,
@@ -236,9 +304,7 @@ impl CoreArgs {
             self.engine_config(),
             std::sync::Arc::new(store),
         )
-        .with_policy(crate::delivery::TargetPolicy {
-            deny_link_local: self.deny_link_local,
-        }))
+        .with_policy(self.policy(loopback)))
     }
 
     /// Serves the admin router until `cancel` fires.
@@ -250,8 +316,16 @@ impl CoreArgs {
         let listener = tokio::net::TcpListener::bind(self.admin_listen)
             .await
             .with_context(|| format!("binding the admin listener to {}", self.admin_listen))?;
+        herald
+            .policy()
+            .destinations
+            .add_own_listener(listener.local_addr().unwrap_or(self.admin_listen));
         tracing::info!(address = %self.admin_listen, durable = herald.engine().store().is_durable(), "admin listener (delivery records)");
-        let router = crate::admin::router(herald.engine().clone());
+        let access = crate::admin::AdminAccess {
+            token: read_token(&self.admin_token_file, "admin")?,
+            hosts: self.admin_hosts.clone(),
+        };
+        let router = crate::admin::router(herald.engine().clone(), access);
         Ok(tokio::spawn(async move {
             if let Err(e) =
                 receiver::serve(listener, router, async move { cancel.cancelled().await }).await
@@ -301,6 +375,9 @@ pub struct ReceiverArgs {
     /// the receiver answers 503 (0s: at once).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub overload_wait: Duration,
+    /// Serve `/metrics` on this address instead of the receiver's (which then has none).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ReceiverArgs {
@@ -308,11 +385,38 @@ impl ReceiverArgs {
         Ok(ReceiverConfig {
             body_limit: self.body_limit,
             // Read once now so a wrong path fails at start; then re-read whenever it changes.
-            token: read_token(&self.receiver_token_file)?,
+            token: read_token(&self.receiver_token_file, "receiver")?,
             token_file: self.receiver_token_file.clone(),
             overload_wait: self.overload_wait,
+            serve_metrics: self.metrics_listen.is_none(),
             ..ReceiverConfig::default()
         })
+    }
+
+    /// Serves `/metrics` on its own listener until `cancel` fires, when one is asked for.
+    async fn serve_metrics(
+        &self,
+        herald: &Herald,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+        let Some(address) = self.metrics_listen else {
+            return Ok(None);
+        };
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding the metrics listener to {address}"))?;
+        if let Ok(local) = listener.local_addr() {
+            herald.policy().destinations.add_own_listener(local);
+        }
+        tracing::info!(address = %address, "metrics listener");
+        let router = receiver::metrics_router(herald.clone());
+        Ok(Some(tokio::spawn(async move {
+            if let Err(e) =
+                receiver::serve(listener, router, async move { cancel.cancelled().await }).await
+            {
+                tracing::error!("metrics listener: {e}");
+            }
+        })))
     }
 }
 
@@ -406,6 +510,9 @@ pub struct TestArgs {
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::TemplateWorker { memory_limit_mib } = cli.command {
+        return crate::template::worker_main(memory_limit_mib);
+    }
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -429,13 +536,51 @@ pub fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        // No colours: every control character in a text line is escaped, so that nothing an
+        // endpoint answers can forge a log line or a terminal sequence.
+        LogFormat::Text => builder
+            .with_ansi(false)
+            .with_writer(|| EscapingWriter(std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.with_writer(std::io::stderr).json().init(),
+    }
+}
+
+/// Writes log lines with their control characters (CR, ESC, inner LF, ...) escaped; the line's
+/// own final newline stays.
+pub struct EscapingWriter<W>(pub W);
+
+impl<W: std::io::Write> std::io::Write for EscapingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (body, end) = match buf.split_last() {
+            Some((b'\n', body)) => (body, &b"\n"[..]),
+            _ => (buf, &b""[..]),
+        };
+        if !body.iter().any(|b| b.is_ascii_control() && *b != b'\t') {
+            self.0.write_all(buf)?;
+            return Ok(buf.len());
+        }
+        let mut out = Vec::with_capacity(buf.len() + 16);
+        for &byte in body {
+            match byte {
+                b'\t' => out.push(byte),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                control if control.is_ascii_control() => {
+                    out.extend_from_slice(format!("\\x{control:02x}").as_bytes());
+                }
+                other => out.push(other),
+            }
+        }
+        out.extend_from_slice(end);
+        self.0.write_all(&out)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
     }
 }
 
@@ -443,7 +588,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Controller(args) => run_controller(*args).await,
         Command::Run(args) => run_standalone(*args).await,
-        Command::Check(args) => check(args),
+        Command::Check(args) => check(args).await,
         Command::Route(args) => route(args),
         Command::Crdgen => {
             print!(
@@ -454,6 +599,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Test(args) => test(args).await,
         Command::Deliveries(args) => deliveries(args).await,
+        Command::TemplateWorker { memory_limit_mib } => {
+            Ok(crate::template::worker_main(memory_limit_mib))
+        }
     }
 }
 
@@ -480,13 +628,17 @@ pub async fn shutdown_signal() {
 }
 
 /// Binds the receiver's listener.
-async fn bind_receiver(addr: SocketAddr) -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
+async fn bind_receiver(
+    addr: SocketAddr,
+    herald: &Herald,
+) -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the receiver to {addr}"))?;
     let local = listener
         .local_addr()
         .context("reading the receiver address")?;
+    herald.policy().destinations.add_own_listener(local);
     Ok((listener, local))
 }
 
@@ -513,19 +665,19 @@ async fn serve_receiver(
     served
 }
 
-fn read_token(path: &Option<PathBuf>) -> anyhow::Result<Option<Sensitive<String>>> {
+fn read_token(path: &Option<PathBuf>, what: &str) -> anyhow::Result<Option<Sensitive<String>>> {
     let Some(path) = path else { return Ok(None) };
     let token = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the receiver token file {}", path.display()))?;
+        .with_context(|| format!("reading the {what} token file {}", path.display()))?;
     let token = token.trim().to_string();
     if token.is_empty() {
-        bail!("the receiver token file {} is empty", path.display());
+        bail!("the {what} token file {} is empty", path.display());
     }
     Ok(Some(Sensitive::new(token)))
 }
 
 async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let herald = args.core.herald(&args.cluster_namespaces).await?;
+    let herald = args.core.herald(&args.cluster_namespaces, true).await?;
     let mut loader = Loader::new(&args.config);
     let report = loader
         .reload_if_changed(&herald)
@@ -540,11 +692,12 @@ async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
     herald.set_ready(true);
 
     let config = args.receiver.config()?;
-    let (listener, local) = bind_receiver(args.listen).await?;
+    let (listener, local) = bind_receiver(args.listen, &herald).await?;
     tracing::info!(address = %local, config = %args.config.display(), "herald receiver listening");
 
     let cancel = CancellationToken::new();
     let admin = args.core.serve_admin(&herald, cancel.clone()).await?;
+    let metrics = args.receiver.serve_metrics(&herald, cancel.clone()).await?;
     let watcher = tokio::spawn(standalone::watch(
         loader,
         herald.clone(),
@@ -554,6 +707,9 @@ async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
     serve_receiver(listener, &herald, config, &cancel).await?;
     let _ = watcher.await;
     let _ = admin.await;
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     herald.engine().shutdown(args.shutdown_timeout).await;
     Ok(ExitCode::SUCCESS)
 }
@@ -563,7 +719,8 @@ fn load_checked(
     cluster_namespaces: &[String],
 ) -> anyhow::Result<(Herald, Manifests)> {
     let manifests = Manifests::load(dir).with_context(|| format!("reading {}", dir.display()))?;
-    let herald = Herald::new(cluster_namespaces.iter().cloned(), EngineConfig::default());
+    let herald = Herald::new(cluster_namespaces.iter().cloned(), EngineConfig::default())
+        .with_policy(crate::delivery::TargetPolicy::allowing_loopback());
     let mut loader = Loader::new(dir);
     loader
         .reload(&herald)
@@ -571,8 +728,48 @@ fn load_checked(
     Ok((herald, manifests))
 }
 
-fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+/// Renders a webhook's template for a test message, as a delivery would (in a worker, within
+/// the template limits): what fails there fails its deliveries too.
+async fn trial_render(webhook: &crate::crd::Webhook) -> Option<String> {
+    use std::sync::Arc;
+    let source = webhook.spec.template.as_deref()?;
+    let key = ObjectKey::new(
+        webhook.metadata.namespace.clone().unwrap_or_default(),
+        webhook.metadata.name.clone().unwrap_or_default(),
+    );
+    let template = match crate::render::compile_template(source) {
+        Ok(template) => Arc::new(template),
+        // Reported as the webhook's readiness already.
+        Err(_) => return None,
+    };
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let alerts = [Arc::new(crate::render::test_alert(&key, &now))];
+    let content = crate::render::Content {
+        webhook: &key,
+        kind: webhook.spec.kind,
+        test: true,
+        alerts: &alerts,
+        group_labels: &Arc::default(),
+        external_url: &Arc::from(""),
+    };
+    let context = crate::render::template_context(&crate::render::notification(
+        content,
+        webhook.spec.language,
+    ));
+    crate::template::render(template, &key.namespace, context)
+        .await
+        .err()
+        .map(|e| format!("{key}: spec.template fails on a test message: {e}"))
+}
+
+async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let (herald, manifests) = load_checked(&args.dir, &args.cluster_namespaces)?;
+    template_workers(DEFAULT_TEMPLATE_MEMORY_MIB);
+    for webhook in &manifests.webhooks {
+        if let Some(warning) = trial_render(webhook).await {
+            eprintln!("warning: {warning}");
+        }
+    }
     let table = herald.table();
     println!(
         "{:<40} {:<7} {:<8} {:<6} CONDITIONS",
@@ -655,7 +852,9 @@ async fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
         return test_in_cluster(&args).await;
     };
     let key = ObjectKey::new(args.namespace.as_str(), args.name.as_str());
-    let herald = Herald::new([args.namespace.clone()], EngineConfig::default());
+    template_workers(DEFAULT_TEMPLATE_MEMORY_MIB);
+    let herald = Herald::new([args.namespace.clone()], EngineConfig::default())
+        .with_policy(crate::delivery::TargetPolicy::allowing_loopback());
     let mut loader = Loader::new(config);
     let report = loader
         .reload(&herald)
@@ -721,10 +920,11 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     } else {
         args.cluster_namespaces.clone()
     };
-    let herald = args.core.herald(&cluster_namespaces).await?;
+    let herald = args.core.herald(&cluster_namespaces, false).await?;
     let identity = args.identity.clone().unwrap_or_else(hostname);
     let cancel = CancellationToken::new();
     let admin = args.core.serve_admin(&herald, cancel.clone()).await?;
+    let metrics = args.receiver.serve_metrics(&herald, cancel.clone()).await?;
     let leader = Arc::new(AtomicBool::new(!args.leader_election));
     let (elected_tx, elected_rx) = tokio::sync::mpsc::unbounded_channel();
     let election = if args.leader_election {
@@ -762,11 +962,14 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         cancel.clone(),
     ));
 
-    let (listener, local) = bind_receiver(args.listen).await?;
+    let (listener, local) = bind_receiver(args.listen, &herald).await?;
     tracing::info!(address = %local, identity = %identity, cluster_namespaces = ?cluster_namespaces, "herald controller starting");
     serve_receiver(listener, &herald, args.receiver.config()?, &cancel).await?;
     let _ = controller.await;
     let _ = admin.await;
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     if let Some(election) = election {
         let _ = election.await;
     }
@@ -825,12 +1028,21 @@ async fn test_in_cluster(args: &TestArgs) -> anyhow::Result<ExitCode> {
 /// One call to Herald's admin API: the status and the JSON answer (`null` when there is none).
 async fn admin_call(
     client: &crate::delivery::client::HttpClient,
+    token: Option<&Sensitive<String>>,
     method: http::Method,
     url: &str,
 ) -> anyhow::Result<(http::StatusCode, serde_json::Value)> {
     use http_body_util::BodyExt as _;
     let mut request = http::Request::new(crate::delivery::client::RequestBody::default());
     *request.method_mut() = method;
+    if let Some(token) = token {
+        let mut value = http::HeaderValue::try_from(format!("Bearer {}", token.expose()))
+            .context("the admin token holds characters not allowed in a header")?;
+        value.set_sensitive(true);
+        request
+            .headers_mut()
+            .insert(http::header::AUTHORIZATION, value);
+    }
     *request.uri_mut() = url
         .parse()
         .with_context(|| format!("{url} is not a valid URL"))?;
@@ -851,11 +1063,13 @@ async fn admin_call(
 
 async fn deliveries(args: DeliveriesArgs) -> anyhow::Result<ExitCode> {
     let client = crate::delivery::client::HttpClient::new(&Default::default())?;
+    let token = read_token(&args.token_file, "admin")?;
     let base = args.server.trim_end_matches('/');
     let contacting = || format!("contacting Herald's admin listener at {base}");
     if let Some(DeliveriesAction::Replay { id }) = &args.action {
         let (status, body) = admin_call(
             &client,
+            token.as_ref(),
             http::Method::POST,
             &format!("{base}/api/v1/deliveries/{id}/replay"),
         )
@@ -882,6 +1096,7 @@ async fn deliveries(args: DeliveriesArgs) -> anyhow::Result<ExitCode> {
     }
     let (status, body) = admin_call(
         &client,
+        token.as_ref(),
         http::Method::GET,
         &format!("{base}/api/v1/deliveries?{}", query.finish()),
     )
@@ -915,4 +1130,20 @@ async fn deliveries(args: DeliveriesArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_lines_cannot_carry_control_characters() {
+        use std::io::Write as _;
+        let mut writer = super::EscapingWriter(Vec::new());
+        writer
+            .write_all(b"error: HTTP 500: ok\r\nINFO forged\x1b[2J\n")
+            .expect("write");
+        assert_eq!(
+            String::from_utf8(writer.0).expect("utf8"),
+            "error: HTTP 500: ok\\r\\nINFO forged\\x1b[2J\n"
+        );
+    }
 }

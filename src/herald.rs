@@ -88,6 +88,11 @@ impl Herald {
         self
     }
 
+    /// The rules targets are built under.
+    pub fn policy(&self) -> &TargetPolicy {
+        &self.policy
+    }
+
     /// Read access to the routing table.
     pub fn table(&self) -> RwLockReadGuard<'_, Table> {
         // The table is only ever replaced entry by entry; a poisoned lock still holds a usable table.

@@ -16,3 +16,4 @@ pub mod routing;
 pub mod secret;
 pub mod standalone;
 pub mod store;
+pub mod template;

@@ -39,6 +39,8 @@ pub struct ReceiverConfig {
     pub request_timeout: Duration,
     /// Bounds on alerts and labels per request.
     pub payload: alert::PayloadLimits,
+    /// Serve `/metrics` here (off when metrics have a listener of their own).
+    pub serve_metrics: bool,
 }
 
 impl Default for ReceiverConfig {
@@ -51,6 +53,7 @@ impl Default for ReceiverConfig {
             overload_wait: Duration::from_secs(1),
             request_timeout: Duration::from_secs(30),
             payload: alert::PayloadLimits::default(),
+            serve_metrics: true,
         }
     }
 }
@@ -106,12 +109,18 @@ impl AppState {
 /// The receiver's router.
 pub fn router(herald: Herald, config: ReceiverConfig) -> Router {
     let timeout = config.request_timeout;
-    Router::new()
+    let router = Router::new()
         .route("/api/v1/alerts", post(alertmanager_v1))
         .route("/api/v2/alerts", post(alerts_v2))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/readyz", get(readyz));
+    let router = if config.serve_metrics {
+        router.route("/metrics", get(metrics))
+    } else {
+        router
+    };
+    router
+        .layer(axum::middleware::from_fn(refuse_own_requests))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,
@@ -121,6 +130,30 @@ pub fn router(herald: Herald, config: ReceiverConfig) -> Router {
             config,
             token_file: Default::default(),
         })
+}
+
+/// A router serving only `/metrics` (for a listener of its own).
+pub fn metrics_router(herald: Herald) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(AppState {
+            herald,
+            config: ReceiverConfig::default(),
+            token_file: Default::default(),
+        })
+}
+
+/// Refuses requests that a Herald sent (they carry its mark): a webhook pointed at Herald's own
+/// listeners, directly or through another Herald, would otherwise turn one alert into an
+/// endless loop.
+pub async fn refuse_own_requests(request: Request, next: axum::middleware::Next) -> Response {
+    if request.headers().contains_key(crate::delivery::LOOP_HEADER) {
+        return error(
+            StatusCode::LOOP_DETECTED,
+            "this request was sent by Herald; Herald does not receive its own deliveries",
+        );
+    }
+    next.run(request).await
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::alert::{Alert, AlertStatus, LabelSet, SharedTail};
 use crate::crd::{BodyFormat, Language, WebhookType};
 use crate::routing::ObjectKey;
+use crate::template::SandboxedTemplate;
 
 /// The Herald body format's version.
 const VERSION: &str = "1";
@@ -160,30 +161,34 @@ pub struct Content<'a> {
 #[error("template: {0}")]
 pub struct RenderError(String);
 
-/// Compiles a custom body template; errors name the line.
-pub fn compile_template(source: &str) -> Result<minijinja::Environment<'static>, String> {
-    let mut env = minijinja::Environment::new();
-    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-    env.add_template_owned("body", source.to_string())
-        .map_err(|e| e.to_string())?;
-    Ok(env)
+impl From<crate::template::TemplateError> for RenderError {
+    fn from(e: crate::template::TemplateError) -> Self {
+        RenderError(e.to_string())
+    }
 }
 
-/// The request body for a notification in a webhook's format, or from its template.
+/// Compiles a custom body template under the default limits; errors name the line.
+pub fn compile_template(source: &str) -> Result<SandboxedTemplate, String> {
+    SandboxedTemplate::compile(source, crate::template::TemplateLimits::default())
+        .map_err(|e| e.to_string())
+}
+
+/// What a custom template sees: the notification as a template value, owned (so that it can
+/// be rendered on another thread).
+pub fn template_context(notification: &Notification<'_>) -> minijinja::Value {
+    minijinja::Value::from_serialize(notification)
+}
+
+/// The request body for a notification in a webhook's format, or from its template (rendered
+/// here, within its step and output bounds; deliveries render templates in the pool instead,
+/// see [`crate::template::render`]).
 pub fn body(
     notification: &Notification<'_>,
     format: BodyFormat,
-    template: Option<&minijinja::Environment<'static>>,
+    template: Option<&SandboxedTemplate>,
 ) -> Result<Vec<u8>, RenderError> {
-    if let Some(env) = template {
-        let template = env
-            .get_template("body")
-            .map_err(|e| RenderError(e.to_string()))?;
-        let context = minijinja::Value::from_serialize(notification);
-        return template
-            .render(context)
-            .map(String::into_bytes)
-            .map_err(|e| RenderError(e.to_string()));
+    if let Some(template) = template {
+        return Ok(template.render_here(&template_context(notification))?);
     }
     let title: &str = &notification.title;
     let message: &str = &notification.message;

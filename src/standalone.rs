@@ -92,6 +92,9 @@ fn parse_options() -> serde_saphyr::Options {
         budget: serde_saphyr::budget! {
             max_documents: MAX_DOCUMENTS_PER_FILE,
         },
+        // An error names its line and column, never shows the lines around it: they may be
+        // a Secret's values.
+        with_snippet: false,
     }
 }
 
@@ -456,5 +459,25 @@ pub async fn watch(
             Ok(None) => {}
             Err(e) => tracing::error!("cannot read the configuration folder: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_errors_never_show_the_secret_around_them() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(
+            dir.path().join("secret.yaml"),
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: a}\nstringData:\n  token: sup3r-s3cret-t0ken\n   bad: [indent\n",
+        )
+        .expect("write");
+        let manifests = Manifests::load(dir.path()).expect("load");
+        let text: String = manifests.errors.iter().map(|e| format!("{e}\n")).collect();
+        assert!(text.contains("invalid YAML"), "{text}");
+        assert!(!text.contains("sup3r-s3cret-t0ken"), "{text}");
+        assert!(!text.contains("indent"), "{text}");
     }
 }

@@ -878,3 +878,121 @@ async fn a_webhook_whose_deliveries_start_failing_gets_a_warning_event() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn service_account_tokens_and_unmarked_secrets_are_refused() {
+    let client = cluster::client().await;
+    let ns = "secret-consent";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    let _controller = Controller::start(
+        ns,
+        &[ns],
+        &["--cluster-namespace", ns, "--require-secret-consent"],
+    )
+    .await;
+    // A ServiceAccount token Secret, even one marked for Herald: never sent.
+    apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: sa-token, namespace: {ns}, labels: {{herald.dev/use: 'true'}}, annotations: {{kubernetes.io/service-account.name: default}}}}\ntype: kubernetes.io/service-account-token\nstringData: {{token: sa-t0ken-value}}\n"
+    ));
+    // An ordinary Secret without the mark: refused until its owner marks it.
+    apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: plain, namespace: {ns}}}\nstringData: {{token: plain-t0ken}}\n"
+    ));
+    for (name, secret) in [("steal", "sa-token"), ("plain", "plain")] {
+        apply(&webhook(
+            ns,
+            name,
+            &format!(
+                "{{url: '{}', auth: {{type: Bearer, secretRef: {{name: {secret}}}}}}}",
+                sink.url()
+            ),
+        ));
+    }
+    let steal = wait_webhook(&client, ns, "steal", "Ready=False SecretRefused", |w| {
+        ready_is(w, "False", "SecretRefused")
+    })
+    .await;
+    let condition = steal
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(condition.contains("ServiceAccount token"), "{condition}");
+    wait_webhook(&client, ns, "plain", "Ready=False SecretRefused", |w| {
+        ready_is(w, "False", "SecretRefused")
+    })
+    .await;
+    kubectl(&["label", "-n", ns, "secret/plain", "herald.dev/use=true"]);
+    wait_webhook(&client, ns, "plain", "Ready=True", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    let steal: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    let steal = steal.get("steal").await.expect("webhook");
+    assert!(ready_is(&steal, "False", "SecretRefused"));
+    assert!(
+        sink.received()
+            .iter()
+            .all(|r| r.header("authorization").as_deref() != Some("Bearer sa-t0ken-value")),
+        "a ServiceAccount token was sent"
+    );
+}
+
+#[tokio::test]
+async fn a_heavy_template_fails_its_delivery_with_the_reason_in_status_and_an_event() {
+    let client = cluster::client().await;
+    let ns = "heavy-template";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    let controller =
+        Controller::start(ns, &[ns], &["--cluster-namespace", ns, "--events=false"]).await;
+    apply(&webhook(
+        ns,
+        "hook",
+        &format!(
+            "{{url: '{}', template: '{{% for i in range(100000) %}}{{% for j in range(100000) %}}{{% endfor %}}{{% endfor %}}'}}",
+            sink.url()
+        ),
+    ));
+    wait_webhook(&client, ns, "hook", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    controller
+        .post_until_delivered(json!({"alertname": "A"}), 1)
+        .await;
+    let wh = wait_webhook(&client, ns, "hook", "failed", |w| {
+        w.status
+            .as_ref()
+            .and_then(|s| s.last_delivery.as_ref())
+            .is_some_and(|d| d.outcome == DeliveryOutcome::Failed)
+    })
+    .await;
+    let message = wh
+        .status
+        .and_then(|s| s.last_delivery)
+        .map(|d| d.message)
+        .unwrap_or_default();
+    assert!(message.contains("steps"), "{message}");
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let list = events.list(&ListParams::default()).await.expect("events");
+        if list.items.iter().any(|e| {
+            e.reason.as_deref() == Some("DeliveryFailing")
+                && e.note.as_deref().is_some_and(|n| n.contains("steps"))
+        }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no DeliveryFailing event naming the template's steps: {:?}",
+            list.items
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sink.assert_none_within(Duration::from_millis(100)).await;
+}

@@ -484,28 +484,51 @@ async fn https_deliveries_tunnel_through_the_proxy_with_connect() {
 }
 
 #[tokio::test]
-async fn proxy_credentials_from_the_url_are_used_and_never_reported() {
+async fn proxy_credentials_from_a_secret_are_used_and_never_reported() {
     let sink = Sink::http().await;
     let proxy = Tinyproxy::with_basic_auth("herald", "pr0xy-pa55");
     let (herald, reports) = core();
-    apply(
+    // Credentials in proxyURL itself are refused: anyone who reads the Webhook would see them.
+    let err = apply(
         &herald,
         &format!(
-            "metadata: {{name: good}}\nspec: {{url: '{}', proxyURL: '{}'}}",
-            sink.url_for("/good"),
+            "metadata: {{name: inline}}\nspec: {{url: '{}', proxyURL: '{}'}}",
+            sink.url_for("/inline"),
             proxy.url_with_credentials("herald", "pr0xy-pa55")
         ),
         &[],
+    )
+    .expect_err("credentials in proxyURL");
+    assert!(err.message.contains("proxySecretRef"), "{err}");
+    assert!(!err.message.contains("pr0xy-pa55"), "{err}");
+    let secrets = [
+        (
+            "proxy-good",
+            secret(&[("username", "herald"), ("password", "pr0xy-pa55")]),
+        ),
+        (
+            "proxy-wrong",
+            secret(&[("username", "herald"), ("password", "wr0ng-pa55")]),
+        ),
+    ];
+    apply(
+        &herald,
+        &format!(
+            "metadata: {{name: good}}\nspec: {{url: '{}', proxyURL: '{}', proxySecretRef: {{name: proxy-good}}}}",
+            sink.url_for("/good"),
+            proxy.url()
+        ),
+        &secrets,
     )
     .expect("ready");
     apply(
         &herald,
         &format!(
-            "metadata: {{name: wrong}}\nspec: {{url: '{}', proxyURL: '{}'}}",
+            "metadata: {{name: wrong}}\nspec: {{url: '{}', proxyURL: '{}', proxySecretRef: {{name: proxy-wrong}}}}",
             sink.url_for("/wrong"),
-            proxy.url_with_credentials("herald", "wr0ng-pa55")
+            proxy.url()
         ),
-        &[],
+        &secrets,
     )
     .expect("ready");
     dispatch_one(&herald, "X");
@@ -907,7 +930,7 @@ async fn a_reserved_key_in_the_headers_secret_makes_the_webhook_not_ready() {
     apply(&herald, spec, &[("hs", secret(&[("X-Fine", "1")]))]).expect("ready");
 }
 
-const RESERVED_MESSAGE: &str = "headers may not set Authorization, Content-Type, User-Agent, Idempotency-Key, Host or any webhook-* header";
+const RESERVED_MESSAGE: &str = "headers may not set Authorization, Content-Type, User-Agent, Idempotency-Key, Host, Herald-Delivery or any webhook-* header";
 
 fn header_webhook(namespace: &str, name: &str, header: &str) -> String {
     format!(

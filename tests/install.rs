@@ -383,19 +383,24 @@ fn deploy_applies_with_kustomize_and_every_object_exists() {
             "controller",
             "--log-format",
             "json",
-            "--deny-link-local",
+            "--metrics-listen",
+            "0.0.0.0:9090",
+            "--require-secret-consent",
             "--data-dir",
             DATA_DIR,
+            "--receiver-token-file",
+            "/etc/herald/receiver-auth/token",
             "--shutdown-timeout",
             "50s"
         ])
     );
     // The delivery store on the replica's claim, the only writable place in the container.
     assert_eq!(data_volume(&statefulset), default_claim());
-    assert!(pod.get("volumes").is_none(), "{pod:#}");
     assert_eq!(
         c["volumeMounts"],
-        json!([{"name": "data", "mountPath": DATA_DIR}])
+        json!([{"name": "data", "mountPath": DATA_DIR},
+               {"name": "receiver-auth", "mountPath": "/etc/herald/receiver-auth",
+                "readOnly": true}])
     );
     let sc = &c["securityContext"];
     assert_eq!(sc["runAsNonRoot"], true, "{sc}");
@@ -422,7 +427,8 @@ fn deploy_applies_with_kustomize_and_every_object_exists() {
 
     assert_eq!(
         c["ports"],
-        json!([{"name": "receiver", "containerPort": 8080, "protocol": "TCP"}])
+        json!([{"name": "receiver", "containerPort": 8080, "protocol": "TCP"},
+               {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}])
     );
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["livenessProbe"]["httpGet"]["port"], "receiver");
@@ -450,9 +456,11 @@ fn deploy_applies_with_kustomize_and_every_object_exists() {
     let service = kubectl_json(&["get", "-n", "herald", "service/herald"]);
     selects_pods(at(&service, "/spec/selector"));
     let ports = at(&service, "/spec/ports").as_array().unwrap();
-    assert_eq!(ports.len(), 1);
+    assert_eq!(ports.len(), 2);
     assert_eq!(ports[0]["port"], 8080);
     assert_eq!(ports[0]["targetPort"], "receiver");
+    assert_eq!(ports[1]["port"], 9090);
+    assert_eq!(ports[1]["targetPort"], "metrics");
     let pdb = kubectl_json(&["get", "-n", "herald", "pdb/herald"]);
     assert_eq!(at(&pdb, "/spec/minAvailable"), 1);
     selects_pods(at(&pdb, "/spec/selector/matchLabels"));
@@ -780,14 +788,31 @@ fn controller_runs_with_only_the_service_account_permissions() {
         + 1;
     assert_eq!(args[value], DATA_DIR);
     args[value] = data_dir.to_str().expect("UTF-8 path").to_owned();
+    // The receiver's token from a file of ours instead of the pod's Secret volume.
+    let token_file = dir.path().join("receiver-token");
+    std::fs::write(&token_file, "install-test-token").expect("token file");
+    let value = args
+        .iter()
+        .position(|a| a == "--receiver-token-file")
+        .expect("deploy/ passes --receiver-token-file")
+        + 1;
+    args[value] = token_file.to_str().expect("UTF-8 path").to_owned();
     let free_port = || {
         std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port()
     };
-    let (port, admin_port) = (free_port(), free_port());
+    let (port, admin_port, metrics_port) = (free_port(), free_port(), free_port());
+    let value = args
+        .iter()
+        .position(|a| a == "--metrics-listen")
+        .expect("deploy/ passes --metrics-listen")
+        + 1;
+    args[value] = format!("127.0.0.1:{metrics_port}");
     args.extend([
+        // The test endpoints listen on loopback, which a controller refuses by default.
+        "--allow-loopback".into(),
         "--kubeconfig".into(),
         sa_kubeconfig.to_str().unwrap().into(),
         "--listen".into(),
@@ -853,7 +878,7 @@ fn controller_runs_with_only_the_service_account_permissions() {
 "#
         )),
     );
-    // --deny-link-local: the cloud metadata address is refused.
+    // The destination policy: the cloud metadata address is refused.
     wait_for("Ready=False ForbiddenAddress", &controller, || {
         let webhook = kubectl_json(&["get", "-n", ns, "webhooks.herald.dev/metadata"]);
         (ready_condition(&webhook)? == ("False".into(), "ForbiddenAddress".into())).then_some(())
@@ -873,6 +898,12 @@ fn controller_runs_with_only_the_service_account_permissions() {
         ns,
         "--from-literal=token=s3cret",
     ]);
+    // --require-secret-consent: unused until its owner marks it.
+    wait_for("Ready=False SecretRefused", &controller, || {
+        let webhook = kubectl_json(&["get", "-n", ns, "webhooks.herald.dev/ops"]);
+        (ready_condition(&webhook)? == ("False".into(), "SecretRefused".into())).then_some(())
+    });
+    kubectl(&["label", "-n", ns, "secret/ops-auth", "herald.dev/use=true"]);
     wait_for("Ready=True", &controller, || {
         let webhook = kubectl_json(&["get", "-n", ns, "webhooks.herald.dev/ops"]);
         (ready_condition(&webhook)?.0 == "True").then_some(())
@@ -950,7 +981,9 @@ leaderElection:
   enabled: true
 events:
   enabled: true
-denyLinkLocal: true
+destinations:
+  allow: [10.0.0.0/8, "team-a=*.example.com"]
+  deny: [10.96.0.0/12]
 persistence:
   enabled: true
   emptyDir: {enabled: true, sizeLimit: 1Gi}
@@ -1045,6 +1078,7 @@ const CHART_KINDS: &[&str] = &[
     "PodDisruptionBudget",
     "Role",
     "RoleBinding",
+    "Secret",
     "Service",
     "ServiceAccount",
     "StatefulSet",
@@ -1072,8 +1106,10 @@ fn chart_default_render_applies_and_matches_deploy() {
             "--events=true",
             "--shutdown-timeout=50s",
             "--lease-name=hd-herald-leader",
-            "--deny-link-local",
-            "--data-dir=/var/lib/herald"
+            "--metrics-listen=0.0.0.0:9090",
+            "--require-secret-consent",
+            "--data-dir=/var/lib/herald",
+            "--receiver-token-file=/etc/herald/receiver-auth/token"
         ])
     );
     assert_eq!(data_volume(statefulset), default_claim());
@@ -1103,7 +1139,8 @@ fn chart_default_render_applies_and_matches_deploy() {
     for file in deploy_files() {
         deploy.extend(objects(&std::fs::read_to_string(file).unwrap()));
     }
-    for kind in CHART_KINDS {
+    // deploy/ leaves the receiver's token Secret to the installer (README, Install).
+    for kind in CHART_KINDS.iter().filter(|kind| **kind != "Secret") {
         let (c, d) = (of_kind(&chart, kind), of_kind(&deploy, kind));
         assert_eq!(identity(c), identity(d));
         for pointer in [
@@ -1180,7 +1217,8 @@ fn chart_with_every_option_renders_and_applies() {
         at(service, "/spec/selector")
     );
     let endpoint = at(monitor, "/spec/endpoints/0");
-    assert_eq!(endpoint["port"], at(service, "/spec/ports/0/name").clone());
+    assert_eq!(endpoint["port"], at(service, "/spec/ports/1/name").clone());
+    assert_eq!(endpoint["port"], "metrics");
     assert_eq!(endpoint["path"], "/metrics");
     assert_eq!(endpoint["interval"], "15s");
     assert_eq!(endpoint["honorLabels"], true);
@@ -1216,7 +1254,8 @@ fn chart_with_every_option_renders_and_applies() {
         .filter(|(_, o)| o["apiVersion"] != "monitoring.coreos.com/v1")
         .cloned()
         .collect();
-    assert_eq!(core.len(), CHART_KINDS.len());
+    // The receiver's token Secret is the installer's (receiverAuth.existingSecret).
+    assert_eq!(core.len(), CHART_KINDS.len() - 1);
     let live = apply_into(ns, &core);
     let statefulset = &live[&format!("StatefulSet/{ns}/hf-herald")];
     let pod = at(statefulset, "/spec/template");
@@ -1239,7 +1278,11 @@ fn chart_with_every_option_renders_and_applies() {
             "--events=true",
             "--shutdown-timeout=110s",
             "--lease-name=hf-herald-leader",
-            "--deny-link-local",
+            "--metrics-listen=0.0.0.0:9090",
+            "--require-secret-consent",
+            "--allow-destination=10.0.0.0/8",
+            "--allow-destination=team-a=*.example.com",
+            "--deny-destination=10.96.0.0/12",
             "--data-dir=/var/lib/herald",
             "--cluster-namespace=monitoring",
             "--cluster-namespace=platform",
@@ -1320,7 +1363,8 @@ fn chart_options_turned_off_drop_their_permissions() {
         "herald-single",
         Some(concat!(
             "replicaCount: 1\nleaderElection: {enabled: false}\nevents: {enabled: false}\n",
-            "denyLinkLocal: false\npersistence: {enabled: false}\n"
+            "persistence: {enabled: false}\nreceiverAuth: {enabled: false}\n",
+            "secretConsent: {required: false}\n"
         )),
     );
     let kinds: BTreeSet<&str> = docs.iter().filter_map(|o| o["kind"].as_str()).collect();
@@ -1345,9 +1389,10 @@ fn chart_options_turned_off_drop_their_permissions() {
             "--log-format=json",
             "--leader-election=false",
             "--events=false",
-            "--shutdown-timeout=50s"
+            "--shutdown-timeout=50s",
+            "--metrics-listen=0.0.0.0:9090"
         ]),
-        "no --deny-link-local, no --data-dir (deliveries held in memory)"
+        "no --require-secret-consent, no --data-dir (deliveries held in memory), no token"
     );
     assert!(
         pod.get("volumes").is_none() && pod["containers"][0].get("volumeMounts").is_none(),
@@ -1415,7 +1460,14 @@ fn chart_claims_replace_the_claim_template() {
         "{statefulset:#}"
     );
     let pod = at(statefulset, "/spec/template/spec");
-    assert!(pod.get("volumes").is_none(), "{pod:#}");
+    assert!(
+        !pod["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|v| v["name"] == "data"),
+        "{pod:#}"
+    );
     assert!(
         !flags(at(pod, "/containers/0/args"))
             .iter()
@@ -1452,7 +1504,10 @@ fn chart_rejects_bad_values() {
             "additional properties 'enable' not allowed",
         ),
         ("logFormat: xml\n", "/logFormat"),
-        ("denyLinkLocal: \"yes\"\n", "/denyLinkLocal"),
+        (
+            "secretConsent: {required: \"yes\"}\n",
+            "/secretConsent/required",
+        ),
         ("persistence: {enabled: 1}\n", "/persistence/enabled"),
         (
             "persistence: {enable: true}\n",

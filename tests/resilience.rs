@@ -171,7 +171,8 @@ async fn down_then_up(down: Down) {
             },
             ..EngineConfig::default()
         },
-    );
+    )
+    .with_policy(herald::delivery::TargetPolicy::allowing_loopback());
     let reports = Arc::new(Reports::default());
     herald.engine().observe(reports.clone());
 

@@ -163,6 +163,8 @@ pub async fn start_controller(
         .arg("--kubeconfig")
         .arg(&plane.kubeconfig)
         .args(["--listen", &addr, "--admin-listen", "127.0.0.1:0"])
+        // The benchmark's sinks listen on loopback, which a controller refuses by default.
+        .arg("--allow-loopback")
         .args(["--namespace", NAMESPACE, "--cluster-namespace", NAMESPACE])
         .env(
             "RUST_LOG",

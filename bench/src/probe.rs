@@ -57,7 +57,7 @@ pub async fn run(probe: Probe) -> Result<()> {
             drop(table);
 
             let base = rss_kib();
-            let policy = TargetPolicy::default();
+            let policy = TargetPolicy::allowing_loopback();
             let started = Instant::now();
             let targets: Vec<Target> = (0..webhooks)
                 .map(|i| {
@@ -79,7 +79,8 @@ pub async fn run(probe: Probe) -> Result<()> {
             drop(targets);
 
             let base = rss_kib();
-            let herald = Herald::new(["default".to_string()], EngineConfig::default());
+            let herald = Herald::new(["default".to_string()], EngineConfig::default())
+                .with_policy(TargetPolicy::allowing_loopback());
             for i in 0..webhooks {
                 herald.apply_condition(herald::routing::ConditionInput {
                     key: ObjectKey::new("default", format!("cond-{i}")),

@@ -18,6 +18,7 @@ pub const RESERVED_HEADERS: &[&str] = &[
     "user-agent",
     "idempotency-key",
     "host",
+    "herald-delivery",
 ];
 
 /// Whether a header name is one Herald reserves for itself (case-insensitive).
@@ -107,7 +108,7 @@ pub struct WebhookSpec {
     /// Idempotency-Key, Host, webhook-*) are refused.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64), inner(length(max = 4096)))]
-    #[x_kube(validation = Rule::new("self.all(k, size(k) <= 256 && !(k.lowerAscii() in ['authorization', 'content-type', 'user-agent', 'idempotency-key', 'host']) && !k.lowerAscii().startsWith('webhook-'))").message("headers may not set Authorization, Content-Type, User-Agent, Idempotency-Key, Host or any webhook-* header, and names are at most 256 characters"))]
+    #[x_kube(validation = Rule::new("self.all(k, size(k) <= 256 && !(k.lowerAscii() in ['authorization', 'content-type', 'user-agent', 'idempotency-key', 'host', 'herald-delivery']) && !k.lowerAscii().startsWith('webhook-'))").message("headers may not set Authorization, Content-Type, User-Agent, Idempotency-Key, Host, Herald-Delivery or any webhook-* header, and names are at most 256 characters"))]
     pub headers: BTreeMap<String, String>,
 
     /// A Secret in this namespace whose every key is sent as a header (API keys).
@@ -123,6 +124,11 @@ pub struct WebhookSpec {
     #[schemars(length(max = 2048))]
     #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https']").message("proxyURL must be an http or https URL"))]
     pub proxy_url: Option<String>,
+
+    /// A Secret in this namespace with the proxy's `username` and `password` (Basic
+    /// authentication to the proxy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_secret_ref: Option<SecretRef>,
 
     /// NotificationCondition names in this namespace; every one must hold for an alert to be sent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -27,7 +27,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 
-use super::guard::is_forbidden_ip;
+use super::policy::DestinationPolicy;
 use crate::secret::Sensitive;
 
 /// How long opening a TCP connection may take (the request timeout covers the rest).
@@ -46,8 +46,77 @@ pub struct ClientSettings<'a> {
     pub identity: Option<&'a [u8]>,
     /// `http://` or `https://` proxy, credentials in its user info.
     pub proxy: Option<&'a str>,
-    /// Refuse link-local and metadata addresses that a host name resolves to.
-    pub deny_link_local: bool,
+    /// The destination policy every connection is checked against (for a namespace's
+    /// webhooks); `None` for Herald's own calls (the admin API client).
+    pub guard: Option<&'a DestinationGuard>,
+}
+
+/// The destination policy as it applies to one namespace's webhooks (or to every namespace
+/// without rules of its own, under the empty name).
+#[derive(Clone, Debug)]
+pub struct DestinationGuard {
+    /// The policy.
+    pub policy: DestinationPolicy,
+    /// The namespace whose rules apply.
+    pub namespace: Arc<str>,
+}
+
+/// A connection refused by the destination policy.
+#[derive(Debug, thiserror::Error)]
+#[error("refused by the destination policy: {0}")]
+pub struct PolicyRefusal(pub String);
+
+impl DestinationGuard {
+    /// Refuses a destination by its name, or by its address when the URI holds one.
+    fn check_uri(&self, uri: &Uri) -> Result<(), PolicyRefusal> {
+        let Some(host) = uri.host() else {
+            return Ok(());
+        };
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let why = match bare.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                let port =
+                    uri.port_u16()
+                        .unwrap_or(if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+                            443
+                        } else {
+                            80
+                        });
+                self.policy
+                    .refuse_address(&self.namespace, None, SocketAddr::new(ip, port))
+            }
+            Err(_) => self.policy.refuse_name(&self.namespace, bare),
+        };
+        why.map_or(Ok(()), |why| Err(PolicyRefusal(why)))
+    }
+
+    /// Refuses a connection by the address it actually reached.
+    fn check_peer(&self, stream: &TcpStream, host: Option<&str>) -> Result<(), PolicyRefusal> {
+        let peer = stream
+            .peer_addr()
+            .map_err(|e| PolicyRefusal(format!("the peer address is unknown: {e}")))?;
+        match self.policy.refuse_address(&self.namespace, host, peer) {
+            Some(why) => Err(PolicyRefusal(why)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Whether a request failed because the destination policy refused its connection.
+pub fn is_policy_refusal(err: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        // An `io::Error` wrapping one hides it from `source()`.
+        let wrapped = cause
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::get_ref)
+            .is_some_and(|inner| inner.is::<PolicyRefusal>());
+        if wrapped || cause.is::<PolicyRefusal>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Why a client could not be built. Messages never contain secret material.
@@ -77,8 +146,9 @@ impl HttpClient {
     /// Builds a client; connections are opened on first use.
     pub fn new(settings: &ClientSettings<'_>) -> Result<Self, ClientError> {
         let tls = tls_config(settings)?;
+        let guard = settings.guard.cloned();
         let mut direct = HttpConnector::new_with_resolver(Resolver {
-            deny_link_local: settings.deny_link_local,
+            guard: guard.clone(),
         });
         direct.enforce_http(false);
         direct.set_nodelay(true);
@@ -100,6 +170,11 @@ impl HttpClient {
                 if let Some(auth) = &proxy.authorization {
                     tunnel = tunnel.with_auth(auth.clone());
                 }
+                if let Some(guard) = &guard {
+                    guard
+                        .check_uri(&proxy.uri)
+                        .map_err(|e| ClientError::Proxy(e.to_string()))?;
+                }
                 let route = ProxyRoute {
                     uri: proxy.uri,
                     to_proxy,
@@ -115,7 +190,11 @@ impl HttpClient {
             .with_tls_config(tls)
             .https_or_http()
             .enable_all_versions()
-            .wrap_connector(RouteConnector { direct, proxy });
+            .wrap_connector(RouteConnector {
+                direct,
+                proxy,
+                guard: guard.map(Arc::new),
+            });
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
@@ -402,11 +481,12 @@ impl ProxyAddress {
     }
 }
 
-/// Resolves host names with the system resolver, dropping link-local and metadata addresses
-/// when the guard is on (so that a name cannot lead there either).
-#[derive(Clone, Copy, Debug)]
+/// Resolves host names with the system resolver, dropping the addresses the destination
+/// policy refuses (so that a name cannot lead there; the connection is checked again by the
+/// address it reaches, with its port).
+#[derive(Clone, Debug)]
 struct Resolver {
-    deny_link_local: bool,
+    guard: Option<DestinationGuard>,
 }
 
 type Resolving = Pin<Box<dyn Future<Output = io::Result<std::vec::IntoIter<SocketAddr>>> + Send>>;
@@ -421,21 +501,33 @@ impl tower::Service<Name> for Resolver {
     }
 
     fn call(&mut self, name: Name) -> Self::Future {
-        let deny_link_local = self.deny_link_local;
+        let guard = self.guard.clone();
         Box::pin(async move {
             let host = name.as_str();
+            let mut refusal = None;
             let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, 0))
                 .await?
-                .filter(|address| !(deny_link_local && is_forbidden_ip(address.ip())))
+                .filter(|address| {
+                    let Some(guard) = &guard else { return true };
+                    match guard
+                        .policy
+                        .refuse_address(&guard.namespace, Some(host), *address)
+                    {
+                        None => true,
+                        Some(why) => {
+                            refusal.get_or_insert(why);
+                            false
+                        }
+                    }
+                })
                 .collect();
             if addresses.is_empty() {
-                return Err(io::Error::other(if deny_link_local {
-                    format!(
-                        "{host} resolves only to link-local or metadata addresses, which are refused"
-                    )
-                } else {
-                    format!("{host} resolves to no address")
-                }));
+                return Err(match refusal {
+                    Some(why) => io::Error::other(PolicyRefusal(format!(
+                        "{host} resolves only to refused addresses ({why})"
+                    ))),
+                    None => io::Error::other(format!("{host} resolves to no address")),
+                });
             }
             Ok(addresses.into_iter())
         })
@@ -462,6 +554,9 @@ struct RouteConnector {
     /// Shared rather than inline: hyper's client clones its connector into every request's
     /// future, and a small connector keeps that future small.
     proxy: Option<Arc<ProxyRoute>>,
+    /// The destination policy, checked before connecting (by name or written address) and
+    /// after (by the address reached).
+    guard: Option<Arc<DestinationGuard>>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -477,30 +572,61 @@ impl tower::Service<Uri> for RouteConnector {
     }
 
     fn call(&mut self, destination: Uri) -> Self::Future {
+        let guard = self.guard.clone();
+        if let Some(guard) = &guard
+            && let Err(refusal) = guard.check_uri(&destination)
+        {
+            return Box::pin(async move { Err(refusal.into()) });
+        }
         match &self.proxy {
             None => {
+                let host = destination.host().map(str::to_string);
                 let connecting = self.direct.call(destination);
-                Box::pin(async move { Ok(Stream::Direct(connecting.await?)) })
+                Box::pin(async move {
+                    let stream = connecting.await?;
+                    if let Some(guard) = &guard {
+                        guard.check_peer(stream.inner(), host.as_deref())?;
+                    }
+                    Ok(Stream::Direct(stream))
+                })
             }
             Some(proxy) if destination.scheme() == Some(&http::uri::Scheme::HTTP) => {
                 let connecting = proxy.to_proxy.clone().call(proxy.uri.clone());
+                let proxy_host = proxy.uri.host().map(str::to_string);
                 Box::pin(async move {
+                    let stream = connecting.await?;
+                    if let Some(guard) = &guard {
+                        guard.check_peer(tcp_of(&stream), proxy_host.as_deref())?;
+                    }
                     Ok(Stream::Proxied {
-                        stream: Box::new(connecting.await?),
+                        stream: Box::new(stream),
                         forwarding: true,
                     })
                 })
             }
             Some(proxy) => {
                 let connecting = proxy.tunnel.clone().call(destination);
+                let proxy_host = proxy.uri.host().map(str::to_string);
                 Box::pin(async move {
+                    let stream = connecting.await?;
+                    if let Some(guard) = &guard {
+                        guard.check_peer(tcp_of(&stream), proxy_host.as_deref())?;
+                    }
                     Ok(Stream::Proxied {
-                        stream: Box::new(connecting.await?),
+                        stream: Box::new(stream),
                         forwarding: false,
                     })
                 })
             }
         }
+    }
+}
+
+/// The TCP connection under a connection to a proxy.
+fn tcp_of(stream: &ProxyStream) -> &TcpStream {
+    match stream {
+        MaybeHttpsStream::Http(io) => io.inner(),
+        MaybeHttpsStream::Https(tls) => tls.inner().get_ref().0.inner().inner(),
     }
 }
 
@@ -602,6 +728,74 @@ mod tests {
         assert_eq!(plain.uri, "https://proxy.example:443/");
         assert!(plain.authorization.is_none());
         assert!(ProxyAddress::parse("socks5://proxy.example:1080").is_err());
+    }
+
+    /// A request through a client under `policy` for namespace `team-a`.
+    async fn send_under(policy: &DestinationPolicy, url: &str) -> Result<u16, bool> {
+        let guard = DestinationGuard {
+            policy: policy.clone(),
+            namespace: Arc::from("team-a"),
+        };
+        let client = HttpClient::new(&ClientSettings {
+            guard: Some(&guard),
+            ..ClientSettings::default()
+        })
+        .expect("client");
+        let mut request = Request::new(RequestBody::default());
+        *request.uri_mut() = url.parse().expect("uri");
+        match client.send(request).await {
+            Ok(response) => Ok(response.status().as_u16()),
+            Err(e) => Err(is_policy_refusal(&e)),
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_are_checked_after_dns_and_by_the_address_reached() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        // By default a name that resolves to loopback is refused at connect time.
+        let deny = DestinationPolicy::default();
+        for url in [
+            format!("http://localhost:{port}/"),
+            format!("http://127.0.0.1:{port}/"),
+            format!("http://[::ffff:127.0.0.1]:{port}/"),
+        ] {
+            assert_eq!(send_under(&deny, &url).await, Err(true), "{url}");
+        }
+        let open = DestinationPolicy::allowing_loopback();
+        assert_eq!(
+            send_under(&open, &format!("http://localhost:{port}/")).await,
+            Ok(204)
+        );
+        // Once it is one of Herald's own listeners, it is refused by the address reached.
+        open.add_own_listener(SocketAddr::from(([127, 0, 0, 1], port)));
+        assert_eq!(
+            send_under(&open, &format!("http://localhost:{port}/")).await,
+            Err(true)
+        );
+        // So is a proxy that is.
+        let guard = DestinationGuard {
+            policy: deny,
+            namespace: Arc::from("team-a"),
+        };
+        let proxied = HttpClient::new(&ClientSettings {
+            guard: Some(&guard),
+            proxy: Some("http://127.0.0.1:3128"),
+            ..ClientSettings::default()
+        });
+        assert!(matches!(proxied, Err(ClientError::Proxy(_))));
     }
 
     #[test]

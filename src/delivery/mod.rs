@@ -3,8 +3,8 @@
 
 pub mod client;
 mod engine;
-pub mod guard;
 mod id;
+pub mod policy;
 mod queue;
 mod send;
 pub mod target;
@@ -14,5 +14,6 @@ pub use engine::{
     ReportOutcome, RetryPolicy, SubmitError, SubmitSummary,
 };
 pub use id::{DeliveryId, InvalidDeliveryId};
-pub use send::{AttemptClass, AttemptResult, Delivery, send, sign};
+pub use policy::{DestinationPolicy, DestinationRule};
+pub use send::{AttemptClass, AttemptResult, Delivery, LOOP_HEADER, send, sign};
 pub use target::{Target, TargetPolicy, USER_AGENT, parse_signing_secrets, referenced_secrets};

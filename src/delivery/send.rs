@@ -69,25 +69,49 @@ impl Delivery {
         }
     }
 
-    /// The request body for a target, in its language and format.
+    /// The request body for a target, in its language and format (a custom template is
+    /// rendered by [`Delivery::template_body`] instead).
     pub fn body(&self, target: &Target) -> Result<RequestBody, render::RenderError> {
-        let content = Content {
-            webhook: &self.webhook,
-            kind: target.kind,
-            test: self.test,
-            alerts: &self.alerts,
-            group_labels: &self.group_labels,
-            external_url: &self.external_url,
-        };
+        let content = self.content(target);
         if let Some(head) = target.herald_head()
             && let Some(tail) = render::shared_herald_tail(&content, target.language)
         {
             return Ok(RequestBody::pair(head.clone(), tail));
         }
         let notification = render::notification(content, target.language);
-        render::body(&notification, target.format, target.template()).map(RequestBody::from)
+        render::body(&notification, target.format, None).map(RequestBody::from)
+    }
+
+    /// What this delivery carries, for a target.
+    fn content<'a>(&'a self, target: &Target) -> Content<'a> {
+        Content {
+            webhook: &self.webhook,
+            kind: target.kind,
+            test: self.test,
+            alerts: &self.alerts,
+            group_labels: &self.group_labels,
+            external_url: &self.external_url,
+        }
+    }
+
+    /// The request body from a target's custom template, rendered in the template pool
+    /// within the template's limits.
+    pub async fn template_body(
+        &self,
+        target: &Target,
+        template: &Arc<crate::template::SandboxedTemplate>,
+    ) -> Result<RequestBody, render::RenderError> {
+        let content = self.content(target);
+        let context = render::template_context(&render::notification(content, target.language));
+        let body =
+            crate::template::render(template.clone(), &self.webhook.namespace, context).await?;
+        Ok(RequestBody::from(body))
     }
 }
+
+/// The header every request Herald sends carries (the delivery id); Herald's receiver and
+/// admin listener refuse requests that carry it.
+pub const LOOP_HEADER: &str = "herald-delivery";
 
 /// How much of a successful answer's body is read (a longer one closes its connection).
 const SUCCESS_BODY_READ: usize = 64 * 1024;
@@ -215,7 +239,11 @@ pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
 
 /// Sends one attempt of a delivery to a target.
 pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
-    let body = match delivery.body(target) {
+    let rendered = match target.template() {
+        Some(template) => delivery.template_body(target, template).await,
+        None => delivery.body(target),
+    };
+    let body = match rendered {
         Ok(body) => body,
         Err(e) => {
             return AttemptResult::unanswered(AttemptClass::Final, Duration::ZERO, e.to_string());
@@ -235,7 +263,9 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
     }
     // A hyphenated UUID is always a valid header value.
     if let Ok(value) = HeaderValue::from_str(id) {
-        headers.insert(HeaderName::from_static("idempotency-key"), value);
+        headers.insert(HeaderName::from_static("idempotency-key"), value.clone());
+        // Herald's mark: a Herald receiver refuses what a Herald sent (no delivery loops).
+        headers.insert(HeaderName::from_static(LOOP_HEADER), value);
     }
     if let Some(auth) = target.authorization() {
         headers.insert(header::AUTHORIZATION, auth.clone());
@@ -276,11 +306,13 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
     let response = match answer {
         Some(Ok(response)) => response,
         Some(Err(err)) => {
-            return AttemptResult::unanswered(
-                AttemptClass::Retryable,
-                started.elapsed(),
-                describe_error(&err),
-            );
+            // A destination the policy refuses stays refused: no retries.
+            let class = if super::client::is_policy_refusal(&err) {
+                AttemptClass::Final
+            } else {
+                AttemptClass::Retryable
+            };
+            return AttemptResult::unanswered(class, started.elapsed(), describe_error(&err));
         }
         None => {
             return AttemptResult::unanswered(
@@ -297,6 +329,9 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
         .and_then(parse_retry_after);
     let class = if status.is_success() {
         AttemptClass::Success
+    } else if status == StatusCode::LOOP_DETECTED {
+        // A Herald refusing what a Herald sent: trying again would loop again.
+        AttemptClass::Final
     } else if status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
         || status.is_server_error()
@@ -314,15 +349,11 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
         // A little of an error body helps users; more could be anything, even an echo of
         // our own credentials, so read at most 1 KiB and mask secret values.
         let bytes = read_prefix(response.into_body(), ERROR_BODY_READ, deadline.as_mut()).await;
-        let snippet: String = target
-            .redact(&String::from_utf8_lossy(&bytes))
-            .chars()
-            .take(200)
-            .collect();
-        Some(if snippet.trim().is_empty() {
+        let snippet = target.answer_excerpt(&bytes);
+        Some(if snippet.is_empty() {
             format!("HTTP {}", status.as_u16())
         } else {
-            format!("HTTP {}: {}", status.as_u16(), snippet.trim())
+            format!("HTTP {}: {snippet}", status.as_u16())
         })
     };
     AttemptResult {

@@ -8,20 +8,36 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::client::{ClientError, ClientSettings, HttpClient};
+use super::client::{ClientError, ClientSettings, DestinationGuard, HttpClient};
+use super::policy::DestinationPolicy;
 use crate::crd::{AuthType, BodyFormat, Language, WebhookSpec, WebhookType, is_reserved_header};
 use crate::render;
 use crate::routing::{NotReady, NotReadyReason, ObjectKey};
-use crate::secret::{SecretData, Sensitive};
+use crate::secret::{Masker, SecretData, Sensitive};
 
 /// The `User-Agent` Herald sends.
 pub const USER_AGENT: &str = concat!("herald/", env!("CARGO_PKG_VERSION"));
 
+/// How much of an endpoint's answer a tenant sees, in characters.
+const ANSWER_EXCERPT_CHARS: usize = 120;
+
 /// Rules every target is built under.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct TargetPolicy {
-    /// Refuse link-local and cloud metadata destinations (169.254.0.0/16 and friends).
-    pub deny_link_local: bool,
+    /// Where webhooks may send.
+    pub destinations: DestinationPolicy,
+    /// Use only Secrets that carry the consent label or annotation (see [`crate::secret`]).
+    pub require_secret_consent: bool,
+}
+
+impl TargetPolicy {
+    /// The default rules with loopback destinations allowed (`herald run`, tests).
+    pub fn allowing_loopback() -> Self {
+        TargetPolicy {
+            destinations: DestinationPolicy::allowing_loopback(),
+            require_secret_consent: false,
+        }
+    }
 }
 
 /// Everything needed to send to one webhook. Secret material is held in [`Sensitive`] wrappers.
@@ -53,12 +69,12 @@ pub struct Target {
 /// A target's template, credentials, headers and signing keys.
 #[derive(Clone, Debug)]
 struct Extras {
-    template: Option<std::sync::Arc<minijinja::Environment<'static>>>,
+    template: Option<std::sync::Arc<crate::template::SandboxedTemplate>>,
     authorization: Option<Sensitive<HeaderValue>>,
     headers: Sensitive<HeaderMap>,
     signing_keys: Vec<Sensitive<Vec<u8>>>,
     /// Every secret value this target sends, to mask them in anything the endpoint echoes back.
-    secret_values: Vec<Sensitive<String>>,
+    masker: Masker,
 }
 
 impl Extras {
@@ -67,7 +83,7 @@ impl Extras {
             && self.authorization.is_none()
             && self.headers.expose().is_empty()
             && self.signing_keys.is_empty()
-            && self.secret_values.is_empty()
+            && self.masker.is_empty()
     }
 }
 
@@ -77,7 +93,7 @@ struct Transport {
     roots: Vec<u8>,
     identity: Option<Sensitive<Vec<u8>>>,
     proxy: Option<String>,
-    deny_link_local: bool,
+    guard: DestinationGuard,
     /// Which of the [`CLIENT_SHARDS`] clients for these settings the webhook uses.
     shard: u8,
 }
@@ -107,17 +123,17 @@ impl Transport {
     fn digest(&self) -> [u8; 32] {
         use sha2::{Digest, Sha256};
         let mut hasher = Sha256::new();
-        hasher.update([
-            u8::from(self.insecure_skip_verify),
-            u8::from(self.deny_link_local),
-            self.shard,
-        ]);
+        hasher.update([u8::from(self.insecure_skip_verify), self.shard]);
+        // The policy object (alive as long as any client built under it) and the namespace
+        // whose rules apply.
+        hasher.update((self.guard.policy.identity() as u64).to_le_bytes());
         for part in [
             self.roots.as_slice(),
             self.identity
                 .as_ref()
                 .map_or(&[][..], |i| i.expose().as_slice()),
             self.proxy.as_deref().unwrap_or("").as_bytes(),
+            self.guard.namespace.as_bytes(),
         ] {
             hasher.update((part.len() as u64).to_le_bytes());
             hasher.update(part);
@@ -137,7 +153,7 @@ impl Transport {
             roots: &self.roots,
             identity: self.identity.as_ref().map(|i| i.expose().as_slice()),
             proxy: self.proxy.as_deref(),
-            deny_link_local: self.deny_link_local,
+            guard: Some(&self.guard),
         })?);
         cache.retain(|_, weak| weak.strong_count() > 0);
         cache.insert(digest, std::sync::Arc::downgrade(&client));
@@ -164,23 +180,47 @@ pub fn referenced_secrets(spec: &WebhookSpec) -> BTreeSet<String> {
     if let Some(r) = &spec.headers_secret_ref {
         names.insert(r.name.clone());
     }
+    if let Some(r) = &spec.proxy_secret_ref {
+        names.insert(r.name.clone());
+    }
     if let Some(s) = &spec.signing {
         names.insert(s.secret_ref.name.clone());
     }
     names
 }
 
+/// A referenced Secret, if it exists and Herald may use it: never a ServiceAccount token, and
+/// with `--require-secret-consent` only a Secret that carries the consent mark.
 fn secret<'a>(
     lookup: &impl Fn(&str) -> Option<&'a SecretData>,
+    policy: &TargetPolicy,
     name: &str,
     purpose: &str,
 ) -> Result<&'a SecretData, NotReady> {
-    lookup(name).ok_or_else(|| {
+    let data = lookup(name).ok_or_else(|| {
         NotReady::new(
             NotReadyReason::SecretNotFound,
             format!("Secret {name:?} ({purpose}) not found in the webhook's namespace"),
         )
-    })
+    })?;
+    if data.is_service_account_token() {
+        return Err(NotReady::new(
+            NotReadyReason::SecretRefused,
+            format!(
+                "Secret {name:?} ({purpose}) holds a ServiceAccount token, which Herald never sends"
+            ),
+        ));
+    }
+    if policy.require_secret_consent && !data.is_consented() {
+        return Err(NotReady::new(
+            NotReadyReason::SecretRefused,
+            format!(
+                "Secret {name:?} ({purpose}) lacks the label or annotation {}: \"true\" by which its owner lets Herald use it",
+                crate::secret::CONSENT_KEY
+            ),
+        ));
+    }
+    Ok(data)
 }
 
 fn secret_key<'a>(data: &'a SecretData, secret: &str, key: &str) -> Result<&'a [u8], NotReady> {
@@ -254,21 +294,20 @@ impl Target {
         }
         let uri = http::Uri::try_from(url.as_str())
             .map_err(|e| invalid_spec(format!("url is not a valid URL: {e}")))?;
-        if policy.deny_link_local {
-            let proxy = spec
-                .proxy_url
-                .as_deref()
-                .and_then(|p| url::Url::parse(p).ok());
-            for (field, host) in [
-                ("url", url.host()),
-                ("proxyURL", proxy.as_ref().and_then(|p| p.host())),
-            ] {
-                if let Some(why) = host.as_ref().and_then(super::guard::refuse_host) {
-                    return Err(NotReady::new(
-                        NotReadyReason::ForbiddenAddress,
-                        format!("{field}: {why}; refused by --deny-link-local"),
-                    ));
-                }
+        let destinations = &policy.destinations;
+        let proxy = spec
+            .proxy_url
+            .as_deref()
+            .map(url::Url::parse)
+            .transpose()
+            .map_err(|e| invalid_spec(format!("proxyURL is not usable: {e}")))?;
+        for (field, checked) in [("url", Some(&url)), ("proxyURL", proxy.as_ref())] {
+            if let Some(why) = checked.and_then(|u| destinations.refuse_url_host(&key.namespace, u))
+            {
+                return Err(NotReady::new(
+                    NotReadyReason::ForbiddenAddress,
+                    format!("{field}: {why}; refused by the destination policy"),
+                ));
             }
         }
 
@@ -284,7 +323,7 @@ impl Target {
             )),
         };
 
-        let mut secret_values: Vec<Sensitive<String>> = Vec::new();
+        let mut masker = Masker::default();
         let authorization = match spec.auth.kind {
             AuthType::None => None,
             kind => {
@@ -296,18 +335,18 @@ impl Target {
                         invalid_spec("auth.secretRef is required for Bearer and Basic auth")
                     })?
                     .name;
-                let data = secret(&lookup, name, "auth")?;
+                let data = secret(&lookup, policy, name, "auth")?;
                 let value = if kind == AuthType::Bearer {
                     let token = text(data, name, "token")?;
-                    secret_values.push(Sensitive::new(token.to_string()));
+                    masker.add(token.as_bytes());
                     format!("Bearer {token}")
                 } else {
                     let user = text(data, name, "username")?;
                     let password = text(data, name, "password")?;
                     let encoded = base64::engine::general_purpose::STANDARD
                         .encode(format!("{user}:{password}"));
-                    secret_values.push(Sensitive::new(password.to_string()));
-                    secret_values.push(Sensitive::new(encoded.clone()));
+                    masker.add(password.as_bytes());
+                    masker.add(encoded.as_bytes());
                     format!("Basic {encoded}")
                 };
                 let mut value = HeaderValue::from_str(&value).map_err(|_| {
@@ -325,13 +364,41 @@ impl Target {
         for (name, value) in &spec.headers {
             insert_header(&mut headers, name, value.as_bytes(), "spec.headers")?;
         }
+        let proxy = match (&proxy, &spec.proxy_secret_ref) {
+            (Some(proxy), _) if !proxy.username().is_empty() || proxy.password().is_some() => {
+                return Err(invalid_spec(
+                    "proxyURL must not carry credentials; use proxySecretRef instead",
+                ));
+            }
+            (None, Some(_)) => return Err(invalid_spec("proxySecretRef needs proxyURL")),
+            (Some(proxy), Some(r)) => {
+                let data = secret(&lookup, policy, &r.name, "proxy")?;
+                let user = text(data, &r.name, "username")?;
+                let password = text(data, &r.name, "password")?;
+                masker.add(password.as_bytes());
+                masker.add(
+                    base64::engine::general_purpose::STANDARD
+                        .encode(format!("{user}:{password}"))
+                        .as_bytes(),
+                );
+                let mut with_credentials = proxy.clone();
+                if with_credentials.set_username(user).is_err()
+                    || with_credentials.set_password(Some(password)).is_err()
+                {
+                    return Err(invalid_spec("proxyURL cannot carry credentials"));
+                }
+                Some(with_credentials.to_string())
+            }
+            (proxy, None) => proxy.as_ref().map(|p| p.to_string()),
+        };
+
         if let Some(r) = &spec.headers_secret_ref {
-            let data = secret(&lookup, &r.name, "headers")?;
+            let data = secret(&lookup, policy, &r.name, "headers")?;
             for (name, value) in data.iter() {
                 let origin = format!("Secret {:?}", r.name);
                 let value = trim_bytes(value);
                 insert_header(&mut headers, name, value, &origin)?;
-                secret_values.push(Sensitive::new(String::from_utf8_lossy(value).into_owned()));
+                masker.add(value);
             }
         }
 
@@ -339,13 +406,12 @@ impl Target {
             None => Vec::new(),
             Some(signing) => {
                 let r = &signing.secret_ref;
-                let data = secret(&lookup, &r.name, "signing")?;
+                let data = secret(&lookup, policy, &r.name, "signing")?;
                 let value = text(data, &r.name, &r.key)?;
-                secret_values.extend(
-                    value
-                        .split_whitespace()
-                        .map(|v| Sensitive::new(v.to_string())),
-                );
+                for entry in value.split_whitespace() {
+                    masker.add(entry.as_bytes());
+                    masker.add(entry.trim_start_matches("whsec_").as_bytes());
+                }
                 parse_signing_secrets(value)
                     .map_err(|e| {
                         NotReady::new(
@@ -366,14 +432,22 @@ impl Target {
             insecure_skip_verify: false,
             roots: Vec::new(),
             identity: None,
-            proxy: spec.proxy_url.clone(),
-            deny_link_local: policy.deny_link_local,
+            proxy,
+            guard: DestinationGuard {
+                policy: destinations.clone(),
+                // Namespaces without rules of their own share clients.
+                namespace: if destinations.has_rules_for(&key.namespace) {
+                    key.namespace.clone()
+                } else {
+                    std::sync::Arc::from("")
+                },
+            },
             shard: client_shard(&key),
         };
         if let Some(tls) = &spec.tls {
             transport.insecure_skip_verify = tls.insecure_skip_verify;
             if let Some(r) = &tls.ca_secret_ref {
-                let data = secret(&lookup, &r.name, "CA bundle")?;
+                let data = secret(&lookup, policy, &r.name, "CA bundle")?;
                 let pem = secret_key(data, &r.name, &r.key)?;
                 if super::client::check_roots(pem).is_err() {
                     return Err(NotReady::new(
@@ -387,7 +461,7 @@ impl Target {
                 transport.roots = pem.to_vec();
             }
             if let Some(r) = &tls.client_cert_secret_ref {
-                let data = secret(&lookup, &r.name, "client certificate")?;
+                let data = secret(&lookup, policy, &r.name, "client certificate")?;
                 let mut pem = secret_key(data, &r.name, "tls.crt")?.to_vec();
                 pem.push(b'\n');
                 pem.extend_from_slice(secret_key(data, &r.name, "tls.key")?);
@@ -417,10 +491,7 @@ impl Target {
             authorization,
             headers: Sensitive::new(headers),
             signing_keys,
-            secret_values: secret_values
-                .into_iter()
-                .filter(|v| v.expose().len() >= 4)
-                .collect(),
+            masker,
         };
         let herald_head = (spec.format == BodyFormat::Herald && extras.template.is_none())
             .then(|| render::herald_head(spec.kind, &key))
@@ -442,21 +513,31 @@ impl Target {
     }
 
     /// The compiled custom body template, if any.
-    pub fn template(&self) -> Option<&minijinja::Environment<'static>> {
-        self.extras.as_ref()?.template.as_deref()
+    pub fn template(&self) -> Option<&std::sync::Arc<crate::template::SandboxedTemplate>> {
+        self.extras.as_ref()?.template.as_ref()
     }
 
-    /// Masks every secret value this target sends (token, password, header values, signing
-    /// secrets) in a text that came back from the endpoint.
-    pub fn redact(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        let secrets = self.extras.as_ref().map_or(&[][..], |e| &e.secret_values);
-        for secret in secrets {
-            if out.contains(secret.expose().as_str()) {
-                out = out.replace(secret.expose().as_str(), "[redacted]");
-            }
+    /// What a tenant may see of an endpoint's answer: a short excerpt, every form of every
+    /// secret value this target sends (token, password, header values, signing and proxy
+    /// secrets) masked, control characters escaped; nothing when a secret is too short to
+    /// mask.
+    pub fn answer_excerpt(&self, answer: &[u8]) -> String {
+        let text = String::from_utf8_lossy(answer);
+        let masked = match self.extras.as_ref().map(|e| &e.masker) {
+            None => Some(text.into_owned()),
+            Some(masker) => masker.mask(&text),
+        };
+        let Some(masked) = masked else {
+            return "(answer withheld: this webhook sends a secret too short to mask)".into();
+        };
+        let mut excerpt: String = crate::secret::escape_controls(masked.trim())
+            .chars()
+            .take(ANSWER_EXCERPT_CHARS)
+            .collect();
+        if excerpt.chars().count() == ANSWER_EXCERPT_CHARS {
+            excerpt.push('…');
         }
-        out
+        excerpt
     }
 
     /// The start of this webhook's one-alert Herald bodies, when it receives Herald bodies.
@@ -570,13 +651,15 @@ mod tests {
         )
     }
 
+    /// One policy for every target of these tests (as one Herald has): clients are shared
+    /// only under the same policy.
+    static POLICY: std::sync::LazyLock<TargetPolicy> =
+        std::sync::LazyLock::new(TargetPolicy::default);
+
     fn build(spec: &WebhookSpec, secrets: &[(&str, SecretData)]) -> Result<Target, NotReady> {
-        Target::build(
-            ObjectKey::new("ns", "wh"),
-            spec,
-            &TargetPolicy::default(),
-            |name| secrets.iter().find(|(n, _)| *n == name).map(|(_, d)| d),
-        )
+        Target::build(ObjectKey::new("ns", "wh"), spec, &POLICY, |name| {
+            secrets.iter().find(|(n, _)| *n == name).map(|(_, d)| d)
+        })
     }
 
     #[test]
@@ -604,8 +687,14 @@ mod tests {
         )
         .expect("ready");
         assert_eq!(
-            t.redact("bad token tok-secret and key hdr-secret"),
+            t.answer_excerpt(b"bad token tok-secret and key hdr-secret"),
             "bad token [redacted] and key [redacted]"
+        );
+        // Encoded and case-folded forms too, and control characters escaped.
+        let echoed = "TOK-SECRET aGRyLXNlY3JldA== tok%2Dsecret\r\nforged";
+        assert_eq!(
+            t.answer_excerpt(echoed.as_bytes()),
+            "[redacted] [redacted]A== [redacted]\\r\\nforged"
         );
     }
 
@@ -688,25 +777,26 @@ mod tests {
     }
 
     #[test]
-    fn link_local_destinations_are_refused_when_asked() {
-        let deny = TargetPolicy {
-            deny_link_local: true,
+    fn internal_destinations_and_proxies_are_refused_by_default() {
+        let build_with = |yaml: &str, policy: &TargetPolicy| {
+            Target::build(ObjectKey::new("ns", "wh"), &spec(yaml), policy, |_| None)
         };
-        let build_with = |url: &str, policy: &TargetPolicy| {
-            Target::build(
-                ObjectKey::new("ns", "wh"),
-                &spec(&format!("url: '{url}'\n")),
-                policy,
-                |_| None,
-            )
-        };
-        let err =
-            build_with("http://169.254.169.254/latest/meta-data", &deny).expect_err("refused");
-        assert_eq!(err.reason, NotReadyReason::ForbiddenAddress);
-        assert!(build_with("http://[fe80::1]/x", &deny).is_err());
-        assert!(build_with("http://metadata.google.internal/x", &deny).is_err());
-        assert!(build_with("http://hooks.example.com/x", &deny).is_ok());
-        assert!(build_with("http://169.254.169.254/x", &TargetPolicy::default()).is_ok());
+        let deny = TargetPolicy::default();
+        for yaml in [
+            "url: 'http://169.254.169.254/latest/meta-data'\n",
+            "url: 'http://[fe80::1]/x'\n",
+            "url: 'http://metadata.google.internal/x'\n",
+            "url: 'http://127.0.0.1:8081/api/v1/deliveries/x/replay'\n",
+            "url: 'http://[::169.254.169.254]/x'\n",
+            "url: 'http://hooks.example.com/x'\nproxyURL: 'http://127.0.0.1:3128'\n",
+        ] {
+            let err = build_with(yaml, &deny).expect_err(yaml);
+            assert_eq!(err.reason, NotReadyReason::ForbiddenAddress, "{yaml}");
+        }
+        assert!(build_with("url: 'http://hooks.example.com/x'\n", &deny).is_ok());
+        let open = TargetPolicy::allowing_loopback();
+        assert!(build_with("url: 'http://127.0.0.1:9000/x'\n", &open).is_ok());
+        assert!(build_with("url: 'http://169.254.169.254/x'\n", &open).is_err());
     }
 
     #[test]
@@ -727,7 +817,7 @@ mod tests {
                 Target::build(
                     ObjectKey::new("ns", format!("wh-{i}")),
                     &spec("url: http://a.example/x\n"),
-                    &TargetPolicy::default(),
+                    &POLICY,
                     |_| None,
                 )
                 .expect("ready")

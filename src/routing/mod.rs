@@ -80,6 +80,8 @@ pub enum NotReadyReason {
     InvalidSigningSecret,
     /// A header from `headersSecretRef` is reserved or not a valid header.
     InvalidHeader,
+    /// A referenced Secret may not be used (a ServiceAccount token, or no consent mark).
+    SecretRefused,
     /// `spec.template` does not compile.
     InvalidTemplate,
     /// The URL or proxy points at a link-local or cloud metadata address.
@@ -100,6 +102,7 @@ impl NotReadyReason {
             NotReadyReason::InvalidClientCertificate => "InvalidClientCertificate",
             NotReadyReason::InvalidSigningSecret => "InvalidSigningSecret",
             NotReadyReason::InvalidHeader => "InvalidHeader",
+            NotReadyReason::SecretRefused => "SecretRefused",
             NotReadyReason::InvalidTemplate => "InvalidTemplate",
             NotReadyReason::ForbiddenAddress => "ForbiddenAddress",
             NotReadyReason::InvalidSpec => "InvalidSpec",

@@ -203,6 +203,8 @@ impl Controller {
             format!("127.0.0.1:{port}"),
             "--admin-listen".into(),
             "127.0.0.1:0".into(),
+            // The test endpoints listen on loopback, which a controller refuses by default.
+            "--allow-loopback".into(),
             // Herald's own namespace, where its RBAC allows Leases; one Lease per test.
             "--namespace".into(),
             "herald".into(),

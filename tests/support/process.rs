@@ -142,6 +142,11 @@ impl Running {
         assert!(status.success(), "kill -{signal} failed");
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The admin listener's base URL.
     pub fn admin_url(&self) -> String {
         format!("http://{}", self.admin)

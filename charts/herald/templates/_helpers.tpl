@@ -59,3 +59,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "herald.dataDir" -}}
 /var/lib/herald
 {{- end }}
+
+{{/* The Secret holding the receiver's token: the one named, or the one the chart creates. */}}
+{{- define "herald.receiverTokenSecret" -}}
+{{- .Values.receiverAuth.existingSecret | default (printf "%s-receiver-token" (include "herald.fullname" .)) }}
+{{- end }}
