@@ -5,6 +5,8 @@
 
 #[path = "support/postgres.rs"]
 mod postgres;
+#[path = "support/sink.rs"]
+mod sink;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -440,4 +442,44 @@ async fn replicas_migrating_an_empty_database_at_once_all_come_up() {
         start.await.expect("task").expect("the replica came up");
     }
     assert_eq!(server.psql("SELECT count(*) FROM herald_migrations"), "1");
+}
+
+/// TLS to the database with a CA of its own: trusted through `ca_pem`, refused without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_is_verified_against_the_given_ca() {
+    let pki = sink::TestPki::generate();
+    let server = postgres::Postgres::start_tls(&pki.server_cert_pem, &pki.server_key_pem);
+    let url = format!(
+        "postgres://herald@localhost:{}/postgres?sslmode=require",
+        server.port()
+    );
+    let refused = Store::postgres(
+        PostgresOptions {
+            write_timeout: Duration::from_secs(3),
+            ..PostgresOptions::new(url.clone())
+        },
+        limits(),
+    )
+    .await;
+    let error = refused.err().expect("an unknown CA is refused").to_string();
+    assert!(error.contains("PostgreSQL"), "{error}");
+    let store = Store::postgres(
+        PostgresOptions {
+            ca_pem: pki.ca_pem.clone().into_bytes(),
+            ..quick(url)
+        },
+        limits(),
+    )
+    .await
+    .expect("connect with the CA");
+    let d = delivery("ns/a");
+    store
+        .append(std::slice::from_ref(&d))
+        .await
+        .expect("append over TLS");
+    let encrypted = server.psql(
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE s.ssl AND a.application_name <> 'psql'",
+    );
+    assert_ne!(encrypted, "0", "Herald's connections use TLS");
 }

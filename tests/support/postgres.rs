@@ -77,12 +77,39 @@ pub struct Postgres {
     data: PathBuf,
     port: u16,
     as_user: bool,
+    /// Extra server options (`-c name=value ...`).
+    options: String,
     dir: tempfile::TempDir,
 }
 
 impl Postgres {
     /// Makes a cluster (user `herald`, trust authentication on loopback) and starts it.
     pub fn start() -> Postgres {
+        Self::start_with(|_| String::new())
+    }
+
+    /// As [`Postgres::start`], serving TLS (as well as plain connections) with this
+    /// certificate and key (PEM).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Postgres {
+        Self::start_with(|postgres| {
+            let cert = postgres.dir.path().join("server.crt");
+            let key = postgres.dir.path().join("server.key");
+            std::fs::write(&cert, cert_pem).expect("write the certificate");
+            std::fs::write(&key, key_pem).expect("write the key");
+            set_mode(&key, 0o600);
+            if postgres.as_user {
+                postgres.chown(&cert);
+                postgres.chown(&key);
+            }
+            format!(
+                "-c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            )
+        })
+    }
+
+    fn start_with(options: impl FnOnce(&Postgres) -> String) -> Postgres {
         let bin = bin_dir();
         let as_user = is_root();
         if as_user {
@@ -90,11 +117,12 @@ impl Postgres {
         }
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
-        let postgres = Postgres {
+        let mut postgres = Postgres {
             bin,
             data,
             port: free_port(),
             as_user,
+            options: String::new(),
             dir,
         };
         if as_user {
@@ -116,6 +144,7 @@ impl Postgres {
                 "--no-sync",
             ],
         );
+        postgres.options = options(&postgres);
         postgres.start_server();
         postgres
     }
@@ -162,9 +191,10 @@ impl Postgres {
 
     fn start_server(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 {}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.options
         );
         let log = self.dir.path().join("server.log");
         self.run_checked(
