@@ -461,7 +461,7 @@ async fn tls_to_the_database_is_verified_against_the_given_ca() {
         limits(),
     )
     .await;
-    let error = refused.err().expect("an unknown CA is refused").to_string();
+    let error = refused.expect_err("an unknown CA is refused").to_string();
     assert!(error.contains("PostgreSQL"), "{error}");
     let store = Store::postgres(
         PostgresOptions {
