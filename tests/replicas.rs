@@ -313,6 +313,23 @@ async fn a_replica_paused_past_its_lease_loses_its_claims_and_its_late_finish_is
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Either replica answers for both from the shared tables.
+    for replica in [&first, &second] {
+        let listed: Value = client
+            .get(format!("{}/api/v1/deliveries?limit=0", replica.admin_url()))
+            .send()
+            .await
+            .expect("list deliveries")
+            .json()
+            .await
+            .expect("json");
+        let listed = listed["deliveries"].as_array().expect("deliveries");
+        assert_eq!(listed.len(), POSTS, "{listed:?}");
+        assert!(
+            listed.iter().all(|r| r["outcome"] == "Succeeded"),
+            "{listed:?}"
+        );
+    }
     eprintln!(
         "paused replica: {POSTS} deliveries, duplicates (same Idempotency-Key) {}",
         sink.duplicates()
