@@ -312,17 +312,23 @@ fn quick(url: String) -> PostgresOptions {
     }
 }
 
-/// Two replicas on one database: a webhook's rows go to one replica at a time (its lease);
-/// the other gets them once the first has nothing more to claim.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replicas_claim_a_webhook_one_at_a_time() {
-    let server = postgres::Postgres::start();
+/// Two stores on one server, as two replicas.
+async fn two_replicas(server: &postgres::Postgres) -> (Store, Store) {
     let first = Store::postgres(quick(server.url()), limits())
         .await
         .expect("first");
     let second = Store::postgres(quick(server.url()), limits())
         .await
         .expect("second");
+    (first, second)
+}
+
+/// Two replicas on one database: a webhook's rows go to one replica at a time (its lease);
+/// the other gets them once the first has nothing more to claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_claim_a_webhook_one_at_a_time() {
+    let server = postgres::Postgres::start();
+    let (first, second) = two_replicas(&server).await;
     let a = delivery("ns/a");
     let b = delivery("ns/b");
     let seqs = first.append(&[a.clone(), b.clone()]).await.expect("append");
@@ -367,12 +373,7 @@ async fn replicas_claim_a_webhook_one_at_a_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_finish_after_a_takeover_is_refused() {
     let server = postgres::Postgres::start();
-    let first = Store::postgres(quick(server.url()), limits())
-        .await
-        .expect("first");
-    let second = Store::postgres(quick(server.url()), limits())
-        .await
-        .expect("second");
+    let (first, second) = two_replicas(&server).await;
     let d = delivery("ns/a");
     let seq = first
         .append(std::slice::from_ref(&d))

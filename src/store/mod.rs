@@ -42,6 +42,18 @@ fn db<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Database(e.to_string())
 }
 
+/// The error of a store whose writer (thread or task) is gone.
+fn writer_stopped() -> StoreError {
+    StoreError::Database("the store writer has stopped".into())
+}
+
+/// What a store's writer answered, or [`writer_stopped`] when it went away first.
+async fn written<T>(
+    answer: tokio::sync::oneshot::Receiver<Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    answer.await.map_err(|_| writer_stopped())?
+}
+
 /// One finished delivery, as `herald deliveries` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -534,10 +546,7 @@ impl Store {
         match &self.backend {
             Backend::Memory(_) => Ok(()),
             Backend::Postgres(store) => store.flush().await,
-            Backend::Disk(disk) => disk
-                .flush()
-                .await
-                .map_err(|_| StoreError::Database("the store writer has stopped".into()))?,
+            Backend::Disk(disk) => disk.flush().await.map_err(|_| writer_stopped())?,
         }
     }
 

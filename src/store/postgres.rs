@@ -27,7 +27,10 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
-use super::{DeliveryRecord, RecordFilter, RecordLimits, StoreError, class, decode, encode};
+use super::{
+    DeliveryRecord, RecordFilter, RecordLimits, StoreError, class, decode, encode, writer_stopped,
+    written,
+};
 use crate::delivery::Delivery;
 use crate::routing::ObjectKey;
 
@@ -241,9 +244,7 @@ impl PostgresStore {
     }
 
     fn send(&self, op: Op) -> Result<(), StoreError> {
-        self.writer
-            .send(op)
-            .map_err(|_| StoreError::Database("the store writer has stopped".into()))
+        self.writer.send(op).map_err(|_| writer_stopped())
     }
 
     /// Whether the database answered the last write and health check.
@@ -272,9 +273,7 @@ impl PostgresStore {
             .collect();
         let (reply, answer) = oneshot::channel();
         self.send(Op::Append { rows, reply })?;
-        answer
-            .await
-            .map_err(|_| StoreError::Database("the store writer has stopped".into()))?
+        written(answer).await
     }
 
     /// Claims up to `limit` of a webhook's rows that nobody holds (or whose lease expired), in
@@ -372,9 +371,7 @@ impl PostgresStore {
     pub(super) async fn flush(&self) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
         self.send(Op::Flush(reply))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Database("the store writer has stopped".into()))??;
+        written(answer).await?;
         let client = self.pool.get().await.map_err(pg)?;
         prune(&client, &self.limits).await
     }
