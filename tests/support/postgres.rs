@@ -239,6 +239,11 @@ impl Postgres {
         format!("postgres://herald@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// The connection string for another database of this server.
+    pub fn url_for(&self, database: &str) -> String {
+        format!("postgres://herald@127.0.0.1:{}/{database}", self.port)
+    }
+
     /// The server's port.
     pub fn port(&self) -> u16 {
         self.port
