@@ -167,14 +167,14 @@ async fn list(State(engine): State<Engine>, Query(query): Query<DeliveriesQuery>
         outcome,
         limit: query.limit.unwrap_or(100),
     };
-    match engine.store().records(&filter) {
+    match engine.store().records(&filter).await {
         Ok(records) => axum::Json(json!({ "deliveries": records })).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
 async fn one(State(engine): State<Engine>, Path(id): Path<String>) -> Response {
-    match engine.store().record(&id) {
+    match engine.store().record(&id).await {
         Ok(Some(record)) => axum::Json(record).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no delivery record {id}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -182,7 +182,7 @@ async fn one(State(engine): State<Engine>, Path(id): Path<String>) -> Response {
 }
 
 async fn replay(State(engine): State<Engine>, Path(id): Path<String>) -> Response {
-    match engine.replay(&id) {
+    match engine.replay(&id).await {
         Ok(()) => (StatusCode::ACCEPTED, axum::Json(json!({ "replayed": id }))).into_response(),
         Err(e @ ReplayError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e @ (ReplayError::NoContent(_) | ReplayError::NotReady(_))) => {

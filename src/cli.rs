@@ -147,6 +147,25 @@ pub struct CoreArgs {
     /// Keep accepted deliveries and delivery records on disk here (crash-safe); in memory when unset.
     #[arg(long, env = "HERALD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Keep accepted deliveries and delivery records in PostgreSQL, one queue shared by every
+    /// replica (`postgres://user:password@host/db?sslmode=require`). Prefer
+    /// --database-url-file: a password on a command line is visible to every process.
+    #[arg(long, env = "HERALD_DATABASE_URL", hide_env_values = true, value_parser = parse_database_url,
+          conflicts_with_all = ["data_dir", "database_url_file"])]
+    pub database_url: Option<DatabaseUrl>,
+    /// A file holding the PostgreSQL connection string (a mounted Secret).
+    #[arg(long, env = "HERALD_DATABASE_URL_FILE", conflicts_with = "data_dir")]
+    pub database_url_file: Option<PathBuf>,
+    /// CA certificates (PEM) trusted for TLS to PostgreSQL, besides the public roots.
+    #[arg(long, env = "HERALD_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
+    /// Connections to PostgreSQL per replica.
+    #[arg(long, default_value_t = 8)]
+    pub database_pool_size: usize,
+    /// How long a replica's claim on a delivery lasts without renewal (renewed every third of
+    /// it): a replica that stops (killed, paused, cut off) loses its claims this long after.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub database_lease: Duration,
     /// The admin listener (delivery records and replay); keep it on loopback unless protected.
     #[arg(long, default_value = "127.0.0.1:8081")]
     pub admin_listen: SocketAddr,
@@ -195,7 +214,45 @@ pub struct CoreArgs {
     pub require_secret_consent: bool,
 }
 
+/// A database connection string: kept out of `Debug` output (it may hold a password).
+#[derive(Clone)]
+pub struct DatabaseUrl(pub String);
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatabaseUrl(..)")
+    }
+}
+
+fn parse_database_url(text: &str) -> Result<DatabaseUrl, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("the database URL is empty".into());
+    }
+    Ok(DatabaseUrl(text.to_string()))
+}
+
 impl CoreArgs {
+    /// The PostgreSQL settings, when a database is configured.
+    fn postgres_options(&self) -> anyhow::Result<Option<crate::store::PostgresOptions>> {
+        let url = match (&self.database_url, &self.database_url_file) {
+            (Some(url), _) => url.0.clone(),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .with_context(|| format!("reading the database URL from {}", file.display()))?
+                .trim()
+                .to_string(),
+            (None, None) => return Ok(None),
+        };
+        let mut options = crate::store::PostgresOptions::new(url);
+        if let Some(file) = &self.database_ca_file {
+            options.ca_pem = std::fs::read(file)
+                .with_context(|| format!("reading the database CA from {}", file.display()))?;
+        }
+        options.pool_size = self.database_pool_size.max(2);
+        options.lease = self.database_lease.max(Duration::from_secs(1));
+        Ok(Some(options))
+    }
+
     fn engine_config(&self) -> EngineConfig {
         EngineConfig {
             backlog_limit: self.backlog_limit,
@@ -222,7 +279,11 @@ impl CoreArgs {
         }
     }
 
-    fn herald(&self, cluster_namespaces: &[String], loopback: bool) -> anyhow::Result<Herald> {
+    async fn herald(
+        &self,
+        cluster_namespaces: &[String],
+        loopback: bool,
+    ) -> anyhow::Result<Herald> {
         template_workers(self.template_memory_mib);
         let limits = RecordLimits {
             per_webhook: self.records_per_webhook,
@@ -230,10 +291,13 @@ impl CoreArgs {
             record_bodies: self.record_bodies,
             total: self.max_records,
         };
-        let store = match &self.data_dir {
-            Some(dir) => Store::open(dir, limits)
+        let store = match (self.postgres_options()?, &self.data_dir) {
+            (Some(options), _) => Store::postgres(options, limits)
+                .await
+                .context("opening the delivery store in PostgreSQL")?,
+            (None, Some(dir)) => Store::open(dir, limits)
                 .with_context(|| format!("opening the delivery store in {}", dir.display()))?,
-            None => Store::memory(limits),
+            (None, None) => Store::memory(limits),
         };
         Ok(Herald::with_store(
             cluster_namespaces.iter().cloned(),
@@ -632,7 +696,7 @@ fn read_token(path: &Option<PathBuf>, what: &str) -> anyhow::Result<Option<Sensi
 }
 
 async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let herald = args.core.herald(&args.cluster_namespaces, true)?;
+    let herald = args.core.herald(&args.cluster_namespaces, true).await?;
     let mut loader = Loader::new(&args.config);
     let report = loader
         .reload_if_changed(&herald)
@@ -883,7 +947,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     } else {
         args.cluster_namespaces.clone()
     };
-    let herald = args.core.herald(&cluster_namespaces, false)?;
+    let herald = args.core.herald(&cluster_namespaces, false).await?;
     let identity = args.identity.clone().unwrap_or_else(hostname);
     let cancel = CancellationToken::new();
     let admin = args.core.serve_admin(&herald, cancel.clone()).await?;

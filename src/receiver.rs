@@ -161,7 +161,13 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.herald.is_ready() {
+    if !state.herald.engine().store().is_healthy() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the delivery store's database does not answer",
+        )
+            .into_response()
+    } else if state.herald.is_ready() {
         (StatusCode::OK, "ok").into_response()
     } else {
         (

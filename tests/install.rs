@@ -1476,6 +1476,72 @@ fn chart_claims_replace_the_claim_template() {
     );
 }
 
+/// `store.type: postgres`: a Deployment that may scale (with an optional autoscaler on CPU),
+/// the connection string read from a Secret's file, no store on a volume; accepted by the real
+/// API server. Without the Secret the chart refuses to render.
+#[test]
+fn chart_postgres_store_is_a_scalable_deployment() {
+    let ns = "herald-chart-postgres";
+    let values = "store: {type: postgres, existingSecret: herald-db, caSecret: herald-db-ca, poolSize: 4, lease: 20s}\n\
+                  autoscaling: {enabled: true, minReplicas: 2, maxReplicas: 5}\n";
+    let docs = rendered_documents("hp", ns, Some(values));
+    let values_only: Vec<Value> = docs.iter().map(|(_, v)| v.clone()).collect();
+    assert!(
+        !values_only.iter().any(|d| d["kind"] == "StatefulSet"),
+        "no StatefulSet with the PostgreSQL store"
+    );
+    let live = apply_into(ns, &docs);
+    let deployment = &live[&format!("Deployment/{ns}/hp-herald")];
+    let pod = at(deployment, "/spec/template/spec");
+    let args = flags(at(pod, "/containers/0/args"));
+    for (flag, value) in [
+        ("--database-url-file", "/etc/herald/database/url"),
+        ("--database-ca-file", "/etc/herald/database-ca/ca.crt"),
+        ("--database-pool-size", "4"),
+        ("--database-lease", "20s"),
+    ] {
+        assert!(
+            args.iter().any(|(f, v)| f == flag && v == value),
+            "{flag}={value} in {args:?}"
+        );
+    }
+    assert!(
+        !args.iter().any(|(flag, _)| flag == "--data-dir"),
+        "{args:?}"
+    );
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    let database = volumes
+        .iter()
+        .find(|v| v["name"] == "database")
+        .expect("the database Secret volume");
+    assert_eq!(database["secret"]["secretName"], "herald-db");
+    assert_eq!(database["secret"]["items"][0]["key"], "url");
+    assert!(
+        !volumes.iter().any(|v| v["name"] == "data"),
+        "no store volume: {volumes:?}"
+    );
+    assert!(
+        of_kind(&values_only, "Deployment")["spec"]
+            .get("replicas")
+            .is_none(),
+        "the autoscaler owns the replica count"
+    );
+    let autoscaler = &live[&format!("HorizontalPodAutoscaler/{ns}/hp-herald")];
+    assert_eq!(at(autoscaler, "/spec/scaleTargetRef/kind"), "Deployment");
+    assert_eq!(at(autoscaler, "/spec/scaleTargetRef/name"), "hp-herald");
+    assert_eq!(at(autoscaler, "/spec/minReplicas"), 2);
+    assert_eq!(at(autoscaler, "/spec/maxReplicas"), 5);
+    assert_eq!(at(autoscaler, "/spec/metrics/0/resource/name"), "cpu");
+
+    let refused = template("hp", ns, Some("store: {type: postgres}\n"), &[]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("store.existingSecret"),
+        "{}",
+        text(&refused.stderr)
+    );
+}
+
 #[test]
 fn chart_rejects_bad_values() {
     let cases: &[(&str, &str)] = &[

@@ -14,6 +14,9 @@ mod cluster;
 mod fixture;
 mod forwarder;
 mod load;
+// The tests' PostgreSQL harness: a throwaway cluster on loopback.
+#[path = "../../tests/support/postgres.rs"]
+mod postgres;
 mod probe;
 mod procs;
 mod report;
@@ -141,11 +144,15 @@ const ONE_TO_ONE: Shape = Shape {
 const HERALD: &str = "Herald";
 /// Herald with its durable store (`--data-dir`, the default of deploy/ and the chart).
 const HERALD_DURABLE: &str = "Herald --data-dir";
+/// Herald with the PostgreSQL store (`--database-url`), one replica, on a server of its own on
+/// the same machine.
+const HERALD_POSTGRES: &str = "Herald --database-url";
 /// The ceiling.
 const FORWARDER: &str = "minimal forwarder";
 
 /// Starts each system, measures it at the fixed load, then saturates Herald (both ways) and the
 /// forwarder in interleaved rounds; returns a row per system.
+#[allow(clippy::too_many_arguments)]
 async fn throughput(
     args: &RunArgs,
     herald: &std::path::Path,
@@ -153,6 +160,7 @@ async fn throughput(
     sink: &Sink,
     shape: Shape,
     systems: &[(&'static str, Ingest)],
+    postgres: Option<&postgres::Postgres>,
     phase_id: &mut u32,
 ) -> Result<Vec<SystemRow>> {
     // Every system is started and measured at the fixed load, then the saturation phase
@@ -168,10 +176,17 @@ async fn throughput(
         ));
         std::fs::create_dir_all(&dir)?;
         let mut sut = match name {
-            HERALD => suts::start_herald(herald, &dir, shape, &sink.url(), None).await?,
+            HERALD => suts::start_herald(herald, &dir, shape, &sink.url(), None, None).await?,
             HERALD_DURABLE => {
                 let data = dir.join("data");
-                suts::start_herald(herald, &dir, shape, &sink.url(), Some(&data)).await?
+                suts::start_herald(herald, &dir, shape, &sink.url(), Some(&data), None).await?
+            }
+            HERALD_POSTGRES => {
+                let server = postgres.context("no PostgreSQL server")?;
+                let database = format!("bench_{}", shape.webhooks);
+                server.psql(&format!("CREATE DATABASE {database}"));
+                let url = server.url_for(&database);
+                suts::start_herald(herald, &dir, shape, &sink.url(), None, Some(&url)).await?
             }
             FORWARDER => suts::start_forwarder(&dir, shape, &sink.url()).await?,
             _ => suts::start_alertmanager(&dir, shape.webhooks, &sink.url()).await?,
@@ -354,11 +369,13 @@ async fn bench(args: RunArgs) -> Result<()> {
         if args.wants("throughput") {
             systems.push((HERALD, Ingest::AlertmanagerWebhook));
             systems.push((HERALD_DURABLE, Ingest::AlertmanagerWebhook));
+            systems.push((HERALD_POSTGRES, Ingest::AlertmanagerWebhook));
             systems.push((FORWARDER, Ingest::AlertmanagerWebhook));
         }
         if args.wants("alertmanager") {
             systems.push(("Alertmanager", Ingest::AlertmanagerApiV2));
         }
+        let postgres = args.wants("throughput").then(postgres::Postgres::start);
         report.systems = throughput(
             &args,
             &herald,
@@ -366,6 +383,7 @@ async fn bench(args: RunArgs) -> Result<()> {
             &sink,
             FAN_OUT,
             &systems,
+            postgres.as_ref(),
             &mut phase_id,
         )
         .await?;
@@ -383,6 +401,7 @@ async fn bench(args: RunArgs) -> Result<()> {
                 &sink,
                 ONE_TO_ONE,
                 &systems,
+                postgres.as_ref(),
                 &mut phase_id,
             )
             .await?;
@@ -581,6 +600,7 @@ async fn scale(
                 per_team: fixture::PER_TEAM,
             },
             &sink.url(),
+            None,
             None,
         )
         .await?;

@@ -310,6 +310,7 @@ impl Report {
             ),
             ("Herald", "Alertmanager", "of Alertmanager's (the peer)"),
             ("Herald --data-dir", "Herald", "of Herald in memory"),
+            ("Herald --database-url", "Herald", "of Herald in memory"),
         ] {
             let (Some(h), Some(o)) = (
                 find(of).and_then(SystemRow::saturation),

@@ -63,14 +63,15 @@ impl Shape {
     }
 }
 
-/// `herald run` on generated webhooks, with its delivery store in `data_dir` when given (in
-/// memory otherwise).
+/// `herald run` on generated webhooks, with its delivery store in `data_dir` or in PostgreSQL
+/// at `database_url` when given (in memory otherwise).
 pub async fn start_herald(
     herald: &Path,
     dir: &Path,
     shape: Shape,
     sink: &str,
     data_dir: Option<&Path>,
+    database_url: Option<&str>,
 ) -> Result<Sut> {
     let webhooks = shape.webhooks;
     let config = dir.join("herald-config");
@@ -99,6 +100,12 @@ pub async fn start_herald(
         .args(
             data_dir
                 .map(|d| ["--data-dir".as_ref(), d.as_os_str()])
+                .into_iter()
+                .flatten(),
+        )
+        .args(
+            database_url
+                .map(|url| ["--database-url", url])
                 .into_iter()
                 .flatten(),
         )

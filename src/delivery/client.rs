@@ -338,6 +338,16 @@ fn identity(
     Ok((chain, key))
 }
 
+/// A TLS client configuration that trusts the public roots and the CA certificates in `roots`
+/// (PEM; none when empty), without a client certificate: for connections that are not webhook
+/// deliveries, such as the PostgreSQL store's.
+pub fn tls_client_config(roots: &[u8]) -> Result<rustls::ClientConfig, ClientError> {
+    tls_config(&ClientSettings {
+        roots,
+        ..ClientSettings::default()
+    })
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

@@ -307,11 +307,25 @@ impl WorkerState {
         self.watch_limit(shared.config.webhook_share(shared.store.is_durable()));
     }
 
+    /// Sets the backlog to what a shared store holds for the webhook (all replicas together).
+    fn refresh(&self, shared: &Shared, backlog: usize) {
+        self.backlog.store(backlog, Ordering::Release);
+        self.metrics(shared)
+            .queue_depth
+            .set(i64::try_from(backlog).unwrap_or(i64::MAX));
+        self.watch_limit(shared.config.webhook_share(true));
+    }
+
     /// Gives a place back: a delivery finished.
     fn release_place(&self, shared: &Shared) {
+        // Saturating: with a shared store the count is refreshed from the store, and a
+        // delivery accepted here may have been counted by another replica's refresh.
         let left = self
             .backlog
-            .fetch_sub(1, Ordering::AcqRel)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(1))
+            })
+            .unwrap_or_default()
             .saturating_sub(1);
         self.metrics(shared).queue_depth.dec();
         let limit = shared.config.webhook_share(shared.store.is_durable());
@@ -779,6 +793,12 @@ impl Engine {
         if !self.durable() {
             return self.queue_in_memory(admission, deliveries);
         }
+        if !self.shared.store.is_healthy() {
+            return Err(StoreError::Database(
+                "the delivery store's database does not answer".into(),
+            )
+            .into());
+        }
         let deliveries: Vec<Arc<Delivery>> = deliveries.into_iter().map(Arc::new).collect();
         let placed = self.place(&deliveries)?;
         // Dead letters are written with the rest, so that they too survive a crash once
@@ -864,6 +884,11 @@ impl Engine {
     /// Resumes what the store holds (after a restart). Call once the webhooks are loaded:
     /// deliveries for webhooks that no longer exist are dropped and recorded.
     pub fn resume(&self) -> Result<usize, StoreError> {
+        if let Some((wakeup, every)) = self.shared.store.wakeups()
+            && !self.resumed.load(Ordering::Acquire)
+        {
+            self.watch_shared_backlog(wakeup, every);
+        }
         let backlog = self.shared.store.backlog()?;
         self.resumed.store(true, Ordering::Release);
         let mut total = 0;
@@ -900,12 +925,55 @@ impl Engine {
         Ok(total)
     }
 
+    /// With a shared store: wakes the workers of webhooks with claimable work whenever a
+    /// replica stores deliveries (a notification) and every `every` (what notifications
+    /// miss: leases that ran out, a lost connection), and refreshes each webhook's backlog
+    /// count from the store (deliveries accepted by every replica).
+    fn watch_shared_backlog(&self, wakeup: Arc<tokio::sync::Notify>, every: Duration) {
+        let engine = self.clone();
+        let task = async move {
+            loop {
+                tokio::select! {
+                    () = engine.shutdown.cancelled() => return,
+                    () = wakeup.notified() => {}
+                    () = tokio::time::sleep(every) => {}
+                }
+                let waiting = match engine.shared.store.waiting().await {
+                    Ok(waiting) => waiting,
+                    Err(e) => {
+                        tracing::warn!("cannot read the shared backlog: {e}");
+                        continue;
+                    }
+                };
+                let workers: Vec<Arc<WorkerState>> = engine.workers().values().cloned().collect();
+                let counts: HashMap<&ObjectKey, (usize, usize)> = waiting
+                    .iter()
+                    .map(|(key, total, claimable)| (key, (*total, *claimable)))
+                    .collect();
+                for worker in workers {
+                    let (total, claimable) = counts.get(&worker.key).copied().unwrap_or_default();
+                    worker.refresh(&engine.shared, total);
+                    if claimable > 0 {
+                        engine.wake(&worker);
+                    }
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(task);
+            }
+            Err(_) => tracing::error!("no async runtime to watch the shared backlog in"),
+        }
+    }
+
     /// Sends a recorded delivery again: a new attempt with the same Idempotency-Key.
-    pub fn replay(&self, id: &str) -> Result<(), ReplayError> {
+    pub async fn replay(&self, id: &str) -> Result<(), ReplayError> {
         let record = self
             .shared
             .store
             .record(id)
+            .await
             .map_err(SubmitError::from)?
             .ok_or_else(|| ReplayError::NotFound(id.to_string()))?;
         let delivery = record
@@ -960,6 +1028,11 @@ impl Engine {
         }
         if let Err(e) = self.shared.store.flush().await {
             tracing::error!("cannot write the delivery store at shutdown: {e}");
+        }
+        if let Err(e) = self.shared.store.release_claims().await {
+            tracing::warn!(
+                "cannot give back this replica's claims (they return to the queue when their lease runs out): {e}"
+            );
         }
     }
 }
@@ -1017,7 +1090,7 @@ async fn load_backlog(shared: &Shared, worker: &WorkerState, after: u64) {
         return;
     };
     let want = permits.num_permits();
-    match shared.store.load(&worker.key, after, want) {
+    match shared.store.claim(&worker.key, after, want).await {
         Ok(found) => {
             let more = found.len() == want;
             let last = found.last().map(|(seq, _)| *seq);

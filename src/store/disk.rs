@@ -19,7 +19,9 @@ use foldhash::HashMap;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::oneshot;
 
-use super::{DeliveryRecord, RecordLimits, StoreError, class, db, decode, encode};
+use super::{
+    DeliveryRecord, RecordLimits, StoreError, class, db, decode, encode, writer_stopped, written,
+};
 use crate::delivery::{Delivery, DeliveryId};
 use crate::routing::ObjectKey;
 
@@ -199,7 +201,7 @@ impl DiskStore {
         self.writer
             .as_ref()
             .and_then(|w| w.send(op).ok())
-            .ok_or_else(|| StoreError::Database("the store writer has stopped".into()))
+            .ok_or_else(writer_stopped)
     }
 
     /// Stores accepted deliveries; returns their sequence numbers once they are durable.
@@ -213,9 +215,7 @@ impl DiskStore {
             .collect();
         let (reply, answer) = oneshot::channel();
         self.send(Op::Append { rows, reply })?;
-        answer
-            .await
-            .map_err(|_| StoreError::Database("the store writer has stopped".into()))?
+        written(answer).await
     }
 
     /// Queues a finished delivery for the next batch.

@@ -1,6 +1,7 @@
 //! The delivery store: accepted deliveries that are not finished yet (so a restart resumes them)
 //! and a bounded record of finished ones (recent deliveries and dead letters). On disk with
-//! `--data-dir` (redb, crash-safe), in memory otherwise.
+//! `--data-dir` (redb, crash-safe), in PostgreSQL with `--database-url` (one queue shared by
+//! every replica), in memory otherwise.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -15,8 +16,11 @@ use crate::delivery::{Delivery, DeliveryId, ReportOutcome};
 use crate::routing::ObjectKey;
 
 mod disk;
+mod postgres;
 
 use disk::{DiskStore, RECORDS};
+pub use postgres::PostgresOptions;
+use postgres::PostgresStore;
 
 /// What went wrong with the store.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +40,18 @@ pub enum StoreError {
 
 fn db<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Database(e.to_string())
+}
+
+/// The error of a store whose writer (thread or task) is gone.
+fn writer_stopped() -> StoreError {
+    StoreError::Database("the store writer has stopped".into())
+}
+
+/// What a store's writer answered, or [`writer_stopped`] when it went away first.
+async fn written<T>(
+    answer: tokio::sync::oneshot::Receiver<Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    answer.await.map_err(|_| writer_stopped())?
 }
 
 /// One finished delivery, as `herald deliveries` shows it.
@@ -316,6 +332,8 @@ enum Backend {
     Memory(Mutex<MemoryRecords>),
     /// Backlog and records in redb, written in group commits.
     Disk(DiskStore),
+    /// Backlog and records in PostgreSQL, shared by every replica.
+    Postgres(PostgresStore),
 }
 
 /// The delivery store.
@@ -368,9 +386,88 @@ impl Store {
         })
     }
 
+    /// Connects to PostgreSQL, migrating its schema if needed.
+    pub async fn postgres(
+        options: PostgresOptions,
+        limits: RecordLimits,
+    ) -> Result<Self, StoreError> {
+        Ok(Store {
+            backend: Backend::Postgres(PostgresStore::connect(options, limits).await?),
+            limits,
+        })
+    }
+
     /// Whether accepted deliveries survive a restart.
     pub fn is_durable(&self) -> bool {
-        matches!(self.backend, Backend::Disk(_))
+        matches!(self.backend, Backend::Disk(_) | Backend::Postgres(_))
+    }
+
+    /// Whether several replicas share the backlog: work is claimed from the store rather than
+    /// loaded, and other replicas may add to a webhook's backlog.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// Whether the store can take writes now (a database that does not answer cannot).
+    pub fn is_healthy(&self) -> bool {
+        match &self.backend {
+            Backend::Postgres(store) => store.is_healthy(),
+            _ => true,
+        }
+    }
+
+    /// For a shared store: notified when any replica stores deliveries, and how often to look
+    /// for claimable work when no notification comes.
+    pub fn wakeups(&self) -> Option<(Arc<tokio::sync::Notify>, std::time::Duration)> {
+        match &self.backend {
+            Backend::Postgres(store) => Some((store.wakeup().clone(), store.poll_interval())),
+            _ => None,
+        }
+    }
+
+    /// For a shared store: each webhook's backlog as `(webhook, deliveries, claimable now)`.
+    pub async fn waiting(&self) -> Result<Vec<(ObjectKey, usize, usize)>, StoreError> {
+        match &self.backend {
+            Backend::Postgres(store) => store.waiting().await,
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The next part of a webhook's backlog for its worker: read after the cursor `after`
+    /// (a disk store), or claimed for this replica with a lease (a shared store, where the
+    /// cursor means nothing: whatever nobody holds is claimed, in order).
+    pub async fn claim(
+        &self,
+        webhook: &ObjectKey,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Arc<Delivery>)>, StoreError> {
+        match &self.backend {
+            Backend::Postgres(store) => store.claim(webhook, limit).await,
+            _ => self.load(webhook, after, limit),
+        }
+    }
+
+    /// Every delivery of a webhook's backlog after `after`, held or not, without claiming it.
+    pub async fn pending(
+        &self,
+        webhook: &ObjectKey,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Arc<Delivery>)>, StoreError> {
+        match &self.backend {
+            Backend::Postgres(store) => store.peek(webhook, after, limit).await,
+            _ => self.load(webhook, after, limit),
+        }
+    }
+
+    /// Gives back what this replica holds of a shared store (at shutdown), so other replicas
+    /// take it over at once.
+    pub async fn release_claims(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Postgres(store) => store.release_claims().await,
+            _ => Ok(()),
+        }
     }
 
     /// Whether a record with this outcome keeps the delivery's content: dead letters always (so
@@ -396,11 +493,13 @@ impl Store {
         match &self.backend {
             Backend::Memory(_) => Ok(vec![0; deliveries.len()]),
             Backend::Disk(disk) => disk.append(deliveries).await,
+            Backend::Postgres(store) => store.append(deliveries).await,
         }
     }
 
     /// Up to `limit` deliveries of a webhook's backlog with a sequence number above `after`,
-    /// in order (always none for a memory store).
+    /// in order (always none for a memory store, and for a shared store, whose backlog is
+    /// claimed: see [`Store::claim`]).
     pub fn load(
         &self,
         webhook: &ObjectKey,
@@ -408,16 +507,17 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<(u64, Arc<Delivery>)>, StoreError> {
         match &self.backend {
-            Backend::Memory(_) => Ok(Vec::new()),
+            Backend::Memory(_) | Backend::Postgres(_) => Ok(Vec::new()),
             Backend::Disk(disk) => disk.load(webhook, after, limit),
         }
     }
 
     /// How many deliveries each webhook has in the backlog (at start, to resume them; always
-    /// none for a memory store).
+    /// none for a memory store, and for a shared store, whose workers find their work through
+    /// [`Store::waiting`]).
     pub fn backlog(&self) -> Result<Vec<(ObjectKey, usize)>, StoreError> {
         match &self.backend {
-            Backend::Memory(_) => Ok(Vec::new()),
+            Backend::Memory(_) | Backend::Postgres(_) => Ok(Vec::new()),
             Backend::Disk(disk) => disk.backlog(),
         }
     }
@@ -436,17 +536,17 @@ impl Store {
                 Ok(())
             }
             Backend::Disk(disk) => disk.finish(seq, record),
+            Backend::Postgres(store) => store.finish(seq, record),
         }
     }
 
-    /// Makes every write so far durable (at shutdown).
+    /// Makes every write so far durable (at shutdown), and applies the record limits where
+    /// they are applied in the background.
     pub async fn flush(&self) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Memory(_) => Ok(()),
-            Backend::Disk(disk) => disk
-                .flush()
-                .await
-                .map_err(|_| StoreError::Database("the store writer has stopped".into()))?,
+            Backend::Postgres(store) => store.flush().await,
+            Backend::Disk(disk) => disk.flush().await.map_err(|_| writer_stopped())?,
         }
     }
 
@@ -462,13 +562,14 @@ impl Store {
     }
 
     /// One record by id.
-    pub fn record(&self, id: &str) -> Result<Option<DeliveryRecord>, StoreError> {
+    pub async fn record(&self, id: &str) -> Result<Option<DeliveryRecord>, StoreError> {
         // Whatever is not an id names no record.
         let Ok(parsed) = id.parse::<DeliveryId>() else {
             return Ok(None);
         };
         match &self.backend {
             Backend::Memory(records) => Ok(Self::memory_records(records).get(parsed)),
+            Backend::Postgres(store) => store.record(&parsed.to_string()).await,
             Backend::Disk(disk) => {
                 let txn = disk.database().begin_read().map_err(db)?;
                 let table = txn.open_table(RECORDS).map_err(db)?;
@@ -481,7 +582,7 @@ impl Store {
     }
 
     /// Records matching a filter, newest first.
-    pub fn records(&self, filter: &RecordFilter) -> Result<Vec<DeliveryRecord>, StoreError> {
+    pub async fn records(&self, filter: &RecordFilter) -> Result<Vec<DeliveryRecord>, StoreError> {
         let keep = |r: &DeliveryRecord| {
             filter.webhook.as_ref().is_none_or(|w| &r.webhook == w)
                 && filter.outcome.is_none_or(|o| r.outcome == o)
@@ -505,6 +606,7 @@ impl Store {
                     .map(|(webhook, r)| r.to_record(webhook))
                     .collect())
             }
+            Backend::Postgres(store) => store.records(filter).await,
             Backend::Disk(disk) => {
                 let txn = disk.database().begin_read().map_err(db)?;
                 let table = txn.open_table(RECORDS).map_err(db)?;
@@ -532,6 +634,18 @@ impl Store {
         }
     }
 
+    /// [`Store::record`] from outside the runtime.
+    #[cfg(test)]
+    fn record_now(&self, id: &str) -> Result<Option<DeliveryRecord>, StoreError> {
+        tests::block(self.record(id))
+    }
+
+    /// [`Store::records`] from outside the runtime.
+    #[cfg(test)]
+    fn records_now(&self, filter: &RecordFilter) -> Result<Vec<DeliveryRecord>, StoreError> {
+        tests::block(self.records(filter))
+    }
+
     /// Record ids the store indexes: the records of a memory store, the per-webhook index of a
     /// disk store.
     #[cfg(test)]
@@ -540,6 +654,7 @@ impl Store {
         match &self.backend {
             Backend::Memory(records) => Self::memory_records(records).iter(None).count(),
             Backend::Disk(disk) => disk.indexed(),
+            Backend::Postgres(_) => 0,
         }
     }
 }
@@ -571,6 +686,13 @@ mod tests {
             test: false,
             delivery: Some(d.clone()),
         }
+    }
+
+    pub(super) fn block<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(future)
     }
 
     /// Appends deliveries from outside the runtime.
@@ -612,7 +734,7 @@ mod tests {
         store.flush_blocking();
         assert_eq!(backlog_len(store, "ns/a"), 0);
         let ok = store
-            .record(&a.id.to_string())
+            .record_now(&a.id.to_string())
             .expect("read")
             .expect("kept");
         assert_eq!(
@@ -620,7 +742,7 @@ mod tests {
             "bodies are not kept for successes by default"
         );
         let dead = store
-            .record(&b.id.to_string())
+            .record_now(&b.id.to_string())
             .expect("read")
             .expect("kept");
         assert!(
@@ -628,7 +750,7 @@ mod tests {
             "dead letters keep their content for replay"
         );
         let failed = store
-            .records(&RecordFilter {
+            .records_now(&RecordFilter {
                 outcome: Some(ReportOutcome::Failed),
                 ..Default::default()
             })
@@ -643,7 +765,7 @@ mod tests {
         }
         store.flush_blocking();
         let kept = store
-            .records(&RecordFilter {
+            .records_now(&RecordFilter {
                 webhook: Some("ns/a".parse().expect("key")),
                 outcome: Some(ReportOutcome::Succeeded),
                 limit: 0,
@@ -682,7 +804,7 @@ mod tests {
         }
         store.flush_blocking();
         let all = store
-            .records(&RecordFilter {
+            .records_now(&RecordFilter {
                 limit: 0,
                 ..RecordFilter::default()
             })
@@ -707,7 +829,7 @@ mod tests {
             .expect("finish");
         store.flush_blocking();
         let old = store
-            .record(&d.id.to_string())
+            .record_now(&d.id.to_string())
             .expect("read")
             .expect("kept");
         store.unindex(&old);
@@ -715,7 +837,7 @@ mod tests {
             .finish(None, record(&d, ReportOutcome::Succeeded))
             .expect("finish again");
         store.flush_blocking();
-        let all = store.records(&RecordFilter::default()).expect("list");
+        let all = store.records_now(&RecordFilter::default()).expect("list");
         let ids: Vec<DeliveryId> = all.iter().map(|r| r.id).collect();
         assert_eq!(ids, vec![newer.id, d.id], "one record per id, newest first");
         assert_eq!(all[1].outcome, ReportOutcome::Succeeded);
@@ -812,7 +934,7 @@ mod tests {
         assert!(later[0] > seqs[0], "numbering goes on after a reopen");
         assert_eq!(
             reopened
-                .records(&RecordFilter::default())
+                .records_now(&RecordFilter::default())
                 .expect("list")
                 .len(),
             3

@@ -133,6 +133,15 @@ impl Running {
         let _ = self.child.wait();
     }
 
+    /// Sends a signal (`STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -64,3 +64,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "herald.receiverTokenSecret" -}}
 {{- .Values.receiverAuth.existingSecret | default (printf "%s-receiver-token" (include "herald.fullname" .)) }}
 {{- end }}
+
+{{/* Where the PostgreSQL connection string (and CA) are mounted. */}}
+{{- define "herald.databaseDir" -}}
+/etc/herald/database
+{{- end }}

@@ -1,0 +1,923 @@
+//! The PostgreSQL store: one queue shared by every replica.
+//!
+//! Accepted deliveries are rows of `herald_backlog`; a batch of requests is written by one
+//! writer task in one transaction (group commit) and each request is answered once the
+//! transaction holding it has committed. Work is claimed without a transaction held across the
+//! HTTP call: a short `UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED LIMIT n)
+//! RETURNING` sets a claim id and a lease expiry, the lease is renewed while the replica holds
+//! the row, and a finish deletes the row only where the claim id still matches (a replica that
+//! lost its lease, paused or cut off, cannot finish what another replica took over). Expired
+//! leases return to the queue.
+//!
+//! Per-webhook isolation across replicas: before claiming a webhook's rows a replica takes the
+//! webhook's lease in `herald_webhook_leases` (one owner at a time, renewed with the row
+//! leases, taken over once expired, given back when the owner finds nothing more to claim). A
+//! webhook's worker sends one delivery at a time, so a webhook gets at most one request in
+//! flight across all replicas, exactly as from one replica, and its backlog keeps its order.
+//! One dead webhook holds only its own lease: the others are claimed by whichever replica
+//! takes them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    DeliveryRecord, RecordFilter, RecordLimits, StoreError, class, decode, encode, writer_stopped,
+    written,
+};
+use crate::delivery::Delivery;
+use crate::routing::ObjectKey;
+
+/// How a PostgreSQL store connects and how long its leases last.
+#[derive(Clone, Debug)]
+pub struct PostgresOptions {
+    /// The connection string (`postgres://...` or `key=value` form). May hold a password:
+    /// never logged.
+    pub url: String,
+    /// Extra CA certificates (PEM) trusted for TLS to the database, on top of the public roots.
+    /// TLS itself follows the URL's `sslmode` (`prefer` when unset).
+    pub ca_pem: Vec<u8>,
+    /// Connections in this replica's pool.
+    pub pool_size: usize,
+    /// How long a claim lasts without renewal: a replica that stops renewing (killed, paused,
+    /// cut off) loses its claims this long after its last renewal.
+    pub lease: Duration,
+    /// How often idle workers look for claimable work when no notification came.
+    pub poll_interval: Duration,
+    /// Longest time a write may take before the requests waiting for it are refused (503).
+    pub write_timeout: Duration,
+}
+
+impl PostgresOptions {
+    /// Options with the defaults for everything but the URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        PostgresOptions {
+            url: url.into(),
+            ca_pem: Vec::new(),
+            pool_size: 8,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(2),
+            write_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The channel notified, with the webhook as payload, when deliveries are committed.
+const CHANNEL: &str = "herald_backlog";
+/// The advisory lock key held while migrating ("herald" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6865_7261_6c64;
+/// Most operations taken into one transaction.
+const MAX_BATCH: usize = 4096;
+
+/// The schema, one entry per version, applied in order and each once.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE herald_backlog (
+    id bigserial PRIMARY KEY,
+    webhook text COLLATE "C" NOT NULL,
+    body bytea NOT NULL,
+    claim_id bigint,
+    lease_until timestamptz,
+    accepted_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX herald_backlog_by_webhook ON herald_backlog (webhook, id);
+CREATE TABLE herald_webhook_leases (
+    webhook text COLLATE "C" PRIMARY KEY,
+    owner bigint NOT NULL,
+    lease_until timestamptz NOT NULL
+);
+CREATE TABLE herald_records (
+    id text COLLATE "C" PRIMARY KEY,
+    webhook text COLLATE "C" NOT NULL,
+    class smallint NOT NULL,
+    outcome text NOT NULL,
+    body bytea NOT NULL
+);
+CREATE INDEX herald_records_by_webhook ON herald_records (webhook, class, id);
+"#,
+)];
+
+fn pg<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Database(format!("PostgreSQL: {e}"))
+}
+
+fn pg_error(e: &tokio_postgres::Error) -> StoreError {
+    // The server's message says what failed; the Display of the error alone often does not.
+    match e.as_db_error() {
+        Some(db) => StoreError::Database(format!("PostgreSQL: {}", db.message())),
+        None => pg(e),
+    }
+}
+
+/// One piece of work for the writer.
+enum Op {
+    /// Accepted deliveries, answered with their row ids once committed.
+    Append {
+        rows: Vec<(String, Vec<u8>)>,
+        reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
+    },
+    /// A finished delivery: its row deleted where the claim still matches, then recorded.
+    Finish(Finished),
+    /// Answers once everything before it is written.
+    Flush(oneshot::Sender<Result<(), StoreError>>),
+}
+
+struct Finished {
+    /// Its backlog row and the claim it was finished under (`None`: never claimed).
+    row: Option<(i64, Option<i64>)>,
+    id: String,
+    webhook: String,
+    class: i16,
+    outcome: &'static str,
+    body: Vec<u8>,
+}
+
+/// The claims this replica holds: row id to claim id.
+type Held = Mutex<HashMap<i64, i64>>;
+
+/// The PostgreSQL store.
+pub(super) struct PostgresStore {
+    pool: Pool,
+    options: PostgresOptions,
+    /// This replica's owner id in the webhook leases.
+    owner: i64,
+    held: Arc<Held>,
+    writer: mpsc::UnboundedSender<Op>,
+    healthy: Arc<AtomicBool>,
+    /// Notified when another replica (or this one) commits deliveries.
+    wakeup: Arc<Notify>,
+    limits: RecordLimits,
+    stop: CancellationToken,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn seconds(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+impl PostgresStore {
+    /// Connects, migrates the schema (under an advisory lock, so replicas starting together
+    /// are safe) and starts the writer, the lease renewal, the listener and the pruning.
+    pub(super) async fn connect(
+        options: PostgresOptions,
+        limits: RecordLimits,
+    ) -> Result<Self, StoreError> {
+        let config: tokio_postgres::Config = options
+            .url
+            .parse()
+            .map_err(|e| StoreError::Database(format!("the database URL is not valid: {e}")))?;
+        let tls = crate::delivery::client::tls_client_config(&options.ca_pem)
+            .map_err(|e| StoreError::Database(format!("TLS to the database: {e}")))?;
+        let tls = MakeRustlsConnect::new(tls);
+        let manager = Manager::from_config(
+            config.clone(),
+            tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(2))
+            .wait_timeout(Some(options.write_timeout))
+            .create_timeout(Some(options.write_timeout))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(pg)?;
+        {
+            let mut client = pool.get().await.map_err(pg)?;
+            migrate(&mut client).await?;
+        }
+        let (writer, ops) = mpsc::unbounded_channel();
+        let store = PostgresStore {
+            pool: pool.clone(),
+            owner: rand::random::<i64>(),
+            held: Arc::default(),
+            writer,
+            healthy: Arc::new(AtomicBool::new(true)),
+            wakeup: Arc::new(Notify::new()),
+            limits,
+            stop: CancellationToken::new(),
+            options,
+        };
+        tokio::spawn(
+            Writer {
+                pool: pool.clone(),
+                healthy: store.healthy.clone(),
+                timeout: store.options.write_timeout,
+                carried: Vec::new(),
+            }
+            .run(ops, store.stop.clone()),
+        );
+        tokio::spawn(renew_leases(
+            pool.clone(),
+            store.held.clone(),
+            store.owner,
+            store.options.lease,
+            store.stop.clone(),
+        ));
+        tokio::spawn(listen(
+            config,
+            tls,
+            store.wakeup.clone(),
+            store.stop.clone(),
+        ));
+        tokio::spawn(check_health(
+            pool.clone(),
+            store.healthy.clone(),
+            store.options.write_timeout,
+            store.stop.clone(),
+        ));
+        tokio::spawn(prune_in_background(pool, limits, store.stop.clone()));
+        Ok(store)
+    }
+
+    fn send(&self, op: Op) -> Result<(), StoreError> {
+        self.writer.send(op).map_err(|_| writer_stopped())
+    }
+
+    /// Whether the database answered the last write and health check.
+    pub(super) fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Notified when deliveries were committed by any replica.
+    pub(super) fn wakeup(&self) -> &Arc<Notify> {
+        &self.wakeup
+    }
+
+    /// How often idle workers look for work when no notification came.
+    pub(super) fn poll_interval(&self) -> Duration {
+        self.options.poll_interval
+    }
+
+    /// Stores accepted deliveries in the next shared transaction; their row ids once committed.
+    pub(super) async fn append(
+        &self,
+        deliveries: &[Arc<Delivery>],
+    ) -> Result<Vec<u64>, StoreError> {
+        let rows = deliveries
+            .iter()
+            .map(|d| (d.webhook.to_string(), encode(d)))
+            .collect();
+        let (reply, answer) = oneshot::channel();
+        self.send(Op::Append { rows, reply })?;
+        written(answer).await
+    }
+
+    /// Claims up to `limit` of a webhook's rows that nobody holds (or whose lease expired), in
+    /// order, once this replica holds the webhook's lease. None when another replica holds it.
+    pub(super) async fn claim(
+        &self,
+        webhook: &ObjectKey,
+        limit: usize,
+    ) -> Result<Vec<(u64, Arc<Delivery>)>, StoreError> {
+        let name = webhook.to_string();
+        let lease = seconds(self.options.lease);
+        let client = self.pool.get().await.map_err(pg)?;
+        let owned = client
+            .query_opt(
+                "INSERT INTO herald_webhook_leases (webhook, owner, lease_until) \
+                 VALUES ($1, $2, now() + make_interval(secs => $3::float8)) \
+                 ON CONFLICT (webhook) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until \
+                 WHERE herald_webhook_leases.owner = excluded.owner OR herald_webhook_leases.lease_until < now() \
+                 RETURNING owner",
+                &[&name, &self.owner, &lease],
+            )
+            .await
+            .map_err(|e| pg_error(&e))?;
+        if owned.is_none() {
+            return Ok(Vec::new());
+        }
+        let claim = rand::random::<i64>();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                "UPDATE herald_backlog SET claim_id = $2, lease_until = now() + make_interval(secs => $3::float8) \
+                 WHERE id IN (SELECT id FROM herald_backlog \
+                     WHERE webhook = $1 AND (claim_id IS NULL OR lease_until < now()) \
+                     ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) \
+                 RETURNING id, body",
+                &[&name, &claim, &lease, &limit],
+            )
+            .await
+            .map_err(|e| pg_error(&e))?;
+        if rows.is_empty() {
+            // Nothing left to claim: the webhook is free for whichever replica finds more.
+            client
+                .execute(
+                    "DELETE FROM herald_webhook_leases WHERE webhook = $1 AND owner = $2",
+                    &[&name, &self.owner],
+                )
+                .await
+                .map_err(|e| pg_error(&e))?;
+            return Ok(Vec::new());
+        }
+        let mut found = Vec::with_capacity(rows.len());
+        {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            for row in &rows {
+                let id: i64 = row.get(0);
+                held.insert(id, claim);
+            }
+        }
+        for row in rows {
+            let id: i64 = row.get(0);
+            let body: &[u8] = row.get(1);
+            let delivery: Delivery = decode(&name, body)?;
+            found.push((u64::try_from(id).unwrap_or_default(), Arc::new(delivery)));
+        }
+        found.sort_unstable_by_key(|(id, _)| *id);
+        Ok(found)
+    }
+
+    /// Queues a finished delivery for the next transaction: its row goes only if this replica
+    /// still holds its claim.
+    pub(super) fn finish(
+        &self,
+        seq: Option<u64>,
+        record: DeliveryRecord,
+    ) -> Result<(), StoreError> {
+        let row = seq.and_then(|s| i64::try_from(s).ok()).map(|id| {
+            let claim = self
+                .held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            (id, claim)
+        });
+        self.send(Op::Finish(Finished {
+            row,
+            id: record.id.to_string(),
+            webhook: record.webhook.to_string(),
+            class: i16::from(class(&record) == 1),
+            outcome: record.outcome.as_str(),
+            body: encode(&record),
+        }))
+    }
+
+    /// Writes everything queued so far, then applies the record limits.
+    pub(super) async fn flush(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Op::Flush(reply))?;
+        written(answer).await?;
+        let client = self.pool.get().await.map_err(pg)?;
+        prune(&client, &self.limits).await
+    }
+
+    /// Gives back every claim and webhook lease this replica holds (at shutdown), so other
+    /// replicas take them over at once instead of after the lease.
+    pub(super) async fn release_claims(&self) -> Result<(), StoreError> {
+        let claims: Vec<i64> = {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            let claims = held
+                .values()
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>();
+            held.clear();
+            claims.into_iter().collect()
+        };
+        let client = self.pool.get().await.map_err(pg)?;
+        client
+            .execute(
+                "UPDATE herald_backlog SET claim_id = NULL, lease_until = NULL WHERE claim_id = ANY($1)",
+                &[&claims],
+            )
+            .await
+            .map_err(|e| pg_error(&e))?;
+        client
+            .execute(
+                "DELETE FROM herald_webhook_leases WHERE owner = $1",
+                &[&self.owner],
+            )
+            .await
+            .map_err(|e| pg_error(&e))?;
+        Ok(())
+    }
+
+    /// Each webhook's backlog: `(webhook, rows, rows claimable now)`.
+    pub(super) async fn waiting(&self) -> Result<Vec<(ObjectKey, usize, usize)>, StoreError> {
+        let client = self.pool.get().await.map_err(pg)?;
+        let rows = client
+            .query(
+                "SELECT webhook, count(*), count(*) FILTER (WHERE claim_id IS NULL OR lease_until < now()) \
+                 FROM herald_backlog GROUP BY webhook",
+                &[],
+            )
+            .await
+            .map_err(|e| pg_error(&e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let name: &str = row.get(0);
+            let total: i64 = row.get(1);
+            let claimable: i64 = row.get(2);
+            let key = name.parse::<ObjectKey>().map_err(|e| StoreError::Corrupt {
+                key: name.to_string(),
+                message: e.to_string(),
+            })?;
+            out.push((
+                key,
+                usize::try_from(total).unwrap_or_default(),
+                usize::try_from(claimable).unwrap_or_default(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Every row of a webhook's backlog after `after`, claimed or not (for tests and tools).
+    pub(super) async fn peek(
+        &self,
+        webhook: &ObjectKey,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Arc<Delivery>)>, StoreError> {
+        let name = webhook.to_string();
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = self.pool.get().await.map_err(pg)?;
+        let rows = client
+            .query(
+                "SELECT id, body FROM herald_backlog WHERE webhook = $1 AND id > $2 ORDER BY id LIMIT $3",
+                &[&name, &after, &limit],
+            )
+            .await
+            .map_err(|e| pg_error(&e))?;
+        rows.iter()
+            .map(|row| {
+                let id: i64 = row.get(0);
+                let body: &[u8] = row.get(1);
+                Ok((
+                    u64::try_from(id).unwrap_or_default(),
+                    Arc::new(decode::<Delivery>(&name, body)?),
+                ))
+            })
+            .collect()
+    }
+
+    /// One record by id.
+    pub(super) async fn record(&self, id: &str) -> Result<Option<DeliveryRecord>, StoreError> {
+        let client = self.pool.get().await.map_err(pg)?;
+        let row = client
+            .query_opt("SELECT body FROM herald_records WHERE id = $1", &[&id])
+            .await
+            .map_err(|e| pg_error(&e))?;
+        row.map(|row| decode(id, row.get::<_, &[u8]>(0)))
+            .transpose()
+    }
+
+    /// Records matching a filter, newest first.
+    pub(super) async fn records(
+        &self,
+        filter: &RecordFilter,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let webhook = filter.webhook.as_ref().map(ToString::to_string);
+        let outcome = filter.outcome.map(|o| o.as_str());
+        let limit = if filter.limit == 0 {
+            i64::MAX
+        } else {
+            i64::try_from(filter.limit).unwrap_or(i64::MAX)
+        };
+        let client = self.pool.get().await.map_err(pg)?;
+        let rows = client
+            .query(
+                "SELECT id, body FROM herald_records \
+                 WHERE ($1::text IS NULL OR webhook = $1) AND ($2::text IS NULL OR outcome = $2) \
+                 ORDER BY id DESC LIMIT $3",
+                &[&webhook, &outcome, &limit],
+            )
+            .await
+            .map_err(|e| pg_error(&e))?;
+        rows.iter()
+            .map(|row| decode(row.get::<_, &str>(0), row.get::<_, &[u8]>(1)))
+            .collect()
+    }
+}
+
+/// Applies the migrations this database lacks, one transaction each, under an advisory lock.
+async fn migrate(client: &mut deadpool_postgres::Client) -> Result<(), StoreError> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(|e| pg_error(&e))?;
+    let result = apply_migrations(client).await;
+    let unlocked = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    result?;
+    unlocked.map_err(|e| pg_error(&e))?;
+    Ok(())
+}
+
+async fn apply_migrations(client: &mut deadpool_postgres::Client) -> Result<(), StoreError> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS herald_migrations (\
+                 version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(|e| pg_error(&e))?;
+    let applied: Vec<i32> = client
+        .query("SELECT version FROM herald_migrations", &[])
+        .await
+        .map_err(|e| pg_error(&e))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let known = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+    if let Some(newer) = applied.iter().find(|v| **v > known) {
+        return Err(StoreError::Database(format!(
+            "the database schema is at version {newer}, newer than this Herald knows ({known}); run a newer Herald"
+        )));
+    }
+    for (version, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        let txn = client.transaction().await.map_err(|e| pg_error(&e))?;
+        txn.batch_execute(sql).await.map_err(|e| pg_error(&e))?;
+        txn.execute(
+            "INSERT INTO herald_migrations (version) VALUES ($1)",
+            &[version],
+        )
+        .await
+        .map_err(|e| pg_error(&e))?;
+        txn.commit().await.map_err(|e| pg_error(&e))?;
+        tracing::info!(version, "database schema migrated");
+    }
+    Ok(())
+}
+
+/// The writer task's state.
+struct Writer {
+    pool: Pool,
+    healthy: Arc<AtomicBool>,
+    timeout: Duration,
+    /// Finishes whose write failed, tried again with the next batch.
+    carried: Vec<Finished>,
+}
+
+impl Writer {
+    async fn run(mut self, mut ops: mpsc::UnboundedReceiver<Op>, stop: CancellationToken) {
+        let mut batch = Vec::new();
+        loop {
+            let first = tokio::select! {
+                op = ops.recv() => op,
+                () = stop.cancelled() => None,
+            };
+            let Some(first) = first else { break };
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match ops.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut batch).await;
+        }
+    }
+
+    /// Writes a batch in one transaction and answers whoever waits for it.
+    async fn commit(&mut self, batch: &mut Vec<Op>) {
+        let mut appends = Vec::new();
+        let mut replies = Vec::new();
+        let mut flushes = Vec::new();
+        let mut finishes = std::mem::take(&mut self.carried);
+        for op in batch.drain(..) {
+            match op {
+                Op::Append { rows, reply } => {
+                    replies.push((reply, rows.len()));
+                    appends.extend(rows);
+                }
+                Op::Finish(finished) => finishes.push(finished),
+                Op::Flush(reply) => flushes.push(reply),
+            }
+        }
+        let result = tokio::time::timeout(self.timeout, write(&self.pool, &appends, &finishes))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Database(format!(
+                    "PostgreSQL did not commit within {:?}",
+                    self.timeout
+                )))
+            });
+        self.healthy.store(result.is_ok(), Ordering::Release);
+        match result {
+            Ok(ids) => {
+                let mut ids = ids.into_iter();
+                for (reply, count) in replies {
+                    let _ = reply.send(Ok(ids.by_ref().take(count).collect()));
+                }
+                for reply in flushes {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!("delivery store: a write failed: {e}");
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(StoreError::Database(e.to_string())));
+                }
+                for reply in flushes {
+                    let _ = reply.send(Err(StoreError::Database(e.to_string())));
+                }
+                // Finishes are tried again (until then their rows stay, and are sent again
+                // only if their lease runs out first: never lost).
+                self.carried = finishes;
+                self.carried.truncate(MAX_BATCH);
+            }
+        }
+    }
+}
+
+/// One transaction: the appends (their row ids returned in order), the finishes (rows deleted
+/// where the claim matches, records written for those and for deliveries without a row), and
+/// one notification per webhook with new rows.
+async fn write(
+    pool: &Pool,
+    appends: &[(String, Vec<u8>)],
+    finishes: &[Finished],
+) -> Result<Vec<u64>, StoreError> {
+    let mut client = pool.get().await.map_err(pg)?;
+    let txn = client.transaction().await.map_err(|e| pg_error(&e))?;
+    let mut ids = Vec::new();
+    if !appends.is_empty() {
+        let webhooks: Vec<&str> = appends.iter().map(|(w, _)| w.as_str()).collect();
+        let bodies: Vec<&[u8]> = appends.iter().map(|(_, b)| b.as_slice()).collect();
+        let count = i64::try_from(appends.len()).unwrap_or(i64::MAX);
+        // Ids taken first, so that each request gets its own in order.
+        let rows = txn
+            .query(
+                "SELECT nextval('herald_backlog_id_seq') FROM generate_series(1::bigint, $1::bigint)",
+                &[&count],
+            )
+            .await
+            .map_err(|e| pg_error(&e))?;
+        let taken: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        txn.execute(
+            "INSERT INTO herald_backlog (id, webhook, body) \
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[])",
+            &[&taken, &webhooks, &bodies],
+        )
+        .await
+        .map_err(|e| pg_error(&e))?;
+        let mut distinct: Vec<&str> = webhooks.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        txn.execute(
+            "SELECT pg_notify($1, w) FROM unnest($2::text[]) AS w",
+            &[&CHANNEL, &distinct],
+        )
+        .await
+        .map_err(|e| pg_error(&e))?;
+        ids = taken
+            .into_iter()
+            .map(|id| u64::try_from(id).unwrap_or_default())
+            .collect();
+    }
+    if !finishes.is_empty() {
+        let (rows, claims): (Vec<i64>, Vec<Option<i64>>) =
+            finishes.iter().filter_map(|f| f.row).unzip();
+        let mut deleted = std::collections::HashSet::new();
+        if !rows.is_empty() {
+            let gone = txn
+                .query(
+                    "DELETE FROM herald_backlog b USING unnest($1::bigint[], $2::bigint[]) AS f(id, claim) \
+                     WHERE b.id = f.id AND b.claim_id IS NOT DISTINCT FROM f.claim RETURNING b.id",
+                    &[&rows, &claims],
+                )
+                .await
+                .map_err(|e| pg_error(&e))?;
+            deleted.extend(gone.iter().map(|r| r.get::<_, i64>(0)));
+        }
+        // One record per id (a replay finishing twice in a batch keeps the last).
+        let mut records: BTreeMap<&str, &Finished> = BTreeMap::new();
+        for finished in finishes {
+            match finished.row {
+                Some((row, _)) if !deleted.contains(&row) => {
+                    tracing::warn!(
+                        delivery = %finished.id, webhook = %finished.webhook,
+                        "finish refused: this replica's claim on the delivery was lost (its lease ran out and another replica took it over)"
+                    );
+                }
+                _ => {
+                    records.insert(finished.id.as_str(), finished);
+                }
+            }
+        }
+        if !records.is_empty() {
+            let ids: Vec<&str> = records.keys().copied().collect();
+            let webhooks: Vec<&str> = records.values().map(|f| f.webhook.as_str()).collect();
+            let classes: Vec<i16> = records.values().map(|f| f.class).collect();
+            let outcomes: Vec<&str> = records.values().map(|f| f.outcome).collect();
+            let bodies: Vec<&[u8]> = records.values().map(|f| f.body.as_slice()).collect();
+            txn.execute(
+                "INSERT INTO herald_records (id, webhook, class, outcome, body) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::text[], $5::bytea[]) \
+                 ON CONFLICT (id) DO UPDATE SET webhook = excluded.webhook, class = excluded.class, \
+                 outcome = excluded.outcome, body = excluded.body",
+                &[&ids, &webhooks, &classes, &outcomes, &bodies],
+            )
+            .await
+            .map_err(|e| pg_error(&e))?;
+        }
+    }
+    txn.commit().await.map_err(|e| pg_error(&e))?;
+    Ok(ids)
+}
+
+/// Renews the leases of every claim this replica holds, and of its webhooks, a few times per
+/// lease.
+async fn renew_leases(
+    pool: Pool,
+    held: Arc<Held>,
+    owner: i64,
+    lease: Duration,
+    stop: CancellationToken,
+) {
+    let every = lease / 3;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let claims: Vec<i64> = {
+            let held = held.lock().unwrap_or_else(|e| e.into_inner());
+            let mut claims: Vec<i64> = held.values().copied().collect();
+            claims.sort_unstable();
+            claims.dedup();
+            claims
+        };
+        let renewed = async {
+            let client = pool.get().await.map_err(pg)?;
+            let secs = seconds(lease);
+            client
+                .execute(
+                    "UPDATE herald_webhook_leases SET lease_until = now() + make_interval(secs => $2::float8) WHERE owner = $1",
+                    &[&owner, &secs],
+                )
+                .await
+                .map_err(|e| pg_error(&e))?;
+            if !claims.is_empty() {
+                client
+                    .execute(
+                        "UPDATE herald_backlog SET lease_until = now() + make_interval(secs => $2::float8) WHERE claim_id = ANY($1)",
+                        &[&claims, &secs],
+                    )
+                    .await
+                    .map_err(|e| pg_error(&e))?;
+            }
+            Ok::<_, StoreError>(())
+        };
+        if let Err(e) = tokio::time::timeout(every, renewed)
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Database("lease renewal timed out".into())))
+        {
+            tracing::warn!("cannot renew delivery leases: {e}");
+        }
+    }
+}
+
+/// Listens for committed deliveries on a connection of its own (reconnecting when it drops)
+/// and wakes the idle workers.
+async fn listen(
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    wakeup: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    use futures::StreamExt as _;
+    loop {
+        let connected = config.connect(tls.clone()).await;
+        match connected {
+            Ok((client, mut connection)) => {
+                let (messages, mut received) = mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    let mut stream =
+                        futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(message) = stream.next().await {
+                        match message {
+                            Ok(message) => {
+                                if messages.send(message).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                });
+                if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                    tracing::warn!("cannot listen for new deliveries: {}", pg_error(&e));
+                } else {
+                    // Whatever was committed while not listening is found by the next look.
+                    wakeup.notify_one();
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => { driver.abort(); return; }
+                            message = received.recv() => match message {
+                                Some(tokio_postgres::AsyncMessage::Notification(_)) => wakeup.notify_one(),
+                                Some(_) => {}
+                                None => break,
+                            },
+                        }
+                    }
+                }
+                driver.abort();
+            }
+            Err(e) => tracing::debug!(
+                "cannot connect to listen for new deliveries: {}",
+                pg_error(&e)
+            ),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Checks the database every second, so that readiness follows it even when nothing is
+/// written.
+async fn check_health(
+    pool: Pool,
+    healthy: Arc<AtomicBool>,
+    timeout: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let check = async {
+            let client = pool.get().await.map_err(pg)?;
+            client
+                .batch_execute("SELECT 1")
+                .await
+                .map_err(|e| pg_error(&e))
+        };
+        let ok = matches!(tokio::time::timeout(timeout, check).await, Ok(Ok(())));
+        if healthy.swap(ok, Ordering::AcqRel) != ok {
+            if ok {
+                tracing::info!("the database answers again");
+            } else {
+                tracing::error!("the database does not answer: refusing new alerts until it does");
+            }
+        }
+    }
+}
+
+/// Applies the record limits every few seconds.
+async fn prune_in_background(pool: Pool, limits: RecordLimits, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        let pruned = async {
+            let client = pool.get().await.map_err(pg)?;
+            prune(&client, &limits).await
+        };
+        if let Err(e) = pruned.await {
+            tracing::warn!("cannot prune delivery records: {e}");
+        }
+    }
+}
+
+/// Drops the records past the per-webhook limits, then past the total, oldest first.
+async fn prune(
+    client: &deadpool_postgres::Client,
+    limits: &RecordLimits,
+) -> Result<(), StoreError> {
+    let kept = i64::try_from(limits.per_webhook).unwrap_or(i64::MAX);
+    let dead = i64::try_from(limits.dead_letters).unwrap_or(i64::MAX);
+    let total = i64::try_from(limits.total.max(1)).unwrap_or(i64::MAX);
+    client
+        .execute(
+            "DELETE FROM herald_records r USING (\
+                 SELECT id, class, row_number() OVER (PARTITION BY webhook, class ORDER BY id DESC) AS n \
+                 FROM herald_records) x \
+             WHERE r.id = x.id AND x.n > CASE WHEN x.class = 1 THEN $2::bigint ELSE $1::bigint END",
+            &[&kept, &dead],
+        )
+        .await
+        .map_err(|e| pg_error(&e))?;
+    client
+        .execute(
+            "DELETE FROM herald_records WHERE id < \
+             (SELECT id FROM herald_records ORDER BY id DESC OFFSET $1::bigint - 1 LIMIT 1)",
+            &[&total],
+        )
+        .await
+        .map_err(|e| pg_error(&e))?;
+    Ok(())
+}

@@ -1,0 +1,434 @@
+//! Replicas sharing one queue in PostgreSQL, as real processes on loopback: `herald run` with
+//! `--database-url` against a real server started by the test (tests/support/postgres.rs).
+//! Three replicas behind an endpoint that fails for a while, one killed with SIGKILL
+//! mid-flood (every delivery answered 200 arrives; duplicates, by Idempotency-Key, are
+//! counted); a replica paused with SIGSTOP past its lease (another takes its claims, and its
+//! late finishes are refused); the database stopped during a flood (503s while it is down,
+//! nothing accepted lost, recovery without restarting Herald); replicas starting together on an
+//! empty database. Figures are printed with `eprintln!`; no test asserts a time.
+
+#[path = "support/postgres.rs"]
+mod postgres;
+#[path = "support/process.rs"]
+mod process;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use postgres::Postgres;
+use process::Running;
+use serde_json::{Value, json};
+
+const WEBHOOKS: usize = 10;
+
+#[derive(Default)]
+struct SinkState {
+    /// Every delivery that was answered 200: (alert seqs, Idempotency-Key).
+    arrivals: Mutex<Vec<(Vec<usize>, String)>>,
+    /// Answer 503 to everything while set.
+    failing: AtomicBool,
+    delay: Mutex<Duration>,
+}
+
+/// An endpoint on loopback that records each delivery it accepts, and can fail for a while.
+struct Sink {
+    state: Arc<SinkState>,
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn receive(State(state): State<Arc<SinkState>>, request: Request) -> StatusCode {
+    let key = request
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let Ok(body) = axum::body::to_bytes(request.into_body(), usize::MAX).await else {
+        return StatusCode::BAD_REQUEST;
+    };
+    let delay = *state.delay.lock().expect("delay");
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    if state.failing.load(Ordering::Acquire) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let seqs = body["alerts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["labels"]["seq"].as_str()?.parse().ok())
+        .collect();
+    state.arrivals.lock().expect("arrivals").push((seqs, key));
+    StatusCode::OK
+}
+
+impl Sink {
+    async fn start() -> Sink {
+        let state = Arc::new(SinkState::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("sink: bind");
+        let addr = listener.local_addr().expect("sink: addr");
+        let app = axum::Router::new()
+            .fallback(receive)
+            .with_state(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Sink { state, addr, task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    fn seqs(&self) -> BTreeSet<usize> {
+        let arrivals = self.state.arrivals.lock().expect("arrivals");
+        arrivals
+            .iter()
+            .flat_map(|(s, _)| s.iter().copied())
+            .collect()
+    }
+
+    /// Deliveries that arrived more than once (same Idempotency-Key), counted once each
+    /// extra time.
+    fn duplicates(&self) -> usize {
+        let arrivals = self.state.arrivals.lock().expect("arrivals");
+        let mut seen = BTreeMap::<&str, usize>::new();
+        for (_, key) in arrivals.iter() {
+            *seen.entry(key.as_str()).or_default() += 1;
+        }
+        seen.values().map(|n| n - 1).sum()
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn write_config(dir: &Path, url: &str) {
+    let mut yaml = String::new();
+    for i in 0..WEBHOOKS {
+        yaml.push_str(&format!(
+            "---\napiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: only-w{i}}}\nspec:\n  matchExpressions:\n    - {{key: target, operator: In, values: [w{i}]}}\n---\napiVersion: herald.dev/v1alpha1\nkind: Webhook\nmetadata: {{name: w{i}}}\nspec:\n  url: '{url}'\n  conditions: [only-w{i}]\n"
+        ));
+    }
+    std::fs::write(dir.join("herald.yaml"), yaml).expect("write config");
+}
+
+fn payload(seq: usize) -> Value {
+    json!({"version": "4", "status": "firing", "receiver": "herald",
+           "alerts": [{"status": "firing",
+                       "labels": {"alertname": "Flood", "target": format!("w{}", seq % WEBHOOKS),
+                                  "seq": seq.to_string()}}]})
+}
+
+/// Posts one alert; its status (0 when the request failed).
+async fn post(client: &reqwest::Client, url: &str, seq: usize) -> u16 {
+    match client.post(url).json(&payload(seq)).send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            if status == 503 {
+                assert!(
+                    r.headers().get("retry-after").is_some(),
+                    "a 503 without Retry-After"
+                );
+            }
+            status
+        }
+        Err(_) => 0,
+    }
+}
+
+async fn start_replica(config: &Path, url: &str, extra: &[&str]) -> Running {
+    let mut args = vec![
+        "--database-url",
+        url,
+        "--database-lease",
+        "2s",
+        "--retry-max-attempts",
+        "100000",
+        "--retry-max-elapsed",
+        "10m",
+    ];
+    args.extend_from_slice(extra);
+    Running::start(config, &args).await
+}
+
+/// Waits (bounded) until every seq in `expected` has arrived.
+async fn all_arrive(sink: &Sink, expected: &BTreeSet<usize>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let arrived = sink.seqs();
+        let missing: Vec<&usize> = expected.difference(&arrived).collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} deliveries answered 200 never arrived, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(10)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_one_killed_mid_flood_lose_nothing_answered_200() {
+    const POSTS: usize = 900;
+    let server = Postgres::start();
+    let sink = Sink::start().await;
+    sink.state.failing.store(true, Ordering::Release);
+    let config = tempfile::tempdir().expect("tempdir");
+    write_config(config.path(), &sink.url());
+    let url = server.url();
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(Some(start_replica(config.path(), &url, &[]).await));
+    }
+    let targets: Vec<String> = replicas
+        .iter()
+        .flatten()
+        .map(|r| r.url("/api/v1/alerts"))
+        .collect();
+    let client = client();
+    let mut accepted = BTreeSet::new();
+    let mut refused = 0;
+    let started = Instant::now();
+    for chunk in (0..POSTS).collect::<Vec<_>>().chunks(30) {
+        if chunk[0] == POSTS / 3 {
+            // Mid-flood, with claims held and attempts failing: SIGKILL, no shutdown code.
+            if let Some(victim) = replicas[0].take() {
+                victim.kill9();
+            }
+        }
+        if chunk[0] == 2 * POSTS / 3 {
+            sink.state.failing.store(false, Ordering::Release);
+        }
+        let answers = futures::future::join_all(chunk.iter().map(|&seq| {
+            let client = client.clone();
+            // After the kill only the live replicas are posted to.
+            let live = if replicas[0].is_some() { 0 } else { 1 };
+            let target = targets[live + seq % (3 - live)].clone();
+            async move { (seq, post(&client, &target, seq).await) }
+        }))
+        .await;
+        for (seq, status) in answers {
+            match status {
+                200 => {
+                    accepted.insert(seq);
+                }
+                503 => refused += 1,
+                other => panic!("post {seq}: status {other}"),
+            }
+        }
+    }
+    sink.state.failing.store(false, Ordering::Release);
+    all_arrive(&sink, &accepted, Duration::from_secs(120)).await;
+    let lost = accepted.difference(&sink.seqs()).count();
+    eprintln!(
+        "three replicas, one killed: {POSTS} posts, {} answered 200, {refused} answered 503; \
+         all arrived after {:.1?}; lost {lost}; duplicates (same Idempotency-Key) {}",
+        accepted.len(),
+        started.elapsed(),
+        sink.duplicates()
+    );
+    assert_eq!(lost, 0);
+    assert!(
+        accepted.len() > POSTS / 2,
+        "most posts were accepted: {}",
+        accepted.len()
+    );
+    // The shared backlog empties once everything is delivered.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.psql("SELECT count(*) FROM herald_backlog") != "0" {
+        assert!(Instant::now() < deadline, "the backlog never emptied");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_paused_past_its_lease_loses_its_claims_and_its_late_finish_is_refused() {
+    const POSTS: usize = 6;
+    let server = Postgres::start();
+    let sink = Sink::start().await;
+    // Slow enough that the first replica still holds claims when it is paused.
+    *sink.state.delay.lock().expect("delay") = Duration::from_millis(500);
+    let config = tempfile::tempdir().expect("tempdir");
+    write_config(config.path(), &sink.url());
+    let url = server.url();
+    let first = start_replica(config.path(), &url, &[]).await;
+    let client = client();
+    for seq in 0..POSTS {
+        // All for webhook w0: one worker, in order.
+        assert_eq!(
+            post(&client, &first.url("/api/v1/alerts"), seq * WEBHOOKS).await,
+            200
+        );
+    }
+    // Paused while it holds claims on deliveries it has not finished.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server
+        .psql("SELECT count(*) FROM herald_backlog WHERE claim_id IS NOT NULL")
+        .parse::<usize>()
+        .expect("a count")
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first replica claimed nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.signal("STOP");
+    let second = start_replica(config.path(), &url, &[]).await;
+    let expected: BTreeSet<usize> = (0..POSTS).map(|s| s * WEBHOOKS).collect();
+    all_arrive(&sink, &expected, Duration::from_secs(60)).await;
+    second.wait_log("delivered", Duration::from_secs(10)).await;
+    first.signal("CONT");
+    first
+        .wait_log("finish refused", Duration::from_secs(30))
+        .await;
+    // One record per delivery, each written by the replica that held the claim.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let records = server.psql("SELECT count(*) FROM herald_records");
+        let backlog = server.psql("SELECT count(*) FROM herald_backlog");
+        if records == POSTS.to_string() && backlog == "0" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "records {records}, backlog {backlog}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Either replica answers for both from the shared tables.
+    for replica in [&first, &second] {
+        let listed: Value = client
+            .get(format!("{}/api/v1/deliveries?limit=0", replica.admin_url()))
+            .send()
+            .await
+            .expect("list deliveries")
+            .json()
+            .await
+            .expect("json");
+        let listed = listed["deliveries"].as_array().expect("deliveries");
+        assert_eq!(listed.len(), POSTS, "{listed:?}");
+        assert!(
+            listed.iter().all(|r| r["outcome"] == "Succeeded"),
+            "{listed:?}"
+        );
+    }
+    eprintln!(
+        "paused replica: {POSTS} deliveries, duplicates (same Idempotency-Key) {}",
+        sink.duplicates()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_down_during_a_flood_means_503s_and_nothing_accepted_is_lost() {
+    let server = Postgres::start();
+    let sink = Sink::start().await;
+    let config = tempfile::tempdir().expect("tempdir");
+    write_config(config.path(), &sink.url());
+    let replica = start_replica(config.path(), &server.url(), &[]).await;
+    let target = replica.url("/api/v1/alerts");
+    let client = client();
+    let mut accepted = BTreeSet::new();
+    let mut refused_while_down = 0;
+    let mut seq = 0;
+    let mut post_some = async |n: usize, accepted: &mut BTreeSet<usize>| {
+        let mut refused = 0;
+        for _ in 0..n {
+            match post(&client, &target, seq).await {
+                200 => {
+                    accepted.insert(seq);
+                }
+                503 => refused += 1,
+                other => panic!("post {seq}: status {other}"),
+            }
+            seq += 1;
+        }
+        refused
+    };
+    post_some(200, &mut accepted).await;
+    server.stop();
+    let down = Instant::now();
+    let mut not_ready = false;
+    while down.elapsed() < Duration::from_secs(4) {
+        refused_while_down += post_some(10, &mut accepted).await;
+        let ready = client
+            .get(replica.url("/readyz"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        not_ready |= ready == 503;
+    }
+    server.restart();
+    // Recovery without restarting Herald: posts are accepted again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let before = accepted.len();
+        post_some(10, &mut accepted).await;
+        if accepted.len() == before + 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Herald did not accept again after the database came back:\n{}",
+            replica.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    post_some(200, &mut accepted).await;
+    all_arrive(&sink, &accepted, Duration::from_secs(60)).await;
+    eprintln!(
+        "database down: {seq} posts, {} answered 200, {refused_while_down} answered 503 while it was down; lost 0; duplicates {}",
+        accepted.len(),
+        sink.duplicates()
+    );
+    assert!(refused_while_down > 0, "no 503 while the database was down");
+    assert!(
+        not_ready,
+        "/readyz never failed while the database was down"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_starting_at_once_on_an_empty_database_both_come_up() {
+    let server = Postgres::start();
+    let sink = Sink::start().await;
+    let config = tempfile::tempdir().expect("tempdir");
+    write_config(config.path(), &sink.url());
+    let url = server.url();
+    let (first, second) = tokio::join!(
+        start_replica(config.path(), &url, &[]),
+        start_replica(config.path(), &url, &[])
+    );
+    assert_eq!(server.psql("SELECT count(*) FROM herald_migrations"), "1");
+    let client = client();
+    assert_eq!(post(&client, &first.url("/api/v1/alerts"), 1).await, 200);
+    assert_eq!(post(&client, &second.url("/api/v1/alerts"), 2).await, 200);
+    all_arrive(&sink, &BTreeSet::from([1, 2]), Duration::from_secs(30)).await;
+}

@@ -1,0 +1,486 @@
+//! One conformance suite for the delivery store, run against every backend: in memory, on disk
+//! (redb) and in PostgreSQL (a real server started on loopback). The same calls must give the
+//! same answers, except where a backend is documented to differ: a memory store keeps no
+//! backlog (its engine's queues hold it) and numbers nothing.
+
+#[path = "support/postgres.rs"]
+mod postgres;
+#[path = "support/sink.rs"]
+mod sink;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald::delivery::{Delivery, ReportOutcome};
+use herald::routing::ObjectKey;
+use herald::store::{DeliveryRecord, PostgresOptions, RecordFilter, RecordLimits, Store};
+
+fn key(name: &str) -> ObjectKey {
+    name.parse().expect("key")
+}
+
+fn delivery(webhook: &str) -> Arc<Delivery> {
+    Arc::new(Delivery::new(
+        key(webhook),
+        vec![],
+        Default::default(),
+        Arc::from(""),
+    ))
+}
+
+fn record(d: &Arc<Delivery>, outcome: ReportOutcome) -> DeliveryRecord {
+    DeliveryRecord {
+        id: d.id,
+        webhook: d.webhook.clone(),
+        time: "2026-11-25T00:00:00Z".parse().expect("time"),
+        alerts: 0,
+        attempts: 1,
+        outcome,
+        http_status: Some(200),
+        latency_ms: 1,
+        error: String::new(),
+        test: false,
+        delivery: Some(d.clone()),
+    }
+}
+
+fn limits() -> RecordLimits {
+    RecordLimits {
+        per_webhook: 2,
+        dead_letters: 3,
+        record_bodies: false,
+        total: 100,
+    }
+}
+
+/// A store of each kind, each with its own empty storage.
+struct Backends {
+    _dir: tempfile::TempDir,
+    _postgres: postgres::Postgres,
+    stores: Vec<(&'static str, Store)>,
+}
+
+async fn backends(limits: RecordLimits) -> Backends {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = postgres::Postgres::start();
+    let stores = vec![
+        ("memory", Store::memory(limits)),
+        (
+            "disk",
+            Store::open(dir.path(), limits).expect("open the disk store"),
+        ),
+        (
+            "postgres",
+            Store::postgres(PostgresOptions::new(server.url()), limits)
+                .await
+                .expect("connect to PostgreSQL"),
+        ),
+    ];
+    Backends {
+        _dir: dir,
+        _postgres: server,
+        stores,
+    }
+}
+
+/// Appending, claiming and finishing: the backlog in order, emptied by finishes; records
+/// keep content for dead letters only.
+async fn backlog_and_records(name: &str, store: &Store) {
+    let a = delivery("ns/a");
+    let b = delivery("ns/a");
+    let other = delivery("ns/b");
+    let seqs = store
+        .append(&[a.clone(), other.clone(), b.clone()])
+        .await
+        .expect("append");
+    assert_eq!(seqs.len(), 3, "{name}: one number per delivery");
+    let pending = store.pending(&key("ns/a"), 0, 100).await.expect("pending");
+    if store.is_durable() {
+        assert!(seqs[0] < seqs[1] && seqs[1] < seqs[2], "{name}: in order");
+        assert_eq!(
+            pending,
+            vec![(seqs[0], a.clone()), (seqs[2], b.clone())],
+            "{name}: a webhook's backlog in order"
+        );
+        let after = store
+            .pending(&key("ns/a"), seqs[0], 100)
+            .await
+            .expect("pending");
+        assert_eq!(after, vec![(seqs[2], b.clone())], "{name}: after a cursor");
+        let claimed = store.claim(&key("ns/a"), 0, 100).await.expect("claim");
+        assert_eq!(
+            claimed,
+            vec![(seqs[0], a.clone()), (seqs[2], b.clone())],
+            "{name}: claims the backlog in order"
+        );
+    } else {
+        assert!(
+            pending.is_empty(),
+            "{name}: a memory store keeps no backlog"
+        );
+    }
+    let seq = |i: usize| store.is_durable().then(|| seqs[i]);
+    store
+        .finish(seq(0), record(&a, ReportOutcome::Succeeded))
+        .expect("finish");
+    store
+        .finish(seq(2), record(&b, ReportOutcome::Failed))
+        .expect("finish");
+    store.flush().await.expect("flush");
+    assert!(
+        store
+            .pending(&key("ns/a"), 0, 100)
+            .await
+            .expect("pending")
+            .is_empty(),
+        "{name}: finished deliveries leave the backlog"
+    );
+    if store.is_durable() {
+        assert_eq!(
+            store.pending(&key("ns/b"), 0, 100).await.expect("pending"),
+            vec![(seqs[1], other.clone())],
+            "{name}: another webhook's backlog is untouched"
+        );
+    }
+    let ok = store
+        .record(&a.id.to_string())
+        .await
+        .expect("read")
+        .expect("kept");
+    assert_eq!(ok.outcome, ReportOutcome::Succeeded, "{name}");
+    assert_eq!(ok.delivery, None, "{name}: no content for successes");
+    let dead = store
+        .record(&b.id.to_string())
+        .await
+        .expect("read")
+        .expect("kept");
+    assert_eq!(
+        dead.delivery.as_deref(),
+        Some(&*b),
+        "{name}: dead letters keep their content"
+    );
+    assert_eq!(
+        store.record("not-an-id").await.expect("read"),
+        None,
+        "{name}: whatever is not an id names no record"
+    );
+    let failed = store
+        .records(&RecordFilter {
+            outcome: Some(ReportOutcome::Failed),
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(
+        failed.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![b.id],
+        "{name}: filtered by outcome"
+    );
+}
+
+/// The per-webhook limits keep the newest records of each class.
+async fn per_webhook_limits(name: &str, store: &Store) {
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let d = delivery("ns/limited");
+        store
+            .finish(None, record(&d, ReportOutcome::Succeeded))
+            .expect("finish");
+        ids.push(d.id);
+    }
+    store.flush().await.expect("flush");
+    let kept = store
+        .records(&RecordFilter {
+            webhook: Some(key("ns/limited")),
+            outcome: Some(ReportOutcome::Succeeded),
+            limit: 0,
+        })
+        .await
+        .expect("list");
+    let kept: Vec<_> = kept.iter().map(|r| r.id).collect();
+    assert_eq!(
+        kept,
+        vec![ids[4], ids[3]],
+        "{name}: the two newest, newest first"
+    );
+}
+
+/// A replay finishes with the id of the record it replays: one record remains, with the new
+/// outcome.
+async fn replay_replaces(name: &str, store: &Store) {
+    let d = delivery("ns/replayed");
+    let newer = delivery("ns/replayed");
+    store
+        .finish(None, record(&d, ReportOutcome::Failed))
+        .expect("finish");
+    store
+        .finish(None, record(&newer, ReportOutcome::Succeeded))
+        .expect("finish");
+    store.flush().await.expect("flush");
+    let old = store
+        .record(&d.id.to_string())
+        .await
+        .expect("read")
+        .expect("kept");
+    assert_eq!(old.outcome, ReportOutcome::Failed, "{name}");
+    // As the engine does: the replay goes through the backlog again.
+    let seqs = store
+        .append(std::slice::from_ref(&d))
+        .await
+        .expect("append");
+    if store.is_durable() {
+        let claimed = store
+            .claim(&key("ns/replayed"), 0, 10)
+            .await
+            .expect("claim");
+        assert_eq!(claimed, vec![(seqs[0], d.clone())], "{name}");
+    }
+    store
+        .finish(
+            store.is_durable().then(|| seqs[0]),
+            record(&d, ReportOutcome::Succeeded),
+        )
+        .expect("finish again");
+    store.flush().await.expect("flush");
+    let all = store
+        .records(&RecordFilter {
+            webhook: Some(key("ns/replayed")),
+            ..RecordFilter::default()
+        })
+        .await
+        .expect("list");
+    let ids: Vec<_> = all.iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![newer.id, d.id], "{name}: one record per id");
+    assert_eq!(all[1].outcome, ReportOutcome::Succeeded, "{name}");
+}
+
+/// The total cap drops the oldest records whatever their webhook.
+async fn total_cap(name: &str, store: &Store) {
+    let mut finished = Vec::new();
+    for i in 0..250 {
+        let d = delivery(&format!("ns/w{}", i % 50));
+        let outcome = if i % 3 == 0 {
+            ReportOutcome::Failed
+        } else {
+            ReportOutcome::Succeeded
+        };
+        store.finish(None, record(&d, outcome)).expect("finish");
+        finished.push(d.id);
+    }
+    store.flush().await.expect("flush");
+    let all = store
+        .records(&RecordFilter {
+            limit: 0,
+            ..RecordFilter::default()
+        })
+        .await
+        .expect("list");
+    let newest: Vec<_> = finished.iter().rev().take(100).copied().collect();
+    let kept: Vec<_> = all.iter().map(|r| r.id).collect();
+    assert_eq!(kept, newest, "{name}: the newest 100 records are kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_store_keeps_the_backlog_and_records_alike() {
+    let backends = backends(limits()).await;
+    for (name, store) in &backends.stores {
+        backlog_and_records(name, store).await;
+        per_webhook_limits(name, store).await;
+        replay_replaces(name, store).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_store_caps_records_in_total() {
+    let backends = backends(RecordLimits {
+        per_webhook: 100,
+        dead_letters: 100,
+        record_bodies: false,
+        total: 100,
+    })
+    .await;
+    for (name, store) in &backends.stores {
+        total_cap(name, store).await;
+    }
+}
+
+fn quick(url: String) -> PostgresOptions {
+    PostgresOptions {
+        lease: Duration::from_secs(2),
+        poll_interval: Duration::from_millis(200),
+        ..PostgresOptions::new(url)
+    }
+}
+
+/// Two stores on one server, as two replicas.
+async fn two_replicas(server: &postgres::Postgres) -> (Store, Store) {
+    let first = Store::postgres(quick(server.url()), limits())
+        .await
+        .expect("first");
+    let second = Store::postgres(quick(server.url()), limits())
+        .await
+        .expect("second");
+    (first, second)
+}
+
+/// Two replicas on one database: a webhook's rows go to one replica at a time (its lease);
+/// the other gets them once the first has nothing more to claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_claim_a_webhook_one_at_a_time() {
+    let server = postgres::Postgres::start();
+    let (first, second) = two_replicas(&server).await;
+    let a = delivery("ns/a");
+    let b = delivery("ns/b");
+    let seqs = first.append(&[a.clone(), b.clone()]).await.expect("append");
+    let claimed = first.claim(&key("ns/a"), 0, 10).await.expect("claim");
+    assert_eq!(claimed, vec![(seqs[0], a.clone())]);
+    let more = delivery("ns/a");
+    let more_seq = second
+        .append(std::slice::from_ref(&more))
+        .await
+        .expect("append")[0];
+    assert!(
+        second
+            .claim(&key("ns/a"), 0, 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "the first replica holds ns/a: the second claims none of it"
+    );
+    assert_eq!(
+        second.claim(&key("ns/b"), 0, 10).await.expect("claim"),
+        vec![(seqs[1], b.clone())],
+        "another webhook is free for the second replica"
+    );
+    // The first finishes its row and finds the one the second stored.
+    first
+        .finish(Some(seqs[0]), record(&a, ReportOutcome::Succeeded))
+        .expect("finish");
+    first.flush().await.expect("flush");
+    assert_eq!(
+        first.claim(&key("ns/a"), 0, 10).await.expect("claim"),
+        vec![(more_seq, more.clone())]
+    );
+    let waiting = second.waiting().await.expect("waiting");
+    assert!(
+        waiting.contains(&(key("ns/a"), 1, 0)),
+        "one row of ns/a, held: {waiting:?}"
+    );
+}
+
+/// A replica that stops renewing (its leases run out) loses its claims: another takes them,
+/// and the first one's late finish is refused by the claim check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_finish_after_a_takeover_is_refused() {
+    let server = postgres::Postgres::start();
+    let (first, second) = two_replicas(&server).await;
+    let d = delivery("ns/a");
+    let seq = first
+        .append(std::slice::from_ref(&d))
+        .await
+        .expect("append")[0];
+    assert_eq!(
+        first.claim(&key("ns/a"), 0, 10).await.expect("claim").len(),
+        1
+    );
+    // As if the first replica were paused past its lease.
+    server.psql(
+        "UPDATE herald_backlog SET lease_until = now() - interval '1 second'; \
+         UPDATE herald_webhook_leases SET lease_until = now() - interval '1 second'",
+    );
+    assert_eq!(
+        second.claim(&key("ns/a"), 0, 10).await.expect("claim"),
+        vec![(seq, d.clone())],
+        "an expired claim returns to the queue"
+    );
+    first
+        .finish(Some(seq), record(&d, ReportOutcome::Failed))
+        .expect("queue the late finish");
+    first.flush().await.expect("flush");
+    assert_eq!(
+        second.pending(&key("ns/a"), 0, 10).await.expect("pending"),
+        vec![(seq, d.clone())],
+        "the late finish did not remove the row"
+    );
+    assert_eq!(
+        second.record(&d.id.to_string()).await.expect("read"),
+        None,
+        "nor record it"
+    );
+    second
+        .finish(Some(seq), record(&d, ReportOutcome::Succeeded))
+        .expect("finish");
+    second.flush().await.expect("flush");
+    assert!(
+        second
+            .pending(&key("ns/a"), 0, 10)
+            .await
+            .expect("pending")
+            .is_empty()
+    );
+    assert_eq!(
+        second
+            .record(&d.id.to_string())
+            .await
+            .expect("read")
+            .map(|r| r.outcome),
+        Some(ReportOutcome::Succeeded)
+    );
+}
+
+/// Replicas starting together on an empty database: the migrations run once, under the
+/// advisory lock, and every replica comes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_migrating_an_empty_database_at_once_all_come_up() {
+    let server = postgres::Postgres::start();
+    let starts: Vec<_> = (0..4)
+        .map(|_| {
+            let url = server.url();
+            tokio::spawn(async move { Store::postgres(quick(url), limits()).await })
+        })
+        .collect();
+    for start in starts {
+        start.await.expect("task").expect("the replica came up");
+    }
+    assert_eq!(server.psql("SELECT count(*) FROM herald_migrations"), "1");
+}
+
+/// TLS to the database with a CA of its own: trusted through `ca_pem`, refused without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_is_verified_against_the_given_ca() {
+    let pki = sink::TestPki::generate();
+    let server = postgres::Postgres::start_tls(&pki.server_cert_pem, &pki.server_key_pem);
+    let url = format!(
+        "postgres://herald@localhost:{}/postgres?sslmode=require",
+        server.port()
+    );
+    let refused = Store::postgres(
+        PostgresOptions {
+            write_timeout: Duration::from_secs(3),
+            ..PostgresOptions::new(url.clone())
+        },
+        limits(),
+    )
+    .await;
+    let error = refused.expect_err("an unknown CA is refused").to_string();
+    assert!(error.contains("PostgreSQL"), "{error}");
+    let store = Store::postgres(
+        PostgresOptions {
+            ca_pem: pki.ca_pem.clone().into_bytes(),
+            ..quick(url)
+        },
+        limits(),
+    )
+    .await
+    .expect("connect with the CA");
+    let d = delivery("ns/a");
+    store
+        .append(std::slice::from_ref(&d))
+        .await
+        .expect("append over TLS");
+    let encrypted = server.psql(
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE s.ssl AND a.application_name <> 'psql'",
+    );
+    assert_ne!(encrypted, "0", "Herald's connections use TLS");
+}
