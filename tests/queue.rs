@@ -5,135 +5,19 @@
 //! that got a 200 is lost; duplicates, with the same Idempotency-Key, are counted). Figures are
 //! printed with `eprintln!` (run with `--nocapture`); no test asserts a time.
 
+#[path = "support/flood.rs"]
+mod flood;
 #[path = "support/process.rs"]
 mod process;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
-use axum::http::StatusCode;
+use flood::{CountingSink, WEBHOOKS, payload, write_config};
 use futures::StreamExt as _;
 use process::{Running, free_port};
 use rand::Rng as _;
-use serde_json::{Value, json};
-
-/// Webhooks in every test: `w0` … `w9`, each getting the alerts labelled `target: wN`.
-const WEBHOOKS: usize = 10;
-
-/// One delivery as the endpoint saw it.
-#[derive(Clone, Debug)]
-struct Arrival {
-    /// The `seq` label of each alert it carried.
-    seqs: Vec<usize>,
-    /// Its Idempotency-Key.
-    key: String,
-    at: Instant,
-}
-
-#[derive(Default)]
-struct SinkState {
-    arrivals: Mutex<Vec<Arrival>>,
-    delay: Mutex<Duration>,
-}
-
-/// An HTTP endpoint on loopback that records every delivery and answers 200 after a delay.
-struct CountingSink {
-    state: Arc<SinkState>,
-    addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn record(State(state): State<Arc<SinkState>>, request: Request) -> StatusCode {
-    let at = Instant::now();
-    let key = request
-        .headers()
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let Ok(body) = axum::body::to_bytes(request.into_body(), usize::MAX).await else {
-        return StatusCode::BAD_REQUEST;
-    };
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let seqs = body["alerts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a["labels"]["seq"].as_str()?.parse().ok())
-        .collect();
-    let delay = *state.delay.lock().expect("delay");
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    state
-        .arrivals
-        .lock()
-        .expect("arrivals")
-        .push(Arrival { seqs, key, at });
-    StatusCode::OK
-}
-
-impl CountingSink {
-    async fn start(port: u16, delay: Duration) -> CountingSink {
-        let state = Arc::new(SinkState::default());
-        *state.delay.lock().expect("delay") = delay;
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .expect("sink: bind");
-        let addr = listener.local_addr().expect("sink: addr");
-        let app = axum::Router::new()
-            .fallback(record)
-            .with_state(state.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        CountingSink { state, addr, task }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/", self.addr)
-    }
-
-    fn arrivals(&self) -> Vec<Arrival> {
-        self.state.arrivals.lock().expect("arrivals").clone()
-    }
-
-    /// Every `seq` that arrived.
-    fn seqs(&self) -> BTreeSet<usize> {
-        self.arrivals()
-            .iter()
-            .flat_map(|a| a.seqs.iter().copied())
-            .collect()
-    }
-}
-
-impl Drop for CountingSink {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Ten webhooks, `w{i}` at `urls[i]`, each with a condition that passes only `target: w{i}`.
-fn write_config(dir: &Path, urls: &[String]) {
-    let mut yaml = String::new();
-    for (i, url) in urls.iter().enumerate() {
-        yaml.push_str(&format!(
-            "---\napiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: only-w{i}}}\nspec:\n  matchExpressions:\n    - {{key: target, operator: In, values: [w{i}]}}\n---\napiVersion: herald.dev/v1alpha1\nkind: Webhook\nmetadata: {{name: w{i}}}\nspec:\n  url: '{url}'\n  conditions: [only-w{i}]\n"
-        ));
-    }
-    std::fs::write(dir.join("herald.yaml"), yaml).expect("write config");
-}
-
-fn payload(seq: usize) -> Value {
-    json!({"version": "4", "status": "firing", "receiver": "herald",
-           "alerts": [{"status": "firing",
-                       "labels": {"alertname": "Flood", "target": format!("w{}", seq % WEBHOOKS),
-                                  "seq": seq.to_string()}}]})
-}
+use serde_json::Value;
 
 /// What the receiver answered to one post.
 #[derive(Debug)]
@@ -405,11 +289,7 @@ async fn kill_9_during_a_flood_loses_nothing_answered_200() {
     let _running = Running::start(config.path(), &args).await;
     all_arrive(&[&sink], &accepted, Duration::from_secs(180)).await;
     let arrivals = sink.arrivals();
-    let mut per_key: HashMap<&str, usize> = HashMap::new();
-    for arrival in &arrivals {
-        *per_key.entry(arrival.key.as_str()).or_default() += 1;
-    }
-    let duplicates: usize = per_key.values().map(|n| n - 1).sum();
+    let duplicates = sink.duplicates();
     // A duplicate is the same delivery again: same key, same alert.
     let mut seq_of_key: HashMap<&str, &Vec<usize>> = HashMap::new();
     for arrival in &arrivals {

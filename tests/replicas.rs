@@ -7,132 +7,21 @@
 //! nothing accepted lost, recovery without restarting Herald); replicas starting together on an
 //! empty database. Figures are printed with `eprintln!`; no test asserts a time.
 
+#[path = "support/flood.rs"]
+mod flood;
 #[path = "support/postgres.rs"]
 mod postgres;
 #[path = "support/process.rs"]
 mod process;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
-use axum::http::StatusCode;
+use flood::{CountingSink, WEBHOOKS, payload, write_config};
 use postgres::Postgres;
 use process::Running;
-use serde_json::{Value, json};
-
-const WEBHOOKS: usize = 10;
-
-#[derive(Default)]
-struct SinkState {
-    /// Every delivery that was answered 200: (alert seqs, Idempotency-Key).
-    arrivals: Mutex<Vec<(Vec<usize>, String)>>,
-    /// Answer 503 to everything while set.
-    failing: AtomicBool,
-    delay: Mutex<Duration>,
-}
-
-/// An endpoint on loopback that records each delivery it accepts, and can fail for a while.
-struct Sink {
-    state: Arc<SinkState>,
-    addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn receive(State(state): State<Arc<SinkState>>, request: Request) -> StatusCode {
-    let key = request
-        .headers()
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let Ok(body) = axum::body::to_bytes(request.into_body(), usize::MAX).await else {
-        return StatusCode::BAD_REQUEST;
-    };
-    let delay = *state.delay.lock().expect("delay");
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    if state.failing.load(Ordering::Acquire) {
-        return StatusCode::SERVICE_UNAVAILABLE;
-    }
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let seqs = body["alerts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a["labels"]["seq"].as_str()?.parse().ok())
-        .collect();
-    state.arrivals.lock().expect("arrivals").push((seqs, key));
-    StatusCode::OK
-}
-
-impl Sink {
-    async fn start() -> Sink {
-        let state = Arc::new(SinkState::default());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("sink: bind");
-        let addr = listener.local_addr().expect("sink: addr");
-        let app = axum::Router::new()
-            .fallback(receive)
-            .with_state(state.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Sink { state, addr, task }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/", self.addr)
-    }
-
-    fn seqs(&self) -> BTreeSet<usize> {
-        let arrivals = self.state.arrivals.lock().expect("arrivals");
-        arrivals
-            .iter()
-            .flat_map(|(s, _)| s.iter().copied())
-            .collect()
-    }
-
-    /// Deliveries that arrived more than once (same Idempotency-Key), counted once each
-    /// extra time.
-    fn duplicates(&self) -> usize {
-        let arrivals = self.state.arrivals.lock().expect("arrivals");
-        let mut seen = BTreeMap::<&str, usize>::new();
-        for (_, key) in arrivals.iter() {
-            *seen.entry(key.as_str()).or_default() += 1;
-        }
-        seen.values().map(|n| n - 1).sum()
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn write_config(dir: &Path, url: &str) {
-    let mut yaml = String::new();
-    for i in 0..WEBHOOKS {
-        yaml.push_str(&format!(
-            "---\napiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: only-w{i}}}\nspec:\n  matchExpressions:\n    - {{key: target, operator: In, values: [w{i}]}}\n---\napiVersion: herald.dev/v1alpha1\nkind: Webhook\nmetadata: {{name: w{i}}}\nspec:\n  url: '{url}'\n  conditions: [only-w{i}]\n"
-        ));
-    }
-    std::fs::write(dir.join("herald.yaml"), yaml).expect("write config");
-}
-
-fn payload(seq: usize) -> Value {
-    json!({"version": "4", "status": "firing", "receiver": "herald",
-           "alerts": [{"status": "firing",
-                       "labels": {"alertname": "Flood", "target": format!("w{}", seq % WEBHOOKS),
-                                  "seq": seq.to_string()}}]})
-}
+use serde_json::Value;
 
 /// Posts one alert; its status (0 when the request failed).
 async fn post(client: &reqwest::Client, url: &str, seq: usize) -> u16 {
@@ -167,7 +56,7 @@ async fn start_replica(config: &Path, url: &str, extra: &[&str]) -> Running {
 }
 
 /// Waits (bounded) until every seq in `expected` has arrived.
-async fn all_arrive(sink: &Sink, expected: &BTreeSet<usize>, timeout: Duration) {
+async fn all_arrive(sink: &CountingSink, expected: &BTreeSet<usize>, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let arrived = sink.seqs();
@@ -196,10 +85,10 @@ fn client() -> reqwest::Client {
 async fn three_replicas_one_killed_mid_flood_lose_nothing_answered_200() {
     const POSTS: usize = 900;
     let server = Postgres::start();
-    let sink = Sink::start().await;
-    sink.state.failing.store(true, Ordering::Release);
+    let sink = CountingSink::start(0, Duration::ZERO).await;
+    sink.set_failing(true);
     let config = tempfile::tempdir().expect("tempdir");
-    write_config(config.path(), &sink.url());
+    write_config(config.path(), &vec![sink.url(); WEBHOOKS]);
     let url = server.url();
     let mut replicas = Vec::new();
     for _ in 0..3 {
@@ -222,7 +111,7 @@ async fn three_replicas_one_killed_mid_flood_lose_nothing_answered_200() {
             }
         }
         if chunk[0] == 2 * POSTS / 3 {
-            sink.state.failing.store(false, Ordering::Release);
+            sink.set_failing(false);
         }
         let answers = futures::future::join_all(chunk.iter().map(|&seq| {
             let client = client.clone();
@@ -242,7 +131,7 @@ async fn three_replicas_one_killed_mid_flood_lose_nothing_answered_200() {
             }
         }
     }
-    sink.state.failing.store(false, Ordering::Release);
+    sink.set_failing(false);
     all_arrive(&sink, &accepted, Duration::from_secs(120)).await;
     let lost = accepted.difference(&sink.seqs()).count();
     eprintln!(
@@ -270,11 +159,11 @@ async fn three_replicas_one_killed_mid_flood_lose_nothing_answered_200() {
 async fn a_replica_paused_past_its_lease_loses_its_claims_and_its_late_finish_is_refused() {
     const POSTS: usize = 6;
     let server = Postgres::start();
-    let sink = Sink::start().await;
+    let sink = CountingSink::start(0, Duration::ZERO).await;
     // Slow enough that the first replica still holds claims when it is paused.
-    *sink.state.delay.lock().expect("delay") = Duration::from_millis(500);
+    sink.set_delay(Duration::from_millis(500));
     let config = tempfile::tempdir().expect("tempdir");
-    write_config(config.path(), &sink.url());
+    write_config(config.path(), &vec![sink.url(); WEBHOOKS]);
     let url = server.url();
     let first = start_replica(config.path(), &url, &[]).await;
     let client = client();
@@ -348,9 +237,9 @@ async fn a_replica_paused_past_its_lease_loses_its_claims_and_its_late_finish_is
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_down_during_a_flood_means_503s_and_nothing_accepted_is_lost() {
     let server = Postgres::start();
-    let sink = Sink::start().await;
+    let sink = CountingSink::start(0, Duration::ZERO).await;
     let config = tempfile::tempdir().expect("tempdir");
-    write_config(config.path(), &sink.url());
+    write_config(config.path(), &vec![sink.url(); WEBHOOKS]);
     let replica = start_replica(config.path(), &server.url(), &[]).await;
     let target = replica.url("/api/v1/alerts");
     let client = client();
@@ -418,9 +307,9 @@ async fn the_database_down_during_a_flood_means_503s_and_nothing_accepted_is_los
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_starting_at_once_on_an_empty_database_both_come_up() {
     let server = Postgres::start();
-    let sink = Sink::start().await;
+    let sink = CountingSink::start(0, Duration::ZERO).await;
     let config = tempfile::tempdir().expect("tempdir");
-    write_config(config.path(), &sink.url());
+    write_config(config.path(), &vec![sink.url(); WEBHOOKS]);
     let url = server.url();
     let (first, second) = tokio::join!(
         start_replica(config.path(), &url, &[]),

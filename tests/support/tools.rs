@@ -38,6 +38,7 @@ const DEBIAN_COMMANDS: &[(&str, &str)] = &[
     ("runc", "runc"),
     ("ip", "iproute2"),
     ("iptables", "iptables"),
+    ("pgrep", "procps"),
 ];
 
 /// CNI plugins the test node's pod network uses, from `containernetworking-plugins`.
