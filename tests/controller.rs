@@ -897,21 +897,7 @@ async fn a_webhook_whose_deliveries_start_failing_gets_a_warning_event() {
     let controller =
         Controller::start(ns, &[ns], &["--cluster-namespace", ns, "--events=false"]).await;
     apply(&webhook(ns, "hook", &format!("{{url: '{}'}}", sink.url())));
-    wait_webhook(&client, ns, "hook", "Ready", |w| {
-        ready_is(w, "True", "Ready")
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    controller
-        .post_until_delivered(json!({"alertname": "A"}), 1)
-        .await;
-    let wh = wait_webhook(&client, ns, "hook", "failed", |w| {
-        w.status
-            .as_ref()
-            .and_then(|s| s.last_delivery.as_ref())
-            .is_some_and(|d| d.outcome == DeliveryOutcome::Failed)
-    })
-    .await;
+    let wh = deliver_one_that_fails(&controller, &client, ns, "hook").await;
     assert_eq!(
         wh.status
             .and_then(|s| s.last_delivery)
@@ -1001,21 +987,7 @@ async fn a_heavy_template_fails_its_delivery_with_the_reason_in_status_and_an_ev
             sink.url()
         ),
     ));
-    wait_webhook(&client, ns, "hook", "Ready", |w| {
-        ready_is(w, "True", "Ready")
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    controller
-        .post_until_delivered(json!({"alertname": "A"}), 1)
-        .await;
-    let wh = wait_webhook(&client, ns, "hook", "failed", |w| {
-        w.status
-            .as_ref()
-            .and_then(|s| s.last_delivery.as_ref())
-            .is_some_and(|d| d.outcome == DeliveryOutcome::Failed)
-    })
-    .await;
+    let wh = deliver_one_that_fails(&controller, &client, ns, "hook").await;
     let message = wh
         .status
         .and_then(|s| s.last_delivery)
@@ -1040,4 +1012,26 @@ async fn a_heavy_template_fails_its_delivery_with_the_reason_in_status_and_an_ev
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     sink.assert_none_within(Duration::from_millis(100)).await;
+}
+
+/// Waits for webhook `name` to be Ready, delivers one alert to it, and returns the Webhook once
+/// its `status.lastDelivery` says Failed.
+async fn deliver_one_that_fails(
+    controller: &Controller,
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> Webhook {
+    wait_webhook(client, ns, name, "Ready", |w| ready_is(w, "True", "Ready")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    controller
+        .post_until_delivered(json!({"alertname": "A"}), 1)
+        .await;
+    wait_webhook(client, ns, name, "failed", |w| {
+        w.status
+            .as_ref()
+            .and_then(|s| s.last_delivery.as_ref())
+            .is_some_and(|d| d.outcome == DeliveryOutcome::Failed)
+    })
+    .await
 }

@@ -87,25 +87,6 @@ fn count(answers: &BTreeMap<usize, Answer>, what: fn(&Answer) -> bool) -> usize 
     answers.values().filter(|a| what(a)).count()
 }
 
-/// Waits (bounded, generously) until every seq in `expected` has arrived at one of `sinks`.
-async fn all_arrive(sinks: &[&CountingSink], expected: &BTreeSet<usize>, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let arrived: BTreeSet<usize> = sinks.iter().flat_map(|s| s.seqs()).collect();
-        let missing: Vec<&usize> = expected.difference(&arrived).collect();
-        if missing.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} deliveries answered 200 never arrived, e.g. {:?}",
-            missing.len(),
-            &missing[..missing.len().min(10)]
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -160,7 +141,7 @@ async fn flood_over_ten_webhooks(durable: bool) {
     let refused = count(&answers, |a| matches!(a, Answer::Refused));
     let failed = count(&answers, |a| matches!(a, Answer::Failed));
     assert_eq!(failed, 0, "requests failed outright");
-    all_arrive(&[&sink], &accepted, Duration::from_secs(120)).await;
+    sink.wait_for_all(&accepted, Duration::from_secs(120)).await;
     let drained = started.elapsed();
     let arrived = sink.seqs();
     let lost = accepted.difference(&arrived).count();
@@ -206,7 +187,8 @@ async fn a_dead_webhook_keeps_its_backlog_and_does_not_hold_up_the_others() {
     write_config(config.path(), &vec![sink.url(); WEBHOOKS]);
     let running = Running::start(config.path(), &args).await;
     let answers = flood(&running.url("/api/v1/alerts"), 0..POSTS, 32, Some(RATE)).await;
-    all_arrive(&[&sink], &accepted(&answers), Duration::from_secs(60)).await;
+    sink.wait_for_all(&accepted(&answers), Duration::from_secs(60))
+        .await;
     let baseline = latencies(&answers, &sink, |w| w != 0);
     drop(running);
 
@@ -224,7 +206,7 @@ async fn a_dead_webhook_keeps_its_backlog_and_does_not_hold_up_the_others() {
         .copied()
         .filter(|s| s % WEBHOOKS != 0)
         .collect();
-    all_arrive(&[&sink], &healthy, Duration::from_secs(60)).await;
+    sink.wait_for_all(&healthy, Duration::from_secs(60)).await;
     let beside_dead = latencies(&answers, &sink, |w| w != 0);
     let p = |v: &[Duration], q| percentile(v, q).as_secs_f64() * 1000.0;
     eprintln!(
@@ -249,7 +231,7 @@ async fn a_dead_webhook_keeps_its_backlog_and_does_not_hold_up_the_others() {
         .filter(|s| s % WEBHOOKS == 0)
         .collect();
     let back = Instant::now();
-    all_arrive(&[&revived], &dead, Duration::from_secs(120)).await;
+    revived.wait_for_all(&dead, Duration::from_secs(120)).await;
     eprintln!(
         "the dead webhook's backlog of {} deliveries arrived {:.1?} after its endpoint came back",
         dead.len(),
@@ -287,7 +269,7 @@ async fn kill_9_during_a_flood_loses_nothing_answered_200() {
         accepted.extend(got);
     }
     let _running = Running::start(config.path(), &args).await;
-    all_arrive(&[&sink], &accepted, Duration::from_secs(180)).await;
+    sink.wait_for_all(&accepted, Duration::from_secs(180)).await;
     let arrivals = sink.arrivals();
     let duplicates = sink.duplicates();
     // A duplicate is the same delivery again: same key, same alert.
@@ -371,8 +353,7 @@ async fn a_full_backlog_turns_new_deliveries_into_replayable_dead_letters() {
     );
     // The endpoint comes back: the backlog goes out, then the dead letters replay.
     let sink = CountingSink::start(dead_port, Duration::ZERO).await;
-    all_arrive(
-        &[&sink],
+    sink.wait_for_all(
         &(0..5).map(|i| i * WEBHOOKS).collect(),
         Duration::from_secs(60),
     )
@@ -390,8 +371,7 @@ async fn a_full_backlog_turns_new_deliveries_into_replayable_dead_letters() {
             .expect("replay");
         assert_eq!(replayed.status(), 202);
     }
-    all_arrive(
-        &[&sink],
+    sink.wait_for_all(
         &(0..7).map(|i| i * WEBHOOKS).collect(),
         Duration::from_secs(60),
     )

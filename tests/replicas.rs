@@ -55,25 +55,6 @@ async fn start_replica(config: &Path, url: &str, extra: &[&str]) -> Running {
     Running::start(config, &args).await
 }
 
-/// Waits (bounded) until every seq in `expected` has arrived.
-async fn all_arrive(sink: &CountingSink, expected: &BTreeSet<usize>, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let arrived = sink.seqs();
-        let missing: Vec<&usize> = expected.difference(&arrived).collect();
-        if missing.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} deliveries answered 200 never arrived, e.g. {:?}",
-            missing.len(),
-            &missing[..missing.len().min(10)]
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -132,7 +113,7 @@ async fn three_replicas_one_killed_mid_flood_lose_nothing_answered_200() {
         }
     }
     sink.set_failing(false);
-    all_arrive(&sink, &accepted, Duration::from_secs(120)).await;
+    sink.wait_for_all(&accepted, Duration::from_secs(120)).await;
     let lost = accepted.difference(&sink.seqs()).count();
     eprintln!(
         "three replicas, one killed: {POSTS} posts, {} answered 200, {refused} answered 503; \
@@ -191,7 +172,7 @@ async fn a_replica_paused_past_its_lease_loses_its_claims_and_its_late_finish_is
     first.signal("STOP");
     let second = start_replica(config.path(), &url, &[]).await;
     let expected: BTreeSet<usize> = (0..POSTS).map(|s| s * WEBHOOKS).collect();
-    all_arrive(&sink, &expected, Duration::from_secs(60)).await;
+    sink.wait_for_all(&expected, Duration::from_secs(60)).await;
     second.wait_log("delivered", Duration::from_secs(10)).await;
     first.signal("CONT");
     first
@@ -291,7 +272,7 @@ async fn the_database_down_during_a_flood_means_503s_and_nothing_accepted_is_los
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     post_some(200, &mut accepted).await;
-    all_arrive(&sink, &accepted, Duration::from_secs(60)).await;
+    sink.wait_for_all(&accepted, Duration::from_secs(60)).await;
     eprintln!(
         "database down: {seq} posts, {} answered 200, {refused_while_down} answered 503 while it was down; lost 0; duplicates {}",
         accepted.len(),
@@ -319,5 +300,6 @@ async fn two_replicas_starting_at_once_on_an_empty_database_both_come_up() {
     let client = client();
     assert_eq!(post(&client, &first.url("/api/v1/alerts"), 1).await, 200);
     assert_eq!(post(&client, &second.url("/api/v1/alerts"), 2).await, 200);
-    all_arrive(&sink, &BTreeSet::from([1, 2]), Duration::from_secs(30)).await;
+    sink.wait_for_all(&BTreeSet::from([1, 2]), Duration::from_secs(30))
+        .await;
 }

@@ -120,6 +120,25 @@ impl CountingSink {
             .collect()
     }
 
+    /// Waits (bounded) until every seq in `expected` has arrived; fails naming the missing ones.
+    pub async fn wait_for_all(&self, expected: &BTreeSet<usize>, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let arrived = self.seqs();
+            let missing: Vec<&usize> = expected.difference(&arrived).collect();
+            if missing.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} deliveries answered 200 never arrived, e.g. {:?}",
+                missing.len(),
+                &missing[..missing.len().min(10)]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Deliveries that arrived more than once (same Idempotency-Key), counted once for each
     /// extra time.
     pub fn duplicates(&self) -> usize {
