@@ -104,6 +104,9 @@ pub struct EventRow {
 
 /// Where the console's webhooks live. Every call names the user it acts for.
 pub trait Backend: Clone + Send + Sync + 'static {
+    /// Whether an identity may use the console at all, before any call (the API server checks
+    /// a Kubernetes token on every call itself).
+    fn admits(&self, who: &Identity) -> bool;
     /// Checks a token at sign-in.
     fn sign_in(&self, token: &str) -> impl Future<Output = Result<(), ConsoleError>> + Send;
     /// What `who` may do in `namespace`.

@@ -229,9 +229,12 @@ fn cel_field_errors(errors: kube::core::cel::ValidationErrors) -> FieldErrors {
 }
 
 impl Backend for FolderBackend {
+    fn admits(&self, who: &Identity) -> bool {
+        self.token_matches(who.token.expose())
+    }
+
     async fn sign_in(&self, token: &str) -> Result<(), ConsoleError> {
-        use subtle::ConstantTimeEq as _;
-        if !token.is_empty() && bool::from(token.as_bytes().ct_eq(self.token.expose().as_bytes())) {
+        if self.token_matches(token) {
             Ok(())
         } else {
             Err(ConsoleError::Unauthorized("wrong console token".into()))
@@ -453,6 +456,11 @@ impl Backend for FolderBackend {
 }
 
 impl FolderBackend {
+    fn token_matches(&self, token: &str) -> bool {
+        use subtle::ConstantTimeEq as _;
+        !token.is_empty() && bool::from(token.as_bytes().ct_eq(self.token.expose().as_bytes()))
+    }
+
     /// The first document of this kind, namespace and name, as written in its file.
     fn documents_of(
         &self,

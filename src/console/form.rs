@@ -341,6 +341,9 @@ impl WebhookForm {
             Some(w) => serde_json::to_value(&w.metadata).map_err(|e| e.to_string())?,
             None => json!({}),
         };
+        if let Some(meta) = metadata.as_object_mut() {
+            meta.remove("managedFields");
+        }
         metadata["name"] = json!(self.name);
         metadata["namespace"] = json!(self.namespace);
         let mut webhook: Webhook = serde_json::from_value(json!({

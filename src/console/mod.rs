@@ -95,6 +95,8 @@ const TEMPLATES: &[(&str, &str)] = &[
 
 fn templates() -> minijinja::Environment<'static> {
     let mut env = minijinja::Environment::new();
+    // Path segments and query values: everything but letters and digits percent-encoded.
+    env.add_filter("urlencode", |text: String| path_segment(&text));
     // `.html` names autoescape HTML (MiniJinja's default), so every value is escaped.
     for (name, source) in TEMPLATES {
         if let Err(e) = env.add_template(name, source) {
@@ -307,9 +309,14 @@ impl<B: Backend> Console<B> {
 
     /// The identity of a page request, or the way to the sign-in page.
     fn reader(&self, headers: &HeaderMap) -> Result<Identity, Response> {
-        self.sessions
+        let who = self
+            .sessions
             .identify(headers)
-            .ok_or_else(|| Redirect::to("/").into_response())
+            .ok_or_else(|| Redirect::to("/").into_response())?;
+        if !self.backend.admits(&who) {
+            return Err((StatusCode::UNAUTHORIZED, "the token was refused").into_response());
+        }
+        Ok(who)
     }
 
     /// The identity of a state-changing request that came from this console's own form.
@@ -325,6 +332,9 @@ impl<B: Backend> Console<B> {
             .sessions
             .identify(headers)
             .ok_or_else(|| (StatusCode::UNAUTHORIZED, "sign in first").into_response())?;
+        if !self.backend.admits(&who) {
+            return Err((StatusCode::UNAUTHORIZED, "the token was refused").into_response());
+        }
         if !auth::csrf_matches(&who, form::field(pairs, "csrf")) {
             return Err((
                 StatusCode::FORBIDDEN,
@@ -337,7 +347,11 @@ impl<B: Backend> Console<B> {
 }
 
 async fn home<B: Backend>(State(console): State<Shared<B>>, headers: HeaderMap) -> Response {
-    if console.sessions.identify(&headers).is_some() {
+    if console
+        .sessions
+        .identify(&headers)
+        .is_some_and(|who| console.backend.admits(&who))
+    {
         return Redirect::to("/webhooks").into_response();
     }
     console.page(
