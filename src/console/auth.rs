@@ -174,10 +174,11 @@ pub fn set_cookie(name: &str, value: &str, max_age: Duration, tls: bool) -> Stri
 /// Why a state-changing request is refused before its CSRF token is even read: it comes from
 /// another site (`Sec-Fetch-Site`, or an `Origin` that is not this host).
 pub fn cross_site(headers: &HeaderMap) -> Option<&'static str> {
-    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok())
-        && !matches!(site, "same-origin" | "none")
-    {
-        return Some("the request comes from another site");
+    // Browsers that send Sec-Fetch-Site say it best (their Origin may be `null` under a strict
+    // referrer policy); others are judged by Origin.
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        return (!matches!(site, "same-origin" | "none"))
+            .then_some("the request comes from another site");
     }
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
         let host = headers
