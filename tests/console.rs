@@ -363,6 +363,9 @@ async fn fill_new_webhook(
     url: &str,
     token: &str,
 ) {
+    browser
+        .goto(&format!("/webhooks?namespace={namespace}"))
+        .await;
     browser.click("#add-webhook").await;
     browser.fill("#namespace", namespace).await;
     browser.fill("#name", name).await;

@@ -200,6 +200,11 @@ const WORDS: &[(&str, &str, &str)] = &[
         "只读：您的账户无权在此修改 Webhook。",
     ),
     ("no_webhooks", "No webhooks.", "没有 Webhook。"),
+    (
+        "pick_namespace",
+        "Your account may not list webhooks in every namespace: enter a namespace in the filter.",
+        "您的账户无权列出所有命名空间的 Webhook：请在筛选中输入命名空间。",
+    ),
     ("not_found", "Not found.", "未找到。"),
     ("recent_alert", "Recent alert", "最近的告警"),
     ("lang_switch", "中文", "English"),

@@ -95,7 +95,7 @@ const TEMPLATES: &[(&str, &str)] = &[
 
 fn templates() -> minijinja::Environment<'static> {
     let mut env = minijinja::Environment::new();
-    // Path segments and query values: everything but letters and digits percent-encoded.
+    // Path segments and query values: everything but letters, digits and `-._~` percent-encoded.
     env.add_filter("urlencode", |text: String| path_segment(&text));
     // `.html` names autoescape HTML (MiniJinja's default), so every value is escaped.
     for (name, source) in TEMPLATES {
@@ -495,6 +495,21 @@ async fn permissions_of<B: Backend>(
     out
 }
 
+/// The cookie that remembers the namespace last filtered by (for users of some namespaces only).
+const NAMESPACE_COOKIE: &str = "herald_console_namespace";
+
+/// The namespace of the query, else the one last filtered by.
+fn chosen_namespace(query: &BTreeMap<String, String>, headers: &HeaderMap) -> Option<String> {
+    filter_value(query, "namespace").or_else(|| {
+        auth::cookie(headers, NAMESPACE_COOKIE).filter(|ns| {
+            !ns.is_empty()
+                && ns
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        })
+    })
+}
+
 fn filter_value(query: &BTreeMap<String, String>, name: &str) -> Option<String> {
     query
         .get(name)
@@ -514,8 +529,14 @@ async fn list<B: Backend>(
     let namespace = filter_value(&query, "namespace");
     let kind = filter_value(&query, "type");
     let ready = filter_value(&query, "ready");
+    let mut problem = None;
     let webhooks = match console.backend.webhooks(&who, namespace.as_deref()).await {
         Ok(webhooks) => webhooks,
+        // A user of some namespaces only picks one with the filter.
+        Err(ConsoleError::Forbidden(message)) if namespace.is_none() => {
+            problem = Some(message);
+            Vec::new()
+        }
         Err(e) => return console.error(&headers, Some(&who), &e),
     };
     let mut namespaces: Vec<String> = Vec::new();
@@ -538,23 +559,54 @@ async fn list<B: Backend>(
         Some(ns) => permissions.get(ns).is_some_and(|p| p.create),
         None => console.mode == Mode::Folder || permissions.values().any(|p| p.create),
     };
-    console.page(
+    let mut here = url::form_urlencoded::Serializer::new(String::new());
+    for (name, value) in [
+        ("namespace", &namespace),
+        ("type", &kind),
+        ("ready", &ready),
+    ] {
+        if let Some(value) = value {
+            here.append_pair(name, value);
+        }
+    }
+    let here = match here.finish() {
+        query if query.is_empty() => "/webhooks".to_string(),
+        query => format!("/webhooks?{query}"),
+    };
+    let remember = namespace.as_ref().map(|ns| {
+        auth::set_cookie(
+            NAMESPACE_COOKIE,
+            ns,
+            std::time::Duration::from_secs(30 * 86400),
+            auth::over_tls(&headers),
+        )
+    });
+    let page = console.page(
         StatusCode::OK,
         "webhooks.html",
         &headers,
         Some(&who),
-        "/webhooks",
+        &here,
         json!({
             "rows": rows,
             "filter": {"namespace": namespace, "type": kind, "ready": ready},
             "can_create": can_create,
+            "problem": problem,
             "done": query.get("done"),
             "test": query.get("test").map(|_| json!({
                 "outcome": query.get("outcome"), "status": query.get("status"),
                 "latency_ms": query.get("latency"), "error": query.get("error"),
             })),
         }),
-    )
+    );
+    match remember.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        Some(cookie) => {
+            let mut page = page;
+            page.headers_mut().append(header::SET_COOKIE, cookie);
+            page
+        }
+        None => page,
+    }
 }
 
 /// Alertnames and Event reasons from recent delivery records that kept their content.
@@ -628,8 +680,15 @@ async fn render_form<B: Backend>(
     )
 }
 
+/// What a path segment or query value leaves as it is: letters, digits and `-._~`.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 fn path_segment(text: &str) -> String {
-    percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
+    percent_encoding::utf8_percent_encode(text, SEGMENT).to_string()
 }
 
 async fn new_form<B: Backend>(
@@ -1232,12 +1291,19 @@ async fn conditions<B: Backend>(
         Ok(who) => who,
         Err(to_sign_in) => return to_sign_in,
     };
-    let namespace = filter_value(&query, "namespace");
+    let namespace = chosen_namespace(&query, &headers);
+    let mut problem = None;
     let (conditions, webhooks) = match tokio::join!(
         console.backend.conditions(&who, namespace.as_deref()),
         console.backend.webhooks(&who, namespace.as_deref())
     ) {
         (Ok(c), Ok(w)) => (c, w),
+        (Err(ConsoleError::Forbidden(message)), _) | (_, Err(ConsoleError::Forbidden(message)))
+            if namespace.is_none() =>
+        {
+            problem = Some(message);
+            (Vec::new(), Vec::new())
+        }
         (Err(e), _) | (_, Err(e)) => return console.error(&headers, Some(&who), &e),
     };
     let views: Vec<serde_json::Value> = conditions
@@ -1279,7 +1345,7 @@ async fn conditions<B: Backend>(
         &headers,
         Some(&who),
         "/conditions",
-        json!({"conditions": views, "filter": {"namespace": namespace}}),
+        json!({"conditions": views, "filter": {"namespace": namespace}, "problem": problem}),
     )
 }
 
@@ -1343,7 +1409,13 @@ async fn routing_preview<B: Backend>(
     let payload = form::field(&pairs, "payload").to_string();
     let recent = recent_alerts(&console.herald).await;
     // Only the webhooks this user may list are shown.
-    let visible: BTreeSet<String> = match console.backend.webhooks(&who, None).await {
+    let mut listed = console.backend.webhooks(&who, None).await;
+    if matches!(listed, Err(ConsoleError::Forbidden(_)))
+        && let Some(namespace) = chosen_namespace(&BTreeMap::new(), &headers)
+    {
+        listed = console.backend.webhooks(&who, Some(&namespace)).await;
+    }
+    let visible: BTreeSet<String> = match listed {
         Ok(webhooks) => webhooks
             .iter()
             .map(|w| {
