@@ -2,7 +2,7 @@
 # Install the Debian packages the tests use, only those whose command (or file) is missing:
 # Alertmanager, Prometheus, tinyproxy, PostgreSQL 15, python3-venv, and the test node's parts (buildah,
 # podman, containerd, runc, the CNI plugins, iproute2, iptables, curl, openssl, procps, and gcc with a
-# static libc for the pause image), Chromium and chromedriver for the console's browser tests. Part of hack/test; needs root when something is missing.
+# static libc for the pause image), Chromium, chromedriver and a CJK font for the console's browser tests and screenshots. Part of hack/test; needs root when something is missing.
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
 
@@ -13,7 +13,8 @@ for pair in \
   buildah:buildah podman:podman containerd:containerd runc:runc ip:iproute2 iptables:iptables \
   curl:curl openssl:openssl gcc:gcc pgrep:procps /usr/lib/cni/bridge:containernetworking-plugins \
   /usr/lib/x86_64-linux-gnu/libc.a:libc6-dev /usr/lib/postgresql/15/bin/initdb:postgresql \
-  chromium:chromium chromedriver:chromium-driver; do
+  chromium:chromium chromedriver:chromium-driver \
+  /usr/share/fonts/truetype/wqy/wqy-microhei.ttc:fonts-wqy-microhei; do
   cmd=${pair%%:*} pkg=${pair##*:}
   if [[ $cmd == /* ]]; then [[ -e $cmd ]] && continue; else command -v "$cmd" >/dev/null && continue; fi
   [[ " ${need[*]} " == *" $pkg "* ]] || need+=("$pkg")

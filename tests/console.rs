@@ -447,8 +447,9 @@ async fn a_cluster_user_manages_a_webhook_through_the_console() {
     assert_eq!(format!("{:?}", cookie.same_site()), "Some(Strict)");
 
     // Add through the form, Send test before saving, then Submit.
-    fill_new_webhook(&mut browser, ns, "ops", &sink.url(), bearer).await;
+    browser.goto(&format!("/webhooks/new?namespace={ns}")).await;
     browser.screenshot("add-form").await;
+    fill_new_webhook(&mut browser, ns, "ops", &sink.url(), bearer).await;
     browser.click("#send-test").await;
     let outcome = browser
         .wait_text("#test-outcome", "a test outcome", |t| !t.is_empty())
