@@ -613,6 +613,20 @@ async fn a_cluster_user_manages_a_webhook_through_the_console() {
     browser
         .wait_text("#last-test", "the test result", |t| t.contains("Succeeded"))
         .await;
+    // The Events about the webhook (the controller's test result) are shown, read as the user.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        browser.goto(&format!("/webhooks/{ns}/ops")).await;
+        let events = browser.text("#events").await;
+        if events.contains("TestSucceeded") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no TestSucceeded Event shown: {events}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     // The conditions list and the routing preview.
     browser.goto("/conditions").await;

@@ -308,13 +308,15 @@ impl<B: Backend> Console<B> {
     }
 
     /// The identity of a page request, or the way to the sign-in page.
-    fn reader(&self, headers: &HeaderMap) -> Result<Identity, Response> {
+    fn reader(&self, headers: &HeaderMap) -> Result<Identity, Box<Response>> {
         let who = self
             .sessions
             .identify(headers)
-            .ok_or_else(|| Redirect::to("/").into_response())?;
+            .ok_or_else(|| Box::new(Redirect::to("/").into_response()))?;
         if !self.backend.admits(&who) {
-            return Err((StatusCode::UNAUTHORIZED, "the token was refused").into_response());
+            return Err(Box::new(
+                (StatusCode::UNAUTHORIZED, "the token was refused").into_response(),
+            ));
         }
         Ok(who)
     }
@@ -324,23 +326,29 @@ impl<B: Backend> Console<B> {
         &self,
         headers: &HeaderMap,
         pairs: &[(String, String)],
-    ) -> Result<Identity, Response> {
+    ) -> Result<Identity, Box<Response>> {
         if let Some(why) = auth::cross_site(headers) {
-            return Err((StatusCode::FORBIDDEN, format!("refused: {why}")).into_response());
+            return Err(Box::new(
+                (StatusCode::FORBIDDEN, format!("refused: {why}")).into_response(),
+            ));
         }
         let who = self
             .sessions
             .identify(headers)
-            .ok_or_else(|| (StatusCode::UNAUTHORIZED, "sign in first").into_response())?;
+            .ok_or_else(|| Box::new((StatusCode::UNAUTHORIZED, "sign in first").into_response()))?;
         if !self.backend.admits(&who) {
-            return Err((StatusCode::UNAUTHORIZED, "the token was refused").into_response());
+            return Err(Box::new(
+                (StatusCode::UNAUTHORIZED, "the token was refused").into_response(),
+            ));
         }
         if !auth::csrf_matches(&who, form::field(pairs, "csrf")) {
-            return Err((
-                StatusCode::FORBIDDEN,
-                "refused: the form's CSRF token is missing or wrong",
-            )
-                .into_response());
+            return Err(Box::new(
+                (
+                    StatusCode::FORBIDDEN,
+                    "refused: the form's CSRF token is missing or wrong",
+                )
+                    .into_response(),
+            ));
         }
         Ok(who)
     }
@@ -406,7 +414,7 @@ async fn sign_out<B: Backend>(
     let pairs = form::parse_pairs(&body);
     let who = match console.writer(&headers, &pairs) {
         Ok(who) => who,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     if let Some(id) = &who.session {
         console.sessions.close(id);
@@ -487,9 +495,9 @@ async fn permissions_of<B: Backend>(
 ) -> BTreeMap<String, Permissions> {
     let mut out = BTreeMap::new();
     for ns in namespaces {
-        if !out.contains_key(&ns) {
-            let can = console.backend.permissions(who, &ns).await;
-            out.insert(ns, can);
+        if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(ns) {
+            let can = console.backend.permissions(who, slot.key()).await;
+            slot.insert(can);
         }
     }
     out
@@ -524,7 +532,7 @@ async fn list<B: Backend>(
 ) -> Response {
     let who = match console.reader(&headers) {
         Ok(who) => who,
-        Err(to_sign_in) => return to_sign_in,
+        Err(to_sign_in) => return *to_sign_in,
     };
     let namespace = filter_value(&query, "namespace");
     let kind = filter_value(&query, "type");
@@ -698,7 +706,7 @@ async fn new_form<B: Backend>(
 ) -> Response {
     let who = match console.reader(&headers) {
         Ok(who) => who,
-        Err(to_sign_in) => return to_sign_in,
+        Err(to_sign_in) => return *to_sign_in,
     };
     let namespace = filter_value(&query, "namespace").unwrap_or_else(|| "default".into());
     let form = WebhookForm::new_webhook(&namespace);
@@ -743,7 +751,7 @@ async fn edit_form<B: Backend>(
 ) -> Response {
     let who = match console.reader(&headers) {
         Ok(who) => who,
-        Err(to_sign_in) => return to_sign_in,
+        Err(to_sign_in) => return *to_sign_in,
     };
     let webhook = match console.backend.webhook(&who, &namespace, &name).await {
         Ok(Some(webhook)) => webhook,
@@ -873,7 +881,7 @@ async fn submit<B: Backend>(
     let pairs = form::parse_pairs(&body);
     let who = match console.writer(&headers, &pairs) {
         Ok(who) => who,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let mut form = WebhookForm::from_pairs(&pairs);
     let existing = match &editing {
@@ -1047,7 +1055,7 @@ async fn detail<B: Backend>(
 ) -> Response {
     let who = match console.reader(&headers) {
         Ok(who) => who,
-        Err(to_sign_in) => return to_sign_in,
+        Err(to_sign_in) => return *to_sign_in,
     };
     let webhook = match console.backend.webhook(&who, &namespace, &name).await {
         Ok(Some(webhook)) => webhook,
@@ -1144,7 +1152,7 @@ async fn set_enabled<B: Backend>(
     let pairs = form::parse_pairs(&body);
     let who = match console.writer(&headers, &pairs) {
         Ok(who) => who,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     match console
         .backend
@@ -1183,7 +1191,7 @@ async fn test_saved<B: Backend>(
     let pairs = form::parse_pairs(&body);
     let who = match console.writer(&headers, &pairs) {
         Ok(who) => who,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let next = local_path(Some(form::field(&pairs, "next")));
     let separator = if next.contains('?') { '&' } else { '?' };
@@ -1212,7 +1220,7 @@ async fn delete_page<B: Backend>(
 ) -> Response {
     let who = match console.reader(&headers) {
         Ok(who) => who,
-        Err(to_sign_in) => return to_sign_in,
+        Err(to_sign_in) => return *to_sign_in,
     };
     let can = console.backend.permissions(&who, &namespace).await;
     console.page(
@@ -1234,7 +1242,7 @@ async fn delete<B: Backend>(
     let pairs = form::parse_pairs(&body);
     let who = match console.writer(&headers, &pairs) {
         Ok(who) => who,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     match console.backend.delete(&who, &namespace, &name).await {
         Ok(()) => Redirect::to("/webhooks?done=deleted").into_response(),
@@ -1251,7 +1259,7 @@ async fn replay<B: Backend>(
     let pairs = form::parse_pairs(&body);
     let who = match console.writer(&headers, &pairs) {
         Ok(who) => who,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let record = match console.herald.engine().store().record(&id).await {
         Ok(Some(record)) => record,
@@ -1289,7 +1297,7 @@ async fn conditions<B: Backend>(
 ) -> Response {
     let who = match console.reader(&headers) {
         Ok(who) => who,
-        Err(to_sign_in) => return to_sign_in,
+        Err(to_sign_in) => return *to_sign_in,
     };
     let namespace = chosen_namespace(&query, &headers);
     let mut problem = None;
@@ -1383,7 +1391,7 @@ async fn recent_alerts(herald: &Herald) -> Vec<serde_json::Value> {
 async fn routing<B: Backend>(State(console): State<Shared<B>>, headers: HeaderMap) -> Response {
     let who = match console.reader(&headers) {
         Ok(who) => who,
-        Err(to_sign_in) => return to_sign_in,
+        Err(to_sign_in) => return *to_sign_in,
     };
     let recent = recent_alerts(&console.herald).await;
     console.page(
@@ -1404,7 +1412,7 @@ async fn routing_preview<B: Backend>(
     let pairs = form::parse_pairs(&body);
     let who = match console.writer(&headers, &pairs) {
         Ok(who) => who,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let payload = form::field(&pairs, "payload").to_string();
     let recent = recent_alerts(&console.herald).await;
