@@ -14,7 +14,7 @@ use crate::delivery::ReportOutcome;
 use crate::herald::Herald;
 use crate::routing::ObjectKey;
 use crate::secret::{SecretData, Sensitive};
-use crate::standalone::{DEFAULT_NAMESPACE, Manifests};
+use crate::standalone::{DEFAULT_NAMESPACE, Manifests, manifest_files};
 use crate::store::RecordFilter;
 
 use super::auth::Identity;
@@ -51,25 +51,6 @@ fn identity_of(doc: &Value) -> (String, String, String) {
         namespace,
         text(&doc["metadata"]["name"]),
     )
-}
-
-fn manifest_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_name().to_string_lossy().starts_with('.') {
-            continue;
-        }
-        let path = entry.path();
-        if path.is_dir() {
-            manifest_files(&path, out)?;
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) {
-            out.push(path);
-        }
-    }
-    Ok(())
 }
 
 /// Writes a file whole or not at all (a hidden temporary name, which the loader skips, then a rename).

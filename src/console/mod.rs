@@ -307,6 +307,22 @@ impl<B: Backend> Console<B> {
         )
     }
 
+    /// A stored webhook, or the page saying why there is none.
+    async fn stored(
+        &self,
+        headers: &HeaderMap,
+        who: &Identity,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Webhook, Box<Response>> {
+        let problem = match self.backend.webhook(who, namespace, name).await {
+            Ok(Some(webhook)) => return Ok(webhook),
+            Ok(None) => ConsoleError::NotFound(format!("{namespace}/{name}")),
+            Err(e) => e,
+        };
+        Err(Box::new(self.error(headers, Some(who), &problem)))
+    }
+
     /// The identity of a page request, or the way to the sign-in page.
     fn reader(&self, headers: &HeaderMap) -> Result<Identity, Box<Response>> {
         let who = self
@@ -753,16 +769,9 @@ async fn edit_form<B: Backend>(
         Ok(who) => who,
         Err(to_sign_in) => return *to_sign_in,
     };
-    let webhook = match console.backend.webhook(&who, &namespace, &name).await {
-        Ok(Some(webhook)) => webhook,
-        Ok(None) => {
-            return console.error(
-                &headers,
-                Some(&who),
-                &ConsoleError::NotFound(format!("{namespace}/{name}")),
-            );
-        }
-        Err(e) => return console.error(&headers, Some(&who), &e),
+    let webhook = match console.stored(&headers, &who, &namespace, &name).await {
+        Ok(webhook) => webhook,
+        Err(page) => return *page,
     };
     let condition = own_condition(&console, &who, &webhook).await;
     let form = WebhookForm::from_webhook(&webhook, condition.as_ref());
@@ -889,16 +898,9 @@ async fn submit<B: Backend>(
             // Namespace and name are fixed on Modify.
             form.namespace = namespace.clone();
             form.name = name.clone();
-            match console.backend.webhook(&who, namespace, name).await {
-                Ok(Some(webhook)) => Some(webhook),
-                Ok(None) => {
-                    return console.error(
-                        &headers,
-                        Some(&who),
-                        &ConsoleError::NotFound(format!("{namespace}/{name}")),
-                    );
-                }
-                Err(e) => return console.error(&headers, Some(&who), &e),
+            match console.stored(&headers, &who, namespace, name).await {
+                Ok(webhook) => Some(webhook),
+                Err(page) => return *page,
             }
         }
         None => None,
@@ -1057,16 +1059,9 @@ async fn detail<B: Backend>(
         Ok(who) => who,
         Err(to_sign_in) => return *to_sign_in,
     };
-    let webhook = match console.backend.webhook(&who, &namespace, &name).await {
-        Ok(Some(webhook)) => webhook,
-        Ok(None) => {
-            return console.error(
-                &headers,
-                Some(&who),
-                &ConsoleError::NotFound(format!("{namespace}/{name}")),
-            );
-        }
-        Err(e) => return console.error(&headers, Some(&who), &e),
+    let webhook = match console.stored(&headers, &who, &namespace, &name).await {
+        Ok(webhook) => webhook,
+        Err(page) => return *page,
     };
     let can = console.backend.permissions(&who, &namespace).await;
     let key = ObjectKey::new(namespace.as_str(), name.as_str());
