@@ -524,6 +524,11 @@ async fn a_cluster_user_manages_a_webhook_through_the_console() {
         condition["metadata"]["ownerReferences"][0]["uid"],
         uid.as_str()
     );
+    // The API server's own refusal comes back next to its field.
+    fill_new_webhook(&mut browser, ns, "ops", &sink.url(), bearer).await;
+    browser.click("#submit").await;
+    let refusal = browser.text("#error-name").await;
+    assert!(refusal.contains("already exists"), "{refusal}");
     let out = cluster::kubectl(&["get", "webhooks", "-n", ns]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("ops"));
 
