@@ -12,13 +12,10 @@ use axum::routing::{get, post};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::alert::{self, AlertBatch, ParseError};
+use crate::alert::{self, AlertBatch, DEFAULT_BODY_LIMIT, ParseError};
 use crate::crd::WebhookType;
 use crate::dispatch::Dispatcher;
 use crate::secret::Sensitive;
-
-/// Default request body limit: 4 MiB.
-pub const DEFAULT_BODY_LIMIT: usize = 4 * 1024 * 1024;
 
 /// Receiver settings.
 #[derive(Clone, Debug)]
