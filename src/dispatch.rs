@@ -13,7 +13,7 @@ use crate::crd::{WebhookSpec, WebhookType};
 use crate::delivery::{
     DeliveryReport, Engine, EngineConfig, SubmitError, SubmitSummary, Target, TargetPolicy,
 };
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WebhookReadiness};
 use crate::object::{NotReady, NotReadyReason, ObjectKey};
 use crate::outgoing::RoutedBatch;
 use crate::routing::{ConditionInput, Subject, Table, WebhookInput};
@@ -60,9 +60,10 @@ impl Dispatcher {
         config: EngineConfig,
         store: Arc<Store>,
     ) -> Self {
-        let metrics = Arc::new(Metrics::new());
+        let table = Arc::new(RwLock::new(Table::new(cluster_namespaces)));
+        let metrics = Arc::new(Metrics::new(TableReadiness(table.clone())));
         Dispatcher {
-            table: Arc::new(RwLock::new(Table::new(cluster_namespaces))),
+            table,
             engine: Engine::new(config, metrics.clone(), store),
             metrics,
             ready: Arc::new(AtomicBool::new(false)),
@@ -238,14 +239,19 @@ impl Dispatcher {
                 ),
             })
     }
+}
 
-    /// Refreshes gauges derived from the table (called before each scrape).
-    pub fn refresh_gauges(&self) {
-        let table = self.table();
+/// The routing table as the source of the `herald_webhooks` gauge.
+#[derive(Debug)]
+struct TableReadiness(Arc<RwLock<Table>>);
+
+impl WebhookReadiness for TableReadiness {
+    fn count(&self) -> (usize, usize) {
+        let table = self.0.read().unwrap_or_else(|e| e.into_inner());
         let ready = table
             .webhooks()
             .filter(|w| matches!(table.readiness(&w.key), Some(Ok(()))))
             .count();
-        self.metrics.set_webhooks(ready, table.len() - ready);
+        (ready, table.len() - ready)
     }
 }
