@@ -1035,3 +1035,250 @@ async fn deliver_one_that_fails(
     })
     .await
 }
+
+/// The NotificationCondition as (Ready status, message, whether observedGeneration is current).
+async fn condition_ready(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> Option<(String, String, bool)> {
+    use herald::crd::NotificationCondition;
+    let api: Api<NotificationCondition> = Api::namespaced(client.clone(), ns);
+    let condition = api.get(name).await.expect("get condition");
+    let status = condition.status?;
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+    let current = status.observed_generation == condition.metadata.generation
+        && ready.observed_generation == condition.metadata.generation;
+    Some((ready.status.clone(), ready.message.clone(), current))
+}
+
+/// Waits (bounded) until a condition's current Ready is True with this message.
+async fn wait_condition_message(client: &kube::Client, ns: &str, name: &str, message: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let seen = condition_ready(client, ns, name).await;
+        if seen == Some(("True".to_string(), message.to_string(), true)) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition {ns}/{name} never showed {message:?}; last seen {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn conditions_show_ready_with_the_webhooks_that_use_them() {
+    let client = cluster::client().await;
+    let ns = "condition-status";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    let _controller = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
+    apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: crit, namespace: {ns}}}\nspec: {{matchExpressions: [{{key: severity, operator: In, values: [critical]}}]}}\n"
+    ));
+    apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: team-x, namespace: {ns}}}\nspec: {{matchExpressions: [{{key: team, operator: Exists}}], webhookSelector: {{matchLabels: {{team: x}}}}}}\n"
+    ));
+    apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: unused, namespace: {ns}}}\nspec: {{matchExpressions: [{{key: team, operator: Exists}}]}}\n"
+    ));
+    wait_condition_message(&client, ns, "unused", "used by no Webhook").await;
+    for name in ["a", "b"] {
+        apply(&webhook(
+            ns,
+            name,
+            &format!("{{url: '{}', conditions: [crit]}}", sink.url()),
+        ));
+    }
+    apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: Webhook\nmetadata: {{name: c, namespace: {ns}, labels: {{team: x}}}}\nspec: {{url: '{}'}}\n",
+        sink.url()
+    ));
+    wait_condition_message(&client, ns, "crit", "used by 2 Webhook(s): a, b").await;
+    wait_condition_message(&client, ns, "team-x", "used by 1 Webhook(s): c").await;
+    wait_condition_message(&client, ns, "unused", "used by no Webhook").await;
+
+    // A deleted user drops out; a new generation is observed.
+    kubectl(&["delete", "webhook", "b", "-n", ns]);
+    wait_condition_message(&client, ns, "crit", "used by 1 Webhook(s): a").await;
+    apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: crit, namespace: {ns}}}\nspec: {{matchExpressions: [{{key: severity, operator: In, values: [critical, page]}}]}}\n"
+    ));
+    let api: Api<herald::crd::NotificationCondition> = Api::namespaced(client.clone(), ns);
+    assert_eq!(
+        api.get("crit").await.expect("get").metadata.generation,
+        Some(2)
+    );
+    wait_condition_message(&client, ns, "crit", "used by 1 Webhook(s): a").await;
+}
+
+#[tokio::test]
+async fn a_send_test_pending_at_each_restart_always_finds_the_condition() {
+    let client = cluster::client().await;
+    let ns = "restart-tests";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: critical-only, namespace: {ns}}}\nspec: {{matchExpressions: [{{key: severity, operator: In, values: [critical]}}]}}\n"
+    ));
+    apply(&webhook(
+        ns,
+        "hook",
+        &format!("{{url: '{}', conditions: [critical-only]}}", sink.url()),
+    ));
+    let api: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    for round in 0..6 {
+        // Asked for while no controller runs: the next one answers it as it starts.
+        let token = format!("restart-{round}");
+        api.patch(
+            "hook",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"annotations": {"herald.dev/send-test": token}}})),
+        )
+        .await
+        .expect("annotate");
+        let controller = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
+        let tested = wait_webhook(&client, ns, "hook", "tested", |w| {
+            w.status
+                .as_ref()
+                .and_then(|s| s.last_test.as_ref())
+                .is_some_and(|t| t.token == token)
+        })
+        .await;
+        let test = tested.status.and_then(|s| s.last_test).expect("lastTest");
+        assert_eq!(
+            test.outcome,
+            DeliveryOutcome::Succeeded,
+            "round {round}: {}\n{}",
+            test.message,
+            controller.log()
+        );
+        controller.stop();
+    }
+    let tests = sink
+        .received()
+        .iter()
+        .filter(|r| r.json()["test"] == true)
+        .count();
+    assert_eq!(tests, 6, "one test message per restart");
+}
+
+#[tokio::test]
+async fn a_new_leader_delivers_the_events_created_while_none_ran_once() {
+    use kube::api::PostParams;
+    let client = cluster::client().await;
+    let ns = "events-failover";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    apply(&webhook(
+        ns,
+        "events",
+        &format!(
+            "{{type: Events, url: '{}', eventTypes: [BackOff]}}",
+            sink.url()
+        ),
+    ));
+    let leader_of = || {
+        let out = kubectl(&[
+            "get",
+            "lease",
+            &format!("{ns}-leader"),
+            "-n",
+            "herald",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ]);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let pp = PostParams::default();
+
+    let first = Controller::start(
+        ns,
+        &[ns],
+        &["--cluster-namespace", ns, "--identity", "first"],
+    )
+    .await;
+    wait_webhook(&client, ns, "events", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    assert_eq!(leader_of(), "first");
+    events
+        .create(
+            &pp,
+            &kube_event(ns, "before.1", "BackOff", "Warning", "web"),
+        )
+        .await
+        .expect("create");
+    sink.wait_for(1, WAIT).await;
+    first.stop();
+
+    // No leader runs: these wait for the next one.
+    for name in ["between.1", "between.2"] {
+        events
+            .create(&pp, &kube_event(ns, name, "BackOff", "Warning", "web"))
+            .await
+            .expect("create");
+    }
+    let second = Controller::start(
+        ns,
+        &[ns],
+        &["--cluster-namespace", ns, "--identity", "second"],
+    )
+    .await;
+    let fingerprints = |sink: &Sink| -> Vec<String> {
+        let mut all: Vec<String> = sink
+            .received()
+            .iter()
+            .flat_map(|r| {
+                r.json()["alerts"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|a| a["fingerprint"].as_str().unwrap_or_default().to_string())
+            })
+            .collect();
+        all.sort();
+        all
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while fingerprints(&sink).len() < 3 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sink.assert_no_more_within(Duration::from_secs(2)).await;
+    assert_eq!(leader_of(), "second");
+    let mut expected = Vec::new();
+    for name in ["before.1", "between.1", "between.2"] {
+        let uid = events
+            .get(name)
+            .await
+            .expect("get")
+            .metadata
+            .uid
+            .expect("uid");
+        expected.push(format!("{uid}/1"));
+    }
+    expected.sort();
+    assert_eq!(
+        fingerprints(&sink),
+        expected,
+        "each Event delivered once, none missed\n{}",
+        second.log()
+    );
+
+    // And a later one still arrives, once.
+    events
+        .create(&pp, &kube_event(ns, "after.1", "BackOff", "Warning", "web"))
+        .await
+        .expect("create");
+    let deadline = std::time::Instant::now() + WAIT;
+    while fingerprints(&sink).len() < 4 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sink.assert_no_more_within(Duration::from_secs(1)).await;
+    assert_eq!(fingerprints(&sink).len(), 4, "{}", second.log());
+}
