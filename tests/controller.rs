@@ -1282,3 +1282,202 @@ async fn a_new_leader_delivers_the_events_created_while_none_ran_once() {
     sink.assert_no_more_within(Duration::from_secs(1)).await;
     assert_eq!(fingerprints(&sink).len(), 4, "{}", second.log());
 }
+
+/// What the API server proxy does with reads of one Secret.
+const PASS: u8 = 0;
+const FAIL: u8 = 1;
+const HANG: u8 = 2;
+
+/// A plain-HTTP proxy in front of the shared API server that lets everything through (with the
+/// admin client's credentials; the controller's impersonation header goes along) except GETs
+/// of single objects below `secrets_path`, which it fails with 500 or holds while `fault` says so. Returns a
+/// kubeconfig for it that impersonates Herald's ServiceAccount.
+async fn faulty_api_proxy(
+    fault: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    secrets_path: String,
+    dir: &std::path::Path,
+) -> std::path::PathBuf {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::Ordering;
+    type ProxyBody = http_body_util::combinators::UnsyncBoxBody<
+        bytes::Bytes,
+        Box<dyn std::error::Error + Send + Sync>,
+    >;
+    let upstream = cluster::client().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind proxy");
+    let addr = listener.local_addr().expect("proxy address");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            let fault = fault.clone();
+            let secrets_path = secrets_path.clone();
+            let service = hyper::service::service_fn(
+                move |request: http::Request<hyper::body::Incoming>| {
+                    let upstream = upstream.clone();
+                    let fault = fault.clone();
+                    let faulty = request.method() == http::Method::GET
+                        && request.uri().path().starts_with(&secrets_path);
+                    async move {
+                        while faulty && fault.load(Ordering::SeqCst) == HANG {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        if faulty && fault.load(Ordering::SeqCst) == FAIL {
+                            let status = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"injected failure","reason":"InternalError","code":500}"#;
+                            let body: ProxyBody =
+                                http_body_util::Full::new(bytes::Bytes::from(status))
+                                    .map_err(|e| match e {})
+                                    .boxed_unsync();
+                            let mut response = http::Response::new(body);
+                            *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                            return Ok::<_, std::convert::Infallible>(response);
+                        }
+                        let (parts, body) = request.into_parts();
+                        let bytes = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let forwarded = http::Request::from_parts(
+                            parts,
+                            kube::client::Body::from(bytes.to_vec()),
+                        );
+                        Ok(match upstream.send(forwarded).await {
+                            Ok(response) => response.map(|b| {
+                                b.map_err(|e| -> Box<dyn std::error::Error + Send + Sync> {
+                                    Box::new(e)
+                                })
+                                .boxed_unsync()
+                            }),
+                            Err(e) => {
+                                let body: ProxyBody =
+                                    http_body_util::Full::new(bytes::Bytes::from(e.to_string()))
+                                        .map_err(|e| match e {})
+                                        .boxed_unsync();
+                                let mut response = http::Response::new(body);
+                                *response.status_mut() = http::StatusCode::BAD_GATEWAY;
+                                response
+                            }
+                        })
+                    }
+                },
+            );
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    });
+    let kubeconfig = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "proxy", "cluster": {"server": format!("http://{addr}")}}],
+        "users": [{"name": "herald", "user": {"as": cluster::SERVICE_ACCOUNT}}],
+        "contexts": [{"name": "proxy", "context": {"cluster": "proxy", "user": "herald"}}],
+        "current-context": "proxy",
+    });
+    let path = dir.join("proxy.kubeconfig");
+    std::fs::write(&path, kubeconfig.to_string()).expect("write kubeconfig");
+    path
+}
+
+#[tokio::test]
+async fn an_unreadable_secret_shows_in_status_is_retried_and_stalls_no_other_webhook() {
+    use std::sync::atomic::Ordering;
+    let client = cluster::client().await;
+    let ns = "secret-faults";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: auth, namespace: {ns}}}\nstringData: {{token: the-token}}\n"
+    ));
+    let fault = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(FAIL));
+    let dir = tempfile::tempdir().expect("dir");
+    let kubeconfig = faulty_api_proxy(
+        fault.clone(),
+        format!("/api/v1/namespaces/{ns}/secrets/"),
+        dir.path(),
+    )
+    .await;
+    let controller =
+        Controller::start_with_kubeconfig(ns, &[ns], &["--cluster-namespace", ns], &kubeconfig)
+            .await;
+    let with_secret = |name: &str| {
+        webhook(
+            ns,
+            name,
+            &format!(
+                "{{url: '{}', auth: {{type: Bearer, secretRef: {{name: auth}}}}}}",
+                sink.url()
+            ),
+        )
+    };
+
+    // A failed read is a clear reason, not "missing".
+    apply(&with_secret("failing"));
+    let failing = wait_webhook(&client, ns, "failing", "SecretUnreadable", |w| {
+        ready_is(w, "False", "SecretUnreadable")
+    })
+    .await;
+    let message = failing
+        .status
+        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.message)
+        .unwrap_or_default();
+    assert!(message.contains("\"auth\""), "{message}");
+    assert!(message.contains("retrying"), "{message}");
+    assert!(!message.contains("the-token"), "{message}");
+
+    // Retried: once the API server answers, the webhook delivers without any change to it.
+    fault.store(PASS, Ordering::SeqCst);
+    wait_webhook(&client, ns, "failing", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    let metrics = reqwest::get(format!("{}/metrics", controller.base))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains(r#"herald_reconcile_errors_total{kind="Webhook",error="secret_read"}"#),
+        "{metrics}"
+    );
+
+    // A read that hangs holds back its own webhook only: others are reconciled meanwhile.
+    fault.store(HANG, Ordering::SeqCst);
+    apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: other-auth, namespace: {ns}}}\nstringData: {{token: the-other-token}}\n"
+    ));
+    apply(&webhook(
+        ns,
+        "held",
+        &format!(
+            "{{url: '{}', auth: {{type: Bearer, secretRef: {{name: other-auth}}}}}}",
+            sink.url()
+        ),
+    ));
+    apply(&webhook(ns, "plain", &format!("{{url: '{}'}}", sink.url())));
+    wait_webhook(&client, ns, "plain", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    let api: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    let held = api.get("held").await.expect("get");
+    assert!(
+        held.status.is_none_or(|s| s.observed_generation.is_none()),
+        "the held webhook was reconciled before its Secret could be read"
+    );
+    fault.store(PASS, Ordering::SeqCst);
+    wait_webhook(&client, ns, "held", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    controller
+        .post_until_delivered(json!({"alertname": "A"}), 3)
+        .await;
+}
