@@ -98,6 +98,15 @@ pub enum ReconcileError {
 }
 
 impl ReconcileError {
+    /// The Webhook a failed reconcile was for, if any.
+    pub fn webhook(&self) -> Option<&ObjectKey> {
+        match self {
+            ReconcileError::SecretRead { webhook, .. }
+            | ReconcileError::WebhookRead { webhook, .. } => Some(webhook),
+            _ => None,
+        }
+    }
+
     /// The `error` label of `herald_reconcile_errors_total`.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -120,8 +129,6 @@ enum Change {
     SecretsRead(Box<SecretsRead>),
     /// A Webhook read again.
     WebhookRead(ObjectKey, Result<Option<Box<Webhook>>, kube::Error>),
-    /// Time to read a Webhook again after a failure.
-    Retry(ObjectKey),
     /// A watch failed; it retries by itself.
     WatchError(&'static str, String),
 }
@@ -297,15 +304,6 @@ impl Reader {
             let _ = results.send(Change::WebhookRead(key, read));
         });
     }
-
-    /// Sends [`Change::Retry`] after `delay`.
-    fn retry(&self, key: ObjectKey, delay: Duration) {
-        let results = self.results.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = results.send(Change::Retry(key));
-        });
-    }
 }
 
 /// Whether this replica acts on the whole table: it leads, and has seen everything once.
@@ -342,19 +340,35 @@ struct Controller {
 }
 
 impl Controller {
+    /// Handles one change; a failed reconcile is counted, logged and retried in one place.
     fn handle(&mut self, change: Change) {
-        let started = Instant::now();
-        match change {
-            Change::Webhook(watch, event) => self.webhook_event(watch, *event, started),
-            Change::Condition(watch, event) => self.condition_event(watch, *event, started),
-            Change::Secret(event) => self.secret_event(*event),
+        let started = match &change {
+            Change::SecretsRead(read) => read.started,
+            _ => Instant::now(),
+        };
+        let result = match change {
+            Change::Webhook(watch, event) => {
+                self.webhook_event(watch, *event, started);
+                Ok(())
+            }
+            Change::Condition(watch, event) => {
+                self.condition_event(watch, *event, started);
+                Ok(())
+            }
+            Change::Secret(event) => {
+                self.secret_event(*event);
+                Ok(())
+            }
             Change::SecretsRead(read) => self.secrets_read(*read),
             Change::WebhookRead(key, read) => self.webhook_read(key, read, started),
-            Change::Retry(key) => self.reader.webhook(key, Duration::ZERO),
             Change::WatchError(kind, e) => {
                 tracing::warn!("{kind} watch error (retrying): {e}");
                 self.herald.metrics().controller.watch_error(kind);
+                Ok(())
             }
+        };
+        if let Err(error) = result {
+            self.failed(error, started);
         }
         self.check_synced();
     }
@@ -471,14 +485,17 @@ impl Controller {
     }
 
     /// Secrets were read for a reconcile: keeps what was found, then finishes the reconcile if
-    /// its version of the Webhook is still the latest.
-    fn secrets_read(&mut self, read: SecretsRead) {
+    /// its version of the Webhook is still the latest. A failed read shows in the Webhook's
+    /// status as `SecretUnreadable` (the core keeps the version it has).
+    fn secrets_read(&mut self, read: SecretsRead) -> Result<(), ReconcileError> {
         let SecretsRead {
             webhook,
             started,
             reads,
         } = read;
-        let Some(key) = key_of(&*webhook) else { return };
+        let Some(key) = key_of(&*webhook) else {
+            return Ok(());
+        };
         if let Some(count) = self.pending.reading.get_mut(&key) {
             *count -= 1;
             if *count == 0 {
@@ -500,12 +517,24 @@ impl Controller {
         }
         if !self.index.is_current(&webhook) {
             // A newer version is under way, or it was deleted.
-            return;
+            return Ok(());
         }
         match failure {
             // Everything read: reconciles at once (or reads again what changed meanwhile).
-            None => self.reconcile(webhook, started),
-            Some(error) => self.failed(&key, Some(&webhook), error, started),
+            None => {
+                self.reconcile(webhook, started);
+                Ok(())
+            }
+            Some(error) => {
+                if let ReconcileError::SecretRead { secret, source, .. } = &error {
+                    let not_ready = NotReady::new(
+                        NotReadyReason::SecretUnreadable,
+                        format!("cannot read Secret {secret:?} (retrying): {source}"),
+                    );
+                    self.status.set_ready(&webhook, &Err(not_ready));
+                }
+                Err(error)
+            }
         }
     }
 
@@ -515,7 +544,7 @@ impl Controller {
         key: ObjectKey,
         read: Result<Option<Box<Webhook>>, kube::Error>,
         started: Instant,
-    ) {
+    ) -> Result<(), ReconcileError> {
         match read {
             Ok(Some(webhook)) => {
                 // Only Webhooks the watch shows: one it deleted stays deleted.
@@ -529,47 +558,33 @@ impl Controller {
             // Deleted: its watch removes it.
             Ok(None) => {}
             Err(source) => {
-                let error = ReconcileError::WebhookRead {
-                    webhook: key.clone(),
+                return Err(ReconcileError::WebhookRead {
+                    webhook: key,
                     source,
-                };
-                self.failed(&key, None, error, started);
+                });
             }
         }
+        Ok(())
     }
 
-    /// A reconcile failed: counts it, shows why in the Webhook's status (a Secret read) and
-    /// reads the Webhook again later, waiting longer after each failure. The core keeps the
-    /// version it has.
-    fn failed(
-        &mut self,
-        key: &ObjectKey,
-        webhook: Option<&Webhook>,
-        error: ReconcileError,
-        started: Instant,
-    ) {
+    /// A reconcile failed: counts it and reads the Webhook again later, waiting longer after
+    /// each failure.
+    fn failed(&mut self, error: ReconcileError, started: Instant) {
         tracing::warn!("{error} (retrying)");
         self.herald.metrics().controller.reconciled(
             "Webhook",
             started.elapsed().as_secs_f64(),
             Some(error.metric_label()),
         );
-        if let (Some(webhook), ReconcileError::SecretRead { secret, .. }) = (webhook, &error) {
-            let not_ready = NotReady::new(
-                NotReadyReason::SecretUnreadable,
-                format!(
-                    "cannot read Secret {secret:?} (retrying): {}",
-                    error_cause(&error)
-                ),
-            );
-            self.status.set_ready(webhook, &Err(not_ready));
-        }
+        let Some(key) = error.webhook().cloned() else {
+            return;
+        };
         let failures = self.pending.retries.entry(key.clone()).or_default();
         *failures += 1;
         let delay = RETRY_FIRST
             .saturating_mul(1 << (*failures - 1).min(6))
             .min(RETRY_MAX);
-        self.reader.retry(key.clone(), delay);
+        self.reader.webhook(key, delay);
     }
 
     /// Applies a Webhook whose Secrets are all known to the core and records its readiness.
@@ -824,14 +839,6 @@ pub async fn run(
         stop.cancel();
     }
     let _ = writer.await;
-}
-
-/// The cause of an error, for a status message (the error itself names the object already).
-fn error_cause(error: &ReconcileError) -> String {
-    use std::error::Error;
-    error
-        .source()
-        .map_or_else(|| error.to_string(), ToString::to_string)
 }
 
 #[cfg(test)]
