@@ -1140,14 +1140,25 @@ async fn a_send_test_pending_at_each_restart_always_finds_the_condition() {
         .await
         .expect("annotate");
         let controller = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
-        let tested = wait_webhook(&client, ns, "hook", "tested", |w| {
-            w.status
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let test = loop {
+            let current = api.get("hook").await.expect("get");
+            if let Some(test) = current
+                .status
                 .as_ref()
-                .and_then(|s| s.last_test.as_ref())
-                .is_some_and(|t| t.token == token)
-        })
-        .await;
-        let test = tested.status.and_then(|s| s.last_test).expect("lastTest");
+                .and_then(|s| s.last_test.clone())
+                .filter(|t| t.token == token)
+            {
+                break test;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the test never showed in status: {:#?}\n{}",
+                current.status,
+                controller.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         assert_eq!(
             test.outcome,
             DeliveryOutcome::Succeeded,
