@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::extract::State;
 use herald::crd::WebhookType;
-use herald::delivery::ReportOutcome;
-use herald::herald::Herald;
+use herald::dispatch::Dispatcher;
+use herald::outgoing::ReportOutcome;
 use serde_json::{Value, json};
 use sink::Sink;
 
@@ -92,7 +92,7 @@ async fn start_robot(limit: usize) -> (Arc<Robot>, String) {
     )
 }
 
-fn alert(herald: &Herald, i: usize) {
+fn alert(herald: &Dispatcher, i: usize) {
     let name = format!("Storm{i:04}");
     let severity = if i.is_multiple_of(10) {
         "critical"

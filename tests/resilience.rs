@@ -17,8 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use herald::delivery::{EngineConfig, ReportOutcome, RetryPolicy};
-use herald::herald::Herald;
+use herald::delivery::{EngineConfig, RetryPolicy};
+use herald::dispatch::Dispatcher;
+use herald::outgoing::ReportOutcome;
 use herald::receiver::{ReceiverConfig, ServerLimits};
 use process::Running;
 use serde_json::{Value, json};
@@ -153,7 +154,7 @@ impl Drop for PortSink {
     }
 }
 
-async fn serve_core(herald: Herald) -> SocketAddr {
+async fn serve_core(herald: Dispatcher) -> SocketAddr {
     herald.set_ready(true);
     core::serve_receiver(herald, ReceiverConfig::default(), ServerLimits::default()).await
 }
@@ -161,7 +162,7 @@ async fn serve_core(herald: Herald) -> SocketAddr {
 async fn down_then_up(down: Down) {
     const BATCHES: usize = 12;
     // Retry for as long as the outage lasts (the shared fast policy gives up after 5 attempts).
-    let herald = Herald::new(
+    let herald = Dispatcher::new(
         ["monitoring".to_string()],
         EngineConfig {
             retry: RetryPolicy {

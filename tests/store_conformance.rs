@@ -11,8 +11,8 @@ mod sink;
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald::delivery::{Delivery, ReportOutcome};
-use herald::routing::ObjectKey;
+use herald::object::ObjectKey;
+use herald::outgoing::{Delivery, ReportOutcome};
 use herald::store::{DeliveryRecord, PostgresOptions, RecordFilter, RecordLimits, Store};
 
 fn key(name: &str) -> ObjectKey {

@@ -11,7 +11,7 @@ use kube::ResourceExt;
 
 use crate::crd::{NotificationCondition, TEST_ANNOTATION, Webhook};
 use crate::delivery::referenced_secrets;
-use crate::routing::ObjectKey;
+use crate::object::ObjectKey;
 use crate::secret::SecretData;
 
 use super::relist::Relist;

@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alert::AlertBatch;
 use crate::crd::WebhookType;
+use crate::dispatch::Dispatcher;
 use crate::events::{EventLedger, to_alert};
-use crate::herald::Herald;
 
 use super::ReconcileError;
 use super::leader::EventsBookmark;
@@ -29,7 +29,7 @@ const QUEUE_WAIT: Duration = Duration::from_secs(10);
 pub async fn follow(
     client: Client,
     namespaces: Vec<String>,
-    herald: Herald,
+    herald: Dispatcher,
     bookmark: EventsBookmark,
     cancel: CancellationToken,
 ) {
@@ -54,7 +54,7 @@ pub async fn follow(
 async fn follow_scope(
     api: Api<Event>,
     scope: String,
-    herald: Herald,
+    herald: Dispatcher,
     bookmark: EventsBookmark,
     cancel: CancellationToken,
 ) {
@@ -104,7 +104,7 @@ async fn baseline(api: &Api<Event>, ledger: &mut EventLedger) -> Result<String, 
 async fn follow_once(
     api: &Api<Event>,
     scope: &str,
-    herald: &Herald,
+    herald: &Dispatcher,
     bookmark: &EventsBookmark,
     ledger: &mut EventLedger,
 ) -> Result<(), ReconcileError> {
@@ -160,7 +160,7 @@ async fn follow_once(
 }
 
 /// Queues one Event for the `Events` webhooks it matches, waiting until it is kept.
-async fn deliver(herald: &Herald, event: &Event) {
+async fn deliver(herald: &Dispatcher, event: &Event) {
     let Some(alert) = to_alert(event) else {
         return;
     };

@@ -31,8 +31,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::crd::{NotificationCondition, Webhook, WebhookStatus};
 use crate::delivery::referenced_secrets;
-use crate::herald::Herald;
-use crate::routing::{ConditionInput, NotReady, NotReadyReason, ObjectKey};
+use crate::dispatch::Dispatcher;
+use crate::object::{NotReady, NotReadyReason, ObjectKey};
+use crate::routing::ConditionInput;
 use crate::secret::SecretData;
 
 use self::index::{Index, test_token};
@@ -328,7 +329,7 @@ struct Pending {
 /// writer, the reader for work off the loop, and its role.
 struct Controller {
     index: Index,
-    herald: Herald,
+    herald: Dispatcher,
     status: Arc<StatusWriter>,
     reader: Reader,
     leader: watch::Receiver<bool>,
@@ -785,7 +786,7 @@ impl Controller {
 /// replica acts on the table (status, tests, Kubernetes Events) while `leader` holds true.
 pub async fn run(
     client: Client,
-    herald: Herald,
+    herald: Dispatcher,
     settings: ControllerSettings,
     leader: watch::Receiver<bool>,
     bookmark: EventsBookmark,

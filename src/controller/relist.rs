@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::routing::ObjectKey;
+use crate::object::ObjectKey;
 
 /// The objects of one kind that one source has shown, each with what the source keeps of it
 /// (`V`), and the list under way, if any.

@@ -22,9 +22,10 @@ use crate::crd::{
     DeliveryOutcome, DeliveryResult, NotificationCondition, NotificationConditionStatus,
     TestResult, Webhook, WebhookStatus,
 };
-use crate::delivery::{DeliveryObserver, DeliveryReport, ReportOutcome};
-use crate::herald::Herald;
-use crate::routing::{NotReady, ObjectKey};
+use crate::delivery::{DeliveryObserver, DeliveryReport};
+use crate::dispatch::Dispatcher;
+use crate::object::{NotReady, ObjectKey};
+use crate::outgoing::ReportOutcome;
 
 use super::ReconcileError;
 
@@ -232,7 +233,7 @@ fn users_message(users: &[Arc<str>]) -> String {
 pub struct StatusWriter {
     client: kube::Client,
     recorder: Recorder,
-    herald: Herald,
+    herald: Dispatcher,
     leader: watch::Receiver<bool>,
     /// Whether the controller has seen every watched object once.
     synced: AtomicBool,
@@ -271,7 +272,7 @@ impl StatusWriter {
     pub fn new(
         client: kube::Client,
         recorder: Recorder,
-        herald: Herald,
+        herald: Dispatcher,
         leader: watch::Receiver<bool>,
     ) -> Self {
         StatusWriter {
