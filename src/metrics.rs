@@ -302,31 +302,20 @@ impl ControllerMetrics {
             watch_errors: Family::default(),
             watch_restarts: Family::default(),
         };
-        registry.register(
-            "reconciles",
-            "Reconciles by kind",
-            metrics.reconciles.clone(),
-        );
-        registry.register(
-            "reconcile_errors",
-            "Failed reconciles by kind and error",
-            metrics.reconcile_errors.clone(),
-        );
+        let m = &metrics;
+        registry.register("reconciles", "Reconciles by kind", m.reconciles.clone());
+        let help = "Failed reconciles by kind and error";
+        registry.register("reconcile_errors", help, m.reconcile_errors.clone());
+        let help = "Time from a change to the end of its reconcile, by kind";
         registry.register(
             "reconcile_duration_seconds",
-            "Time from a change to the end of its reconcile, by kind",
-            metrics.reconcile_duration.clone(),
+            help,
+            m.reconcile_duration.clone(),
         );
-        registry.register(
-            "watch_errors",
-            "Watch errors by kind (the watch retries)",
-            metrics.watch_errors.clone(),
-        );
-        registry.register(
-            "watch_restarts",
-            "Lists after the first, by kind",
-            metrics.watch_restarts.clone(),
-        );
+        let help = "Watch errors by kind (the watch retries)";
+        registry.register("watch_errors", help, m.watch_errors.clone());
+        let help = "Lists after the first, by kind";
+        registry.register("watch_restarts", help, m.watch_restarts.clone());
         metrics
     }
 

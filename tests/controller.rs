@@ -1240,19 +1240,20 @@ async fn a_new_leader_delivers_the_events_created_while_none_ran_once() {
         &["--cluster-namespace", ns, "--identity", "second"],
     )
     .await;
+    // Every alert's fingerprint (uid/count), sorted: requests may merge Events.
     let fingerprints = |sink: &Sink| -> Vec<String> {
-        let mut all: Vec<String> = sink
-            .received()
-            .iter()
-            .flat_map(|r| {
-                r.json()["alerts"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|a| a["fingerprint"].as_str().unwrap_or_default().to_string())
-            })
-            .collect();
+        let mut all = Vec::new();
+        for request in sink.received() {
+            let body = request.json();
+            for alert in body["alerts"].as_array().into_iter().flatten() {
+                all.push(
+                    alert["fingerprint"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
+        }
         all.sort();
         all
     };

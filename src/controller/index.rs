@@ -81,6 +81,45 @@ pub fn webhook_inputs(webhook: &Webhook) -> u64 {
     hasher.finish()
 }
 
+/// The kinds the index keeps per watch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `Webhook`.
+    Webhook,
+    /// `NotificationCondition`.
+    Condition,
+}
+
+impl Kind {
+    /// The kind's name, as metrics label it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Webhook => "Webhook",
+            Kind::Condition => "NotificationCondition",
+        }
+    }
+}
+
+fn begin_in<V>(relists: &mut [Relist<V>], watch: usize) -> bool {
+    relists.get_mut(watch).is_some_and(|relist| {
+        relist.begin();
+        relist.is_synced()
+    })
+}
+
+fn delete_in<V>(relists: &mut [Relist<V>], watch: usize, key: &ObjectKey) -> bool {
+    relists
+        .get_mut(watch)
+        .is_some_and(|relist| relist.delete(key).is_some())
+}
+
+fn finish_in<V>(relists: &mut [Relist<V>], watch: usize) -> Vec<ObjectKey> {
+    relists
+        .get_mut(watch)
+        .map(|relist| relist.finish().into_iter().map(|(key, _)| key).collect())
+        .unwrap_or_default()
+}
+
 /// The controller's index: one [`Relist`] per watch for Webhooks and for conditions (a watch
 /// per watched namespace, or one for all), and the Secrets seen and read.
 #[derive(Debug)]
@@ -112,17 +151,36 @@ impl Index {
         self.namespaces.iter().position(|ns| ns == namespace)
     }
 
+    /// A watch of `kind` begins a list; whether it is a re-list (not its first).
+    pub fn begin(&mut self, kind: Kind, watch: usize) -> bool {
+        match kind {
+            Kind::Webhook => begin_in(&mut self.webhooks, watch),
+            Kind::Condition => begin_in(&mut self.conditions, watch),
+        }
+    }
+
+    /// An object of `kind` was deleted; whether it was known.
+    pub fn delete(&mut self, kind: Kind, key: &ObjectKey) -> bool {
+        let Some(watch) = self.watch_of(&key.namespace) else {
+            return false;
+        };
+        match kind {
+            Kind::Webhook => delete_in(&mut self.webhooks, watch, key),
+            Kind::Condition => delete_in(&mut self.conditions, watch, key),
+        }
+    }
+
+    /// A watch of `kind` completed a list: the objects it did not name, which are gone.
+    pub fn finish(&mut self, kind: Kind, watch: usize) -> Vec<ObjectKey> {
+        match kind {
+            Kind::Webhook => finish_in(&mut self.webhooks, watch),
+            Kind::Condition => finish_in(&mut self.conditions, watch),
+        }
+    }
+
     /// Whether every Webhook and condition watch has completed its first list.
     pub fn is_synced(&self) -> bool {
         self.webhooks.iter().all(Relist::is_synced) && self.conditions.iter().all(Relist::is_synced)
-    }
-
-    /// A Webhook watch begins a list; whether it is a re-list (not its first).
-    pub fn begin_webhooks(&mut self, watch: usize) -> bool {
-        self.webhooks.get_mut(watch).is_some_and(|relist| {
-            relist.begin();
-            relist.is_synced()
-        })
     }
 
     /// A Webhook exists; whether Herald must reconcile it (new, or changed in what Herald reads).
@@ -151,21 +209,6 @@ impl Index {
             .is_some_and(|relist| relist.get(key).is_some())
     }
 
-    /// A Webhook was deleted; whether it was known.
-    pub fn delete_webhook(&mut self, key: &ObjectKey) -> bool {
-        self.watch_of(&key.namespace)
-            .and_then(|watch| self.webhooks.get_mut(watch))
-            .is_some_and(|relist| relist.delete(key).is_some())
-    }
-
-    /// A Webhook watch completed a list: the Webhooks it did not name, which are gone.
-    pub fn finish_webhooks(&mut self, watch: usize) -> Vec<ObjectKey> {
-        self.webhooks
-            .get_mut(watch)
-            .map(|relist| relist.finish().into_iter().map(|(key, _)| key).collect())
-            .unwrap_or_default()
-    }
-
     /// Whether this version of a Webhook is the one last applied (a reconcile that finishes
     /// late is still current).
     pub fn is_current(&self, webhook: &Webhook) -> bool {
@@ -187,14 +230,6 @@ impl Index {
         })
     }
 
-    /// A condition watch begins a list; whether it is a re-list.
-    pub fn begin_conditions(&mut self, watch: usize) -> bool {
-        self.conditions.get_mut(watch).is_some_and(|relist| {
-            relist.begin();
-            relist.is_synced()
-        })
-    }
-
     /// A condition exists; whether it is new or a new generation (its own status writes are not).
     pub fn apply_condition(&mut self, watch: usize, condition: &NotificationCondition) -> bool {
         let (Some(key), Some(relist)) = (key_of(condition), self.conditions.get_mut(watch)) else {
@@ -207,21 +242,6 @@ impl Index {
         let changed = entry.generation.is_none() || relist.get(&key) != Some(&entry);
         relist.apply(key, entry);
         changed
-    }
-
-    /// A condition was deleted; whether it was known.
-    pub fn delete_condition(&mut self, key: &ObjectKey) -> bool {
-        self.watch_of(&key.namespace)
-            .and_then(|watch| self.conditions.get_mut(watch))
-            .is_some_and(|relist| relist.delete(key).is_some())
-    }
-
-    /// A condition watch completed a list: the conditions it did not name, which are gone.
-    pub fn finish_conditions(&mut self, watch: usize) -> Vec<ObjectKey> {
-        self.conditions
-            .get_mut(watch)
-            .map(|relist| relist.finish().into_iter().map(|(key, _)| key).collect())
-            .unwrap_or_default()
     }
 
     /// The version of a condition last applied.
@@ -309,12 +329,15 @@ mod tests {
     #[test]
     fn only_new_generations_labels_or_tokens_need_a_reconcile() {
         let mut index = Index::new(&[]);
-        assert!(!index.begin_webhooks(0), "the first list is not a re-list");
+        assert!(
+            !index.begin(Kind::Webhook, 0),
+            "the first list is not a re-list"
+        );
         assert!(index.apply_webhook(0, &webhook("a", 1, "")));
         assert!(!index.is_synced());
-        assert!(index.finish_webhooks(0).is_empty());
-        assert!(index.begin_conditions(0) || !index.is_synced());
-        index.finish_conditions(0);
+        assert!(index.finish(Kind::Webhook, 0).is_empty());
+        assert!(index.begin(Kind::Condition, 0) || !index.is_synced());
+        index.finish(Kind::Condition, 0);
         assert!(index.is_synced());
 
         // Herald's own status write: same generation, nothing to do.
@@ -336,24 +359,24 @@ mod tests {
     fn a_relist_reports_what_went_away_per_watch() {
         let mut index = Index::new(&["ns".to_string(), "other".to_string()]);
         for watch in 0..2 {
-            index.begin_webhooks(watch);
-            index.finish_webhooks(watch);
-            index.begin_conditions(watch);
-            index.finish_conditions(watch);
+            index.begin(Kind::Webhook, watch);
+            index.finish(Kind::Webhook, watch);
+            index.begin(Kind::Condition, watch);
+            index.finish(Kind::Condition, watch);
         }
         index.apply_webhook(0, &webhook("a", 1, ""));
         index.apply_webhook(0, &webhook("b", 1, ""));
         index.apply_condition(0, &condition("c", 1));
-        assert!(index.begin_webhooks(0), "a re-list");
+        assert!(index.begin(Kind::Webhook, 0), "a re-list");
         index.apply_webhook(0, &webhook("b", 1, ""));
-        assert_eq!(index.finish_webhooks(0), [key("a")]);
-        assert!(index.begin_conditions(0));
-        assert_eq!(index.finish_conditions(0), [key("c")]);
+        assert_eq!(index.finish(Kind::Webhook, 0), [key("a")]);
+        assert!(index.begin(Kind::Condition, 0));
+        assert_eq!(index.finish(Kind::Condition, 0), [key("c")]);
         // The other namespace's watch knew none of them.
-        assert!(index.begin_webhooks(1));
-        assert!(index.finish_webhooks(1).is_empty());
-        assert!(index.delete_webhook(&key("b")));
-        assert!(!index.delete_webhook(&key("b")));
+        assert!(index.begin(Kind::Webhook, 1));
+        assert!(index.finish(Kind::Webhook, 1).is_empty());
+        assert!(index.delete(Kind::Webhook, &key("b")));
+        assert!(!index.delete(Kind::Webhook, &key("b")));
     }
 
     #[test]
@@ -366,7 +389,7 @@ mod tests {
             index.condition(&key("c")).and_then(|c| c.generation),
             Some(2)
         );
-        assert!(index.delete_condition(&key("c")));
+        assert!(index.delete(Kind::Condition, &key("c")));
         assert_eq!(index.conditions().count(), 0);
     }
 

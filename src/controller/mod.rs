@@ -36,7 +36,7 @@ use crate::object::{NotReady, NotReadyReason, ObjectKey};
 use crate::routing::ConditionInput;
 use crate::secret::SecretData;
 
-use self::index::{Index, test_token};
+use self::index::{Index, Kind, test_token};
 use self::leader::EventsBookmark;
 use self::status::StatusWriter;
 
@@ -374,31 +374,47 @@ impl Controller {
         self.check_synced();
     }
 
-    fn webhook_event(&mut self, watch: usize, event: Event<Webhook>, started: Instant) {
-        match event {
+    /// The list and delete events of a watch of `kind`; returns the object an apply carries.
+    fn list_event<K: ResourceExt>(
+        &mut self,
+        kind: Kind,
+        watch: usize,
+        event: Event<K>,
+    ) -> Option<K> {
+        let gone = match event {
+            Event::InitApply(object) | Event::Apply(object) => return Some(object),
             Event::Init => {
-                if self.index.begin_webhooks(watch) {
-                    self.herald.metrics().controller.watch_restart("Webhook");
+                if self.index.begin(kind, watch) {
+                    self.herald.metrics().controller.watch_restart(kind.name());
                 }
+                Vec::new()
             }
-            Event::InitApply(webhook) | Event::Apply(webhook) => {
-                if self.index.apply_webhook(watch, &webhook) {
-                    self.reconcile(Box::new(webhook), started);
-                } else if let Some(token) = test_token(&webhook) {
-                    self.status.observe_test(&webhook, token);
+            Event::Delete(object) => {
+                let key = key_of(&object);
+                if let Some(key) = &key {
+                    self.index.delete(kind, key);
                 }
+                key.into_iter().collect()
             }
-            Event::Delete(webhook) => {
-                if let Some(key) = key_of(&webhook) {
-                    self.index.delete_webhook(&key);
-                    self.delete_webhook(&key);
-                }
+            Event::InitDone => self.index.finish(kind, watch),
+        };
+        for key in gone {
+            match kind {
+                Kind::Webhook => self.delete_webhook(&key),
+                Kind::Condition => self.delete_condition(&key),
             }
-            Event::InitDone => {
-                for key in self.index.finish_webhooks(watch) {
-                    self.delete_webhook(&key);
-                }
-            }
+        }
+        None
+    }
+
+    fn webhook_event(&mut self, watch: usize, event: Event<Webhook>, started: Instant) {
+        let Some(webhook) = self.list_event(Kind::Webhook, watch, event) else {
+            return;
+        };
+        if self.index.apply_webhook(watch, &webhook) {
+            self.reconcile(Box::new(webhook), started);
+        } else if let Some(token) = test_token(&webhook) {
+            self.status.observe_test(&webhook, token);
         }
     }
 
@@ -408,46 +424,26 @@ impl Controller {
         event: Event<NotificationCondition>,
         started: Instant,
     ) {
-        match event {
-            Event::Init => {
-                if self.index.begin_conditions(watch) {
-                    self.herald
-                        .metrics()
-                        .controller
-                        .watch_restart("NotificationCondition");
-                }
-            }
-            Event::InitApply(condition) | Event::Apply(condition) => {
-                let Some(key) = key_of(&condition) else {
-                    return;
-                };
-                if !self.index.apply_condition(watch, &condition) {
-                    return;
-                }
-                self.status.set_condition(&condition);
-                self.herald.apply_condition(ConditionInput {
-                    key: key.clone(),
-                    spec: condition.spec,
-                });
-                self.refresh_condition(&key);
-                let seconds = started.elapsed().as_secs_f64();
-                self.herald
-                    .metrics()
-                    .controller
-                    .reconciled("NotificationCondition", seconds, None);
-            }
-            Event::Delete(condition) => {
-                if let Some(key) = key_of(&condition) {
-                    self.index.delete_condition(&key);
-                    self.delete_condition(&key);
-                }
-            }
-            Event::InitDone => {
-                for key in self.index.finish_conditions(watch) {
-                    self.delete_condition(&key);
-                }
-            }
+        let Some(condition) = self.list_event(Kind::Condition, watch, event) else {
+            return;
+        };
+        let Some(key) = key_of(&condition) else {
+            return;
+        };
+        if !self.index.apply_condition(watch, &condition) {
+            return;
         }
+        self.status.set_condition(&condition);
+        self.herald.apply_condition(ConditionInput {
+            key: key.clone(),
+            spec: condition.spec,
+        });
+        self.refresh_condition(&key);
+        let seconds = started.elapsed().as_secs_f64();
+        self.herald
+            .metrics()
+            .controller
+            .reconciled(Kind::Condition.name(), seconds, None);
     }
 
     fn secret_event(&mut self, event: Event<PartialObjectMeta<Secret>>) {

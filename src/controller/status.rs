@@ -607,6 +607,30 @@ impl StatusWriter {
         }
     }
 
+    /// Writes an object's status with server-side apply, as Herald's field manager.
+    async fn apply_status<K>(
+        &self,
+        key: &ObjectKey,
+        status: &impl serde::Serialize,
+    ) -> Result<(), kube::Error>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), &key.namespace);
+        let patch = serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": status,
+        });
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        api.patch_status(&key.name, &params, &Patch::Apply(&patch))
+            .await
+            .map(|_| ())
+    }
+
     /// Writes one condition's status: `Ready` with the Webhooks that use it.
     async fn write_condition(
         &self,
@@ -632,15 +656,8 @@ impl StatusWriter {
                 last_transition_time: Time(since),
             }],
         };
-        let api: Api<NotificationCondition> = Api::namespaced(self.client.clone(), &key.namespace);
-        let patch = serde_json::json!({
-            "apiVersion": "herald.dev/v1alpha1",
-            "kind": "NotificationCondition",
-            "status": status,
-        });
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        match api
-            .patch_status(&key.name, &params, &Patch::Apply(&patch))
+        match self
+            .apply_status::<NotificationCondition>(key, &status)
             .await
         {
             Ok(_) => {
@@ -706,17 +723,7 @@ impl StatusWriter {
                 last_test: e.last_test.as_deref().cloned(),
             }
         };
-        let api: Api<Webhook> = Api::namespaced(self.client.clone(), &key.namespace);
-        let patch = serde_json::json!({
-            "apiVersion": "herald.dev/v1alpha1",
-            "kind": "Webhook",
-            "status": status,
-        });
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        match api
-            .patch_status(&key.name, &params, &Patch::Apply(&patch))
-            .await
-        {
+        match self.apply_status::<Webhook>(&key, &status).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 self.entries().remove(&key);
