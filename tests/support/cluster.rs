@@ -190,6 +190,16 @@ impl Controller {
     /// Starts a controller watching `watch` namespaces, with the Lease `<own>-leader`, running as
     /// Herald's ServiceAccount, and waits for `/readyz`.
     pub async fn start(own: &str, watch: &[&str], extra: &[&str]) -> Controller {
+        Self::start_with_kubeconfig(own, watch, extra, &service_account_kubeconfig()).await
+    }
+
+    /// [`Controller::start`] with another kubeconfig.
+    pub async fn start_with_kubeconfig(
+        own: &str,
+        watch: &[&str],
+        extra: &[&str],
+        kubeconfig: &Path,
+    ) -> Controller {
         let plane = plane();
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("controller.log");
@@ -198,7 +208,7 @@ impl Controller {
         let mut args: Vec<String> = vec![
             "controller".into(),
             "--kubeconfig".into(),
-            service_account_kubeconfig().to_string_lossy().into_owned(),
+            kubeconfig.to_string_lossy().into_owned(),
             "--listen".into(),
             format!("127.0.0.1:{port}"),
             "--admin-listen".into(),
