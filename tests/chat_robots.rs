@@ -3,19 +3,13 @@
 //! each platform's documented message schema, signing, size limits, mentions, keywords and
 //! Slack's escaping.
 
-#[path = "support/core.rs"]
-mod core;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::time::Duration;
 
 use base64::Engine as _;
 use herald::crd::WebhookType;
 use herald::delivery::{EngineConfig, ReportOutcome, RetryPolicy};
 use herald::herald::Herald;
+use herald_testkit::{cli, core, sink};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sink::{Reply, Sink};
@@ -185,7 +179,7 @@ async fn a_robot_refusing_the_test_message_makes_herald_test_fail() {
     .expect("write");
     let config = dir.path().to_str().expect("path").to_string();
     let out = tokio::task::spawn_blocking(move || {
-        process::herald(&["test", "ding", "-n", "monitoring", "--config", &config])
+        cli::herald(&["test", "ding", "-n", "monitoring", "--config", &config])
     })
     .await
     .expect("join");

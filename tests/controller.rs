@@ -1,19 +1,11 @@
 //! `herald controller` against a real kube-apiserver and etcd on loopback. Each test works in
 //! namespaces of its own and runs its own controller process watching only those.
 
-#[path = "support/cluster.rs"]
-mod cluster;
-#[path = "support/control_plane.rs"]
-mod control_plane;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::time::Duration;
 
 use cluster::{Controller, apply, kubectl, kubectl_stdin, ready_is, wait_webhook};
 use herald::crd::{DeliveryOutcome, Webhook};
+use herald_testkit::{cli, cluster, sink};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -411,7 +403,7 @@ async fn wait_event(client: &kube::Client, ns: &str, what: &str, wanted: impl Fn
 async fn herald_test_in_cluster(ns: &'static str, name: &'static str) -> std::process::Output {
     let kubeconfig = cluster::plane().kubeconfig.to_string_lossy().into_owned();
     tokio::task::spawn_blocking(move || {
-        std::process::Command::new(process::binary())
+        std::process::Command::new(cli::binary())
             .args([
                 "test",
                 name,

@@ -1,15 +1,11 @@
 //! Delivery against real HTTP and HTTPS servers on loopback.
 
-#[path = "support/core.rs"]
-mod core;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::time::Duration;
 
 use herald::crd::WebhookType;
 use herald::delivery::ReportOutcome;
 use herald::routing::NotReadyReason;
+use herald_testkit::{core, sink};
 use sink::{Reply, Sink, TestPki};
 
 use crate::core::{apply, batch, core, secret};

@@ -3,13 +3,11 @@
 //! test asserts a clear refusal (a 4xx with a JSON error, or a closed connection where HTTP has
 //! no better answer) and that the server still answers a good request afterwards.
 
-#[path = "support/core.rs"]
-mod core;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use herald::alert::PayloadLimits;
+use herald_testkit::core;
 
 use crate::core::post_json as post;
 use herald::receiver::{ReceiverConfig, ServerLimits};

@@ -1,10 +1,5 @@
 //! The receiver's replies, through real HTTP requests.
 
-#[path = "support/core.rs"]
-mod core;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -12,6 +7,7 @@ use herald::delivery::EngineConfig;
 use herald::herald::Herald;
 use herald::receiver::{ReceiverConfig, ServerLimits};
 use herald::secret::Sensitive;
+use herald_testkit::{core, sink};
 use serde_json::{Value, json};
 use sink::Sink;
 

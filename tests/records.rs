@@ -1,15 +1,11 @@
 //! Delivery records, replay and the durable store, through the `herald` binary.
 
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use process::{Running, herald};
+use cli::{Running, herald};
+use herald_testkit::{cli, sink};
 use serde_json::{Value, json};
 use sink::{Reply, Sink};
 

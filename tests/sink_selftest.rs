@@ -1,10 +1,8 @@
-//! Self-test of the loopback webhook sink in `tests/support/sink.rs`.
-
-#[path = "support/sink.rs"]
-mod sink;
+//! Self-test of the loopback webhook sink in `herald_testkit::sink` (testkit/src/sink.rs).
 
 use std::time::{Duration, Instant};
 
+use herald_testkit::sink;
 use serde_json::json;
 use sink::{Reply, Sink, TestPki};
 

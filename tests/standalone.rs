@@ -1,14 +1,10 @@
 //! `herald run`, `check`, `route` and `test` as real processes on manifest folders.
 
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::path::Path;
 use std::time::Duration;
 
-use process::{Running, herald};
+use cli::{Running, herald};
+use herald_testkit::{cli, sink};
 use serde_json::{Value, json};
 use sink::{Reply, Sink};
 
@@ -344,7 +340,7 @@ async fn test_command_prints_the_outcome_and_fails_on_rejection() {
         ),
     );
     let config = dir.path().to_str().expect("path").to_string();
-    let binary = process::binary();
+    let binary = cli::binary();
     let run = |name: &str| {
         let config = config.clone();
         let name = name.to_string();

@@ -3,18 +3,12 @@
 //! reached through a tenant's URL or a rebound browser page, credentials echoed back in
 //! encoded forms, and the chart's receiver authentication.
 
-#[path = "support/control_plane.rs"]
-mod control_plane;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use process::Running;
+use cli::Running;
+use herald_testkit::{cli, control_plane, sink};
 use serde_json::{Value, json};
 use sink::{Reply, Sink};
 
@@ -142,7 +136,7 @@ async fn heavy_templates_fail_with_a_reason_while_everything_else_keeps_going() 
     assert_healthy(&herald).await;
     assert!(herald.terminate().success(), "SIGTERM must stop Herald");
     // `herald check` says so before any alert arrives.
-    let checked = process::herald(&["check", dir.path().to_str().expect("path")]);
+    let checked = cli::herald(&["check", dir.path().to_str().expect("path")]);
     let stderr = String::from_utf8_lossy(&checked.stderr);
     for name in ["team-a/heavy-1", "team-a/heavy-2"] {
         assert!(
@@ -363,7 +357,7 @@ async fn the_admin_api_is_unreachable_through_tenant_urls_and_rebound_pages() {
         status(authorized(client.post(&replay)).header("host", format!("localhost:{port}"))).await,
         404
     );
-    let listed = process::herald(&[
+    let listed = cli::herald(&[
         "deliveries",
         "--server",
         &herald.admin_url(),
@@ -452,11 +446,10 @@ async fn credentials_echoed_in_encoded_forms_are_masked() {
     );
     // Off the test's runtime thread, which serves the sink.
     let config = dir.path().to_str().expect("path").to_owned();
-    let out = tokio::task::spawn_blocking(move || {
-        process::herald(&["test", "echo", "--config", &config])
-    })
-    .await
-    .expect("herald test");
+    let out =
+        tokio::task::spawn_blocking(move || cli::herald(&["test", "echo", "--config", &config]))
+            .await
+            .expect("herald test");
     let printed = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

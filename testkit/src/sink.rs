@@ -1,17 +1,9 @@
 //! A real loopback webhook sink for integration tests.
 //!
-//! Include it from a test file with
-//!
-//! ```ignore
-//! #[path = "support/sink.rs"]
-//! mod sink;
-//! ```
-//!
 //! The sink is an axum server bound to `127.0.0.1:0` (plain HTTP, HTTPS, or
 //! HTTPS requiring a client certificate). Every request is recorded as soon as
 //! its body has been read (before any scripted delay), and answered from a
 //! script of [`Reply`]s. The server stops when the [`Sink`] is dropped.
-#![allow(dead_code)]
 
 use std::collections::VecDeque;
 use std::fmt;

@@ -1,14 +1,37 @@
 //! Runs the `herald` binary as a real process for end-to-end tests.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The built `herald` binary.
-pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_herald")
+use crate::process::{Process, free_port};
+
+/// The `herald` binary of this build: `$CARGO_BIN_EXE_herald`, which cargo sets for Herald's
+/// integration tests, else `herald` beside the directory of the running test binary
+/// (`target/debug/deps/NAME-HASH` → `target/debug/herald`).
+pub fn binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        if let Some(path) = std::env::var_os("CARGO_BIN_EXE_herald").filter(|p| !p.is_empty()) {
+            return PathBuf::from(path);
+        }
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let dir = exe.parent().expect("the test binary's directory");
+        let dir = if dir.ends_with("deps") {
+            dir.parent().expect("the target directory")
+        } else {
+            dir
+        };
+        let herald = dir.join("herald");
+        assert!(
+            herald.is_file(),
+            "the herald binary is not at {}: run the tests with `cargo test` (which builds it)",
+            herald.display()
+        );
+        herald
+    })
 }
 
 /// Runs a `herald` command to completion.
@@ -19,23 +42,13 @@ pub fn herald(args: &[&str]) -> Output {
         .expect("run herald")
 }
 
-/// A free loopback port (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// A `herald run` process; killed when dropped.
 pub struct Running {
-    child: Child,
+    process: Process,
     /// Receiver address.
     pub addr: SocketAddr,
     /// Admin listener address.
     pub admin: SocketAddr,
-    log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -65,18 +78,13 @@ impl Running {
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new(binary())
-            .args(&args)
-            .env("RUST_LOG", "info,herald=debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn herald");
+        let mut command = Command::new(binary());
+        command.args(&args).env("RUST_LOG", "info,herald=debug");
+        let process = Process::spawn("herald", command, &log).expect("spawn herald");
         let running = Running {
-            child,
+            process,
             addr,
             admin,
-            log,
             _dir: dir,
         };
         running.wait_ready().await;
@@ -104,12 +112,12 @@ impl Running {
 
     /// Everything the process logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log()
     }
 
     /// Waits (bounded) until the log contains `needle`.
     pub async fn wait_log(&self, needle: &str, timeout: Duration) -> String {
-        wait_for_log("herald", || self.log(), needle, timeout).await
+        self.process.wait_log(needle, timeout).await
     }
 
     /// Posts an Alertmanager payload and returns the status code and body.
@@ -129,22 +137,17 @@ impl Running {
 
     /// Kills the process with SIGKILL: no shutdown code runs.
     pub fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
     }
 
     /// Sends a signal (`STOP`, `CONT`, ...) to the process.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} failed");
+        self.process.signal(signal);
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// The admin listener's base URL.
@@ -152,47 +155,11 @@ impl Running {
         format!("http://{}", self.admin)
     }
 
-    /// Sends SIGTERM and waits (bounded) for a clean exit.
+    /// Sends SIGTERM and waits (bounded) for a clean exit; fails the test if it had to be
+    /// killed.
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "herald did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Waits (bounded) until a process's log, as `read` returns it, contains `needle`; returns the
-/// log, or fails the test with it.
-pub async fn wait_for_log(
-    what: &str,
-    read: impl Fn() -> String,
-    needle: &str,
-    timeout: Duration,
-) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let log = read();
-        if log.contains(needle) {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} log never contained {needle:?} within {timeout:?}:\n{log}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.process
+            .terminate(Duration::from_secs(15))
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 }
