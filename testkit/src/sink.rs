@@ -99,6 +99,8 @@ pub struct Reply {
     /// A plain-text body instead of the JSON one.
     text: Option<String>,
     delay: Option<Duration>,
+    /// Answer only once [`Sink::release`] was called.
+    held: bool,
 }
 
 impl Default for Reply {
@@ -116,6 +118,7 @@ impl Reply {
             body: serde_json::json!({}),
             text: None,
             delay: None,
+            held: false,
         }
     }
 
@@ -134,6 +137,13 @@ impl Reply {
     /// simulate a slow or hanging endpoint.
     pub fn delay(mut self, delay: Duration) -> Self {
         self.delay = Some(delay);
+        self
+    }
+
+    /// Hold the answer until [`Sink::release`] (or the sink is dropped): an endpoint that
+    /// stays busy for exactly as long as the test needs.
+    pub fn held(mut self) -> Self {
+        self.held = true;
         self
     }
 
@@ -184,6 +194,8 @@ struct Shared {
     received: Mutex<Vec<Received>>,
     /// Replies consumed front to back; the last one repeats forever.
     script: Mutex<VecDeque<Reply>>,
+    /// Opened by [`Sink::release`]: held replies go out.
+    released: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -221,6 +233,9 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         at: Instant::now(),
     });
     let reply = shared.next_reply();
+    if reply.held {
+        let _ = shared.released.subscribe().wait_for(|open| *open).await;
+    }
     if let Some(delay) = reply.delay {
         tokio::time::sleep(delay).await;
     }
@@ -351,6 +366,11 @@ impl Sink {
     /// Snapshot of all requests received so far, in arrival order.
     pub fn received(&self) -> Vec<Received> {
         lock(&self.shared.received).clone()
+    }
+
+    /// Sends every held reply ([`Reply::held`]), now and from now on.
+    pub fn release(&self) {
+        self.shared.released.send_replace(true);
     }
 
     /// Number of requests received so far.
