@@ -55,6 +55,18 @@ pub struct Running {
 impl Running {
     /// Starts `herald run --config DIR` with fast reloads and retries, and waits for `/readyz`.
     pub async fn start(config: &Path, extra: &[&str]) -> Running {
+        Running::start_resolving(config, extra, None).await
+    }
+
+    /// [`Running::start`] in a mount namespace of its own where `/etc/hosts` is `hosts` (lines
+    /// of `ADDRESS NAME`): names that resolve, through the system resolver as in production,
+    /// to whatever address a test needs, without touching the machine's own `/etc/hosts`.
+    /// Needs root and `unshare` (util-linux).
+    pub async fn start_with_hosts(config: &Path, extra: &[&str], hosts: &str) -> Running {
+        Running::start_resolving(config, extra, Some(hosts)).await
+    }
+
+    async fn start_resolving(config: &Path, extra: &[&str], hosts: Option<&str>) -> Running {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("herald.log");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
@@ -78,7 +90,23 @@ impl Running {
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut command = Command::new(binary());
+        let mut command = match hosts {
+            None => Command::new(binary()),
+            Some(hosts) => {
+                crate::tools::require_all();
+                let file = dir.path().join("hosts");
+                std::fs::write(&file, format!("127.0.0.1 localhost\n{hosts}\n"))
+                    .expect("write the hosts file");
+                // `unshare` and `exec` keep one process id: signals reach Herald itself.
+                let mut command = Command::new("unshare");
+                command
+                    .args(["--mount", "--propagation", "private", "sh", "-c"])
+                    .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+                    .arg(&file)
+                    .arg(binary());
+                command
+            }
+        };
         command.args(&args).env("RUST_LOG", "info,herald=debug");
         let process = Process::spawn("herald", command, &log).expect("spawn herald");
         let running = Running {

@@ -35,6 +35,7 @@ const DEBIAN_COMMANDS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("iptables", "iptables"),
     ("pgrep", "procps"),
+    ("unshare", "util-linux"),
 ];
 
 /// CNI plugins the test node's pod network uses, from `containernetworking-plugins`.
