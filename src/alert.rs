@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::object::ObjectKey;
+
 /// Labels or annotations: sorted so that rendering and fingerprints are deterministic.
 pub use crate::labels::LabelSet;
 
@@ -149,6 +151,26 @@ impl std::fmt::Debug for AlertRenderings {
 }
 
 impl Alert {
+    /// The synthetic alert a test message carries.
+    pub fn test(webhook: &ObjectKey, now: &str) -> Alert {
+        let mut alert = Alert {
+            status: AlertStatus::Firing,
+            labels: LabelSet::from([
+                ("alertname".to_string(), "HeraldTest".to_string()),
+                ("severity".to_string(), "info".to_string()),
+                ("namespace".to_string(), webhook.namespace.to_string()),
+            ]),
+            annotations: LabelSet::from([(
+                "summary".to_string(),
+                format!("Test message for webhook {webhook}"),
+            )]),
+            starts_at: now.to_string(),
+            ..Alert::default()
+        };
+        alert.ensure_fingerprint();
+        alert
+    }
+
     /// The alert's name (`alertname` label), empty when absent.
     pub fn name(&self) -> &str {
         self.labels.get("alertname").unwrap_or("")

@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::routing::ObjectKey;
+use crate::object::ObjectKey;
 
 /// Labels of receiver counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

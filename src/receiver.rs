@@ -14,7 +14,7 @@ use subtle::ConstantTimeEq;
 
 use crate::alert::{self, AlertBatch, ParseError};
 use crate::crd::WebhookType;
-use crate::herald::Herald;
+use crate::dispatch::Dispatcher;
 use crate::secret::Sensitive;
 
 /// Default request body limit: 4 MiB.
@@ -60,7 +60,7 @@ impl Default for ReceiverConfig {
 
 #[derive(Clone)]
 struct AppState {
-    herald: Herald,
+    herald: Dispatcher,
     config: ReceiverConfig,
     token_file: std::sync::Arc<std::sync::Mutex<TokenFile>>,
 }
@@ -107,7 +107,7 @@ impl AppState {
 }
 
 /// The receiver's router.
-pub fn router(herald: Herald, config: ReceiverConfig) -> Router {
+pub fn router(herald: Dispatcher, config: ReceiverConfig) -> Router {
     let timeout = config.request_timeout;
     let router = Router::new()
         .route("/api/v1/alerts", post(alertmanager_v1))
@@ -133,7 +133,7 @@ pub fn router(herald: Herald, config: ReceiverConfig) -> Router {
 }
 
 /// A router serving only `/metrics` (for a listener of its own).
-pub fn metrics_router(herald: Herald) -> Router {
+pub fn metrics_router(herald: Dispatcher) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .with_state(AppState {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::alert::{Alert, AlertStatus, GroupSource, LabelSet, SharedTail};
 use crate::chat::Robot;
 use crate::crd::{BodyFormat, Language, WebhookType};
-use crate::routing::ObjectKey;
+use crate::object::ObjectKey;
 use crate::template::SandboxedTemplate;
 
 /// The Herald body format's version.
@@ -493,26 +493,6 @@ pub fn notification<'a>(content: Content<'a>, language: Language) -> Notificatio
         external_url: content.external_url,
         source: content.source,
     }
-}
-
-/// The synthetic alert a test message carries.
-pub fn test_alert(webhook: &ObjectKey, now: &str) -> Alert {
-    let mut alert = Alert {
-        status: AlertStatus::Firing,
-        labels: LabelSet::from([
-            ("alertname".to_string(), "HeraldTest".to_string()),
-            ("severity".to_string(), "info".to_string()),
-            ("namespace".to_string(), webhook.namespace.to_string()),
-        ]),
-        annotations: LabelSet::from([(
-            "summary".to_string(),
-            format!("Test message for webhook {webhook}"),
-        )]),
-        starts_at: now.to_string(),
-        ..Alert::default()
-    };
-    alert.ensure_fingerprint();
-    alert
 }
 
 /// The labels every set shares, borrowed from the alerts.

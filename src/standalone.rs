@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::crd::{NotificationCondition, Webhook};
 use crate::delivery::referenced_secrets;
-use crate::herald::Herald;
-use crate::routing::{ConditionInput, NotReady, ObjectKey};
+use crate::dispatch::Dispatcher;
+use crate::object::{NotReady, ObjectKey};
+use crate::routing::ConditionInput;
 use crate::secret::SecretData;
 
 /// The namespace of a manifest that names none.
@@ -330,7 +331,10 @@ impl Loader {
     }
 
     /// Reloads when the folder's content changed since the last load; `None` when unchanged.
-    pub fn reload_if_changed(&mut self, herald: &Herald) -> std::io::Result<Option<ReloadReport>> {
+    pub fn reload_if_changed(
+        &mut self,
+        herald: &Dispatcher,
+    ) -> std::io::Result<Option<ReloadReport>> {
         let digest = self.content_digest()?;
         if self.content == Some(digest) {
             return Ok(None);
@@ -341,7 +345,7 @@ impl Loader {
     }
 
     /// Reads the folder and applies every change to the core.
-    pub fn reload(&mut self, herald: &Herald) -> std::io::Result<ReloadReport> {
+    pub fn reload(&mut self, herald: &Dispatcher) -> std::io::Result<ReloadReport> {
         let Manifests {
             webhooks: manifest_webhooks,
             conditions: manifest_conditions,
@@ -443,7 +447,7 @@ pub fn log_report(report: &ReloadReport) {
 /// Reloads the folder every `interval` until `cancel` fires.
 pub async fn watch(
     mut loader: Loader,
-    herald: Herald,
+    herald: Dispatcher,
     interval: Duration,
     cancel: CancellationToken,
 ) {

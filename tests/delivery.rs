@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use herald::crd::WebhookType;
-use herald::delivery::ReportOutcome;
-use herald::routing::NotReadyReason;
+use herald::object::NotReadyReason;
+use herald::outgoing::ReportOutcome;
 use herald_testkit::{core, sink};
 use sink::{Reply, Sink, TestPki};
 
@@ -443,7 +443,7 @@ async fn test_messages_report_status_and_disabled_webhooks_get_none() {
     )
     .expect_err("disabled is not ready");
 
-    let key = |n: &str| herald::routing::ObjectKey::new("monitoring", n);
+    let key = |n: &str| herald::object::ObjectKey::new("monitoring", n);
     let report = herald.send_test(&key("ok")).await.expect("sent");
     assert_eq!(report.outcome, ReportOutcome::Succeeded);
     assert_eq!(report.http_status, Some(200));

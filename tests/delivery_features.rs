@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use herald::crd::WebhookType;
-use herald::delivery::ReportOutcome;
-use herald::routing::NotReadyReason;
+use herald::object::NotReadyReason;
+use herald::outgoing::ReportOutcome;
 use herald_testkit::{cli, cluster, core, sink, tinyproxy, tools};
 use serde_json::Value;
 use sink::{Sink, TestPki};
@@ -180,7 +180,7 @@ fn signed_webhook(name: &str, url: &str) -> String {
     )
 }
 
-fn dispatch_one(herald: &herald::herald::Herald, alertname: &str) {
+fn dispatch_one(herald: &herald::dispatch::Dispatcher, alertname: &str) {
     herald
         .dispatch(batch(&[&[("alertname", alertname)]]), WebhookType::Alarms)
         .expect("accepted");

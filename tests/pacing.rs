@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::extract::State;
 use herald::crd::WebhookType;
-use herald::delivery::ReportOutcome;
-use herald::herald::Herald;
+use herald::dispatch::Dispatcher;
+use herald::outgoing::ReportOutcome;
 use herald_testkit::{core, sink};
 use serde_json::{Value, json};
 use sink::Sink;
@@ -88,7 +88,7 @@ async fn start_robot(limit: usize) -> (Arc<Robot>, String) {
     )
 }
 
-fn alert(herald: &Herald, i: usize) {
+fn alert(herald: &Dispatcher, i: usize) {
     let name = format!("Storm{i:04}");
     let severity = if i.is_multiple_of(10) {
         "critical"

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use herald::delivery::EngineConfig;
-use herald::herald::Herald;
+use herald::dispatch::Dispatcher;
 use herald::receiver::{ReceiverConfig, ServerLimits};
 use herald::secret::Sensitive;
 use herald_testkit::{core, sink};
@@ -14,7 +14,7 @@ use sink::Sink;
 use crate::core::{apply, fast_retry};
 
 /// Serves a receiver on a free loopback port for the rest of the test.
-async fn start(herald: Herald, config: ReceiverConfig) -> SocketAddr {
+async fn start(herald: Dispatcher, config: ReceiverConfig) -> SocketAddr {
     core::serve_receiver(herald, config, ServerLimits::default()).await
 }
 
@@ -216,7 +216,7 @@ async fn full_herald_answers_503_with_retry_after_and_loses_nothing_it_accepted(
     // An endpoint that answers only when released keeps deliveries pending; the global limit
     // is 4, of which one webhook may hold half.
     sink.respond_with(vec![sink::Reply::status(200).held()]);
-    let herald = Herald::new(
+    let herald = Dispatcher::new(
         ["monitoring".to_string()],
         EngineConfig {
             max_pending: 4,
@@ -266,7 +266,7 @@ async fn a_full_herald_holds_a_batch_until_room_frees_and_refuses_one_that_can_n
     sink.respond_with(vec![
         sink::Reply::status(200).delay(Duration::from_millis(400)),
     ]);
-    let herald = Herald::new(
+    let herald = Dispatcher::new(
         ["monitoring".to_string()],
         EngineConfig {
             max_pending: 1,
@@ -279,7 +279,7 @@ async fn a_full_herald_holds_a_batch_until_room_frees_and_refuses_one_that_can_n
         let condition =
             format!("matchExpressions:\n  - {{key: to, operator: In, values: [{name}, both]}}");
         herald.apply_condition(herald::routing::ConditionInput {
-            key: herald::routing::ObjectKey::new("monitoring", format!("only-{name}")),
+            key: herald::object::ObjectKey::new("monitoring", format!("only-{name}")),
             spec: serde_saphyr::from_str(&condition).expect("condition YAML"),
         });
         apply(

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use cli::Running;
 use futures::StreamExt as _;
-use herald::delivery::{EngineConfig, ReportOutcome, RetryPolicy};
-use herald::herald::Herald;
+use herald::delivery::{EngineConfig, RetryPolicy};
+use herald::dispatch::Dispatcher;
+use herald::outgoing::ReportOutcome;
 use herald::receiver::{ReceiverConfig, ServerLimits};
 use herald_testkit::{cli, core, process, sink};
 use serde_json::{Value, json};
@@ -147,7 +148,7 @@ impl Drop for PortSink {
     }
 }
 
-async fn serve_core(herald: Herald) -> SocketAddr {
+async fn serve_core(herald: Dispatcher) -> SocketAddr {
     herald.set_ready(true);
     core::serve_receiver(herald, ReceiverConfig::default(), ServerLimits::default()).await
 }
@@ -155,7 +156,7 @@ async fn serve_core(herald: Herald) -> SocketAddr {
 async fn down_then_up(down: Down) {
     const BATCHES: usize = 12;
     // Retry for as long as the outage lasts (the shared fast policy gives up after 5 attempts).
-    let herald = Herald::new(
+    let herald = Dispatcher::new(
         ["monitoring".to_string()],
         EngineConfig {
             retry: RetryPolicy {

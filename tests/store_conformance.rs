@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald::delivery::{Delivery, ReportOutcome};
-use herald::routing::ObjectKey;
+use herald::object::ObjectKey;
+use herald::outgoing::{Delivery, ReportOutcome};
 use herald::store::{DeliveryRecord, PostgresOptions, RecordFilter, RecordLimits, Store};
 use herald_testkit::{postgres, sink};
 

@@ -93,7 +93,7 @@ async fn the_examples_are_valid_and_every_webhook_but_the_disabled_one_is_ready(
             webhook.spec.url
         );
     }
-    let herald = herald::herald::Herald::new(["default".to_string()], Default::default())
+    let herald = herald::dispatch::Dispatcher::new(["default".to_string()], Default::default())
         .with_policy(herald::delivery::TargetPolicy::allowing_loopback());
     let mut loader = herald::standalone::Loader::new(&dir);
     let report = loader.reload(&herald).expect("load");

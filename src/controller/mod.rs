@@ -23,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::crd::{NotificationCondition, TEST_ANNOTATION, Webhook};
 use crate::delivery::referenced_secrets;
-use crate::herald::Herald;
-use crate::routing::{ConditionInput, ObjectKey};
+use crate::dispatch::Dispatcher;
+use crate::object::ObjectKey;
+use crate::routing::ConditionInput;
 use crate::secret::SecretData;
 
 use self::status::StatusWriter;
@@ -212,7 +213,7 @@ const REFETCH_DELAY: Duration = Duration::from_secs(5);
 /// for the Webhooks that have them; a Webhook is read again when a Secret it references changes.
 struct Controller {
     client: Client,
-    herald: Herald,
+    herald: Dispatcher,
     status: Arc<StatusWriter>,
     leader: Arc<AtomicBool>,
     /// The watched namespaces, in watch order; empty when one watch covers every namespace.
@@ -639,7 +640,7 @@ impl Controller {
 /// Runs the controller until `cancel` fires. Readiness turns on after the initial sync.
 pub async fn run(
     client: Client,
-    herald: Herald,
+    herald: Dispatcher,
     settings: ControllerSettings,
     leader: Arc<AtomicBool>,
     elected: mpsc::UnboundedReceiver<()>,

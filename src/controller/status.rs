@@ -16,8 +16,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::crd::{DeliveryOutcome, DeliveryResult, TestResult, Webhook, WebhookStatus};
-use crate::delivery::{DeliveryObserver, DeliveryReport, ReportOutcome};
-use crate::routing::{NotReady, ObjectKey};
+use crate::delivery::{DeliveryObserver, DeliveryReport};
+use crate::object::{NotReady, ObjectKey};
+use crate::outgoing::ReportOutcome;
 
 /// The field manager Herald writes status as.
 pub const FIELD_MANAGER: &str = "herald";

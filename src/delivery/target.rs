@@ -11,9 +11,10 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use super::client::{ClientError, ClientSettings, DestinationGuard, HttpClient};
 use super::policy::DestinationPolicy;
 use crate::crd::{AuthType, BodyFormat, Language, WebhookSpec, WebhookType, is_reserved_header};
+use crate::object::{NotReady, NotReadyReason, ObjectKey};
 use crate::render;
-use crate::routing::{NotReady, NotReadyReason, ObjectKey};
 use crate::secret::{Masker, SecretData, Sensitive};
+use crate::tls::TlsError;
 
 /// The `User-Agent` Herald sends.
 pub const USER_AGENT: &str = concat!("herald/", env!("CARGO_PKG_VERSION"));
@@ -479,7 +480,7 @@ impl Target {
             if let Some(r) = &tls.ca_secret_ref {
                 let data = secret(&lookup, policy, &r.name, "CA bundle")?;
                 let pem = secret_key(data, &r.name, &r.key)?;
-                if super::client::check_roots(pem).is_err() {
+                if crate::tls::check_roots(pem).is_err() {
                     return Err(NotReady::new(
                         NotReadyReason::InvalidCa,
                         format!(
@@ -495,7 +496,7 @@ impl Target {
                 let mut pem = secret_key(data, &r.name, "tls.crt")?.to_vec();
                 pem.push(b'\n');
                 pem.extend_from_slice(secret_key(data, &r.name, "tls.key")?);
-                if super::client::check_identity(&pem).is_err() {
+                if crate::tls::check_identity(&pem).is_err() {
                     return Err(NotReady::new(
                         NotReadyReason::InvalidClientCertificate,
                         format!(
@@ -510,8 +511,8 @@ impl Target {
         let client = transport.client().map_err(|e| {
             let reason = match e {
                 ClientError::Proxy(_) => NotReadyReason::InvalidSpec,
-                ClientError::Roots(_) => NotReadyReason::InvalidCa,
-                ClientError::Identity(_) => NotReadyReason::InvalidClientCertificate,
+                ClientError::Tls(TlsError::Roots(_)) => NotReadyReason::InvalidCa,
+                ClientError::Tls(TlsError::Identity(_)) => NotReadyReason::InvalidClientCertificate,
             };
             NotReady::new(reason, e.to_string())
         })?;

@@ -22,8 +22,8 @@ use tokio::sync::oneshot;
 use super::{
     DeliveryRecord, RecordLimits, StoreError, class, db, decode, encode, writer_stopped, written,
 };
-use crate::delivery::{Delivery, DeliveryId};
-use crate::routing::ObjectKey;
+use crate::object::ObjectKey;
+use crate::outgoing::{Delivery, DeliveryId};
 
 /// Accepted deliveries not finished yet: `(webhook, sequence number)` to the delivery (JSON).
 const BACKLOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("backlog");

@@ -12,8 +12,8 @@ use k8s_openapi::jiff::Timestamp;
 use redb::{ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 
-use crate::delivery::{Delivery, DeliveryId, ReportOutcome};
-use crate::routing::ObjectKey;
+use crate::object::ObjectKey;
+use crate::outgoing::{Delivery, DeliveryId, ReportOutcome};
 
 mod disk;
 mod postgres;

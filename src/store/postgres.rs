@@ -31,8 +31,8 @@ use super::{
     DeliveryRecord, RecordFilter, RecordLimits, StoreError, class, decode, encode, writer_stopped,
     written,
 };
-use crate::delivery::Delivery;
-use crate::routing::ObjectKey;
+use crate::object::ObjectKey;
+use crate::outgoing::Delivery;
 
 /// How a PostgreSQL store connects and how long its leases last.
 #[derive(Clone, Debug)]
@@ -178,7 +178,7 @@ impl PostgresStore {
             .url
             .parse()
             .map_err(|e| StoreError::Database(format!("the database URL is not valid: {e}")))?;
-        let tls = crate::delivery::client::tls_client_config(&options.ca_pem)
+        let tls = crate::tls::client_config_trusting(&options.ca_pem)
             .map_err(|e| StoreError::Database(format!("TLS to the database: {e}")))?;
         let tls = MakeRustlsConnect::new(tls);
         let manager = Manager::from_config(

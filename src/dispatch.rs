@@ -1,6 +1,7 @@
-//! The running core shared by every source: the routing table, the delivery engine and metrics.
-//! Sources (controller, standalone loader) change it only through these methods, so the table
-//! and the engine never disagree about which webhooks can deliver.
+//! The dispatcher every source and receiver shares: it routes batches through the routing table
+//! and hands their deliveries to the delivery engine. Sources (controller, standalone loader)
+//! change webhooks and conditions only through it, so the table and the engine never disagree
+//! about which webhooks can deliver.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,19 +11,19 @@ use std::time::Duration;
 use crate::alert::{Alert, AlertBatch};
 use crate::crd::{WebhookSpec, WebhookType};
 use crate::delivery::{
-    Delivery, DeliveryReport, Engine, EngineConfig, SubmitError, SubmitSummary, Target,
-    TargetPolicy,
+    DeliveryReport, Engine, EngineConfig, SubmitError, SubmitSummary, Target, TargetPolicy,
 };
 use crate::metrics::Metrics;
-use crate::routing::{
-    ConditionInput, NotReady, NotReadyReason, ObjectKey, Subject, Table, WebhookInput,
-};
+use crate::object::{NotReady, NotReadyReason, ObjectKey};
+use crate::outgoing::Delivery;
+use crate::routing::{ConditionInput, Subject, Table, WebhookInput};
 use crate::secret::SecretData;
 use crate::store::{RecordLimits, Store};
 
-/// The routing table, the delivery engine and the metrics, wired together.
+/// Routes batches to webhooks and hands their deliveries to the engine; keeps the routing table,
+/// the delivery engine and the metrics in agreement.
 #[derive(Clone, Debug)]
-pub struct Herald {
+pub struct Dispatcher {
     table: Arc<RwLock<Table>>,
     engine: Engine,
     metrics: Arc<Metrics>,
@@ -59,7 +60,7 @@ pub enum TestError {
     },
 }
 
-impl Herald {
+impl Dispatcher {
     /// A core with an empty table and an in-memory delivery store.
     pub fn new(cluster_namespaces: impl IntoIterator<Item = String>, config: EngineConfig) -> Self {
         let store = Arc::new(Store::memory(RecordLimits::default()));
@@ -73,7 +74,7 @@ impl Herald {
         store: Arc<Store>,
     ) -> Self {
         let metrics = Arc::new(Metrics::new());
-        Herald {
+        Dispatcher {
             table: Arc::new(RwLock::new(Table::new(cluster_namespaces))),
             engine: Engine::new(config, metrics.clone(), store),
             metrics,
@@ -180,7 +181,7 @@ impl Herald {
     /// Routes a batch of alerts (or events, for `Events`) and queues one delivery per webhook
     /// holding only the alerts that matched it, if there is room for all of them now. With a
     /// disk store the deliveries are written in the background: a caller that answers for them
-    /// uses [`Herald::dispatch_within`], which returns once they are durable.
+    /// uses [`Dispatcher::dispatch_within`], which returns once they are durable.
     pub fn dispatch(
         &self,
         batch: AlertBatch,
@@ -192,7 +193,7 @@ impl Herald {
             .submit_admitted(admission, Self::deliveries(routed))
     }
 
-    /// Routes and accepts a batch like [`Herald::dispatch`], returning once its deliveries are
+    /// Routes and accepts a batch like [`Dispatcher::dispatch`], returning once its deliveries are
     /// kept (durably with a disk store). When Herald holds as many deliveries as it may, waits
     /// up to `wait` for room before refusing: the batch is parsed and routed once rather than
     /// again on every retry of its sender. An error means none of it was accepted.
