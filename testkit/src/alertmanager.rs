@@ -57,7 +57,8 @@ impl Server {
             let log = root.join(format!("{name}-{attempt}.log"));
             let mut process =
                 Process::spawn(name, command, &log).unwrap_or_else(|e| panic!("{e:#}"));
-            match wait_ready(&mut process, addr, ready_path).await {
+            let ready_url = format!("http://{addr}{ready_path}");
+            match process.wait_answering(&ready_url, READY_TIMEOUT).await {
                 Ok(()) => {
                     return Server {
                         process,
@@ -86,34 +87,6 @@ impl Server {
 
     fn log(&self) -> String {
         self.process.log()
-    }
-}
-
-/// Polls `path` until it answers 2xx. Err when the process exited (so the caller may retry);
-/// panics when it is still running but not ready after `READY_TIMEOUT`.
-async fn wait_ready(process: &mut Process, addr: SocketAddr, path: &str) -> Result<(), String> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .expect("client");
-    let url = format!("http://{addr}{path}");
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if let Some(status) = process.exit_status() {
-            return Err(status.to_string());
-        }
-        if let Ok(r) = client.get(&url).send().await
-            && r.status().is_success()
-        {
-            return Ok(());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} did not become ready at {url} within {READY_TIMEOUT:?}; log:\n{}",
-            process.name(),
-            process.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::process::{Process, free_port};
 
@@ -109,28 +109,24 @@ impl Running {
         };
         command.args(&args).env("RUST_LOG", "info,herald=debug");
         let process = Process::spawn("herald", command, &log).expect("spawn herald");
-        let running = Running {
+        let mut running = Running {
             process,
             addr,
             admin,
             _dir: dir,
         };
-        running.wait_ready().await;
-        running
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let client = reqwest::Client::new();
-        while Instant::now() < deadline {
-            if let Ok(r) = client.get(self.url("/readyz")).send().await
-                && r.status().is_success()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let readyz = running.url("/readyz");
+        if let Err(exited) = running
+            .process
+            .wait_answering(&readyz, Duration::from_secs(20))
+            .await
+        {
+            panic!(
+                "herald exited ({exited}) before it was ready; log:\n{}",
+                running.log()
+            );
         }
-        panic!("herald did not become ready; log:\n{}", self.log());
+        running
     }
 
     /// A URL on the receiver.

@@ -225,27 +225,23 @@ impl Controller {
         command.args(&args).env("RUST_LOG", "info,herald=debug");
         let process =
             Process::spawn("herald controller", command, &log).expect("spawn herald controller");
-        let controller = Controller {
+        let mut controller = Controller {
             process,
             base: format!("http://127.0.0.1:{port}"),
             _dir: dir,
         };
-        controller.wait_ready().await;
-        controller
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let client = reqwest::Client::new();
-        while Instant::now() < deadline {
-            if let Ok(r) = client.get(format!("{}/readyz", self.base)).send().await
-                && r.status().is_success()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let readyz = format!("{}/readyz", controller.base);
+        if let Err(exited) = controller
+            .process
+            .wait_answering(&readyz, Duration::from_secs(30))
+            .await
+        {
+            panic!(
+                "the controller exited ({exited}) before it was ready; log:\n{}",
+                controller.log()
+            );
         }
-        panic!("controller never became ready; log:\n{}", self.log());
+        controller
     }
 
     /// Everything logged so far.

@@ -168,6 +168,34 @@ impl Process {
         wait_for_log(&self.name, || self.log(), needle, timeout).await
     }
 
+    /// Polls `GET url` until it answers 2xx. `Err` with the exit status when the process exits
+    /// first (a caller may start it again); fails the test, with the end of the log, when it
+    /// still runs but has not answered within `timeout`.
+    pub async fn wait_answering(&mut self, url: &str, timeout: Duration) -> Result<(), String> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .expect("an HTTP client");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exit_status() {
+                return Err(status.to_string());
+            }
+            if let Ok(response) = client.get(url).send().await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not answer {url} within {timeout:?}; last lines of its log:\n{}",
+                self.name,
+                self.tail(LOG_LINES_ON_PANIC)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Polls `GET http://addr{path}` until it answers 200, at most `timeout`; returns the time
     /// from spawning until then. Fails at once when the process exits.
     pub async fn wait_http_ok(
