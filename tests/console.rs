@@ -4,21 +4,13 @@
 //! With `HERALD_UPDATE_SCREENSHOTS=1` the tests also save a screenshot of each page, in English
 //! and Simplified Chinese, under `docs/console/`.
 
-#[path = "support/cluster.rs"]
-mod cluster;
-#[path = "support/control_plane.rs"]
-mod control_plane;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::{Client, Locator};
 use herald::crd::Webhook;
+use herald_testkit::{cli, cluster, process, sink};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use serde_json::{Value, json};
@@ -891,7 +883,7 @@ async fn the_console_of_herald_run_edits_the_config_folder() {
     )
     .expect("manifest");
     let console_port = process::free_port();
-    let herald = process::Running::start(
+    let herald = cli::Running::start(
         config.path(),
         &[
             "--console-listen",

@@ -10,9 +10,9 @@ use serde_json::{Value, json};
 use crate::crd::{
     DeliveryOutcome, DeliveryResult, NotificationCondition, TestResult, Webhook, WebhookStatus,
 };
-use crate::delivery::ReportOutcome;
-use crate::herald::Herald;
-use crate::routing::ObjectKey;
+use crate::dispatch::Dispatcher;
+use crate::object::ObjectKey;
+use crate::outgoing::ReportOutcome;
 use crate::secret::{SecretData, Sensitive};
 use crate::standalone::{DEFAULT_NAMESPACE, Manifests, manifest_files};
 use crate::store::RecordFilter;
@@ -26,7 +26,7 @@ use super::form::{FieldErrors, condition_name, form_field, secret_name};
 pub struct FolderBackend {
     dir: PathBuf,
     token: Sensitive<String>,
-    herald: Herald,
+    dispatcher: Dispatcher,
 }
 
 impl std::fmt::Debug for FolderBackend {
@@ -74,12 +74,12 @@ fn to_yaml(docs: &[Value]) -> Result<String, ConsoleError> {
 }
 
 impl FolderBackend {
-    /// A backend for the folder `dir`, for holders of `token`, with `herald` for tests and records.
-    pub fn new(dir: impl Into<PathBuf>, token: Sensitive<String>, herald: Herald) -> Self {
+    /// A backend for the folder `dir`, for holders of `token`, with `dispatcher` for tests and records.
+    pub fn new(dir: impl Into<PathBuf>, token: Sensitive<String>, dispatcher: Dispatcher) -> Self {
         FolderBackend {
             dir: dir.into(),
             token,
-            herald,
+            dispatcher,
         }
     }
 
@@ -133,7 +133,7 @@ impl FolderBackend {
 
     async fn status_of(&self, key: &ObjectKey) -> WebhookStatus {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
-        let ready = self.herald.table().readiness(key);
+        let ready = self.dispatcher.table().readiness(key);
         let condition = match ready {
             Some(Ok(())) => Condition {
                 type_: "Ready".into(),
@@ -161,7 +161,7 @@ impl FolderBackend {
             },
         };
         let records = self
-            .herald
+            .dispatcher
             .engine()
             .store()
             .records(&RecordFilter {
@@ -321,7 +321,7 @@ impl Backend for FolderBackend {
         if let Some(credentials) = save.credentials {
             docs.push(json!({
                 "apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": auth, "namespace": namespace, "labels": {"herald.dev/use": "true"}},
+                "metadata": {"name": auth, "namespace": namespace, "labels": {"dispatcher.dev/use": "true"}},
                 "stringData": credentials,
             }));
         } else if let Some(secret) = kept_secret {
@@ -396,7 +396,7 @@ impl Backend for FolderBackend {
         name: &str,
     ) -> Result<TestRequested, ConsoleError> {
         let key = ObjectKey::new(namespace, name);
-        match self.herald.send_test(&key).await {
+        match self.dispatcher.send_test(&key).await {
             Ok(report) => Ok(TestRequested::Sent(super::TestView {
                 outcome: format!("{:?}", report.outcome),
                 status: report

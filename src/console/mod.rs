@@ -28,9 +28,11 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::crd::{NotificationCondition, Webhook};
-use crate::delivery::{Delivery, ReplayError, ReportOutcome, Target};
-use crate::herald::Herald;
-use crate::routing::{ObjectKey, Subject};
+use crate::delivery::{ReplayError, Target};
+use crate::dispatch::Dispatcher;
+use crate::object::ObjectKey;
+use crate::outgoing::{Delivery, ReportOutcome};
+use crate::routing::Subject;
 use crate::secret::{SecretData, Sensitive};
 use crate::store::RecordFilter;
 
@@ -69,7 +71,7 @@ pub enum Mode {
 
 struct Console<B: Backend> {
     backend: B,
-    herald: Herald,
+    dispatcher: Dispatcher,
     sessions: Sessions,
     templates: minijinja::Environment<'static>,
     mode: Mode,
@@ -108,23 +110,27 @@ fn templates() -> minijinja::Environment<'static> {
 }
 
 /// The console router for a cluster: reads and writes as each signed-in user.
-pub fn cluster_router(config: kube::Config, herald: Herald) -> Router {
-    router(ClusterBackend::new(config), herald, Mode::Cluster)
+pub fn cluster_router(config: kube::Config, dispatcher: Dispatcher) -> Router {
+    router(ClusterBackend::new(config), dispatcher, Mode::Cluster)
 }
 
 /// The console router for `herald run`: edits `dir`, for holders of `token`.
-pub fn folder_router(dir: std::path::PathBuf, token: Sensitive<String>, herald: Herald) -> Router {
+pub fn folder_router(
+    dir: std::path::PathBuf,
+    token: Sensitive<String>,
+    dispatcher: Dispatcher,
+) -> Router {
     router(
-        FolderBackend::new(dir, token, herald.clone()),
-        herald,
+        FolderBackend::new(dir, token, dispatcher.clone()),
+        dispatcher,
         Mode::Folder,
     )
 }
 
-fn router<B: Backend>(backend: B, herald: Herald, mode: Mode) -> Router {
+fn router<B: Backend>(backend: B, dispatcher: Dispatcher, mode: Mode) -> Router {
     let console = Arc::new(Console {
         backend,
-        herald,
+        dispatcher,
         sessions: Sessions::default(),
         templates: templates(),
         mode,
@@ -634,8 +640,8 @@ async fn list<B: Backend>(
 }
 
 /// Alertnames and Event reasons from recent delivery records that kept their content.
-async fn recently_seen(herald: &Herald) -> Vec<String> {
-    let records = herald
+async fn recently_seen(dispatcher: &Dispatcher) -> Vec<String> {
+    let records = dispatcher
         .engine()
         .store()
         .records(&RecordFilter {
@@ -699,7 +705,7 @@ async fn render_form<B: Backend>(
             "test": page.test,
             "kept_credentials": page.kept_credentials,
             "action": action,
-            "seen": recently_seen(&console.herald).await,
+            "seen": recently_seen(&console.dispatcher).await,
         }),
     )
 }
@@ -852,7 +858,7 @@ async fn test_unsaved<B: Backend>(
         (None, None) => None,
     };
     let key = ObjectKey::new(form.namespace.as_str(), form.name.as_str());
-    let target = Target::build(key.clone(), &spec, console.herald.policy(), |name| {
+    let target = Target::build(key.clone(), &spec, console.dispatcher.policy(), |name| {
         secret
             .as_ref()
             .filter(|_| secret_ref.as_deref() == Some(name))
@@ -1066,7 +1072,7 @@ async fn detail<B: Backend>(
     let can = console.backend.permissions(&who, &namespace).await;
     let key = ObjectKey::new(namespace.as_str(), name.as_str());
     let records = console
-        .herald
+        .dispatcher
         .engine()
         .store()
         .records(&RecordFilter {
@@ -1256,7 +1262,7 @@ async fn replay<B: Backend>(
         Ok(who) => who,
         Err(refused) => return *refused,
     };
-    let record = match console.herald.engine().store().record(&id).await {
+    let record = match console.dispatcher.engine().store().record(&id).await {
         Ok(Some(record)) => record,
         Ok(None) => return console.error(&headers, Some(&who), &ConsoleError::NotFound(id)),
         Err(e) => return console.error(&headers, Some(&who), &ConsoleError::Failed(e.to_string())),
@@ -1271,7 +1277,7 @@ async fn replay<B: Backend>(
             &ConsoleError::Forbidden(format!("update webhooks in namespace {namespace}")),
         );
     }
-    match console.herald.engine().replay(&id).await {
+    match console.dispatcher.engine().replay(&id).await {
         Ok(()) => Redirect::to(&format!(
             "/webhooks/{}/{}?done=replayed",
             path_segment(&namespace),
@@ -1315,7 +1321,7 @@ async fn conditions<B: Backend>(
             let ns = c.metadata.namespace.clone().unwrap_or_default();
             let name = c.metadata.name.clone().unwrap_or_default();
             let key = ObjectKey::new(ns.as_str(), name.as_str());
-            let table = console.herald.table();
+            let table = console.dispatcher.table();
             let used_by: Vec<String> = webhooks
                 .iter()
                 .filter(|w| w.metadata.namespace.as_deref() == Some(ns.as_str()))
@@ -1353,8 +1359,8 @@ async fn conditions<B: Backend>(
 }
 
 /// Recent alerts (from records that kept their content), as JSON arrays to paste.
-async fn recent_alerts(herald: &Herald) -> Vec<serde_json::Value> {
-    let records = herald
+async fn recent_alerts(dispatcher: &Dispatcher) -> Vec<serde_json::Value> {
+    let records = dispatcher
         .engine()
         .store()
         .records(&RecordFilter {
@@ -1388,7 +1394,7 @@ async fn routing<B: Backend>(State(console): State<Shared<B>>, headers: HeaderMa
         Ok(who) => who,
         Err(to_sign_in) => return *to_sign_in,
     };
-    let recent = recent_alerts(&console.herald).await;
+    let recent = recent_alerts(&console.dispatcher).await;
     console.page(
         StatusCode::OK,
         "routing.html",
@@ -1410,7 +1416,7 @@ async fn routing_preview<B: Backend>(
         Err(refused) => return *refused,
     };
     let payload = form::field(&pairs, "payload").to_string();
-    let recent = recent_alerts(&console.herald).await;
+    let recent = recent_alerts(&console.dispatcher).await;
     // Only the webhooks this user may list are shown.
     let mut listed = console.backend.webhooks(&who, None).await;
     if matches!(listed, Err(ConsoleError::Forbidden(_)))
@@ -1431,7 +1437,7 @@ async fn routing_preview<B: Backend>(
             .collect(),
         Err(e) => return console.error(&headers, Some(&who), &e),
     };
-    let (alerts, problem) = match preview(&console.herald, payload.as_bytes(), &visible) {
+    let (alerts, problem) = match preview(&console.dispatcher, payload.as_bytes(), &visible) {
         Ok(alerts) => (alerts, None),
         Err(e) => (Vec::new(), Some(e)),
     };
@@ -1447,7 +1453,7 @@ async fn routing_preview<B: Backend>(
 
 /// What `herald route` prints for a payload: per alert, who gets it and why not the others.
 fn preview(
-    herald: &Herald,
+    dispatcher: &Dispatcher,
     payload: &[u8],
     visible: &BTreeSet<String>,
 ) -> Result<Vec<serde_json::Value>, String> {
@@ -1456,7 +1462,7 @@ fn preview(
     let refused = batch
         .admit(&crate::alert::PayloadLimits::default(), "")
         .map_err(|e| e.to_string())?;
-    let table = herald.table();
+    let table = dispatcher.table();
     let mut out: Vec<serde_json::Value> = refused
         .iter()
         .map(|r| json!({"refused": r.to_string()}))
