@@ -17,7 +17,7 @@ use super::backend::{Backend, ConsoleError, EventRow, Permissions, Save, TestReq
 use super::form::{FieldErrors, condition_name, form_field, secret_name};
 
 /// The label Herald requires on Secrets it may use.
-const CONSENT_LABEL: &str = "herald.dev/use";
+pub const CONSENT_LABEL: &str = "herald.dev/use";
 
 /// Reaches the API server as whoever is signed in.
 #[derive(Clone)]

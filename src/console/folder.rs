@@ -321,7 +321,7 @@ impl Backend for FolderBackend {
         if let Some(credentials) = save.credentials {
             docs.push(json!({
                 "apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": auth, "namespace": namespace, "labels": {"dispatcher.dev/use": "true"}},
+                "metadata": {"name": auth, "namespace": namespace, "labels": {super::cluster::CONSENT_LABEL: "true"}},
                 "stringData": credentials,
             }));
         } else if let Some(secret) = kept_secret {
