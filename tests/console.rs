@@ -720,7 +720,7 @@ async fn a_read_only_user_and_hostile_input_change_nothing() {
     let ns = "console-read-only";
     let client = cluster::client().await;
     cluster::namespace(&client, ns).await;
-    let (_admin, reader) = users(ns);
+    let (admin, reader) = users(ns);
     let sink = Sink::http().await;
     sink.respond_with(vec![sink::Reply::status(500)]);
     cluster::apply(&format!(
@@ -845,6 +845,23 @@ spec: {{type: Alarms, url: "{}", enabled: true}}
     );
     assert!(api.get("audited").await.expect("get").spec.enabled);
     server.abort();
+
+    // Replay of a dead letter: disabled for the reader, done for a user who may update it.
+    browser.goto(&format!("/webhooks/{ns}/audited")).await;
+    assert!(all_disabled(&browser, "#dead-letters .replay").await);
+    browser.click("#sign-out").await;
+    browser.find("#token").await;
+    browser.sign_in(&admin).await;
+    sink.respond_with(Vec::new());
+    let before = sink.count();
+    browser.goto(&format!("/webhooks/{ns}/audited")).await;
+    browser.click("#dead-letters .replay").await;
+    assert!(browser.text("#notice").await.contains("Replay"));
+    let replayed = sink.wait_for(before + 1, WAIT).await;
+    assert!(
+        replayed[before].text().contains("window.pwned"),
+        "the replay carries the dead letter's alert"
+    );
     drop(controller);
 }
 
