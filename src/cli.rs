@@ -743,6 +743,9 @@ fn read_token(path: &Option<PathBuf>, what: &str) -> anyhow::Result<Option<Sensi
 }
 
 async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if args.console.console_listen.is_some() && args.console.console_token_file.is_none() {
+        bail!("--console-listen needs --console-token-file in `herald run`");
+    }
     let herald = args.core.herald(&args.cluster_namespaces, true).await?;
     let mut loader = Loader::new(&args.config);
     let report = loader
@@ -764,18 +767,12 @@ async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
     let cancel = CancellationToken::new();
     let admin = args.core.serve_admin(&herald, cancel.clone()).await?;
     let metrics = args.receiver.serve_metrics(&herald, cancel.clone()).await?;
-    let console = match (
-        &args.console.console_listen,
-        &args.console.console_token_file,
-    ) {
-        (None, _) => None,
-        (Some(_), None) => bail!("--console-listen needs --console-token-file in `herald run`"),
-        (Some(_), Some(_)) => {
-            let token = read_token(&args.console.console_token_file, "console")?
-                .context("the console token file is empty")?;
+    let console = match read_token(&args.console.console_token_file, "console")? {
+        Some(token) if args.console.console_listen.is_some() => {
             let router = crate::console::folder_router(args.config.clone(), token, herald.clone());
             args.console.serve(&herald, router, cancel.clone()).await?
         }
+        _ => None,
     };
     let watcher = tokio::spawn(standalone::watch(
         loader,
