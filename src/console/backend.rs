@@ -48,8 +48,10 @@ impl ConsoleError {
 pub struct Permissions {
     /// Create webhooks.
     pub create: bool,
-    /// Modify, enable, disable and test webhooks; replay their deliveries.
+    /// Modify webhooks (a whole update); replay their deliveries.
     pub update: bool,
+    /// Enable, disable and test webhooks (a patch).
+    pub patch: bool,
     /// Delete webhooks.
     pub delete: bool,
 }
@@ -60,6 +62,7 @@ impl Permissions {
         Permissions {
             create: true,
             update: true,
+            patch: true,
             delete: true,
         }
     }

@@ -160,14 +160,16 @@ impl Backend for ClusterBackend {
             return Permissions::default();
         };
         let group = crate::crd::GROUP;
-        let (create, update, delete) = tokio::join!(
+        let (create, update, patch, delete) = tokio::join!(
             self.allowed(&client, namespace, "create", "webhooks", group),
             self.allowed(&client, namespace, "update", "webhooks", group),
+            self.allowed(&client, namespace, "patch", "webhooks", group),
             self.allowed(&client, namespace, "delete", "webhooks", group),
         );
         Permissions {
             create: create.unwrap_or(false),
             update: update.unwrap_or(false),
+            patch: patch.unwrap_or(false),
             delete: delete.unwrap_or(false),
         }
     }
