@@ -303,7 +303,12 @@ impl DiskStore {
     #[cfg(test)]
     pub(super) fn indexed(&self) -> usize {
         let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        index.by_webhook.values().flat_map(ByClass::iter).flatten().count()
+        index
+            .by_webhook
+            .values()
+            .flat_map(ByClass::iter)
+            .flatten()
+            .count()
     }
 }
 
