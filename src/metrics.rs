@@ -96,6 +96,8 @@ pub struct Metrics {
     pub circuit_open: Family<WebhookLabels, Gauge>,
     /// Requests the receiver refused.
     pub receiver_rejected: Family<ReasonLabels, Counter>,
+    /// The controller's reconciles and watches.
+    pub controller: ControllerMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -181,8 +183,10 @@ impl Metrics {
             "Requests refused by the receiver, by reason",
             receiver_rejected.clone(),
         );
+        let controller = ControllerMetrics::register(&mut registry);
         Metrics {
             registry,
+            controller,
             alerts_received,
             deliveries,
             delivery_duration,
@@ -264,6 +268,106 @@ impl Metrics {
     /// OpenMetrics: counter families carry their `_total` name, and there is no `# EOF`.
     pub fn encode_prometheus_text(&self) -> String {
         openmetrics_to_text(&self.encode())
+    }
+}
+
+/// Labels naming a watched kind (`Webhook`, `NotificationCondition`, `Secret`, `Event`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// The kind.
+    pub kind: String,
+}
+
+/// Labels of a failed reconcile.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindErrorLabels {
+    /// The kind reconciled.
+    pub kind: String,
+    /// What failed (a short snake_case label of the error).
+    pub error: String,
+}
+
+/// The controller's own health: how often it reconciles and how long that takes, what fails,
+/// and how often its watches fail or list again.
+#[derive(Clone, Debug)]
+pub struct ControllerMetrics {
+    /// Reconciles by kind.
+    pub reconciles: Family<KindLabels, Counter>,
+    /// Failed reconciles by kind and error.
+    pub reconcile_errors: Family<KindErrorLabels, Counter>,
+    /// Time from a change to its reconcile's end (Secret reads included), by kind.
+    pub reconcile_duration: Family<KindLabels, Histogram>,
+    /// Watch errors by kind (each watch retries with backoff).
+    pub watch_errors: Family<KindLabels, Counter>,
+    /// Lists after the first, by kind: a watch that lost its place starts again from a list.
+    pub watch_restarts: Family<KindLabels, Counter>,
+}
+
+impl ControllerMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = ControllerMetrics {
+            reconciles: Family::default(),
+            reconcile_errors: Family::default(),
+            reconcile_duration: Family::new_with_constructor(|| {
+                Histogram::new([0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0])
+            }),
+            watch_errors: Family::default(),
+            watch_restarts: Family::default(),
+        };
+        let m = &metrics;
+        registry.register("reconciles", "Reconciles by kind", m.reconciles.clone());
+        let help = "Failed reconciles by kind and error";
+        registry.register("reconcile_errors", help, m.reconcile_errors.clone());
+        let help = "Time from a change to the end of its reconcile, by kind";
+        registry.register(
+            "reconcile_duration_seconds",
+            help,
+            m.reconcile_duration.clone(),
+        );
+        let help = "Watch errors by kind (the watch retries)";
+        registry.register("watch_errors", help, m.watch_errors.clone());
+        let help = "Lists after the first, by kind";
+        registry.register("watch_restarts", help, m.watch_restarts.clone());
+        metrics
+    }
+
+    fn kind(kind: &str) -> KindLabels {
+        KindLabels {
+            kind: kind.to_string(),
+        }
+    }
+
+    /// Counts one reconcile of `kind` that took `seconds`, and its error if it failed.
+    pub fn reconciled(&self, kind: &str, seconds: f64, error: Option<&str>) {
+        let labels = Self::kind(kind);
+        self.reconciles.get_or_create(&labels).inc();
+        self.reconcile_duration
+            .get_or_create(&labels)
+            .observe(seconds);
+        if let Some(error) = error {
+            self.error(kind, error);
+        }
+    }
+
+    /// Counts a failure of the controller's work on `kind` outside a reconcile's count (a status
+    /// write, queueing a Kubernetes Event).
+    pub fn error(&self, kind: &str, error: &str) {
+        self.reconcile_errors
+            .get_or_create(&KindErrorLabels {
+                kind: kind.to_string(),
+                error: error.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a watch error.
+    pub fn watch_error(&self, kind: &str) {
+        self.watch_errors.get_or_create(&Self::kind(kind)).inc();
+    }
+
+    /// Counts a list after the first.
+    pub fn watch_restart(&self, kind: &str) {
+        self.watch_restarts.get_or_create(&Self::kind(kind)).inc();
     }
 }
 
