@@ -55,54 +55,29 @@ pub struct Alert {
     /// Alertmanager's fingerprint; computed from the labels when absent.
     #[serde(default)]
     pub fingerprint: String,
-    /// The alert as JSON, written once and shared by every delivery that carries it.
-    #[serde(skip)]
-    pub written: WrittenJson,
-    /// What other parts derive from the alert once and share among its deliveries.
+    /// What is derived from the alert once and shared by every delivery that carries it.
     #[serde(skip)]
     pub derived: Derived,
 }
 
-/// An alert written as JSON once, on first use, and shared by every delivery that carries it
-/// (an alert matching ten webhooks is written once, not ten times): whole, and its labels and
-/// annotations alone (the common ones of a one-alert delivery). Never serialized or compared;
-/// a clone starts empty.
+/// What is derived from an alert once, on first use, and shared by every delivery that carries
+/// it (an alert matching ten webhooks is written once, not ten times): the alert as JSON, whole
+/// and its labels and annotations alone (the common ones of a one-alert delivery); and one value
+/// another part keeps with it (the renderer's texts), of which the alert knows nothing. Never
+/// serialized or compared; a clone starts empty.
 #[derive(Default)]
-pub struct WrittenJson {
-    whole: JsonCell,
-    labels: JsonCell,
-    annotations: JsonCell,
+pub struct Derived {
+    json: JsonCell,
+    labels_json: JsonCell,
+    annotations_json: JsonCell,
+    kept: std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>,
 }
-
-impl Clone for WrittenJson {
-    fn clone(&self) -> Self {
-        WrittenJson::default()
-    }
-}
-
-impl PartialEq for WrittenJson {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl std::fmt::Debug for WrittenJson {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("WrittenJson")
-    }
-}
-
-/// A value another part derives from an alert once and shares among every delivery that
-/// carries it (the renderer keeps its texts here), made on first use. The alert only holds it:
-/// it knows nothing of what it is. Never serialized or compared; a clone starts empty.
-#[derive(Default)]
-pub struct Derived(std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>);
 
 impl Derived {
-    /// The derived value of type `T`, made empty by the first call; `None` when a value of
-    /// another type was made first (one part keeps its values here).
+    /// The kept value of type `T`, made empty by the first call; `None` when a value of
+    /// another type was made first (one part keeps its value here).
     pub fn get_or_default<T: std::any::Any + Send + Sync + Default>(&self) -> Option<&T> {
-        self.0.get_or_init(|| Box::<T>::default()).downcast_ref()
+        self.kept.get_or_init(|| Box::<T>::default()).downcast_ref()
     }
 }
 
@@ -154,17 +129,17 @@ impl Alert {
     /// shared by its deliveries). `None` only if it cannot be written (strings and string maps
     /// always can).
     pub fn json(&self) -> Option<&serde_json::value::RawValue> {
-        written_once(&self.written.whole, &AlertFromParts(self))
+        written_once(&self.derived.json, &AlertFromParts(self))
     }
 
     /// The alert's labels as JSON, written once (see [`Alert::json`]).
     pub fn labels_json(&self) -> Option<&serde_json::value::RawValue> {
-        written_once(&self.written.labels, &self.labels)
+        written_once(&self.derived.labels_json, &self.labels)
     }
 
     /// The alert's annotations as JSON, written once (see [`Alert::json`]).
     pub fn annotations_json(&self) -> Option<&serde_json::value::RawValue> {
-        written_once(&self.written.annotations, &self.annotations)
+        written_once(&self.derived.annotations_json, &self.annotations)
     }
 
     /// Fills in the fingerprint from the labels when the sender gave none.
@@ -388,7 +363,6 @@ impl PostableAlert {
             ends_at,
             generator_url: self.generator_url.unwrap_or_default(),
             fingerprint: String::new(),
-            written: WrittenJson::default(),
             derived: Derived::default(),
         };
         alert.ensure_fingerprint();
