@@ -156,9 +156,11 @@ impl Transport {
             return Ok(client);
         }
         let client = std::sync::Arc::new(HttpClient::new(&ClientSettings {
-            insecure_skip_verify: self.insecure_skip_verify,
-            roots: &self.roots,
-            identity: self.identity.as_ref().map(|i| i.expose().as_slice()),
+            tls: crate::tls::TlsSettings {
+                insecure_skip_verify: self.insecure_skip_verify,
+                roots: &self.roots,
+                identity: self.identity.as_ref().map(|i| i.expose().as_slice()),
+            },
             proxy: self.proxy.as_deref(),
             guard: Some(&self.guard),
         })?);
