@@ -630,6 +630,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn derived_values_are_kept_once_and_never_cloned() {
+        let alert = Alert::test(&ObjectKey::new("ns", "wh"), "2026-11-25T10:00:00Z");
+        let first: &std::sync::OnceLock<String> = alert.derived.get_or_default().expect("kept");
+        first.get_or_init(|| "made once".to_string());
+        let again: &std::sync::OnceLock<String> = alert.derived.get_or_default().expect("kept");
+        assert_eq!(again.get().map(String::as_str), Some("made once"));
+        // One kind of value per alert: another type finds the place taken.
+        assert!(alert.derived.get_or_default::<Vec<u8>>().is_none());
+        // A clone starts empty and still compares equal.
+        let copy = alert.clone();
+        let fresh: &std::sync::OnceLock<String> = copy.derived.get_or_default().expect("kept");
+        assert!(fresh.get().is_none());
+        assert_eq!(copy, alert);
+    }
+
+    #[test]
     fn alertmanager_payload_parses_and_gets_fingerprints() {
         let body = br#"{"version":"4","status":"firing","receiver":"herald",
             "groupLabels":{"alertname":"X"},"commonLabels":{},"commonAnnotations":{},
