@@ -371,7 +371,7 @@ pub struct ReceiverArgs {
     #[arg(long, env = "HERALD_RECEIVER_TOKEN_FILE")]
     pub receiver_token_file: Option<PathBuf>,
     /// Largest accepted request body, in bytes.
-    #[arg(long, default_value_t = receiver::DEFAULT_BODY_LIMIT)]
+    #[arg(long, default_value_t = alert::DEFAULT_BODY_LIMIT)]
     pub body_limit: usize,
     /// How long a request waits for room when --max-pending deliveries are pending, before
     /// the receiver answers 503 (0s: at once).

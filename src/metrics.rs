@@ -1,10 +1,11 @@
 //! Prometheus metrics. Labels carry only namespaces, names, endpoints, outcomes and reasons:
 //! never a URL, a header value or a credential.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -91,8 +92,6 @@ pub struct Metrics {
     pub delivery_duration: Family<NamespaceLabels, Histogram>,
     /// Deliveries waiting in a webhook's queue.
     pub queue_depth: Family<WebhookLabels, Gauge>,
-    /// Webhooks by readiness.
-    pub webhooks: Family<ReadyLabels, Gauge>,
     /// 1 while a webhook's circuit breaker holds deliveries back; absent while it is closed.
     pub circuit_open: Family<WebhookLabels, Gauge>,
     /// Requests the receiver refused.
@@ -107,15 +106,41 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
+/// Where the `herald_webhooks` gauge is read from at each scrape, so that it is never stale.
+pub trait WebhookReadiness: std::fmt::Debug + Send + Sync + 'static {
+    /// How many webhooks are ready, and how many are not.
+    fn count(&self) -> (usize, usize);
+}
+
+/// Writes `herald_webhooks{ready}` from its source at scrape time.
+#[derive(Debug)]
+struct WebhooksCollector<R>(R);
+
+impl<R: WebhookReadiness> Collector for WebhooksCollector<R> {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (ready, not_ready) = self.0.count();
+        let gauge = ConstGauge::new(0i64);
+        let mut family = encoder.encode_descriptor(
+            "webhooks",
+            "Webhooks by readiness",
+            None,
+            gauge.metric_type(),
+        )?;
+        for (label, n) in [("true", ready), ("false", not_ready)] {
+            let labels = ReadyLabels {
+                ready: label.to_string(),
+            };
+            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 
 impl Metrics {
-    /// Creates and registers every metric.
-    pub fn new() -> Self {
+    /// Creates and registers every metric; `herald_webhooks` is read from `readiness` at each
+    /// scrape.
+    pub fn new(readiness: impl WebhookReadiness) -> Self {
         let mut registry = Registry::with_prefix("herald");
         let alerts_received = Family::<EndpointLabels, Counter>::default();
         registry.register(
@@ -145,8 +170,7 @@ impl Metrics {
             "Deliveries waiting in each webhook's queue",
             queue_depth.clone(),
         );
-        let webhooks = Family::<ReadyLabels, Gauge>::default();
-        registry.register("webhooks", "Webhooks by readiness", webhooks.clone());
+        registry.register_collector(Box::new(WebhooksCollector(readiness)));
         let circuit_open = Family::<WebhookLabels, Gauge>::default();
         registry.register(
             "circuit_open",
@@ -167,7 +191,6 @@ impl Metrics {
             deliveries,
             delivery_duration,
             queue_depth,
-            webhooks,
             circuit_open,
             receiver_rejected,
         }
@@ -212,17 +235,6 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
-    }
-
-    /// Sets the number of ready and not ready webhooks.
-    pub fn set_webhooks(&self, ready: usize, not_ready: usize) {
-        for (label, n) in [("true", ready), ("false", not_ready)] {
-            self.webhooks
-                .get_or_create(&ReadyLabels {
-                    ready: label.to_string(),
-                })
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
-        }
     }
 
     /// Forgets the gauges of a webhook that no longer delivers (its counters stay).
@@ -391,9 +403,33 @@ pub fn openmetrics_to_text(openmetrics: &str) -> String {
 mod tests {
     use super::*;
 
+    #[derive(Debug)]
+    struct Fixed(usize, usize);
+
+    impl WebhookReadiness for Fixed {
+        fn count(&self) -> (usize, usize) {
+            (self.0, self.1)
+        }
+    }
+
+    #[test]
+    fn webhooks_are_counted_at_scrape_time() {
+        let metrics = Metrics::new(Fixed(3, 1));
+        let text = metrics.encode();
+        assert!(text.contains("# TYPE herald_webhooks gauge"), "{text}");
+        assert!(
+            text.contains(r#"herald_webhooks{ready="true"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"herald_webhooks{ready="false"} 1"#),
+            "{text}"
+        );
+    }
+
     #[test]
     fn text_format_names_counters_with_total_and_has_no_eof() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(Fixed(0, 0));
         metrics.rejected("too_large");
         let text = metrics.encode_prometheus_text();
         assert!(

@@ -3,13 +3,6 @@
 //! each platform's documented message schema, signing, size limits, mentions, keywords and
 //! Slack's escaping.
 
-#[path = "support/core.rs"]
-mod core;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -17,6 +10,7 @@ use herald::crd::WebhookType;
 use herald::delivery::{EngineConfig, RetryPolicy};
 use herald::dispatch::Dispatcher;
 use herald::outgoing::ReportOutcome;
+use herald_testkit::{cli, core, sink};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sink::{Reply, Sink};
@@ -186,7 +180,7 @@ async fn a_robot_refusing_the_test_message_makes_herald_test_fail() {
     .expect("write");
     let config = dir.path().to_str().expect("path").to_string();
     let out = tokio::task::spawn_blocking(move || {
-        process::herald(&["test", "ding", "-n", "monitoring", "--config", &config])
+        cli::herald(&["test", "ding", "-n", "monitoring", "--config", &config])
     })
     .await
     .expect("join");

@@ -1,19 +1,11 @@
 //! `herald controller` against a real kube-apiserver and etcd on loopback. Each test works in
 //! namespaces of its own and runs its own controller process watching only those.
 
-#[path = "support/cluster.rs"]
-mod cluster;
-#[path = "support/control_plane.rs"]
-mod control_plane;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::time::Duration;
 
 use cluster::{Controller, apply, kubectl, kubectl_stdin, ready_is, wait_webhook};
 use herald::crd::{DeliveryOutcome, Webhook};
+use herald_testkit::{cli, cluster, sink};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -226,6 +218,25 @@ async fn webhooks_follow_create_modify_disable_enable_delete() {
     let last = status.last_delivery.expect("lastDelivery");
     assert_eq!(last.outcome, DeliveryOutcome::Succeeded);
     assert_eq!(last.http_status, Some(200));
+    // Exactly B and D reached the second URL: nothing while disabled, nothing twice.
+    let alertnames: Vec<String> = second
+        .received()
+        .iter()
+        .flat_map(|r| {
+            r.json()["alerts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| {
+                    a["labels"]["alertname"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(alertnames, ["B", "D"], "deliveries to the second URL");
 
     // Delete.
     let out = kubectl(&["delete", "webhook", "hook", "-n", ns]);
@@ -411,7 +422,7 @@ async fn wait_event(client: &kube::Client, ns: &str, what: &str, wanted: impl Fn
 async fn herald_test_in_cluster(ns: &'static str, name: &'static str) -> std::process::Output {
     let kubeconfig = cluster::plane().kubeconfig.to_string_lossy().into_owned();
     tokio::task::spawn_blocking(move || {
-        std::process::Command::new(process::binary())
+        std::process::Command::new(cli::binary())
             .args([
                 "test",
                 name,
@@ -639,9 +650,11 @@ async fn a_restarted_controller_rebuilds_the_same_table_and_keeps_status() {
     let ns = "restart";
     cluster::namespace(&client, ns).await;
     let sink = Sink::http().await;
-    apply(&format!(
-        "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: crit, namespace: {ns}}}\nspec: {{matchExpressions: [{{key: severity, operator: In, values: [critical]}}]}}\n"
-    ));
+    for (name, severity) in [("crit", "critical"), ("warn", "warning")] {
+        apply(&format!(
+            "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{matchExpressions: [{{key: severity, operator: In, values: [{severity}]}}]}}\n"
+        ));
+    }
     for i in 0..5 {
         apply(&webhook(
             ns,
@@ -649,6 +662,15 @@ async fn a_restarted_controller_rebuilds_the_same_table_and_keeps_status() {
             &format!("{{url: '{}', conditions: [crit]}}", sink.url()),
         ));
     }
+    // Gets only warnings, so its status shows what the first controller delivered.
+    let quiet = |headers: &str| {
+        webhook(
+            ns,
+            "quiet",
+            &format!("{{url: '{}', conditions: [warn]{headers}}}", sink.url()),
+        )
+    };
+    apply(&quiet(""));
     apply(&webhook(
         ns,
         "broken",
@@ -658,7 +680,10 @@ async fn a_restarted_controller_rebuilds_the_same_table_and_keeps_status() {
 
     let first = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
     first.post_until_delivered(alert.clone(), 5).await;
-    wait_webhook(&client, ns, "hook-0", "showing a delivery", |w| {
+    first
+        .post_until_delivered(json!({"alertname": "W", "severity": "warning"}), 1)
+        .await;
+    wait_webhook(&client, ns, "quiet", "showing a delivery", |w| {
         w.status
             .as_ref()
             .and_then(|s| s.last_delivery.as_ref())
@@ -666,24 +691,37 @@ async fn a_restarted_controller_rebuilds_the_same_table_and_keeps_status() {
     })
     .await;
     first.stop();
+    let api: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    let delivered_by_first = api
+        .get("quiet")
+        .await
+        .expect("get")
+        .status
+        .and_then(|s| s.last_delivery)
+        .expect("lastDelivery written by the first controller");
 
     let second = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
     // Ready right after start: the table is complete, no waiting for watch events.
     let reply = second.post(&[alert]).await;
     assert_eq!(reply["deliveries"], 5, "{reply}");
+    // The second controller writes quiet's status for a new generation (a header, nothing
+    // that changes routing) before it has delivered anything there: the first controller's
+    // lastDelivery must be kept as it was.
+    apply(&quiet(", headers: {X-Restarted: 'yes'}"));
+    let rewritten = wait_webhook(&client, ns, "quiet", "Ready at generation 2", |w| {
+        ready_is(w, "True", "Ready") && w.metadata.generation == Some(2)
+    })
+    .await;
+    assert_eq!(
+        rewritten.status.and_then(|s| s.last_delivery),
+        Some(delivered_by_first),
+        "the restart changed or erased lastDelivery"
+    );
     let broken = wait_webhook(&client, ns, "broken", "ConditionNotFound", |w| {
         ready_is(w, "False", "ConditionNotFound")
     })
     .await;
     assert!(broken.status.is_some());
-    // The restart kept lastDelivery written by the first controller.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let api: Api<Webhook> = Api::namespaced(client.clone(), ns);
-    let kept = api.get("hook-0").await.expect("get");
-    assert!(
-        kept.status.and_then(|s| s.last_delivery).is_some(),
-        "restart erased lastDelivery"
-    );
 }
 
 #[tokio::test]

@@ -2,11 +2,6 @@
 //! an alert storm to a DingTalk-like robot that enforces its 20 messages a minute ends in few
 //! merged messages, none lost and none refused for pace.
 
-#[path = "support/core.rs"]
-mod core;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +10,7 @@ use axum::extract::State;
 use herald::crd::WebhookType;
 use herald::dispatch::Dispatcher;
 use herald::outgoing::ReportOutcome;
+use herald_testkit::{core, sink};
 use serde_json::{Value, json};
 use sink::Sink;
 

@@ -3,21 +3,13 @@
 //! reads them, and `format: alertmanager` passes on every field of Alertmanager's webhook
 //! message (`notify/webhook.Message`, `template.Data`).
 
-#[path = "support/alertmanager.rs"]
-mod alertmanager;
-#[path = "support/core.rs"]
-mod core;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use herald::alert::PayloadLimits;
 use herald::dispatch::Dispatcher;
 use herald::receiver::{ReceiverConfig, ServerLimits};
+use herald_testkit::{alertmanager, core, sink};
 use serde_json::{Value, json};
 use sink::Sink;
 

@@ -3,25 +3,19 @@
 //! metrics or delivery records. Figures (latencies, peak RSS, counts) are printed with
 //! `eprintln!`; run with `--nocapture` to see them.
 
-#[path = "support/core.rs"]
-mod core;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cli::Running;
 use futures::StreamExt as _;
 use herald::delivery::{EngineConfig, RetryPolicy};
 use herald::dispatch::Dispatcher;
 use herald::outgoing::ReportOutcome;
 use herald::receiver::{ReceiverConfig, ServerLimits};
-use process::Running;
+use herald_testkit::{cli, core, process, sink};
 use serde_json::{Value, json};
 use sink::{Reply, Sink};
 
@@ -777,7 +771,7 @@ async fn everything_herald_shows(running: &Running) -> Vec<(String, String)> {
             .expect("text");
         shown.push((format!("/api/v1/deliveries/{id}"), text));
     }
-    let cli = process::herald(&["deliveries", "--server", &admin]);
+    let cli = cli::herald(&["deliveries", "--server", &admin]);
     shown.push((
         "herald deliveries".to_string(),
         format!(

@@ -32,7 +32,7 @@ pub enum Probe {
 }
 
 fn rss_kib() -> u64 {
-    crate::procs::memory_kib(std::process::id())
+    herald_testkit::process::memory_kib(std::process::id())
         .map(|(rss, _)| rss)
         .unwrap_or(0)
 }

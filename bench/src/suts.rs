@@ -9,11 +9,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::fixture::PER_TEAM;
-use crate::procs::{Proc, free_port};
+use herald_testkit::process::{Process, free_port};
+
+use crate::procs::STOP_GRACE;
 
 /// A started system: its process and the address alerts go to.
 pub struct Sut {
-    pub proc: Proc,
+    pub proc: Process,
     pub addr: String,
     /// Time from spawn until it answered its readiness probe.
     pub ready_after: Duration,
@@ -90,7 +92,7 @@ pub async fn start_herald(
             ),
         )?;
     }
-    let port = free_port()?;
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut cmd = Command::new(herald);
     cmd.arg("run")
@@ -113,7 +115,8 @@ pub async fn start_herald(
             "RUST_LOG",
             std::env::var("HERALD_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
         );
-    let mut proc = Proc::spawn("herald", cmd, &dir.join("herald.log"))?;
+    let mut proc =
+        Process::spawn("herald", cmd, &dir.join("herald.log"))?.with_stop_grace(STOP_GRACE);
     let ready_after = proc
         .wait_http_ok(&addr, "/readyz", Duration::from_secs(60))
         .await?;
@@ -128,13 +131,14 @@ pub async fn start_herald(
 
 /// The forwarder, as `herald-bench forwarder`.
 pub async fn start_forwarder(dir: &Path, shape: Shape, sink: &str) -> Result<Sut> {
-    let port = free_port()?;
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut cmd = Command::new(std::env::current_exe().context("locating herald-bench")?);
     cmd.args(["forwarder", "--listen", &addr, "--sink", sink])
         .args(["--webhooks", &shape.webhooks.to_string()])
         .args(["--per-team", &shape.per_team.to_string()]);
-    let mut proc = Proc::spawn("forwarder", cmd, &dir.join("forwarder.log"))?;
+    let mut proc =
+        Process::spawn("forwarder", cmd, &dir.join("forwarder.log"))?.with_stop_grace(STOP_GRACE);
     let ready_after = proc
         .wait_http_ok(&addr, "/healthz", Duration::from_secs(30))
         .await?;
@@ -184,7 +188,7 @@ pub async fn start_alertmanager(dir: &Path, webhooks: usize, sink: &str) -> Resu
         )?;
     let config = dir.join("alertmanager.yml");
     std::fs::write(&config, alertmanager_config(webhooks, sink))?;
-    let port = free_port()?;
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut cmd = Command::new(binary);
     cmd.arg(format!("--config.file={}", config.display()))
@@ -192,7 +196,8 @@ pub async fn start_alertmanager(dir: &Path, webhooks: usize, sink: &str) -> Resu
         .arg(format!("--web.listen-address={addr}"))
         .arg("--cluster.listen-address=")
         .arg("--log.level=warn");
-    let mut proc = Proc::spawn("alertmanager", cmd, &dir.join("alertmanager.log"))?;
+    let mut proc = Process::spawn("alertmanager", cmd, &dir.join("alertmanager.log"))?
+        .with_stop_grace(STOP_GRACE);
     let ready_after = proc
         .wait_http_ok(&addr, "/-/ready", Duration::from_secs(30))
         .await?;

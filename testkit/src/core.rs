@@ -1,6 +1,5 @@
 //! An in-process Herald core for integration tests: fast retries, and every delivery report
 //! collected so tests can wait for outcomes.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
