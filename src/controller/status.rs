@@ -817,3 +817,19 @@ impl DeliveryObserver for StatusWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_conditions_message_names_its_first_users() {
+        assert_eq!(users_message(&[]), "used by no Webhook");
+        let users: Vec<Arc<str>> = (0..12).map(|i| Arc::from(format!("w{i:02}"))).collect();
+        assert_eq!(users_message(&users[..2]), "used by 2 Webhook(s): w00, w01");
+        assert_eq!(
+            users_message(&users),
+            "used by 12 Webhook(s): w00, w01, w02, w03, w04, w05, w06, w07, w08, w09 and 2 more"
+        );
+    }
+}
