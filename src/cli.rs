@@ -371,7 +371,7 @@ pub struct ReceiverArgs {
     #[arg(long, env = "HERALD_RECEIVER_TOKEN_FILE")]
     pub receiver_token_file: Option<PathBuf>,
     /// Largest accepted request body, in bytes.
-    #[arg(long, default_value_t = receiver::DEFAULT_BODY_LIMIT)]
+    #[arg(long, default_value_t = alert::DEFAULT_BODY_LIMIT)]
     pub body_limit: usize,
     /// How long a request waits for room when --max-pending deliveries are pending, before
     /// the receiver answers 503 (0s: at once).
@@ -940,9 +940,6 @@ fn hostname() -> String {
 }
 
 async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
-    use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
-
     let client = kube_client(args.kubeconfig.as_deref()).await?;
     let cluster_namespaces = if args.cluster_namespaces.is_empty() {
         vec![args.namespace.clone()]
@@ -954,9 +951,10 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let cancel = CancellationToken::new();
     let admin = args.core.serve_admin(&herald, cancel.clone()).await?;
     let metrics = args.receiver.serve_metrics(&herald, cancel.clone()).await?;
-    let leader = Arc::new(AtomicBool::new(!args.leader_election));
-    let (elected_tx, elected_rx) = tokio::sync::mpsc::unbounded_channel();
-    let election = if args.leader_election {
+    // Leadership: true while this replica leads (always, without an election).
+    let (leader, leading) = tokio::sync::watch::channel(!args.leader_election);
+    let bookmark = crate::controller::leader::EventsBookmark::default();
+    let election = args.leader_election.then(|| {
         let config = crate::controller::leader::LeaseConfig {
             namespace: args.namespace.clone(),
             name: args.lease_name.clone(),
@@ -964,19 +962,14 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             duration: Duration::from_secs(15),
             retry_period: Duration::from_secs(2),
         };
-        Some(tokio::spawn(crate::controller::leader::run(
+        tokio::spawn(crate::controller::leader::run(
             client.clone(),
             config,
-            leader.clone(),
-            move || {
-                let _ = elected_tx.send(());
-            },
+            leader,
+            bookmark.clone(),
             cancel.clone(),
-        )))
-    } else {
-        drop(elected_tx);
-        None
-    };
+        ))
+    });
     let controller = tokio::spawn(crate::controller::run(
         client,
         herald.clone(),
@@ -986,8 +979,8 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             status_interval: args.status_interval,
             watch_events: args.events,
         },
-        leader,
-        elected_rx,
+        leading,
+        bookmark,
         cancel.clone(),
     ));
 

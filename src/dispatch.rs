@@ -8,14 +8,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use crate::alert::{Alert, AlertBatch};
+use crate::alert::AlertBatch;
 use crate::crd::{WebhookSpec, WebhookType};
 use crate::delivery::{
     DeliveryReport, Engine, EngineConfig, SubmitError, SubmitSummary, Target, TargetPolicy,
 };
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WebhookReadiness};
 use crate::object::{NotReady, NotReadyReason, ObjectKey};
-use crate::outgoing::Delivery;
+use crate::outgoing::RoutedBatch;
 use crate::routing::{ConditionInput, Subject, Table, WebhookInput};
 use crate::secret::SecretData;
 use crate::store::{RecordLimits, Store};
@@ -29,19 +29,6 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     policy: TargetPolicy,
-}
-
-/// A routed batch: its alerts, and for each webhook the indexes of the alerts it gets.
-struct Routed {
-    batch: AlertBatch,
-    per_webhook: Vec<(ObjectKey, Vec<usize>)>,
-}
-
-impl Routed {
-    /// How many deliveries it makes: one per webhook.
-    fn deliveries(&self) -> usize {
-        self.per_webhook.len()
-    }
 }
 
 /// Why a test message could not be sent.
@@ -73,9 +60,10 @@ impl Dispatcher {
         config: EngineConfig,
         store: Arc<Store>,
     ) -> Self {
-        let metrics = Arc::new(Metrics::new());
+        let table = Arc::new(RwLock::new(Table::new(cluster_namespaces)));
+        let metrics = Arc::new(Metrics::new(TableReadiness(table.clone())));
         Dispatcher {
-            table: Arc::new(RwLock::new(Table::new(cluster_namespaces))),
+            table,
             engine: Engine::new(config, metrics.clone(), store),
             metrics,
             ready: Arc::new(AtomicBool::new(false)),
@@ -187,10 +175,7 @@ impl Dispatcher {
         batch: AlertBatch,
         kind: WebhookType,
     ) -> Result<SubmitSummary, SubmitError> {
-        let routed = self.route(batch, kind);
-        let admission = self.engine.try_admit(routed.deliveries())?;
-        self.engine
-            .submit_admitted(admission, Self::deliveries(routed))
+        self.engine.submit_batch(self.route(batch, kind))
     }
 
     /// Routes and accepts a batch like [`Dispatcher::dispatch`], returning once its deliveries are
@@ -203,15 +188,13 @@ impl Dispatcher {
         kind: WebhookType,
         wait: Duration,
     ) -> Result<SubmitSummary, SubmitError> {
-        let routed = self.route(batch, kind);
-        let admission = self.engine.admit(routed.deliveries(), wait).await?;
         self.engine
-            .accept(admission, Self::deliveries(routed))
+            .accept_batch(self.route(batch, kind), wait)
             .await
     }
 
     /// Which alerts of a batch go to which webhook (alert indexes per webhook).
-    fn route(&self, batch: AlertBatch, kind: WebhookType) -> Routed {
+    fn route(&self, batch: AlertBatch, kind: WebhookType) -> RoutedBatch {
         // Gathered under the read lock without cloning keys; the lock is not held while waiting.
         let per_webhook: Vec<(ObjectKey, Vec<usize>)> = {
             let table = self.table();
@@ -230,25 +213,7 @@ impl Dispatcher {
                 .map(|(key, indexes)| (key.clone(), indexes))
                 .collect()
         };
-        Routed { batch, per_webhook }
-    }
-
-    /// One delivery per webhook of a routed batch.
-    fn deliveries(routed: Routed) -> Vec<Delivery> {
-        let Routed { batch, per_webhook } = routed;
-        // Each alert and the batch's labels are shared by every delivery they go into.
-        let alerts: Vec<Arc<Alert>> = batch.alerts.into_iter().map(Arc::new).collect();
-        let group_labels = Arc::new(batch.group_labels);
-        let external_url: Arc<str> = Arc::from(batch.external_url);
-        let source = Arc::new(batch.source);
-        per_webhook
-            .into_iter()
-            .map(|(key, indexes)| {
-                let alerts = indexes.into_iter().map(|i| alerts[i].clone()).collect();
-                Delivery::new(key, alerts, group_labels.clone(), external_url.clone())
-                    .from_group(&source)
-            })
-            .collect()
+        RoutedBatch::new(batch, per_webhook)
     }
 
     /// Sends a test message to a ready webhook and returns its report.
@@ -274,14 +239,19 @@ impl Dispatcher {
                 ),
             })
     }
+}
 
-    /// Refreshes gauges derived from the table (called before each scrape).
-    pub fn refresh_gauges(&self) {
-        let table = self.table();
+/// The routing table as the source of the `herald_webhooks` gauge.
+#[derive(Debug)]
+struct TableReadiness(Arc<RwLock<Table>>);
+
+impl WebhookReadiness for TableReadiness {
+    fn count(&self) -> (usize, usize) {
+        let table = self.0.read().unwrap_or_else(|e| e.into_inner());
         let ready = table
             .webhooks()
             .filter(|w| matches!(table.readiness(&w.key), Some(Ok(()))))
             .count();
-        self.metrics.set_webhooks(ready, table.len() - ready);
+        (ready, table.len() - ready)
     }
 }

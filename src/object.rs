@@ -52,6 +52,8 @@ pub enum NotReadyReason {
     SecretNotFound,
     /// A referenced Secret lacks a required key.
     SecretKeyMissing,
+    /// A referenced Secret could not be read (the read is retried).
+    SecretUnreadable,
     /// A NotificationCondition named in `spec.conditions` does not exist.
     ConditionNotFound,
     /// The CA bundle does not parse.
@@ -80,6 +82,7 @@ impl NotReadyReason {
             NotReadyReason::Disabled => "Disabled",
             NotReadyReason::SecretNotFound => "SecretNotFound",
             NotReadyReason::SecretKeyMissing => "SecretKeyMissing",
+            NotReadyReason::SecretUnreadable => "SecretUnreadable",
             NotReadyReason::ConditionNotFound => "ConditionNotFound",
             NotReadyReason::InvalidCa => "InvalidCA",
             NotReadyReason::InvalidClientCertificate => "InvalidClientCertificate",

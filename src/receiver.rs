@@ -12,13 +12,10 @@ use axum::routing::{get, post};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::alert::{self, AlertBatch, ParseError};
+use crate::alert::{self, AlertBatch, DEFAULT_BODY_LIMIT, ParseError};
 use crate::crd::WebhookType;
 use crate::dispatch::Dispatcher;
 use crate::secret::Sensitive;
-
-/// Default request body limit: 4 MiB.
-pub const DEFAULT_BODY_LIMIT: usize = 4 * 1024 * 1024;
 
 /// Receiver settings.
 #[derive(Clone, Debug)]
@@ -179,7 +176,6 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    state.herald.refresh_gauges();
     let openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

@@ -221,19 +221,17 @@ impl HttpClient {
     }
 }
 
-/// A request body of one or two parts sent back to back, never joined into one buffer: a
-/// delivery's own start and the end it shares with the other deliveries of its alert.
+/// A request body of one or two parts sent back to back, never joined into one buffer (see
+/// [`crate::render::RenderedBody`]).
 #[derive(Clone, Debug, Default)]
 pub struct RequestBody {
     parts: [Bytes; 2],
 }
 
 impl RequestBody {
-    /// A body of two parts, `first` then `second`.
-    pub fn pair(first: Bytes, second: Bytes) -> Self {
-        RequestBody {
-            parts: [first, second],
-        }
+    /// A body of two parts sent in order (either may be empty).
+    pub fn from_parts(parts: [Bytes; 2]) -> Self {
+        RequestBody { parts }
     }
 
     /// The parts in order (an empty part is skipped when sending).
@@ -244,7 +242,7 @@ impl RequestBody {
 
 impl From<Bytes> for RequestBody {
     fn from(body: Bytes) -> Self {
-        RequestBody::pair(body, Bytes::new())
+        RequestBody::from_parts([body, Bytes::new()])
     }
 }
 

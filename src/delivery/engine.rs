@@ -23,7 +23,7 @@ use super::target::Target;
 use crate::metrics::{Metrics, WebhookLabels, WebhookMetrics};
 use crate::object::ObjectKey;
 use crate::outgoing::DeliveryId;
-use crate::outgoing::{Delivery, ReportOutcome};
+use crate::outgoing::{Delivery, ReportOutcome, RoutedBatch};
 use crate::store::{DeliveryRecord, Store, StoreError};
 
 /// How failed attempts are retried.
@@ -206,7 +206,7 @@ pub struct SubmitSummary {
 /// Room for a number of deliveries under the global limit (see [`EngineConfig::max_pending`]),
 /// given back when dropped unless they were submitted.
 #[derive(Debug)]
-pub struct Admission {
+struct Admission {
     permits: OwnedSemaphorePermit,
 }
 
@@ -616,7 +616,7 @@ impl Engine {
     }
 
     /// Room for `count` deliveries under the global limit, taken now or not at all.
-    pub fn try_admit(&self, count: usize) -> Result<Admission, Overloaded> {
+    fn try_admit(&self, count: usize) -> Result<Admission, Overloaded> {
         if self.closing.is_cancelled() {
             return Err(self.overloaded());
         }
@@ -633,7 +633,7 @@ impl Engine {
     /// in flight to finish. Waiting once costs less than a refusal that the sender answers by
     /// sending the whole batch again. More than the limit itself, or Herald stopping, fails at
     /// once.
-    pub async fn admit(&self, count: usize, wait: Duration) -> Result<Admission, Overloaded> {
+    async fn admit(&self, count: usize, wait: Duration) -> Result<Admission, Overloaded> {
         match self.try_admit(count) {
             Ok(admission) => return Ok(admission),
             Err(overloaded) if wait.is_zero() || count > self.shared.config.max_pending => {
@@ -653,7 +653,28 @@ impl Engine {
         }
     }
 
-    /// Accepts deliveries if there is room for all of them now: see [`Engine::submit_admitted`].
+    /// Accepts a routed batch's deliveries if there is room for all of them now. With a memory
+    /// store they are queued at once; with a disk store they are written in the background
+    /// (callers that answer for them use [`Engine::accept_batch`]). An error means nothing was
+    /// accepted.
+    pub fn submit_batch(&self, routed: RoutedBatch) -> Result<SubmitSummary, SubmitError> {
+        let admission = self.try_admit(routed.deliveries())?;
+        self.submit_admitted(admission, routed.into_deliveries())
+    }
+
+    /// Accepts a routed batch's deliveries, returning once they are kept (durably with a disk
+    /// store). When Herald holds as many deliveries as it may, waits up to `wait` for room
+    /// for deliveries in flight to finish before refusing. An error means nothing was accepted.
+    pub async fn accept_batch(
+        &self,
+        routed: RoutedBatch,
+        wait: Duration,
+    ) -> Result<SubmitSummary, SubmitError> {
+        let admission = self.admit(routed.deliveries(), wait).await?;
+        self.accept(admission, routed.into_deliveries()).await
+    }
+
+    /// Accepts deliveries if there is room for all of them now, as [`Engine::submit_batch`] does.
     pub fn submit(&self, deliveries: Vec<Delivery>) -> Result<SubmitSummary, SubmitError> {
         if deliveries.is_empty() {
             return Ok(SubmitSummary::default());
@@ -732,7 +753,7 @@ impl Engine {
     /// are queued at once; with a disk store they are written in the background (callers that
     /// answer for them use [`Engine::accept`], which waits for the write). An error means
     /// nothing was accepted.
-    pub fn submit_admitted(
+    fn submit_admitted(
         &self,
         admission: Admission,
         deliveries: Vec<Delivery>,
@@ -763,7 +784,7 @@ impl Engine {
     /// kept (durably with a disk store, in one write shared with other requests waiting). An
     /// error means nothing was accepted. A delivery whose webhook's backlog is at its limit is
     /// kept as a dead letter.
-    pub async fn accept(
+    async fn accept(
         &self,
         admission: Admission,
         deliveries: Vec<Delivery>,

@@ -1,7 +1,6 @@
 //! One HTTP attempt: render, sign, send, classify the answer.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -15,56 +14,7 @@ use super::target::{Target, USER_AGENT};
 use crate::chat::Answer;
 use crate::crd::BodyFormat;
 use crate::outgoing::Delivery;
-use crate::render::{self, Content};
-
-impl Delivery {
-    /// The request body for a target, in its language and format (a custom template is
-    /// rendered by [`Delivery::template_body`] instead).
-    pub fn body(&self, target: &Target) -> Result<RequestBody, render::RenderError> {
-        let content = self.content(target);
-        if let Some(head) = target.herald_head()
-            && let Some(tail) = render::shared_herald_tail(&content, target.language)
-        {
-            return Ok(RequestBody::pair(head.clone(), tail));
-        }
-        let notification = render::notification(content, target.language);
-        render::body_for_robot(
-            &notification,
-            target.format,
-            None,
-            target.robot(),
-            k8s_openapi::jiff::Timestamp::now().as_second(),
-        )
-        .map(RequestBody::from)
-    }
-
-    /// What this delivery carries, for a target.
-    fn content<'a>(&'a self, target: &Target) -> Content<'a> {
-        Content {
-            webhook: &self.webhook,
-            kind: target.kind,
-            test: self.test,
-            alerts: &self.alerts,
-            group_labels: &self.group_labels,
-            external_url: &self.external_url,
-            source: &self.source,
-        }
-    }
-
-    /// The request body from a target's custom template, rendered in the template pool
-    /// within the template's limits.
-    pub async fn template_body(
-        &self,
-        target: &Target,
-        template: &Arc<crate::template::SandboxedTemplate>,
-    ) -> Result<RequestBody, render::RenderError> {
-        let content = self.content(target);
-        let context = render::template_context(&render::notification(content, target.language));
-        let body =
-            crate::template::render(template.clone(), &self.webhook.namespace, context).await?;
-        Ok(RequestBody::from(body))
-    }
-}
+use crate::render;
 
 /// The header every request Herald sends carries (the delivery id); Herald's receiver and
 /// admin listener refuse requests that carry it.
@@ -196,12 +146,13 @@ pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
 
 /// Sends one attempt of a delivery to a target.
 pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
-    let rendered = match target.template() {
-        Some(template) => delivery.template_body(target, template).await,
-        None => delivery.body(target),
-    };
+    let rendered = render::request_body(
+        render::Content::of(delivery, target.kind),
+        &target.body_style(),
+    )
+    .await;
     let body = match rendered {
-        Ok(body) => body,
+        Ok(body) => RequestBody::from_parts(body.into_parts()),
         Err(e) => {
             return AttemptResult::unanswered(AttemptClass::Final, Duration::ZERO, e.to_string());
         }

@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use base64::Engine as _;
-use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::client::{ClientError, ClientSettings, DestinationGuard, HttpClient};
@@ -59,9 +58,9 @@ pub struct Target {
     /// What most webhooks do without: boxed, so that thousands of plain webhooks stay small.
     extras: Option<Box<Extras>>,
     client: std::sync::Arc<HttpClient>,
-    /// The start of this webhook's one-alert Herald bodies, written once (see
-    /// [`render::herald_head`]); `None` for other formats and templates.
-    herald_head: Option<Bytes>,
+    /// The start of this webhook's one-alert Herald bodies, written once; `None` for other
+    /// formats and templates.
+    herald_head: Option<render::HeraldHead>,
     /// The `Host` header of a plain-HTTP URL (always HTTP/1.1), written once instead of by the
     /// client on every request; `None` for HTTPS, where HTTP/2 may carry the authority instead.
     host: Option<HeaderValue>,
@@ -526,7 +525,7 @@ impl Target {
             robot,
         };
         let herald_head = (spec.format == BodyFormat::Herald && extras.template.is_none())
-            .then(|| render::herald_head(spec.kind, &key))
+            .then(|| render::HeraldHead::for_webhook(spec.kind, &key))
             .transpose()
             .map_err(|e| invalid_spec(e.to_string()))?;
         let host = host_header(&uri);
@@ -593,9 +592,15 @@ impl Target {
         excerpt
     }
 
-    /// The start of this webhook's one-alert Herald bodies, when it receives Herald bodies.
-    pub(crate) fn herald_head(&self) -> Option<&Bytes> {
-        self.herald_head.as_ref()
+    /// How this webhook's bodies are rendered.
+    pub(crate) fn body_style(&self) -> render::BodyStyle<'_> {
+        render::BodyStyle {
+            format: self.format,
+            language: self.language,
+            robot: self.robot(),
+            template: self.template(),
+            herald_head: self.herald_head.as_ref(),
+        }
     }
 
     /// The `Host` header to send, when it is known in advance.

@@ -5,7 +5,7 @@ mod id;
 
 use std::sync::Arc;
 
-use crate::alert::{Alert, GroupSource, LabelSet};
+use crate::alert::{Alert, AlertBatch, GroupSource, LabelSet};
 use crate::object::ObjectKey;
 
 pub use id::{DeliveryId, InvalidDeliveryId};
@@ -115,6 +115,45 @@ impl Delivery {
                 Arc::from(""),
             )
         }
+    }
+}
+
+/// A batch routed to its webhooks: its alerts, and for each webhook the indexes of the alerts
+/// it gets. The dispatcher routes it; the engine admits it whole and makes it one delivery per
+/// webhook.
+#[derive(Debug)]
+pub struct RoutedBatch {
+    batch: AlertBatch,
+    per_webhook: Vec<(ObjectKey, Vec<usize>)>,
+}
+
+impl RoutedBatch {
+    /// A batch and, per webhook, the indexes of its alerts that webhook gets.
+    pub fn new(batch: AlertBatch, per_webhook: Vec<(ObjectKey, Vec<usize>)>) -> Self {
+        RoutedBatch { batch, per_webhook }
+    }
+
+    /// How many deliveries it makes: one per webhook.
+    pub fn deliveries(&self) -> usize {
+        self.per_webhook.len()
+    }
+
+    /// One delivery per webhook, holding the alerts that webhook gets.
+    pub fn into_deliveries(self) -> Vec<Delivery> {
+        let RoutedBatch { batch, per_webhook } = self;
+        // Each alert and the batch's labels are shared by every delivery they go into.
+        let alerts: Vec<Arc<Alert>> = batch.alerts.into_iter().map(Arc::new).collect();
+        let group_labels = Arc::new(batch.group_labels);
+        let external_url: Arc<str> = Arc::from(batch.external_url);
+        let source = Arc::new(batch.source);
+        per_webhook
+            .into_iter()
+            .map(|(key, indexes)| {
+                let alerts = indexes.into_iter().map(|i| alerts[i].clone()).collect();
+                Delivery::new(key, alerts, group_labels.clone(), external_url.clone())
+                    .from_group(&source)
+            })
+            .collect()
     }
 }
 

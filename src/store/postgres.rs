@@ -28,8 +28,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DeliveryRecord, RecordFilter, RecordLimits, StoreError, class, decode, encode, writer_stopped,
-    written,
+    DeliveryRecord, RecordClass, RecordFilter, RecordLimits, StoreError, decode, encode,
+    writer_stopped, written,
 };
 use crate::object::ObjectKey;
 use crate::outgoing::Delivery;
@@ -361,7 +361,7 @@ impl PostgresStore {
             row,
             id: record.id.to_string(),
             webhook: record.webhook.to_string(),
-            class: i16::from(class(&record) == 1),
+            class: i16::from(RecordClass::of(&record) == RecordClass::DeadLetter),
             outcome: record.outcome.as_str(),
             body: encode(&record),
         }))

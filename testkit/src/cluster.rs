@@ -1,7 +1,7 @@
 //! Kubernetes helpers for controller tests: the shared control plane with Herald's CRDs
 //! installed, namespaces, kubectl, and `herald controller` processes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
@@ -190,6 +190,16 @@ impl Controller {
     /// Starts a controller watching `watch` namespaces, with the Lease `<own>-leader`, running as
     /// Herald's ServiceAccount, and waits for `/readyz`.
     pub async fn start(own: &str, watch: &[&str], extra: &[&str]) -> Controller {
+        Self::start_with_kubeconfig(own, watch, extra, &service_account_kubeconfig()).await
+    }
+
+    /// [`Controller::start`] with another kubeconfig.
+    pub async fn start_with_kubeconfig(
+        own: &str,
+        watch: &[&str],
+        extra: &[&str],
+        kubeconfig: &Path,
+    ) -> Controller {
         plane();
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("controller.log");
@@ -197,7 +207,7 @@ impl Controller {
         let mut args: Vec<String> = vec![
             "controller".into(),
             "--kubeconfig".into(),
-            service_account_kubeconfig().to_string_lossy().into_owned(),
+            kubeconfig.to_string_lossy().into_owned(),
             "--listen".into(),
             format!("127.0.0.1:{port}"),
             "--admin-listen".into(),
