@@ -602,6 +602,14 @@ fn service_account_has_exactly_the_controller_permissions() {
             "-n",
             "team-a",
         ],
+        // NotificationConditions show Ready and the webhooks that use them.
+        &[
+            "patch",
+            "notificationconditions.herald.dev",
+            "--subresource=status",
+            "-n",
+            "team-a",
+        ],
         &["list", "secrets", "--all-namespaces"],
         &["watch", "secrets", "--all-namespaces"],
         &["get", "secrets", "-n", "team-a"],
@@ -638,11 +646,11 @@ fn service_account_has_exactly_the_controller_permissions() {
         ],
         &["patch", "notificationconditions.herald.dev", "-n", "team-a"],
         &[
-            "patch",
+            "update",
             "notificationconditions.herald.dev",
             "--subresource=status",
             "-n",
-            "x",
+            "team-a",
         ],
         // Events through events.k8s.io only, never the core group.
         &["create", "events", "-n", "team-a"],
@@ -683,6 +691,7 @@ fn service_account_has_exactly_the_controller_permissions() {
             &["get", "list", "watch"],
         ),
         ("webhooks.herald.dev/status", &["patch"]),
+        ("notificationconditions.herald.dev/status", &["patch"]),
         ("secrets", &["get", "list", "watch"]),
         (
             "events.events.k8s.io",
