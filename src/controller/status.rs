@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::crd::{DeliveryOutcome, DeliveryResult, TestResult, Webhook, WebhookStatus};
-use crate::delivery::{DeliveryObserver, DeliveryReport, ReportOutcome};
+use crate::delivery::{BacklogState, DeliveryObserver, DeliveryReport, ReportOutcome};
 use crate::routing::{NotReady, ObjectKey};
 
 /// The field manager Herald writes status as.
@@ -35,6 +35,8 @@ struct Entry {
     /// Boxed: tests are rare.
     last_test: Option<Box<TestResult>>,
     failing: bool,
+    /// The backlog and its limit while the backlog is near the limit.
+    backlog_near_limit: Option<(usize, usize)>,
     dirty: bool,
     /// Picked by the write round under way.
     queued: bool,
@@ -49,6 +51,15 @@ struct Ready {
 
 const READY_REASON: &str = "Ready";
 const READY_MESSAGE: &str = "the webhook can deliver";
+/// The reason of a Ready condition that is True while the backlog is near its limit.
+const BACKLOG_NEAR_LIMIT: &str = "BacklogNearLimit";
+
+/// The note of a backlog near its limit, in the Ready condition and its Event.
+fn backlog_message(backlog: usize, limit: usize) -> String {
+    format!(
+        "the webhook can deliver, but its backlog holds {backlog} deliveries of its limit of {limit} (--backlog-limit); past the limit, new deliveries to it become dead letters (replayable)"
+    )
+}
 
 impl Ready {
     fn status(&self) -> &'static str {
@@ -475,7 +486,19 @@ impl StatusWriter {
             e.dirty = false;
             WebhookStatus {
                 observed_generation: e.generation,
-                conditions: e.ready.iter().map(|r| r.condition(e.generation)).collect(),
+                conditions: e
+                    .ready
+                    .iter()
+                    .map(|r| {
+                        let mut condition = r.condition(e.generation);
+                        if let (None, Some((backlog, limit))) = (&r.not_ready, e.backlog_near_limit)
+                        {
+                            condition.reason = BACKLOG_NEAR_LIMIT.into();
+                            condition.message = backlog_message(backlog, limit);
+                        }
+                        condition
+                    })
+                    .collect(),
                 last_delivery: e.last_delivery.as_ref().map(LastDelivery::result),
                 last_test: e.last_test.as_deref().cloned(),
             }
@@ -506,6 +529,31 @@ impl StatusWriter {
 }
 
 impl DeliveryObserver for StatusWriter {
+    fn backlog(&self, webhook: &ObjectKey, state: BacklogState) {
+        let reference = {
+            let mut entries = self.entries();
+            let Some(entry) = entries.get_mut(webhook) else {
+                return;
+            };
+            entry.backlog_near_limit = state.near_limit.then_some((state.backlog, state.limit));
+            entry.dirty = true;
+            entry.uid.as_deref().map(|uid| reference(webhook, uid))
+        };
+        self.wake.notify_one();
+        if let Some(reference) = reference {
+            if state.near_limit {
+                let note = backlog_message(state.backlog, state.limit);
+                self.publish(reference, EventType::Warning, BACKLOG_NEAR_LIMIT, "Deliver", note);
+            } else {
+                let note = format!(
+                    "the webhook's backlog is back to {} deliveries of its limit of {}",
+                    state.backlog, state.limit
+                );
+                self.publish(reference, EventType::Normal, "BacklogRecovered", "Deliver", note);
+            }
+        }
+    }
+
     fn report(&self, report: &DeliveryReport) {
         if report.test {
             return;

@@ -11,7 +11,7 @@ mod send;
 pub mod target;
 
 pub use engine::{
-    Admission, DeliveryObserver, DeliveryReport, Engine, EngineConfig, Overloaded, ReplayError,
+    Admission, BacklogState, DeliveryObserver, DeliveryReport, Engine, EngineConfig, Overloaded, ReplayError,
     ReportOutcome, RetryPolicy, SubmitError, SubmitSummary,
 };
 pub use id::{DeliveryId, InvalidDeliveryId};

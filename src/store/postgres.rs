@@ -17,10 +17,10 @@
 //! One dead webhook holds only its own lease: the others are claimed by whichever replica
 //! takes them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -28,8 +28,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DeliveryRecord, RecordFilter, RecordLimits, StoreError, class, decode, encode, writer_stopped,
-    written,
+    DeliveryRecord, HandOver, RecordFilter, RecordLimits, StoreError, class, decode, encode,
+    writer_stopped, written,
 };
 use crate::delivery::Delivery;
 use crate::routing::ObjectKey;
@@ -118,9 +118,13 @@ fn pg_error(e: &tokio_postgres::Error) -> StoreError {
 
 /// One piece of work for the writer.
 enum Op {
-    /// Accepted deliveries, answered with their row ids once committed.
+    /// Accepted deliveries, answered with their row ids once committed (after `hand_over`
+    /// was called with them). A row whose `claimed` is set is written already claimed by this
+    /// replica (it holds the webhook's lease), so that its worker needs no claim query.
     Append {
         rows: Vec<(String, Vec<u8>)>,
+        claimed: Vec<bool>,
+        hand_over: Option<HandOver>,
         reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
     },
     /// A finished delivery: its row deleted where the claim still matches, then recorded.
@@ -142,6 +146,11 @@ struct Finished {
 /// The claims this replica holds: row id to claim id.
 type Held = Mutex<HashMap<i64, i64>>;
 
+/// The webhooks whose lease this replica holds, each with the time until which it surely holds
+/// it (half a lease after the last successful take or renewal): their new rows are written
+/// already claimed.
+type Owned = Mutex<HashMap<String, Instant>>;
+
 /// The PostgreSQL store.
 pub(super) struct PostgresStore {
     pool: Pool,
@@ -149,6 +158,10 @@ pub(super) struct PostgresStore {
     /// This replica's owner id in the webhook leases.
     owner: i64,
     held: Arc<Held>,
+    owned: Arc<Owned>,
+    /// Webhooks named by notifications since the engine last asked (see
+    /// [`PostgresStore::take_notified`]).
+    notified: Arc<Mutex<HashSet<String>>>,
     writer: mpsc::UnboundedSender<Op>,
     healthy: Arc<AtomicBool>,
     /// Notified when another replica (or this one) commits deliveries.
@@ -204,6 +217,8 @@ impl PostgresStore {
             pool: pool.clone(),
             owner: rand::random::<i64>(),
             held: Arc::default(),
+            owned: Arc::default(),
+            notified: Arc::default(),
             writer,
             healthy: Arc::new(AtomicBool::new(true)),
             wakeup: Arc::new(Notify::new()),
@@ -216,6 +231,8 @@ impl PostgresStore {
                 pool: pool.clone(),
                 healthy: store.healthy.clone(),
                 timeout: store.options.write_timeout,
+                held: store.held.clone(),
+                lease: store.options.lease,
                 carried: Vec::new(),
             }
             .run(ops, store.stop.clone()),
@@ -223,6 +240,7 @@ impl PostgresStore {
         tokio::spawn(renew_leases(
             pool.clone(),
             store.held.clone(),
+            store.owned.clone(),
             store.owner,
             store.options.lease,
             store.stop.clone(),
@@ -231,6 +249,7 @@ impl PostgresStore {
             config,
             tls,
             store.wakeup.clone(),
+            store.notified.clone(),
             store.stop.clone(),
         ));
         tokio::spawn(check_health(
@@ -262,17 +281,41 @@ impl PostgresStore {
         self.options.poll_interval
     }
 
+    /// The webhooks named by notifications since the last call.
+    pub(super) fn take_notified(&self) -> Vec<ObjectKey> {
+        let names = std::mem::take(&mut *self.notified.lock().unwrap_or_else(|e| e.into_inner()));
+        names.iter().filter_map(|name| name.parse().ok()).collect()
+    }
+
     /// Stores accepted deliveries in the next shared transaction; their row ids once committed.
+    /// The rows of webhooks whose lease this replica holds are written claimed by it and handed
+    /// to `hand_over` as held.
     pub(super) async fn append(
         &self,
         deliveries: &[Arc<Delivery>],
+        hand_over: Option<HandOver>,
     ) -> Result<Vec<u64>, StoreError> {
-        let rows = deliveries
+        let rows: Vec<(String, Vec<u8>)> = deliveries
             .iter()
             .map(|d| (d.webhook.to_string(), encode(d)))
             .collect();
+        let claimed = match &hand_over {
+            Some(_) => {
+                let owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                rows.iter()
+                    .map(|(webhook, _)| owned.get(webhook).is_some_and(|until| *until > now))
+                    .collect()
+            }
+            None => vec![false; rows.len()],
+        };
         let (reply, answer) = oneshot::channel();
-        self.send(Op::Append { rows, reply })?;
+        self.send(Op::Append {
+            rows,
+            claimed,
+            hand_over,
+            reply,
+        })?;
         written(answer).await
     }
 
@@ -298,8 +341,13 @@ impl PostgresStore {
             .await
             .map_err(|e| pg_error(&e))?;
         if owned.is_none() {
+            self.disown(&name);
             return Ok(Vec::new());
         }
+        self.owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.clone(), Instant::now() + self.options.lease / 2);
         let claim = rand::random::<i64>();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = client
@@ -315,6 +363,7 @@ impl PostgresStore {
             .map_err(|e| pg_error(&e))?;
         if rows.is_empty() {
             // Nothing left to claim: the webhook is free for whichever replica finds more.
+            self.disown(&name);
             client
                 .execute(
                     "DELETE FROM herald_webhook_leases WHERE webhook = $1 AND owner = $2",
@@ -340,6 +389,14 @@ impl PostgresStore {
         }
         found.sort_unstable_by_key(|(id, _)| *id);
         Ok(found)
+    }
+
+    /// Forgets that this replica holds a webhook's lease: its new rows are written unclaimed.
+    fn disown(&self, webhook: &str) {
+        self.owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(webhook);
     }
 
     /// Queues a finished delivery for the next transaction: its row goes only if this replica
@@ -388,6 +445,7 @@ impl PostgresStore {
             held.clear();
             claims.into_iter().collect()
         };
+        self.owned.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let client = self.pool.get().await.map_err(pg)?;
         client
             .execute(
@@ -563,8 +621,20 @@ struct Writer {
     pool: Pool,
     healthy: Arc<AtomicBool>,
     timeout: Duration,
+    /// The claims of this replica, which rows written claimed join.
+    held: Arc<Held>,
+    lease: Duration,
     /// Finishes whose write failed, tried again with the next batch.
     carried: Vec<Finished>,
+}
+
+/// The appends of one transaction, in the order their requests came.
+#[derive(Default)]
+struct Appends {
+    rows: Vec<(String, Vec<u8>)>,
+    claimed: Vec<bool>,
+    /// Per request: its number of rows, what to hand them to, and whom to answer.
+    requests: Vec<(usize, Option<HandOver>, oneshot::Sender<Result<Vec<u64>, StoreError>>)>,
 }
 
 impl Writer {
@@ -589,21 +659,40 @@ impl Writer {
 
     /// Writes a batch in one transaction and answers whoever waits for it.
     async fn commit(&mut self, batch: &mut Vec<Op>) {
-        let mut appends = Vec::new();
-        let mut replies = Vec::new();
+        let mut appends = Appends::default();
         let mut flushes = Vec::new();
         let mut finishes = std::mem::take(&mut self.carried);
         for op in batch.drain(..) {
             match op {
-                Op::Append { rows, reply } => {
-                    replies.push((reply, rows.len()));
-                    appends.extend(rows);
+                Op::Append {
+                    rows,
+                    claimed,
+                    hand_over,
+                    reply,
+                } => {
+                    appends.requests.push((rows.len(), hand_over, reply));
+                    appends.rows.extend(rows);
+                    appends.claimed.extend(claimed);
                 }
                 Op::Finish(finished) => finishes.push(finished),
                 Op::Flush(reply) => flushes.push(reply),
             }
         }
-        let result = tokio::time::timeout(self.timeout, write(&self.pool, &appends, &finishes))
+        // One claim id for every row of this transaction written claimed.
+        let claim = rand::random::<i64>();
+        let claims: Vec<Option<i64>> = appends
+            .claimed
+            .iter()
+            .map(|claimed| claimed.then_some(claim))
+            .collect();
+        let written = write(
+            &self.pool,
+            &appends.rows,
+            &claims,
+            self.lease,
+            &finishes,
+        );
+        let result = tokio::time::timeout(self.timeout, written)
             .await
             .unwrap_or_else(|_| {
                 Err(StoreError::Database(format!(
@@ -614,9 +703,23 @@ impl Writer {
         self.healthy.store(result.is_ok(), Ordering::Release);
         match result {
             Ok(ids) => {
+                {
+                    let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+                    for (id, claim) in ids.iter().zip(&claims) {
+                        if let (Some(claim), Ok(id)) = (claim, i64::try_from(*id)) {
+                            held.insert(id, *claim);
+                        }
+                    }
+                }
                 let mut ids = ids.into_iter();
-                for (reply, count) in replies {
-                    let _ = reply.send(Ok(ids.by_ref().take(count).collect()));
+                let mut claimed = appends.claimed.into_iter();
+                for (count, hand_over, reply) in appends.requests {
+                    let ids: Vec<u64> = ids.by_ref().take(count).collect();
+                    let claimed: Vec<bool> = claimed.by_ref().take(count).collect();
+                    if let Some(hand_over) = hand_over {
+                        hand_over(&ids, &claimed);
+                    }
+                    let _ = reply.send(Ok(ids));
                 }
                 for reply in flushes {
                     let _ = reply.send(Ok(()));
@@ -624,7 +727,7 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!("delivery store: a write failed: {e}");
-                for (reply, _) in replies {
+                for (_, _, reply) in appends.requests {
                     let _ = reply.send(Err(StoreError::Database(e.to_string())));
                 }
                 for reply in flushes {
@@ -639,46 +742,65 @@ impl Writer {
     }
 }
 
-/// One transaction: the appends (their row ids returned in order), the finishes (rows deleted
-/// where the claim matches, records written for those and for deliveries without a row), and
-/// one notification per webhook with new rows.
+/// One transaction: the appends (their row ids returned in order; a row with a claim written
+/// claimed by it, with a lease), the finishes (rows deleted where the claim matches, records
+/// written for those and for deliveries without a row), and one notification per webhook with
+/// new unclaimed rows. Statements are prepared once per connection.
 async fn write(
     pool: &Pool,
     appends: &[(String, Vec<u8>)],
+    claims: &[Option<i64>],
+    lease: Duration,
     finishes: &[Finished],
 ) -> Result<Vec<u64>, StoreError> {
     let mut client = pool.get().await.map_err(pg)?;
     let txn = client.transaction().await.map_err(|e| pg_error(&e))?;
+    let prepare = |sql: &'static str| {
+        let txn = &txn;
+        async move { txn.prepare_cached(sql).await.map_err(|e| pg_error(&e)) }
+    };
     let mut ids = Vec::new();
     if !appends.is_empty() {
         let webhooks: Vec<&str> = appends.iter().map(|(w, _)| w.as_str()).collect();
         let bodies: Vec<&[u8]> = appends.iter().map(|(_, b)| b.as_slice()).collect();
         let count = i64::try_from(appends.len()).unwrap_or(i64::MAX);
         // Ids taken first, so that each request gets its own in order.
+        let next_ids = prepare(
+            "SELECT nextval('herald_backlog_id_seq') FROM generate_series(1::bigint, $1::bigint)",
+        )
+        .await?;
         let rows = txn
-            .query(
-                "SELECT nextval('herald_backlog_id_seq') FROM generate_series(1::bigint, $1::bigint)",
-                &[&count],
-            )
+            .query(&next_ids, &[&count])
             .await
             .map_err(|e| pg_error(&e))?;
         let taken: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let insert = prepare(
+            "INSERT INTO herald_backlog (id, webhook, body, claim_id, lease_until) \
+             SELECT f.id, f.webhook, f.body, f.claim, \
+                 CASE WHEN f.claim IS NULL THEN NULL ELSE now() + make_interval(secs => $5::float8) END \
+             FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::int8[]) AS f(id, webhook, body, claim)",
+        )
+        .await?;
         txn.execute(
-            "INSERT INTO herald_backlog (id, webhook, body) \
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[])",
-            &[&taken, &webhooks, &bodies],
+            &insert,
+            &[&taken, &webhooks, &bodies, &claims, &seconds(lease)],
         )
         .await
         .map_err(|e| pg_error(&e))?;
-        let mut distinct: Vec<&str> = webhooks.clone();
-        distinct.sort_unstable();
-        distinct.dedup();
-        txn.execute(
-            "SELECT pg_notify($1, w) FROM unnest($2::text[]) AS w",
-            &[&CHANNEL, &distinct],
-        )
-        .await
-        .map_err(|e| pg_error(&e))?;
+        let mut unclaimed: Vec<&str> = webhooks
+            .iter()
+            .zip(claims)
+            .filter(|(_, claim)| claim.is_none())
+            .map(|(webhook, _)| *webhook)
+            .collect();
+        unclaimed.sort_unstable();
+        unclaimed.dedup();
+        if !unclaimed.is_empty() {
+            let notify = prepare("SELECT pg_notify($1, w) FROM unnest($2::text[]) AS w").await?;
+            txn.execute(&notify, &[&CHANNEL, &unclaimed])
+                .await
+                .map_err(|e| pg_error(&e))?;
+        }
         ids = taken
             .into_iter()
             .map(|id| u64::try_from(id).unwrap_or_default())
@@ -689,12 +811,13 @@ async fn write(
             finishes.iter().filter_map(|f| f.row).unzip();
         let mut deleted = std::collections::HashSet::new();
         if !rows.is_empty() {
+            let delete = prepare(
+                "DELETE FROM herald_backlog b USING unnest($1::bigint[], $2::bigint[]) AS f(id, claim) \
+                 WHERE b.id = f.id AND b.claim_id IS NOT DISTINCT FROM f.claim RETURNING b.id",
+            )
+            .await?;
             let gone = txn
-                .query(
-                    "DELETE FROM herald_backlog b USING unnest($1::bigint[], $2::bigint[]) AS f(id, claim) \
-                     WHERE b.id = f.id AND b.claim_id IS NOT DISTINCT FROM f.claim RETURNING b.id",
-                    &[&rows, &claims],
-                )
+                .query(&delete, &[&rows, &claims])
                 .await
                 .map_err(|e| pg_error(&e))?;
             deleted.extend(gone.iter().map(|r| r.get::<_, i64>(0)));
@@ -720,14 +843,15 @@ async fn write(
             let classes: Vec<i16> = records.values().map(|f| f.class).collect();
             let outcomes: Vec<&str> = records.values().map(|f| f.outcome).collect();
             let bodies: Vec<&[u8]> = records.values().map(|f| f.body.as_slice()).collect();
-            txn.execute(
+            let record = prepare(
                 "INSERT INTO herald_records (id, webhook, class, outcome, body) \
                  SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::text[], $5::bytea[]) \
                  ON CONFLICT (id) DO UPDATE SET webhook = excluded.webhook, class = excluded.class, \
                  outcome = excluded.outcome, body = excluded.body",
-                &[&ids, &webhooks, &classes, &outcomes, &bodies],
             )
-            .await
+            .await?;
+            txn.execute(&record, &[&ids, &webhooks, &classes, &outcomes, &bodies])
+                .await
             .map_err(|e| pg_error(&e))?;
         }
     }
@@ -740,6 +864,7 @@ async fn write(
 async fn renew_leases(
     pool: Pool,
     held: Arc<Held>,
+    owned: Arc<Owned>,
     owner: i64,
     lease: Duration,
     stop: CancellationToken,
@@ -757,6 +882,7 @@ async fn renew_leases(
             claims.dedup();
             claims
         };
+        let started = Instant::now();
         let renewed = async {
             let client = pool.get().await.map_err(pg)?;
             let secs = seconds(lease);
@@ -778,11 +904,17 @@ async fn renew_leases(
             }
             Ok::<_, StoreError>(())
         };
-        if let Err(e) = tokio::time::timeout(every, renewed)
+        match tokio::time::timeout(every, renewed)
             .await
             .unwrap_or_else(|_| Err(StoreError::Database("lease renewal timed out".into())))
         {
-            tracing::warn!("cannot renew delivery leases: {e}");
+            Ok(()) => {
+                let until = started + lease / 2;
+                for held_until in owned.lock().unwrap_or_else(|e| e.into_inner()).values_mut() {
+                    *held_until = (*held_until).max(until);
+                }
+            }
+            Err(e) => tracing::warn!("cannot renew delivery leases: {e}"),
         }
     }
 }
@@ -793,6 +925,7 @@ async fn listen(
     config: tokio_postgres::Config,
     tls: MakeRustlsConnect,
     wakeup: Arc<Notify>,
+    notified: Arc<Mutex<HashSet<String>>>,
     stop: CancellationToken,
 ) {
     use futures::StreamExt as _;
@@ -824,7 +957,13 @@ async fn listen(
                         tokio::select! {
                             () = stop.cancelled() => { driver.abort(); return; }
                             message = received.recv() => match message {
-                                Some(tokio_postgres::AsyncMessage::Notification(_)) => wakeup.notify_one(),
+                                Some(tokio_postgres::AsyncMessage::Notification(note)) => {
+                                    notified
+                                        .lock()
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .insert(note.payload().to_string());
+                                    wakeup.notify_one();
+                                }
                                 Some(_) => {}
                                 None => break,
                             },
