@@ -237,6 +237,35 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / clock_ticks())
 }
 
+/// CPU seconds of a process and its children: its own, its reaped children's (cutime,
+/// cstime), and its live children's (a server and the backends it forked).
+pub fn tree_cpu_seconds(pid: u32) -> Option<f64> {
+    let fields = |pid: u32| -> Option<Vec<String>> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 1..];
+        Some(rest.split_whitespace().map(str::to_string).collect())
+    };
+    let ticks = |f: &[String], at: usize| f.get(at).and_then(|v| v.parse::<f64>().ok());
+    let own = fields(pid)?;
+    let mut total = ticks(&own, 11)? + ticks(&own, 12)? + ticks(&own, 13)? + ticks(&own, 14)?;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Field 4 (ppid) is the second after the command name.
+        if let Some(f) =
+            fields(child).filter(|f| f.get(1).map(String::as_str) == Some(&pid.to_string()))
+        {
+            total += ticks(&f, 11).unwrap_or(0.0) + ticks(&f, 12).unwrap_or(0.0);
+        }
+    }
+    Some(total / clock_ticks())
+}
+
 /// `(VmRSS, VmHWM)` of a process, in KiB.
 pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -543,13 +543,25 @@ impl DeliveryObserver for StatusWriter {
         if let Some(reference) = reference {
             if state.near_limit {
                 let note = backlog_message(state.backlog, state.limit);
-                self.publish(reference, EventType::Warning, BACKLOG_NEAR_LIMIT, "Deliver", note);
+                self.publish(
+                    reference,
+                    EventType::Warning,
+                    BACKLOG_NEAR_LIMIT,
+                    "Deliver",
+                    note,
+                );
             } else {
                 let note = format!(
                     "the webhook's backlog is back to {} deliveries of its limit of {}",
                     state.backlog, state.limit
                 );
-                self.publish(reference, EventType::Normal, "BacklogRecovered", "Deliver", note);
+                self.publish(
+                    reference,
+                    EventType::Normal,
+                    "BacklogRecovered",
+                    "Deliver",
+                    note,
+                );
             }
         }
     }

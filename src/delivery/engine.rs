@@ -321,7 +321,10 @@ impl WorkerState {
         self.metrics(shared)
             .queue_depth
             .inc_by(i64::try_from(count).unwrap_or(i64::MAX));
-        self.watch_limit(shared, shared.config.webhook_share(shared.store.is_durable()));
+        self.watch_limit(
+            shared,
+            shared.config.webhook_share(shared.store.is_durable()),
+        );
     }
 
     /// Sets the backlog to what a shared store holds for the webhook (all replicas together).

@@ -11,8 +11,8 @@ mod send;
 pub mod target;
 
 pub use engine::{
-    Admission, BacklogState, DeliveryObserver, DeliveryReport, Engine, EngineConfig, Overloaded, ReplayError,
-    ReportOutcome, RetryPolicy, SubmitError, SubmitSummary,
+    Admission, BacklogState, DeliveryObserver, DeliveryReport, Engine, EngineConfig, Overloaded,
+    ReplayError, ReportOutcome, RetryPolicy, SubmitError, SubmitSummary,
 };
 pub use id::{DeliveryId, InvalidDeliveryId};
 pub use policy::{DestinationPolicy, DestinationRule};

@@ -628,13 +628,16 @@ struct Writer {
     carried: Vec<Finished>,
 }
 
+/// Where a request's row ids (or the failure) go.
+type AppendReply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
+
 /// The appends of one transaction, in the order their requests came.
 #[derive(Default)]
 struct Appends {
     rows: Vec<(String, Vec<u8>)>,
     claimed: Vec<bool>,
     /// Per request: its number of rows, what to hand them to, and whom to answer.
-    requests: Vec<(usize, Option<HandOver>, oneshot::Sender<Result<Vec<u64>, StoreError>>)>,
+    requests: Vec<(usize, Option<HandOver>, AppendReply)>,
 }
 
 impl Writer {
@@ -685,13 +688,7 @@ impl Writer {
             .iter()
             .map(|claimed| claimed.then_some(claim))
             .collect();
-        let written = write(
-            &self.pool,
-            &appends.rows,
-            &claims,
-            self.lease,
-            &finishes,
-        );
+        let written = write(&self.pool, &appends.rows, &claims, self.lease, &finishes);
         let result = tokio::time::timeout(self.timeout, written)
             .await
             .unwrap_or_else(|_| {
@@ -852,7 +849,7 @@ async fn write(
             .await?;
             txn.execute(&record, &[&ids, &webhooks, &classes, &outcomes, &bodies])
                 .await
-            .map_err(|e| pg_error(&e))?;
+                .map_err(|e| pg_error(&e))?;
         }
     }
     txn.commit().await.map_err(|e| pg_error(&e))?;
