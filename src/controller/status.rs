@@ -141,6 +141,21 @@ impl From<&DeliveryResult> for LastDelivery {
     }
 }
 
+/// The Ready condition to write: a webhook that can deliver while its backlog is near its
+/// limit says so in the reason and message (the status stays `True`).
+fn ready_condition(
+    ready: &Ready,
+    generation: Option<i64>,
+    backlog_near_limit: Option<(usize, usize)>,
+) -> Condition {
+    let mut condition = ready.condition(generation);
+    if let (None, Some((backlog, limit))) = (&ready.not_ready, backlog_near_limit) {
+        condition.reason = BACKLOG_NEAR_LIMIT.into();
+        condition.message = backlog_message(backlog, limit);
+    }
+    condition
+}
+
 /// The reference Events give for a Webhook.
 fn reference(key: &ObjectKey, uid: &str) -> ObjectReference {
     ObjectReference {
@@ -489,15 +504,7 @@ impl StatusWriter {
                 conditions: e
                     .ready
                     .iter()
-                    .map(|r| {
-                        let mut condition = r.condition(e.generation);
-                        if let (None, Some((backlog, limit))) = (&r.not_ready, e.backlog_near_limit)
-                        {
-                            condition.reason = BACKLOG_NEAR_LIMIT.into();
-                            condition.message = backlog_message(backlog, limit);
-                        }
-                        condition
-                    })
+                    .map(|r| ready_condition(r, e.generation, e.backlog_near_limit))
                     .collect(),
                 last_delivery: e.last_delivery.as_ref().map(LastDelivery::result),
                 last_test: e.last_test.as_deref().cloned(),
@@ -622,5 +629,45 @@ impl DeliveryObserver for StatusWriter {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::NotReadyReason;
+
+    #[test]
+    fn a_backlog_near_its_limit_shows_in_the_ready_reason_while_the_webhook_can_deliver() {
+        let ready = Ready {
+            not_ready: None,
+            since: Timestamp::now(),
+        };
+        let plain = ready_condition(&ready, Some(2), None);
+        assert_eq!(
+            (plain.status.as_str(), plain.reason.as_str()),
+            ("True", "Ready")
+        );
+        let near = ready_condition(&ready, Some(2), Some((80_000, 100_000)));
+        assert_eq!(near.status, "True");
+        assert_eq!(near.reason, BACKLOG_NEAR_LIMIT);
+        assert!(
+            near.message.contains("80000") && near.message.contains("100000"),
+            "{}",
+            near.message
+        );
+        let not_ready = Ready {
+            not_ready: Some(Box::new(NotReady {
+                reason: NotReadyReason::Disabled,
+                message: "disabled".into(),
+            })),
+            since: Timestamp::now(),
+        };
+        let disabled = ready_condition(&not_ready, Some(2), Some((80_000, 100_000)));
+        assert_eq!(
+            (disabled.status.as_str(), disabled.reason.as_str()),
+            ("False", "Disabled"),
+            "a webhook that cannot deliver keeps its own reason"
+        );
     }
 }

@@ -110,6 +110,10 @@ impl EngineConfig {
 /// Most deliveries a worker loads from a disk store at once.
 const LOAD_BATCH: usize = 256;
 
+/// How many polls of a shared store pass between two looks for the deliveries of webhooks
+/// deleted everywhere (one minute at the default poll interval of 2 s).
+const ORPHAN_SWEEP_POLLS: u32 = 30;
+
 /// A webhook's backlog at this share of its limit is reported as nearly full.
 const NEAR_LIMIT_PERCENT: usize = 80;
 
@@ -1036,11 +1040,15 @@ impl Engine {
     fn watch_shared_backlog(&self, wakeup: Arc<tokio::sync::Notify>, every: Duration) {
         let engine = self.clone();
         let task = async move {
+            let mut polls = 0u32;
+            // Notifications do not put the poll off: it also refreshes the counts.
+            let mut poll = tokio::time::interval(every);
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let notified = tokio::select! {
                     () = engine.shutdown.cancelled() => return,
                     () = wakeup.notified() => engine.shared.store.take_notified(),
-                    () = tokio::time::sleep(every) => Vec::new(),
+                    _ = poll.tick() => Vec::new(),
                 };
                 if !notified.is_empty() {
                     // New rows of these webhooks: their idle workers try to claim them (a
@@ -1056,6 +1064,10 @@ impl Engine {
                         engine.wake(&worker);
                     }
                     continue;
+                }
+                polls = polls.wrapping_add(1);
+                if polls.is_multiple_of(ORPHAN_SWEEP_POLLS) {
+                    engine.sweep_orphans().await;
                 }
                 let waiting = match engine.shared.store.waiting().await {
                     Ok(waiting) => waiting,
@@ -1083,6 +1095,49 @@ impl Engine {
                 handle.spawn(task);
             }
             Err(_) => tracing::error!("no async runtime to watch the shared backlog in"),
+        }
+    }
+
+    /// With a shared store: drops and records the deliveries of webhooks no replica has
+    /// (deleted everywhere; see [`Store::orphaned`]). A webhook this replica has is left alone
+    /// (its worker claims its rows), and claiming takes the webhook's lease, so two replicas
+    /// sweeping at once do not both drop the same deliveries.
+    async fn sweep_orphans(&self) {
+        let orphaned = match self.shared.store.orphaned().await {
+            Ok(orphaned) => orphaned,
+            Err(e) => {
+                tracing::warn!("cannot look for deliveries of deleted webhooks: {e}");
+                return;
+            }
+        };
+        for key in orphaned {
+            if self.contains(&key) {
+                continue;
+            }
+            let mut dropped = 0usize;
+            loop {
+                let found = match self.shared.store.claim(&key, 0, LOAD_BATCH).await {
+                    Ok(found) => found,
+                    Err(e) => {
+                        tracing::warn!(webhook = %key, "cannot drop the deliveries of a deleted webhook: {e}");
+                        break;
+                    }
+                };
+                if found.is_empty() {
+                    break;
+                }
+                dropped += found.len();
+                for (seq, delivery) in &found {
+                    self.shared.dropped(
+                        delivery,
+                        Some(*seq),
+                        "the webhook no longer exists on any replica",
+                    );
+                }
+            }
+            if dropped > 0 {
+                tracing::info!(webhook = %key, deliveries = dropped, "dropped the stored deliveries of a webhook no replica has");
+            }
         }
     }
 

@@ -432,6 +432,15 @@ impl Store {
         }
     }
 
+    /// For a shared store: webhooks whose deliveries no replica has claimed for long (see
+    /// the PostgreSQL store): deleted everywhere, their deliveries are to be dropped.
+    pub async fn orphaned(&self) -> Result<Vec<ObjectKey>, StoreError> {
+        match &self.backend {
+            Backend::Postgres(store) => store.orphaned().await,
+            _ => Ok(Vec::new()),
+        }
+    }
+
     /// For a shared store: the webhooks named by notifications since the last call (empty
     /// when the wakeup came without names: look at every webhook).
     pub fn take_notified(&self) -> Vec<ObjectKey> {

@@ -493,6 +493,29 @@ impl PostgresStore {
         Ok(out)
     }
 
+    /// Webhooks whose rows nobody has claimed for ten leases while no replica held the
+    /// webhook's lease: no replica has the webhook (it was deleted everywhere), since one that
+    /// has it claims its rows within a poll.
+    pub(super) async fn orphaned(&self) -> Result<Vec<ObjectKey>, StoreError> {
+        let grace = seconds(self.options.lease * 10);
+        let client = self.pool.get().await.map_err(pg)?;
+        let rows = client
+            .query(
+                "SELECT DISTINCT b.webhook FROM herald_backlog b \
+                 WHERE b.accepted_at < now() - make_interval(secs => $1::float8) \
+                 AND (b.claim_id IS NULL OR b.lease_until < now() - make_interval(secs => $1::float8)) \
+                 AND NOT EXISTS (SELECT 1 FROM herald_webhook_leases l WHERE l.webhook = b.webhook \
+                     AND l.lease_until > now() - make_interval(secs => $1::float8))",
+                &[&grace],
+            )
+            .await
+            .map_err(|e| pg_error(&e))?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| row.get::<_, &str>(0).parse().ok())
+            .collect())
+    }
+
     /// Every row of a webhook's backlog after `after`, claimed or not (for tests and tools).
     pub(super) async fn peek(
         &self,
