@@ -232,6 +232,7 @@ impl PostgresStore {
                 healthy: store.healthy.clone(),
                 timeout: store.options.write_timeout,
                 held: store.held.clone(),
+                claim: rand::random::<i64>(),
                 lease: store.options.lease,
                 carried: Vec::new(),
             }
@@ -646,6 +647,9 @@ struct Writer {
     timeout: Duration,
     /// The claims of this replica, which rows written claimed join.
     held: Arc<Held>,
+    /// The claim id of every row this replica writes claimed (one id, so that renewing its
+    /// leases names few ids).
+    claim: i64,
     lease: Duration,
     /// Finishes whose write failed, tried again with the next batch.
     carried: Vec<Finished>,
@@ -704,8 +708,7 @@ impl Writer {
                 Op::Flush(reply) => flushes.push(reply),
             }
         }
-        // One claim id for every row of this transaction written claimed.
-        let claim = rand::random::<i64>();
+        let claim = self.claim;
         let claims: Vec<Option<i64>> = appends
             .claimed
             .iter()
@@ -765,7 +768,9 @@ impl Writer {
 /// One transaction: the appends (their row ids returned in order; a row with a claim written
 /// claimed by it, with a lease), the finishes (rows deleted where the claim matches, records
 /// written for those and for deliveries without a row), and one notification per webhook with
-/// new unclaimed rows. Statements are prepared once per connection.
+/// new unclaimed rows. Statements are prepared once per connection, and the insert, the
+/// notification and the delete are sent together (pipelined on the connection), so a
+/// transaction costs four round trips: begin, those three, the records, commit.
 async fn write(
     pool: &Pool,
     appends: &[(String, Vec<u8>)],
@@ -775,108 +780,142 @@ async fn write(
 ) -> Result<Vec<u64>, StoreError> {
     let mut client = pool.get().await.map_err(pg)?;
     let txn = client.transaction().await.map_err(|e| pg_error(&e))?;
-    let prepare = |sql: &'static str| {
-        let txn = &txn;
-        async move { txn.prepare_cached(sql).await.map_err(|e| pg_error(&e)) }
-    };
-    let mut ids = Vec::new();
-    if !appends.is_empty() {
-        let webhooks: Vec<&str> = appends.iter().map(|(w, _)| w.as_str()).collect();
-        let bodies: Vec<&[u8]> = appends.iter().map(|(_, b)| b.as_slice()).collect();
-        let count = i64::try_from(appends.len()).unwrap_or(i64::MAX);
-        // Ids taken first, so that each request gets its own in order.
-        let next_ids = prepare(
-            "SELECT nextval('herald_backlog_id_seq') FROM generate_series(1::bigint, $1::bigint)",
-        )
-        .await?;
-        let rows = txn
-            .query(&next_ids, &[&count])
-            .await
-            .map_err(|e| pg_error(&e))?;
-        let taken: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-        let insert = prepare(
-            "INSERT INTO herald_backlog (id, webhook, body, claim_id, lease_until) \
-             SELECT f.id, f.webhook, f.body, f.claim, \
-                 CASE WHEN f.claim IS NULL THEN NULL ELSE now() + make_interval(secs => $5::float8) END \
-             FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::int8[]) AS f(id, webhook, body, claim)",
-        )
-        .await?;
-        txn.execute(
-            &insert,
-            &[&taken, &webhooks, &bodies, &claims, &seconds(lease)],
-        )
-        .await
-        .map_err(|e| pg_error(&e))?;
-        let mut unclaimed: Vec<&str> = webhooks
-            .iter()
-            .zip(claims)
-            .filter(|(_, claim)| claim.is_none())
-            .map(|(webhook, _)| *webhook)
-            .collect();
-        unclaimed.sort_unstable();
-        unclaimed.dedup();
-        if !unclaimed.is_empty() {
-            let notify = prepare("SELECT pg_notify($1, w) FROM unnest($2::text[]) AS w").await?;
-            txn.execute(&notify, &[&CHANNEL, &unclaimed])
-                .await
-                .map_err(|e| pg_error(&e))?;
-        }
-        ids = taken
-            .into_iter()
-            .map(|id| u64::try_from(id).unwrap_or_default())
-            .collect();
-    }
-    if !finishes.is_empty() {
-        let (rows, claims): (Vec<i64>, Vec<Option<i64>>) =
-            finishes.iter().filter_map(|f| f.row).unzip();
-        let mut deleted = std::collections::HashSet::new();
-        if !rows.is_empty() {
-            let delete = prepare(
-                "DELETE FROM herald_backlog b USING unnest($1::bigint[], $2::bigint[]) AS f(id, claim) \
-                 WHERE b.id = f.id AND b.claim_id IS NOT DISTINCT FROM f.claim RETURNING b.id",
-            )
-            .await?;
-            let gone = txn
-                .query(&delete, &[&rows, &claims])
-                .await
-                .map_err(|e| pg_error(&e))?;
-            deleted.extend(gone.iter().map(|r| r.get::<_, i64>(0)));
-        }
-        // One record per id (a replay finishing twice in a batch keeps the last).
-        let mut records: BTreeMap<&str, &Finished> = BTreeMap::new();
-        for finished in finishes {
-            match finished.row {
-                Some((row, _)) if !deleted.contains(&row) => {
-                    tracing::warn!(
-                        delivery = %finished.id, webhook = %finished.webhook,
-                        "finish refused: this replica's claim on the delivery was lost (its lease ran out and another replica took it over)"
-                    );
-                }
-                _ => {
-                    records.insert(finished.id.as_str(), finished);
-                }
-            }
-        }
-        if !records.is_empty() {
-            let ids: Vec<&str> = records.keys().copied().collect();
-            let webhooks: Vec<&str> = records.values().map(|f| f.webhook.as_str()).collect();
-            let classes: Vec<i16> = records.values().map(|f| f.class).collect();
-            let outcomes: Vec<&str> = records.values().map(|f| f.outcome).collect();
-            let bodies: Vec<&[u8]> = records.values().map(|f| f.body.as_slice()).collect();
-            let record = prepare(
-                "INSERT INTO herald_records (id, webhook, class, outcome, body) \
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::text[], $5::bytea[]) \
-                 ON CONFLICT (id) DO UPDATE SET webhook = excluded.webhook, class = excluded.class, \
-                 outcome = excluded.outcome, body = excluded.body",
-            )
-            .await?;
-            txn.execute(&record, &[&ids, &webhooks, &classes, &outcomes, &bodies])
-                .await
-                .map_err(|e| pg_error(&e))?;
-        }
-    }
+    let (ids, deleted) = futures::try_join!(
+        insert_rows(&txn, appends, claims, lease),
+        delete_finished(&txn, finishes),
+    )?;
+    insert_records(&txn, finishes, &deleted).await?;
     txn.commit().await.map_err(|e| pg_error(&e))?;
     Ok(ids)
+}
+
+/// A statement prepared once per pooled connection.
+async fn prepared(
+    txn: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+) -> Result<tokio_postgres::Statement, StoreError> {
+    txn.prepare_cached(sql).await.map_err(|e| pg_error(&e))
+}
+
+/// Inserts accepted deliveries (and notifies the webhooks of the unclaimed ones); their row ids
+/// in order.
+async fn insert_rows(
+    txn: &deadpool_postgres::Transaction<'_>,
+    appends: &[(String, Vec<u8>)],
+    claims: &[Option<i64>],
+    lease: Duration,
+) -> Result<Vec<u64>, StoreError> {
+    if appends.is_empty() {
+        return Ok(Vec::new());
+    }
+    let webhooks: Vec<&str> = appends.iter().map(|(w, _)| w.as_str()).collect();
+    let bodies: Vec<&[u8]> = appends.iter().map(|(_, b)| b.as_slice()).collect();
+    let mut unclaimed: Vec<&str> = webhooks
+        .iter()
+        .zip(claims)
+        .filter(|(_, claim)| claim.is_none())
+        .map(|(webhook, _)| *webhook)
+        .collect();
+    unclaimed.sort_unstable();
+    unclaimed.dedup();
+    // The ids come from the sequence in the order of the rows: PostgreSQL evaluates a volatile
+    // function of the select list after its ORDER BY, so the n-th smallest id returned is the
+    // n-th row's.
+    let insert = prepared(
+        txn,
+        "INSERT INTO herald_backlog (id, webhook, body, claim_id, lease_until) \
+         SELECT nextval('herald_backlog_id_seq'), f.webhook, f.body, f.claim, \
+             CASE WHEN f.claim IS NULL THEN NULL ELSE now() + make_interval(secs => $4::float8) END \
+         FROM unnest($1::text[], $2::bytea[], $3::int8[]) WITH ORDINALITY AS f(webhook, body, claim, n) \
+         ORDER BY f.n RETURNING id",
+    );
+    let notify = prepared(txn, "SELECT pg_notify($1, w) FROM unnest($2::text[]) AS w");
+    let (insert, notify) = futures::try_join!(insert, notify)?;
+    let lease = seconds(lease);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        [&webhooks, &bodies, &claims, &lease];
+    let inserted = txn.query(&insert, &params);
+    let notified = async {
+        if unclaimed.is_empty() {
+            return Ok(0);
+        }
+        txn.execute(&notify, &[&CHANNEL, &unclaimed]).await
+    };
+    let (rows, _) = futures::try_join!(inserted, notified).map_err(|e| pg_error(&e))?;
+    let mut taken: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    taken.sort_unstable();
+    Ok(taken
+        .into_iter()
+        .map(|id| u64::try_from(id).unwrap_or_default())
+        .collect())
+}
+
+/// Deletes the rows of finished deliveries where this replica's claim still holds; the ids
+/// deleted.
+async fn delete_finished(
+    txn: &deadpool_postgres::Transaction<'_>,
+    finishes: &[Finished],
+) -> Result<HashSet<i64>, StoreError> {
+    let (rows, claims): (Vec<i64>, Vec<Option<i64>>) =
+        finishes.iter().filter_map(|f| f.row).unzip();
+    if rows.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let delete = prepared(
+        txn,
+        "DELETE FROM herald_backlog b USING unnest($1::bigint[], $2::bigint[]) AS f(id, claim) \
+         WHERE b.id = f.id AND b.claim_id IS NOT DISTINCT FROM f.claim RETURNING b.id",
+    )
+    .await?;
+    let gone = txn
+        .query(&delete, &[&rows, &claims])
+        .await
+        .map_err(|e| pg_error(&e))?;
+    Ok(gone.iter().map(|r| r.get::<_, i64>(0)).collect())
+}
+
+/// Records the finished deliveries whose row was deleted (or that had none); a finish whose
+/// claim was lost is refused.
+async fn insert_records(
+    txn: &deadpool_postgres::Transaction<'_>,
+    finishes: &[Finished],
+    deleted: &HashSet<i64>,
+) -> Result<(), StoreError> {
+    // One record per id (a replay finishing twice in a batch keeps the last).
+    let mut records: BTreeMap<&str, &Finished> = BTreeMap::new();
+    for finished in finishes {
+        match finished.row {
+            Some((row, _)) if !deleted.contains(&row) => {
+                tracing::warn!(
+                    delivery = %finished.id, webhook = %finished.webhook,
+                    "finish refused: this replica's claim on the delivery was lost (its lease ran out and another replica took it over)"
+                );
+            }
+            _ => {
+                records.insert(finished.id.as_str(), finished);
+            }
+        }
+    }
+    if records.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = records.keys().copied().collect();
+    let webhooks: Vec<&str> = records.values().map(|f| f.webhook.as_str()).collect();
+    let classes: Vec<i16> = records.values().map(|f| f.class).collect();
+    let outcomes: Vec<&str> = records.values().map(|f| f.outcome).collect();
+    let bodies: Vec<&[u8]> = records.values().map(|f| f.body.as_slice()).collect();
+    let record = prepared(
+        txn,
+        "INSERT INTO herald_records (id, webhook, class, outcome, body) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::text[], $5::bytea[]) \
+         ON CONFLICT (id) DO UPDATE SET webhook = excluded.webhook, class = excluded.class, \
+         outcome = excluded.outcome, body = excluded.body",
+    )
+    .await?;
+    txn.execute(&record, &[&ids, &webhooks, &classes, &outcomes, &bodies])
+        .await
+        .map_err(|e| pg_error(&e))?;
+    Ok(())
 }
 
 /// Renews the leases of every claim this replica holds, and of its webhooks, a few times per
