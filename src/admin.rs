@@ -14,7 +14,9 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::delivery::{Engine, ReplayError, ReportOutcome};
+use crate::delivery::{Engine, ReplayError};
+
+use crate::outgoing::ReportOutcome;
 use crate::store::RecordFilter;
 
 /// Query of `GET /api/v1/deliveries`.

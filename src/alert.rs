@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::object::ObjectKey;
+
 /// Labels or annotations: sorted so that rendering and fingerprints are deterministic.
 pub use crate::labels::LabelSet;
 
@@ -53,102 +55,96 @@ pub struct Alert {
     /// Alertmanager's fingerprint; computed from the labels when absent.
     #[serde(default)]
     pub fingerprint: String,
-    /// Renderings every delivery of this alert shares.
+    /// The alert as JSON, written once and shared by every delivery that carries it.
     #[serde(skip)]
-    pub renderings: AlertRenderings,
+    pub written: WrittenJson,
+    /// What other parts derive from the alert once and share among its deliveries.
+    #[serde(skip)]
+    pub derived: Derived,
 }
 
-/// Renderings of an alert made once, on first use, and shared by every delivery that carries
-/// it (an alert matching ten webhooks is written as JSON once, not ten times). Never
-/// serialized or compared; a clone starts empty.
+/// An alert written as JSON once, on first use, and shared by every delivery that carries it
+/// (an alert matching ten webhooks is written once, not ten times): whole, and its labels and
+/// annotations alone (the common ones of a one-alert delivery). Never serialized or compared;
+/// a clone starts empty.
 #[derive(Default)]
-pub struct AlertRenderings {
-    json: JsonCell,
-    /// The alert's labels and annotations as JSON (the common ones of a one-alert delivery).
-    labels_json: JsonCell,
-    annotations_json: JsonCell,
-    /// The alert's block of a message, per language (English, Chinese).
-    messages: [std::sync::OnceLock<Box<str>>; 2],
-    /// The title of a notification of this alert alone, per language.
-    titles: [std::sync::OnceLock<Box<str>>; 2],
-    /// The end of a Herald body carrying this alert alone, per language.
-    herald_tails: [std::sync::OnceLock<SharedTail>; 2],
+pub struct WrittenJson {
+    whole: JsonCell,
+    labels: JsonCell,
+    annotations: JsonCell,
 }
 
-/// The part of a one-alert Herald body that does not depend on the webhook (from `"language"`
-/// to the end), with the batch values it was written for: a delivery whose group labels or
-/// external URL differ writes its own.
-#[derive(Debug)]
-pub(crate) struct SharedTail {
-    /// Group labels the tail was written with (the batch's own, when one of its deliveries
-    /// wrote it).
-    pub group_labels: std::sync::Arc<LabelSet>,
-    /// External URL the tail was written with.
-    pub external_url: std::sync::Arc<str>,
-    /// The tail as a JSON object (`{"language":...}`); `None` if it could not be written.
-    /// Shared, not copied, by every request body that ends with it.
-    pub json: Option<bytes::Bytes>,
-}
-
-/// The slot of a language in a per-language cache.
-fn per_language<T>(
-    slots: &[std::sync::OnceLock<T>; 2],
-    language: crate::crd::Language,
-) -> &std::sync::OnceLock<T> {
-    match language {
-        crate::crd::Language::En => &slots[0],
-        crate::crd::Language::ZhCn => &slots[1],
-    }
-}
-
-impl AlertRenderings {
-    /// The alert's message block in a language, made by `make` the first time.
-    pub(crate) fn message(
-        &self,
-        language: crate::crd::Language,
-        make: impl FnOnce() -> String,
-    ) -> &str {
-        per_language(&self.messages, language).get_or_init(|| make().into_boxed_str())
-    }
-
-    /// The title of a notification of this alert alone, made by `make` the first time.
-    pub(crate) fn title(
-        &self,
-        language: crate::crd::Language,
-        make: impl FnOnce() -> String,
-    ) -> &str {
-        per_language(&self.titles, language).get_or_init(|| make().into_boxed_str())
-    }
-
-    /// The shared end of a one-alert Herald body, made by `make` the first time.
-    pub(crate) fn herald_tail(
-        &self,
-        language: crate::crd::Language,
-        make: impl FnOnce() -> SharedTail,
-    ) -> &SharedTail {
-        per_language(&self.herald_tails, language).get_or_init(make)
-    }
-}
-
-impl Clone for AlertRenderings {
+impl Clone for WrittenJson {
     fn clone(&self) -> Self {
-        AlertRenderings::default()
+        WrittenJson::default()
     }
 }
 
-impl PartialEq for AlertRenderings {
+impl PartialEq for WrittenJson {
     fn eq(&self, _: &Self) -> bool {
         true
     }
 }
 
-impl std::fmt::Debug for AlertRenderings {
+impl std::fmt::Debug for WrittenJson {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AlertRenderings")
+        f.write_str("WrittenJson")
+    }
+}
+
+/// A value another part derives from an alert once and shares among every delivery that
+/// carries it (the renderer keeps its texts here), made on first use. The alert only holds it:
+/// it knows nothing of what it is. Never serialized or compared; a clone starts empty.
+#[derive(Default)]
+pub struct Derived(std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>);
+
+impl Derived {
+    /// The derived value of type `T`, made empty by the first call; `None` when a value of
+    /// another type was made first (one part keeps its values here).
+    pub fn get_or_default<T: std::any::Any + Send + Sync + Default>(&self) -> Option<&T> {
+        self.0.get_or_init(|| Box::<T>::default()).downcast_ref()
+    }
+}
+
+impl Clone for Derived {
+    fn clone(&self) -> Self {
+        Derived::default()
+    }
+}
+
+impl PartialEq for Derived {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Derived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Derived")
     }
 }
 
 impl Alert {
+    /// The synthetic alert a test message carries.
+    pub fn test(webhook: &ObjectKey, now: &str) -> Alert {
+        let mut alert = Alert {
+            status: AlertStatus::Firing,
+            labels: LabelSet::from([
+                ("alertname".to_string(), "HeraldTest".to_string()),
+                ("severity".to_string(), "info".to_string()),
+                ("namespace".to_string(), webhook.namespace.to_string()),
+            ]),
+            annotations: LabelSet::from([(
+                "summary".to_string(),
+                format!("Test message for webhook {webhook}"),
+            )]),
+            starts_at: now.to_string(),
+            ..Alert::default()
+        };
+        alert.ensure_fingerprint();
+        alert
+    }
+
     /// The alert's name (`alertname` label), empty when absent.
     pub fn name(&self) -> &str {
         self.labels.get("alertname").unwrap_or("")
@@ -158,17 +154,17 @@ impl Alert {
     /// shared by its deliveries). `None` only if it cannot be written (strings and string maps
     /// always can).
     pub fn json(&self) -> Option<&serde_json::value::RawValue> {
-        written_once(&self.renderings.json, &AlertFromParts(self))
+        written_once(&self.written.whole, &AlertFromParts(self))
     }
 
     /// The alert's labels as JSON, written once (see [`Alert::json`]).
     pub fn labels_json(&self) -> Option<&serde_json::value::RawValue> {
-        written_once(&self.renderings.labels_json, &self.labels)
+        written_once(&self.written.labels, &self.labels)
     }
 
     /// The alert's annotations as JSON, written once (see [`Alert::json`]).
     pub fn annotations_json(&self) -> Option<&serde_json::value::RawValue> {
-        written_once(&self.renderings.annotations_json, &self.annotations)
+        written_once(&self.written.annotations, &self.annotations)
     }
 
     /// Fills in the fingerprint from the labels when the sender gave none.
@@ -392,7 +388,8 @@ impl PostableAlert {
             ends_at,
             generator_url: self.generator_url.unwrap_or_default(),
             fingerprint: String::new(),
-            renderings: AlertRenderings::default(),
+            written: WrittenJson::default(),
+            derived: Derived::default(),
         };
         alert.ensure_fingerprint();
         alert
@@ -445,6 +442,9 @@ impl From<AlertmanagerPayload> for AlertBatch {
     }
 }
 
+/// The request body limit by default (`--body-limit`): 4 MiB.
+pub const DEFAULT_BODY_LIMIT: usize = 4 * 1024 * 1024;
+
 /// Bounds on what one request may carry, beyond the body size.
 #[derive(Clone, Copy, Debug)]
 pub struct PayloadLimits {
@@ -465,7 +465,7 @@ impl Default for PayloadLimits {
             max_alerts: 10_000,
             max_labels: 256,
             max_name_bytes: 1024,
-            max_value_bytes: crate::receiver::DEFAULT_BODY_LIMIT,
+            max_value_bytes: DEFAULT_BODY_LIMIT,
         }
     }
 }

@@ -10,10 +10,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::alert;
-use crate::delivery::{EngineConfig, ReportOutcome, RetryPolicy};
-use crate::herald::Herald;
+use crate::delivery::{EngineConfig, RetryPolicy};
+use crate::dispatch::Dispatcher;
+use crate::object::ObjectKey;
+use crate::outgoing::ReportOutcome;
 use crate::receiver::{self, ReceiverConfig};
-use crate::routing::{ObjectKey, Subject};
+use crate::routing::Subject;
 use crate::secret::Sensitive;
 use crate::standalone::{self, DEFAULT_NAMESPACE, Loader, Manifests};
 use crate::store::{RecordLimits, Store};
@@ -283,7 +285,7 @@ impl CoreArgs {
         &self,
         cluster_namespaces: &[String],
         loopback: bool,
-    ) -> anyhow::Result<Herald> {
+    ) -> anyhow::Result<Dispatcher> {
         template_workers(self.template_memory_mib);
         let limits = RecordLimits {
             per_webhook: self.records_per_webhook,
@@ -299,7 +301,7 @@ impl CoreArgs {
                 .with_context(|| format!("opening the delivery store in {}", dir.display()))?,
             (None, None) => Store::memory(limits),
         };
-        Ok(Herald::with_store(
+        Ok(Dispatcher::with_store(
             cluster_namespaces.iter().cloned(),
             self.engine_config(),
             std::sync::Arc::new(store),
@@ -310,7 +312,7 @@ impl CoreArgs {
     /// Serves the admin router until `cancel` fires.
     async fn serve_admin(
         &self,
-        herald: &Herald,
+        herald: &Dispatcher,
         cancel: CancellationToken,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let listener = tokio::net::TcpListener::bind(self.admin_listen)
@@ -369,7 +371,7 @@ pub struct ReceiverArgs {
     #[arg(long, env = "HERALD_RECEIVER_TOKEN_FILE")]
     pub receiver_token_file: Option<PathBuf>,
     /// Largest accepted request body, in bytes.
-    #[arg(long, default_value_t = receiver::DEFAULT_BODY_LIMIT)]
+    #[arg(long, default_value_t = alert::DEFAULT_BODY_LIMIT)]
     pub body_limit: usize,
     /// How long a request waits for room when --max-pending deliveries are pending, before
     /// the receiver answers 503 (0s: at once).
@@ -415,7 +417,7 @@ impl ReceiverArgs {
     /// Serves `/metrics` on its own listener until `cancel` fires, when one is asked for.
     async fn serve_metrics(
         &self,
-        herald: &Herald,
+        herald: &Dispatcher,
         cancel: CancellationToken,
     ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
         let Some(address) = self.metrics_listen else {
@@ -649,7 +651,7 @@ pub async fn shutdown_signal() {
 /// Binds the receiver's listener.
 async fn bind_receiver(
     addr: SocketAddr,
-    herald: &Herald,
+    herald: &Dispatcher,
 ) -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -664,7 +666,7 @@ async fn bind_receiver(
 /// Serves the receiver until SIGTERM or Ctrl-C, then cancels `cancel` for everything else.
 async fn serve_receiver(
     listener: tokio::net::TcpListener,
-    herald: &Herald,
+    herald: &Dispatcher,
     config: ReceiverConfig,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -736,9 +738,9 @@ async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
 fn load_checked(
     dir: &std::path::Path,
     cluster_namespaces: &[String],
-) -> anyhow::Result<(Herald, Manifests)> {
+) -> anyhow::Result<(Dispatcher, Manifests)> {
     let manifests = Manifests::load(dir).with_context(|| format!("reading {}", dir.display()))?;
-    let herald = Herald::new(cluster_namespaces.iter().cloned(), EngineConfig::default())
+    let herald = Dispatcher::new(cluster_namespaces.iter().cloned(), EngineConfig::default())
         .with_policy(crate::delivery::TargetPolicy::allowing_loopback());
     let mut loader = Loader::new(dir);
     loader
@@ -762,7 +764,7 @@ async fn trial_render(webhook: &crate::crd::Webhook) -> Option<String> {
         Err(_) => return None,
     };
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    let alerts = [Arc::new(crate::render::test_alert(&key, &now))];
+    let alerts = [Arc::new(crate::alert::Alert::test(&key, &now))];
     let content = crate::render::Content {
         webhook: &key,
         kind: webhook.spec.kind,
@@ -880,7 +882,7 @@ async fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
     };
     let key = ObjectKey::new(args.namespace.as_str(), args.name.as_str());
     template_workers(DEFAULT_TEMPLATE_MEMORY_MIB);
-    let herald = Herald::new([args.namespace.clone()], EngineConfig::default())
+    let herald = Dispatcher::new([args.namespace.clone()], EngineConfig::default())
         .with_policy(crate::delivery::TargetPolicy::allowing_loopback());
     let mut loader = Loader::new(config);
     let report = loader
@@ -938,9 +940,6 @@ fn hostname() -> String {
 }
 
 async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
-    use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
-
     let client = kube_client(args.kubeconfig.as_deref()).await?;
     let cluster_namespaces = if args.cluster_namespaces.is_empty() {
         vec![args.namespace.clone()]
@@ -952,9 +951,10 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let cancel = CancellationToken::new();
     let admin = args.core.serve_admin(&herald, cancel.clone()).await?;
     let metrics = args.receiver.serve_metrics(&herald, cancel.clone()).await?;
-    let leader = Arc::new(AtomicBool::new(!args.leader_election));
-    let (elected_tx, elected_rx) = tokio::sync::mpsc::unbounded_channel();
-    let election = if args.leader_election {
+    // Leadership: true while this replica leads (always, without an election).
+    let (leader, leading) = tokio::sync::watch::channel(!args.leader_election);
+    let bookmark = crate::controller::leader::EventsBookmark::default();
+    let election = args.leader_election.then(|| {
         let config = crate::controller::leader::LeaseConfig {
             namespace: args.namespace.clone(),
             name: args.lease_name.clone(),
@@ -962,19 +962,14 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             duration: Duration::from_secs(15),
             retry_period: Duration::from_secs(2),
         };
-        Some(tokio::spawn(crate::controller::leader::run(
+        tokio::spawn(crate::controller::leader::run(
             client.clone(),
             config,
-            leader.clone(),
-            move || {
-                let _ = elected_tx.send(());
-            },
+            leader,
+            bookmark.clone(),
             cancel.clone(),
-        )))
-    } else {
-        drop(elected_tx);
-        None
-    };
+        ))
+    });
     let controller = tokio::spawn(crate::controller::run(
         client,
         herald.clone(),
@@ -984,8 +979,8 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             status_interval: args.status_interval,
             watch_events: args.events,
         },
-        leader,
-        elected_rx,
+        leading,
+        bookmark,
         cancel.clone(),
     ));
 

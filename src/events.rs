@@ -66,7 +66,8 @@ pub fn to_alert(event: &Event) -> Option<Alert> {
         ends_at: String::new(),
         generator_url: String::new(),
         fingerprint: format!("{uid}/{}", occurrences(event)),
-        renderings: Default::default(),
+        written: Default::default(),
+        derived: Default::default(),
     })
 }
 

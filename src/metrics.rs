@@ -1,14 +1,15 @@
 //! Prometheus metrics. Labels carry only namespaces, names, endpoints, outcomes and reasons:
 //! never a URL, a header value or a credential.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::routing::ObjectKey;
+use crate::object::ObjectKey;
 
 /// Labels of receiver counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -91,12 +92,12 @@ pub struct Metrics {
     pub delivery_duration: Family<NamespaceLabels, Histogram>,
     /// Deliveries waiting in a webhook's queue.
     pub queue_depth: Family<WebhookLabels, Gauge>,
-    /// Webhooks by readiness.
-    pub webhooks: Family<ReadyLabels, Gauge>,
     /// 1 while a webhook's circuit breaker holds deliveries back; absent while it is closed.
     pub circuit_open: Family<WebhookLabels, Gauge>,
     /// Requests the receiver refused.
     pub receiver_rejected: Family<ReasonLabels, Counter>,
+    /// The controller's reconciles and watches.
+    pub controller: ControllerMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -105,15 +106,41 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
+/// Where the `herald_webhooks` gauge is read from at each scrape, so that it is never stale.
+pub trait WebhookReadiness: std::fmt::Debug + Send + Sync + 'static {
+    /// How many webhooks are ready, and how many are not.
+    fn count(&self) -> (usize, usize);
+}
+
+/// Writes `herald_webhooks{ready}` from its source at scrape time.
+#[derive(Debug)]
+struct WebhooksCollector<R>(R);
+
+impl<R: WebhookReadiness> Collector for WebhooksCollector<R> {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (ready, not_ready) = self.0.count();
+        let gauge = ConstGauge::new(0i64);
+        let mut family = encoder.encode_descriptor(
+            "webhooks",
+            "Webhooks by readiness",
+            None,
+            gauge.metric_type(),
+        )?;
+        for (label, n) in [("true", ready), ("false", not_ready)] {
+            let labels = ReadyLabels {
+                ready: label.to_string(),
+            };
+            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 
 impl Metrics {
-    /// Creates and registers every metric.
-    pub fn new() -> Self {
+    /// Creates and registers every metric; `herald_webhooks` is read from `readiness` at each
+    /// scrape.
+    pub fn new(readiness: impl WebhookReadiness) -> Self {
         let mut registry = Registry::with_prefix("herald");
         let alerts_received = Family::<EndpointLabels, Counter>::default();
         registry.register(
@@ -143,8 +170,7 @@ impl Metrics {
             "Deliveries waiting in each webhook's queue",
             queue_depth.clone(),
         );
-        let webhooks = Family::<ReadyLabels, Gauge>::default();
-        registry.register("webhooks", "Webhooks by readiness", webhooks.clone());
+        registry.register_collector(Box::new(WebhooksCollector(readiness)));
         let circuit_open = Family::<WebhookLabels, Gauge>::default();
         registry.register(
             "circuit_open",
@@ -157,13 +183,14 @@ impl Metrics {
             "Requests refused by the receiver, by reason",
             receiver_rejected.clone(),
         );
+        let controller = ControllerMetrics::register(&mut registry);
         Metrics {
             registry,
+            controller,
             alerts_received,
             deliveries,
             delivery_duration,
             queue_depth,
-            webhooks,
             circuit_open,
             receiver_rejected,
         }
@@ -210,17 +237,6 @@ impl Metrics {
             .inc();
     }
 
-    /// Sets the number of ready and not ready webhooks.
-    pub fn set_webhooks(&self, ready: usize, not_ready: usize) {
-        for (label, n) in [("true", ready), ("false", not_ready)] {
-            self.webhooks
-                .get_or_create(&ReadyLabels {
-                    ready: label.to_string(),
-                })
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
-        }
-    }
-
     /// Forgets the gauges of a webhook that no longer delivers (its counters stay).
     pub fn forget_webhook_gauges(&self, key: &ObjectKey) {
         let labels = WebhookLabels::from(key);
@@ -252,6 +268,106 @@ impl Metrics {
     /// OpenMetrics: counter families carry their `_total` name, and there is no `# EOF`.
     pub fn encode_prometheus_text(&self) -> String {
         openmetrics_to_text(&self.encode())
+    }
+}
+
+/// Labels naming a watched kind (`Webhook`, `NotificationCondition`, `Secret`, `Event`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// The kind.
+    pub kind: String,
+}
+
+/// Labels of a failed reconcile.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindErrorLabels {
+    /// The kind reconciled.
+    pub kind: String,
+    /// What failed (a short snake_case label of the error).
+    pub error: String,
+}
+
+/// The controller's own health: how often it reconciles and how long that takes, what fails,
+/// and how often its watches fail or list again.
+#[derive(Clone, Debug)]
+pub struct ControllerMetrics {
+    /// Reconciles by kind.
+    pub reconciles: Family<KindLabels, Counter>,
+    /// Failed reconciles by kind and error.
+    pub reconcile_errors: Family<KindErrorLabels, Counter>,
+    /// Time from a change to its reconcile's end (Secret reads included), by kind.
+    pub reconcile_duration: Family<KindLabels, Histogram>,
+    /// Watch errors by kind (each watch retries with backoff).
+    pub watch_errors: Family<KindLabels, Counter>,
+    /// Lists after the first, by kind: a watch that lost its place starts again from a list.
+    pub watch_restarts: Family<KindLabels, Counter>,
+}
+
+impl ControllerMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = ControllerMetrics {
+            reconciles: Family::default(),
+            reconcile_errors: Family::default(),
+            reconcile_duration: Family::new_with_constructor(|| {
+                Histogram::new([0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0])
+            }),
+            watch_errors: Family::default(),
+            watch_restarts: Family::default(),
+        };
+        let m = &metrics;
+        registry.register("reconciles", "Reconciles by kind", m.reconciles.clone());
+        let help = "Failed reconciles by kind and error";
+        registry.register("reconcile_errors", help, m.reconcile_errors.clone());
+        let help = "Time from a change to the end of its reconcile, by kind";
+        registry.register(
+            "reconcile_duration_seconds",
+            help,
+            m.reconcile_duration.clone(),
+        );
+        let help = "Watch errors by kind (the watch retries)";
+        registry.register("watch_errors", help, m.watch_errors.clone());
+        let help = "Lists after the first, by kind";
+        registry.register("watch_restarts", help, m.watch_restarts.clone());
+        metrics
+    }
+
+    fn kind(kind: &str) -> KindLabels {
+        KindLabels {
+            kind: kind.to_string(),
+        }
+    }
+
+    /// Counts one reconcile of `kind` that took `seconds`, and its error if it failed.
+    pub fn reconciled(&self, kind: &str, seconds: f64, error: Option<&str>) {
+        let labels = Self::kind(kind);
+        self.reconciles.get_or_create(&labels).inc();
+        self.reconcile_duration
+            .get_or_create(&labels)
+            .observe(seconds);
+        if let Some(error) = error {
+            self.error(kind, error);
+        }
+    }
+
+    /// Counts a failure of the controller's work on `kind` outside a reconcile's count (a status
+    /// write, queueing a Kubernetes Event).
+    pub fn error(&self, kind: &str, error: &str) {
+        self.reconcile_errors
+            .get_or_create(&KindErrorLabels {
+                kind: kind.to_string(),
+                error: error.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a watch error.
+    pub fn watch_error(&self, kind: &str) {
+        self.watch_errors.get_or_create(&Self::kind(kind)).inc();
+    }
+
+    /// Counts a list after the first.
+    pub fn watch_restart(&self, kind: &str) {
+        self.watch_restarts.get_or_create(&Self::kind(kind)).inc();
     }
 }
 
@@ -287,9 +403,33 @@ pub fn openmetrics_to_text(openmetrics: &str) -> String {
 mod tests {
     use super::*;
 
+    #[derive(Debug)]
+    struct Fixed(usize, usize);
+
+    impl WebhookReadiness for Fixed {
+        fn count(&self) -> (usize, usize) {
+            (self.0, self.1)
+        }
+    }
+
+    #[test]
+    fn webhooks_are_counted_at_scrape_time() {
+        let metrics = Metrics::new(Fixed(3, 1));
+        let text = metrics.encode();
+        assert!(text.contains("# TYPE herald_webhooks gauge"), "{text}");
+        assert!(
+            text.contains(r#"herald_webhooks{ready="true"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"herald_webhooks{ready="false"} 1"#),
+            "{text}"
+        );
+    }
+
     #[test]
     fn text_format_names_counters_with_total_and_has_no_eof() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(Fixed(0, 0));
         metrics.rejected("too_large");
         let text = metrics.encode_prometheus_text();
         assert!(

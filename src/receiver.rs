@@ -12,13 +12,10 @@ use axum::routing::{get, post};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::alert::{self, AlertBatch, ParseError};
+use crate::alert::{self, AlertBatch, DEFAULT_BODY_LIMIT, ParseError};
 use crate::crd::WebhookType;
-use crate::herald::Herald;
+use crate::dispatch::Dispatcher;
 use crate::secret::Sensitive;
-
-/// Default request body limit: 4 MiB.
-pub const DEFAULT_BODY_LIMIT: usize = 4 * 1024 * 1024;
 
 /// Receiver settings.
 #[derive(Clone, Debug)]
@@ -60,7 +57,7 @@ impl Default for ReceiverConfig {
 
 #[derive(Clone)]
 struct AppState {
-    herald: Herald,
+    herald: Dispatcher,
     config: ReceiverConfig,
     token_file: std::sync::Arc<std::sync::Mutex<TokenFile>>,
 }
@@ -107,7 +104,7 @@ impl AppState {
 }
 
 /// The receiver's router.
-pub fn router(herald: Herald, config: ReceiverConfig) -> Router {
+pub fn router(herald: Dispatcher, config: ReceiverConfig) -> Router {
     let timeout = config.request_timeout;
     let router = Router::new()
         .route("/api/v1/alerts", post(alertmanager_v1))
@@ -133,7 +130,7 @@ pub fn router(herald: Herald, config: ReceiverConfig) -> Router {
 }
 
 /// A router serving only `/metrics` (for a listener of its own).
-pub fn metrics_router(herald: Herald) -> Router {
+pub fn metrics_router(herald: Dispatcher) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .with_state(AppState {
@@ -179,7 +176,6 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    state.herald.refresh_gauges();
     let openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

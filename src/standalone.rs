@@ -13,10 +13,12 @@ use kube::ResourceExt;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
+use crate::controller::relist::Relist;
 use crate::crd::{NotificationCondition, Webhook};
 use crate::delivery::referenced_secrets;
-use crate::herald::Herald;
-use crate::routing::{ConditionInput, NotReady, ObjectKey};
+use crate::dispatch::Dispatcher;
+use crate::object::{NotReady, ObjectKey};
+use crate::routing::ConditionInput;
 use crate::secret::SecretData;
 
 /// The namespace of a manifest that names none.
@@ -280,8 +282,10 @@ fn object_key(
 #[derive(Debug)]
 pub struct Loader {
     dir: PathBuf,
-    webhooks: HashMap<ObjectKey, u64>,
-    conditions: HashMap<ObjectKey, u64>,
+    /// The fingerprint of each Webhook applied (its spec, labels and Secrets).
+    webhooks: Relist<u64>,
+    /// The fingerprint of each condition applied.
+    conditions: Relist<u64>,
     content: Option<u64>,
 }
 
@@ -311,8 +315,8 @@ impl Loader {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Loader {
             dir: dir.into(),
-            webhooks: HashMap::new(),
-            conditions: HashMap::new(),
+            webhooks: Relist::default(),
+            conditions: Relist::default(),
             content: None,
         }
     }
@@ -330,7 +334,10 @@ impl Loader {
     }
 
     /// Reloads when the folder's content changed since the last load; `None` when unchanged.
-    pub fn reload_if_changed(&mut self, herald: &Herald) -> std::io::Result<Option<ReloadReport>> {
+    pub fn reload_if_changed(
+        &mut self,
+        herald: &Dispatcher,
+    ) -> std::io::Result<Option<ReloadReport>> {
         let digest = self.content_digest()?;
         if self.content == Some(digest) {
             return Ok(None);
@@ -341,7 +348,7 @@ impl Loader {
     }
 
     /// Reads the folder and applies every change to the core.
-    pub fn reload(&mut self, herald: &Herald) -> std::io::Result<ReloadReport> {
+    pub fn reload(&mut self, herald: &Dispatcher) -> std::io::Result<ReloadReport> {
         let Manifests {
             webhooks: manifest_webhooks,
             conditions: manifest_conditions,
@@ -354,21 +361,17 @@ impl Loader {
         };
 
         // Manifests are consumed as they are applied: the parsed objects and the table never
-        // both hold everything.
-        let mut conditions = HashMap::new();
+        // both hold everything. Each reading is a list: what it does not name is gone.
+        self.conditions.begin();
         for nc in manifest_conditions {
             let key = ObjectKey::new(nc.namespace().unwrap_or_default(), nc.name_any());
             let fp = fingerprint(&[&serde_json::to_vec(&nc.spec).unwrap_or_default()]);
-            if self.conditions.get(&key) != Some(&fp) {
-                herald.apply_condition(ConditionInput {
-                    key: key.clone(),
-                    spec: nc.spec,
-                });
+            if self.conditions.apply(key.clone(), fp) != Some(fp) {
+                herald.apply_condition(ConditionInput { key, spec: nc.spec });
             }
-            conditions.insert(key, fp);
         }
 
-        let mut webhooks = HashMap::new();
+        self.webhooks.begin();
         for wh in manifest_webhooks {
             let wh = *wh;
             let key = ObjectKey::new(wh.namespace().unwrap_or_default(), wh.name_any());
@@ -386,7 +389,7 @@ impl Loader {
                 );
             }
             let fp = fingerprint(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>());
-            if self.webhooks.get(&key) != Some(&fp) {
+            if self.webhooks.apply(key.clone(), fp) != Some(fp) {
                 // Readiness is collected for every webhook below.
                 let _readiness = herald.apply_webhook(
                     key.clone(),
@@ -396,23 +399,16 @@ impl Loader {
                 );
                 report.applied += 1;
             }
-            webhooks.insert(key, fp);
         }
 
-        for key in self.webhooks.keys().filter(|k| !webhooks.contains_key(*k)) {
-            herald.delete_webhook(key);
+        for (key, _) in self.webhooks.finish() {
+            herald.delete_webhook(&key);
             report.removed += 1;
         }
-        for key in self
-            .conditions
-            .keys()
-            .filter(|k| !conditions.contains_key(*k))
-        {
-            herald.delete_condition(key);
+        for (key, _) in self.conditions.finish() {
+            herald.delete_condition(&key);
             report.removed += 1;
         }
-        self.webhooks = webhooks;
-        self.conditions = conditions;
 
         let table = herald.table();
         for key in table.webhook_keys() {
@@ -443,7 +439,7 @@ pub fn log_report(report: &ReloadReport) {
 /// Reloads the folder every `interval` until `cancel` fires.
 pub async fn watch(
     mut loader: Loader,
-    herald: Herald,
+    herald: Dispatcher,
     interval: Duration,
     cancel: CancellationToken,
 ) {

@@ -4,18 +4,12 @@
 //!
 //! Needs Debian's `prometheus-alertmanager` and `prometheus` packages.
 
-#[path = "support/alertmanager.rs"]
-mod alertmanager;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use alertmanager::{Alertmanager, Prometheus};
-use process::Running;
+use cli::Running;
+use herald_testkit::{alertmanager, cli, sink};
 use serde_json::{Value, json};
 use sink::{Received, Sink};
 

@@ -3,19 +3,14 @@
 //! each platform's documented message schema, signing, size limits, mentions, keywords and
 //! Slack's escaping.
 
-#[path = "support/core.rs"]
-mod core;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::time::Duration;
 
 use base64::Engine as _;
 use herald::crd::WebhookType;
-use herald::delivery::{EngineConfig, ReportOutcome, RetryPolicy};
-use herald::herald::Herald;
+use herald::delivery::{EngineConfig, RetryPolicy};
+use herald::dispatch::Dispatcher;
+use herald::outgoing::ReportOutcome;
+use herald_testkit::{cli, core, sink};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sink::{Reply, Sink};
@@ -25,7 +20,7 @@ use crate::core::apply;
 const WAIT: Duration = Duration::from_secs(20);
 
 /// One alert to every webhook (the default namespace's webhooks take any alert).
-fn send(herald: &Herald, labels: &[(&str, &str)], annotations: &[(&str, &str)]) {
+fn send(herald: &Dispatcher, labels: &[(&str, &str)], annotations: &[(&str, &str)]) {
     let mut batch = core::batch(&[labels]);
     batch.alerts[0].annotations = annotations
         .iter()
@@ -37,7 +32,7 @@ fn send(herald: &Herald, labels: &[(&str, &str)], annotations: &[(&str, &str)]) 
 }
 
 /// A webhook named `name` in `format` (and `extra` spec fields) pointing at the sink.
-fn robot(herald: &Herald, name: &str, format: &str, sink: &Sink, extra: &str) {
+fn robot(herald: &Dispatcher, name: &str, format: &str, sink: &Sink, extra: &str) {
     apply(
         herald,
         &format!(
@@ -111,7 +106,7 @@ async fn each_platform_answer_is_read_rate_limits_retried_and_refusals_final() {
         let format = platform.format;
         // A platform's block (10 minutes for DingTalk) is waited out in full, up to the time a
         // delivery is retried at all: 3 s here.
-        let herald = Herald::new(
+        let herald = Dispatcher::new(
             ["monitoring".to_string()],
             EngineConfig {
                 retry: RetryPolicy {
@@ -185,7 +180,7 @@ async fn a_robot_refusing_the_test_message_makes_herald_test_fail() {
     .expect("write");
     let config = dir.path().to_str().expect("path").to_string();
     let out = tokio::task::spawn_blocking(move || {
-        process::herald(&["test", "ding", "-n", "monitoring", "--config", &config])
+        cli::herald(&["test", "ding", "-n", "monitoring", "--config", &config])
     })
     .await
     .expect("join");
@@ -218,7 +213,7 @@ fn string<'a>(value: &'a Value, what: &str) -> &'a str {
 
 /// The four robots (`ding`, `wecom`, `feishu`, `slack`), each with its own sink answering
 /// "taken", and `extra` spec fields per robot.
-async fn four_robots(herald: &Herald, extra: [&str; 4]) -> [Sink; 4] {
+async fn four_robots(herald: &Dispatcher, extra: [&str; 4]) -> [Sink; 4] {
     let sinks = [
         Sink::http().await,
         Sink::http().await,
@@ -370,7 +365,7 @@ async fn test_messages_carry_the_keyword() {
         &sink,
         ", chat: {keyword: HeraldAlert}",
     );
-    let key = herald::routing::ObjectKey::new("monitoring", "ding");
+    let key = herald::object::ObjectKey::new("monitoring", "ding");
     let report = herald.send_test(&key).await.expect("sent");
     assert_eq!(report.outcome, ReportOutcome::Succeeded, "{report:?}");
     let body = sink.received()[0].json();

@@ -2,14 +2,12 @@
 //! through kube-rs and through kubectl. Needs `hack/build-tools.sh` to have
 //! run; a missing binary fails the tests, it never skips them.
 
-#[path = "support/control_plane.rs"]
-mod control_plane;
-
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
 use control_plane::ControlPlane;
+use herald_testkit::control_plane;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ObjectMeta, PostParams};
 

@@ -1,19 +1,11 @@
 //! `herald controller` against a real kube-apiserver and etcd on loopback. Each test works in
 //! namespaces of its own and runs its own controller process watching only those.
 
-#[path = "support/cluster.rs"]
-mod cluster;
-#[path = "support/control_plane.rs"]
-mod control_plane;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::time::Duration;
 
 use cluster::{Controller, apply, kubectl, kubectl_stdin, ready_is, wait_webhook};
 use herald::crd::{DeliveryOutcome, Webhook};
+use herald_testkit::{cli, cluster, sink};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -226,6 +218,25 @@ async fn webhooks_follow_create_modify_disable_enable_delete() {
     let last = status.last_delivery.expect("lastDelivery");
     assert_eq!(last.outcome, DeliveryOutcome::Succeeded);
     assert_eq!(last.http_status, Some(200));
+    // Exactly B and D reached the second URL: nothing while disabled, nothing twice.
+    let alertnames: Vec<String> = second
+        .received()
+        .iter()
+        .flat_map(|r| {
+            r.json()["alerts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| {
+                    a["labels"]["alertname"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(alertnames, ["B", "D"], "deliveries to the second URL");
 
     // Delete.
     let out = kubectl(&["delete", "webhook", "hook", "-n", ns]);
@@ -411,7 +422,7 @@ async fn wait_event(client: &kube::Client, ns: &str, what: &str, wanted: impl Fn
 async fn herald_test_in_cluster(ns: &'static str, name: &'static str) -> std::process::Output {
     let kubeconfig = cluster::plane().kubeconfig.to_string_lossy().into_owned();
     tokio::task::spawn_blocking(move || {
-        std::process::Command::new(process::binary())
+        std::process::Command::new(cli::binary())
             .args([
                 "test",
                 name,
@@ -639,9 +650,11 @@ async fn a_restarted_controller_rebuilds_the_same_table_and_keeps_status() {
     let ns = "restart";
     cluster::namespace(&client, ns).await;
     let sink = Sink::http().await;
-    apply(&format!(
-        "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: crit, namespace: {ns}}}\nspec: {{matchExpressions: [{{key: severity, operator: In, values: [critical]}}]}}\n"
-    ));
+    for (name, severity) in [("crit", "critical"), ("warn", "warning")] {
+        apply(&format!(
+            "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{matchExpressions: [{{key: severity, operator: In, values: [{severity}]}}]}}\n"
+        ));
+    }
     for i in 0..5 {
         apply(&webhook(
             ns,
@@ -649,6 +662,15 @@ async fn a_restarted_controller_rebuilds_the_same_table_and_keeps_status() {
             &format!("{{url: '{}', conditions: [crit]}}", sink.url()),
         ));
     }
+    // Gets only warnings, so its status shows what the first controller delivered.
+    let quiet = |headers: &str| {
+        webhook(
+            ns,
+            "quiet",
+            &format!("{{url: '{}', conditions: [warn]{headers}}}", sink.url()),
+        )
+    };
+    apply(&quiet(""));
     apply(&webhook(
         ns,
         "broken",
@@ -658,7 +680,10 @@ async fn a_restarted_controller_rebuilds_the_same_table_and_keeps_status() {
 
     let first = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
     first.post_until_delivered(alert.clone(), 5).await;
-    wait_webhook(&client, ns, "hook-0", "showing a delivery", |w| {
+    first
+        .post_until_delivered(json!({"alertname": "W", "severity": "warning"}), 1)
+        .await;
+    wait_webhook(&client, ns, "quiet", "showing a delivery", |w| {
         w.status
             .as_ref()
             .and_then(|s| s.last_delivery.as_ref())
@@ -666,24 +691,37 @@ async fn a_restarted_controller_rebuilds_the_same_table_and_keeps_status() {
     })
     .await;
     first.stop();
+    let api: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    let delivered_by_first = api
+        .get("quiet")
+        .await
+        .expect("get")
+        .status
+        .and_then(|s| s.last_delivery)
+        .expect("lastDelivery written by the first controller");
 
     let second = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
     // Ready right after start: the table is complete, no waiting for watch events.
     let reply = second.post(&[alert]).await;
     assert_eq!(reply["deliveries"], 5, "{reply}");
+    // The second controller writes quiet's status for a new generation (a header, nothing
+    // that changes routing) before it has delivered anything there: the first controller's
+    // lastDelivery must be kept as it was.
+    apply(&quiet(", headers: {X-Restarted: 'yes'}"));
+    let rewritten = wait_webhook(&client, ns, "quiet", "Ready at generation 2", |w| {
+        ready_is(w, "True", "Ready") && w.metadata.generation == Some(2)
+    })
+    .await;
+    assert_eq!(
+        rewritten.status.and_then(|s| s.last_delivery),
+        Some(delivered_by_first),
+        "the restart changed or erased lastDelivery"
+    );
     let broken = wait_webhook(&client, ns, "broken", "ConditionNotFound", |w| {
         ready_is(w, "False", "ConditionNotFound")
     })
     .await;
     assert!(broken.status.is_some());
-    // The restart kept lastDelivery written by the first controller.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let api: Api<Webhook> = Api::namespaced(client.clone(), ns);
-    let kept = api.get("hook-0").await.expect("get");
-    assert!(
-        kept.status.and_then(|s| s.last_delivery).is_some(),
-        "restart erased lastDelivery"
-    );
 }
 
 #[tokio::test]
@@ -1034,4 +1072,462 @@ async fn deliver_one_that_fails(
             .is_some_and(|d| d.outcome == DeliveryOutcome::Failed)
     })
     .await
+}
+
+/// The NotificationCondition as (Ready status, message, whether observedGeneration is current).
+async fn condition_ready(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> Option<(String, String, bool)> {
+    use herald::crd::NotificationCondition;
+    let api: Api<NotificationCondition> = Api::namespaced(client.clone(), ns);
+    let condition = api.get(name).await.expect("get condition");
+    let status = condition.status?;
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+    let current = status.observed_generation == condition.metadata.generation
+        && ready.observed_generation == condition.metadata.generation;
+    Some((ready.status.clone(), ready.message.clone(), current))
+}
+
+/// Waits (bounded) until a condition's current Ready is True with this message.
+async fn wait_condition_message(client: &kube::Client, ns: &str, name: &str, message: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let seen = condition_ready(client, ns, name).await;
+        if seen == Some(("True".to_string(), message.to_string(), true)) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition {ns}/{name} never showed {message:?}; last seen {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn conditions_show_ready_with_the_webhooks_that_use_them() {
+    let client = cluster::client().await;
+    let ns = "condition-status";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    let _controller = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
+    apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: crit, namespace: {ns}}}\nspec: {{matchExpressions: [{{key: severity, operator: In, values: [critical]}}]}}\n"
+    ));
+    apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: team-x, namespace: {ns}}}\nspec: {{matchExpressions: [{{key: team, operator: Exists}}], webhookSelector: {{matchLabels: {{team: x}}}}}}\n"
+    ));
+    apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: unused, namespace: {ns}}}\nspec: {{matchExpressions: [{{key: team, operator: Exists}}]}}\n"
+    ));
+    wait_condition_message(&client, ns, "unused", "used by no Webhook").await;
+    for name in ["a", "b"] {
+        apply(&webhook(
+            ns,
+            name,
+            &format!("{{url: '{}', conditions: [crit]}}", sink.url()),
+        ));
+    }
+    apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: Webhook\nmetadata: {{name: c, namespace: {ns}, labels: {{team: x}}}}\nspec: {{url: '{}'}}\n",
+        sink.url()
+    ));
+    wait_condition_message(&client, ns, "crit", "used by 2 Webhook(s): a, b").await;
+    wait_condition_message(&client, ns, "team-x", "used by 1 Webhook(s): c").await;
+    wait_condition_message(&client, ns, "unused", "used by no Webhook").await;
+
+    // A deleted user drops out; a new generation is observed.
+    kubectl(&["delete", "webhook", "b", "-n", ns]);
+    wait_condition_message(&client, ns, "crit", "used by 1 Webhook(s): a").await;
+    apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: crit, namespace: {ns}}}\nspec: {{matchExpressions: [{{key: severity, operator: In, values: [critical, page]}}]}}\n"
+    ));
+    let api: Api<herald::crd::NotificationCondition> = Api::namespaced(client.clone(), ns);
+    assert_eq!(
+        api.get("crit").await.expect("get").metadata.generation,
+        Some(2)
+    );
+    wait_condition_message(&client, ns, "crit", "used by 1 Webhook(s): a").await;
+}
+
+#[tokio::test]
+async fn a_send_test_pending_at_each_restart_always_finds_the_condition() {
+    let client = cluster::client().await;
+    let ns = "restart-tests";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: NotificationCondition\nmetadata: {{name: critical-only, namespace: {ns}}}\nspec: {{matchExpressions: [{{key: severity, operator: In, values: [critical]}}]}}\n"
+    ));
+    apply(&webhook(
+        ns,
+        "hook",
+        &format!("{{url: '{}', conditions: [critical-only]}}", sink.url()),
+    ));
+    let api: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    for round in 0..6 {
+        // Asked for while no controller runs: the next one answers it as it starts.
+        let token = format!("restart-{round}");
+        api.patch(
+            "hook",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"annotations": {"herald.dev/send-test": token}}})),
+        )
+        .await
+        .expect("annotate");
+        let controller = Controller::start(ns, &[ns], &["--cluster-namespace", ns]).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let test = loop {
+            let current = api.get("hook").await.expect("get");
+            if let Some(test) = current
+                .status
+                .as_ref()
+                .and_then(|s| s.last_test.clone())
+                .filter(|t| t.token == token)
+            {
+                break test;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the test never showed in status: {:#?}\n{}",
+                current.status,
+                controller.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(
+            test.outcome,
+            DeliveryOutcome::Succeeded,
+            "round {round}: {}\n{}",
+            test.message,
+            controller.log()
+        );
+        controller.stop();
+    }
+    let tests = sink
+        .received()
+        .iter()
+        .filter(|r| r.json()["test"] == true)
+        .count();
+    assert_eq!(tests, 6, "one test message per restart");
+}
+
+#[tokio::test]
+async fn a_new_leader_delivers_the_events_created_while_none_ran_once() {
+    use kube::api::PostParams;
+    let client = cluster::client().await;
+    let ns = "events-failover";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    apply(&webhook(
+        ns,
+        "events",
+        &format!(
+            "{{type: Events, url: '{}', eventTypes: [BackOff]}}",
+            sink.url()
+        ),
+    ));
+    let leader_of = || {
+        let out = kubectl(&[
+            "get",
+            "lease",
+            &format!("{ns}-leader"),
+            "-n",
+            "herald",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ]);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let pp = PostParams::default();
+
+    let first = Controller::start(
+        ns,
+        &[ns],
+        &["--cluster-namespace", ns, "--identity", "first"],
+    )
+    .await;
+    wait_webhook(&client, ns, "events", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    assert_eq!(leader_of(), "first");
+    events
+        .create(
+            &pp,
+            &kube_event(ns, "before.1", "BackOff", "Warning", "web"),
+        )
+        .await
+        .expect("create");
+    sink.wait_for(1, WAIT).await;
+    first.stop();
+
+    // No leader runs: these wait for the next one.
+    for name in ["between.1", "between.2"] {
+        events
+            .create(&pp, &kube_event(ns, name, "BackOff", "Warning", "web"))
+            .await
+            .expect("create");
+    }
+    let second = Controller::start(
+        ns,
+        &[ns],
+        &["--cluster-namespace", ns, "--identity", "second"],
+    )
+    .await;
+    // Every alert's fingerprint (uid/count), sorted: requests may merge Events.
+    let fingerprints = |sink: &Sink| -> Vec<String> {
+        let mut all = Vec::new();
+        for request in sink.received() {
+            let body = request.json();
+            for alert in body["alerts"].as_array().into_iter().flatten() {
+                all.push(
+                    alert["fingerprint"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
+        }
+        all.sort();
+        all
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while fingerprints(&sink).len() < 3 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sink.assert_no_more_within(Duration::from_secs(2)).await;
+    assert_eq!(leader_of(), "second");
+    let mut expected = Vec::new();
+    for name in ["before.1", "between.1", "between.2"] {
+        let uid = events
+            .get(name)
+            .await
+            .expect("get")
+            .metadata
+            .uid
+            .expect("uid");
+        expected.push(format!("{uid}/1"));
+    }
+    expected.sort();
+    assert_eq!(
+        fingerprints(&sink),
+        expected,
+        "each Event delivered once, none missed\n{}",
+        second.log()
+    );
+
+    // And a later one still arrives, once.
+    events
+        .create(&pp, &kube_event(ns, "after.1", "BackOff", "Warning", "web"))
+        .await
+        .expect("create");
+    let deadline = std::time::Instant::now() + WAIT;
+    while fingerprints(&sink).len() < 4 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sink.assert_no_more_within(Duration::from_secs(1)).await;
+    assert_eq!(fingerprints(&sink).len(), 4, "{}", second.log());
+}
+
+/// What the API server proxy does with reads of one Secret.
+const PASS: u8 = 0;
+const FAIL: u8 = 1;
+const HANG: u8 = 2;
+
+/// A plain-HTTP proxy in front of the shared API server that lets everything through (with the
+/// admin client's credentials; the controller's impersonation header goes along) except GETs
+/// of single objects below `secrets_path`, which it fails with 500 or holds while `fault` says so. Returns a
+/// kubeconfig for it that impersonates Herald's ServiceAccount.
+async fn faulty_api_proxy(
+    fault: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    secrets_path: String,
+    dir: &std::path::Path,
+) -> std::path::PathBuf {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::Ordering;
+    type ProxyBody = http_body_util::combinators::UnsyncBoxBody<
+        bytes::Bytes,
+        Box<dyn std::error::Error + Send + Sync>,
+    >;
+    let upstream = cluster::client().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind proxy");
+    let addr = listener.local_addr().expect("proxy address");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            let fault = fault.clone();
+            let secrets_path = secrets_path.clone();
+            let service = hyper::service::service_fn(
+                move |request: http::Request<hyper::body::Incoming>| {
+                    let upstream = upstream.clone();
+                    let fault = fault.clone();
+                    let faulty = request.method() == http::Method::GET
+                        && request.uri().path().starts_with(&secrets_path);
+                    async move {
+                        while faulty && fault.load(Ordering::SeqCst) == HANG {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        if faulty && fault.load(Ordering::SeqCst) == FAIL {
+                            let status = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"injected failure","reason":"InternalError","code":500}"#;
+                            let body: ProxyBody =
+                                http_body_util::Full::new(bytes::Bytes::from(status))
+                                    .map_err(|e| match e {})
+                                    .boxed_unsync();
+                            let mut response = http::Response::new(body);
+                            *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                            return Ok::<_, std::convert::Infallible>(response);
+                        }
+                        let (parts, body) = request.into_parts();
+                        let bytes = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let forwarded = http::Request::from_parts(
+                            parts,
+                            kube::client::Body::from(bytes.to_vec()),
+                        );
+                        Ok(match upstream.send(forwarded).await {
+                            Ok(response) => response.map(|b| {
+                                b.map_err(|e| -> Box<dyn std::error::Error + Send + Sync> {
+                                    Box::new(e)
+                                })
+                                .boxed_unsync()
+                            }),
+                            Err(e) => {
+                                let body: ProxyBody =
+                                    http_body_util::Full::new(bytes::Bytes::from(e.to_string()))
+                                        .map_err(|e| match e {})
+                                        .boxed_unsync();
+                                let mut response = http::Response::new(body);
+                                *response.status_mut() = http::StatusCode::BAD_GATEWAY;
+                                response
+                            }
+                        })
+                    }
+                },
+            );
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    });
+    let kubeconfig = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "proxy", "cluster": {"server": format!("http://{addr}")}}],
+        "users": [{"name": "herald", "user": {"as": cluster::SERVICE_ACCOUNT}}],
+        "contexts": [{"name": "proxy", "context": {"cluster": "proxy", "user": "herald"}}],
+        "current-context": "proxy",
+    });
+    let path = dir.join("proxy.kubeconfig");
+    std::fs::write(&path, kubeconfig.to_string()).expect("write kubeconfig");
+    path
+}
+
+#[tokio::test]
+async fn an_unreadable_secret_shows_in_status_is_retried_and_stalls_no_other_webhook() {
+    use std::sync::atomic::Ordering;
+    let client = cluster::client().await;
+    let ns = "secret-faults";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: auth, namespace: {ns}}}\nstringData: {{token: the-token}}\n"
+    ));
+    let fault = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(FAIL));
+    let dir = tempfile::tempdir().expect("dir");
+    let kubeconfig = faulty_api_proxy(
+        fault.clone(),
+        format!("/api/v1/namespaces/{ns}/secrets/"),
+        dir.path(),
+    )
+    .await;
+    let controller =
+        Controller::start_with_kubeconfig(ns, &[ns], &["--cluster-namespace", ns], &kubeconfig)
+            .await;
+    let with_secret = |name: &str| {
+        webhook(
+            ns,
+            name,
+            &format!(
+                "{{url: '{}', auth: {{type: Bearer, secretRef: {{name: auth}}}}}}",
+                sink.url()
+            ),
+        )
+    };
+
+    // A failed read is a clear reason, not "missing".
+    apply(&with_secret("failing"));
+    let failing = wait_webhook(&client, ns, "failing", "SecretUnreadable", |w| {
+        ready_is(w, "False", "SecretUnreadable")
+    })
+    .await;
+    let message = failing
+        .status
+        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.message)
+        .unwrap_or_default();
+    assert!(message.contains("\"auth\""), "{message}");
+    assert!(message.contains("retrying"), "{message}");
+    assert!(!message.contains("the-token"), "{message}");
+
+    // Retried: once the API server answers, the webhook delivers without any change to it.
+    fault.store(PASS, Ordering::SeqCst);
+    wait_webhook(&client, ns, "failing", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    let metrics = reqwest::get(format!("{}/metrics", controller.base))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains(r#"herald_reconcile_errors_total{kind="Webhook",error="secret_read"}"#),
+        "{metrics}"
+    );
+
+    // A read that hangs holds back its own webhook only: others are reconciled meanwhile.
+    fault.store(HANG, Ordering::SeqCst);
+    apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: other-auth, namespace: {ns}}}\nstringData: {{token: the-other-token}}\n"
+    ));
+    apply(&webhook(
+        ns,
+        "held",
+        &format!(
+            "{{url: '{}', auth: {{type: Bearer, secretRef: {{name: other-auth}}}}}}",
+            sink.url()
+        ),
+    ));
+    apply(&webhook(ns, "plain", &format!("{{url: '{}'}}", sink.url())));
+    wait_webhook(&client, ns, "plain", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    let api: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    let held = api.get("held").await.expect("get");
+    assert!(
+        held.status.is_none_or(|s| s.observed_generation.is_none()),
+        "the held webhook was reconciled before its Secret could be read"
+    );
+    fault.store(PASS, Ordering::SeqCst);
+    wait_webhook(&client, ns, "held", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    controller
+        .post_until_delivered(json!({"alertname": "A"}), 3)
+        .await;
 }

@@ -1,15 +1,11 @@
 //! Delivery against real HTTP and HTTPS servers on loopback.
 
-#[path = "support/core.rs"]
-mod core;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::time::Duration;
 
 use herald::crd::WebhookType;
-use herald::delivery::ReportOutcome;
-use herald::routing::NotReadyReason;
+use herald::object::NotReadyReason;
+use herald::outgoing::ReportOutcome;
+use herald_testkit::{core, sink};
 use sink::{Reply, Sink, TestPki};
 
 use crate::core::{apply, batch, core, secret};
@@ -281,13 +277,13 @@ async fn unreachable_endpoint_fails_with_a_connection_error() {
 #[tokio::test]
 async fn a_hanging_endpoint_does_not_hold_up_another_webhook() {
     let hanging = Sink::http().await;
-    hanging.respond_with(vec![Reply::status(200).delay(Duration::from_secs(60))]);
+    hanging.respond_with(vec![Reply::status(200).delay(Duration::from_secs(600))]);
     let healthy = Sink::http().await;
-    let (herald, _) = core();
+    let (herald, reports) = core();
     apply(
         &herald,
         &format!(
-            "metadata: {{name: hanging}}\nspec: {{url: '{}', timeoutSeconds: 30}}",
+            "metadata: {{name: hanging}}\nspec: {{url: '{}', timeoutSeconds: 300}}",
             hanging.url()
         ),
         &[],
@@ -310,10 +306,19 @@ async fn a_hanging_endpoint_does_not_hold_up_another_webhook() {
             )
             .expect("accepted");
     }
-    let got = healthy.wait_for(5, Duration::from_secs(5)).await;
+    let got = healthy.wait_for(5, WAIT).await;
     assert_eq!(got.len(), 5);
-    // The hanging endpoint got its first request and is still holding it.
+    // All five arrived while the hanging endpoint still holds its first request: it has
+    // no outcome yet, and nothing else was sent there.
     assert_eq!(hanging.count(), 1);
+    assert!(
+        reports
+            .all()
+            .iter()
+            .all(|r| r.webhook.to_string() != "monitoring/hanging"),
+        "the hanging delivery ended before the healthy ones arrived: {:?}",
+        reports.all()
+    );
 }
 
 #[tokio::test]
@@ -438,7 +443,7 @@ async fn test_messages_report_status_and_disabled_webhooks_get_none() {
     )
     .expect_err("disabled is not ready");
 
-    let key = |n: &str| herald::routing::ObjectKey::new("monitoring", n);
+    let key = |n: &str| herald::object::ObjectKey::new("monitoring", n);
     let report = herald.send_test(&key("ok")).await.expect("sent");
     assert_eq!(report.outcome, ReportOutcome::Succeeded);
     assert_eq!(report.http_status, Some(200));
@@ -529,19 +534,10 @@ async fn chat_formats_and_templates_reach_sinks_in_their_documented_shapes() {
                 assert_eq!(body["blocks"][0]["type"], "header");
                 assert_eq!(body["blocks"][1]["text"]["type"], "mrkdwn");
             }
-            "dingtalk" => {
-                assert_eq!(body["msgtype"], "markdown");
-                assert!(
-                    body["markdown"]["title"].is_string() && body["markdown"]["text"].is_string()
-                );
-            }
-            "feishu" => {
-                assert_eq!(body["msg_type"], "text");
-                assert!(body["content"]["text"].is_string());
-            }
-            "wecom" => {
-                assert_eq!(body["msgtype"], "markdown");
-                assert!(body["markdown"]["content"].is_string());
+            "dingtalk" | "feishu" | "wecom" => {
+                for text in robot_message_schema(format, &body) {
+                    assert!(text.contains("HighCPU"), "{format}: {text}");
+                }
             }
             other => panic!("{other}"),
         }
@@ -569,4 +565,104 @@ async fn chat_formats_and_templates_reach_sinks_in_their_documented_shapes() {
         0,
         "a body that failed to render is never sent"
     );
+}
+
+/// The keys of a JSON object; fails the test when `value` is not an object.
+fn keys(what: &str, value: &serde_json::Value) -> Vec<String> {
+    let object = value
+        .as_object()
+        .unwrap_or_else(|| panic!("{what} is not an object: {value}"));
+    let mut keys: Vec<String> = object.keys().cloned().collect();
+    keys.sort();
+    keys
+}
+
+/// A non-empty string within `max_bytes` (UTF-8); fails the test otherwise.
+fn text_within(what: &str, value: &serde_json::Value, max_bytes: usize) -> String {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("{what} is not a string: {value}"));
+    assert!(!text.is_empty(), "{what} is empty");
+    assert!(
+        text.len() <= max_bytes,
+        "{what} has {} bytes, over the platform's {max_bytes}",
+        text.len()
+    );
+    text.to_string()
+}
+
+/// Checks a chat robot's body against the platform's documented message schema (every key
+/// known, each required one there with its type, the size limits) and returns its texts.
+///
+/// - DingTalk custom robot, markdown message: `{"msgtype": "markdown", "markdown": {"title",
+///   "text"}, "at": {"atMobiles", "atUserIds", "isAtAll"}}` (open.dingtalk.com, robot
+///   message types); the text within 20,000 bytes.
+/// - Feishu custom bot, text message: `{"msg_type": "text", "content": {"text"}}` plus
+///   `timestamp` and `sign` when signed (open.feishu.cn, custom bot guide); the body within
+///   20 KB.
+/// - WeCom group robot, markdown message: `{"msgtype": "markdown", "markdown": {"content"}}`
+///   (developer.work.weixin.qq.com, group robot configuration); the content within 4096 bytes.
+fn robot_message_schema(platform: &str, body: &serde_json::Value) -> Vec<String> {
+    match platform {
+        "dingtalk" => {
+            let top = keys("dingtalk body", body);
+            assert!(
+                top == ["markdown", "msgtype"] || top == ["at", "markdown", "msgtype"],
+                "dingtalk body keys {top:?}: {body}"
+            );
+            assert_eq!(body["msgtype"], "markdown");
+            assert_eq!(
+                keys("dingtalk markdown", &body["markdown"]),
+                ["text", "title"]
+            );
+            if let Some(at) = body.get("at") {
+                for key in keys("dingtalk at", at) {
+                    match key.as_str() {
+                        "isAtAll" => assert!(at[&key].is_boolean(), "{at}"),
+                        "atMobiles" | "atUserIds" => assert!(
+                            at[&key]
+                                .as_array()
+                                .is_some_and(|list| list.iter().all(|v| v.is_string())),
+                            "{at}"
+                        ),
+                        other => panic!("dingtalk at has an unknown key {other}: {at}"),
+                    }
+                }
+            }
+            vec![
+                text_within("dingtalk title", &body["markdown"]["title"], 20_000),
+                text_within("dingtalk text", &body["markdown"]["text"], 20_000),
+            ]
+        }
+        "feishu" => {
+            let top = keys("feishu body", body);
+            assert!(
+                top == ["content", "msg_type"]
+                    || top == ["content", "msg_type", "sign", "timestamp"],
+                "feishu body keys {top:?}: {body}"
+            );
+            assert_eq!(body["msg_type"], "text");
+            assert_eq!(keys("feishu content", &body["content"]), ["text"]);
+            assert!(
+                body.to_string().len() <= 20 * 1024,
+                "feishu body over 20 KB"
+            );
+            vec![text_within(
+                "feishu text",
+                &body["content"]["text"],
+                20 * 1024,
+            )]
+        }
+        "wecom" => {
+            assert_eq!(keys("wecom body", body), ["markdown", "msgtype"]);
+            assert_eq!(body["msgtype"], "markdown");
+            assert_eq!(keys("wecom markdown", &body["markdown"]), ["content"]);
+            vec![text_within(
+                "wecom content",
+                &body["markdown"]["content"],
+                4096,
+            )]
+        }
+        other => panic!("no schema for {other}"),
+    }
 }

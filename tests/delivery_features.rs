@@ -10,19 +10,6 @@
 //! Missing peers (the venv, tinyproxy, the control plane) fail the tests with the command that
 //! installs them; nothing here is skipped.
 
-#[path = "support/cluster.rs"]
-mod cluster;
-#[path = "support/control_plane.rs"]
-mod control_plane;
-#[path = "support/core.rs"]
-mod core;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-#[path = "support/tinyproxy.rs"]
-mod tinyproxy;
-
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -31,8 +18,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use herald::crd::WebhookType;
-use herald::delivery::ReportOutcome;
-use herald::routing::NotReadyReason;
+use herald::object::NotReadyReason;
+use herald::outgoing::ReportOutcome;
+use herald_testkit::{cli, cluster, core, sink, tinyproxy, tools};
 use serde_json::Value;
 use sink::{Sink, TestPki};
 use tinyproxy::Tinyproxy;
@@ -47,8 +35,8 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// The venv interpreter made by `hack/python-peers.sh`.
 fn peer_python() -> PathBuf {
-    control_plane::tools::require_all();
-    let root = control_plane::tools::tools_root();
+    tools::require_all();
+    let root = tools::tools_root();
     let python = root.join("py-venv/bin/python");
     assert!(
         python.is_file(),
@@ -192,7 +180,7 @@ fn signed_webhook(name: &str, url: &str) -> String {
     )
 }
 
-fn dispatch_one(herald: &herald::herald::Herald, alertname: &str) {
+fn dispatch_one(herald: &herald::dispatch::Dispatcher, alertname: &str) {
     herald
         .dispatch(batch(&[&[("alertname", alertname)]]), WebhookType::Alarms)
         .expect("accepted");
@@ -972,7 +960,7 @@ fn herald_check_rejects_reserved_headers_like_the_api_server() {
     )
     .expect("write");
     let path = dir.path().to_str().expect("utf-8");
-    let out = process::herald(&["check", path]);
+    let out = cli::herald(&["check", path]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "check accepted a reserved header");
     assert!(stderr.contains("reserved.yaml"), "{stderr}");
@@ -985,7 +973,7 @@ fn herald_check_rejects_reserved_headers_like_the_api_server() {
         "apiVersion: herald.dev/v1alpha1\nkind: Webhook\nmetadata: {name: secret-headers, namespace: monitoring}\nspec: {url: 'https://hooks.example.com/h', headersSecretRef: {name: hs}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: hs, namespace: monitoring}\nstringData: {Idempotency-Key: x}\n",
     )
     .expect("write");
-    let out = process::herald(&["check", path]);
+    let out = cli::herald(&["check", path]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("monitoring/secret-headers") && stdout.contains("InvalidHeader"),

@@ -3,13 +3,11 @@
 //! test asserts a clear refusal (a 4xx with a JSON error, or a closed connection where HTTP has
 //! no better answer) and that the server still answers a good request afterwards.
 
-#[path = "support/core.rs"]
-mod core;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use herald::alert::PayloadLimits;
+use herald_testkit::core;
 
 use crate::core::post_json as post;
 use herald::receiver::{ReceiverConfig, ServerLimits};
@@ -45,9 +43,9 @@ fn good_payload() -> String {
     .to_string()
 }
 
-/// The server still answers a good request, promptly, from a fresh client.
+/// The server still answers a good request from a fresh client (the client's own timeout
+/// fails a server that no longer answers).
 async fn assert_still_serves(addr: SocketAddr) {
-    let started = Instant::now();
     let (status, body) = post(addr, V1, good_payload()).await;
     assert_eq!(status, 200, "a good request after the hostile one: {body}");
     assert_eq!(body["accepted"], 1, "{body}");
@@ -57,11 +55,6 @@ async fn assert_still_serves(addr: SocketAddr) {
         .await
         .expect("healthz");
     assert_eq!(response.status().as_u16(), 200);
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "the good request took {:?}",
-        started.elapsed()
-    );
 }
 
 /// A 400 whose JSON reply carries an error message (and returns the reply).
@@ -145,7 +138,7 @@ impl KeepAlive {
     }
 
     /// Sends one request and reads its reply: `None` if the server closed the connection
-    /// without answering (or did not answer within 5 s).
+    /// without answering (or did not answer within [`NEVER`]).
     async fn request(&mut self, method: &str, path: &str, body: &str) -> Option<u16> {
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: herald\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -156,7 +149,7 @@ impl KeepAlive {
         {
             return None;
         }
-        tokio::time::timeout(Duration::from_secs(5), self.read_reply())
+        tokio::time::timeout(NEVER, self.read_reply())
             .await
             .ok()
             .flatten()
@@ -208,9 +201,15 @@ async fn raw_exchange(addr: SocketAddr, request: &[u8], deadline: Duration) -> R
 // Slow clients
 // ---------------------------------------------------------------------------------------------
 
+/// Longer than any test waits for a server to act on its own, and shorter than any trickled
+/// request takes to complete: a connection still open after it was never cut off.
+const NEVER: Duration = Duration::from_secs(20);
+
 #[tokio::test]
 async fn slow_loris_heads_are_cut_off_while_other_clients_are_served() {
-    let header_read_timeout = Duration::from_millis(500);
+    // Long enough that the normal clients below are served while every slow one is still
+    // connected, even on a busy machine.
+    let header_read_timeout = Duration::from_secs(8);
     let addr = start(
         ReceiverConfig::default(),
         ServerLimits {
@@ -220,8 +219,8 @@ async fn slow_loris_heads_are_cut_off_while_other_clients_are_served() {
     )
     .await;
 
-    // Twenty slow-loris clients, each sending its request head one byte every 200 ms, and one
-    // client that connects and sends nothing at all.
+    // Twenty slow-loris clients, each sending its request head (170 bytes, so 34 s in all) one
+    // byte every 200 ms.
     let head = b"POST /api/v1/alerts HTTP/1.1\r\nHost: herald\r\nContent-Type: application/json\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
     let mut lorises = Vec::new();
     for _ in 0..20 {
@@ -240,32 +239,28 @@ async fn slow_loris_heads_are_cut_off_while_other_clients_are_served() {
                 }
                 sent
             });
-            let outcome = read_until_closed(&mut reader, started, Duration::from_secs(10)).await;
+            let outcome = read_until_closed(&mut reader, started, NEVER).await;
             writing.abort();
             outcome
         }));
     }
 
-    // Meanwhile, normal clients are served quickly.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Meanwhile, normal clients are served, while every slow one is still connected.
     for _ in 0..3 {
-        let started = Instant::now();
         let (status, body) = post(addr, V1, good_payload()).await;
         assert_eq!(status, 200, "{body}");
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "a normal request took {:?} while slow clients were connected",
-            started.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(
+        lorises.iter().all(|loris| !loris.is_finished()),
+        "the normal requests were served only once slow clients had been cut off"
+    );
 
     let mut slowest = Duration::ZERO;
     for loris in lorises {
         let outcome = loris.await.expect("loris task");
         assert!(
             outcome.closed,
-            "a slow-loris connection was still open after 10 s: {outcome:?}"
+            "a slow-loris connection was still open after {NEVER:?}: {outcome:?}"
         );
         // Closed, possibly after a 408: never served as a request.
         assert!(
@@ -275,10 +270,6 @@ async fn slow_loris_heads_are_cut_off_while_other_clients_are_served() {
         );
         slowest = slowest.max(outcome.elapsed);
     }
-    assert!(
-        slowest < header_read_timeout + Duration::from_secs(2),
-        "slow heads were cut off only after {slowest:?}"
-    );
     eprintln!("slow-loris: the slowest head was cut off after {slowest:?}");
     assert_still_serves(addr).await;
 }
@@ -299,13 +290,13 @@ async fn connections_that_send_nothing_or_trickle_the_http2_preface_are_cut_off(
         let mut connection = KeepAlive::connect(addr).await;
         assert_eq!(connection.request("GET", "/healthz", "").await, Some(200));
         let started = Instant::now();
-        read_until_closed(&mut connection.stream, started, Duration::from_secs(5)).await
+        read_until_closed(&mut connection.stream, started, NEVER).await
     });
     // Connected, never sends a byte.
     let silent = tokio::spawn(async move {
         let started = Instant::now();
         let mut stream = TcpStream::connect(addr).await.expect("connect");
-        read_until_closed(&mut stream, started, Duration::from_secs(5)).await
+        read_until_closed(&mut stream, started, NEVER).await
     });
     // Sends the HTTP/2 prior-knowledge preface one byte every 200 ms.
     let preface = tokio::spawn(async move {
@@ -320,9 +311,9 @@ async fn connections_that_send_nothing_or_trickle_the_http2_preface_are_cut_off(
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             // Then nothing: hold the connection.
-            tokio::time::sleep(Duration::from_secs(60)).await;
+            tokio::time::sleep(NEVER * 2).await;
         });
-        let outcome = read_until_closed(&mut reader, started, Duration::from_secs(8)).await;
+        let outcome = read_until_closed(&mut reader, started, NEVER).await;
         writing.abort();
         outcome
     });
@@ -339,17 +330,17 @@ async fn connections_that_send_nothing_or_trickle_the_http2_preface_are_cut_off(
         preface.closed,
         preface.elapsed
     );
-    let bound = header_read_timeout + Duration::from_secs(2);
+    // Each would stay open for good without the header timeout.
     assert!(
-        kept_alive.closed && kept_alive.elapsed < bound,
+        kept_alive.closed,
         "an idle kept-alive connection: {kept_alive:?}"
     );
     assert!(
-        silent.closed && silent.elapsed < bound,
+        silent.closed,
         "a connection that never sends a byte holds a connection slot: {silent:?}"
     );
     assert!(
-        preface.closed && preface.elapsed < Duration::from_secs(7),
+        preface.closed,
         "a connection trickling the HTTP/2 preface holds a connection slot: {preface:?}"
     );
     assert_still_serves(addr).await;
@@ -373,8 +364,11 @@ async fn silent_connections_cannot_take_every_connection_slot() {
     for _ in 0..max_connections {
         silent.push(TcpStream::connect(addr).await.expect("connect"));
     }
-    // Once the header timeout has passed, a real client must get through again.
-    tokio::time::sleep(header_read_timeout + Duration::from_millis(500)).await;
+    // Once the server has cut them off, a real client must get through again.
+    for mut stream in silent.drain(..) {
+        let outcome = read_until_closed(&mut stream, Instant::now(), NEVER).await;
+        assert!(outcome.closed, "a silent connection was never closed");
+    }
     let mut connection = KeepAlive::connect(addr).await;
     let status = connection.request("POST", V1, &good_payload()).await;
     assert_eq!(
@@ -382,7 +376,6 @@ async fn silent_connections_cannot_take_every_connection_slot() {
         Some(200),
         "{max_connections} silent connections still hold every slot after the header timeout"
     );
-    drop(silent);
 }
 
 #[tokio::test]
@@ -397,6 +390,8 @@ async fn a_body_trickled_slower_than_the_request_timeout_gets_408_or_is_closed()
     )
     .await;
     let body = good_payload();
+    // At one byte every 200 ms, the body would take longer than `NEVER`.
+    assert!(Duration::from_millis(200) * body.len() as u32 > NEVER);
     let head = format!(
         "POST /api/v1/alerts HTTP/1.1\r\nHost: herald\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
@@ -413,7 +408,7 @@ async fn a_body_trickled_slower_than_the_request_timeout_gets_408_or_is_closed()
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
-    let outcome = read_until_closed(&mut reader, started, Duration::from_secs(10)).await;
+    let outcome = read_until_closed(&mut reader, started, NEVER).await;
     trickle.abort();
     eprintln!(
         "trickled body: status {:?}, closed {} after {:?}",
@@ -423,13 +418,8 @@ async fn a_body_trickled_slower_than_the_request_timeout_gets_408_or_is_closed()
     );
     assert!(
         outcome.status() == Some(408) || (outcome.closed && outcome.bytes.is_empty()),
-        "a trickled body got neither 408 nor a closed connection: {}",
+        "a trickled body got neither 408 nor a closed connection before it was complete: {}",
         outcome.text()
-    );
-    assert!(
-        outcome.elapsed < request_timeout + Duration::from_secs(2),
-        "the trickled request was ended only after {:?}",
-        outcome.elapsed
     );
     assert_still_serves(addr).await;
 }
@@ -807,7 +797,7 @@ async fn bodies_over_the_limit_get_413_with_and_without_content_length() {
         }
         sent
     });
-    let outcome = read_until_closed(&mut reader, started, Duration::from_secs(10)).await;
+    let outcome = read_until_closed(&mut reader, started, NEVER).await;
     let sent = endless.await.expect("endless writer");
     eprintln!(
         "endless chunked body: status {:?} after {:?}, {sent} bytes sent",
@@ -824,7 +814,7 @@ async fn bodies_over_the_limit_get_413_with_and_without_content_length() {
     );
     let mut request = head.into_bytes();
     request.extend_from_slice(big.as_bytes());
-    let outcome = raw_exchange(addr, &request, Duration::from_secs(10)).await;
+    let outcome = raw_exchange(addr, &request, NEVER).await;
     assert_eq!(outcome.status(), Some(413), "{}", outcome.text());
 
     assert_still_serves(addr).await;
@@ -847,7 +837,7 @@ async fn a_declared_content_length_over_the_limit_is_refused_before_the_body_arr
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream.write_all(request.as_bytes()).await.expect("write");
     let mut buf = [0u8; 4096];
-    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+    let read = tokio::time::timeout(NEVER, stream.read(&mut buf)).await;
     let reply = match read {
         Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
         other => format!("no reply: {other:?}"),
@@ -881,41 +871,43 @@ async fn malformed_http_is_refused_and_the_server_keeps_serving() {
             .map(|i| format!("X-H{i}: v\r\n"))
             .collect::<String>()
     );
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n".to_vec()),
-        ("a bad request line", b"HELLO WORLD\r\n\r\n".to_vec()),
-        ("a header of 1 MiB", huge_header.into_bytes()),
-        ("500 headers", many_headers.into_bytes()),
+    // Each is answered with its 4xx before the connection is closed: a server that closes
+    // silently leaves the client guessing.
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n".to_vec(), 400),
+        ("a bad request line", b"HELLO WORLD\r\n\r\n".to_vec(), 400),
+        ("a header of 1 MiB", huge_header.into_bytes(), 431),
+        ("500 headers", many_headers.into_bytes(), 431),
         (
             "both Content-Length and Transfer-Encoding",
             b"POST /api/v1/alerts HTTP/1.1\r\nHost: herald\r\nContent-Type: application/json\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            400,
         ),
         (
             "two different Content-Lengths",
             b"POST /api/v1/alerts HTTP/1.1\r\nHost: herald\r\nContent-Type: application/json\r\nContent-Length: 2\r\nContent-Length: 13\r\n\r\n{}".to_vec(),
+            400,
         ),
         (
             "a negative Content-Length",
             b"POST /api/v1/alerts HTTP/1.1\r\nHost: herald\r\nContent-Type: application/json\r\nContent-Length: -1\r\n\r\n{}".to_vec(),
+            400,
         ),
         (
             "a bad chunk size",
             b"POST /api/v1/alerts HTTP/1.1\r\nHost: herald\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n".to_vec(),
+            400,
         ),
     ];
-    for (what, request) in cases {
-        let outcome = raw_exchange(addr, &request, Duration::from_secs(5)).await;
+    for (what, request, expected) in cases {
+        let outcome = raw_exchange(addr, &request, NEVER).await;
         let status = outcome.status();
         eprintln!("malformed HTTP, {what}: {status:?}");
         assert!(
             outcome.closed,
             "{what}: the connection stays open: {outcome:?}"
         );
-        assert!(
-            status.is_none_or(|s| (400..500).contains(&s)),
-            "{what}: {}",
-            outcome.text()
-        );
+        assert_eq!(status, Some(expected), "{what}: {}", outcome.text());
         assert_still_serves(addr).await;
     }
 }
@@ -950,24 +942,21 @@ async fn connections_beyond_the_limit_are_closed_while_open_ones_keep_working() 
         open.push(connection);
     }
 
-    // Thirty more: accepted by the kernel, then closed by the server without an answer.
+    // Thirty more: accepted by the kernel, then closed by the server without an answer (not
+    // held open until the 30 s header timeout).
     let mut extra = Vec::new();
     for _ in 0..30 {
-        extra.push(tokio::spawn(async move {
-            let mut connection = KeepAlive::connect(addr).await;
-            let started = Instant::now();
-            (
-                connection.request("GET", "/healthz", "").await,
-                started.elapsed(),
-            )
-        }));
+        extra.push(tokio::spawn(raw_exchange(
+            addr,
+            b"GET /healthz HTTP/1.1\r\nHost: herald\r\n\r\n",
+            NEVER,
+        )));
     }
     for task in extra {
-        let (status, elapsed) = task.await.expect("extra connection");
-        assert_eq!(status, None, "a connection beyond the limit was served");
+        let outcome = task.await.expect("extra connection");
         assert!(
-            elapsed < Duration::from_secs(2),
-            "a connection beyond the limit was closed only after {elapsed:?}"
+            outcome.closed && outcome.bytes.is_empty(),
+            "a connection beyond the limit was served or held open: {outcome:?}"
         );
     }
 
@@ -984,7 +973,7 @@ async fn connections_beyond_the_limit_are_closed_while_open_ones_keep_working() 
 
     // Closing some frees their slots for new clients.
     open.truncate(max_connections / 2);
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + NEVER;
     loop {
         let mut connection = KeepAlive::connect(addr).await;
         if connection.request("GET", "/healthz", "").await == Some(200) {

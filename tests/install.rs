@@ -6,9 +6,6 @@
 //! Needs `hack/build-tools.sh` (kube-apiserver, etcd, kubectl, helm); a missing tool fails the
 //! tests, it never skips them.
 
-#[path = "support/control_plane.rs"]
-mod control_plane;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -16,6 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use herald_testkit::control_plane;
 use serde_json::{Value, json};
 
 /// The ServiceAccount `deploy/` creates, as the API server names it.

@@ -1,17 +1,11 @@
 //! Metrics as Prometheus sees them: Debian's Prometheus scrapes a running Herald, and promtool
 //! accepts the exposition.
 
-#[path = "support/alertmanager.rs"]
-mod alertmanager;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::time::Duration;
 
 use alertmanager::Prometheus;
-use process::Running;
+use cli::Running;
+use herald_testkit::{alertmanager, cli, sink};
 use serde_json::json;
 use sink::{Reply, Sink};
 

@@ -2,19 +2,15 @@
 //! an alert storm to a DingTalk-like robot that enforces its 20 messages a minute ends in few
 //! merged messages, none lost and none refused for pace.
 
-#[path = "support/core.rs"]
-mod core;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::State;
 use herald::crd::WebhookType;
-use herald::delivery::ReportOutcome;
-use herald::herald::Herald;
+use herald::dispatch::Dispatcher;
+use herald::outgoing::ReportOutcome;
+use herald_testkit::{core, sink};
 use serde_json::{Value, json};
 use sink::Sink;
 
@@ -92,7 +88,7 @@ async fn start_robot(limit: usize) -> (Arc<Robot>, String) {
     )
 }
 
-fn alert(herald: &Herald, i: usize) {
+fn alert(herald: &Dispatcher, i: usize) {
     let name = format!("Storm{i:04}");
     let severity = if i.is_multiple_of(10) {
         "critical"

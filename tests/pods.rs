@@ -8,16 +8,12 @@
 //!
 //! The tests share one cluster and run one at a time (each installs Herald and removes it).
 
-#[path = "support/node.rs"]
-mod node;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use herald_testkit::{node, sink};
 use serde_json::{Value, json};
 
 use node::{Cluster, IMAGE};

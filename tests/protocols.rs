@@ -3,21 +3,13 @@
 //! reads them, and `format: alertmanager` passes on every field of Alertmanager's webhook
 //! message (`notify/webhook.Message`, `template.Data`).
 
-#[path = "support/alertmanager.rs"]
-mod alertmanager;
-#[path = "support/core.rs"]
-mod core;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use herald::alert::PayloadLimits;
-use herald::herald::Herald;
+use herald::dispatch::Dispatcher;
 use herald::receiver::{ReceiverConfig, ServerLimits};
+use herald_testkit::{alertmanager, core, sink};
 use serde_json::{Value, json};
 use sink::Sink;
 
@@ -26,7 +18,7 @@ use crate::core::{apply, post_json as post};
 const WAIT: Duration = Duration::from_secs(10);
 const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 
-async fn start(herald: Herald, config: ReceiverConfig) -> SocketAddr {
+async fn start(herald: Dispatcher, config: ReceiverConfig) -> SocketAddr {
     core::serve_receiver(herald, config, ServerLimits::default()).await
 }
 
@@ -259,7 +251,7 @@ async fn empty_valued_labels_are_removed_before_routing() {
     let sink = Sink::http().await;
     let (herald, _) = core::core();
     herald.apply_condition(herald::routing::ConditionInput {
-        key: herald::routing::ObjectKey::new("monitoring", "no-team"),
+        key: herald::object::ObjectKey::new("monitoring", "no-team"),
         spec: serde_saphyr::from_str("matchExpressions:\n  - {key: team, operator: DoesNotExist}")
             .expect("condition YAML"),
     });

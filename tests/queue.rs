@@ -5,17 +5,14 @@
 //! that got a 200 is lost; duplicates, with the same Idempotency-Key, are counted). Figures are
 //! printed with `eprintln!` (run with `--nocapture`); no test asserts a time.
 
-#[path = "support/flood.rs"]
-mod flood;
-#[path = "support/process.rs"]
-mod process;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+use cli::Running;
 use flood::{CountingSink, WEBHOOKS, payload, write_config};
 use futures::StreamExt as _;
-use process::{Running, free_port};
+use herald_testkit::{cli, flood, process};
+use process::free_port;
 use rand::Rng as _;
 use serde_json::Value;
 

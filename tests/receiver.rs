@@ -1,24 +1,20 @@
 //! The receiver's replies, through real HTTP requests.
 
-#[path = "support/core.rs"]
-mod core;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use herald::delivery::EngineConfig;
-use herald::herald::Herald;
+use herald::dispatch::Dispatcher;
 use herald::receiver::{ReceiverConfig, ServerLimits};
 use herald::secret::Sensitive;
+use herald_testkit::{core, sink};
 use serde_json::{Value, json};
 use sink::Sink;
 
 use crate::core::{apply, fast_retry};
 
 /// Serves a receiver on a free loopback port for the rest of the test.
-async fn start(herald: Herald, config: ReceiverConfig) -> SocketAddr {
+async fn start(herald: Dispatcher, config: ReceiverConfig) -> SocketAddr {
     core::serve_receiver(herald, config, ServerLimits::default()).await
 }
 
@@ -217,10 +213,10 @@ async fn receiver_authentication_requires_the_bearer_token() {
 #[tokio::test]
 async fn full_herald_answers_503_with_retry_after_and_loses_nothing_it_accepted() {
     let sink = Sink::http().await;
-    // A slow endpoint keeps deliveries pending; the global limit is 4, of which one webhook
-    // may hold half.
-    sink.respond_with(vec![sink::Reply::status(200).delay(Duration::from_secs(2))]);
-    let herald = Herald::new(
+    // An endpoint that answers only when released keeps deliveries pending; the global limit
+    // is 4, of which one webhook may hold half.
+    sink.respond_with(vec![sink::Reply::status(200).held()]);
+    let herald = Dispatcher::new(
         ["monitoring".to_string()],
         EngineConfig {
             max_pending: 4,
@@ -259,6 +255,7 @@ async fn full_herald_answers_503_with_retry_after_and_loses_nothing_it_accepted(
     assert_eq!(accepted, 2);
     assert_eq!(refused, 3);
     // Everything that got a 200 arrives.
+    sink.release();
     sink.wait_for(accepted, Duration::from_secs(10)).await;
 }
 
@@ -269,7 +266,7 @@ async fn a_full_herald_holds_a_batch_until_room_frees_and_refuses_one_that_can_n
     sink.respond_with(vec![
         sink::Reply::status(200).delay(Duration::from_millis(400)),
     ]);
-    let herald = Herald::new(
+    let herald = Dispatcher::new(
         ["monitoring".to_string()],
         EngineConfig {
             max_pending: 1,
@@ -282,7 +279,7 @@ async fn a_full_herald_holds_a_batch_until_room_frees_and_refuses_one_that_can_n
         let condition =
             format!("matchExpressions:\n  - {{key: to, operator: In, values: [{name}, both]}}");
         herald.apply_condition(herald::routing::ConditionInput {
-            key: herald::routing::ObjectKey::new("monitoring", format!("only-{name}")),
+            key: herald::object::ObjectKey::new("monitoring", format!("only-{name}")),
             spec: serde_saphyr::from_str(&condition).expect("condition YAML"),
         });
         apply(
@@ -295,7 +292,9 @@ async fn a_full_herald_holds_a_batch_until_room_frees_and_refuses_one_that_can_n
         )
         .expect("ready");
     }
-    let wait = Duration::from_secs(5);
+    // Far longer than anything here takes: a refusal that came only after waiting it out
+    // would show.
+    let wait = Duration::from_secs(60);
     let addr = start(
         herald,
         ReceiverConfig {
@@ -311,13 +310,15 @@ async fn a_full_herald_holds_a_batch_until_room_frees_and_refuses_one_that_can_n
     let (status, body, _) = post(addr, "/api/v1/alerts", "application/json", to("first")).await;
     assert_eq!((status, &body["deliveries"]), (200, &json!(1)), "{body}");
     // Herald is full: the next batch waits for the first delivery to finish, then gets in.
-    let started = std::time::Instant::now();
+    // The endpoint answers the first no sooner than 400 ms after it arrived.
     let (status, body, _) = post(addr, "/api/v1/alerts", "application/json", to("second")).await;
-    let waited = started.elapsed();
+    let accepted = std::time::Instant::now();
     assert_eq!((status, &body["deliveries"]), (200, &json!(1)), "{body}");
+    let first_arrived = sink.wait_for(1, Duration::from_secs(10)).await[0].at;
     assert!(
-        waited >= Duration::from_millis(200),
-        "accepted after {waited:?}, before the pending delivery could have finished"
+        accepted >= first_arrived + Duration::from_millis(400),
+        "accepted {:?} after the first delivery arrived, before it could have been answered",
+        accepted - first_arrived
     );
     // Two deliveries can never fit under a limit of one: refused without waiting.
     let started = std::time::Instant::now();
@@ -327,7 +328,7 @@ async fn a_full_herald_holds_a_batch_until_room_frees_and_refuses_one_that_can_n
     assert_eq!(headers["retry-after"], "10");
     assert!(
         started.elapsed() < wait,
-        "refused only after {:?}",
+        "refused only after waiting {:?} for room",
         started.elapsed()
     );
 
@@ -412,11 +413,61 @@ async fn a_rotated_receiver_token_file_takes_effect_without_a_restart() {
     };
     assert_eq!(post("first").await, 200);
     assert_eq!(post("second").await, 401);
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    std::fs::write(&file, "second").expect("rotate");
+    rewrite(&file, "second", 1);
     assert_eq!(post("second").await, 200);
     assert_eq!(post("first").await, 401);
-    // A file emptied mid-rotation keeps the last good token.
-    std::fs::write(&file, "").expect("empty");
+    // A file emptied mid-rotation is read (Herald says so) and keeps the last good token.
+    let log = capture_log();
+    rewrite(&file, "", 2);
     assert_eq!(post("second").await, 200);
+    let warning = format!(
+        "receiver token file is empty; keeping the last token file={}",
+        file.display()
+    );
+    let logged = String::from_utf8_lossy(&log.lock().expect("log")).into_owned();
+    assert!(logged.contains(&warning), "{logged}");
+    assert_eq!(post("first").await, 401);
+}
+
+/// Writes `text` to `file` with a modification time of its own (`step` seconds after the
+/// epoch), so a reader that goes by the time sees every write, however quick.
+fn rewrite(file: &std::path::Path, text: &str, step: u64) {
+    std::fs::write(file, text).expect("write");
+    std::fs::File::options()
+        .write(true)
+        .open(file)
+        .and_then(|f| f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(step)))
+        .expect("set the modification time");
+}
+
+/// Everything Herald logs from now on in this test binary (the first caller installs the
+/// subscriber), without colours.
+fn capture_log() -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    use std::sync::{Arc, Mutex, OnceLock};
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || LogWriter(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("one subscriber");
+        log
+    })
+    .clone()
+}
+
+/// Appends what is logged to a shared buffer.
+struct LogWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -1,5 +1,5 @@
 //! Replicas sharing one queue in PostgreSQL, as real processes on loopback: `herald run` with
-//! `--database-url` against a real server started by the test (tests/support/postgres.rs).
+//! `--database-url` against a real server started by the test (testkit/src/postgres.rs).
 //! Three replicas behind an endpoint that fails for a while, one killed with SIGKILL
 //! mid-flood (every delivery answered 200 arrives; duplicates, by Idempotency-Key, are
 //! counted); a replica paused with SIGSTOP past its lease (another takes its claims, and its
@@ -7,20 +7,14 @@
 //! nothing accepted lost, recovery without restarting Herald); replicas starting together on an
 //! empty database. Figures are printed with `eprintln!`; no test asserts a time.
 
-#[path = "support/flood.rs"]
-mod flood;
-#[path = "support/postgres.rs"]
-mod postgres;
-#[path = "support/process.rs"]
-mod process;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use cli::Running;
 use flood::{CountingSink, WEBHOOKS, payload, write_config};
+use herald_testkit::{cli, flood, postgres};
 use postgres::Postgres;
-use process::Running;
 use serde_json::Value;
 
 /// Posts one alert; its status (0 when the request failed).

@@ -3,24 +3,19 @@
 //! metrics or delivery records. Figures (latencies, peak RSS, counts) are printed with
 //! `eprintln!`; run with `--nocapture` to see them.
 
-#[path = "support/core.rs"]
-mod core;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cli::Running;
 use futures::StreamExt as _;
-use herald::delivery::{EngineConfig, ReportOutcome, RetryPolicy};
-use herald::herald::Herald;
+use herald::delivery::{EngineConfig, RetryPolicy};
+use herald::dispatch::Dispatcher;
+use herald::outgoing::ReportOutcome;
 use herald::receiver::{ReceiverConfig, ServerLimits};
-use process::Running;
+use herald_testkit::{cli, core, process, sink};
 use serde_json::{Value, json};
 use sink::{Reply, Sink};
 
@@ -153,7 +148,7 @@ impl Drop for PortSink {
     }
 }
 
-async fn serve_core(herald: Herald) -> SocketAddr {
+async fn serve_core(herald: Dispatcher) -> SocketAddr {
     herald.set_ready(true);
     core::serve_receiver(herald, ReceiverConfig::default(), ServerLimits::default()).await
 }
@@ -161,7 +156,7 @@ async fn serve_core(herald: Herald) -> SocketAddr {
 async fn down_then_up(down: Down) {
     const BATCHES: usize = 12;
     // Retry for as long as the outage lasts (the shared fast policy gives up after 5 attempts).
-    let herald = Herald::new(
+    let herald = Dispatcher::new(
         ["monitoring".to_string()],
         EngineConfig {
             retry: RetryPolicy {
@@ -776,7 +771,7 @@ async fn everything_herald_shows(running: &Running) -> Vec<(String, String)> {
             .expect("text");
         shown.push((format!("/api/v1/deliveries/{id}"), text));
     }
-    let cli = process::herald(&["deliveries", "--server", &admin]);
+    let cli = cli::herald(&["deliveries", "--server", &admin]);
     shown.push((
         "herald deliveries".to_string(),
         format!(

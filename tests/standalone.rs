@@ -1,14 +1,10 @@
 //! `herald run`, `check`, `route` and `test` as real processes on manifest folders.
 
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::path::Path;
 use std::time::Duration;
 
-use process::{Running, herald};
+use cli::{Running, herald};
+use herald_testkit::{cli, sink};
 use serde_json::{Value, json};
 use sink::{Reply, Sink};
 
@@ -344,7 +340,7 @@ async fn test_command_prints_the_outcome_and_fails_on_rejection() {
         ),
     );
     let config = dir.path().to_str().expect("path").to_string();
-    let binary = process::binary();
+    let binary = cli::binary();
     let run = |name: &str| {
         let config = config.clone();
         let name = name.to_string();
@@ -369,4 +365,34 @@ async fn test_command_prints_the_outcome_and_fails_on_rejection() {
     let out = run("nope").await.expect("join");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("webhook ops/nope not found"));
+}
+
+#[tokio::test]
+async fn the_readme_example_alert_gets_the_reply_the_readme_shows() {
+    let repo = herald_testkit::repo_root();
+    // The README's "Run it" section: the reply to the curl command, on the line after it.
+    let readme = std::fs::read_to_string(repo.join("README.md")).expect("README.md");
+    let lines: Vec<&str> = readme.lines().collect();
+    let curl = lines
+        .iter()
+        .position(|l| l.contains("--data @examples/alerts/critical.json"))
+        .expect("the README posts examples/alerts/critical.json");
+    let shown: Value = lines
+        .get(curl + 1)
+        .and_then(|l| l.trim().strip_prefix("# "))
+        .and_then(|reply| serde_json::from_str(reply).ok())
+        .unwrap_or_else(|| panic!("no JSON reply after the README's curl line {curl}"));
+
+    let herald = Running::start(&repo.join("examples/herald"), &[]).await;
+    let alert: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo.join("examples/alerts/critical.json"))
+            .expect("examples/alerts/critical.json"),
+    )
+    .expect("critical.json is JSON");
+    let (status, reply) = herald.post_alerts(&alert).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply, shown,
+        "the README shows {shown}, Herald answers {reply}"
+    );
 }

@@ -3,17 +3,13 @@
 //! same answers, except where a backend is documented to differ: a memory store keeps no
 //! backlog (its engine's queues hold it) and numbers nothing.
 
-#[path = "support/postgres.rs"]
-mod postgres;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald::delivery::{Delivery, ReportOutcome};
-use herald::routing::ObjectKey;
+use herald::object::ObjectKey;
+use herald::outgoing::{Delivery, ReportOutcome};
 use herald::store::{DeliveryRecord, PostgresOptions, RecordFilter, RecordLimits, Store};
+use herald_testkit::{postgres, sink};
 
 fn key(name: &str) -> ObjectKey {
     name.parse().expect("key")

@@ -3,18 +3,12 @@
 //! reached through a tenant's URL or a rebound browser page, credentials echoed back in
 //! encoded forms, and the chart's receiver authentication.
 
-#[path = "support/control_plane.rs"]
-mod control_plane;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/sink.rs"]
-mod sink;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use process::Running;
+use cli::Running;
+use herald_testkit::{cli, control_plane, sink};
 use serde_json::{Value, json};
 use sink::{Reply, Sink};
 
@@ -142,7 +136,7 @@ async fn heavy_templates_fail_with_a_reason_while_everything_else_keeps_going() 
     assert_healthy(&herald).await;
     assert!(herald.terminate().success(), "SIGTERM must stop Herald");
     // `herald check` says so before any alert arrives.
-    let checked = process::herald(&["check", dir.path().to_str().expect("path")]);
+    let checked = cli::herald(&["check", dir.path().to_str().expect("path")]);
     let stderr = String::from_utf8_lossy(&checked.stderr);
     for name in ["team-a/heavy-1", "team-a/heavy-2"] {
         assert!(
@@ -363,7 +357,7 @@ async fn the_admin_api_is_unreachable_through_tenant_urls_and_rebound_pages() {
         status(authorized(client.post(&replay)).header("host", format!("localhost:{port}"))).await,
         404
     );
-    let listed = process::herald(&[
+    let listed = cli::herald(&[
         "deliveries",
         "--server",
         &herald.admin_url(),
@@ -416,6 +410,61 @@ async fn internal_addresses_in_every_spelling_are_refused_without_allow_loopback
     sink.assert_none_within(Duration::from_millis(300)).await;
 }
 
+/// Names the system resolver answers, inside Herald's own mount namespace, from a hosts file.
+const LINK_LOCAL_HOSTS: &str = "169.254.7.7 linklocal.herald.test\n\
+                                fe80::7 linklocal6.herald.test\n\
+                                127.0.0.1 sink.herald.test";
+
+#[tokio::test]
+async fn names_that_resolve_to_link_local_addresses_are_refused_at_connect_time() {
+    let sink = Sink::http().await;
+    let port = sink.addr().port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hooks = [
+        ("reachable", "sink.herald.test"),
+        ("link-local", "linklocal.herald.test"),
+        ("link-local-v6", "linklocal6.herald.test"),
+    ];
+    let manifests: String = hooks
+        .iter()
+        .map(|(name, host)| {
+            webhook(
+                "team-a",
+                name,
+                &format!("{{url: 'http://{host}:{port}/hook'}}"),
+            )
+        })
+        .collect();
+    write(dir.path(), "webhooks.yaml", &manifests);
+    // `herald run` lets loopback through: the name for the sink shows the hosts file in use.
+    let herald = Running::start_with_hosts(dir.path(), &[], LINK_LOCAL_HOSTS).await;
+    let (status, body) = herald
+        .post_alerts(&payload(vec![alert(
+            json!({"alertname": "A", "namespace": "team-a"}),
+        )]))
+        .await;
+    assert_eq!((status, &body["deliveries"]), (200, &json!(3)), "{body}");
+    let arrived = sink.wait_for(1, WAIT).await;
+    assert_eq!(
+        arrived[0].header("host").as_deref(),
+        Some(format!("sink.herald.test:{port}").as_str())
+    );
+    for (name, host) in &hooks[1..] {
+        let record = first_record(&herald, &format!("team-a/{name}")).await;
+        assert_eq!(record["outcome"], "Failed", "{record}");
+        assert_eq!(
+            record["attempts"], 1,
+            "a refused address is final: {record}"
+        );
+        let error = record["error"].as_str().unwrap_or("");
+        assert!(
+            error.contains(&format!("{host} resolves only to refused addresses")),
+            "{name}: {error}"
+        );
+    }
+    assert_eq!(sink.count(), 1, "only the loopback name reached the sink");
+}
+
 #[tokio::test]
 async fn credentials_echoed_in_encoded_forms_are_masked() {
     let token = "Sup3r-Secret/Token+42";
@@ -452,11 +501,10 @@ async fn credentials_echoed_in_encoded_forms_are_masked() {
     );
     // Off the test's runtime thread, which serves the sink.
     let config = dir.path().to_str().expect("path").to_owned();
-    let out = tokio::task::spawn_blocking(move || {
-        process::herald(&["test", "echo", "--config", &config])
-    })
-    .await
-    .expect("herald test");
+    let out =
+        tokio::task::spawn_blocking(move || cli::herald(&["test", "echo", "--config", &config]))
+            .await
+            .expect("herald test");
     let printed = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

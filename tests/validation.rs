@@ -84,7 +84,16 @@ async fn the_examples_are_valid_and_every_webhook_but_the_disabled_one_is_ready(
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/herald");
     let manifests = Manifests::load(&dir).expect("read examples");
     assert!(manifests.errors.is_empty(), "{:#?}", manifests.errors);
-    let herald = herald::herald::Herald::new(["default".to_string()], Default::default())
+    // As the README says: every enabled example webhook points at 127.0.0.1:9099.
+    for webhook in manifests.webhooks.iter().filter(|w| w.spec.enabled) {
+        assert!(
+            webhook.spec.url.starts_with("http://127.0.0.1:9099/"),
+            "{:?}: {}",
+            webhook.metadata.name,
+            webhook.spec.url
+        );
+    }
+    let herald = herald::dispatch::Dispatcher::new(["default".to_string()], Default::default())
         .with_policy(herald::delivery::TargetPolicy::allowing_loopback());
     let mut loader = herald::standalone::Loader::new(&dir);
     let report = loader.reload(&herald).expect("load");

@@ -1,5 +1,5 @@
 //! Scale with a real API server: etcd and kube-apiserver from the project's test harness
-//! (`tests/support/control_plane.rs`), Herald's CRDs, N Webhooks with N NotificationConditions,
+//! (`herald_testkit::control_plane`), Herald's CRDs, N Webhooks with N NotificationConditions,
 //! and `herald controller` started on them: time until `/readyz` (the initial sync), memory,
 //! and the same alert load as the throughput runs.
 
@@ -12,13 +12,11 @@ use futures::StreamExt;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use serde_json::json;
 
-#[path = "../../tests/support/control_plane.rs"]
-mod control_plane;
-
-pub use control_plane::ControlPlane;
+pub use herald_testkit::control_plane::{self, ControlPlane};
+use herald_testkit::process::{Process, free_port, http_get_ok};
 
 use crate::fixture::team_of;
-use crate::procs::{Proc, free_port};
+use crate::procs::STOP_GRACE;
 
 /// The namespace the benchmark's objects live in (the controller's own and cluster namespace).
 pub const NAMESPACE: &str = "herald-bench";
@@ -28,7 +26,7 @@ const CREATE_CONCURRENCY: usize = 32;
 
 /// The repository root (where `crds/` is).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    herald_testkit::repo_root().to_path_buf()
 }
 
 /// Starts the plane, installs the CRDs and creates the namespace.
@@ -139,7 +137,7 @@ pub async fn create_objects(
 
 /// A controller that was started, synced or not.
 pub struct Started {
-    pub proc: Proc,
+    pub proc: Process,
     pub addr: String,
     /// Time from spawn until `/readyz` answered, if it did within the limit.
     pub ready_after: Option<Duration>,
@@ -156,7 +154,7 @@ pub async fn start_controller(
     webhooks: usize,
     limit: Duration,
 ) -> Result<Started> {
-    let port = free_port()?;
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut cmd = Command::new(herald);
     cmd.arg("controller")
@@ -170,31 +168,32 @@ pub async fn start_controller(
             "RUST_LOG",
             std::env::var("HERALD_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
         );
-    let mut proc = Proc::spawn(
+    let mut proc = Process::spawn(
         "herald controller",
         cmd,
         &dir.join(format!("controller-{webhooks}.log")),
-    )?;
+    )?
+    .with_stop_grace(STOP_GRACE);
     let mut progress = Vec::new();
     let mut next_sample = Instant::now();
     let ready_after = loop {
         proc.check_alive()?;
-        if crate::procs::http_get_ok(&addr, "/readyz").await {
-            break Some(proc.started.elapsed());
+        if http_get_ok(&addr, "/readyz").await {
+            break Some(proc.started().elapsed());
         }
         if Instant::now() >= next_sample {
             next_sample += Duration::from_secs(5);
             if let Some((total, ready)) = crate::procs::webhook_counts(&addr).await {
-                progress.push((proc.started.elapsed().as_secs_f64(), total, ready));
+                progress.push((proc.started().elapsed().as_secs_f64(), total, ready));
             }
         }
-        if proc.started.elapsed() >= limit {
+        if proc.started().elapsed() >= limit {
             break None;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     if let Some((total, ready)) = crate::procs::webhook_counts(&addr).await {
-        progress.push((proc.started.elapsed().as_secs_f64(), total, ready));
+        progress.push((proc.started().elapsed().as_secs_f64(), total, ready));
     }
     if ready_after.is_some() {
         crate::procs::expect_ready_webhooks(&mut proc, &addr, webhooks, Duration::from_secs(30))

@@ -7,7 +7,8 @@
 #![allow(dead_code)]
 
 use herald::alert::{Alert, AlertStatus};
-use herald::routing::{ConditionInput, ObjectKey, Table, WebhookInput};
+use herald::object::ObjectKey;
+use herald::routing::{ConditionInput, Table, WebhookInput};
 use serde_json::json;
 
 /// The cluster namespace of the generated tables.

@@ -14,9 +14,6 @@ mod cluster;
 mod fixture;
 mod forwarder;
 mod load;
-// The tests' PostgreSQL harness: a throwaway cluster on loopback.
-#[path = "../../tests/support/postgres.rs"]
-mod postgres;
 mod probe;
 mod procs;
 mod report;
@@ -28,7 +25,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+// The tests' PostgreSQL harness: a throwaway cluster on loopback.
 use clap::{Parser, Subcommand};
+use herald_testkit::postgres;
 
 use crate::load::{Ingest, Load, Mode};
 use crate::report::{Phase, Report, RouteRow, ScaleRow, SystemRow};

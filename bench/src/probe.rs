@@ -6,8 +6,9 @@ use std::time::Instant;
 
 use anyhow::Result;
 use herald::delivery::{EngineConfig, Target, TargetPolicy};
-use herald::herald::Herald;
-use herald::routing::{ObjectKey, Subject};
+use herald::dispatch::Dispatcher;
+use herald::object::ObjectKey;
+use herald::routing::Subject;
 
 use crate::fixture::{self, Layout};
 
@@ -31,7 +32,7 @@ pub enum Probe {
 }
 
 fn rss_kib() -> u64 {
-    crate::procs::memory_kib(std::process::id())
+    herald_testkit::process::memory_kib(std::process::id())
         .map(|(rss, _)| rss)
         .unwrap_or(0)
 }
@@ -79,7 +80,7 @@ pub async fn run(probe: Probe) -> Result<()> {
             drop(targets);
 
             let base = rss_kib();
-            let herald = Herald::new(["default".to_string()], EngineConfig::default())
+            let herald = Dispatcher::new(["default".to_string()], EngineConfig::default())
                 .with_policy(TargetPolicy::allowing_loopback());
             for i in 0..webhooks {
                 herald.apply_condition(herald::routing::ConditionInput {

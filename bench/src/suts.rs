@@ -9,17 +9,19 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::fixture::PER_TEAM;
-use crate::procs::{Proc, free_port};
+use herald_testkit::process::{Process, free_port};
+
+use crate::procs::STOP_GRACE;
 
 /// A started system: its process and the address alerts go to.
 pub struct Sut {
-    pub proc: Proc,
+    pub proc: Process,
     pub addr: String,
     /// Time from spawn until it answered its readiness probe.
     pub ready_after: Duration,
     /// Further replicas of the same system (sharing one PostgreSQL database), each with the
     /// address it listens on: the load is spread over `addr` and these.
-    pub replicas: Vec<(Proc, String)>,
+    pub replicas: Vec<(Process, String)>,
     /// The database server the system keeps its deliveries in, when it has one of its own
     /// (its postmaster's pid), so that its CPU is counted too.
     pub server_pid: Option<u32>,
@@ -27,7 +29,7 @@ pub struct Sut {
 
 impl Sut {
     /// A system of one process.
-    pub fn single(proc: Proc, addr: String, ready_after: Duration) -> Sut {
+    pub fn single(proc: Process, addr: String, ready_after: Duration) -> Sut {
         Sut {
             proc,
             addr,
@@ -44,7 +46,7 @@ impl Sut {
             .collect()
     }
 
-    fn procs_mut(&mut self) -> impl Iterator<Item = &mut Proc> {
+    fn procs_mut(&mut self) -> impl Iterator<Item = &mut Process> {
         std::iter::once(&mut self.proc).chain(self.replicas.iter_mut().map(|(p, _)| p))
     }
 
@@ -65,14 +67,14 @@ impl Sut {
 
     /// Fails when a replica has exited.
     pub fn check_alive(&mut self) -> Result<()> {
-        self.procs_mut().try_for_each(Proc::check_alive)
+        self.procs_mut().try_for_each(Process::check_alive)
     }
 
     /// `(VmRSS, VmHWM)` in KiB: the largest of the replicas'.
     pub fn memory_kib(&self) -> (u64, u64) {
         std::iter::once(&self.proc)
             .chain(self.replicas.iter().map(|(p, _)| p))
-            .map(Proc::memory_kib)
+            .map(Process::memory_kib)
             .fold((0, 0), |(r, h), (rr, hh)| (r.max(rr), h.max(hh)))
     }
 
@@ -153,7 +155,7 @@ pub async fn start_herald(
             ),
         )?;
     }
-    let port = free_port()?;
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut cmd = Command::new(herald);
     cmd.arg("run")
@@ -176,7 +178,8 @@ pub async fn start_herald(
             "RUST_LOG",
             std::env::var("HERALD_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
         );
-    let mut proc = Proc::spawn("herald", cmd, &dir.join("herald.log"))?;
+    let mut proc =
+        Process::spawn("herald", cmd, &dir.join("herald.log"))?.with_stop_grace(STOP_GRACE);
     let ready_after = proc
         .wait_http_ok(&addr, "/readyz", Duration::from_secs(60))
         .await?;
@@ -208,13 +211,14 @@ pub async fn start_herald_replicas(
 
 /// The forwarder, as `herald-bench forwarder`.
 pub async fn start_forwarder(dir: &Path, shape: Shape, sink: &str) -> Result<Sut> {
-    let port = free_port()?;
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut cmd = Command::new(std::env::current_exe().context("locating herald-bench")?);
     cmd.args(["forwarder", "--listen", &addr, "--sink", sink])
         .args(["--webhooks", &shape.webhooks.to_string()])
         .args(["--per-team", &shape.per_team.to_string()]);
-    let mut proc = Proc::spawn("forwarder", cmd, &dir.join("forwarder.log"))?;
+    let mut proc =
+        Process::spawn("forwarder", cmd, &dir.join("forwarder.log"))?.with_stop_grace(STOP_GRACE);
     let ready_after = proc
         .wait_http_ok(&addr, "/healthz", Duration::from_secs(30))
         .await?;
@@ -260,7 +264,7 @@ pub async fn start_alertmanager(dir: &Path, webhooks: usize, sink: &str) -> Resu
         )?;
     let config = dir.join("alertmanager.yml");
     std::fs::write(&config, alertmanager_config(webhooks, sink))?;
-    let port = free_port()?;
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut cmd = Command::new(binary);
     cmd.arg(format!("--config.file={}", config.display()))
@@ -268,7 +272,8 @@ pub async fn start_alertmanager(dir: &Path, webhooks: usize, sink: &str) -> Resu
         .arg(format!("--web.listen-address={addr}"))
         .arg("--cluster.listen-address=")
         .arg("--log.level=warn");
-    let mut proc = Proc::spawn("alertmanager", cmd, &dir.join("alertmanager.log"))?;
+    let mut proc = Process::spawn("alertmanager", cmd, &dir.join("alertmanager.log"))?
+        .with_stop_grace(STOP_GRACE);
     let ready_after = proc
         .wait_http_ok(&addr, "/-/ready", Duration::from_secs(30))
         .await?;

@@ -6,10 +6,9 @@ use std::collections::BTreeMap;
 
 use herald::alert::{AlertBatch, AlertStatus, PayloadLimits};
 use herald::crd::{BodyFormat, Language, NotificationConditionSpec, WebhookSpec, WebhookType};
+use herald::object::{NotReady, NotReadyReason, ObjectKey};
 use herald::render::{self, Content};
-use herald::routing::{
-    ConditionInput, NotReady, NotReadyReason, ObjectKey, Subject, Table, WebhookInput,
-};
+use herald::routing::{ConditionInput, Subject, Table, WebhookInput};
 use serde_json::{Value, json};
 
 /// Renders only batches up to this size (rendering is linear; keeps each run fast).

@@ -1,15 +1,23 @@
 //! The Kubernetes controller: watches Webhooks, NotificationConditions and Secrets (metadata
 //! only; data is read just for the Secrets webhooks reference), keeps the core's routing table
 //! and delivery targets current, writes status, publishes Events and sends test messages.
+//!
+//! Pure parts and plumbing are apart: [`index`] keeps what the watches have shown and answers
+//! what must be done, fed by watch events alone and tested without an API server; this module
+//! is the plumbing that runs the watches, reads Secrets and Webhooks off the event loop, and
+//! acts on the core and the status writer. [`relist`] is the list bookkeeping shared with the
+//! standalone folder source.
 
+pub mod index;
+pub mod kube_events;
 pub mod leader;
+pub mod relist;
 pub mod status;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
@@ -18,16 +26,21 @@ use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::crd::{NotificationCondition, TEST_ANNOTATION, Webhook};
+use crate::crd::{NotificationCondition, Webhook, WebhookStatus};
 use crate::delivery::referenced_secrets;
-use crate::herald::Herald;
-use crate::routing::{ConditionInput, ObjectKey};
+use crate::dispatch::Dispatcher;
+use crate::object::{NotReady, NotReadyReason, ObjectKey};
+use crate::routing::ConditionInput;
 use crate::secret::SecretData;
 
+use self::index::{Index, Kind, test_token};
+use self::leader::EventsBookmark;
 use self::status::StatusWriter;
+
+pub use self::index::key_of;
 
 /// The name Herald reports Events as.
 pub const CONTROLLER_NAME: &str = "herald";
@@ -45,28 +58,89 @@ pub struct ControllerSettings {
     pub watch_events: bool,
 }
 
-/// The namespace/name of a namespaced object, when it has both.
-pub fn key_of<K: ResourceExt>(object: &K) -> Option<ObjectKey> {
-    Some(ObjectKey::new(
-        object.meta().namespace.as_deref()?,
-        object.meta().name.as_deref()?,
-    ))
+/// What goes wrong in the controller's work, each with the object it concerns. Every variant
+/// has a short label for `herald_reconcile_errors_total{error}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// A Secret a Webhook references could not be read (the Webhook is read again later).
+    #[error("cannot read Secret {secret} for Webhook {webhook}: {source}")]
+    SecretRead {
+        /// The Webhook.
+        webhook: ObjectKey,
+        /// The Secret's name.
+        secret: String,
+        /// Why.
+        source: kube::Error,
+    },
+    /// A Webhook could not be read again (after a Secret change or a failed read).
+    #[error("cannot read Webhook {webhook}: {source}")]
+    WebhookRead {
+        /// The Webhook.
+        webhook: ObjectKey,
+        /// Why.
+        source: kube::Error,
+    },
+    /// A status write failed (it is written again at the next round).
+    #[error("cannot write the status of {kind} {object}: {source}")]
+    StatusWrite {
+        /// `Webhook` or `NotificationCondition`.
+        kind: &'static str,
+        /// The object.
+        object: ObjectKey,
+        /// Why.
+        source: kube::Error,
+    },
+    /// Listing or watching Kubernetes Events failed (the watch starts again).
+    #[error("cannot watch Kubernetes Events: {0}")]
+    EventWatch(#[source] kube::Error),
+    /// A Kubernetes Event could not be queued for delivery.
+    #[error("cannot queue a Kubernetes Event: {0}")]
+    EventQueue(String),
+}
+
+impl ReconcileError {
+    /// The Webhook a failed reconcile was for, if any.
+    pub fn webhook(&self) -> Option<&ObjectKey> {
+        match self {
+            ReconcileError::SecretRead { webhook, .. }
+            | ReconcileError::WebhookRead { webhook, .. } => Some(webhook),
+            _ => None,
+        }
+    }
+
+    /// The `error` label of `herald_reconcile_errors_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ReconcileError::SecretRead { .. } => "secret_read",
+            ReconcileError::WebhookRead { .. } => "webhook_read",
+            ReconcileError::StatusWrite { .. } => "status_write",
+            ReconcileError::EventWatch(_) => "event_watch",
+            ReconcileError::EventQueue(_) => "event_queue",
+        }
+    }
 }
 
 /// A change seen by one of the watches (with the watch's index in the watched namespaces), or
-/// an internal trigger.
+/// the result of a read done off the event loop.
 enum Change {
     Webhook(usize, Box<Event<Webhook>>),
-    Condition(usize, Event<NotificationCondition>),
-    Secret(Event<PartialObjectMeta<Secret>>),
-    KubeEvent(Box<Event<k8s_openapi::api::events::v1::Event>>),
-    /// This replica became leader: rewrite status and look for pending tests.
-    Elected,
-    /// Read a Webhook again and reconcile it (a Secret it references changed, or an earlier
-    /// read failed).
-    Refetch(ObjectKey),
+    Condition(usize, Box<Event<NotificationCondition>>),
+    Secret(Box<Event<PartialObjectMeta<Secret>>>),
+    /// The Secrets a Webhook references, read for its reconcile.
+    SecretsRead(Box<SecretsRead>),
+    /// A Webhook read again.
+    WebhookRead(ObjectKey, Result<Option<Box<Webhook>>, kube::Error>),
     /// A watch failed; it retries by itself.
-    WatchError(String),
+    WatchError(&'static str, String),
+}
+
+/// What the reads for one reconcile found.
+struct SecretsRead {
+    webhook: Box<Webhook>,
+    /// When the reconcile began.
+    started: Instant,
+    /// Per Secret: its key, its change count when the read began, and what the read found.
+    reads: Vec<(ObjectKey, u64, Result<Option<SecretData>, kube::Error>)>,
 }
 
 type ChangeStream = Pin<Box<dyn Stream<Item = Change> + Send>>;
@@ -138,7 +212,7 @@ where
 fn watch<K>(
     client: &Client,
     namespaces: &[String],
-    what: &'static str,
+    kind: &'static str,
     wrap: fn(usize, Event<K>) -> Change,
 ) -> Vec<ChangeStream>
 where
@@ -156,200 +230,397 @@ where
         .enumerate()
         .map(|(index, api)| -> ChangeStream {
             Box::pin(
-                list_watch(api, what)
+                list_watch(api, kind)
                     .default_backoff()
                     .map(move |e| match e {
                         Ok(e) => wrap(index, e),
-                        Err(e) => Change::WatchError(format!("{what}: {e}")),
+                        Err(e) => Change::WatchError(kind, e.to_string()),
                     }),
             )
         })
         .collect()
 }
 
-/// The `herald.dev/send-test` token of a Webhook, when set.
-fn test_token(webhook: &Webhook) -> Option<&str> {
-    webhook
-        .annotations()
-        .get(TEST_ANNOTATION)
-        .map(String::as_str)
-        .filter(|t| !t.is_empty())
-}
-
-fn watches(client: &Client, namespaces: &[String], watch_events: bool) -> Vec<ChangeStream> {
-    let mut streams = watch::<Webhook>(client, namespaces, "webhooks", |i, e| {
+fn watches(client: &Client, namespaces: &[String]) -> Vec<ChangeStream> {
+    let mut streams = watch::<Webhook>(client, namespaces, "Webhook", |i, e| {
         Change::Webhook(i, Box::new(e))
     });
     streams.extend(watch::<NotificationCondition>(
         client,
         namespaces,
-        "conditions",
-        Change::Condition,
+        "NotificationCondition",
+        |i, e| Change::Condition(i, Box::new(e)),
     ));
     streams.extend(watch::<PartialObjectMeta<Secret>>(
         client,
         namespaces,
-        "secrets",
-        |_, e| Change::Secret(e),
+        "Secret",
+        |_, e| Change::Secret(Box::new(e)),
     ));
-    if watch_events {
-        streams.extend(watch::<k8s_openapi::api::events::v1::Event>(
-            client,
-            namespaces,
-            "events",
-            |_, e| Change::KubeEvent(Box::new(e)),
-        ));
-    }
     streams
 }
 
-/// How long to wait before reading a Webhook again after a read failed.
-const REFETCH_DELAY: Duration = Duration::from_secs(5);
+/// How long to wait before reading a Webhook again after a read failed the first time; the
+/// wait doubles with each failure up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
-/// The controller's state, owned by its event loop. What it knows of each Webhook lives where
-/// it is used: the routing table holds its labels and routing spec, the status writer its uid
-/// and the generation last reconciled. Only test requests and Secret references are kept here,
-/// for the Webhooks that have them; a Webhook is read again when a Secret it references changes.
-struct Controller {
+/// The API server side: reads done off the event loop, their results sent back into it.
+struct Reader {
     client: Client,
-    herald: Herald,
+    results: mpsc::UnboundedSender<Change>,
+}
+
+impl Reader {
+    /// Reads the Secrets a Webhook needs, in a task of its own.
+    fn secrets(&self, webhook: Box<Webhook>, started: Instant, wanted: Vec<(ObjectKey, u64)>) {
+        let client = self.client.clone();
+        let results = self.results.clone();
+        tokio::spawn(async move {
+            let mut reads = Vec::with_capacity(wanted.len());
+            for (key, epoch) in wanted {
+                let api: Api<Secret> = Api::namespaced(client.clone(), &key.namespace);
+                let read = api
+                    .get_opt(&key.name)
+                    .await
+                    .map(|s| s.map(|s| SecretData::from_secret(&s)));
+                reads.push((key, epoch, read));
+            }
+            let _ = results.send(Change::SecretsRead(Box::new(SecretsRead {
+                webhook,
+                started,
+                reads,
+            })));
+        });
+    }
+
+    /// Reads a Webhook again, in a task of its own, after `delay`.
+    fn webhook(&self, key: ObjectKey, delay: Duration) {
+        let client = self.client.clone();
+        let results = self.results.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let api: Api<Webhook> = Api::namespaced(client, &key.namespace);
+            let read = api.get_opt(&key.name).await.map(|w| w.map(Box::new));
+            let _ = results.send(Change::WebhookRead(key, read));
+        });
+    }
+}
+
+/// Whether this replica acts on the whole table: it leads, and has seen everything once.
+#[derive(Default)]
+struct Role {
+    synced: bool,
+    acting: bool,
+    /// Stops the Kubernetes Event watch this replica runs while acting.
+    events: Option<CancellationToken>,
+}
+
+/// Work under way for Webhooks: reconciles waiting for Secret reads, and failed ones waiting to
+/// be retried (with the number of failures so far).
+#[derive(Default)]
+struct Pending {
+    reading: HashMap<ObjectKey, usize>,
+    retries: HashMap<ObjectKey, u32>,
+    tests_in_flight: Arc<std::sync::Mutex<std::collections::HashSet<(ObjectKey, String)>>>,
+}
+
+/// The controller's event loop state: the index, the core it keeps current, the status
+/// writer, the reader for work off the loop, and its role.
+struct Controller {
+    index: Index,
+    herald: Dispatcher,
     status: Arc<StatusWriter>,
-    leader: Arc<AtomicBool>,
-    /// The watched namespaces, in watch order; empty when one watch covers every namespace.
-    namespaces: Vec<String>,
-    /// The `herald.dev/send-test` token of each Webhook that has one.
-    test_tokens: HashMap<ObjectKey, Box<str>>,
-    /// The names of the Secrets each Webhook references, for those that reference any.
-    secret_refs: HashMap<ObjectKey, Box<[String]>>,
-    /// Secret data by namespace/name; `None` records that the Secret does not exist.
-    secrets: HashMap<ObjectKey, Option<SecretData>>,
-    secret_versions: HashMap<ObjectKey, String>,
-    /// Per watch, the Webhooks seen during its current re-list, to find what went away (`None`
-    /// outside a re-list, and during a list that cannot find any: nothing in its namespaces
-    /// was known when it began).
-    relisting_webhooks: Vec<Option<HashSet<ObjectKey>>>,
-    /// The same for NotificationConditions.
-    relisting_conditions: Vec<Option<HashSet<ObjectKey>>>,
-    /// Per watch, whether its first list is complete.
-    synced_webhooks: Vec<bool>,
-    synced_conditions: Vec<bool>,
-    tests_in_flight: Arc<std::sync::Mutex<HashSet<(ObjectKey, String)>>>,
-    /// Webhooks to read again (after a failed read), fed back into the event loop.
-    refetch: mpsc::UnboundedSender<ObjectKey>,
-    /// The Webhooks waiting to be read again: a new reason to read one changes nothing.
-    refetch_pending: HashSet<ObjectKey>,
-    events: crate::events::EventLedger,
+    reader: Reader,
+    leader: watch::Receiver<bool>,
+    role: Role,
+    pending: Pending,
+    settings: ControllerSettings,
+    bookmark: EventsBookmark,
+    cancel: CancellationToken,
 }
 
 impl Controller {
-    /// Whether a namespace belongs to the watch with this index.
-    fn in_scope(&self, watch: usize, namespace: &str) -> bool {
-        self.namespaces.get(watch).is_none_or(|ns| ns == namespace)
-    }
-
-    async fn secret(&mut self, key: &ObjectKey) -> Result<Option<SecretData>, kube::Error> {
-        if let Some(cached) = self.secrets.get(key) {
-            return Ok(cached.clone());
+    /// Handles one change; a failed reconcile is counted, logged and retried in one place.
+    fn handle(&mut self, change: Change) {
+        let started = match &change {
+            Change::SecretsRead(read) => read.started,
+            _ => Instant::now(),
+        };
+        let result = match change {
+            Change::Webhook(watch, event) => {
+                self.webhook_event(watch, *event, started);
+                Ok(())
+            }
+            Change::Condition(watch, event) => {
+                self.condition_event(watch, *event, started);
+                Ok(())
+            }
+            Change::Secret(event) => {
+                self.secret_event(*event);
+                Ok(())
+            }
+            Change::SecretsRead(read) => self.secrets_read(*read),
+            Change::WebhookRead(key, read) => self.webhook_read(key, read, started),
+            Change::WatchError(kind, e) => {
+                tracing::warn!("{kind} watch error (retrying): {e}");
+                self.herald.metrics().controller.watch_error(kind);
+                Ok(())
+            }
+        };
+        if let Err(error) = result {
+            self.failed(error, started);
         }
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &key.namespace);
-        let data = api
-            .get_opt(&key.name)
-            .await?
-            .map(|s| SecretData::from_secret(&s));
-        self.secrets.insert(key.clone(), data.clone());
-        Ok(data)
+        self.check_synced();
     }
 
-    /// Whether a new version of a Webhook gives Herald the same inputs as the one last
-    /// reconciled: same object and spec (generation), labels (for `webhookSelector`) and test
-    /// token. Herald's own status writes come back as such versions.
-    fn unchanged(&self, key: &ObjectKey, webhook: &Webhook) -> bool {
-        self.status.is_current(
-            key,
-            webhook.metadata.uid.as_deref(),
-            webhook.metadata.generation,
-        ) && self.test_tokens.get(key).map(|t| &**t) == test_token(webhook)
-            && self.herald.table().webhook(key).is_some_and(|kept| {
-                kept.labels.iter().eq(webhook
-                    .labels()
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str())))
-            })
-    }
-
-    async fn reconcile(&mut self, webhook: &Webhook) {
-        let Some(key) = key_of(webhook) else { return };
-        let names = referenced_secrets(&webhook.spec);
-        let mut secrets: HashMap<String, SecretData> = HashMap::new();
-        for name in &names {
-            match self
-                .secret(&ObjectKey::new(key.namespace.clone(), name.as_str()))
-                .await
-            {
-                Ok(Some(data)) => {
-                    secrets.insert(name.clone(), data);
+    /// The list and delete events of a watch of `kind`; returns the object an apply carries.
+    fn list_event<K: ResourceExt>(
+        &mut self,
+        kind: Kind,
+        watch: usize,
+        event: Event<K>,
+    ) -> Option<K> {
+        let gone = match event {
+            Event::InitApply(object) | Event::Apply(object) => return Some(object),
+            Event::Init => {
+                if self.index.begin(kind, watch) {
+                    self.herald.metrics().controller.watch_restart(kind.name());
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    // Treated as missing for now; the Secret watch brings the webhook back.
-                    tracing::warn!(webhook = %key, secret = %name, "cannot read Secret: {e}");
+                Vec::new()
+            }
+            Event::Delete(object) => {
+                let key = key_of(&object);
+                if let Some(key) = &key {
+                    self.index.delete(kind, key);
+                }
+                key.into_iter().collect()
+            }
+            Event::InitDone => self.index.finish(kind, watch),
+        };
+        for key in gone {
+            match kind {
+                Kind::Webhook => self.delete_webhook(&key),
+                Kind::Condition => self.delete_condition(&key),
+            }
+        }
+        None
+    }
+
+    fn webhook_event(&mut self, watch: usize, event: Event<Webhook>, started: Instant) {
+        let Some(webhook) = self.list_event(Kind::Webhook, watch, event) else {
+            return;
+        };
+        if self.index.apply_webhook(watch, &webhook) {
+            self.reconcile(Box::new(webhook), started);
+        } else if let Some(token) = test_token(&webhook) {
+            self.status.observe_test(&webhook, token);
+        }
+    }
+
+    fn condition_event(
+        &mut self,
+        watch: usize,
+        event: Event<NotificationCondition>,
+        started: Instant,
+    ) {
+        let Some(condition) = self.list_event(Kind::Condition, watch, event) else {
+            return;
+        };
+        let Some(key) = key_of(&condition) else {
+            return;
+        };
+        if !self.index.apply_condition(watch, &condition) {
+            return;
+        }
+        self.status.set_condition(&condition);
+        self.herald.apply_condition(ConditionInput {
+            key: key.clone(),
+            spec: condition.spec,
+        });
+        self.refresh_condition(&key);
+        let seconds = started.elapsed().as_secs_f64();
+        self.herald
+            .metrics()
+            .controller
+            .reconciled(Kind::Condition.name(), seconds, None);
+    }
+
+    fn secret_event(&mut self, event: Event<PartialObjectMeta<Secret>>) {
+        let (meta, deleted) = match event {
+            Event::Apply(m) | Event::InitApply(m) => (m, false),
+            Event::Delete(m) => (m, true),
+            Event::Init | Event::InitDone => return,
+        };
+        let Some(key) = key_of(&meta) else { return };
+        let version = (!deleted).then(|| meta.resource_version().unwrap_or_default());
+        for webhook in self.index.secret_seen(&key, version.as_deref()) {
+            tracing::info!(webhook = %webhook, secret = %key, "Secret changed");
+            self.reader.webhook(webhook, Duration::ZERO);
+        }
+    }
+
+    /// Brings a Webhook's new version into the core: at once when every Secret it references
+    /// is known, or else after reading them off the loop.
+    fn reconcile(&mut self, webhook: Box<Webhook>, started: Instant) {
+        let Some(key) = key_of(&*webhook) else { return };
+        let wanted: Vec<(ObjectKey, u64)> = referenced_secrets(&webhook.spec)
+            .into_iter()
+            .map(|name| ObjectKey::new(key.namespace.clone(), name))
+            .filter(|secret| self.index.secret(secret).is_none())
+            .map(|secret| {
+                let epoch = self.index.secret_epoch(&secret);
+                (secret, epoch)
+            })
+            .collect();
+        if wanted.is_empty() {
+            self.apply(&key, &webhook, started);
+        } else {
+            *self.pending.reading.entry(key).or_default() += 1;
+            self.reader.secrets(webhook, started, wanted);
+        }
+    }
+
+    /// Secrets were read for a reconcile: keeps what was found, then finishes the reconcile if
+    /// its version of the Webhook is still the latest. A failed read shows in the Webhook's
+    /// status as `SecretUnreadable` (the core keeps the version it has).
+    fn secrets_read(&mut self, read: SecretsRead) -> Result<(), ReconcileError> {
+        let SecretsRead {
+            webhook,
+            started,
+            reads,
+        } = read;
+        let Some(key) = key_of(&*webhook) else {
+            return Ok(());
+        };
+        if let Some(count) = self.pending.reading.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                self.pending.reading.remove(&key);
+            }
+        }
+        let mut failure = None;
+        for (secret, epoch, result) in reads {
+            match result {
+                Ok(data) => self.index.store_secret(&secret, epoch, data),
+                Err(source) => {
+                    failure.get_or_insert(ReconcileError::SecretRead {
+                        webhook: key.clone(),
+                        secret: secret.name.to_string(),
+                        source,
+                    });
                 }
             }
         }
+        if !self.index.is_current(&webhook) {
+            // A newer version is under way, or it was deleted.
+            return Ok(());
+        }
+        match failure {
+            // Everything read: reconciles at once (or reads again what changed meanwhile).
+            None => {
+                self.reconcile(webhook, started);
+                Ok(())
+            }
+            Some(error) => {
+                if let ReconcileError::SecretRead { secret, source, .. } = &error {
+                    let not_ready = NotReady::new(
+                        NotReadyReason::SecretUnreadable,
+                        format!("cannot read Secret {secret:?} (retrying): {source}"),
+                    );
+                    self.status.set_ready(&webhook, &Err(not_ready));
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// A Webhook was read again: reconciles it (whatever the index says: a Secret changed).
+    fn webhook_read(
+        &mut self,
+        key: ObjectKey,
+        read: Result<Option<Box<Webhook>>, kube::Error>,
+        started: Instant,
+    ) -> Result<(), ReconcileError> {
+        match read {
+            Ok(Some(webhook)) => {
+                // Only Webhooks the watch shows: one it deleted stays deleted.
+                if let Some(watch) = self.index.watch_of(&key.namespace)
+                    && self.index.knows_webhook(&key)
+                {
+                    self.index.apply_webhook(watch, &webhook);
+                    self.reconcile(webhook, started);
+                }
+            }
+            // Deleted: its watch removes it.
+            Ok(None) => {}
+            Err(source) => {
+                return Err(ReconcileError::WebhookRead {
+                    webhook: key,
+                    source,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A reconcile failed: counts it and reads the Webhook again later, waiting longer after
+    /// each failure.
+    fn failed(&mut self, error: ReconcileError, started: Instant) {
+        tracing::warn!("{error} (retrying)");
+        self.herald.metrics().controller.reconciled(
+            "Webhook",
+            started.elapsed().as_secs_f64(),
+            Some(error.metric_label()),
+        );
+        let Some(key) = error.webhook().cloned() else {
+            return;
+        };
+        let failures = self.pending.retries.entry(key.clone()).or_default();
+        *failures += 1;
+        let delay = RETRY_FIRST
+            .saturating_mul(1 << (*failures - 1).min(6))
+            .min(RETRY_MAX);
+        self.reader.webhook(key, delay);
+    }
+
+    /// Applies a Webhook whose Secrets are all known to the core and records its readiness.
+    fn apply(&mut self, key: &ObjectKey, webhook: &Webhook, started: Instant) {
+        let namespace = key.namespace.clone();
+        let secrets: HashMap<String, &SecretData> = referenced_secrets(&webhook.spec)
+            .into_iter()
+            .filter_map(|name| {
+                let data = self
+                    .index
+                    .secret(&ObjectKey::new(namespace.clone(), name.as_str()))?
+                    .as_ref()?;
+                Some((name, data))
+            })
+            .collect();
         let readiness = self.herald.apply_webhook(
             key.clone(),
             webhook.labels().clone(),
             webhook.spec.clone(),
-            |name| secrets.get(name),
+            |name| secrets.get(name).copied(),
         );
         if let Err(not_ready) = &readiness {
             tracing::info!(webhook = %key, reason = %not_ready.reason, "webhook not ready: {}", not_ready.message);
         }
+        self.pending.retries.remove(key);
         self.status.set_ready(webhook, &readiness);
-        if names.is_empty() {
-            self.secret_refs.remove(&key);
-        } else {
-            self.secret_refs
-                .insert(key.clone(), names.into_iter().collect());
-        }
-        let token = test_token(webhook);
-        match token {
-            Some(token) => {
-                self.test_tokens.insert(key.clone(), token.into());
-            }
-            None => {
-                self.test_tokens.remove(&key);
-            }
-        }
-        self.maybe_send_test(&key, token, webhook.status.as_ref());
-    }
-
-    /// Reads a Webhook again and reconciles it; a failed read is retried after a while.
-    async fn refetch(&mut self, key: ObjectKey) {
-        if self.refetch_pending.contains(&key) {
-            return;
-        }
-        let api: Api<Webhook> = Api::namespaced(self.client.clone(), &key.namespace);
-        match api.get_opt(&key.name).await {
-            Ok(Some(webhook)) => self.reconcile(&webhook).await,
-            // Deleted: its watch removes it.
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(webhook = %key, "cannot read Webhook (retrying): {e}");
-                self.refetch_pending.insert(key.clone());
-                let refetch = self.refetch.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(REFETCH_DELAY).await;
-                    let _ = refetch.send(key);
-                });
-            }
-        }
+        self.status.namespace_changed(&key.namespace);
+        self.herald.metrics().controller.reconciled(
+            "Webhook",
+            started.elapsed().as_secs_f64(),
+            None,
+        );
+        self.maybe_send_test(key, test_token(webhook), webhook.status.as_ref());
     }
 
     /// A condition came or went: refresh the readiness shown by the webhooks that name it.
     /// Skipped during the initial sync, which ends with one pass over every webhook.
     fn refresh_condition(&self, condition: &ObjectKey) {
-        if !self.herald.is_ready() {
+        if !self.role.synced {
             return;
         }
         let table = self.herald.table();
@@ -360,6 +631,7 @@ impl Controller {
                     .conditions
                     .iter()
                     .any(|c| *c == *condition.name)
+                && !self.pending.retries.contains_key(&webhook.key)
                 && let Some(readiness) = table.readiness(&webhook.key)
             {
                 self.status.refresh_ready(&webhook.key, &readiness);
@@ -367,25 +639,31 @@ impl Controller {
         }
     }
 
-    /// Writes the readiness of every webhook (once the initial sync is complete).
+    /// Writes the readiness of every webhook and condition (once the initial sync is complete).
     fn refresh_all(&self) {
         let table = self.herald.table();
         for webhook in table.webhooks() {
-            if let Some(readiness) = table.readiness(&webhook.key) {
+            if !self.pending.retries.contains_key(&webhook.key)
+                && let Some(readiness) = table.readiness(&webhook.key)
+            {
                 self.status.refresh_ready(&webhook.key, &readiness);
             }
         }
+        for (key, _) in self.index.conditions() {
+            self.status.namespace_changed(&key.namespace);
+        }
     }
 
-    /// Sends the test message asked for with `token`, unless it was sent already (as recorded
-    /// in `status`, the object's, or by the status writer) or is being sent.
+    /// Sends the test message asked for with `token`, unless this replica does not act on the
+    /// table yet, or it was sent already (as recorded in `status`, the object's, or by the
+    /// status writer) or is being sent.
     fn maybe_send_test(
         &self,
         key: &ObjectKey,
         token: Option<&str>,
-        status: Option<&crate::crd::WebhookStatus>,
+        status: Option<&WebhookStatus>,
     ) {
-        if !self.leader.load(Ordering::SeqCst) {
+        if !self.role.acting || self.pending.reading.contains_key(key) {
             return;
         }
         let Some(token) = token else {
@@ -401,6 +679,7 @@ impl Controller {
         let flight = (key.clone(), token.to_string());
         {
             let mut in_flight = self
+                .pending
                 .tests_in_flight
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
@@ -410,7 +689,7 @@ impl Controller {
         }
         let herald = self.herald.clone();
         let status = self.status.clone();
-        let in_flight = self.tests_in_flight.clone();
+        let in_flight = self.pending.tests_in_flight.clone();
         let key = key.clone();
         let token = token.to_string();
         tokio::spawn(async move {
@@ -431,218 +710,82 @@ impl Controller {
     fn delete_webhook(&mut self, key: &ObjectKey) {
         self.herald.delete_webhook(key);
         self.status.forget(key);
-        self.test_tokens.remove(key);
-        self.secret_refs.remove(key);
+        self.pending.retries.remove(key);
+        self.status.namespace_changed(&key.namespace);
     }
 
     fn delete_condition(&mut self, key: &ObjectKey) {
         self.herald.delete_condition(key);
+        self.status.forget_condition(key);
         self.refresh_condition(key);
     }
 
-    fn is_synced(&self) -> bool {
-        self.synced_webhooks.iter().all(|s| *s) && self.synced_conditions.iter().all(|s| *s)
+    /// Ends the initial sync once every watch has listed and every reconcile it started is
+    /// done: only then do readiness, status, tests and Kubernetes Events go ahead.
+    fn check_synced(&mut self) {
+        if self.role.synced || !self.index.is_synced() || !self.pending.reading.is_empty() {
+            return;
+        }
+        let (webhooks, conditions) = {
+            let table = self.herald.table();
+            (table.len(), table.condition_keys().count())
+        };
+        tracing::info!(webhooks, conditions, "initial sync done");
+        // Deliveries accepted before a restart (with --data-dir) go out again now that
+        // every webhook is known.
+        if let Err(e) = self.herald.engine().resume() {
+            tracing::error!("cannot resume pending deliveries: {e}");
+        }
+        self.role.synced = true;
+        self.herald.set_ready(true);
+        self.status.set_synced();
+        self.refresh_all();
+        self.update_role();
     }
 
-    async fn handle(&mut self, change: Change) {
-        match change {
-            Change::Webhook(watch, event) => match *event {
-                Event::Init => {
-                    let known = self
-                        .herald
-                        .table()
-                        .webhooks()
-                        .any(|w| self.in_scope(watch, &w.key.namespace));
-                    if let Some(seen) = self.relisting_webhooks.get_mut(watch) {
-                        *seen = known.then(HashSet::new);
-                    }
-                }
-                Event::InitApply(webhook) | Event::Apply(webhook) => {
-                    let Some(key) = key_of(&webhook) else { return };
-                    if self.unchanged(&key, &webhook) {
-                        if let Some(token) = test_token(&webhook) {
-                            self.status.observe_test(&webhook, token);
-                        }
-                    } else {
-                        self.reconcile(&webhook).await;
-                    }
-                    if let Some(Some(seen)) = self.relisting_webhooks.get_mut(watch) {
-                        seen.insert(key);
-                    }
-                }
-                Event::Delete(webhook) => {
-                    if let Some(key) = key_of(&webhook) {
-                        self.delete_webhook(&key);
-                    }
-                }
-                Event::InitDone => {
-                    if let Some(seen) = self
-                        .relisting_webhooks
-                        .get_mut(watch)
-                        .and_then(Option::take)
-                    {
-                        let stale: Vec<ObjectKey> = self
-                            .herald
-                            .table()
-                            .webhooks()
-                            .filter(|w| {
-                                self.in_scope(watch, &w.key.namespace) && !seen.contains(&w.key)
-                            })
-                            .map(|w| w.key.clone())
-                            .collect();
-                        for key in stale {
-                            self.delete_webhook(&key);
-                        }
-                    }
-                    if let Some(synced) = self.synced_webhooks.get_mut(watch) {
-                        *synced = true;
-                    }
-                }
-            },
-            Change::Condition(watch, event) => match event {
-                Event::Init => {
-                    let known = self
-                        .herald
-                        .table()
-                        .condition_keys()
-                        .any(|k| self.in_scope(watch, &k.namespace));
-                    if let Some(seen) = self.relisting_conditions.get_mut(watch) {
-                        *seen = known.then(HashSet::new);
-                    }
-                }
-                Event::InitApply(nc) | Event::Apply(nc) => {
-                    let Some(key) = key_of(&nc) else { return };
-                    self.herald.apply_condition(ConditionInput {
-                        key: key.clone(),
-                        spec: nc.spec,
-                    });
-                    self.refresh_condition(&key);
-                    if let Some(Some(seen)) = self.relisting_conditions.get_mut(watch) {
-                        seen.insert(key);
-                    }
-                }
-                Event::Delete(nc) => {
-                    if let Some(key) = key_of(&nc) {
-                        self.delete_condition(&key);
-                    }
-                }
-                Event::InitDone => {
-                    if let Some(seen) = self
-                        .relisting_conditions
-                        .get_mut(watch)
-                        .and_then(Option::take)
-                    {
-                        let stale: Vec<ObjectKey> = self
-                            .herald
-                            .table()
-                            .condition_keys()
-                            .filter(|k| self.in_scope(watch, &k.namespace) && !seen.contains(k))
-                            .collect();
-                        for key in stale {
-                            self.delete_condition(&key);
-                        }
-                    }
-                    if let Some(synced) = self.synced_conditions.get_mut(watch) {
-                        *synced = true;
-                    }
-                }
-            },
-            Change::Secret(event) => {
-                let (meta, deleted) = match event {
-                    Event::Apply(m) | Event::InitApply(m) => (m, false),
-                    Event::Delete(m) => (m, true),
-                    Event::Init | Event::InitDone => return,
-                };
-                let Some(key) = key_of(&meta) else { return };
-                let version = (!deleted).then(|| meta.resource_version().unwrap_or_default());
-                let previous = match &version {
-                    Some(v) => self.secret_versions.insert(key.clone(), v.clone()),
-                    None => self.secret_versions.remove(&key),
-                };
-                if previous == version {
-                    return;
-                }
-                // The first sighting of a Secret matters only to webhooks that found it missing;
-                // ones that read it already hold its data.
-                let known = previous.is_some() || matches!(self.secrets.get(&key), Some(None));
-                if !known {
-                    return;
-                }
-                self.secrets.remove(&key);
-                let affected: Vec<ObjectKey> = self
-                    .secret_refs
-                    .iter()
-                    .filter(|(k, names)| {
-                        k.namespace == key.namespace && names.iter().any(|n| *n == *key.name)
-                    })
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for webhook in affected {
-                    tracing::info!(webhook = %webhook, secret = %key, "Secret changed");
-                    self.refetch(webhook).await;
-                }
-            }
-            Change::KubeEvent(event) => match *event {
-                // Events that exist before a (re)list were delivered by whoever ran then:
-                // remember their counts, deliver only what happens from now on.
-                Event::InitApply(ev) => {
-                    self.events.record(&ev);
-                }
-                Event::Apply(ev) => {
-                    // Every replica sees every Event: only the leader delivers them.
-                    if self.events.record(&ev)
-                        && self.leader.load(Ordering::SeqCst)
-                        && let Some(alert) = crate::events::to_alert(&ev)
-                    {
-                        let batch = crate::alert::AlertBatch {
-                            alerts: vec![alert],
-                            ..Default::default()
-                        };
-                        if let Err(e) = self.herald.dispatch(batch, crate::crd::WebhookType::Events)
-                        {
-                            tracing::warn!("cannot queue a Kubernetes Event: {e}");
-                        }
-                    }
-                }
-                Event::Delete(ev) => self.events.forget(&ev),
-                Event::Init | Event::InitDone => {}
-            },
-            Change::Elected => {
-                self.status.mark_all_dirty();
-                for (key, token) in &self.test_tokens {
-                    self.maybe_send_test(key, Some(token), None);
-                }
-            }
-            Change::Refetch(key) => {
-                self.refetch_pending.remove(&key);
-                self.refetch(key).await;
-            }
-            Change::WatchError(e) => tracing::warn!("watch error (retrying): {e}"),
+    /// Starts or stops what this replica does only while it leads a synced table: status
+    /// writes (the writer checks for itself), pending tests, the Kubernetes Event watch.
+    fn update_role(&mut self) {
+        let acting = self.role.synced && *self.leader.borrow();
+        if acting == self.role.acting {
+            return;
         }
-        if !self.herald.is_ready() && self.is_synced() {
-            let (webhooks, conditions) = {
-                let table = self.herald.table();
-                (table.len(), table.condition_keys().count())
-            };
-            tracing::info!(webhooks, conditions, "initial sync done");
-            // Deliveries accepted before a restart (with --data-dir) go out again now that
-            // every webhook is known.
-            if let Err(e) = self.herald.engine().resume() {
-                tracing::error!("cannot resume pending deliveries: {e}");
+        self.role.acting = acting;
+        if acting {
+            self.status.mark_all_dirty();
+            let tokens: Vec<(ObjectKey, String)> = self
+                .index
+                .test_tokens()
+                .map(|(key, token)| (key.clone(), token.to_string()))
+                .collect();
+            for (key, token) in tokens {
+                self.maybe_send_test(&key, Some(&token), None);
             }
-            self.herald.set_ready(true);
-            self.refresh_all();
+            if self.settings.watch_events {
+                let stop = self.cancel.child_token();
+                tokio::spawn(kube_events::follow(
+                    self.reader.client.clone(),
+                    self.settings.watch_namespaces.clone(),
+                    self.herald.clone(),
+                    self.bookmark.clone(),
+                    stop.clone(),
+                ));
+                self.role.events = Some(stop);
+            }
+        } else if let Some(stop) = self.role.events.take() {
+            stop.cancel();
         }
     }
 }
 
-/// Runs the controller until `cancel` fires. Readiness turns on after the initial sync.
+/// Runs the controller until `cancel` fires. Readiness turns on after the initial sync; this
+/// replica acts on the table (status, tests, Kubernetes Events) while `leader` holds true.
 pub async fn run(
     client: Client,
-    herald: Herald,
+    herald: Dispatcher,
     settings: ControllerSettings,
-    leader: Arc<AtomicBool>,
-    elected: mpsc::UnboundedReceiver<()>,
+    leader: watch::Receiver<bool>,
+    bookmark: EventsBookmark,
     cancel: CancellationToken,
 ) {
     let recorder = Recorder::new(
@@ -652,55 +795,47 @@ pub async fn run(
             instance: Some(settings.identity.clone()),
         },
     );
-    let status = Arc::new(StatusWriter::new(client.clone(), recorder, leader.clone()));
+    let status = Arc::new(StatusWriter::new(
+        client.clone(),
+        recorder,
+        herald.clone(),
+        leader.clone(),
+    ));
     herald.engine().observe(status.clone());
     let writer = tokio::spawn(status.clone().run(settings.status_interval, cancel.clone()));
 
-    let watch_count = settings.watch_namespaces.len().max(1);
-    let mut streams = watches(&client, &settings.watch_namespaces, settings.watch_events);
-    streams.push(Box::pin(
-        tokio_stream_from_unbounded(elected).map(|()| Change::Elected),
-    ));
-    let (refetch, refetches) = mpsc::unbounded_channel();
-    streams.push(Box::pin(
-        tokio_stream_from_unbounded(refetches).map(Change::Refetch),
-    ));
+    let mut streams = watches(&client, &settings.watch_namespaces);
+    let (results, mut results_rx) = mpsc::unbounded_channel();
+    streams.push(Box::pin(futures::stream::poll_fn(move |cx| {
+        results_rx.poll_recv(cx)
+    })));
     let mut changes = futures::stream::select_all(streams);
     let mut controller = Controller {
-        client,
+        index: Index::new(&settings.watch_namespaces),
         herald,
         status,
+        reader: Reader { client, results },
         leader,
-        namespaces: settings.watch_namespaces.clone(),
-        test_tokens: HashMap::new(),
-        secret_refs: HashMap::new(),
-        secrets: HashMap::new(),
-        secret_versions: HashMap::new(),
-        relisting_webhooks: vec![None; watch_count],
-        relisting_conditions: vec![None; watch_count],
-        synced_webhooks: vec![false; watch_count],
-        synced_conditions: vec![false; watch_count],
-        tests_in_flight: Arc::default(),
-        refetch,
-        refetch_pending: HashSet::new(),
-        events: crate::events::EventLedger::default(),
+        role: Role::default(),
+        pending: Pending::default(),
+        settings,
+        bookmark,
+        cancel: cancel.clone(),
     };
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
+            Ok(()) = controller.leader.changed() => controller.update_role(),
             change = changes.next() => match change {
-                Some(change) => controller.handle(change).await,
+                Some(change) => controller.handle(change),
                 None => break,
             },
         }
     }
+    if let Some(stop) = controller.role.events.take() {
+        stop.cancel();
+    }
     let _ = writer.await;
-}
-
-fn tokio_stream_from_unbounded<T: Send + 'static>(
-    mut rx: mpsc::UnboundedReceiver<T>,
-) -> impl Stream<Item = T> + Send {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
-//! The status writer: coalesces readiness, delivery and test results per Webhook and writes them
-//! with server-side apply at most once per interval, and publishes Events. Only the leader writes.
+//! The status writer: coalesces readiness, delivery and test results per Webhook, and the
+//! readiness of each NotificationCondition with the Webhooks that use it, and writes them with
+//! server-side apply at most once per interval, and publishes Events. Only the leader writes,
+//! and only once the controller has seen every watched object (before that a status would
+//! describe a partial table).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,12 +15,19 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::crd::{DeliveryOutcome, DeliveryResult, TestResult, Webhook, WebhookStatus};
-use crate::delivery::{BacklogState, DeliveryObserver, DeliveryReport, ReportOutcome};
-use crate::routing::{NotReady, ObjectKey};
+use crate::crd::{
+    DeliveryOutcome, DeliveryResult, NotificationCondition, NotificationConditionStatus,
+    TestResult, Webhook, WebhookStatus,
+};
+use crate::delivery::{BacklogState, DeliveryObserver, DeliveryReport};
+use crate::dispatch::Dispatcher;
+use crate::object::{NotReady, ObjectKey};
+use crate::outgoing::ReportOutcome;
+
+use super::ReconcileError;
 
 /// The field manager Herald writes status as.
 pub const FIELD_MANAGER: &str = "herald";
@@ -217,13 +227,48 @@ fn update_ready(
     !unchanged
 }
 
-/// Coalescing writer of Webhook status and Events.
+/// What the writer keeps per NotificationCondition.
+struct ConditionEntry {
+    /// The generation last applied.
+    generation: Option<i64>,
+    /// The Ready condition as last written or found on the object: message, generation and
+    /// since when it holds.
+    written: Option<(String, Option<i64>, Timestamp)>,
+}
+
+/// Most Webhook names a condition's message lists.
+const USERS_LISTED: usize = 10;
+
+/// The message of a condition's Ready: how many Webhooks use it, and the first few by name.
+fn users_message(users: &[Arc<str>]) -> String {
+    match users.len() {
+        0 => "used by no Webhook".to_string(),
+        n => {
+            let listed: Vec<&str> = users.iter().take(USERS_LISTED).map(|u| &**u).collect();
+            let more = if n > USERS_LISTED {
+                format!(" and {} more", n - USERS_LISTED)
+            } else {
+                String::new()
+            };
+            format!("used by {n} Webhook(s): {}{more}", listed.join(", "))
+        }
+    }
+}
+
+/// Coalescing writer of Webhook and NotificationCondition status and Events.
 pub struct StatusWriter {
     client: kube::Client,
     recorder: Recorder,
-    leader: Arc<AtomicBool>,
+    herald: Dispatcher,
+    leader: watch::Receiver<bool>,
+    /// Whether the controller has seen every watched object once.
+    synced: AtomicBool,
     /// Boxed: the map's spare capacity should not hold an entry's size.
     entries: Mutex<HashMap<ObjectKey, Box<Entry>>>,
+    conditions: Mutex<HashMap<ObjectKey, ConditionEntry>>,
+    /// Namespaces whose conditions' status must be worked out again (a Webhook or condition
+    /// in it changed).
+    condition_namespaces: Mutex<HashSet<Arc<str>>>,
     wake: Notify,
 }
 
@@ -249,15 +294,76 @@ fn truncate(message: &str, max: usize) -> std::borrow::Cow<'_, str> {
 }
 
 impl StatusWriter {
-    /// A writer that writes while `leader` is true.
-    pub fn new(client: kube::Client, recorder: Recorder, leader: Arc<AtomicBool>) -> Self {
+    /// A writer that writes while `leader` holds true, once [`StatusWriter::set_synced`].
+    pub fn new(
+        client: kube::Client,
+        recorder: Recorder,
+        herald: Dispatcher,
+        leader: watch::Receiver<bool>,
+    ) -> Self {
         StatusWriter {
             client,
             recorder,
+            herald,
             leader,
+            synced: AtomicBool::new(false),
             entries: Mutex::new(HashMap::new()),
+            conditions: Mutex::new(HashMap::new()),
+            condition_namespaces: Mutex::new(HashSet::new()),
             wake: Notify::new(),
         }
+    }
+
+    /// The controller has seen every watched object: writes may begin.
+    pub fn set_synced(&self) {
+        self.synced.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Whether this replica writes: it leads, and the table is complete.
+    fn acting(&self) -> bool {
+        *self.leader.borrow() && self.synced.load(Ordering::SeqCst)
+    }
+
+    /// Records a NotificationCondition's generation (status already on the object seeds what
+    /// was written, so an unchanged status is not written again).
+    pub fn set_condition(&self, condition: &NotificationCondition) {
+        let Some(key) = super::key_of(condition) else {
+            return;
+        };
+        let written = condition.status.as_ref().and_then(|status| {
+            let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+            Some((
+                ready.message.clone(),
+                status.observed_generation,
+                ready.last_transition_time.0,
+            ))
+        });
+        let mut conditions = self.conditions.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = conditions.entry(key.clone()).or_insert(ConditionEntry {
+            generation: None,
+            written,
+        });
+        entry.generation = condition.metadata.generation;
+        drop(conditions);
+        self.namespace_changed(&key.namespace);
+    }
+
+    /// Forgets a deleted NotificationCondition.
+    pub fn forget_condition(&self, key: &ObjectKey) {
+        self.conditions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    /// Something in a namespace changed that may change which Webhooks use its conditions.
+    pub fn namespace_changed(&self, namespace: &Arc<str>) {
+        self.condition_namespaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(namespace.clone());
+        self.wake.notify_one();
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, Box<Entry>>> {
@@ -415,7 +521,7 @@ impl StatusWriter {
         action: &str,
         note: String,
     ) {
-        if !self.leader.load(Ordering::SeqCst) {
+        if !self.acting() {
             return;
         }
         let recorder = self.recorder.clone();
@@ -441,7 +547,7 @@ impl StatusWriter {
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(interval) => {}
             }
-            if self.leader.load(Ordering::SeqCst) {
+            if self.acting() {
                 self.flush().await;
             }
             // Coalesce: at most one round of writes per interval.
@@ -450,7 +556,7 @@ impl StatusWriter {
                 () = tokio::time::sleep(interval) => {}
             }
         }
-        if self.leader.load(Ordering::SeqCst) {
+        if self.acting() {
             self.flush().await;
         }
     }
@@ -467,6 +573,143 @@ impl StatusWriter {
     /// so writing thousands does not hold thousands of copies). The round covers the entries
     /// dirty when it starts, taken a few at a time; what turns dirty meanwhile waits for the next.
     pub async fn flush(&self) {
+        self.flush_webhooks().await;
+        self.flush_conditions().await;
+    }
+
+    /// Writes the status of every condition in the namespaces marked changed whose Ready
+    /// message or generation differs from what was written.
+    async fn flush_conditions(&self) {
+        let namespaces: Vec<Arc<str>> = self
+            .condition_namespaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        for namespace in namespaces {
+            // Which Webhooks each condition of the namespace applies to, in one pass.
+            let mut users: BTreeMap<String, Vec<Arc<str>>> = BTreeMap::new();
+            {
+                let table = self.herald.table();
+                let mut webhooks: Vec<&ObjectKey> = table
+                    .webhooks()
+                    .map(|w| &w.key)
+                    .filter(|k| k.namespace == namespace)
+                    .collect();
+                webhooks.sort();
+                for key in webhooks {
+                    for condition in table.conditions_of(key) {
+                        users.entry(condition).or_default().push(key.name.clone());
+                    }
+                }
+            }
+            let due: Vec<(ObjectKey, String, Option<i64>)> = self
+                .conditions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|(key, _)| key.namespace == namespace)
+                .filter_map(|(key, entry)| {
+                    let message =
+                        users_message(users.get(&*key.name).map(Vec::as_slice).unwrap_or_default());
+                    let same = entry
+                        .written
+                        .as_ref()
+                        .is_some_and(|(m, g, _)| *m == message && *g == entry.generation);
+                    (!same).then(|| (key.clone(), message, entry.generation))
+                })
+                .collect();
+            for (key, message, generation) in due {
+                if let Err(e) = self.write_condition(&key, &message, generation).await {
+                    tracing::warn!("{e}");
+                    self.herald
+                        .metrics()
+                        .controller
+                        .error("NotificationCondition", e.metric_label());
+                    // Worked out again at the next round.
+                    self.namespace_changed(&namespace);
+                }
+            }
+        }
+    }
+
+    /// Writes an object's status with server-side apply, as Herald's field manager.
+    async fn apply_status<K>(
+        &self,
+        key: &ObjectKey,
+        status: &impl serde::Serialize,
+    ) -> Result<(), kube::Error>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), &key.namespace);
+        let patch = serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": status,
+        });
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        api.patch_status(&key.name, &params, &Patch::Apply(&patch))
+            .await
+            .map(|_| ())
+    }
+
+    /// Writes one condition's status: `Ready` with the Webhooks that use it.
+    async fn write_condition(
+        &self,
+        key: &ObjectKey,
+        message: &str,
+        generation: Option<i64>,
+    ) -> Result<(), ReconcileError> {
+        let since = self
+            .conditions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .and_then(|e| e.written.as_ref().map(|(_, _, since)| *since))
+            .unwrap_or_else(Timestamp::now);
+        let status = NotificationConditionStatus {
+            observed_generation: generation,
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                reason: READY_REASON.into(),
+                message: message.to_string(),
+                observed_generation: generation,
+                last_transition_time: Time(since),
+            }],
+        };
+        match self
+            .apply_status::<NotificationCondition>(key, &status)
+            .await
+        {
+            Ok(_) => {
+                if let Some(entry) = self
+                    .conditions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_mut(key)
+                {
+                    entry.written = Some((message.to_string(), generation, since));
+                }
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                self.forget_condition(key);
+                Ok(())
+            }
+            Err(source) => Err(ReconcileError::StatusWrite {
+                kind: "NotificationCondition",
+                object: key.clone(),
+                source,
+            }),
+        }
+    }
+
+    async fn flush_webhooks(&self) {
         const BATCH: usize = 64;
         for entry in self.entries().values_mut() {
             entry.queued = entry.dirty && entry.uid.is_some();
@@ -510,23 +753,22 @@ impl StatusWriter {
                 last_test: e.last_test.as_deref().cloned(),
             }
         };
-        let api: Api<Webhook> = Api::namespaced(self.client.clone(), &key.namespace);
-        let patch = serde_json::json!({
-            "apiVersion": "herald.dev/v1alpha1",
-            "kind": "Webhook",
-            "status": status,
-        });
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        match api
-            .patch_status(&key.name, &params, &Patch::Apply(&patch))
-            .await
-        {
+        match self.apply_status::<Webhook>(&key, &status).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 self.entries().remove(&key);
             }
-            Err(e) => {
-                tracing::warn!(webhook = %key, "cannot write status: {e}");
+            Err(source) => {
+                let error = ReconcileError::StatusWrite {
+                    kind: "Webhook",
+                    object: key.clone(),
+                    source,
+                };
+                tracing::warn!("{error}");
+                self.herald
+                    .metrics()
+                    .controller
+                    .error("Webhook", error.metric_label());
                 if let Some(entry) = self.entries().get_mut(&key) {
                     entry.dirty = true;
                 }
@@ -635,7 +877,7 @@ impl DeliveryObserver for StatusWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::NotReadyReason;
+    use crate::object::NotReadyReason;
 
     #[test]
     fn a_backlog_near_its_limit_shows_in_the_ready_reason_while_the_webhook_can_deliver() {

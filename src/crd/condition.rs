@@ -6,6 +6,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// A named set of label requirements that Webhooks refer to (by name, or by `webhookSelector`).
+// Each printcolumn(...) repeats the same keys, which clippy mistakes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "herald.dev",
@@ -17,6 +19,16 @@ use serde::{Deserialize, Serialize};
     category = "herald",
     cel,
     doc = "Label conditions that an alert or event must meet to reach the Webhooks that use them.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Used by",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -62,7 +74,8 @@ pub enum LabelOperator {
     DoesNotExist,
 }
 
-/// What Herald observed about a condition.
+/// What Herald observed about a condition: `Ready` (with the Webhooks that use it in its
+/// message) for the generation it applied.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct NotificationConditionStatus {

@@ -23,8 +23,6 @@ use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 
 use super::policy::DestinationPolicy;
@@ -125,12 +123,9 @@ pub enum ClientError {
     /// The proxy URL cannot be used.
     #[error("proxyURL is not usable: {0}")]
     Proxy(String),
-    /// The CA bundle has no certificate, or one rustls refuses.
-    #[error("the CA bundle holds no usable PEM certificate{0}")]
-    Roots(String),
-    /// The client certificate and key cannot be used together.
-    #[error("the client certificate and key are not a usable PEM certificate chain and key: {0}")]
-    Identity(String),
+    /// The CA bundle or the client certificate cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A pooled HTTP/1.1 and HTTP/2 client for one set of transport settings.
@@ -145,7 +140,11 @@ pub struct HttpClient {
 impl HttpClient {
     /// Builds a client; connections are opened on first use.
     pub fn new(settings: &ClientSettings<'_>) -> Result<Self, ClientError> {
-        let tls = tls_config(settings)?;
+        let tls = crate::tls::client_config(&crate::tls::TlsSettings {
+            insecure_skip_verify: settings.insecure_skip_verify,
+            roots: settings.roots,
+            identity: settings.identity,
+        })?;
         let guard = settings.guard.cloned();
         let mut direct = HttpConnector::new_with_resolver(Resolver {
             guard: guard.clone(),
@@ -222,19 +221,17 @@ impl HttpClient {
     }
 }
 
-/// A request body of one or two parts sent back to back, never joined into one buffer: a
-/// delivery's own start and the end it shares with the other deliveries of its alert.
+/// A request body of one or two parts sent back to back, never joined into one buffer (see
+/// [`crate::render::RenderedBody`]).
 #[derive(Clone, Debug, Default)]
 pub struct RequestBody {
     parts: [Bytes; 2],
 }
 
 impl RequestBody {
-    /// A body of two parts, `first` then `second`.
-    pub fn pair(first: Bytes, second: Bytes) -> Self {
-        RequestBody {
-            parts: [first, second],
-        }
+    /// A body of two parts sent in order (either may be empty).
+    pub fn from_parts(parts: [Bytes; 2]) -> Self {
+        RequestBody { parts }
     }
 
     /// The parts in order (an empty part is skipped when sending).
@@ -245,7 +242,7 @@ impl RequestBody {
 
 impl From<Bytes> for RequestBody {
     fn from(body: Bytes) -> Self {
-        RequestBody::pair(body, Bytes::new())
+        RequestBody::from_parts([body, Bytes::new()])
     }
 }
 
@@ -296,138 +293,6 @@ pub fn describe_error(err: &hyper_util::client::legacy::Error) -> String {
         source = cause.source();
     }
     message
-}
-
-/// Checks a CA bundle: at least one PEM certificate, every one readable.
-pub fn check_roots(pem: &[u8]) -> Result<(), ClientError> {
-    let mut roots = rustls::RootCertStore::empty();
-    add_roots(&mut roots, pem)
-}
-
-/// Checks a client certificate chain and key (PEM, concatenated) without building a client.
-pub fn check_identity(pem: &[u8]) -> Result<(), ClientError> {
-    identity(pem).map(|_| ())
-}
-
-fn add_roots(roots: &mut rustls::RootCertStore, pem: &[u8]) -> Result<(), ClientError> {
-    let mut added = 0;
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| ClientError::Roots(format!(": {e}")))?;
-        roots
-            .add(cert)
-            .map_err(|e| ClientError::Roots(format!(": {e}")))?;
-        added += 1;
-    }
-    if added == 0 {
-        return Err(ClientError::Roots(String::new()));
-    }
-    Ok(())
-}
-
-fn identity(
-    pem: &[u8],
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ClientError> {
-    let chain = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ClientError::Identity(format!("certificate: {e}")))?;
-    if chain.is_empty() {
-        return Err(ClientError::Identity("no certificate".into()));
-    }
-    let key = PrivateKeyDer::from_pem_slice(pem)
-        .map_err(|e| ClientError::Identity(format!("private key: {e}")))?;
-    Ok((chain, key))
-}
-
-/// A TLS client configuration that trusts the public roots and the CA certificates in `roots`
-/// (PEM; none when empty), without a client certificate: for connections that are not webhook
-/// deliveries, such as the PostgreSQL store's.
-pub fn tls_client_config(roots: &[u8]) -> Result<rustls::ClientConfig, ClientError> {
-    tls_config(&ClientSettings {
-        roots,
-        ..ClientSettings::default()
-    })
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn tls_config(settings: &ClientSettings<'_>) -> Result<rustls::ClientConfig, ClientError> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Identity(e.to_string()))?;
-    let builder = if settings.insecure_skip_verify {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider())))
-    } else {
-        let mut roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
-        if !settings.roots.is_empty() {
-            add_roots(&mut roots, settings.roots)?;
-        }
-        builder.with_root_certificates(roots)
-    };
-    match settings.identity {
-        None => Ok(builder.with_no_client_auth()),
-        Some(pem) => {
-            let (chain, key) = identity(pem)?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| ClientError::Identity(e.to_string()))
-        }
-    }
-}
-
-/// `tls.insecureSkipVerify`: any certificate is accepted; signatures are still checked so that
-/// the handshake itself stays sound.
-#[derive(Debug)]
-struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// A proxy URL taken apart: where to connect, and the credentials from its user info.
@@ -800,8 +665,8 @@ mod tests {
 
     #[test]
     fn bundles_without_certificates_are_refused() {
-        assert!(check_roots(b"").is_err());
-        assert!(check_roots(b"not a certificate").is_err());
-        assert!(check_identity(b"not a certificate").is_err());
+        assert!(crate::tls::check_roots(b"").is_err());
+        assert!(crate::tls::check_roots(b"not a certificate").is_err());
+        assert!(crate::tls::check_identity(b"not a certificate").is_err());
     }
 }

@@ -16,13 +16,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::id::DeliveryId;
 use super::pace::{self, Gathering};
 use super::queue::{JobQueue, Next, Queued};
-use super::send::{AttemptClass, AttemptResult, Delivery, send};
+use super::send::{AttemptClass, AttemptResult, send};
 use super::target::Target;
 use crate::metrics::{Metrics, WebhookLabels, WebhookMetrics};
-use crate::routing::ObjectKey;
+use crate::object::ObjectKey;
+use crate::outgoing::DeliveryId;
+use crate::outgoing::{Delivery, ReportOutcome, RoutedBatch};
 use crate::store::{DeliveryRecord, HandOver, Store, StoreError};
 
 /// How failed attempts are retried.
@@ -116,28 +117,6 @@ const ORPHAN_SWEEP_POLLS: u32 = 30;
 
 /// A webhook's backlog at this share of its limit is reported as nearly full.
 const NEAR_LIMIT_PERCENT: usize = 80;
-
-/// The final outcome of a delivery.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum ReportOutcome {
-    /// The endpoint answered 2xx.
-    Succeeded,
-    /// Retries exhausted or a final error.
-    Failed,
-    /// Never sent: the webhook went away.
-    Dropped,
-}
-
-impl ReportOutcome {
-    /// The metric label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReportOutcome::Succeeded => "succeeded",
-            ReportOutcome::Failed => "failed",
-            ReportOutcome::Dropped => "dropped",
-        }
-    }
-}
 
 /// What became of one delivery, handed to every [`DeliveryObserver`].
 #[derive(Clone, Debug, serde::Serialize)]
@@ -248,7 +227,7 @@ pub struct SubmitSummary {
 /// Room for a number of deliveries under the global limit (see [`EngineConfig::max_pending`]),
 /// given back when dropped unless they were submitted.
 #[derive(Debug)]
-pub struct Admission {
+struct Admission {
     permits: OwnedSemaphorePermit,
 }
 
@@ -293,14 +272,14 @@ impl WorkerState {
         *self.target.write().unwrap_or_else(|e| e.into_inner()) = target;
     }
 
-    fn metrics(&self, shared: &Shared) -> &WebhookMetrics {
+    fn metrics(&self, shared: &EngineContext) -> &WebhookMetrics {
         self.metrics
             .get_or_init(|| shared.metrics.webhook(&WebhookLabels::from(&self.key)))
     }
 
     /// Takes a place in the backlog, or says why not: at the backlog limit (a dead letter), or
     /// at a memory store's share of the budget (the batch is refused).
-    fn take_place(&self, shared: &Shared) -> Result<(), Placed> {
+    fn take_place(&self, shared: &EngineContext) -> Result<(), Placed> {
         let limit = shared.config.backlog_limit.max(1);
         let share = shared.config.webhook_share(shared.store.is_durable());
         let taken = self
@@ -320,7 +299,7 @@ impl WorkerState {
     }
 
     /// Adds deliveries found in the store at start.
-    fn add_found(&self, shared: &Shared, count: usize) {
+    fn add_found(&self, shared: &EngineContext, count: usize) {
         self.backlog.fetch_add(count, Ordering::AcqRel);
         self.metrics(shared)
             .queue_depth
@@ -332,7 +311,7 @@ impl WorkerState {
     }
 
     /// Sets the backlog to what a shared store holds for the webhook (all replicas together).
-    fn refresh(&self, shared: &Shared, backlog: usize) {
+    fn refresh(&self, shared: &EngineContext, backlog: usize) {
         self.backlog.store(backlog, Ordering::Release);
         self.metrics(shared)
             .queue_depth
@@ -341,7 +320,7 @@ impl WorkerState {
     }
 
     /// Gives a place back: a delivery finished.
-    fn release_place(&self, shared: &Shared) {
+    fn release_place(&self, shared: &EngineContext) {
         // Saturating: with a shared store the count is refreshed from the store, and a
         // delivery accepted here may have been counted by another replica's refresh.
         let left = self
@@ -360,7 +339,7 @@ impl WorkerState {
     }
 
     /// Warns once as the backlog nears its limit.
-    fn watch_limit(&self, shared: &Shared, limit: usize) {
+    fn watch_limit(&self, shared: &EngineContext, limit: usize) {
         let backlog = self.backlog.load(Ordering::Acquire);
         if backlog.saturating_mul(100) >= limit.saturating_mul(NEAR_LIMIT_PERCENT)
             && !self.near_limit.swap(true, Ordering::AcqRel)
@@ -371,7 +350,9 @@ impl WorkerState {
     }
 }
 
-struct Shared {
+/// What the engine and every worker share: configuration, metrics, the store, the memory
+/// budget and the report observers.
+struct EngineContext {
     config: EngineConfig,
     metrics: Arc<Metrics>,
     store: Arc<Store>,
@@ -383,7 +364,7 @@ struct Shared {
     observers: RwLock<Vec<Arc<dyn DeliveryObserver>>>,
 }
 
-impl Shared {
+impl EngineContext {
     /// Tells the observers that a webhook's backlog came near its limit or fell back.
     fn backlog_crossed(&self, webhook: &ObjectKey, backlog: usize, limit: usize, near_limit: bool) {
         let state = BacklogState {
@@ -403,11 +384,11 @@ impl Shared {
         report: DeliveryReport,
         delivery: &Arc<Delivery>,
         seq: Option<u64>,
-        handles: Option<&WebhookMetrics>,
+        webhook_metrics: Option<&WebhookMetrics>,
     ) {
-        match (report.outcome, handles) {
-            (ReportOutcome::Succeeded, Some(handles)) => {
-                handles.succeeded.inc();
+        match (report.outcome, webhook_metrics) {
+            (ReportOutcome::Succeeded, Some(webhook_metrics)) => {
+                webhook_metrics.succeeded.inc();
             }
             _ => self
                 .metrics
@@ -503,7 +484,7 @@ enum Placed {
 /// The delivery engine. Cheap to clone; every clone drives the same workers.
 #[derive(Clone)]
 pub struct Engine {
-    shared: Arc<Shared>,
+    shared: Arc<EngineContext>,
     workers: Arc<Mutex<HashMap<ObjectKey, Arc<WorkerState>>>>,
     /// With a disk store: room for deliveries waiting to be written (see
     /// [`EngineConfig::max_pending`]). With a memory store admission takes the budget itself.
@@ -531,7 +512,7 @@ impl Engine {
         let shutdown = CancellationToken::new();
         Engine {
             writes: Arc::new(Semaphore::new(config.max_pending)),
-            shared: Arc::new(Shared {
+            shared: Arc::new(EngineContext {
                 config,
                 metrics,
                 store,
@@ -678,7 +659,7 @@ impl Engine {
     }
 
     /// Room for `count` deliveries under the global limit, taken now or not at all.
-    pub fn try_admit(&self, count: usize) -> Result<Admission, Overloaded> {
+    fn try_admit(&self, count: usize) -> Result<Admission, Overloaded> {
         if self.closing.is_cancelled() {
             return Err(self.overloaded());
         }
@@ -695,7 +676,7 @@ impl Engine {
     /// in flight to finish. Waiting once costs less than a refusal that the sender answers by
     /// sending the whole batch again. More than the limit itself, or Herald stopping, fails at
     /// once.
-    pub async fn admit(&self, count: usize, wait: Duration) -> Result<Admission, Overloaded> {
+    async fn admit(&self, count: usize, wait: Duration) -> Result<Admission, Overloaded> {
         match self.try_admit(count) {
             Ok(admission) => return Ok(admission),
             Err(overloaded) if wait.is_zero() || count > self.shared.config.max_pending => {
@@ -715,7 +696,28 @@ impl Engine {
         }
     }
 
-    /// Accepts deliveries if there is room for all of them now: see [`Engine::submit_admitted`].
+    /// Accepts a routed batch's deliveries if there is room for all of them now. With a memory
+    /// store they are queued at once; with a disk store they are written in the background
+    /// (callers that answer for them use [`Engine::accept_batch`]). An error means nothing was
+    /// accepted.
+    pub fn submit_batch(&self, routed: RoutedBatch) -> Result<SubmitSummary, SubmitError> {
+        let admission = self.try_admit(routed.deliveries())?;
+        self.submit_admitted(admission, routed.into_deliveries())
+    }
+
+    /// Accepts a routed batch's deliveries, returning once they are kept (durably with a disk
+    /// store). When Herald holds as many deliveries as it may, waits up to `wait` for room
+    /// for deliveries in flight to finish before refusing. An error means nothing was accepted.
+    pub async fn accept_batch(
+        &self,
+        routed: RoutedBatch,
+        wait: Duration,
+    ) -> Result<SubmitSummary, SubmitError> {
+        let admission = self.admit(routed.deliveries(), wait).await?;
+        self.accept(admission, routed.into_deliveries()).await
+    }
+
+    /// Accepts deliveries if there is room for all of them now, as [`Engine::submit_batch`] does.
     pub fn submit(&self, deliveries: Vec<Delivery>) -> Result<SubmitSummary, SubmitError> {
         if deliveries.is_empty() {
             return Ok(SubmitSummary::default());
@@ -794,7 +796,7 @@ impl Engine {
     /// are queued at once; with a disk store they are written in the background (callers that
     /// answer for them use [`Engine::accept`], which waits for the write). An error means
     /// nothing was accepted.
-    pub fn submit_admitted(
+    fn submit_admitted(
         &self,
         admission: Admission,
         deliveries: Vec<Delivery>,
@@ -825,7 +827,7 @@ impl Engine {
     /// kept (durably with a disk store, in one write shared with other requests waiting). An
     /// error means nothing was accepted. A delivery whose webhook's backlog is at its limit is
     /// kept as a dead letter.
-    pub async fn accept(
+    async fn accept(
         &self,
         admission: Admission,
         deliveries: Vec<Delivery>,
@@ -1175,7 +1177,7 @@ impl Engine {
             let _ = pacer.try_take(tokio::time::Instant::now());
         }
         let result = send(&target, &delivery).await;
-        let report = finish(&delivery, 1, &result);
+        let report = report_after(&delivery, 1, &result);
         self.shared.report(report.clone(), &delivery, None, None);
         Some(report)
     }
@@ -1211,7 +1213,8 @@ impl Engine {
     }
 }
 
-fn finish(delivery: &Delivery, attempts: u32, last: &AttemptResult) -> DeliveryReport {
+/// The report of a delivery whose attempts ended with `last`, its `attempts`-th.
+fn report_after(delivery: &Delivery, attempts: u32, last: &AttemptResult) -> DeliveryReport {
     let outcome = if last.class == AttemptClass::Success {
         ReportOutcome::Succeeded
     } else {
@@ -1239,7 +1242,7 @@ fn finish(delivery: &Delivery, attempts: u32, last: &AttemptResult) -> DeliveryR
 /// Permits of the memory budget for up to `want` deliveries: as many as are free now, or one
 /// once it is free. `None` when the worker is cancelled first.
 async fn budget_for(
-    shared: &Shared,
+    shared: &EngineContext,
     worker: &WorkerState,
     want: usize,
 ) -> Option<OwnedSemaphorePermit> {
@@ -1258,7 +1261,7 @@ async fn budget_for(
 }
 
 /// Loads the next part of a webhook's backlog from a disk store into its queue.
-async fn load_backlog(shared: &Shared, worker: &WorkerState, after: u64) {
+async fn load_backlog(shared: &EngineContext, worker: &WorkerState, after: u64) {
     let Some(mut permits) = budget_for(shared, worker, LOAD_BATCH).await else {
         worker.queue.reload();
         return;
@@ -1301,8 +1304,8 @@ async fn load_backlog(shared: &Shared, worker: &WorkerState, after: u64) {
 /// Drains a webhook's queue (and its backlog in a disk store), one delivery at a time, and stops
 /// when there is nothing left (the next delivery accepted starts a new task) or when the
 /// webhook goes away or Herald stops.
-async fn run_worker(shared: Arc<Shared>, worker: Arc<WorkerState>) {
-    let handles = worker.metrics(&shared);
+async fn run_worker(shared: Arc<EngineContext>, worker: Arc<WorkerState>) {
+    let webhook_metrics = worker.metrics(&shared);
     let mut breaker = Breaker {
         failures: worker.failures.load(Ordering::Relaxed),
     };
@@ -1317,7 +1320,16 @@ async fn run_worker(shared: Arc<Shared>, worker: Arc<WorkerState>) {
                         // space of the send future inside it is never kept for an idle webhook.
                         let message = job.delivery.clone();
                         let jobs = [job];
-                        if deliver(&shared, handles, &worker, &message, &jobs, &mut breaker).await {
+                        if deliver(
+                            &shared,
+                            webhook_metrics,
+                            &worker,
+                            &message,
+                            &jobs,
+                            &mut breaker,
+                        )
+                        .await
+                        {
                             worker.release_place(&shared);
                         }
                         worker.failures.store(breaker.failures, Ordering::Relaxed);
@@ -1360,7 +1372,16 @@ async fn run_worker(shared: Arc<Shared>, worker: Arc<WorkerState>) {
                 None => continue,
             },
         };
-        if deliver(&shared, handles, &worker, &message, &jobs, &mut breaker).await {
+        if deliver(
+            &shared,
+            webhook_metrics,
+            &worker,
+            &message,
+            &jobs,
+            &mut breaker,
+        )
+        .await
+        {
             for _ in &jobs {
                 worker.release_place(&shared);
             }
@@ -1382,7 +1403,11 @@ async fn run_worker(shared: Arc<Shared>, worker: Arc<WorkerState>) {
 /// Lets go of a cancelled webhook's queued deliveries: when Herald is stopping, or the store is
 /// on disk, they stay pending in the store; when the webhook went away from a memory store they
 /// are dropped and recorded.
-fn give_up_queued(shared: &Shared, worker: &WorkerState, jobs: impl IntoIterator<Item = Job>) {
+fn give_up_queued(
+    shared: &EngineContext,
+    worker: &WorkerState,
+    jobs: impl IntoIterator<Item = Job>,
+) {
     let mut left = 0usize;
     for job in jobs {
         if leave_or_drop(shared, &job) {
@@ -1403,7 +1428,7 @@ fn give_up_queued(shared: &Shared, worker: &WorkerState, jobs: impl IntoIterator
 /// A delivery interrupted by cancellation: kept pending when Herald is stopping or the store is
 /// on disk (resumed at the next start, or when its webhook comes back), dropped and recorded
 /// when its webhook went away from a memory store. Returns whether it ended.
-fn leave_or_drop(shared: &Shared, job: &Job) -> bool {
+fn leave_or_drop(shared: &EngineContext, job: &Job) -> bool {
     if shared.stopping.is_cancelled() || shared.store.is_durable() {
         return false;
     }
@@ -1454,7 +1479,7 @@ impl Breaker {
 }
 
 /// Exports `herald_circuit_open` for a webhook while its breaker is open, and nothing otherwise.
-fn export_breaker(shared: &Shared, key: &ObjectKey, was_open: bool, breaker: &Breaker) {
+fn export_breaker(shared: &EngineContext, key: &ObjectKey, was_open: bool, breaker: &Breaker) {
     let circuit_open = &shared.metrics.circuit_open;
     match (was_open, breaker.is_open()) {
         (false, true) => {
@@ -1469,16 +1494,16 @@ fn export_breaker(shared: &Shared, key: &ObjectKey, was_open: bool, breaker: &Br
 
 /// Reports the end of a message: for a merged one, the end of each delivery it carried.
 fn report_all(
-    shared: &Shared,
+    shared: &EngineContext,
     report: DeliveryReport,
     message: &Arc<Delivery>,
     jobs: &[Job],
-    handles: Option<&WebhookMetrics>,
+    webhook_metrics: Option<&WebhookMetrics>,
 ) {
     if let [job] = jobs
         && Arc::ptr_eq(&job.delivery, message)
     {
-        shared.report(report, message, job.seq, handles);
+        shared.report(report, message, job.seq, webhook_metrics);
         return;
     }
     let merged = format!(
@@ -1498,13 +1523,13 @@ fn report_all(
         } else {
             format!("{}; {merged}", own.message)
         };
-        shared.report(own, part, job.seq, handles);
+        shared.report(own, part, job.seq, webhook_metrics);
     }
 }
 
 /// Lets go of every delivery of an interrupted message (see [`leave_or_drop`]); returns
 /// whether they ended.
-fn leave_or_drop_all(shared: &Shared, jobs: &[Job]) -> bool {
+fn leave_or_drop_all(shared: &EngineContext, jobs: &[Job]) -> bool {
     // Every job is let go of, whatever the others did.
     let ended = jobs.iter().filter(|job| leave_or_drop(shared, job)).count();
     ended == jobs.len()
@@ -1513,8 +1538,8 @@ fn leave_or_drop_all(shared: &Shared, jobs: &[Job]) -> bool {
 /// Delivers one message (one job, or the jobs merged into it) with its retries; returns
 /// whether it ended (it stays in the store when Herald stops first).
 async fn deliver(
-    shared: &Shared,
-    handles: &WebhookMetrics,
+    shared: &EngineContext,
+    webhook_metrics: &WebhookMetrics,
     worker: &WorkerState,
     delivery: &Arc<Delivery>,
     jobs: &[Job],
@@ -1543,17 +1568,19 @@ async fn deliver(
             return leave_or_drop_all(shared, jobs);
         }
         let result = send(&current, delivery).await;
-        handles.duration.observe(result.latency.as_secs_f64());
+        webhook_metrics
+            .duration
+            .observe(result.latency.as_secs_f64());
         let was_open = breaker.is_open();
         breaker.record(result.class);
         export_breaker(shared, &delivery.webhook, was_open, breaker);
         if result.class != AttemptClass::Retryable {
             report_all(
                 shared,
-                finish(delivery, attempt, &result),
+                report_after(delivery, attempt, &result),
                 delivery,
                 jobs,
-                Some(handles),
+                Some(webhook_metrics),
             );
             return true;
         }
@@ -1569,9 +1596,9 @@ async fn deliver(
         let exhausted =
             attempt >= policy.max_attempts || started.elapsed() + delay > policy.max_elapsed;
         if exhausted {
-            let mut report = finish(delivery, attempt, &result);
+            let mut report = report_after(delivery, attempt, &result);
             report.message = format!("gave up after {attempt} attempts: {}", report.message);
-            report_all(shared, report, delivery, jobs, Some(handles));
+            report_all(shared, report, delivery, jobs, Some(webhook_metrics));
             return true;
         }
         shared.metrics.delivery(&delivery.webhook, "retried");

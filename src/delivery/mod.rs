@@ -3,7 +3,6 @@
 
 pub mod client;
 mod engine;
-mod id;
 pub mod pace;
 pub mod policy;
 mod queue;
@@ -11,10 +10,9 @@ mod send;
 pub mod target;
 
 pub use engine::{
-    Admission, BacklogState, DeliveryObserver, DeliveryReport, Engine, EngineConfig, Overloaded,
-    ReplayError, ReportOutcome, RetryPolicy, SubmitError, SubmitSummary,
+    BacklogState, DeliveryObserver, DeliveryReport, Engine, EngineConfig, Overloaded, ReplayError,
+    RetryPolicy, SubmitError, SubmitSummary,
 };
-pub use id::{DeliveryId, InvalidDeliveryId};
 pub use policy::{DestinationPolicy, DestinationRule};
-pub use send::{AttemptClass, AttemptResult, Delivery, LOOP_HEADER, send, sign};
+pub use send::{AttemptClass, AttemptResult, LOOP_HEADER, send, sign};
 pub use target::{Target, TargetPolicy, USER_AGENT, parse_signing_secrets, referenced_secrets};

@@ -1,7 +1,6 @@
 //! One HTTP attempt: render, sign, send, classify the answer.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -11,168 +10,11 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 
 use super::client::{RequestBody, describe_error};
-use super::id::DeliveryId;
 use super::target::{Target, USER_AGENT};
-use crate::alert::{Alert, GroupSource, LabelSet};
 use crate::chat::Answer;
 use crate::crd::BodyFormat;
-use crate::render::{self, Content};
-use crate::routing::ObjectKey;
-
-/// One notification to one webhook: the unit that is queued, retried and recorded.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Delivery {
-    /// Unique id; sent as `Idempotency-Key` and `webhook-id`, the same on every retry.
-    pub id: DeliveryId,
-    /// The webhook.
-    pub webhook: ObjectKey,
-    /// A test message.
-    pub test: bool,
-    /// The alerts that matched this webhook, shared with the other deliveries of their batch.
-    pub alerts: Vec<Arc<Alert>>,
-    /// Group labels from Alertmanager.
-    pub group_labels: Arc<LabelSet>,
-    /// Alertmanager's URL.
-    #[serde(rename = "externalURL")]
-    pub external_url: Arc<str>,
-    /// The rest of what Alertmanager said about the group (shared by the batch's deliveries).
-    #[serde(default, skip_serializing_if = "is_unknown_group")]
-    pub source: Arc<GroupSource>,
-}
-
-fn is_unknown_group(source: &Arc<GroupSource>) -> bool {
-    source.is_empty()
-}
-
-impl Delivery {
-    /// A new delivery with a fresh time-ordered id.
-    pub fn new(
-        webhook: ObjectKey,
-        alerts: Vec<Arc<Alert>>,
-        group_labels: Arc<LabelSet>,
-        external_url: Arc<str>,
-    ) -> Self {
-        Delivery {
-            id: DeliveryId::new(),
-            webhook,
-            test: false,
-            alerts,
-            group_labels,
-            external_url,
-            source: Arc::default(),
-        }
-    }
-
-    /// One delivery carrying the alerts of several to the same webhook (a digest): each alert
-    /// once, in its latest state (the last delivery carrying its fingerprint), in the order
-    /// they were last seen. Group labels, URL and group details are kept where all agree.
-    pub fn merged(parts: &[Arc<Delivery>]) -> Option<Delivery> {
-        let first = parts.first()?;
-        let mut latest: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-        let all: Vec<&Arc<Alert>> = parts.iter().flat_map(|d| d.alerts.iter()).collect();
-        for (i, alert) in all.iter().enumerate() {
-            latest.insert(alert.fingerprint.as_str(), i);
-        }
-        let alerts = all
-            .iter()
-            .enumerate()
-            .filter(|(i, alert)| latest.get(alert.fingerprint.as_str()) == Some(i))
-            .map(|(_, alert)| Arc::clone(alert))
-            .collect();
-        let agree = |same: &dyn Fn(&Delivery) -> bool| parts.iter().all(|d| same(d));
-        Some(Delivery {
-            id: DeliveryId::new(),
-            webhook: first.webhook.clone(),
-            test: false,
-            alerts,
-            group_labels: if agree(&|d| d.group_labels == first.group_labels) {
-                first.group_labels.clone()
-            } else {
-                Arc::default()
-            },
-            external_url: first.external_url.clone(),
-            source: if agree(&|d| d.source == first.source) {
-                first.source.clone()
-            } else {
-                Arc::default()
-            },
-        })
-    }
-
-    /// The delivery with what Alertmanager said about its group.
-    pub fn from_group(self, source: &Arc<GroupSource>) -> Self {
-        if source.is_empty() {
-            return self;
-        }
-        Delivery {
-            source: source.clone(),
-            ..self
-        }
-    }
-
-    /// A test message: one synthetic alert marked `"test": true`.
-    pub fn test(webhook: ObjectKey) -> Self {
-        let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        let alert = render::test_alert(&webhook, &now);
-        Delivery {
-            test: true,
-            ..Delivery::new(
-                webhook,
-                vec![Arc::new(alert)],
-                Arc::default(),
-                Arc::from(""),
-            )
-        }
-    }
-
-    /// The request body for a target, in its language and format (a custom template is
-    /// rendered by [`Delivery::template_body`] instead).
-    pub fn body(&self, target: &Target) -> Result<RequestBody, render::RenderError> {
-        let content = self.content(target);
-        if let Some(head) = target.herald_head()
-            && let Some(tail) = render::shared_herald_tail(&content, target.language)
-        {
-            return Ok(RequestBody::pair(head.clone(), tail));
-        }
-        let notification = render::notification(content, target.language);
-        render::body_for_robot(
-            &notification,
-            target.format,
-            None,
-            target.robot(),
-            k8s_openapi::jiff::Timestamp::now().as_second(),
-        )
-        .map(RequestBody::from)
-    }
-
-    /// What this delivery carries, for a target.
-    fn content<'a>(&'a self, target: &Target) -> Content<'a> {
-        Content {
-            webhook: &self.webhook,
-            kind: target.kind,
-            test: self.test,
-            alerts: &self.alerts,
-            group_labels: &self.group_labels,
-            external_url: &self.external_url,
-            source: &self.source,
-        }
-    }
-
-    /// The request body from a target's custom template, rendered in the template pool
-    /// within the template's limits.
-    pub async fn template_body(
-        &self,
-        target: &Target,
-        template: &Arc<crate::template::SandboxedTemplate>,
-    ) -> Result<RequestBody, render::RenderError> {
-        let content = self.content(target);
-        let context = render::template_context(&render::notification(content, target.language));
-        let body =
-            crate::template::render(template.clone(), &self.webhook.namespace, context).await?;
-        Ok(RequestBody::from(body))
-    }
-}
+use crate::outgoing::Delivery;
+use crate::render;
 
 /// The header every request Herald sends carries (the delivery id); Herald's receiver and
 /// admin listener refuse requests that carry it.
@@ -304,12 +146,13 @@ pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
 
 /// Sends one attempt of a delivery to a target.
 pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
-    let rendered = match target.template() {
-        Some(template) => delivery.template_body(target, template).await,
-        None => delivery.body(target),
-    };
+    let rendered = render::request_body(
+        render::Content::of(delivery, target.kind),
+        &target.body_style(),
+    )
+    .await;
     let body = match rendered {
-        Ok(body) => body,
+        Ok(body) => RequestBody::from_parts(body.into_parts()),
         Err(e) => {
             return AttemptResult::unanswered(AttemptClass::Final, Duration::ZERO, e.to_string());
         }

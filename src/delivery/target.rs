@@ -5,15 +5,15 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use base64::Engine as _;
-use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::client::{ClientError, ClientSettings, DestinationGuard, HttpClient};
 use super::policy::DestinationPolicy;
 use crate::crd::{AuthType, BodyFormat, Language, WebhookSpec, WebhookType, is_reserved_header};
+use crate::object::{NotReady, NotReadyReason, ObjectKey};
 use crate::render;
-use crate::routing::{NotReady, NotReadyReason, ObjectKey};
 use crate::secret::{Masker, SecretData, Sensitive};
+use crate::tls::TlsError;
 
 /// The `User-Agent` Herald sends.
 pub const USER_AGENT: &str = concat!("herald/", env!("CARGO_PKG_VERSION"));
@@ -58,9 +58,9 @@ pub struct Target {
     /// What most webhooks do without: boxed, so that thousands of plain webhooks stay small.
     extras: Option<Box<Extras>>,
     client: std::sync::Arc<HttpClient>,
-    /// The start of this webhook's one-alert Herald bodies, written once (see
-    /// [`render::herald_head`]); `None` for other formats and templates.
-    herald_head: Option<Bytes>,
+    /// The start of this webhook's one-alert Herald bodies, written once; `None` for other
+    /// formats and templates.
+    herald_head: Option<render::HeraldHead>,
     /// The `Host` header of a plain-HTTP URL (always HTTP/1.1), written once instead of by the
     /// client on every request; `None` for HTTPS, where HTTP/2 may carry the authority instead.
     host: Option<HeaderValue>,
@@ -479,7 +479,7 @@ impl Target {
             if let Some(r) = &tls.ca_secret_ref {
                 let data = secret(&lookup, policy, &r.name, "CA bundle")?;
                 let pem = secret_key(data, &r.name, &r.key)?;
-                if super::client::check_roots(pem).is_err() {
+                if crate::tls::check_roots(pem).is_err() {
                     return Err(NotReady::new(
                         NotReadyReason::InvalidCa,
                         format!(
@@ -495,7 +495,7 @@ impl Target {
                 let mut pem = secret_key(data, &r.name, "tls.crt")?.to_vec();
                 pem.push(b'\n');
                 pem.extend_from_slice(secret_key(data, &r.name, "tls.key")?);
-                if super::client::check_identity(&pem).is_err() {
+                if crate::tls::check_identity(&pem).is_err() {
                     return Err(NotReady::new(
                         NotReadyReason::InvalidClientCertificate,
                         format!(
@@ -510,8 +510,8 @@ impl Target {
         let client = transport.client().map_err(|e| {
             let reason = match e {
                 ClientError::Proxy(_) => NotReadyReason::InvalidSpec,
-                ClientError::Roots(_) => NotReadyReason::InvalidCa,
-                ClientError::Identity(_) => NotReadyReason::InvalidClientCertificate,
+                ClientError::Tls(TlsError::Roots(_)) => NotReadyReason::InvalidCa,
+                ClientError::Tls(TlsError::Identity(_)) => NotReadyReason::InvalidClientCertificate,
             };
             NotReady::new(reason, e.to_string())
         })?;
@@ -525,7 +525,7 @@ impl Target {
             robot,
         };
         let herald_head = (spec.format == BodyFormat::Herald && extras.template.is_none())
-            .then(|| render::herald_head(spec.kind, &key))
+            .then(|| render::HeraldHead::for_webhook(spec.kind, &key))
             .transpose()
             .map_err(|e| invalid_spec(e.to_string()))?;
         let host = host_header(&uri);
@@ -592,9 +592,15 @@ impl Target {
         excerpt
     }
 
-    /// The start of this webhook's one-alert Herald bodies, when it receives Herald bodies.
-    pub(crate) fn herald_head(&self) -> Option<&Bytes> {
-        self.herald_head.as_ref()
+    /// How this webhook's bodies are rendered.
+    pub(crate) fn body_style(&self) -> render::BodyStyle<'_> {
+        render::BodyStyle {
+            format: self.format,
+            language: self.language,
+            robot: self.robot(),
+            template: self.template(),
+            herald_head: self.herald_head.as_ref(),
+        }
     }
 
     /// The `Host` header to send, when it is known in advance.

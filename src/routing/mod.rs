@@ -18,128 +18,9 @@ use crate::alert::{Alert, AlertStatus, LabelSet};
 use crate::crd::{
     LabelOperator, LabelRequirement, NotificationConditionSpec, WebhookSpec, WebhookType,
 };
+use crate::object::{NotReady, NotReadyReason, ObjectKey};
 
 pub use selector::selector_matches;
-
-/// Identifies a namespaced resource: `namespace/name`. The parts are shared (`Arc<str>`) so
-/// that the copies each delivery takes (delivery, report, record, store index) cost no
-/// allocation; they hash, compare and serialize as the strings do.
-#[derive(
-    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-pub struct ObjectKey {
-    /// The namespace.
-    pub namespace: Arc<str>,
-    /// The name.
-    pub name: Arc<str>,
-}
-
-impl ObjectKey {
-    /// Builds a key from its parts (`&str`, `String` or an `Arc<str>` to share).
-    pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
-        ObjectKey {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
-    }
-}
-
-impl fmt::Display for ObjectKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
-
-impl std::str::FromStr for ObjectKey {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.split_once('/') {
-            Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Ok(ObjectKey::new(ns, name)),
-            _ => Err(format!("expected NAMESPACE/NAME, got {s:?}")),
-        }
-    }
-}
-
-/// Why a webhook cannot deliver: the `reason` of its `Ready=False` condition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-pub enum NotReadyReason {
-    /// `spec.enabled` is false.
-    Disabled,
-    /// A referenced Secret does not exist.
-    SecretNotFound,
-    /// A referenced Secret lacks a required key.
-    SecretKeyMissing,
-    /// A NotificationCondition named in `spec.conditions` does not exist.
-    ConditionNotFound,
-    /// The CA bundle does not parse.
-    #[serde(rename = "InvalidCA")]
-    InvalidCa,
-    /// The client certificate or key does not parse or do not match.
-    InvalidClientCertificate,
-    /// A signing secret is not a valid `whsec_` secret.
-    InvalidSigningSecret,
-    /// A header from `headersSecretRef` is reserved or not a valid header.
-    InvalidHeader,
-    /// A referenced Secret may not be used (a ServiceAccount token, or no consent mark).
-    SecretRefused,
-    /// `spec.template` does not compile.
-    InvalidTemplate,
-    /// The URL or proxy points at a link-local or cloud metadata address.
-    ForbiddenAddress,
-    /// The spec fails validation (for sources that do not validate on admission).
-    InvalidSpec,
-}
-
-impl NotReadyReason {
-    /// The reason as written in the condition.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NotReadyReason::Disabled => "Disabled",
-            NotReadyReason::SecretNotFound => "SecretNotFound",
-            NotReadyReason::SecretKeyMissing => "SecretKeyMissing",
-            NotReadyReason::ConditionNotFound => "ConditionNotFound",
-            NotReadyReason::InvalidCa => "InvalidCA",
-            NotReadyReason::InvalidClientCertificate => "InvalidClientCertificate",
-            NotReadyReason::InvalidSigningSecret => "InvalidSigningSecret",
-            NotReadyReason::InvalidHeader => "InvalidHeader",
-            NotReadyReason::SecretRefused => "SecretRefused",
-            NotReadyReason::InvalidTemplate => "InvalidTemplate",
-            NotReadyReason::ForbiddenAddress => "ForbiddenAddress",
-            NotReadyReason::InvalidSpec => "InvalidSpec",
-        }
-    }
-}
-
-impl fmt::Display for NotReadyReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A webhook that cannot deliver, and a message for humans (never holding secret material).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct NotReady {
-    /// Machine-readable reason.
-    pub reason: NotReadyReason,
-    /// Human-readable explanation.
-    pub message: String,
-}
-
-impl NotReady {
-    /// Builds a `NotReady` from a reason and message.
-    pub fn new(reason: NotReadyReason, message: impl Into<String>) -> Self {
-        NotReady {
-            reason,
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for NotReady {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.reason, self.message)
-    }
-}
 
 /// A resource's labels, sorted by key, in one allocation: the table keeps them for every webhook
 /// (for `webhookSelector`), where a `BTreeMap` would take half a kilobyte for a single label.
@@ -345,36 +226,36 @@ impl<'a> Subject<'a> {
     }
 }
 
-/// The webhooks of one type in one namespace, each filed once: by the event types it lists,
+/// The webhooks of one type in one namespace, each indexed once: by the event types it lists,
 /// else by the first NotificationCondition it names, else among those that want everything.
 #[derive(Debug, Default)]
 struct NamespaceIndex {
     /// Webhooks with empty `eventTypes` and no named condition.
     any: HashSet<ObjectKey>,
     /// Webhooks by each event type they list.
-    by_event_type: HashMap<String, Keys>,
+    by_event_type: HashMap<String, WebhookKeys>,
     /// Webhooks with empty `eventTypes`, by the first condition they name: every condition must
     /// hold, so a subject that fails this one cannot reach them.
-    by_condition: HashMap<String, Keys>,
+    by_condition: HashMap<String, WebhookKeys>,
 }
 
-/// The webhooks filed under one event type or condition: most often a single one, kept without
+/// The webhooks indexed under one event type or condition: most often a single one, kept without
 /// a set of its own (a hash set's smallest table has room for four keys; a B-tree node takes
 /// half a kilobyte).
 #[derive(Debug)]
-enum Keys {
+enum WebhookKeys {
     One(ObjectKey),
     Many(HashSet<ObjectKey>),
 }
 
-impl Keys {
+impl WebhookKeys {
     fn insert(&mut self, key: &ObjectKey) {
         match self {
-            Keys::One(one) if one == key => {}
-            Keys::One(one) => {
-                *self = Keys::Many([one.clone(), key.clone()].into_iter().collect());
+            WebhookKeys::One(one) if one == key => {}
+            WebhookKeys::One(one) => {
+                *self = WebhookKeys::Many([one.clone(), key.clone()].into_iter().collect());
             }
-            Keys::Many(set) => {
+            WebhookKeys::Many(set) => {
                 set.insert(key.clone());
             }
         }
@@ -383,8 +264,8 @@ impl Keys {
     /// Removes a key; whether none is left.
     fn remove(&mut self, key: &ObjectKey) -> bool {
         match self {
-            Keys::One(one) => one == key,
-            Keys::Many(set) => {
+            WebhookKeys::One(one) => one == key,
+            WebhookKeys::Many(set) => {
                 set.remove(key);
                 set.is_empty()
             }
@@ -393,71 +274,74 @@ impl Keys {
 
     fn iter(&self) -> impl Iterator<Item = &ObjectKey> {
         let (one, many) = match self {
-            Keys::One(key) => (Some(key), None),
-            Keys::Many(set) => (None, Some(set)),
+            WebhookKeys::One(key) => (Some(key), None),
+            WebhookKeys::Many(set) => (None, Some(set)),
         };
         one.into_iter().chain(many.into_iter().flatten())
     }
 }
 
-/// Files a webhook under a name.
-fn file(map: &mut HashMap<String, Keys>, name: &str, key: &ObjectKey) {
+/// Adds a webhook to the entry of `name`.
+fn insert_key(map: &mut HashMap<String, WebhookKeys>, name: &str, key: &ObjectKey) {
     match map.get_mut(name) {
         Some(keys) => keys.insert(key),
         None => {
-            map.insert(name.to_string(), Keys::One(key.clone()));
+            map.insert(name.to_string(), WebhookKeys::One(key.clone()));
         }
     }
 }
 
-/// Takes a webhook out from under a name.
-fn unfile(map: &mut HashMap<String, Keys>, name: &str, key: &ObjectKey) {
-    remove_in(map, name, |keys| keys.remove(key));
+/// Takes a webhook out of the entry of `name`, dropping the entry when it empties.
+fn remove_key(map: &mut HashMap<String, WebhookKeys>, name: &str, key: &ObjectKey) {
+    remove_from_entry(map, name, |keys| keys.remove(key));
 }
 
-/// Where a webhook is filed in its [`NamespaceIndex`].
-fn filing(spec: &RouteSpec) -> Filing<'_> {
+/// Which part of its [`NamespaceIndex`] a webhook is indexed in.
+fn indexed_by(spec: &RouteSpec) -> IndexedBy<'_> {
     if !spec.event_types.is_empty() {
-        Filing::EventTypes
+        IndexedBy::EventTypes
     } else if let Some(first) = spec.conditions.first() {
-        Filing::Condition(first)
+        IndexedBy::Condition(first)
     } else {
-        Filing::Any
+        IndexedBy::Any
     }
 }
 
-enum Filing<'a> {
+enum IndexedBy<'a> {
+    /// Among the webhooks that want everything.
     Any,
+    /// Under each event type it lists.
     EventTypes,
+    /// Under the first condition it names.
     Condition(&'a str),
 }
 
 impl NamespaceIndex {
     fn insert(&mut self, key: &ObjectKey, spec: &RouteSpec, event_types: &BTreeSet<String>) {
-        match filing(spec) {
-            Filing::Any => {
+        match indexed_by(spec) {
+            IndexedBy::Any => {
                 self.any.insert(key.clone());
             }
-            Filing::EventTypes => {
+            IndexedBy::EventTypes => {
                 for t in event_types {
-                    file(&mut self.by_event_type, t, key);
+                    insert_key(&mut self.by_event_type, t, key);
                 }
             }
-            Filing::Condition(name) => file(&mut self.by_condition, name, key),
+            IndexedBy::Condition(name) => insert_key(&mut self.by_condition, name, key),
         }
     }
 
     fn remove(&mut self, key: &ObjectKey, spec: &RouteSpec, event_types: &BTreeSet<String>) {
-        match filing(spec) {
-            Filing::Any => {
+        match indexed_by(spec) {
+            IndexedBy::Any => {
                 self.any.remove(key);
             }
-            Filing::EventTypes => {
+            IndexedBy::EventTypes => {
                 for t in event_types {
-                    unfile(&mut self.by_event_type, t, key);
+                    remove_key(&mut self.by_event_type, t, key);
                 }
             }
-            Filing::Condition(name) => unfile(&mut self.by_condition, name, key),
+            IndexedBy::Condition(name) => remove_key(&mut self.by_condition, name, key),
         }
     }
 
@@ -466,12 +350,12 @@ impl NamespaceIndex {
     }
 }
 
-fn remove_from<T: Eq + std::hash::Hash>(
+fn remove_from_set<T: Eq + std::hash::Hash>(
     map: &mut HashMap<String, HashSet<T>>,
     name: &str,
     item: &T,
 ) {
-    remove_in(map, name, |set| {
+    remove_from_entry(map, name, |set| {
         set.remove(item);
         set.is_empty()
     });
@@ -520,9 +404,9 @@ impl ConditionIndex {
                 self.unanchored.remove(name);
             }
             Some(req) => {
-                remove_in(&mut self.anchored, &req.key, |by_value| {
+                remove_from_entry(&mut self.anchored, &req.key, |by_value| {
                     for value in &req.values {
-                        remove_from(by_value, value, &name.to_string());
+                        remove_from_set(by_value, value, &name.to_string());
                     }
                     by_value.is_empty()
                 });
@@ -610,7 +494,7 @@ impl Table {
             return;
         };
         if let Some(namespaces) = self.index.get_mut(&old.input.spec.kind) {
-            remove_in(namespaces, &key.namespace, |index| {
+            remove_from_entry(namespaces, &key.namespace, |index| {
                 index.remove(key, &old.input.spec, &old.event_types);
                 index.is_empty()
             });
@@ -649,11 +533,11 @@ impl Table {
     pub fn delete_condition(&mut self, key: &ObjectKey) {
         self.unindex_condition(key);
         let name: &str = &key.name;
-        remove_in(&mut self.conditions, &key.namespace, |names| {
+        remove_from_entry(&mut self.conditions, &key.namespace, |names| {
             names.remove(name);
             names.is_empty()
         });
-        remove_in(&mut self.selector_conditions, &key.namespace, |names| {
+        remove_from_entry(&mut self.selector_conditions, &key.namespace, |names| {
             names.remove(name);
             names.is_empty()
         });
@@ -667,7 +551,7 @@ impl Table {
         else {
             return;
         };
-        remove_in(&mut self.condition_index, &key.namespace, |index| {
+        remove_from_entry(&mut self.condition_index, &key.namespace, |index| {
             index.remove(&key.name, old);
             index.is_empty()
         });
@@ -809,7 +693,7 @@ impl Table {
             if !index.by_condition.is_empty()
                 && let Some(conditions) = self.condition_index.get(namespace)
             {
-                // Webhooks filed under a condition that does not exist are not ready: skipped.
+                // Webhooks indexed under a condition that does not exist are not ready: skipped.
                 conditions.candidates(subject.labels, |name| {
                     if let Some(keys) = index.by_condition.get(name) {
                         keys.iter().for_each(&mut consider);
@@ -964,7 +848,11 @@ fn check_condition<'a>(
 
 /// Removes something from the entry of `name` with `remove`, and drops the entry when `remove`
 /// says nothing is left in it.
-fn remove_in<V>(map: &mut HashMap<String, V>, name: &str, remove: impl FnOnce(&mut V) -> bool) {
+fn remove_from_entry<V>(
+    map: &mut HashMap<String, V>,
+    name: &str,
+    remove: impl FnOnce(&mut V) -> bool,
+) {
     if let Some(entry) = map.get_mut(name)
         && remove(entry)
     {

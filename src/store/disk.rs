@@ -20,11 +20,11 @@ use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefiniti
 use tokio::sync::oneshot;
 
 use super::{
-    DeliveryRecord, HandOver, RecordLimits, StoreError, class, db, decode, encode, writer_stopped,
-    written,
+    ByClass, DeliveryRecord, HandOver, RecordClass, RecordLimits, StoreError, db, decode, encode,
+    writer_stopped, written,
 };
-use crate::delivery::{Delivery, DeliveryId};
-use crate::routing::ObjectKey;
+use crate::object::ObjectKey;
+use crate::outgoing::{Delivery, DeliveryId};
 
 /// Accepted deliveries not finished yet: `(webhook, sequence number)` to the delivery (JSON).
 const BACKLOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("backlog");
@@ -44,9 +44,9 @@ const MAX_BATCH: usize = 8192;
 /// A disk store's record ids per webhook, kept in memory to prune without reading the disk.
 #[derive(Default)]
 pub(super) struct Index {
-    /// Record ids per webhook, sorted (so oldest first): `[kept, dead letters]`. Sorted deques
+    /// Record ids per webhook, sorted (so oldest first), apart by record class. Sorted deques
     /// rather than trees: new ids go at the end, and a few ids cost a few bytes, not a node.
-    pub(super) by_webhook: HashMap<ObjectKey, [VecDeque<DeliveryId>; 2]>,
+    pub(super) by_webhook: HashMap<ObjectKey, ByClass<VecDeque<DeliveryId>>>,
 }
 
 impl Index {
@@ -55,7 +55,7 @@ impl Index {
             Some(ids) => ids,
             None => self.by_webhook.entry(record.webhook.clone()).or_default(),
         };
-        let ids = &mut ids[class(record)];
+        let ids = &mut ids[RecordClass::of(record)];
         // A webhook's deliveries finish in the order they were accepted: nearly every id is
         // the newest of its webhook and goes at the end without a search.
         if ids.back().is_none_or(|last| *last < record.id) {
@@ -70,7 +70,7 @@ impl Index {
 
     pub(super) fn remove(&mut self, record: &DeliveryRecord) {
         if let Some(ids) = self.by_webhook.get_mut(&record.webhook) {
-            let class_ids = &mut ids[class(record)];
+            let class_ids = &mut ids[RecordClass::of(record)];
             if let Ok(at) = class_ids.binary_search(&record.id) {
                 class_ids.remove(at);
             }
@@ -88,7 +88,7 @@ impl Index {
         limits: &RecordLimits,
         mut forget: impl FnMut(DeliveryId),
     ) {
-        let class = class(record);
+        let class = RecordClass::of(record);
         let limit = limits.per_class(class);
         let Some(ids) = self.by_webhook.get_mut(&record.webhook) else {
             return;
@@ -311,7 +311,12 @@ impl DiskStore {
     #[cfg(test)]
     pub(super) fn indexed(&self) -> usize {
         let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        index.by_webhook.values().flatten().flatten().count()
+        index
+            .by_webhook
+            .values()
+            .flat_map(ByClass::iter)
+            .flatten()
+            .count()
     }
 }
 

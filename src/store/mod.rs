@@ -12,8 +12,8 @@ use k8s_openapi::jiff::Timestamp;
 use redb::{ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 
-use crate::delivery::{Delivery, DeliveryId, ReportOutcome};
-use crate::routing::ObjectKey;
+use crate::object::ObjectKey;
+use crate::outgoing::{Delivery, DeliveryId, ReportOutcome};
 
 mod disk;
 mod postgres;
@@ -136,12 +136,11 @@ impl Default for RecordLimits {
 }
 
 impl RecordLimits {
-    /// How many records of a class (see [`class`]) are kept per webhook.
-    fn per_class(&self, class: usize) -> usize {
-        if class == 1 {
-            self.dead_letters
-        } else {
-            self.per_webhook
+    /// How many records of a class are kept per webhook.
+    fn per_class(&self, class: RecordClass) -> usize {
+        match class {
+            RecordClass::Success => self.per_webhook,
+            RecordClass::DeadLetter => self.dead_letters,
         }
     }
 }
@@ -157,9 +156,70 @@ pub struct RecordFilter {
     pub limit: usize,
 }
 
-/// The slot of a record's class in [`Index::by_webhook`].
-fn class(record: &DeliveryRecord) -> usize {
-    usize::from(record.outcome != ReportOutcome::Succeeded)
+/// What a record is kept as: a success, or a dead letter (a delivery that failed or was
+/// dropped, kept longer and with its content).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RecordClass {
+    Success,
+    DeadLetter,
+}
+
+impl RecordClass {
+    /// The class of a record.
+    fn of(record: &DeliveryRecord) -> Self {
+        if record.outcome == ReportOutcome::Succeeded {
+            RecordClass::Success
+        } else {
+            RecordClass::DeadLetter
+        }
+    }
+}
+
+/// One value per record class (a webhook's records are kept apart by class).
+#[derive(Debug, Default)]
+struct ByClass<T> {
+    success: T,
+    dead_letter: T,
+}
+
+impl<T> ByClass<T> {
+    /// The values, successes first.
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        [&self.success, &self.dead_letter].into_iter()
+    }
+
+    /// The values, successes first, to change.
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        [&mut self.success, &mut self.dead_letter].into_iter()
+    }
+
+    /// The values with their classes.
+    fn by_class(&self) -> impl Iterator<Item = (RecordClass, &T)> {
+        [
+            (RecordClass::Success, &self.success),
+            (RecordClass::DeadLetter, &self.dead_letter),
+        ]
+        .into_iter()
+    }
+}
+
+impl<T> std::ops::Index<RecordClass> for ByClass<T> {
+    type Output = T;
+    fn index(&self, class: RecordClass) -> &T {
+        match class {
+            RecordClass::Success => &self.success,
+            RecordClass::DeadLetter => &self.dead_letter,
+        }
+    }
+}
+
+impl<T> std::ops::IndexMut<RecordClass> for ByClass<T> {
+    fn index_mut(&mut self, class: RecordClass) -> &mut T {
+        match class {
+            RecordClass::Success => &mut self.success,
+            RecordClass::DeadLetter => &mut self.dead_letter,
+        }
+    }
 }
 
 /// A record as a memory store holds it: in its webhook's ring, so without the webhook's key
@@ -214,7 +274,7 @@ impl StoredRecord {
 }
 
 /// One webhook's records in id order (so oldest first): kept, then dead letters.
-type Rings = [VecDeque<StoredRecord>; 2];
+type Rings = ByClass<VecDeque<StoredRecord>>;
 
 /// Finished deliveries in memory: each webhook's records in two rings in id order, kept and
 /// dead letters apart, so that recording one appends it to its ring and pruning its webhook's
@@ -234,7 +294,7 @@ impl MemoryRecords {
     /// Records a finished delivery (replacing a record with the same id: a replay), then
     /// drops what is over the limits, oldest first.
     fn insert(&mut self, record: DeliveryRecord, limits: &RecordLimits) {
-        let class = class(&record);
+        let class = RecordClass::of(&record);
         let (webhook, record) = StoredRecord::split(record);
         let id = record.id;
         let rings = match self.by_webhook.get_mut(&webhook) {
@@ -324,9 +384,9 @@ fn find(
     by_webhook: &HashMap<ObjectKey, Rings>,
     id: DeliveryId,
     webhook: &ObjectKey,
-) -> Option<(usize, usize)> {
+) -> Option<(RecordClass, usize)> {
     let rings = by_webhook.get(webhook)?;
-    rings.iter().enumerate().find_map(|(class, ring)| {
+    rings.by_class().find_map(|(class, ring)| {
         ring.binary_search_by(|r| r.id.cmp(&id))
             .ok()
             .map(|at| (class, at))

@@ -28,11 +28,11 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DeliveryRecord, HandOver, RecordFilter, RecordLimits, StoreError, class, decode, encode,
+    DeliveryRecord, HandOver, RecordClass, RecordFilter, RecordLimits, StoreError, decode, encode,
     writer_stopped, written,
 };
-use crate::delivery::Delivery;
-use crate::routing::ObjectKey;
+use crate::object::ObjectKey;
+use crate::outgoing::Delivery;
 
 /// How a PostgreSQL store connects and how long its leases last.
 #[derive(Clone, Debug)]
@@ -191,7 +191,7 @@ impl PostgresStore {
             .url
             .parse()
             .map_err(|e| StoreError::Database(format!("the database URL is not valid: {e}")))?;
-        let tls = crate::delivery::client::tls_client_config(&options.ca_pem)
+        let tls = crate::tls::client_config_trusting(&options.ca_pem)
             .map_err(|e| StoreError::Database(format!("TLS to the database: {e}")))?;
         let tls = MakeRustlsConnect::new(tls);
         let manager = Manager::from_config(
@@ -419,7 +419,7 @@ impl PostgresStore {
             row,
             id: record.id.to_string(),
             webhook: record.webhook.to_string(),
-            class: i16::from(class(&record) == 1),
+            class: i16::from(RecordClass::of(&record) == RecordClass::DeadLetter),
             outcome: record.outcome.as_str(),
             body: encode(&record),
         }))

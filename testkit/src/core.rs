@@ -1,6 +1,5 @@
 //! An in-process Herald core for integration tests: fast retries, and every delivery report
 //! collected so tests can wait for outcomes.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -8,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use herald::crd::Webhook;
 use herald::delivery::{DeliveryObserver, DeliveryReport, EngineConfig, RetryPolicy};
-use herald::herald::Herald;
+use herald::dispatch::Dispatcher;
+use herald::object::{NotReady, ObjectKey};
 use herald::receiver::{ReceiverConfig, ServerLimits, router, serve_with_limits};
-use herald::routing::{NotReady, ObjectKey};
 use herald::secret::SecretData;
 
 /// Every delivery report, in arrival order.
@@ -61,8 +60,8 @@ pub fn fast_retry() -> RetryPolicy {
 }
 
 /// A core whose cluster namespace is `monitoring`, with a report collector attached.
-pub fn core() -> (Herald, Arc<Reports>) {
-    let herald = Herald::new(
+pub fn core() -> (Dispatcher, Arc<Reports>) {
+    let herald = Dispatcher::new(
         ["monitoring".to_string()],
         EngineConfig {
             retry: fast_retry(),
@@ -85,7 +84,11 @@ pub fn secret(pairs: &[(&str, &str)]) -> SecretData {
 }
 
 /// Applies a Webhook manifest (YAML) with the given Secrets of its namespace.
-pub fn apply(herald: &Herald, yaml: &str, secrets: &[(&str, SecretData)]) -> Result<(), NotReady> {
+pub fn apply(
+    herald: &Dispatcher,
+    yaml: &str,
+    secrets: &[(&str, SecretData)],
+) -> Result<(), NotReady> {
     let wh: Webhook = serde_saphyr::from_str(yaml).expect("webhook YAML");
     let key = ObjectKey::new(
         wh.metadata
@@ -126,7 +129,7 @@ pub fn batch(alerts: &[&[(&str, &str)]]) -> herald::alert::AlertBatch {
 
 /// Serves a core's receiver on a free loopback port for the rest of the test.
 pub async fn serve_receiver(
-    herald: Herald,
+    herald: Dispatcher,
     config: ReceiverConfig,
     limits: ServerLimits,
 ) -> SocketAddr {

@@ -1,30 +1,18 @@
 //! Real Alertmanager and Prometheus processes (Debian's `prometheus-alertmanager` and
 //! `prometheus` packages) for end-to-end tests of the alert path.
 //!
-//! Include it next to `process.rs`, whose `free_port` it uses:
-//!
-//! ```ignore
-//! #[path = "support/process.rs"]
-//! mod process;
-//! #[path = "support/alertmanager.rs"]
-//! mod alertmanager;
-//! ```
-//!
 //! Both processes listen on `127.0.0.1` on a free port, keep their state in a temporary
 //! directory, log to a file there (see `log()`), and are killed when dropped.
-#![allow(dead_code)]
-
-// Each harness stands alone, so a test using two of them holds two copies of the check.
-#[allow(clippy::duplicate_mod)]
-#[path = "tools.rs"]
-mod tools;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use crate::process::{Process, free_port};
+use crate::tools;
 
 /// How long a process may take to answer its readiness endpoint.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -44,17 +32,14 @@ pub fn find_binary(name: &str, package: &str) -> PathBuf {
     })
 }
 
-/// A child process with its temporary directory and log file; killed when dropped.
-struct Proc {
-    name: &'static str,
-    child: Child,
+/// A server process on a free port with its temporary directory (state, config, log).
+struct Server {
+    process: Process,
     addr: SocketAddr,
-    log: PathBuf,
-    /// State, config and logs; `None` only while being handed to a retry.
-    dir: Option<tempfile::TempDir>,
+    _dir: tempfile::TempDir,
 }
 
-impl Proc {
+impl Server {
     /// Starts `binary` with the arguments `args(dir, addr)` on a free port and waits until
     /// `GET ready_path` answers 2xx, retrying on a fresh port if the process exits early.
     async fn start(
@@ -63,78 +48,37 @@ impl Proc {
         ready_path: &str,
         dir: tempfile::TempDir,
         args: impl Fn(&Path, SocketAddr) -> Vec<String>,
-    ) -> Proc {
-        let mut dir = Some(dir);
+    ) -> Server {
+        let root = dir.path().to_path_buf();
         for attempt in 1..=START_ATTEMPTS {
-            let addr: SocketAddr = format!("127.0.0.1:{}", crate::process::free_port())
-                .parse()
-                .expect("addr");
-            let root = dir.as_ref().expect("dir").path().to_path_buf();
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let mut command = Command::new(binary);
+            command.args(args(&root, addr)).current_dir(&root);
             let log = root.join(format!("{name}-{attempt}.log"));
-            let stdout = std::fs::File::create(&log).expect("log file");
-            let stderr = stdout.try_clone().expect("log file");
-            let child = Command::new(binary)
-                .args(args(&root, addr))
-                .current_dir(&root)
-                .stdin(Stdio::null())
-                .stdout(stdout)
-                .stderr(stderr)
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
-            let mut proc = Proc {
-                name,
-                child,
-                addr,
-                log,
-                dir: dir.take(),
-            };
-            match proc.wait_ready(ready_path).await {
-                Ok(()) => return proc,
+            let mut process =
+                Process::spawn(name, command, &log).unwrap_or_else(|e| panic!("{e:#}"));
+            let ready_url = format!("http://{addr}{ready_path}");
+            match process.wait_answering(&ready_url, READY_TIMEOUT).await {
+                Ok(()) => {
+                    return Server {
+                        process,
+                        addr,
+                        _dir: dir,
+                    };
+                }
                 Err(exited) if attempt < START_ATTEMPTS => {
                     eprintln!(
                         "{name} exited before it was ready ({exited}), retrying on another port; log:\n{}",
-                        proc.log()
+                        process.log()
                     );
-                    // Keep the directory (and its config) for the next attempt.
-                    let _ = proc.child.kill();
-                    let _ = proc.child.wait();
-                    dir = proc.dir.take();
                 }
                 Err(exited) => panic!(
                     "{name} exited before it was ready ({exited}); log:\n{}",
-                    proc.log()
+                    process.log()
                 ),
             }
         }
         unreachable!("the last attempt either returns or panics")
-    }
-
-    /// Polls `path` until it answers 2xx. Err when the process exited (so the caller may
-    /// retry); panics when it is still running but not ready after `READY_TIMEOUT`.
-    async fn wait_ready(&mut self, path: &str) -> Result<(), String> {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .expect("client");
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Err(status.to_string());
-            }
-            if let Ok(r) = client.get(self.url(path)).send().await
-                && r.status().is_success()
-            {
-                return Ok(());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not become ready at {} within {READY_TIMEOUT:?}; log:\n{}",
-                self.name,
-                self.url(path),
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -142,21 +86,7 @@ impl Proc {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // A failing test shows what Alertmanager or Prometheus saw (the last lines suffice).
-        if std::thread::panicking() {
-            let log = self.log();
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
-            eprintln!("--- {} log (last 60 lines) ---\n{tail}", self.name);
-        }
+        self.process.log()
     }
 }
 
@@ -169,7 +99,7 @@ impl Drop for Proc {
 /// `group_interval: 1s` and `repeat_interval: 1h`. Gossip is off
 /// (`--cluster.listen-address=`).
 pub struct Alertmanager {
-    proc: Proc,
+    server: Server,
     /// The API address (`127.0.0.1:PORT`).
     pub addr: SocketAddr,
 }
@@ -208,7 +138,7 @@ receivers:
             ),
         )
         .expect("write alertmanager.yml");
-        let proc = Proc::start("alertmanager", &binary, "/-/ready", dir, |root, addr| {
+        let server = Server::start("alertmanager", &binary, "/-/ready", dir, |root, addr| {
             vec![
                 format!("--config.file={}", root.join("alertmanager.yml").display()),
                 format!("--storage.path={}", root.join("data").display()),
@@ -220,25 +150,25 @@ receivers:
         })
         .await;
         Alertmanager {
-            addr: proc.addr,
-            proc,
+            addr: server.addr,
+            server,
         }
     }
 
     /// `http://127.0.0.1:PORT` (also its `--web.external-url`, so the `externalURL` of
     /// every notification it sends).
     pub fn base(&self) -> String {
-        self.proc.url("")
+        self.server.url("")
     }
 
     /// A URL on the API.
     pub fn url(&self, path: &str) -> String {
-        self.proc.url(path)
+        self.server.url(path)
     }
 
     /// Everything Alertmanager logged so far.
     pub fn log(&self) -> String {
-        self.proc.log()
+        self.server.log()
     }
 
     /// `POST /api/v2/alerts` with a JSON array of alerts (labels, annotations, startsAt,
@@ -305,7 +235,7 @@ receivers:
 /// A running `prometheus` evaluating one rule file every second and sending its alerts to
 /// one Alertmanager.
 pub struct Prometheus {
-    proc: Proc,
+    server: Server,
     /// The web/API address (`127.0.0.1:PORT`).
     pub addr: SocketAddr,
 }
@@ -334,7 +264,7 @@ scrape_configs: []
             ),
         )
         .expect("write prometheus.yml");
-        let proc = Proc::start("prometheus", &binary, "/-/ready", dir, |root, addr| {
+        let server = Server::start("prometheus", &binary, "/-/ready", dir, |root, addr| {
             vec![
                 format!("--config.file={}", root.join("prometheus.yml").display()),
                 format!("--storage.tsdb.path={}", root.join("data").display()),
@@ -347,8 +277,8 @@ scrape_configs: []
         })
         .await;
         Prometheus {
-            addr: proc.addr,
-            proc,
+            addr: server.addr,
+            server,
         }
     }
 
@@ -363,7 +293,7 @@ scrape_configs: []
             ),
         )
         .expect("write prometheus.yml");
-        let proc = Proc::start("prometheus", &binary, "/-/ready", dir, |root, addr| {
+        let server = Server::start("prometheus", &binary, "/-/ready", dir, |root, addr| {
             vec![
                 format!("--config.file={}", root.join("prometheus.yml").display()),
                 format!("--storage.tsdb.path={}", root.join("data").display()),
@@ -372,8 +302,8 @@ scrape_configs: []
         })
         .await;
         Prometheus {
-            addr: proc.addr,
-            proc,
+            addr: server.addr,
+            server,
         }
     }
 
@@ -396,11 +326,11 @@ scrape_configs: []
 
     /// A URL on the API.
     pub fn url(&self, path: &str) -> String {
-        self.proc.url(path)
+        self.server.url(path)
     }
 
     /// Everything Prometheus logged so far.
     pub fn log(&self) -> String {
-        self.proc.log()
+        self.server.log()
     }
 }

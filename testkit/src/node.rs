@@ -2,19 +2,13 @@
 //! kube-apiserver, kube-controller-manager, kube-scheduler, and a node (containerd + kubelet,
 //! pods on a CNI bridge) in a network namespace of its own; see that script for the layout.
 //!
-//! Include it with `#[path = "support/node.rs"] mod node;`. Needs root and every tool of
-//! `hack/test` (a missing one stops the test binary with the list, see `tools.rs`).
+//! Needs root and every tool of `hack/test` (a missing one stops the test binary with the
+//! list, see [`crate::tools`]).
 //!
 //! Cleanup is `hack/test-cluster.sh down`, run on drop, or by a watchdog process when the test
 //! binary exits without dropping the cluster (a shared cluster lives in a `static`): it stops
 //! the processes and the pods' containers, unmounts what they mounted, and deletes the network
 //! namespaces, the veth link and the CNI state.
-#![allow(dead_code)]
-
-// Each harness stands alone, so a test using two of them holds two copies of the check.
-#[allow(clippy::duplicate_mod)]
-#[path = "tools.rs"]
-mod tools;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -24,6 +18,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use crate::tools;
 
 /// The image tag `deploy/` and the chart name by default: a locally built image under this
 /// name is what they run, as written (`imagePullPolicy: IfNotPresent` finds it on the node).
@@ -44,7 +40,7 @@ pub struct Cluster {
 }
 
 fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    crate::repo_root()
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -132,7 +128,9 @@ impl Cluster {
     pub fn load_herald_image(&self) -> Result<(), String> {
         let archive = self.dir.join("herald-image.tar");
         let build = Command::new(repo().join("hack/build-image.sh"))
-            .args(["--binary", env!("CARGO_BIN_EXE_herald"), "--tag", IMAGE])
+            .arg("--binary")
+            .arg(crate::cli::binary())
+            .args(["--tag", IMAGE])
             .arg("--archive")
             .arg(&archive)
             .stdin(Stdio::null())

@@ -1,46 +1,34 @@
-//! The running core shared by every source: the routing table, the delivery engine and metrics.
-//! Sources (controller, standalone loader) change it only through these methods, so the table
-//! and the engine never disagree about which webhooks can deliver.
+//! The dispatcher every source and receiver shares: it routes batches through the routing table
+//! and hands their deliveries to the delivery engine. Sources (controller, standalone loader)
+//! change webhooks and conditions only through it, so the table and the engine never disagree
+//! about which webhooks can deliver.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use crate::alert::{Alert, AlertBatch};
+use crate::alert::AlertBatch;
 use crate::crd::{WebhookSpec, WebhookType};
 use crate::delivery::{
-    Delivery, DeliveryReport, Engine, EngineConfig, SubmitError, SubmitSummary, Target,
-    TargetPolicy,
+    DeliveryReport, Engine, EngineConfig, SubmitError, SubmitSummary, Target, TargetPolicy,
 };
-use crate::metrics::Metrics;
-use crate::routing::{
-    ConditionInput, NotReady, NotReadyReason, ObjectKey, Subject, Table, WebhookInput,
-};
+use crate::metrics::{Metrics, WebhookReadiness};
+use crate::object::{NotReady, NotReadyReason, ObjectKey};
+use crate::outgoing::RoutedBatch;
+use crate::routing::{ConditionInput, Subject, Table, WebhookInput};
 use crate::secret::SecretData;
 use crate::store::{RecordLimits, Store};
 
-/// The routing table, the delivery engine and the metrics, wired together.
+/// Routes batches to webhooks and hands their deliveries to the engine; keeps the routing table,
+/// the delivery engine and the metrics in agreement.
 #[derive(Clone, Debug)]
-pub struct Herald {
+pub struct Dispatcher {
     table: Arc<RwLock<Table>>,
     engine: Engine,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     policy: TargetPolicy,
-}
-
-/// A routed batch: its alerts, and for each webhook the indexes of the alerts it gets.
-struct Routed {
-    batch: AlertBatch,
-    per_webhook: Vec<(ObjectKey, Vec<usize>)>,
-}
-
-impl Routed {
-    /// How many deliveries it makes: one per webhook.
-    fn deliveries(&self) -> usize {
-        self.per_webhook.len()
-    }
 }
 
 /// Why a test message could not be sent.
@@ -59,7 +47,7 @@ pub enum TestError {
     },
 }
 
-impl Herald {
+impl Dispatcher {
     /// A core with an empty table and an in-memory delivery store.
     pub fn new(cluster_namespaces: impl IntoIterator<Item = String>, config: EngineConfig) -> Self {
         let store = Arc::new(Store::memory(RecordLimits::default()));
@@ -72,9 +60,10 @@ impl Herald {
         config: EngineConfig,
         store: Arc<Store>,
     ) -> Self {
-        let metrics = Arc::new(Metrics::new());
-        Herald {
-            table: Arc::new(RwLock::new(Table::new(cluster_namespaces))),
+        let table = Arc::new(RwLock::new(Table::new(cluster_namespaces)));
+        let metrics = Arc::new(Metrics::new(TableReadiness(table.clone())));
+        Dispatcher {
+            table,
             engine: Engine::new(config, metrics.clone(), store),
             metrics,
             ready: Arc::new(AtomicBool::new(false)),
@@ -180,19 +169,16 @@ impl Herald {
     /// Routes a batch of alerts (or events, for `Events`) and queues one delivery per webhook
     /// holding only the alerts that matched it, if there is room for all of them now. With a
     /// disk store the deliveries are written in the background: a caller that answers for them
-    /// uses [`Herald::dispatch_within`], which returns once they are durable.
+    /// uses [`Dispatcher::dispatch_within`], which returns once they are durable.
     pub fn dispatch(
         &self,
         batch: AlertBatch,
         kind: WebhookType,
     ) -> Result<SubmitSummary, SubmitError> {
-        let routed = self.route(batch, kind);
-        let admission = self.engine.try_admit(routed.deliveries())?;
-        self.engine
-            .submit_admitted(admission, Self::deliveries(routed))
+        self.engine.submit_batch(self.route(batch, kind))
     }
 
-    /// Routes and accepts a batch like [`Herald::dispatch`], returning once its deliveries are
+    /// Routes and accepts a batch like [`Dispatcher::dispatch`], returning once its deliveries are
     /// kept (durably with a disk store). When Herald holds as many deliveries as it may, waits
     /// up to `wait` for room before refusing: the batch is parsed and routed once rather than
     /// again on every retry of its sender. An error means none of it was accepted.
@@ -202,15 +188,13 @@ impl Herald {
         kind: WebhookType,
         wait: Duration,
     ) -> Result<SubmitSummary, SubmitError> {
-        let routed = self.route(batch, kind);
-        let admission = self.engine.admit(routed.deliveries(), wait).await?;
         self.engine
-            .accept(admission, Self::deliveries(routed))
+            .accept_batch(self.route(batch, kind), wait)
             .await
     }
 
     /// Which alerts of a batch go to which webhook (alert indexes per webhook).
-    fn route(&self, batch: AlertBatch, kind: WebhookType) -> Routed {
+    fn route(&self, batch: AlertBatch, kind: WebhookType) -> RoutedBatch {
         // Gathered under the read lock without cloning keys; the lock is not held while waiting.
         let per_webhook: Vec<(ObjectKey, Vec<usize>)> = {
             let table = self.table();
@@ -229,25 +213,7 @@ impl Herald {
                 .map(|(key, indexes)| (key.clone(), indexes))
                 .collect()
         };
-        Routed { batch, per_webhook }
-    }
-
-    /// One delivery per webhook of a routed batch.
-    fn deliveries(routed: Routed) -> Vec<Delivery> {
-        let Routed { batch, per_webhook } = routed;
-        // Each alert and the batch's labels are shared by every delivery they go into.
-        let alerts: Vec<Arc<Alert>> = batch.alerts.into_iter().map(Arc::new).collect();
-        let group_labels = Arc::new(batch.group_labels);
-        let external_url: Arc<str> = Arc::from(batch.external_url);
-        let source = Arc::new(batch.source);
-        per_webhook
-            .into_iter()
-            .map(|(key, indexes)| {
-                let alerts = indexes.into_iter().map(|i| alerts[i].clone()).collect();
-                Delivery::new(key, alerts, group_labels.clone(), external_url.clone())
-                    .from_group(&source)
-            })
-            .collect()
+        RoutedBatch::new(batch, per_webhook)
     }
 
     /// Sends a test message to a ready webhook and returns its report.
@@ -273,14 +239,19 @@ impl Herald {
                 ),
             })
     }
+}
 
-    /// Refreshes gauges derived from the table (called before each scrape).
-    pub fn refresh_gauges(&self) {
-        let table = self.table();
+/// The routing table as the source of the `herald_webhooks` gauge.
+#[derive(Debug)]
+struct TableReadiness(Arc<RwLock<Table>>);
+
+impl WebhookReadiness for TableReadiness {
+    fn count(&self) -> (usize, usize) {
+        let table = self.0.read().unwrap_or_else(|e| e.into_inner());
         let ready = table
             .webhooks()
             .filter(|w| matches!(table.readiness(&w.key), Some(Ok(()))))
             .count();
-        self.metrics.set_webhooks(ready, table.len() - ready);
+        (ready, table.len() - ready)
     }
 }

@@ -1,9 +1,6 @@
 //! A real test control plane: etcd and kube-apiserver on loopback, the way
 //! controller-runtime's envtest does it.
 //!
-//! Include it from an integration test with
-//! `#[path = "support/control_plane.rs"] mod control_plane;`.
-//!
 //! The binaries come from `hack/build-tools.sh`, which builds them into
 //! `$HERALD_TOOLS_DIR/bin` (default `~/.cache/herald-tools/bin`). A missing
 //! binary is an error, never a skip.
@@ -11,16 +8,9 @@
 //! There is no kube-controller-manager: no namespace finalizer, no garbage
 //! collection, no ServiceAccount token controller. Tests create what they
 //! need and do not wait for cascading deletes.
-#![allow(dead_code)]
 
-// Each harness stands alone, so a test using two of them holds two copies of the check.
-#[allow(clippy::duplicate_mod)]
-#[path = "tools.rs"]
-pub mod tools;
-
-use std::fs::{self, File};
+use std::fs;
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -31,6 +21,9 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
+
+use crate::process::{Process, free_ports};
+use crate::tools;
 
 /// How long kube-apiserver may take to answer `/readyz` with `ok`.
 const APISERVER_READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -129,7 +122,7 @@ impl ControlPlane {
         let pki = Pki::generate().context("generating certificates")?;
         pki.write(d).context("writing certificates")?;
 
-        let [etcd_port, etcd_peer_port, api_port] = free_ports()?;
+        let [etcd_port, etcd_peer_port, api_port] = free_ports();
         let mut processes = Processes::start_watchdog(d)?;
 
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -151,13 +144,9 @@ impl ControlPlane {
         processes.etcd = Some(processes.spawn(etcd, &etcd_log, "etcd")?);
 
         let health_url = format!("{etcd_url}/health");
-        wait_ready(
-            "etcd",
-            &etcd_log,
-            processes.etcd.as_mut(),
-            ETCD_READY_TIMEOUT,
-            || probe_etcd(&health_url),
-        )?;
+        wait_ready(processes.etcd.as_mut(), ETCD_READY_TIMEOUT, || {
+            probe_etcd(&health_url)
+        })?;
 
         let server_url = format!("https://127.0.0.1:{api_port}");
         let path = |name: &str| d.join(name);
@@ -190,8 +179,6 @@ impl ControlPlane {
 
         let readyz = ReadyzProbe::new(&pki, &server_url)?;
         wait_ready(
-            "kube-apiserver",
-            &apiserver_log,
             processes.apiserver.as_mut(),
             APISERVER_READY_TIMEOUT,
             || readyz.probe(),
@@ -234,7 +221,7 @@ impl ControlPlane {
         [&self.processes.etcd, &self.processes.apiserver]
             .into_iter()
             .flatten()
-            .map(Child::id)
+            .map(Process::pid)
             .collect()
     }
 }
@@ -244,8 +231,8 @@ impl ControlPlane {
 /// this (its stdin closes), it kills them and removes the plane directory.
 struct Processes {
     watchdog: Option<Child>,
-    etcd: Option<Child>,
-    apiserver: Option<Child>,
+    etcd: Option<Process>,
+    apiserver: Option<Process>,
 }
 
 impl Processes {
@@ -271,33 +258,23 @@ rm -rf "$1""#;
         })
     }
 
-    /// Spawns `cmd` with stdout and stderr appended to `log`, and registers
-    /// its pid with the watchdog.
-    fn spawn(&mut self, mut cmd: Command, log: &Path, name: &str) -> Result<Child> {
-        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let err = out
-            .try_clone()
-            .with_context(|| format!("duplicating {}", log.display()))?;
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("spawning {name} ({})", cmd.get_program().display()))?;
+    /// Spawns `cmd` with stdout and stderr in `log`, and registers its pid with the
+    /// watchdog.
+    fn spawn(&mut self, cmd: Command, log: &Path, name: &str) -> Result<Process> {
+        let mut process = Process::spawn(name, cmd, log)?;
         let registered = self
             .watchdog
             .as_mut()
             .and_then(|w| w.stdin.as_mut())
             .context("the watchdog has no stdin")
             .and_then(|stdin| {
-                writeln!(stdin, "{}", child.id()).context("telling the watchdog a pid")
+                writeln!(stdin, "{}", process.pid()).context("telling the watchdog a pid")
             });
         if let Err(e) = registered {
-            let _ = child.kill();
-            let _ = child.wait();
+            process.kill();
             return Err(e);
         }
-        Ok(child)
+        Ok(process)
     }
 }
 
@@ -308,74 +285,31 @@ impl Drop for Processes {
             let _ = watchdog.kill();
             let _ = watchdog.wait();
         }
-        if let Some(apiserver) = self.apiserver.take() {
-            stop(apiserver, APISERVER_STOP_TIMEOUT);
+        if let Some(mut apiserver) = self.apiserver.take() {
+            apiserver.stop(APISERVER_STOP_TIMEOUT);
         }
-        if let Some(etcd) = self.etcd.take() {
-            stop(etcd, ETCD_STOP_TIMEOUT);
-        }
-    }
-}
-
-/// SIGTERM, wait at most `grace`, then SIGKILL; always reaps the child.
-fn stop(mut child: Child, grace: Duration) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    let termed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if termed {
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            match child.try_wait() {
-                Ok(Some(_)) => return,
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-                Err(_) => break,
-            }
+        if let Some(mut etcd) = self.etcd.take() {
+            etcd.stop(ETCD_STOP_TIMEOUT);
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// Picks distinct free loopback ports: binds port 0 for each (holding all
-/// listeners until every port is picked), then releases them.
-fn free_ports<const N: usize>() -> Result<[u16; N]> {
-    let listeners = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").context("binding a free loopback port"))
-        .collect::<Result<Vec<_>>>()?;
-    let mut ports = [0; N];
-    for (port, listener) in ports.iter_mut().zip(&listeners) {
-        *port = listener
-            .local_addr()
-            .context("reading a bound port")?
-            .port();
-    }
-    Ok(ports)
 }
 
 /// Polls `probe` every 100 ms until it returns `Ok(true)`, failing when the
-/// process exits or `timeout` passes; errors quote the tail of `log`.
+/// process exits or `timeout` passes; errors quote the tail of its log.
 fn wait_ready(
-    name: &str,
-    log: &Path,
-    mut child: Option<&mut Child>,
+    process: Option<&mut Process>,
     timeout: Duration,
     mut probe: impl FnMut() -> Result<bool>,
 ) -> Result<()> {
+    let process = process.context("the process to wait for was not started")?;
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(child) = child.as_deref_mut()
-            && let Some(status) = child.try_wait().context("checking the process")?
-        {
+        if let Some(status) = process.exit_status() {
             bail!(
-                "{name} exited during startup ({status}); last lines of {}:\n{}",
-                log.display(),
-                tail(log)
+                "{} exited during startup ({status}); last lines of {}:\n{}",
+                process.name(),
+                process.log_path().display(),
+                process.tail(LOG_TAIL_LINES)
             );
         }
         let last = match probe() {
@@ -385,23 +319,13 @@ fn wait_ready(
         };
         if Instant::now() >= deadline {
             bail!(
-                "{name} not ready after {timeout:?} (last probe: {last}); last lines of {}:\n{}",
-                log.display(),
-                tail(log)
+                "{} not ready after {timeout:?} (last probe: {last}); last lines of {}:\n{}",
+                process.name(),
+                process.log_path().display(),
+                process.tail(LOG_TAIL_LINES)
             );
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The last [`LOG_TAIL_LINES`] lines of `log`.
-fn tail(log: &Path) -> String {
-    match fs::read_to_string(log) {
-        Ok(text) => {
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
-        }
-        Err(e) => format!("(cannot read the log: {e})"),
     }
 }
 

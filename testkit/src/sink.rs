@@ -1,17 +1,9 @@
 //! A real loopback webhook sink for integration tests.
 //!
-//! Include it from a test file with
-//!
-//! ```ignore
-//! #[path = "support/sink.rs"]
-//! mod sink;
-//! ```
-//!
 //! The sink is an axum server bound to `127.0.0.1:0` (plain HTTP, HTTPS, or
 //! HTTPS requiring a client certificate). Every request is recorded as soon as
 //! its body has been read (before any scripted delay), and answered from a
 //! script of [`Reply`]s. The server stops when the [`Sink`] is dropped.
-#![allow(dead_code)]
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -107,6 +99,8 @@ pub struct Reply {
     /// A plain-text body instead of the JSON one.
     text: Option<String>,
     delay: Option<Duration>,
+    /// Answer only once [`Sink::release`] was called.
+    held: bool,
 }
 
 impl Default for Reply {
@@ -124,6 +118,7 @@ impl Reply {
             body: serde_json::json!({}),
             text: None,
             delay: None,
+            held: false,
         }
     }
 
@@ -142,6 +137,13 @@ impl Reply {
     /// simulate a slow or hanging endpoint.
     pub fn delay(mut self, delay: Duration) -> Self {
         self.delay = Some(delay);
+        self
+    }
+
+    /// Hold the answer until [`Sink::release`] (or the sink is dropped): an endpoint that
+    /// stays busy for exactly as long as the test needs.
+    pub fn held(mut self) -> Self {
+        self.held = true;
         self
     }
 
@@ -192,6 +194,8 @@ struct Shared {
     received: Mutex<Vec<Received>>,
     /// Replies consumed front to back; the last one repeats forever.
     script: Mutex<VecDeque<Reply>>,
+    /// Opened by [`Sink::release`]: held replies go out.
+    released: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -229,6 +233,9 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         at: Instant::now(),
     });
     let reply = shared.next_reply();
+    if reply.held {
+        let _ = shared.released.subscribe().wait_for(|open| *open).await;
+    }
     if let Some(delay) = reply.delay {
         tokio::time::sleep(delay).await;
     }
@@ -359,6 +366,11 @@ impl Sink {
     /// Snapshot of all requests received so far, in arrival order.
     pub fn received(&self) -> Vec<Received> {
         lock(&self.shared.received).clone()
+    }
+
+    /// Sends every held reply ([`Reply::held`]), now and from now on.
+    pub fn release(&self) {
+        self.shared.released.send_replace(true);
     }
 
     /// Number of requests received so far.

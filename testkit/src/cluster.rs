@@ -1,9 +1,8 @@
 //! Kubernetes helpers for controller tests: the shared control plane with Herald's CRDs
 //! installed, namespaces, kubectl, and `herald controller` processes.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
@@ -12,6 +11,8 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ObjectMeta, PostParams};
 
 use crate::control_plane::{self, ControlPlane};
+use crate::process::{Process, free_port};
+use crate::repo_root;
 
 /// The ServiceAccount that `deploy/` grants Herald's permissions to.
 pub const SERVICE_ACCOUNT: &str = "system:serviceaccount:herald:herald";
@@ -29,7 +30,7 @@ pub fn plane() -> &'static ControlPlane {
     static CRDS: Once = Once::new();
     let plane = control_plane::shared();
     CRDS.call_once(|| {
-        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+        let deploy = repo_root().join("deploy");
         for file in ["00-namespace.yaml", "serviceaccount.yaml", "rbac.yaml"] {
             let path = deploy.join(file);
             let out = kubectl(&["apply", "--server-side", "-f", path.to_str().expect("path")]);
@@ -48,7 +49,7 @@ pub fn plane() -> &'static ControlPlane {
             kubeconfig.to_string(),
         )
         .expect("writing the ServiceAccount kubeconfig");
-        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/herald.yaml");
+        let crds = repo_root().join("crds/herald.yaml");
         let out = kubectl(&["apply", "--server-side", "-f", crds.to_str().expect("path")]);
         assert!(
             out.status.success(),
@@ -179,10 +180,9 @@ pub fn ready_is(webhook: &Webhook, status: &str, reason: &str) -> bool {
 
 /// A `herald controller` process against the shared plane; killed when dropped.
 pub struct Controller {
-    child: Child,
+    process: Process,
     /// The receiver's base URL.
     pub base: String,
-    log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -190,15 +190,24 @@ impl Controller {
     /// Starts a controller watching `watch` namespaces, with the Lease `<own>-leader`, running as
     /// Herald's ServiceAccount, and waits for `/readyz`.
     pub async fn start(own: &str, watch: &[&str], extra: &[&str]) -> Controller {
-        let plane = plane();
+        Self::start_with_kubeconfig(own, watch, extra, &service_account_kubeconfig()).await
+    }
+
+    /// [`Controller::start`] with another kubeconfig.
+    pub async fn start_with_kubeconfig(
+        own: &str,
+        watch: &[&str],
+        extra: &[&str],
+        kubeconfig: &Path,
+    ) -> Controller {
+        plane();
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("controller.log");
-        let port = crate::process::free_port();
-        let _ = plane;
+        let port = free_port();
         let mut args: Vec<String> = vec![
             "controller".into(),
             "--kubeconfig".into(),
-            service_account_kubeconfig().to_string_lossy().into_owned(),
+            kubeconfig.to_string_lossy().into_owned(),
             "--listen".into(),
             format!("127.0.0.1:{port}"),
             "--admin-listen".into(),
@@ -222,40 +231,32 @@ impl Controller {
             args.push((*ns).into());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new(crate::process::binary())
-            .args(&args)
-            .env("RUST_LOG", "info,herald=debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("spawn herald controller");
-        let controller = Controller {
-            child,
+        let mut command = Command::new(crate::cli::binary());
+        command.args(&args).env("RUST_LOG", "info,herald=debug");
+        let process =
+            Process::spawn("herald controller", command, &log).expect("spawn herald controller");
+        let mut controller = Controller {
+            process,
             base: format!("http://127.0.0.1:{port}"),
-            log,
             _dir: dir,
         };
-        controller.wait_ready().await;
-        controller
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let client = reqwest::Client::new();
-        while Instant::now() < deadline {
-            if let Ok(r) = client.get(format!("{}/readyz", self.base)).send().await
-                && r.status().is_success()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let readyz = format!("{}/readyz", controller.base);
+        if let Err(exited) = controller
+            .process
+            .wait_answering(&readyz, Duration::from_secs(30))
+            .await
+        {
+            panic!(
+                "the controller exited ({exited}) before it was ready; log:\n{}",
+                controller.log()
+            );
         }
-        panic!("controller never became ready; log:\n{}", self.log());
+        controller
     }
 
     /// Everything logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log()
     }
 
     /// Posts alerts (Alertmanager payload with these label sets) and returns the reply body.
@@ -292,25 +293,10 @@ impl Controller {
         }
     }
 
-    /// Stops with SIGTERM and waits (bounded).
+    /// Stops with SIGTERM and waits (bounded); fails the test if it had to be killed.
     pub fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if self.child.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if let Err(e) = self.process.terminate(Duration::from_secs(20)) {
+            panic!("{e:#}");
         }
-        panic!("controller did not stop on SIGTERM");
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

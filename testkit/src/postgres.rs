@@ -6,12 +6,12 @@
 //! `initdb` and `pg_ctl` refuse to run as root: as root the cluster belongs to an unprivileged
 //! system user made for the purpose (`herald-pg`, created with `useradd -r` when missing) and
 //! the commands run through `runuser`. A missing binary is an error, never a skip.
-//!
-//! Include it with `#[path = "support/postgres.rs"] mod postgres;`.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use crate::process::free_port;
+use crate::tools::is_root;
 
 /// The unprivileged user that owns test clusters when the tests run as root.
 const USER: &str = "herald-pg";
@@ -40,14 +40,6 @@ pub fn bin_dir() -> PathBuf {
              holding initdb and pg_ctl"
         )
     })
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 /// Creates the unprivileged user when it is missing (root only).
@@ -302,12 +294,4 @@ impl Drop for Postgres {
 fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("addr")
-        .port()
 }

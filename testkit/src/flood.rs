@@ -1,7 +1,6 @@
 //! What the flood tests share: ten webhooks `w0` … `w9`, each passing only the alerts labelled
 //! `target: wN`; alerts numbered by a `seq` label; and an endpoint on loopback that records
 //! which alerts arrived, when, and under which Idempotency-Key, and can answer slowly or fail.
-#![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

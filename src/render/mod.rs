@@ -8,11 +8,16 @@ use serde::Serialize;
 
 use std::sync::Arc;
 
-use crate::alert::{Alert, AlertStatus, GroupSource, LabelSet, SharedTail};
+mod shared;
+
+use crate::alert::{Alert, AlertStatus, GroupSource, LabelSet};
 use crate::chat::Robot;
 use crate::crd::{BodyFormat, Language, WebhookType};
-use crate::routing::ObjectKey;
+use crate::object::ObjectKey;
+use crate::outgoing::Delivery;
 use crate::template::SandboxedTemplate;
+
+pub use shared::{HeraldHead, PerLanguage, RenderedBody};
 
 /// The Herald body format's version.
 const VERSION: &str = "1";
@@ -162,6 +167,66 @@ pub struct Content<'a> {
     pub source: &'a GroupSource,
 }
 
+impl<'a> Content<'a> {
+    /// What a delivery carries, for a webhook of `kind`.
+    pub fn of(delivery: &'a Delivery, kind: WebhookType) -> Self {
+        Content {
+            webhook: &delivery.webhook,
+            kind,
+            test: delivery.test,
+            alerts: &delivery.alerts,
+            group_labels: &delivery.group_labels,
+            external_url: &delivery.external_url,
+            source: &delivery.source,
+        }
+    }
+}
+
+/// How a webhook's bodies are rendered: its format and language, its chat robot, its custom
+/// template, and the start of its one-alert Herald bodies (see [`HeraldHead`]).
+#[derive(Clone, Copy, Debug)]
+pub struct BodyStyle<'a> {
+    /// Body format.
+    pub format: BodyFormat,
+    /// Language of titles and messages.
+    pub language: Language,
+    /// A chat robot's keyword, mentions and signing secret.
+    pub robot: &'a Robot,
+    /// The custom template, which replaces the format.
+    pub template: Option<&'a Arc<SandboxedTemplate>>,
+    /// The start of the webhook's Herald bodies, for the one-alert fast path.
+    pub herald_head: Option<&'a HeraldHead>,
+}
+
+/// The request body of a delivery: from the webhook's custom template (rendered in the template
+/// pool, within the template's limits), else a one-alert Herald body from parts shared with the
+/// alert's other deliveries (see [`HeraldHead`]), else the webhook's format (chat formats signed
+/// at the current time).
+pub async fn request_body(
+    content: Content<'_>,
+    style: &BodyStyle<'_>,
+) -> Result<RenderedBody, RenderError> {
+    if let Some(template) = style.template {
+        let context = template_context(&notification(content, style.language));
+        let body =
+            crate::template::render(template.clone(), &content.webhook.namespace, context).await?;
+        return Ok(RenderedBody::from(body));
+    }
+    if let Some(head) = style.herald_head
+        && let Some(body) = shared::one_alert_herald_body(&content, style.language, head)
+    {
+        return Ok(body);
+    }
+    body_for_robot(
+        &notification(content, style.language),
+        style.format,
+        None,
+        style.robot,
+        k8s_openapi::jiff::Timestamp::now().as_second(),
+    )
+    .map(RenderedBody::from)
+}
+
 /// Why a body could not be rendered (a custom template failing at run time).
 #[derive(Debug, thiserror::Error)]
 #[error("template: {0}")]
@@ -289,10 +354,10 @@ impl<'n, 'a> AlertmanagerMessage<'n, 'a> {
 /// A notification as Herald's JSON body: the same as its derived `Serialize`, except that each
 /// alert is copied from the JSON the alert wrote once for all its deliveries. (A one-alert
 /// delivery outside tests does not come here: it sends its webhook's start and the end its
-/// alert shares, see [`shared_herald_tail`].)
+/// alert shares, see [`HeraldHead`].)
 fn herald_body(n: &Notification<'_>) -> serde_json::Result<Vec<u8>> {
     let tail = serde_json::to_vec(&HeraldTail(n))?;
-    let head = HeraldHead {
+    let head = HeadFields {
         kind: n.kind,
         test: n.test,
         webhook: &n.webhook,
@@ -300,78 +365,8 @@ fn herald_body(n: &Notification<'_>) -> serde_json::Result<Vec<u8>> {
     join_head_and_tail(&head, &tail)
 }
 
-/// The end of a one-alert notification's Herald body, to share with the alert's other
-/// deliveries in the same language.
-fn shared_tail_of(
-    n: &Notification<'_>,
-    group_labels: Arc<LabelSet>,
-    external_url: Arc<str>,
-) -> SharedTail {
-    SharedTail {
-        group_labels,
-        external_url,
-        json: serde_json::to_vec(&HeraldTail(n))
-            .ok()
-            .map(bytes::Bytes::from),
-    }
-}
-
-/// The start of every Herald body a webhook receives outside tests (`{"version":...,"webhook":
-/// {...},`): it depends on the webhook alone, so a target writes it once and each one-alert
-/// delivery sends it as the first part of its body, followed by [`shared_herald_tail`].
-pub fn herald_head(kind: WebhookType, webhook: &ObjectKey) -> Result<bytes::Bytes, RenderError> {
-    let head = HeraldHead {
-        kind,
-        test: false,
-        webhook: &WebhookRef {
-            namespace: &webhook.namespace,
-            name: &webhook.name,
-        },
-    };
-    let mut start = Vec::with_capacity(128);
-    write_head(&mut start, &head).map_err(|e| RenderError(e.to_string()))?;
-    // Kept for as long as the webhook: no spare capacity.
-    Ok(bytes::Bytes::copy_from_slice(&start))
-}
-
-/// The end of a one-alert delivery's Herald body (everything after [`herald_head`]): the end
-/// its alert shares with its other deliveries in this language, written by the first of them
-/// (the only one that builds a [`Notification`]) and never copied. `None` when the usual
-/// rendering is needed: a test, several alerts, or a shared end written for another batch.
-pub fn shared_herald_tail(content: &Content<'_>, language: Language) -> Option<bytes::Bytes> {
-    let [alert] = content.alerts else {
-        return None;
-    };
-    if content.test {
-        return None;
-    }
-    let shared = alert.renderings.herald_tail(language, || {
-        shared_tail_of(
-            &notification(*content, language),
-            content.group_labels.clone(),
-            content.external_url.clone(),
-        )
-    });
-    Some(usable_tail(shared, content.group_labels, content.external_url)?.slice(1..))
-}
-
-/// A shared tail's JSON, if it was written for this batch's group labels and URL.
-fn usable_tail<'s>(
-    shared: &'s SharedTail,
-    group_labels: &LabelSet,
-    external_url: &str,
-) -> Option<&'s bytes::Bytes> {
-    shared.json.as_ref().filter(|_| {
-        // The tail holds the batch's own values: the same object is the same value, and the
-        // deliveries of a batch all share them, so comparing them is rarely needed.
-        (std::ptr::eq(&*shared.group_labels, group_labels) || *shared.group_labels == *group_labels)
-            && (std::ptr::eq(&*shared.external_url, external_url)
-                || *shared.external_url == *external_url)
-    })
-}
-
 /// Writes `{head` + `,`: the start of a body whose tail (`{...}` without its `{`) follows.
-fn write_head(body: &mut Vec<u8>, head: &HeraldHead<'_>) -> serde_json::Result<()> {
+fn write_head(body: &mut Vec<u8>, head: &HeadFields<'_>) -> serde_json::Result<()> {
     serde_json::to_writer(&mut *body, head)?;
     body.pop();
     body.push(b',');
@@ -379,7 +374,7 @@ fn write_head(body: &mut Vec<u8>, head: &HeraldHead<'_>) -> serde_json::Result<(
 }
 
 /// `{head}` + `{tail}` → `{head,tail}`.
-fn join_head_and_tail(head: &HeraldHead<'_>, tail: &[u8]) -> serde_json::Result<Vec<u8>> {
+fn join_head_and_tail(head: &HeadFields<'_>, tail: &[u8]) -> serde_json::Result<Vec<u8>> {
     let mut body = Vec::with_capacity(128 + tail.len());
     write_head(&mut body, head)?;
     body.extend_from_slice(tail.get(1..).unwrap_or_default());
@@ -387,13 +382,13 @@ fn join_head_and_tail(head: &HeraldHead<'_>, tail: &[u8]) -> serde_json::Result<
 }
 
 /// The start of a Herald body: what depends on the webhook and the delivery.
-struct HeraldHead<'a> {
+struct HeadFields<'a> {
     kind: WebhookType,
     test: bool,
     webhook: &'a WebhookRef<'a>,
 }
 
-impl Serialize for HeraldHead<'_> {
+impl Serialize for HeadFields<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
         let mut head = serializer.serialize_struct("Notification", 4)?;
@@ -406,7 +401,7 @@ impl Serialize for HeraldHead<'_> {
 }
 
 /// The rest of a Herald body: what depends on the alerts, the batch and the language.
-struct HeraldTail<'n, 'a>(&'n Notification<'a>);
+struct HeraldTail<'n, 'a>(pub(super) &'n Notification<'a>);
 
 impl Serialize for HeraldTail<'_, '_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -458,12 +453,8 @@ pub fn notification<'a>(content: Content<'a>, language: Language) -> Notificatio
         // One alert: its title and message block are written once per language and shared by
         // all its deliveries.
         [alert] => (
-            Cow::Borrowed(
-                alert
-                    .renderings
-                    .title(language, || title(content.alerts, firing, language)),
-            ),
-            Cow::Borrowed(shared_block(alert, language)),
+            shared::title(alert, firing, language),
+            shared::message_block(alert, language),
         ),
         _ => (
             Cow::Owned(title(content.alerts, firing, language)),
@@ -493,26 +484,6 @@ pub fn notification<'a>(content: Content<'a>, language: Language) -> Notificatio
         external_url: content.external_url,
         source: content.source,
     }
-}
-
-/// The synthetic alert a test message carries.
-pub fn test_alert(webhook: &ObjectKey, now: &str) -> Alert {
-    let mut alert = Alert {
-        status: AlertStatus::Firing,
-        labels: LabelSet::from([
-            ("alertname".to_string(), "HeraldTest".to_string()),
-            ("severity".to_string(), "info".to_string()),
-            ("namespace".to_string(), webhook.namespace.to_string()),
-        ]),
-        annotations: LabelSet::from([(
-            "summary".to_string(),
-            format!("Test message for webhook {webhook}"),
-        )]),
-        starts_at: now.to_string(),
-        ..Alert::default()
-    };
-    alert.ensure_fingerprint();
-    alert
 }
 
 /// The labels every set shares, borrowed from the alerts.
@@ -601,9 +572,9 @@ fn severity_rank(alert: &Alert) -> (u8, u8) {
 fn message(alerts: &[Arc<Alert>], language: Language) -> String {
     if alerts.len() <= DIGEST_SHOWN {
         // Blocks separated by a blank line.
-        let blocks: Vec<&str> = alerts
+        let blocks: Vec<Cow<'_, str>> = alerts
             .iter()
-            .map(|alert| shared_block(alert, language))
+            .map(|alert| shared::message_block(alert, language))
             .collect();
         return blocks.join("\n\n");
     }
@@ -647,7 +618,7 @@ fn digest(alerts: &[Arc<Alert>], language: Language) -> String {
     };
     for alert in ordered.iter().take(DIGEST_SHOWN) {
         out.push_str("\n\n");
-        out.push_str(shared_block(alert, language));
+        out.push_str(&shared::message_block(alert, language));
     }
     let rest = alerts.len().saturating_sub(DIGEST_SHOWN);
     out.push_str(&match language {
@@ -657,15 +628,8 @@ fn digest(alerts: &[Arc<Alert>], language: Language) -> String {
     out
 }
 
-/// An alert's message block, written once per language and shared by all its deliveries.
-fn shared_block(alert: &Alert, language: Language) -> &str {
-    alert
-        .renderings
-        .message(language, || message_block(alert, language))
-}
-
 /// One alert's part of a message: lines separated by a newline.
-fn message_block(alert: &Alert, language: Language) -> String {
+fn write_message_block(alert: &Alert, language: Language) -> String {
     let mut out = String::with_capacity(256);
     {
         let mut lines = Lines::new(&mut out);
@@ -890,8 +854,12 @@ mod tests {
         content: &Content<'_>,
         language: Language,
     ) -> Option<Result<(bytes::Bytes, bytes::Bytes), RenderError>> {
-        let tail = shared_herald_tail(content, language)?;
-        Some(herald_head(content.kind, content.webhook).map(|head| (head, tail)))
+        let head = match HeraldHead::for_webhook(content.kind, content.webhook) {
+            Ok(head) => head,
+            Err(e) => return Some(Err(e)),
+        };
+        let [start, end] = shared::one_alert_herald_body(content, language, &head)?.into_parts();
+        Some(Ok((start, end)))
     }
 
     fn content(alerts: &[Arc<Alert>], test: bool) -> Content<'_> {

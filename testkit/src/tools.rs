@@ -5,10 +5,6 @@
 //! listing all of it with the commands that install it, and exits the test binary. Cargo stops
 //! at that first failing test binary, so a fresh machine meets one message, not one missing
 //! tool per rerun. `hack/test` installs everything and then runs the tests.
-//!
-//! Include it with `#[path = "tools.rs"] mod tools;` from a support module (or
-//! `#[path = "support/tools.rs"]` from a test file).
-#![allow(dead_code)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -39,6 +35,7 @@ const DEBIAN_COMMANDS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("iptables", "iptables"),
     ("pgrep", "procps"),
+    ("unshare", "util-linux"),
 ];
 
 /// CNI plugins the test node's pod network uses, from `containernetworking-plugins`.

@@ -1,0 +1,180 @@
+//! What is queued, stored and sent: one delivery to one webhook, its id, and how it ended.
+//! Plain data shared by the delivery engine and the store, below both.
+
+mod id;
+
+use std::sync::Arc;
+
+use crate::alert::{Alert, AlertBatch, GroupSource, LabelSet};
+use crate::object::ObjectKey;
+
+pub use id::{DeliveryId, InvalidDeliveryId};
+
+/// One notification to one webhook: the unit that is queued, retried and recorded.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    /// Unique id; sent as `Idempotency-Key` and `webhook-id`, the same on every retry.
+    pub id: DeliveryId,
+    /// The webhook.
+    pub webhook: ObjectKey,
+    /// A test message.
+    pub test: bool,
+    /// The alerts that matched this webhook, shared with the other deliveries of their batch.
+    pub alerts: Vec<Arc<Alert>>,
+    /// Group labels from Alertmanager.
+    pub group_labels: Arc<LabelSet>,
+    /// Alertmanager's URL.
+    #[serde(rename = "externalURL")]
+    pub external_url: Arc<str>,
+    /// The rest of what Alertmanager said about the group (shared by the batch's deliveries).
+    #[serde(default, skip_serializing_if = "is_unknown_group")]
+    pub source: Arc<GroupSource>,
+}
+
+fn is_unknown_group(source: &Arc<GroupSource>) -> bool {
+    source.is_empty()
+}
+
+impl Delivery {
+    /// A new delivery with a fresh time-ordered id.
+    pub fn new(
+        webhook: ObjectKey,
+        alerts: Vec<Arc<Alert>>,
+        group_labels: Arc<LabelSet>,
+        external_url: Arc<str>,
+    ) -> Self {
+        Delivery {
+            id: DeliveryId::new(),
+            webhook,
+            test: false,
+            alerts,
+            group_labels,
+            external_url,
+            source: Arc::default(),
+        }
+    }
+
+    /// One delivery carrying the alerts of several to the same webhook (a digest): each alert
+    /// once, in its latest state (the last delivery carrying its fingerprint), in the order
+    /// they were last seen. Group labels, URL and group details are kept where all agree.
+    pub fn merged(parts: &[Arc<Delivery>]) -> Option<Delivery> {
+        let first = parts.first()?;
+        let mut latest: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let all: Vec<&Arc<Alert>> = parts.iter().flat_map(|d| d.alerts.iter()).collect();
+        for (i, alert) in all.iter().enumerate() {
+            latest.insert(alert.fingerprint.as_str(), i);
+        }
+        let alerts = all
+            .iter()
+            .enumerate()
+            .filter(|(i, alert)| latest.get(alert.fingerprint.as_str()) == Some(i))
+            .map(|(_, alert)| Arc::clone(alert))
+            .collect();
+        let agree = |same: &dyn Fn(&Delivery) -> bool| parts.iter().all(|d| same(d));
+        Some(Delivery {
+            id: DeliveryId::new(),
+            webhook: first.webhook.clone(),
+            test: false,
+            alerts,
+            group_labels: if agree(&|d| d.group_labels == first.group_labels) {
+                first.group_labels.clone()
+            } else {
+                Arc::default()
+            },
+            external_url: first.external_url.clone(),
+            source: if agree(&|d| d.source == first.source) {
+                first.source.clone()
+            } else {
+                Arc::default()
+            },
+        })
+    }
+
+    /// The delivery with what Alertmanager said about its group.
+    pub fn from_group(self, source: &Arc<GroupSource>) -> Self {
+        if source.is_empty() {
+            return self;
+        }
+        Delivery {
+            source: source.clone(),
+            ..self
+        }
+    }
+
+    /// A test message: one synthetic alert marked `"test": true`.
+    pub fn test(webhook: ObjectKey) -> Self {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let alert = Alert::test(&webhook, &now);
+        Delivery {
+            test: true,
+            ..Delivery::new(
+                webhook,
+                vec![Arc::new(alert)],
+                Arc::default(),
+                Arc::from(""),
+            )
+        }
+    }
+}
+
+/// A batch routed to its webhooks: its alerts, and for each webhook the indexes of the alerts
+/// it gets. The dispatcher routes it; the engine admits it whole and makes it one delivery per
+/// webhook.
+#[derive(Debug)]
+pub struct RoutedBatch {
+    batch: AlertBatch,
+    per_webhook: Vec<(ObjectKey, Vec<usize>)>,
+}
+
+impl RoutedBatch {
+    /// A batch and, per webhook, the indexes of its alerts that webhook gets.
+    pub fn new(batch: AlertBatch, per_webhook: Vec<(ObjectKey, Vec<usize>)>) -> Self {
+        RoutedBatch { batch, per_webhook }
+    }
+
+    /// How many deliveries it makes: one per webhook.
+    pub fn deliveries(&self) -> usize {
+        self.per_webhook.len()
+    }
+
+    /// One delivery per webhook, holding the alerts that webhook gets.
+    pub fn into_deliveries(self) -> Vec<Delivery> {
+        let RoutedBatch { batch, per_webhook } = self;
+        // Each alert and the batch's labels are shared by every delivery they go into.
+        let alerts: Vec<Arc<Alert>> = batch.alerts.into_iter().map(Arc::new).collect();
+        let group_labels = Arc::new(batch.group_labels);
+        let external_url: Arc<str> = Arc::from(batch.external_url);
+        let source = Arc::new(batch.source);
+        per_webhook
+            .into_iter()
+            .map(|(key, indexes)| {
+                let alerts = indexes.into_iter().map(|i| alerts[i].clone()).collect();
+                Delivery::new(key, alerts, group_labels.clone(), external_url.clone())
+                    .from_group(&source)
+            })
+            .collect()
+    }
+}
+
+/// The final outcome of a delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ReportOutcome {
+    /// The endpoint answered 2xx.
+    Succeeded,
+    /// Retries exhausted or a final error.
+    Failed,
+    /// Never sent: the webhook went away.
+    Dropped,
+}
+
+impl ReportOutcome {
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportOutcome::Succeeded => "succeeded",
+            ReportOutcome::Failed => "failed",
+            ReportOutcome::Dropped => "dropped",
+        }
+    }
+}
