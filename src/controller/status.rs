@@ -22,7 +22,7 @@ use crate::crd::{
     DeliveryOutcome, DeliveryResult, NotificationCondition, NotificationConditionStatus,
     TestResult, Webhook, WebhookStatus,
 };
-use crate::delivery::{DeliveryObserver, DeliveryReport};
+use crate::delivery::{BacklogState, DeliveryObserver, DeliveryReport};
 use crate::dispatch::Dispatcher;
 use crate::object::{NotReady, ObjectKey};
 use crate::outgoing::ReportOutcome;
@@ -45,6 +45,8 @@ struct Entry {
     /// Boxed: tests are rare.
     last_test: Option<Box<TestResult>>,
     failing: bool,
+    /// The backlog and its limit while the backlog is near the limit.
+    backlog_near_limit: Option<(usize, usize)>,
     dirty: bool,
     /// Picked by the write round under way.
     queued: bool,
@@ -59,6 +61,15 @@ struct Ready {
 
 const READY_REASON: &str = "Ready";
 const READY_MESSAGE: &str = "the webhook can deliver";
+/// The reason of a Ready condition that is True while the backlog is near its limit.
+const BACKLOG_NEAR_LIMIT: &str = "BacklogNearLimit";
+
+/// The note of a backlog near its limit, in the Ready condition and its Event.
+fn backlog_message(backlog: usize, limit: usize) -> String {
+    format!(
+        "the webhook can deliver, but its backlog holds {backlog} deliveries of its limit of {limit} (--backlog-limit); past the limit, new deliveries to it become dead letters (replayable)"
+    )
+}
 
 impl Ready {
     fn status(&self) -> &'static str {
@@ -138,6 +149,21 @@ impl From<&DeliveryResult> for LastDelivery {
             summary: Summary::Text(result.message.as_str().into()),
         }
     }
+}
+
+/// The Ready condition to write: a webhook that can deliver while its backlog is near its
+/// limit says so in the reason and message (the status stays `True`).
+fn ready_condition(
+    ready: &Ready,
+    generation: Option<i64>,
+    backlog_near_limit: Option<(usize, usize)>,
+) -> Condition {
+    let mut condition = ready.condition(generation);
+    if let (None, Some((backlog, limit))) = (&ready.not_ready, backlog_near_limit) {
+        condition.reason = BACKLOG_NEAR_LIMIT.into();
+        condition.message = backlog_message(backlog, limit);
+    }
+    condition
 }
 
 /// The reference Events give for a Webhook.
@@ -729,7 +755,11 @@ impl StatusWriter {
             e.dirty = false;
             WebhookStatus {
                 observed_generation: e.generation,
-                conditions: e.ready.iter().map(|r| r.condition(e.generation)).collect(),
+                conditions: e
+                    .ready
+                    .iter()
+                    .map(|r| ready_condition(r, e.generation, e.backlog_near_limit))
+                    .collect(),
                 last_delivery: e.last_delivery.as_ref().map(LastDelivery::result),
                 last_test: e.last_test.as_deref().cloned(),
             }
@@ -759,6 +789,43 @@ impl StatusWriter {
 }
 
 impl DeliveryObserver for StatusWriter {
+    fn backlog(&self, webhook: &ObjectKey, state: BacklogState) {
+        let reference = {
+            let mut entries = self.entries();
+            let Some(entry) = entries.get_mut(webhook) else {
+                return;
+            };
+            entry.backlog_near_limit = state.near_limit.then_some((state.backlog, state.limit));
+            entry.dirty = true;
+            entry.uid.as_deref().map(|uid| reference(webhook, uid))
+        };
+        self.wake.notify_one();
+        if let Some(reference) = reference {
+            if state.near_limit {
+                let note = backlog_message(state.backlog, state.limit);
+                self.publish(
+                    reference,
+                    EventType::Warning,
+                    BACKLOG_NEAR_LIMIT,
+                    "Deliver",
+                    note,
+                );
+            } else {
+                let note = format!(
+                    "the webhook's backlog is back to {} deliveries of its limit of {}",
+                    state.backlog, state.limit
+                );
+                self.publish(
+                    reference,
+                    EventType::Normal,
+                    "BacklogRecovered",
+                    "Deliver",
+                    note,
+                );
+            }
+        }
+    }
+
     fn report(&self, report: &DeliveryReport) {
         if report.test {
             return;
@@ -821,6 +888,7 @@ impl DeliveryObserver for StatusWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::object::NotReadyReason;
 
     #[test]
     fn a_conditions_message_names_its_first_users() {
@@ -830,6 +898,40 @@ mod tests {
         assert_eq!(
             users_message(&users),
             "used by 12 Webhook(s): w00, w01, w02, w03, w04, w05, w06, w07, w08, w09 and 2 more"
+        );
+    }
+
+    #[test]
+    fn a_backlog_near_its_limit_shows_in_the_ready_reason_while_the_webhook_can_deliver() {
+        let ready = Ready {
+            not_ready: None,
+            since: Timestamp::now(),
+        };
+        let plain = ready_condition(&ready, Some(2), None);
+        assert_eq!(
+            (plain.status.as_str(), plain.reason.as_str()),
+            ("True", "Ready")
+        );
+        let near = ready_condition(&ready, Some(2), Some((80_000, 100_000)));
+        assert_eq!(near.status, "True");
+        assert_eq!(near.reason, BACKLOG_NEAR_LIMIT);
+        assert!(
+            near.message.contains("80000") && near.message.contains("100000"),
+            "{}",
+            near.message
+        );
+        let not_ready = Ready {
+            not_ready: Some(Box::new(NotReady {
+                reason: NotReadyReason::Disabled,
+                message: "disabled".into(),
+            })),
+            since: Timestamp::now(),
+        };
+        let disabled = ready_condition(&not_ready, Some(2), Some((80_000, 100_000)));
+        assert_eq!(
+            (disabled.status.as_str(), disabled.reason.as_str()),
+            ("False", "Disabled"),
+            "a webhook that cannot deliver keeps its own reason"
         );
     }
 }
