@@ -54,7 +54,8 @@ pub enum Mode {
 #[derive(Clone, Debug)]
 pub struct Load {
     pub ingest: Ingest,
-    pub addr: String,
+    /// Where to send: batch `k` goes to `addrs[k % len]` (the replicas of one system).
+    pub addrs: Vec<String>,
     pub mode: Mode,
     pub duration: Duration,
     /// Teams the alerts are spread over (webhooks / 10); alert `j` of batch `k` is of team
@@ -190,7 +191,8 @@ pub fn body(ingest: Ingest, k: u64, teams: usize, phase: u32) -> Bytes {
 async fn post(client: &HttpClient, load: &Load, counters: &Counters) -> Option<u16> {
     // Distinct across phases too: Alertmanager would merge an alert it has seen before.
     let k = (u64::from(load.phase) << 32) + counters.seq.fetch_add(1, Ordering::Relaxed);
-    let request = hyper::Request::post(format!("http://{}{}", load.addr, load.ingest.path()))
+    let addr = &load.addrs[(k % load.addrs.len().max(1) as u64) as usize];
+    let request = hyper::Request::post(format!("http://{addr}{}", load.ingest.path()))
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(Full::new(body(load.ingest, k, load.teams, load.phase)))
         .expect("request");

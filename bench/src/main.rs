@@ -112,6 +112,17 @@ impl RunArgs {
         Duration::from_secs(self.sync_limit.unwrap_or(if self.quick { 20 } else { 45 }))
     }
 
+    /// Webhook counts for the controller scale runs.
+    fn scale_sizes(&self) -> Vec<usize> {
+        self.scale.clone().unwrap_or_else(|| {
+            if self.quick {
+                vec![1_000]
+            } else {
+                vec![1_000, 10_000]
+            }
+        })
+    }
+
     fn drain_timeout(&self) -> Duration {
         Duration::from_secs(if self.quick { 10 } else { 15 })
     }
@@ -146,6 +157,8 @@ const HERALD_DURABLE: &str = "Herald --data-dir";
 /// Herald with the PostgreSQL store (`--database-url`), one replica, on a server of its own on
 /// the same machine.
 const HERALD_POSTGRES: &str = "Herald --database-url";
+/// Three replicas of Herald on one PostgreSQL database, the load spread over them.
+const HERALD_POSTGRES_3: &str = "Herald --database-url, 3 replicas";
 /// The ceiling.
 const FORWARDER: &str = "minimal forwarder";
 
@@ -168,29 +181,8 @@ async fn throughput(
     let mut running = Vec::new();
     for &(name, ingest) in systems {
         eprintln!("throughput ({} webhooks): {name}...", shape.webhooks);
-        let dir = work.join(format!(
-            "{}-{}",
-            name.replace([' ', '-'], ""),
-            shape.webhooks
-        ));
-        std::fs::create_dir_all(&dir)?;
-        let mut sut = match name {
-            HERALD => suts::start_herald(herald, &dir, shape, &sink.url(), None, None).await?,
-            HERALD_DURABLE => {
-                let data = dir.join("data");
-                suts::start_herald(herald, &dir, shape, &sink.url(), Some(&data), None).await?
-            }
-            HERALD_POSTGRES => {
-                let server = postgres.context("no PostgreSQL server")?;
-                let database = format!("bench_{}", shape.webhooks);
-                server.psql(&format!("CREATE DATABASE {database}"));
-                let url = server.url_for(&database);
-                suts::start_herald(herald, &dir, shape, &sink.url(), None, Some(&url)).await?
-            }
-            FORWARDER => suts::start_forwarder(&dir, shape, &sink.url()).await?,
-            _ => suts::start_alertmanager(&dir, shape.webhooks, &sink.url()).await?,
-        };
-        let idle_rss = sut.proc.memory_kib().0;
+        let mut sut = start_system(name, herald, work, sink, shape, postgres).await?;
+        let idle_rss = sut.memory_kib().0;
         let mode = Mode::Fixed {
             alerts_per_second: args.rate,
         };
@@ -259,7 +251,7 @@ async fn throughput(
         ..
     } in running
     {
-        let (_, peak) = sut.proc.memory_kib();
+        let (_, peak) = sut.memory_kib();
         let rounds: Vec<f64> = saturation.iter().map(|p| p.deliveries_per_s).collect();
         // The median round stands for the system (the lower middle one of an even count).
         saturation.sort_by(|a, b| a.deliveries_per_s.total_cmp(&b.deliveries_per_s));
@@ -275,9 +267,55 @@ async fn throughput(
             phases,
             saturation_rounds: rounds,
         });
-        sut.proc.stop(Duration::from_secs(5));
+        sut.stop(Duration::from_secs(5));
     }
     Ok(rows)
+}
+
+/// Starts one system of the throughput part, in a directory of its own under `work`.
+async fn start_system(
+    name: &str,
+    herald: &std::path::Path,
+    work: &std::path::Path,
+    sink: &Sink,
+    shape: Shape,
+    postgres: Option<&postgres::Postgres>,
+) -> Result<Sut> {
+    let dir = work.join(format!(
+        "{}-{}",
+        name.replace([' ', '-', ','], ""),
+        shape.webhooks
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let sink = sink.url();
+    match name {
+        HERALD => suts::start_herald(herald, &dir, shape, &sink, None, None).await,
+        HERALD_DURABLE => {
+            let data = dir.join("data");
+            suts::start_herald(herald, &dir, shape, &sink, Some(&data), None).await
+        }
+        HERALD_POSTGRES | HERALD_POSTGRES_3 => {
+            let server = postgres.context("no PostgreSQL server")?;
+            let replicas = if name == HERALD_POSTGRES_3 { 3 } else { 1 };
+            let database = format!("bench_{}_{replicas}", shape.webhooks);
+            server.psql(&format!("CREATE DATABASE {database}"));
+            let url = server.url_for(&database);
+            let mut sut =
+                suts::start_herald_replicas(herald, &dir, shape, &sink, &url, replicas).await?;
+            sut.server_pid = postmaster_pid(server);
+            Ok(sut)
+        }
+        FORWARDER => suts::start_forwarder(&dir, shape, &sink).await,
+        _ => suts::start_alertmanager(&dir, shape.webhooks, &sink).await,
+    }
+}
+
+/// The PostgreSQL server's main process (the first line of its `postmaster.pid`).
+fn postmaster_pid(server: &postgres::Postgres) -> Option<u32> {
+    let data = server.psql("SHOW data_directory");
+    let pid_file =
+        std::fs::read_to_string(std::path::Path::new(data.trim()).join("postmaster.pid")).ok()?;
+    pid_file.lines().next()?.trim().parse().ok()
 }
 
 fn main() -> Result<()> {
@@ -357,74 +395,96 @@ async fn bench(args: RunArgs) -> Result<()> {
     let mut report = Report::new(&args.quick, &herald, args.rate, args.phase_duration());
     let sink = Sink::start().await?;
     let mut phase_id = 0u32;
-
     if args.wants("routing") {
         eprintln!("route resolution (in process)...");
         report.routes = route_resolution(if args.quick { 0.3 } else { 1.0 });
     }
-
     if args.wants("throughput") || args.wants("alertmanager") {
-        let mut systems: Vec<(&str, Ingest)> = Vec::new();
-        if args.wants("throughput") {
-            systems.push((HERALD, Ingest::AlertmanagerWebhook));
-            systems.push((HERALD_DURABLE, Ingest::AlertmanagerWebhook));
-            systems.push((HERALD_POSTGRES, Ingest::AlertmanagerWebhook));
-            systems.push((FORWARDER, Ingest::AlertmanagerWebhook));
-        }
-        if args.wants("alertmanager") {
-            systems.push(("Alertmanager", Ingest::AlertmanagerApiV2));
-        }
-        let postgres = args.wants("throughput").then(postgres::Postgres::start);
-        report.systems = throughput(
+        throughput_part(
             &args,
             &herald,
             work.path(),
             &sink,
-            FAN_OUT,
-            &systems,
-            postgres.as_ref(),
+            &mut report,
             &mut phase_id,
         )
         .await?;
-        if args.wants("throughput") {
-            // One to one: ten webhooks, each alert for one of them (the shape in which a
-            // per-webhook limit, rather than the global one, is met first).
-            let systems: Vec<(&str, Ingest)> = systems
-                .into_iter()
-                .filter(|(name, _)| *name != "Alertmanager")
-                .collect();
-            report.one_to_one = throughput(
-                &args,
-                &herald,
-                work.path(),
-                &sink,
-                ONE_TO_ONE,
-                &systems,
-                postgres.as_ref(),
-                &mut phase_id,
-            )
-            .await?;
-        }
-        report.alertmanager_version = suts::find_on_path("prometheus-alertmanager")
-            .map(|p| suts::version(&p))
-            .unwrap_or_default();
     }
-
     if args.wants("scale") {
-        let sizes = args.scale.clone().unwrap_or_else(|| {
-            if args.quick {
-                vec![1_000]
-            } else {
-                vec![1_000, 10_000]
-            }
-        });
-        report.scale = scale(&args, &herald, &sink, work.path(), &sizes, &mut phase_id).await?;
+        report.scale = scale(
+            &args,
+            &herald,
+            &sink,
+            work.path(),
+            &args.scale_sizes(),
+            &mut phase_id,
+        )
+        .await?;
     }
-
     report.total = started.elapsed();
+    write_report(&report, args.out.as_deref())
+}
+
+/// The systems of the throughput part that were asked for, each with how alerts reach it.
+fn throughput_systems(args: &RunArgs) -> Vec<(&'static str, Ingest)> {
+    let mut systems = Vec::new();
+    if args.wants("throughput") {
+        for name in [
+            HERALD,
+            HERALD_DURABLE,
+            HERALD_POSTGRES,
+            HERALD_POSTGRES_3,
+            FORWARDER,
+        ] {
+            systems.push((name, Ingest::AlertmanagerWebhook));
+        }
+    }
+    if args.wants("alertmanager") {
+        systems.push(("Alertmanager", Ingest::AlertmanagerApiV2));
+    }
+    systems
+}
+
+/// The throughput part: the fan-out shape with every system, then (with `throughput`) the
+/// one-to-one shape without Alertmanager.
+async fn throughput_part(
+    args: &RunArgs,
+    herald: &std::path::Path,
+    work: &std::path::Path,
+    sink: &Sink,
+    report: &mut Report,
+    phase_id: &mut u32,
+) -> Result<()> {
+    let systems = throughput_systems(args);
+    let postgres = args.wants("throughput").then(postgres::Postgres::start);
+    let postgres = postgres.as_ref();
+    report.systems = throughput(
+        args, herald, work, sink, FAN_OUT, &systems, postgres, phase_id,
+    )
+    .await?;
+    if args.wants("throughput") {
+        // One to one: ten webhooks, each alert for one of them (the shape in which a
+        // per-webhook limit, rather than the global one, is met first).
+        let systems: Vec<(&str, Ingest)> = systems
+            .into_iter()
+            .filter(|(name, _)| *name != "Alertmanager")
+            .collect();
+        report.one_to_one = throughput(
+            args, herald, work, sink, ONE_TO_ONE, &systems, postgres, phase_id,
+        )
+        .await?;
+    }
+    report.alertmanager_version = suts::find_on_path("prometheus-alertmanager")
+        .map(|p| suts::version(&p))
+        .unwrap_or_default();
+    Ok(())
+}
+
+/// Prints the report, and writes it to `out` when asked.
+fn write_report(report: &Report, out: Option<&std::path::Path>) -> Result<()> {
     let text = report.markdown();
     println!("{text}");
-    if let Some(out) = &args.out {
+    if let Some(out) = out {
         std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(())
@@ -445,14 +505,15 @@ async fn measure(
 ) -> Result<Phase> {
     *phase_id += 1;
     let phase_id = *phase_id;
-    sut.proc.check_alive()?;
+    sut.check_alive()?;
     let stats = sink.stats.clone();
     stats.begin(phase_id);
-    let cpu_before = sut.proc.cpu_seconds();
+    let cpu_before = sut.cpu_seconds();
+    let server_cpu_before = sut.server_cpu_seconds();
     let outcome = load::run(
         Load {
             ingest,
-            addr: sut.addr.clone(),
+            addrs: sut.addrs(),
             mode,
             duration,
             teams: shape.teams(),
@@ -474,9 +535,14 @@ async fn measure(
     // Anything beyond the expected count (duplicates) would show up here.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let drained = window_end.elapsed();
-    let cpu = sut.proc.cpu_seconds() - cpu_before;
-    sut.proc.check_alive()?;
-    let phase = Phase::from_stats(mode, &outcome, &stats, expected, cpu, drained);
+    let cpu = sut.cpu_seconds() - cpu_before;
+    let server_cpu = sut
+        .server_cpu_seconds()
+        .zip(server_cpu_before)
+        .map(|(after, before)| after - before);
+    sut.check_alive()?;
+    let mut phase = Phase::from_stats(mode, &outcome, &stats, expected, cpu, drained);
+    phase.server_cpu_seconds = server_cpu;
     eprintln!("  {}", phase.summary());
     Ok(phase)
 }
@@ -531,10 +597,6 @@ async fn scale(
     phase_id: &mut u32,
 ) -> Result<Vec<ScaleRow>> {
     let mut rows = Vec::new();
-    let load_duration = args.phase_duration().min(Duration::from_secs(10));
-    let fixed = Mode::Fixed {
-        alerts_per_second: args.rate,
-    };
     eprintln!("scale: starting etcd and kube-apiserver...");
     let (plane, client) = cluster::start_plane().await?;
     let mut created = 0usize;
@@ -546,98 +608,159 @@ async fn scale(
         eprintln!("scale: {webhooks} webhooks: creating objects...");
         let create_time = cluster::create_objects(&client, created, webhooks, &sink.url()).await?;
         created = webhooks;
-        eprintln!("scale: {webhooks} webhooks: herald controller...");
-        let started =
-            cluster::start_controller(herald, &plane, dir, webhooks, args.sync_limit()).await?;
-        let sync_cpu = started.proc.cpu_seconds();
-        let (ready_rss, _) = started.proc.memory_kib();
-        let progress = started.progress.clone();
-        let sync_time = started.ready_after;
-        let mut sut = Sut {
-            proc: started.proc,
-            addr: started.addr,
-            ready_after: started.ready_after.unwrap_or_default(),
-        };
-        let phase = match sync_time {
-            Some(_) => {
-                let phase = measure(
-                    &mut sut,
-                    sink,
-                    Ingest::AlertmanagerWebhook,
-                    fixed,
-                    args,
-                    load_duration,
-                    Shape {
-                        webhooks,
-                        per_team: fixture::PER_TEAM,
-                    },
-                    phase_id,
-                )
-                .await?;
-                Some(phase)
-            }
-            None => {
-                eprintln!(
-                    "  not synced after {:.0} s: {:?} (s, webhooks in table, ready)",
-                    args.sync_limit().as_secs_f64(),
-                    progress
-                );
-                None
-            }
-        };
-        let (_, peak) = sut.proc.memory_kib();
-        sut.proc.stop(Duration::from_secs(5));
-
-        eprintln!("scale: {webhooks} webhooks: herald run (standalone)...");
-        let standalone_dir = dir.join(format!("standalone-{webhooks}"));
-        std::fs::create_dir_all(&standalone_dir)?;
-        let mut standalone = suts::start_herald(
-            herald,
-            &standalone_dir,
-            Shape {
-                webhooks,
-                per_team: fixture::PER_TEAM,
-            },
-            &sink.url(),
-            None,
-            None,
-        )
-        .await?;
-        let (standalone_rss, _) = standalone.proc.memory_kib();
-        let standalone_phase = measure(
-            &mut standalone,
-            sink,
-            Ingest::AlertmanagerWebhook,
-            fixed,
-            args,
-            load_duration,
-            Shape {
-                webhooks,
-                per_team: fixture::PER_TEAM,
-            },
-            phase_id,
-        )
-        .await?;
-        let (_, standalone_peak) = standalone.proc.memory_kib();
-        standalone.proc.stop(Duration::from_secs(5));
-
+        let controller =
+            scale_controller(args, herald, &plane, sink, dir, webhooks, phase_id).await?;
+        let standalone = scale_standalone(args, herald, sink, dir, webhooks, phase_id).await?;
         rows.push(ScaleRow {
             webhooks,
             create_time,
-            sync_time,
+            sync_time: controller.sync_time,
             sync_limit: args.sync_limit(),
-            progress,
-            sync_cpu,
-            ready_rss_kib: ready_rss,
-            peak_rss_kib: peak,
-            phase,
+            progress: controller.progress,
+            sync_cpu: controller.sync_cpu,
+            ready_rss_kib: controller.ready_rss_kib,
+            peak_rss_kib: controller.peak_rss_kib,
+            phase: controller.phase,
             standalone_ready: standalone.ready_after,
-            standalone_rss_kib: standalone_rss,
-            standalone_peak_kib: standalone_peak,
-            standalone_phase,
+            standalone_rss_kib: standalone.rss_kib,
+            standalone_peak_kib: standalone.peak_kib,
+            standalone_phase: standalone.phase,
         });
     }
     drop(client);
     tokio::task::spawn_blocking(move || drop(plane)).await?;
     Ok(rows)
+}
+
+/// The fixed load of the scale runs, at most 10 s.
+fn scale_load(args: &RunArgs) -> (Mode, Duration) {
+    let fixed = Mode::Fixed {
+        alerts_per_second: args.rate,
+    };
+    (fixed, args.phase_duration().min(Duration::from_secs(10)))
+}
+
+/// What `herald controller` did with N webhooks in a real API server.
+struct ControllerRun {
+    sync_time: Option<Duration>,
+    progress: Vec<(f64, u64, u64)>,
+    sync_cpu: f64,
+    ready_rss_kib: u64,
+    peak_rss_kib: u64,
+    /// The fixed load, once synced.
+    phase: Option<Phase>,
+}
+
+/// `herald controller` syncing `webhooks` webhooks, then (if it synced) under the fixed load.
+async fn scale_controller(
+    args: &RunArgs,
+    herald: &std::path::Path,
+    plane: &cluster::ControlPlane,
+    sink: &Sink,
+    dir: &std::path::Path,
+    webhooks: usize,
+    phase_id: &mut u32,
+) -> Result<ControllerRun> {
+    eprintln!("scale: {webhooks} webhooks: herald controller...");
+    let (fixed, load_duration) = scale_load(args);
+    let started =
+        cluster::start_controller(herald, plane, dir, webhooks, args.sync_limit()).await?;
+    let sync_cpu = started.proc.cpu_seconds();
+    let (ready_rss_kib, _) = started.proc.memory_kib();
+    let progress = started.progress.clone();
+    let sync_time = started.ready_after;
+    let mut sut = Sut::single(
+        started.proc,
+        started.addr,
+        started.ready_after.unwrap_or_default(),
+    );
+    let phase = match sync_time {
+        Some(_) => {
+            let shape = Shape {
+                webhooks,
+                per_team: fixture::PER_TEAM,
+            };
+            let ingest = Ingest::AlertmanagerWebhook;
+            Some(
+                measure(
+                    &mut sut,
+                    sink,
+                    ingest,
+                    fixed,
+                    args,
+                    load_duration,
+                    shape,
+                    phase_id,
+                )
+                .await?,
+            )
+        }
+        None => {
+            eprintln!(
+                "  not synced after {:.0} s: {:?} (s, webhooks in table, ready)",
+                args.sync_limit().as_secs_f64(),
+                progress
+            );
+            None
+        }
+    };
+    let (_, peak_rss_kib) = sut.proc.memory_kib();
+    sut.proc.stop(Duration::from_secs(5));
+    Ok(ControllerRun {
+        sync_time,
+        progress,
+        sync_cpu,
+        ready_rss_kib,
+        peak_rss_kib,
+        phase,
+    })
+}
+
+/// What `herald run` did with N webhooks from files.
+struct StandaloneRun {
+    ready_after: Duration,
+    rss_kib: u64,
+    peak_kib: u64,
+    phase: Phase,
+}
+
+/// `herald run` on `webhooks` webhooks under the fixed load.
+async fn scale_standalone(
+    args: &RunArgs,
+    herald: &std::path::Path,
+    sink: &Sink,
+    dir: &std::path::Path,
+    webhooks: usize,
+    phase_id: &mut u32,
+) -> Result<StandaloneRun> {
+    eprintln!("scale: {webhooks} webhooks: herald run (standalone)...");
+    let (fixed, load_duration) = scale_load(args);
+    let dir = dir.join(format!("standalone-{webhooks}"));
+    std::fs::create_dir_all(&dir)?;
+    let shape = Shape {
+        webhooks,
+        per_team: fixture::PER_TEAM,
+    };
+    let mut standalone = suts::start_herald(herald, &dir, shape, &sink.url(), None, None).await?;
+    let (rss_kib, _) = standalone.proc.memory_kib();
+    let ingest = Ingest::AlertmanagerWebhook;
+    let phase = measure(
+        &mut standalone,
+        sink,
+        ingest,
+        fixed,
+        args,
+        load_duration,
+        shape,
+        phase_id,
+    )
+    .await?;
+    let (_, peak_kib) = standalone.proc.memory_kib();
+    standalone.proc.stop(Duration::from_secs(5));
+    Ok(StandaloneRun {
+        ready_after: standalone.ready_after,
+        rss_kib,
+        peak_kib,
+        phase,
+    })
 }

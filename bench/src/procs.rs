@@ -53,3 +53,34 @@ pub async fn expect_ready_webhooks(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// CPU seconds of a process and its children: its own, its reaped children's (cutime,
+/// cstime), and its live children's (a database server and the backends it forked).
+pub fn tree_cpu_seconds(pid: u32) -> Option<f64> {
+    // `/proc/PID/stat` counts in USER_HZ, 100 on Linux whatever the kernel's tick.
+    const USER_HZ: f64 = 100.0;
+    let fields = |pid: u32| -> Option<Vec<String>> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces): state is field 3.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        Some(rest.split_whitespace().map(str::to_string).collect())
+    };
+    let ticks = |f: &[String], at: usize| f.get(at).and_then(|v| v.parse::<f64>().ok());
+    let own = fields(pid)?;
+    let mut total = ticks(&own, 11)? + ticks(&own, 12)? + ticks(&own, 13)? + ticks(&own, 14)?;
+    let parent = pid.to_string();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // The parent's pid is the field after the state.
+        if let Some(f) = fields(child).filter(|f| f.get(1) == Some(&parent)) {
+            total += ticks(&f, 11).unwrap_or(0.0) + ticks(&f, 12).unwrap_or(0.0);
+        }
+    }
+    Some(total / USER_HZ)
+}

@@ -31,6 +31,8 @@ pub struct Phase {
     pub p99_ms: f64,
     pub max_ms: f64,
     pub cpu_seconds: f64,
+    /// CPU seconds of the system's own database server (PostgreSQL and its backends).
+    pub server_cpu_seconds: Option<f64>,
     pub drain: Duration,
     /// TCP connections the sinks accepted during the phase.
     pub connections: u64,
@@ -71,6 +73,7 @@ impl Phase {
             p99_ms: pct(0.99),
             max_ms: pct(1.0),
             cpu_seconds,
+            server_cpu_seconds: None,
             drain,
             connections: stats.connections.load(Ordering::Relaxed),
         }
@@ -90,6 +93,16 @@ impl Phase {
         } else {
             self.cpu_seconds / self.deliveries as f64 * 1000.0
         }
+    }
+
+    /// The database server's CPU seconds per 1,000 deliveries, when it has one.
+    pub fn server_cpu_per_1000(&self) -> Option<f64> {
+        let cpu = self.server_cpu_seconds?;
+        Some(if self.deliveries == 0 {
+            f64::NAN
+        } else {
+            cpu / self.deliveries as f64 * 1000.0
+        })
     }
 
     /// Alert deliveries lost: answered 200 but not delivered within the drain time.
@@ -263,14 +276,17 @@ impl Report {
         let _ = writeln!(out, "### {title}\n");
         let _ = writeln!(
             out,
-            "| system | load | accepted alerts/s | deliveries/s | p50 ms | p99 ms | max ms | CPU s / 1k deliveries | lost | 503s | sink connections |"
+            "| system | load | accepted alerts/s | deliveries/s | p50 ms | p99 ms | max ms | CPU s / 1k deliveries | PostgreSQL CPU s / 1k | lost | 503s | sink connections |"
         );
-        let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+        let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
         for system in rows {
             for phase in &system.phases {
+                let server = phase
+                    .server_cpu_per_1000()
+                    .map_or_else(|| "–".to_string(), |cpu| format!("{cpu:.3}"));
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {:.3} | {} | {} | {} |",
+                    "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {:.3} | {server} | {} | {} | {} |",
                     system.name,
                     phase.load_name(),
                     phase.accepted_alerts_per_s,
@@ -285,6 +301,14 @@ impl Report {
                 );
             }
         }
+        Self::memory_table(out, rows);
+        Self::comparisons(out, rows);
+        Self::saturation_rounds(out, rows);
+        out.push('\n');
+    }
+
+    /// Start-up time and memory of each system.
+    fn memory_table(out: &mut String, rows: &[SystemRow]) {
         let _ = writeln!(
             out,
             "\n| system | ready after | RSS idle MiB | peak RSS MiB (VmHWM) |"
@@ -300,6 +324,10 @@ impl Report {
                 mib(system.peak_rss_kib)
             );
         }
+    }
+
+    /// Each Herald variant against its reference: deliveries/s, CPU per delivery, latency.
+    fn comparisons(out: &mut String, rows: &[SystemRow]) {
         let find = |name: &str| rows.iter().find(|s| s.name == name);
         out.push('\n');
         for (of, to, label) in [
@@ -311,6 +339,11 @@ impl Report {
             ("Herald", "Alertmanager", "of Alertmanager's (the peer)"),
             ("Herald --data-dir", "Herald", "of Herald in memory"),
             ("Herald --database-url", "Herald", "of Herald in memory"),
+            (
+                "Herald --database-url, 3 replicas",
+                "Herald",
+                "of one Herald in memory",
+            ),
         ] {
             let (Some(h), Some(o)) = (
                 find(of).and_then(SystemRow::saturation),
@@ -335,6 +368,10 @@ impl Report {
                 find(to).map(|s| ms(s.phases[0].p99_ms)).unwrap_or_default(),
             );
         }
+    }
+
+    /// Every saturation round, when there were several.
+    fn saturation_rounds(out: &mut String, rows: &[SystemRow]) {
         let rounds: Vec<String> = rows
             .iter()
             .filter(|s| s.saturation_rounds.len() > 1)
@@ -361,7 +398,6 @@ impl Report {
                 ratios.join(" / ")
             );
         }
-        out.push('\n');
     }
 
     /// The throughput targets for one set of rows.
@@ -394,6 +430,16 @@ impl Report {
                 verdict(cpu <= 1.5)
             );
         }
+        if let (Some(p), Some(m)) = (saturation("Herald --database-url"), saturation("Herald")) {
+            let ratio = Self::ratio(rows, "Herald --database-url", "Herald")
+                .unwrap_or(p.deliveries_per_s / m.deliveries_per_s);
+            let _ = writeln!(
+                out,
+                "| {shape}: one replica on PostgreSQL ≥ 50% of in-memory deliveries/s | {:.0}% | {} |",
+                ratio * 100.0,
+                verdict(ratio >= 0.5)
+            );
+        }
         if let Some(fixed) = find("Herald --data-dir").map(|s| &s.phases[0]) {
             let _ = writeln!(
                 out,
@@ -417,8 +463,28 @@ impl Report {
         }
     }
 
+    /// The whole report: the run's header, then each part that was measured, then the targets.
     pub fn markdown(&self) -> String {
         let mut out = String::new();
+        self.header(&mut out);
+        Self::throughput_section(
+            &mut out,
+            "1-3. Throughput and latency (100 webhooks, each alert for 10)",
+            &self.systems,
+        );
+        Self::throughput_section(
+            &mut out,
+            "1b. Throughput and latency (10 webhooks, each alert for one)",
+            &self.one_to_one,
+        );
+        self.routes_section(&mut out);
+        self.scale_section(&mut out);
+        self.targets_section(&mut out);
+        out
+    }
+
+    /// The machine, the binary and the load.
+    fn header(&self, out: &mut String) {
         let root = crate::cluster::repo_root();
         let root = root.display();
         let _ = writeln!(
@@ -433,19 +499,19 @@ impl Report {
             shell("lscpu | sed -n 's/^Model name: *//p' | head -1"),
             shell("uname -r"),
         );
+        let uncommitted = !shell(&format!(
+            "git -C {root} status --porcelain -- src Cargo.toml"
+        ))
+        .is_empty();
         let _ = writeln!(
             out,
             "- herald: {} (git {}{})",
             self.herald,
             shell(&format!("git -C {root} rev-parse --short HEAD")),
-            if shell(&format!(
-                "git -C {root} status --porcelain -- src Cargo.toml"
-            ))
-            .is_empty()
-            {
-                ""
-            } else {
+            if uncommitted {
                 ", with uncommitted changes"
+            } else {
+                ""
             },
         );
         if !self.alertmanager_version.is_empty() {
@@ -461,110 +527,115 @@ impl Report {
             self.phase_duration.as_secs(),
             self.total.as_secs_f64()
         );
+    }
 
-        Self::throughput_section(
-            &mut out,
-            "1-3. Throughput and latency (100 webhooks, each alert for 10)",
-            &self.systems,
-        );
-        Self::throughput_section(
-            &mut out,
-            "1b. Throughput and latency (10 webhooks, each alert for one)",
-            &self.one_to_one,
-        );
-
-        if !self.routes.is_empty() {
-            let _ = writeln!(
-                out,
-                "### 4a. Route resolution per alert (in process, `Table::resolve`)\n"
-            );
-            let _ = writeln!(
-                out,
-                "| layout | webhooks + conditions | matched per alert | µs per alert | table build ms |"
-            );
-            let _ = writeln!(out, "|---|--:|--:|--:|--:|");
-            for row in &self.routes {
-                let _ = writeln!(
-                    out,
-                    "| {} | {} | {} | {:.2} | {:.1} |",
-                    row.layout,
-                    row.webhooks,
-                    row.matched,
-                    row.per_alert.as_secs_f64() * 1e6,
-                    row.build.as_secs_f64() * 1e3
-                );
-            }
-            out.push('\n');
+    /// Route resolution per alert, by table size and layout.
+    fn routes_section(&self, out: &mut String) {
+        if self.routes.is_empty() {
+            return;
         }
-
-        if !self.scale.is_empty() {
+        let _ = writeln!(
+            out,
+            "### 4a. Route resolution per alert (in process, `Table::resolve`)\n"
+        );
+        let _ = writeln!(
+            out,
+            "| layout | webhooks + conditions | matched per alert | µs per alert | table build ms |"
+        );
+        let _ = writeln!(out, "|---|--:|--:|--:|--:|");
+        for row in &self.routes {
             let _ = writeln!(
                 out,
-                "### 4b. Scale: herald controller on a real API server, and herald run\n"
+                "| {} | {} | {} | {:.2} | {:.1} |",
+                row.layout,
+                row.webhooks,
+                row.matched,
+                row.per_alert.as_secs_f64() * 1e6,
+                row.build.as_secs_f64() * 1e3
             );
-            let _ = writeln!(
-                out,
-                "| webhooks + conditions | objects created in | controller sync (spawn → /readyz) | controller CPU s in sync | controller RSS at sync MiB | controller peak RSS MiB | controller deliveries/s | p50 / p99 ms | `herald run` ready | `herald run` RSS loaded MiB | `herald run` peak RSS under load MiB | `herald run` deliveries/s | p50 / p99 ms |"
-            );
-            let _ = writeln!(out, "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
-            for row in &self.scale {
-                let sync = match row.sync_time {
-                    Some(t) => format!("{:.2} s", t.as_secs_f64()),
-                    None => {
-                        let (_, total, ready) = row.progress.last().copied().unwrap_or_default();
-                        format!(
-                            "**not synced after {:.0} s** ({total} in table, {ready} ready)",
-                            row.sync_limit.as_secs_f64()
-                        )
-                    }
-                };
-                let (rate, lat) = match &row.phase {
-                    Some(p) => (
-                        format!("{:.0}", p.deliveries_per_s),
-                        format!("{} / {}", ms(p.p50_ms), ms(p.p99_ms)),
-                    ),
-                    None => ("–".into(), "–".into()),
-                };
-                let s = &row.standalone_phase;
-                let _ = writeln!(
-                    out,
-                    "| {} | {:.1} s | {} | {:.1} | {} | {} | {} | {} | {:.2} s | {} | {} | {:.0} | {} / {} |",
-                    row.webhooks,
-                    row.create_time.as_secs_f64(),
-                    sync,
-                    row.sync_cpu,
-                    mib(row.ready_rss_kib),
-                    mib(row.peak_rss_kib),
-                    rate,
-                    lat,
-                    row.standalone_ready.as_secs_f64(),
-                    mib(row.standalone_rss_kib),
-                    mib(row.standalone_peak_kib),
-                    s.deliveries_per_s,
-                    ms(s.p50_ms),
-                    ms(s.p99_ms),
-                );
-            }
-            for row in self.scale.iter().filter(|r| r.sync_time.is_none()) {
-                let points: Vec<String> = row
-                    .progress
-                    .iter()
-                    .map(|(t, total, ready)| format!("{t:.0} s: {total}/{ready}"))
-                    .collect();
-                let _ = writeln!(
-                    out,
-                    "\n- controller with {} webhooks, webhooks in table / ready while syncing: {}",
-                    row.webhooks,
-                    points.join(", ")
-                );
-            }
-            out.push('\n');
         }
+        out.push('\n');
+    }
 
+    /// The controller and `herald run` with many webhooks.
+    fn scale_section(&self, out: &mut String) {
+        if self.scale.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "### 4b. Scale: herald controller on a real API server, and herald run\n"
+        );
+        let _ = writeln!(
+            out,
+            "| webhooks + conditions | objects created in | controller sync (spawn → /readyz) | controller CPU s in sync | controller RSS at sync MiB | controller peak RSS MiB | controller deliveries/s | p50 / p99 ms | `herald run` ready | `herald run` RSS loaded MiB | `herald run` peak RSS under load MiB | `herald run` deliveries/s | p50 / p99 ms |"
+        );
+        let _ = writeln!(out, "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+        for row in &self.scale {
+            Self::scale_row(out, row);
+        }
+        for row in self.scale.iter().filter(|r| r.sync_time.is_none()) {
+            let points: Vec<String> = row
+                .progress
+                .iter()
+                .map(|(t, total, ready)| format!("{t:.0} s: {total}/{ready}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "\n- controller with {} webhooks, webhooks in table / ready while syncing: {}",
+                row.webhooks,
+                points.join(", ")
+            );
+        }
+        out.push('\n');
+    }
+
+    /// One line of the scale table.
+    fn scale_row(out: &mut String, row: &ScaleRow) {
+        let sync = match row.sync_time {
+            Some(t) => format!("{:.2} s", t.as_secs_f64()),
+            None => {
+                let (_, total, ready) = row.progress.last().copied().unwrap_or_default();
+                format!(
+                    "**not synced after {:.0} s** ({total} in table, {ready} ready)",
+                    row.sync_limit.as_secs_f64()
+                )
+            }
+        };
+        let (rate, lat) = match &row.phase {
+            Some(p) => (
+                format!("{:.0}", p.deliveries_per_s),
+                format!("{} / {}", ms(p.p50_ms), ms(p.p99_ms)),
+            ),
+            None => ("–".into(), "–".into()),
+        };
+        let s = &row.standalone_phase;
+        let _ = writeln!(
+            out,
+            "| {} | {:.1} s | {} | {:.1} | {} | {} | {} | {} | {:.2} s | {} | {} | {:.0} | {} / {} |",
+            row.webhooks,
+            row.create_time.as_secs_f64(),
+            sync,
+            row.sync_cpu,
+            mib(row.ready_rss_kib),
+            mib(row.peak_rss_kib),
+            rate,
+            lat,
+            row.standalone_ready.as_secs_f64(),
+            mib(row.standalone_rss_kib),
+            mib(row.standalone_peak_kib),
+            s.deliveries_per_s,
+            ms(s.p50_ms),
+            ms(s.p99_ms),
+        );
+    }
+
+    /// Every target with its figure and whether it was met.
+    fn targets_section(&self, out: &mut String) {
         let _ = writeln!(out, "### Targets (measured, not asserted)\n");
         let _ = writeln!(out, "| target | measured | |\n|---|---|---|");
-        Self::throughput_targets(&mut out, "100 webhooks", &self.systems);
-        Self::throughput_targets(&mut out, "10 webhooks", &self.one_to_one);
+        Self::throughput_targets(out, "100 webhooks", &self.systems);
+        Self::throughput_targets(out, "10 webhooks", &self.one_to_one);
         if let Some(r) = self
             .routes
             .iter()
@@ -594,6 +665,5 @@ impl Report {
                 verdict(peak < 64.0)
             );
         }
-        out
     }
 }

@@ -19,6 +19,69 @@ pub struct Sut {
     pub addr: String,
     /// Time from spawn until it answered its readiness probe.
     pub ready_after: Duration,
+    /// Further replicas of the same system (sharing one PostgreSQL database), each with the
+    /// address it listens on: the load is spread over `addr` and these.
+    pub replicas: Vec<(Process, String)>,
+    /// The database server the system keeps its deliveries in, when it has one of its own
+    /// (its postmaster's pid), so that its CPU is counted too.
+    pub server_pid: Option<u32>,
+}
+
+impl Sut {
+    /// A system of one process.
+    pub fn single(proc: Process, addr: String, ready_after: Duration) -> Sut {
+        Sut {
+            proc,
+            addr,
+            ready_after,
+            replicas: Vec::new(),
+            server_pid: None,
+        }
+    }
+
+    /// Every address alerts may go to.
+    pub fn addrs(&self) -> Vec<String> {
+        std::iter::once(self.addr.clone())
+            .chain(self.replicas.iter().map(|(_, addr)| addr.clone()))
+            .collect()
+    }
+
+    fn procs_mut(&mut self) -> impl Iterator<Item = &mut Process> {
+        std::iter::once(&mut self.proc).chain(self.replicas.iter_mut().map(|(p, _)| p))
+    }
+
+    /// CPU seconds of every replica.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.proc.cpu_seconds()
+            + self
+                .replicas
+                .iter()
+                .map(|(p, _)| p.cpu_seconds())
+                .sum::<f64>()
+    }
+
+    /// CPU seconds of the database server and its backends, if it has one.
+    pub fn server_cpu_seconds(&self) -> Option<f64> {
+        self.server_pid.and_then(crate::procs::tree_cpu_seconds)
+    }
+
+    /// Fails when a replica has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        self.procs_mut().try_for_each(Process::check_alive)
+    }
+
+    /// `(VmRSS, VmHWM)` in KiB: the largest of the replicas'.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        std::iter::once(&self.proc)
+            .chain(self.replicas.iter().map(|(p, _)| p))
+            .map(Process::memory_kib)
+            .fold((0, 0), |(r, h), (rr, hh)| (r.max(rr), h.max(hh)))
+    }
+
+    /// Stops every replica.
+    pub fn stop(&mut self, grace: Duration) {
+        self.procs_mut().for_each(|p| p.stop(grace));
+    }
 }
 
 /// Webhook and NotificationCondition manifests for webhooks `from..to` delivering to `sink`:
@@ -122,11 +185,28 @@ pub async fn start_herald(
         .await?;
     crate::procs::expect_ready_webhooks(&mut proc, &addr, webhooks, Duration::from_secs(10))
         .await?;
-    Ok(Sut {
-        proc,
-        addr,
-        ready_after,
-    })
+    Ok(Sut::single(proc, addr, ready_after))
+}
+
+/// `replicas` processes of `herald run` on one PostgreSQL database (see [`start_herald`]), as
+/// one system whose load is spread over them.
+pub async fn start_herald_replicas(
+    herald: &Path,
+    dir: &Path,
+    shape: Shape,
+    sink: &str,
+    database_url: &str,
+    replicas: usize,
+) -> Result<Sut> {
+    let mut first = start_herald(herald, dir, shape, sink, None, Some(database_url)).await?;
+    for replica in 1..replicas {
+        let dir = dir.join(format!("replica-{replica}"));
+        std::fs::create_dir_all(&dir)?;
+        let more = start_herald(herald, &dir, shape, sink, None, Some(database_url)).await?;
+        first.ready_after = first.ready_after.max(more.ready_after);
+        first.replicas.push((more.proc, more.addr));
+    }
+    Ok(first)
 }
 
 /// The forwarder, as `herald-bench forwarder`.
@@ -142,11 +222,7 @@ pub async fn start_forwarder(dir: &Path, shape: Shape, sink: &str) -> Result<Sut
     let ready_after = proc
         .wait_http_ok(&addr, "/healthz", Duration::from_secs(30))
         .await?;
-    Ok(Sut {
-        proc,
-        addr,
-        ready_after,
-    })
+    Ok(Sut::single(proc, addr, ready_after))
 }
 
 /// Alertmanager's configuration equivalent to [`herald_manifests`]: one webhook receiver per
@@ -201,11 +277,7 @@ pub async fn start_alertmanager(dir: &Path, webhooks: usize, sink: &str) -> Resu
     let ready_after = proc
         .wait_http_ok(&addr, "/-/ready", Duration::from_secs(30))
         .await?;
-    Ok(Sut {
-        proc,
-        addr,
-        ready_after,
-    })
+    Ok(Sut::single(proc, addr, ready_after))
 }
 
 /// The version line of a binary (`--version`).

@@ -4,7 +4,7 @@
 //! and only once the controller has seen every watched object (before that a status would
 //! describe a partial table).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +22,7 @@ use crate::crd::{
     DeliveryOutcome, DeliveryResult, NotificationCondition, NotificationConditionStatus,
     TestResult, Webhook, WebhookStatus,
 };
-use crate::delivery::{DeliveryObserver, DeliveryReport};
+use crate::delivery::{BacklogState, DeliveryObserver, DeliveryReport};
 use crate::dispatch::Dispatcher;
 use crate::object::{NotReady, ObjectKey};
 use crate::outgoing::ReportOutcome;
@@ -45,6 +45,8 @@ struct Entry {
     /// Boxed: tests are rare.
     last_test: Option<Box<TestResult>>,
     failing: bool,
+    /// The backlog and its limit while the backlog is near the limit.
+    backlog_near_limit: Option<(usize, usize)>,
     dirty: bool,
     /// Picked by the write round under way.
     queued: bool,
@@ -59,6 +61,15 @@ struct Ready {
 
 const READY_REASON: &str = "Ready";
 const READY_MESSAGE: &str = "the webhook can deliver";
+/// The reason of a Ready condition that is True while the backlog is near its limit.
+const BACKLOG_NEAR_LIMIT: &str = "BacklogNearLimit";
+
+/// The note of a backlog near its limit, in the Ready condition and its Event.
+fn backlog_message(backlog: usize, limit: usize) -> String {
+    format!(
+        "the webhook can deliver, but its backlog holds {backlog} deliveries of its limit of {limit} (--backlog-limit); past the limit, new deliveries to it become dead letters (replayable)"
+    )
+}
 
 impl Ready {
     fn status(&self) -> &'static str {
@@ -140,6 +151,21 @@ impl From<&DeliveryResult> for LastDelivery {
     }
 }
 
+/// The Ready condition to write: a webhook that can deliver while its backlog is near its
+/// limit says so in the reason and message (the status stays `True`).
+fn ready_condition(
+    ready: &Ready,
+    generation: Option<i64>,
+    backlog_near_limit: Option<(usize, usize)>,
+) -> Condition {
+    let mut condition = ready.condition(generation);
+    if let (None, Some((backlog, limit))) = (&ready.not_ready, backlog_near_limit) {
+        condition.reason = BACKLOG_NEAR_LIMIT.into();
+        condition.message = backlog_message(backlog, limit);
+    }
+    condition
+}
+
 /// The reference Events give for a Webhook.
 fn reference(key: &ObjectKey, uid: &str) -> ObjectReference {
     ObjectReference {
@@ -205,9 +231,17 @@ fn update_ready(
 struct ConditionEntry {
     /// The generation last applied.
     generation: Option<i64>,
-    /// The Ready condition as last written or found on the object: message, generation and
-    /// since when it holds.
-    written: Option<(String, Option<i64>, Timestamp)>,
+    /// The Ready condition as last written or found on the object: a digest of its message,
+    /// its generation and since when it holds.
+    written: Option<(u64, Option<i64>, Timestamp)>,
+}
+
+/// A digest of a message, to tell whether it changed without keeping it.
+fn digest(message: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    message.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Most Webhook names a condition's message lists.
@@ -308,7 +342,7 @@ impl StatusWriter {
         let written = condition.status.as_ref().and_then(|status| {
             let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
             Some((
-                ready.message.clone(),
+                digest(&ready.message),
                 status.observed_generation,
                 ready.last_transition_time.0,
             ))
@@ -554,55 +588,58 @@ impl StatusWriter {
     /// Writes the status of every condition in the namespaces marked changed whose Ready
     /// message or generation differs from what was written.
     async fn flush_conditions(&self) {
-        let namespaces: Vec<Arc<str>> = self
+        let namespaces: HashSet<Arc<str>> = self
             .condition_namespaces
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .drain()
             .collect();
-        for namespace in namespaces {
-            // Which Webhooks each condition of the namespace applies to, in one pass.
-            let mut users: BTreeMap<String, Vec<Arc<str>>> = BTreeMap::new();
-            {
-                let table = self.herald.table();
-                let mut webhooks: Vec<&ObjectKey> = table
-                    .webhooks()
-                    .map(|w| &w.key)
-                    .filter(|k| k.namespace == namespace)
-                    .collect();
-                webhooks.sort();
-                for key in webhooks {
-                    for condition in table.conditions_of(key) {
-                        users.entry(condition).or_default().push(key.name.clone());
-                    }
+        if namespaces.is_empty() {
+            return;
+        }
+        // Which Webhooks each condition of those namespaces applies to, in one pass.
+        let mut users: HashMap<ObjectKey, Vec<Arc<str>>> = HashMap::new();
+        {
+            let table = self.herald.table();
+            let mut webhooks: Vec<&ObjectKey> = table
+                .webhooks()
+                .map(|w| &w.key)
+                .filter(|k| namespaces.contains(&k.namespace))
+                .collect();
+            webhooks.sort();
+            for key in webhooks {
+                for condition in table.conditions_of(key) {
+                    users
+                        .entry(ObjectKey::new(key.namespace.clone(), condition))
+                        .or_default()
+                        .push(key.name.clone());
                 }
             }
-            let due: Vec<(ObjectKey, String, Option<i64>)> = self
-                .conditions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .filter(|(key, _)| key.namespace == namespace)
-                .filter_map(|(key, entry)| {
-                    let message =
-                        users_message(users.get(&*key.name).map(Vec::as_slice).unwrap_or_default());
-                    let same = entry
-                        .written
-                        .as_ref()
-                        .is_some_and(|(m, g, _)| *m == message && *g == entry.generation);
-                    (!same).then(|| (key.clone(), message, entry.generation))
-                })
-                .collect();
-            for (key, message, generation) in due {
-                if let Err(e) = self.write_condition(&key, &message, generation).await {
-                    tracing::warn!("{e}");
-                    self.herald
-                        .metrics()
-                        .controller
-                        .error("NotificationCondition", e.metric_label());
-                    // Worked out again at the next round.
-                    self.namespace_changed(&namespace);
-                }
+        }
+        let due: Vec<(ObjectKey, String, Option<i64>)> = self
+            .conditions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(key, _)| namespaces.contains(&key.namespace))
+            .filter_map(|(key, entry)| {
+                let message = users_message(users.get(key).map(Vec::as_slice).unwrap_or_default());
+                let same = entry
+                    .written
+                    .as_ref()
+                    .is_some_and(|(m, g, _)| *m == digest(&message) && *g == entry.generation);
+                (!same).then(|| (key.clone(), message, entry.generation))
+            })
+            .collect();
+        for (key, message, generation) in due {
+            if let Err(e) = self.write_condition(&key, &message, generation).await {
+                tracing::warn!("{e}");
+                self.herald
+                    .metrics()
+                    .controller
+                    .error("NotificationCondition", e.metric_label());
+                // Worked out again at the next round.
+                self.namespace_changed(&key.namespace);
             }
         }
     }
@@ -667,7 +704,7 @@ impl StatusWriter {
                     .unwrap_or_else(|e| e.into_inner())
                     .get_mut(key)
                 {
-                    entry.written = Some((message.to_string(), generation, since));
+                    entry.written = Some((digest(message), generation, since));
                 }
                 Ok(())
             }
@@ -718,7 +755,11 @@ impl StatusWriter {
             e.dirty = false;
             WebhookStatus {
                 observed_generation: e.generation,
-                conditions: e.ready.iter().map(|r| r.condition(e.generation)).collect(),
+                conditions: e
+                    .ready
+                    .iter()
+                    .map(|r| ready_condition(r, e.generation, e.backlog_near_limit))
+                    .collect(),
                 last_delivery: e.last_delivery.as_ref().map(LastDelivery::result),
                 last_test: e.last_test.as_deref().cloned(),
             }
@@ -748,6 +789,43 @@ impl StatusWriter {
 }
 
 impl DeliveryObserver for StatusWriter {
+    fn backlog(&self, webhook: &ObjectKey, state: BacklogState) {
+        let reference = {
+            let mut entries = self.entries();
+            let Some(entry) = entries.get_mut(webhook) else {
+                return;
+            };
+            entry.backlog_near_limit = state.near_limit.then_some((state.backlog, state.limit));
+            entry.dirty = true;
+            entry.uid.as_deref().map(|uid| reference(webhook, uid))
+        };
+        self.wake.notify_one();
+        if let Some(reference) = reference {
+            if state.near_limit {
+                let note = backlog_message(state.backlog, state.limit);
+                self.publish(
+                    reference,
+                    EventType::Warning,
+                    BACKLOG_NEAR_LIMIT,
+                    "Deliver",
+                    note,
+                );
+            } else {
+                let note = format!(
+                    "the webhook's backlog is back to {} deliveries of its limit of {}",
+                    state.backlog, state.limit
+                );
+                self.publish(
+                    reference,
+                    EventType::Normal,
+                    "BacklogRecovered",
+                    "Deliver",
+                    note,
+                );
+            }
+        }
+    }
+
     fn report(&self, report: &DeliveryReport) {
         if report.test {
             return;
@@ -804,5 +882,56 @@ impl DeliveryObserver for StatusWriter {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::object::NotReadyReason;
+
+    #[test]
+    fn a_conditions_message_names_its_first_users() {
+        assert_eq!(users_message(&[]), "used by no Webhook");
+        let users: Vec<Arc<str>> = (0..12).map(|i| Arc::from(format!("w{i:02}"))).collect();
+        assert_eq!(users_message(&users[..2]), "used by 2 Webhook(s): w00, w01");
+        assert_eq!(
+            users_message(&users),
+            "used by 12 Webhook(s): w00, w01, w02, w03, w04, w05, w06, w07, w08, w09 and 2 more"
+        );
+    }
+
+    #[test]
+    fn a_backlog_near_its_limit_shows_in_the_ready_reason_while_the_webhook_can_deliver() {
+        let ready = Ready {
+            not_ready: None,
+            since: Timestamp::now(),
+        };
+        let plain = ready_condition(&ready, Some(2), None);
+        assert_eq!(
+            (plain.status.as_str(), plain.reason.as_str()),
+            ("True", "Ready")
+        );
+        let near = ready_condition(&ready, Some(2), Some((80_000, 100_000)));
+        assert_eq!(near.status, "True");
+        assert_eq!(near.reason, BACKLOG_NEAR_LIMIT);
+        assert!(
+            near.message.contains("80000") && near.message.contains("100000"),
+            "{}",
+            near.message
+        );
+        let not_ready = Ready {
+            not_ready: Some(Box::new(NotReady {
+                reason: NotReadyReason::Disabled,
+                message: "disabled".into(),
+            })),
+            since: Timestamp::now(),
+        };
+        let disabled = ready_condition(&not_ready, Some(2), Some((80_000, 100_000)));
+        assert_eq!(
+            (disabled.status.as_str(), disabled.reason.as_str()),
+            ("False", "Disabled"),
+            "a webhook that cannot deliver keeps its own reason"
+        );
     }
 }

@@ -24,7 +24,7 @@ use crate::metrics::{Metrics, WebhookLabels, WebhookMetrics};
 use crate::object::ObjectKey;
 use crate::outgoing::DeliveryId;
 use crate::outgoing::{Delivery, ReportOutcome, RoutedBatch};
-use crate::store::{DeliveryRecord, Store, StoreError};
+use crate::store::{DeliveryRecord, HandOver, Store, StoreError};
 
 /// How failed attempts are retried.
 #[derive(Clone, Copy, Debug)]
@@ -111,6 +111,10 @@ impl EngineConfig {
 /// Most deliveries a worker loads from a disk store at once.
 const LOAD_BATCH: usize = 256;
 
+/// How many polls of a shared store pass between two looks for the deliveries of webhooks
+/// deleted everywhere (one minute at the default poll interval of 2 s).
+const ORPHAN_SWEEP_POLLS: u32 = 30;
+
 /// A webhook's backlog at this share of its limit is reported as nearly full.
 const NEAR_LIMIT_PERCENT: usize = 80;
 
@@ -154,6 +158,23 @@ mod humantime_serde_ms {
 pub trait DeliveryObserver: Send + Sync + 'static {
     /// Called once per finished delivery or test.
     fn report(&self, report: &DeliveryReport);
+
+    /// Called when a webhook's backlog comes near its limit (see [`BacklogState`]) and when it
+    /// falls back to half of it, so that its status can say so before deliveries overflow.
+    fn backlog(&self, _webhook: &ObjectKey, _state: BacklogState) {}
+}
+
+/// A webhook's backlog as it crossed a threshold: past [`BacklogState::limit`], its new
+/// deliveries become dead letters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BacklogState {
+    /// Deliveries accepted and not finished.
+    pub backlog: usize,
+    /// The webhook's backlog limit (`--backlog-limit`, or its share of `--max-pending` in
+    /// memory).
+    pub limit: usize,
+    /// At 80% of the limit or more (and not yet back to half of it).
+    pub near_limit: bool,
 }
 
 /// The receiver's answer when Herald holds as many pending deliveries as it may.
@@ -269,7 +290,7 @@ impl WorkerState {
         match taken {
             Ok(_) => {
                 self.metrics(shared).queue_depth.inc();
-                self.watch_limit(share);
+                self.watch_limit(shared, share);
                 Ok(())
             }
             Err(n) if n >= limit => Err(Placed::Overflow),
@@ -283,7 +304,10 @@ impl WorkerState {
         self.metrics(shared)
             .queue_depth
             .inc_by(i64::try_from(count).unwrap_or(i64::MAX));
-        self.watch_limit(shared.config.webhook_share(shared.store.is_durable()));
+        self.watch_limit(
+            shared,
+            shared.config.webhook_share(shared.store.is_durable()),
+        );
     }
 
     /// Sets the backlog to what a shared store holds for the webhook (all replicas together).
@@ -292,7 +316,7 @@ impl WorkerState {
         self.metrics(shared)
             .queue_depth
             .set(i64::try_from(backlog).unwrap_or(i64::MAX));
-        self.watch_limit(shared.config.webhook_share(true));
+        self.watch_limit(shared, shared.config.webhook_share(true));
     }
 
     /// Gives a place back: a delivery finished.
@@ -310,16 +334,18 @@ impl WorkerState {
         let limit = shared.config.webhook_share(shared.store.is_durable());
         if left <= limit / 2 && self.near_limit.swap(false, Ordering::AcqRel) {
             tracing::info!(webhook = %self.key, backlog = left, limit, "the webhook's backlog is no longer near its limit");
+            shared.backlog_crossed(&self.key, left, limit, false);
         }
     }
 
     /// Warns once as the backlog nears its limit.
-    fn watch_limit(&self, limit: usize) {
+    fn watch_limit(&self, shared: &EngineContext, limit: usize) {
         let backlog = self.backlog.load(Ordering::Acquire);
         if backlog.saturating_mul(100) >= limit.saturating_mul(NEAR_LIMIT_PERCENT)
             && !self.near_limit.swap(true, Ordering::AcqRel)
         {
             tracing::warn!(webhook = %self.key, backlog, limit, "the webhook's backlog is near its limit; past it, new deliveries to it become dead letters");
+            shared.backlog_crossed(&self.key, backlog, limit, true);
         }
     }
 }
@@ -339,6 +365,20 @@ struct EngineContext {
 }
 
 impl EngineContext {
+    /// Tells the observers that a webhook's backlog came near its limit or fell back.
+    fn backlog_crossed(&self, webhook: &ObjectKey, backlog: usize, limit: usize, near_limit: bool) {
+        let state = BacklogState {
+            backlog,
+            limit,
+            near_limit,
+        };
+        if let Ok(observers) = self.observers.read() {
+            for observer in observers.iter() {
+                observer.backlog(webhook, state);
+            }
+        }
+    }
+
     fn report(
         &self,
         report: DeliveryReport,
@@ -545,13 +585,16 @@ impl Engine {
 
     /// Starts the task that drains a webhook's queue (called by whoever queued into an idle one).
     fn start(&self, worker: &Arc<WorkerState>) {
-        let task = run_worker(self.shared.clone(), worker.clone());
         match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                self.tasks.spawn_on(task, &handle);
-            }
+            Ok(handle) => self.start_on(worker, &handle),
             Err(_) => tracing::error!(webhook = %worker.key, "no async runtime to deliver in"),
         }
+    }
+
+    /// [`Engine::start`] on a given runtime (from a store's writer thread).
+    fn start_on(&self, worker: &Arc<WorkerState>, runtime: &tokio::runtime::Handle) {
+        let task = run_worker(self.shared.clone(), worker.clone());
+        self.tasks.spawn_on(task, runtime);
     }
 
     /// Tells a webhook's worker that the store holds more for it, starting it if idle.
@@ -811,7 +854,12 @@ impl Engine {
             .filter(|(_, p)| !matches!(p, Placed::Gone))
             .map(|(d, _)| d.clone())
             .collect();
-        let written = self.shared.store.append(&stored).await;
+        let hand_over = self.hand_over(&deliveries, &placed);
+        let written = self
+            .shared
+            .store
+            .append_handing_over(&stored, Some(hand_over))
+            .await;
         drop(admission);
         let written = match written {
             Ok(seqs) => seqs,
@@ -828,15 +876,75 @@ impl Engine {
                 _ => seqs.next(),
             })
             .collect();
-        let mut summary = SubmitSummary::default();
-        for placed in &placed {
-            if let Placed::Kept(worker) = placed {
-                summary.queued += 1;
-                self.wake(worker);
+        let queued = placed
+            .iter()
+            .filter(|p| matches!(p, Placed::Kept(_)))
+            .count();
+        Ok(SubmitSummary {
+            queued,
+            dead_letters: self.end_unplaced(&deliveries, &placed, &seqs),
+        })
+    }
+
+    /// What the store's writer calls once the deliveries placed in their webhooks' backlogs are
+    /// kept: each is handed to its worker's queue with its place in the memory budget, so that
+    /// the worker does not read it back, when the queue holds everything stored before it and
+    /// the budget has room; otherwise the worker is told to load it. In a shared store only
+    /// deliveries written claimed by this replica are handed over (the others are claimed by
+    /// whichever replica holds their webhook, woken by the store's notification).
+    fn hand_over(&self, deliveries: &[Arc<Delivery>], placed: &[Placed]) -> HandOver {
+        // The rows stored, in order: the placed ones, each with its worker (the others are
+        // dead letters, finished right after the write).
+        let rows: Vec<Option<(Arc<WorkerState>, Arc<Delivery>)>> = deliveries
+            .iter()
+            .zip(placed)
+            .filter(|(_, p)| !matches!(p, Placed::Gone))
+            .map(|(delivery, p)| match p {
+                Placed::Kept(worker) => Some((worker.clone(), delivery.clone())),
+                _ => None,
+            })
+            .collect();
+        let engine = self.clone();
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        Box::new(move |seqs: &[u64], held: &[bool]| {
+            let shared = engine.store().is_shared();
+            for ((row, seq), held) in rows.into_iter().zip(seqs).zip(held) {
+                let Some((worker, delivery)) = row else {
+                    continue;
+                };
+                let queued = match (*held, shared) {
+                    (false, true) => continue,
+                    (false, false) => worker.queue.stored(),
+                    (true, _) => {
+                        let permit = if shared || worker.queue.takes_hand_over() {
+                            engine.shared.budget.clone().try_acquire_owned().ok()
+                        } else {
+                            None
+                        };
+                        let job = |permit| Job {
+                            delivery,
+                            seq: Some(*seq),
+                            _permit: permit,
+                        };
+                        match (permit, shared) {
+                            // A claimed row is this replica's to deliver, room or not: no
+                            // load would find it.
+                            (permit, true) => worker.queue.push(job(permit)).ok(),
+                            (Some(permit), false) => {
+                                worker.queue.hand_over(*seq, job(Some(permit)))
+                            }
+                            (None, false) => worker.queue.stored(),
+                        }
+                    }
+                };
+                if queued == Some(Queued::StartConsumer) {
+                    match &runtime {
+                        Some(runtime) => engine.start_on(&worker, runtime),
+                        None => engine.start(&worker),
+                    }
+                }
             }
-        }
-        summary.dead_letters = self.end_unplaced(&deliveries, &placed, &seqs);
-        Ok(summary)
+        })
     }
 
     /// Queues deliveries in their webhooks' queues (a memory store), each holding one permit
@@ -934,11 +1042,34 @@ impl Engine {
     fn watch_shared_backlog(&self, wakeup: Arc<tokio::sync::Notify>, every: Duration) {
         let engine = self.clone();
         let task = async move {
+            let mut polls = 0u32;
+            // Notifications do not put the poll off: it also refreshes the counts.
+            let mut poll = tokio::time::interval(every);
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tokio::select! {
+                let notified = tokio::select! {
                     () = engine.shutdown.cancelled() => return,
-                    () = wakeup.notified() => {}
-                    () = tokio::time::sleep(every) => {}
+                    () = wakeup.notified() => engine.shared.store.take_notified(),
+                    _ = poll.tick() => Vec::new(),
+                };
+                if !notified.is_empty() {
+                    // New rows of these webhooks: their idle workers try to claim them (a
+                    // worker of a webhook another replica holds finds nothing). Counting the
+                    // whole backlog is left to the poll.
+                    let workers = engine.workers();
+                    let woken: Vec<Arc<WorkerState>> = notified
+                        .iter()
+                        .filter_map(|key| workers.get(key).cloned())
+                        .collect();
+                    drop(workers);
+                    for worker in woken {
+                        engine.wake(&worker);
+                    }
+                    continue;
+                }
+                polls = polls.wrapping_add(1);
+                if polls.is_multiple_of(ORPHAN_SWEEP_POLLS) {
+                    engine.sweep_orphans().await;
                 }
                 let waiting = match engine.shared.store.waiting().await {
                     Ok(waiting) => waiting,
@@ -966,6 +1097,49 @@ impl Engine {
                 handle.spawn(task);
             }
             Err(_) => tracing::error!("no async runtime to watch the shared backlog in"),
+        }
+    }
+
+    /// With a shared store: drops and records the deliveries of webhooks no replica has
+    /// (deleted everywhere; see [`Store::orphaned`]). A webhook this replica has is left alone
+    /// (its worker claims its rows), and claiming takes the webhook's lease, so two replicas
+    /// sweeping at once do not both drop the same deliveries.
+    async fn sweep_orphans(&self) {
+        let orphaned = match self.shared.store.orphaned().await {
+            Ok(orphaned) => orphaned,
+            Err(e) => {
+                tracing::warn!("cannot look for deliveries of deleted webhooks: {e}");
+                return;
+            }
+        };
+        for key in orphaned {
+            if self.contains(&key) {
+                continue;
+            }
+            let mut dropped = 0usize;
+            loop {
+                let found = match self.shared.store.claim(&key, 0, LOAD_BATCH).await {
+                    Ok(found) => found,
+                    Err(e) => {
+                        tracing::warn!(webhook = %key, "cannot drop the deliveries of a deleted webhook: {e}");
+                        break;
+                    }
+                };
+                if found.is_empty() {
+                    break;
+                }
+                dropped += found.len();
+                for (seq, delivery) in &found {
+                    self.shared.dropped(
+                        delivery,
+                        Some(*seq),
+                        "the webhook no longer exists on any replica",
+                    );
+                }
+            }
+            if dropped > 0 {
+                tracing::info!(webhook = %key, deliveries = dropped, "dropped the stored deliveries of a webhook no replica has");
+            }
         }
     }
 
@@ -1131,7 +1305,7 @@ async fn load_backlog(shared: &EngineContext, worker: &WorkerState, after: u64) 
 /// when there is nothing left (the next delivery accepted starts a new task) or when the
 /// webhook goes away or Herald stops.
 async fn run_worker(shared: Arc<EngineContext>, worker: Arc<WorkerState>) {
-    let webhook_metrics = worker.metrics(&shared);
+    let metrics = worker.metrics(&shared);
     let mut breaker = Breaker {
         failures: worker.failures.load(Ordering::Relaxed),
     };
@@ -1146,16 +1320,7 @@ async fn run_worker(shared: Arc<EngineContext>, worker: Arc<WorkerState>) {
                         // space of the send future inside it is never kept for an idle webhook.
                         let message = job.delivery.clone();
                         let jobs = [job];
-                        if deliver(
-                            &shared,
-                            webhook_metrics,
-                            &worker,
-                            &message,
-                            &jobs,
-                            &mut breaker,
-                        )
-                        .await
-                        {
+                        if deliver(&shared, metrics, &worker, &message, &jobs, &mut breaker).await {
                             worker.release_place(&shared);
                         }
                         worker.failures.store(breaker.failures, Ordering::Relaxed);
@@ -1198,16 +1363,7 @@ async fn run_worker(shared: Arc<EngineContext>, worker: Arc<WorkerState>) {
                 None => continue,
             },
         };
-        if deliver(
-            &shared,
-            webhook_metrics,
-            &worker,
-            &message,
-            &jobs,
-            &mut breaker,
-        )
-        .await
-        {
+        if deliver(&shared, metrics, &worker, &message, &jobs, &mut breaker).await {
             for _ in &jobs {
                 worker.release_place(&shared);
             }
@@ -1365,7 +1521,7 @@ fn leave_or_drop_all(shared: &EngineContext, jobs: &[Job]) -> bool {
 /// whether it ended (it stays in the store when Herald stops first).
 async fn deliver(
     shared: &EngineContext,
-    webhook_metrics: &WebhookMetrics,
+    metrics: &WebhookMetrics,
     worker: &WorkerState,
     delivery: &Arc<Delivery>,
     jobs: &[Job],
@@ -1394,9 +1550,7 @@ async fn deliver(
             return leave_or_drop_all(shared, jobs);
         }
         let result = send(&current, delivery).await;
-        webhook_metrics
-            .duration
-            .observe(result.latency.as_secs_f64());
+        metrics.duration.observe(result.latency.as_secs_f64());
         let was_open = breaker.is_open();
         breaker.record(result.class);
         export_breaker(shared, &delivery.webhook, was_open, breaker);
@@ -1406,7 +1560,7 @@ async fn deliver(
                 report_after(delivery, attempt, &result),
                 delivery,
                 jobs,
-                Some(webhook_metrics),
+                Some(metrics),
             );
             return true;
         }
@@ -1424,7 +1578,7 @@ async fn deliver(
         if exhausted {
             let mut report = report_after(delivery, attempt, &result);
             report.message = format!("gave up after {attempt} attempts: {}", report.message);
-            report_all(shared, report, delivery, jobs, Some(webhook_metrics));
+            report_all(shared, report, delivery, jobs, Some(metrics));
             return true;
         }
         shared.metrics.delivery(&delivery.webhook, "retried");

@@ -10,8 +10,8 @@ mod send;
 pub mod target;
 
 pub use engine::{
-    DeliveryObserver, DeliveryReport, Engine, EngineConfig, Overloaded, ReplayError, RetryPolicy,
-    SubmitError, SubmitSummary,
+    BacklogState, DeliveryObserver, DeliveryReport, Engine, EngineConfig, Overloaded, ReplayError,
+    RetryPolicy, SubmitError, SubmitSummary,
 };
 pub use policy::{DestinationPolicy, DestinationRule};
 pub use send::{AttemptClass, AttemptResult, LOOP_HEADER, send, sign};

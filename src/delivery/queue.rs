@@ -27,8 +27,11 @@ struct State<T> {
     consumer: bool,
     /// The store may hold deliveries after `cursor` that are not in `items`.
     on_disk: bool,
-    /// The last sequence number loaded from the store.
+    /// The last sequence number loaded from the store (or handed over right after it was
+    /// stored, see [`JobQueue::hand_over`]).
     cursor: u64,
+    /// The consumer is loading (between [`Next::Load`] and [`JobQueue::loaded`]).
+    loading: bool,
 }
 
 /// Whether the producer that queued an item must start the consumer.
@@ -65,6 +68,7 @@ impl<T> JobQueue<T> {
                 consumer: false,
                 on_disk: false,
                 cursor: 0,
+                loading: false,
             }),
         }
     }
@@ -103,6 +107,7 @@ impl<T> JobQueue<T> {
         }
         if state.on_disk && !state.closed {
             state.on_disk = false;
+            state.loading = true;
             return Next::Load {
                 after: state.cursor,
             };
@@ -115,6 +120,7 @@ impl<T> JobQueue<T> {
     /// more may follow (the load was cut at its limit).
     pub(crate) fn loaded(&self, items: Vec<T>, last: Option<u64>, more: bool) {
         let mut state = self.state();
+        state.loading = false;
         state.items.extend(items);
         if let Some(last) = last {
             state.cursor = state.cursor.max(last);
@@ -124,7 +130,37 @@ impl<T> JobQueue<T> {
 
     /// Asks the consumer to load again (a load that failed).
     pub(crate) fn reload(&self) {
-        self.state().on_disk = true;
+        let mut state = self.state();
+        state.loading = false;
+        state.on_disk = true;
+    }
+
+    /// Hands over an item just stored with sequence number `seq`, so that the consumer need not
+    /// read it back. Callers hand over a webhook's items in the order of their sequence numbers,
+    /// each once it is stored. The item is queued only when the queue holds everything stored
+    /// before it (nothing left to load, no load under way), and the cursor moves to it;
+    /// otherwise it is dropped, the queue is told the store holds more (the next load reads it),
+    /// or it was loaded already. `None` when the queue is closed (the item stays in the store).
+    pub(crate) fn hand_over(&self, seq: u64, item: T) -> Option<Queued> {
+        let mut state = self.state();
+        if state.closed {
+            return None;
+        }
+        if seq > state.cursor {
+            if state.on_disk || state.loading {
+                state.on_disk = true;
+            } else {
+                state.items.push_back(item);
+                state.cursor = seq;
+            }
+        }
+        Some(state.claim_consumer())
+    }
+
+    /// Whether [`JobQueue::hand_over`] would queue an item now rather than leave it to a load.
+    pub(crate) fn takes_hand_over(&self) -> bool {
+        let state = self.state();
+        !state.closed && !state.on_disk && !state.loading
     }
 
     /// The next item if there is one (for draining a closed queue).
@@ -194,6 +230,30 @@ mod tests {
         queue.loaded(Vec::new(), None, false);
         assert_eq!(queue.next(), Next::Stop);
         assert_eq!(queue.stored(), Some(Queued::StartConsumer));
+    }
+
+    #[test]
+    fn items_handed_over_skip_the_load_only_while_nothing_waits_in_the_store() {
+        let queue = JobQueue::new();
+        assert_eq!(queue.hand_over(5, 5), Some(Queued::StartConsumer));
+        assert_eq!(queue.next(), Next::Item(5));
+        // Stored while the queue was behind: left to the load, which reads after 5.
+        assert_eq!(queue.stored(), Some(Queued::Running));
+        assert_eq!(queue.hand_over(7, 7), Some(Queued::Running));
+        assert_eq!(queue.next(), Next::Load { after: 5 });
+        // Handed over while the load runs: left to the next load.
+        assert_eq!(queue.hand_over(9, 9), Some(Queued::Running));
+        queue.loaded(vec![6, 7, 9], Some(9), false);
+        // Loaded already (its hand-over came after the load that read it).
+        assert_eq!(queue.hand_over(8, 8), Some(Queued::Running));
+        assert_eq!(queue.next(), Next::Item(6));
+        assert_eq!(queue.next(), Next::Item(7));
+        assert_eq!(queue.next(), Next::Item(9));
+        assert_eq!(queue.next(), Next::Load { after: 9 });
+        queue.loaded(Vec::new(), None, false);
+        assert_eq!(queue.next(), Next::Stop);
+        assert_eq!(queue.hand_over(10, 10), Some(Queued::StartConsumer));
+        assert_eq!(queue.next(), Next::Item(10));
     }
 
     #[test]

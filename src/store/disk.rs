@@ -20,7 +20,7 @@ use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefiniti
 use tokio::sync::oneshot;
 
 use super::{
-    ByClass, DeliveryRecord, RecordClass, RecordLimits, StoreError, db, decode, encode,
+    ByClass, DeliveryRecord, HandOver, RecordClass, RecordLimits, StoreError, db, decode, encode,
     writer_stopped, written,
 };
 use crate::object::ObjectKey;
@@ -107,9 +107,11 @@ impl Index {
 
 /// One piece of work for the writer thread.
 enum Op {
-    /// Accepted deliveries (webhook and JSON), answered with their sequence numbers once durable.
+    /// Accepted deliveries (webhook and JSON), answered with their sequence numbers once durable
+    /// (after `hand_over` was called with them).
     Append {
         rows: Vec<(ObjectKey, Vec<u8>)>,
+        hand_over: Option<HandOver>,
         reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
     },
     /// A finished delivery: its backlog row (if it has one) removed, its record written.
@@ -205,17 +207,23 @@ impl DiskStore {
             .ok_or_else(writer_stopped)
     }
 
-    /// Stores accepted deliveries; returns their sequence numbers once they are durable.
+    /// Stores accepted deliveries; returns their sequence numbers once they are durable, after
+    /// handing them to `hand_over` (on the writer thread, in the order of the numbers).
     pub(super) async fn append(
         &self,
         deliveries: &[Arc<Delivery>],
+        hand_over: Option<HandOver>,
     ) -> Result<Vec<u64>, StoreError> {
         let rows = deliveries
             .iter()
             .map(|d| (d.webhook.clone(), encode(d)))
             .collect();
         let (reply, answer) = oneshot::channel();
-        self.send(Op::Append { rows, reply })?;
+        self.send(Op::Append {
+            rows,
+            hand_over,
+            reply,
+        })?;
         written(answer).await
     }
 
@@ -366,9 +374,17 @@ impl Writer {
         }
         for op in ops.drain(..) {
             match op {
-                Op::Append { reply, .. } => {
+                Op::Append {
+                    reply, hand_over, ..
+                } => {
                     let answer = match &result {
-                        Ok(()) => Ok(seqs.next().unwrap_or_default()),
+                        Ok(()) => {
+                            let seqs = seqs.next().unwrap_or_default();
+                            if let Some(hand_over) = hand_over {
+                                hand_over(&seqs, &vec![true; seqs.len()]);
+                            }
+                            Ok(seqs)
+                        }
                         Err(e) => Err(StoreError::Database(e.to_string())),
                     };
                     let _ = reply.send(answer);

@@ -54,6 +54,13 @@ async fn written<T>(
     answer.await.map_err(|_| writer_stopped())?
 }
 
+/// Called by a store's writer once the deliveries of one append are committed, before the
+/// append returns: with their sequence numbers and, for each, whether this replica holds it
+/// (always, but in a shared store, where a delivery is held only when it was claimed for this
+/// replica as it was written). Calls follow the order of the sequence numbers, so that the
+/// engine can hand fresh deliveries to their workers without reading them back.
+pub type HandOver = Box<dyn FnOnce(&[u64], &[bool]) + Send>;
+
 /// One finished delivery, as `herald deliveries` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -485,6 +492,24 @@ impl Store {
         }
     }
 
+    /// For a shared store: webhooks whose deliveries no replica has claimed for long (see
+    /// the PostgreSQL store): deleted everywhere, their deliveries are to be dropped.
+    pub async fn orphaned(&self) -> Result<Vec<ObjectKey>, StoreError> {
+        match &self.backend {
+            Backend::Postgres(store) => store.orphaned().await,
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// For a shared store: the webhooks named by notifications since the last call (empty
+    /// when the wakeup came without names: look at every webhook).
+    pub fn take_notified(&self) -> Vec<ObjectKey> {
+        match &self.backend {
+            Backend::Postgres(store) => store.take_notified(),
+            _ => Vec::new(),
+        }
+    }
+
     /// For a shared store: each webhook's backlog as `(webhook, deliveries, claimable now)`.
     pub async fn waiting(&self) -> Result<Vec<(ObjectKey, usize, usize)>, StoreError> {
         match &self.backend {
@@ -550,10 +575,19 @@ impl Store {
     /// one write. A memory store keeps nothing here (the engine's queues hold its backlog) and
     /// numbers nothing.
     pub async fn append(&self, deliveries: &[Arc<Delivery>]) -> Result<Vec<u64>, StoreError> {
+        self.append_handing_over(deliveries, None).await
+    }
+
+    /// [`Store::append`], calling `hand_over` once the deliveries are kept (see [`HandOver`]).
+    pub async fn append_handing_over(
+        &self,
+        deliveries: &[Arc<Delivery>],
+        hand_over: Option<HandOver>,
+    ) -> Result<Vec<u64>, StoreError> {
         match &self.backend {
             Backend::Memory(_) => Ok(vec![0; deliveries.len()]),
-            Backend::Disk(disk) => disk.append(deliveries).await,
-            Backend::Postgres(store) => store.append(deliveries).await,
+            Backend::Disk(disk) => disk.append(deliveries, hand_over).await,
+            Backend::Postgres(store) => store.append(deliveries, hand_over).await,
         }
     }
 

@@ -17,10 +17,10 @@
 //! One dead webhook holds only its own lease: the others are claimed by whichever replica
 //! takes them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -28,7 +28,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DeliveryRecord, RecordClass, RecordFilter, RecordLimits, StoreError, decode, encode,
+    DeliveryRecord, HandOver, RecordClass, RecordFilter, RecordLimits, StoreError, decode, encode,
     writer_stopped, written,
 };
 use crate::object::ObjectKey;
@@ -118,9 +118,13 @@ fn pg_error(e: &tokio_postgres::Error) -> StoreError {
 
 /// One piece of work for the writer.
 enum Op {
-    /// Accepted deliveries, answered with their row ids once committed.
+    /// Accepted deliveries, answered with their row ids once committed (after `hand_over`
+    /// was called with them). A row whose `claimed` is set is written already claimed by this
+    /// replica (it holds the webhook's lease), so that its worker needs no claim query.
     Append {
         rows: Vec<(String, Vec<u8>)>,
+        claimed: Vec<bool>,
+        hand_over: Option<HandOver>,
         reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
     },
     /// A finished delivery: its row deleted where the claim still matches, then recorded.
@@ -142,6 +146,11 @@ struct Finished {
 /// The claims this replica holds: row id to claim id.
 type Held = Mutex<HashMap<i64, i64>>;
 
+/// The webhooks whose lease this replica holds, each with the time until which it surely holds
+/// it (half a lease after the last successful take or renewal): their new rows are written
+/// already claimed.
+type Owned = Mutex<HashMap<String, Instant>>;
+
 /// The PostgreSQL store.
 pub(super) struct PostgresStore {
     pool: Pool,
@@ -149,6 +158,10 @@ pub(super) struct PostgresStore {
     /// This replica's owner id in the webhook leases.
     owner: i64,
     held: Arc<Held>,
+    owned: Arc<Owned>,
+    /// Webhooks named by notifications since the engine last asked (see
+    /// [`PostgresStore::take_notified`]).
+    notified: Arc<Mutex<HashSet<String>>>,
     writer: mpsc::UnboundedSender<Op>,
     healthy: Arc<AtomicBool>,
     /// Notified when another replica (or this one) commits deliveries.
@@ -204,6 +217,8 @@ impl PostgresStore {
             pool: pool.clone(),
             owner: rand::random::<i64>(),
             held: Arc::default(),
+            owned: Arc::default(),
+            notified: Arc::default(),
             writer,
             healthy: Arc::new(AtomicBool::new(true)),
             wakeup: Arc::new(Notify::new()),
@@ -216,6 +231,9 @@ impl PostgresStore {
                 pool: pool.clone(),
                 healthy: store.healthy.clone(),
                 timeout: store.options.write_timeout,
+                held: store.held.clone(),
+                claim: rand::random::<i64>(),
+                lease: store.options.lease,
                 carried: Vec::new(),
             }
             .run(ops, store.stop.clone()),
@@ -223,6 +241,7 @@ impl PostgresStore {
         tokio::spawn(renew_leases(
             pool.clone(),
             store.held.clone(),
+            store.owned.clone(),
             store.owner,
             store.options.lease,
             store.stop.clone(),
@@ -231,6 +250,7 @@ impl PostgresStore {
             config,
             tls,
             store.wakeup.clone(),
+            store.notified.clone(),
             store.stop.clone(),
         ));
         tokio::spawn(check_health(
@@ -262,17 +282,41 @@ impl PostgresStore {
         self.options.poll_interval
     }
 
+    /// The webhooks named by notifications since the last call.
+    pub(super) fn take_notified(&self) -> Vec<ObjectKey> {
+        let names = std::mem::take(&mut *self.notified.lock().unwrap_or_else(|e| e.into_inner()));
+        names.iter().filter_map(|name| name.parse().ok()).collect()
+    }
+
     /// Stores accepted deliveries in the next shared transaction; their row ids once committed.
+    /// The rows of webhooks whose lease this replica holds are written claimed by it and handed
+    /// to `hand_over` as held.
     pub(super) async fn append(
         &self,
         deliveries: &[Arc<Delivery>],
+        hand_over: Option<HandOver>,
     ) -> Result<Vec<u64>, StoreError> {
-        let rows = deliveries
+        let rows: Vec<(String, Vec<u8>)> = deliveries
             .iter()
             .map(|d| (d.webhook.to_string(), encode(d)))
             .collect();
+        let claimed = match &hand_over {
+            Some(_) => {
+                let owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                rows.iter()
+                    .map(|(webhook, _)| owned.get(webhook).is_some_and(|until| *until > now))
+                    .collect()
+            }
+            None => vec![false; rows.len()],
+        };
         let (reply, answer) = oneshot::channel();
-        self.send(Op::Append { rows, reply })?;
+        self.send(Op::Append {
+            rows,
+            claimed,
+            hand_over,
+            reply,
+        })?;
         written(answer).await
     }
 
@@ -298,8 +342,13 @@ impl PostgresStore {
             .await
             .map_err(|e| pg_error(&e))?;
         if owned.is_none() {
+            self.disown(&name);
             return Ok(Vec::new());
         }
+        self.owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.clone(), Instant::now() + self.options.lease / 2);
         let claim = rand::random::<i64>();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = client
@@ -315,6 +364,7 @@ impl PostgresStore {
             .map_err(|e| pg_error(&e))?;
         if rows.is_empty() {
             // Nothing left to claim: the webhook is free for whichever replica finds more.
+            self.disown(&name);
             client
                 .execute(
                     "DELETE FROM herald_webhook_leases WHERE webhook = $1 AND owner = $2",
@@ -340,6 +390,14 @@ impl PostgresStore {
         }
         found.sort_unstable_by_key(|(id, _)| *id);
         Ok(found)
+    }
+
+    /// Forgets that this replica holds a webhook's lease: its new rows are written unclaimed.
+    fn disown(&self, webhook: &str) {
+        self.owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(webhook);
     }
 
     /// Queues a finished delivery for the next transaction: its row goes only if this replica
@@ -388,6 +446,7 @@ impl PostgresStore {
             held.clear();
             claims.into_iter().collect()
         };
+        self.owned.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let client = self.pool.get().await.map_err(pg)?;
         client
             .execute(
@@ -433,6 +492,29 @@ impl PostgresStore {
             ));
         }
         Ok(out)
+    }
+
+    /// Webhooks whose rows nobody has claimed for ten leases while no replica held the
+    /// webhook's lease: no replica has the webhook (it was deleted everywhere), since one that
+    /// has it claims its rows within a poll.
+    pub(super) async fn orphaned(&self) -> Result<Vec<ObjectKey>, StoreError> {
+        let grace = seconds(self.options.lease * 10);
+        let client = self.pool.get().await.map_err(pg)?;
+        let rows = client
+            .query(
+                "SELECT DISTINCT b.webhook FROM herald_backlog b \
+                 WHERE b.accepted_at < now() - make_interval(secs => $1::float8) \
+                 AND (b.claim_id IS NULL OR b.lease_until < now() - make_interval(secs => $1::float8)) \
+                 AND NOT EXISTS (SELECT 1 FROM herald_webhook_leases l WHERE l.webhook = b.webhook \
+                     AND l.lease_until > now() - make_interval(secs => $1::float8))",
+                &[&grace],
+            )
+            .await
+            .map_err(|e| pg_error(&e))?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| row.get::<_, &str>(0).parse().ok())
+            .collect())
     }
 
     /// Every row of a webhook's backlog after `after`, claimed or not (for tests and tools).
@@ -563,8 +645,26 @@ struct Writer {
     pool: Pool,
     healthy: Arc<AtomicBool>,
     timeout: Duration,
+    /// The claims of this replica, which rows written claimed join.
+    held: Arc<Held>,
+    /// The claim id of every row this replica writes claimed (one id, so that renewing its
+    /// leases names few ids).
+    claim: i64,
+    lease: Duration,
     /// Finishes whose write failed, tried again with the next batch.
     carried: Vec<Finished>,
+}
+
+/// Where a request's row ids (or the failure) go.
+type AppendReply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
+
+/// The appends of one transaction, in the order their requests came.
+#[derive(Default)]
+struct Appends {
+    rows: Vec<(String, Vec<u8>)>,
+    claimed: Vec<bool>,
+    /// Per request: its number of rows, what to hand them to, and whom to answer.
+    requests: Vec<(usize, Option<HandOver>, AppendReply)>,
 }
 
 impl Writer {
@@ -589,21 +689,33 @@ impl Writer {
 
     /// Writes a batch in one transaction and answers whoever waits for it.
     async fn commit(&mut self, batch: &mut Vec<Op>) {
-        let mut appends = Vec::new();
-        let mut replies = Vec::new();
+        let mut appends = Appends::default();
         let mut flushes = Vec::new();
         let mut finishes = std::mem::take(&mut self.carried);
         for op in batch.drain(..) {
             match op {
-                Op::Append { rows, reply } => {
-                    replies.push((reply, rows.len()));
-                    appends.extend(rows);
+                Op::Append {
+                    rows,
+                    claimed,
+                    hand_over,
+                    reply,
+                } => {
+                    appends.requests.push((rows.len(), hand_over, reply));
+                    appends.rows.extend(rows);
+                    appends.claimed.extend(claimed);
                 }
                 Op::Finish(finished) => finishes.push(finished),
                 Op::Flush(reply) => flushes.push(reply),
             }
         }
-        let result = tokio::time::timeout(self.timeout, write(&self.pool, &appends, &finishes))
+        let claim = self.claim;
+        let claims: Vec<Option<i64>> = appends
+            .claimed
+            .iter()
+            .map(|claimed| claimed.then_some(claim))
+            .collect();
+        let written = write(&self.pool, &appends.rows, &claims, self.lease, &finishes);
+        let result = tokio::time::timeout(self.timeout, written)
             .await
             .unwrap_or_else(|_| {
                 Err(StoreError::Database(format!(
@@ -614,9 +726,23 @@ impl Writer {
         self.healthy.store(result.is_ok(), Ordering::Release);
         match result {
             Ok(ids) => {
+                {
+                    let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+                    for (id, claim) in ids.iter().zip(&claims) {
+                        if let (Some(claim), Ok(id)) = (claim, i64::try_from(*id)) {
+                            held.insert(id, *claim);
+                        }
+                    }
+                }
                 let mut ids = ids.into_iter();
-                for (reply, count) in replies {
-                    let _ = reply.send(Ok(ids.by_ref().take(count).collect()));
+                let mut claimed = appends.claimed.into_iter();
+                for (count, hand_over, reply) in appends.requests {
+                    let ids: Vec<u64> = ids.by_ref().take(count).collect();
+                    let claimed: Vec<bool> = claimed.by_ref().take(count).collect();
+                    if let Some(hand_over) = hand_over {
+                        hand_over(&ids, &claimed);
+                    }
+                    let _ = reply.send(Ok(ids));
                 }
                 for reply in flushes {
                     let _ = reply.send(Ok(()));
@@ -624,7 +750,7 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!("delivery store: a write failed: {e}");
-                for (reply, _) in replies {
+                for (_, _, reply) in appends.requests {
                     let _ = reply.send(Err(StoreError::Database(e.to_string())));
                 }
                 for reply in flushes {
@@ -639,100 +765,157 @@ impl Writer {
     }
 }
 
-/// One transaction: the appends (their row ids returned in order), the finishes (rows deleted
-/// where the claim matches, records written for those and for deliveries without a row), and
-/// one notification per webhook with new rows.
+/// One transaction: the appends (their row ids returned in order; a row with a claim written
+/// claimed by it, with a lease), the finishes (rows deleted where the claim matches, records
+/// written for those and for deliveries without a row), and one notification per webhook with
+/// new unclaimed rows. Statements are prepared once per connection, and the insert, the
+/// notification and the delete are sent together (pipelined on the connection), so a
+/// transaction costs four round trips: begin, those three, the records, commit.
 async fn write(
     pool: &Pool,
     appends: &[(String, Vec<u8>)],
+    claims: &[Option<i64>],
+    lease: Duration,
     finishes: &[Finished],
 ) -> Result<Vec<u64>, StoreError> {
     let mut client = pool.get().await.map_err(pg)?;
     let txn = client.transaction().await.map_err(|e| pg_error(&e))?;
-    let mut ids = Vec::new();
-    if !appends.is_empty() {
-        let webhooks: Vec<&str> = appends.iter().map(|(w, _)| w.as_str()).collect();
-        let bodies: Vec<&[u8]> = appends.iter().map(|(_, b)| b.as_slice()).collect();
-        let count = i64::try_from(appends.len()).unwrap_or(i64::MAX);
-        // Ids taken first, so that each request gets its own in order.
-        let rows = txn
-            .query(
-                "SELECT nextval('herald_backlog_id_seq') FROM generate_series(1::bigint, $1::bigint)",
-                &[&count],
-            )
-            .await
-            .map_err(|e| pg_error(&e))?;
-        let taken: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-        txn.execute(
-            "INSERT INTO herald_backlog (id, webhook, body) \
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[])",
-            &[&taken, &webhooks, &bodies],
-        )
-        .await
-        .map_err(|e| pg_error(&e))?;
-        let mut distinct: Vec<&str> = webhooks.clone();
-        distinct.sort_unstable();
-        distinct.dedup();
-        txn.execute(
-            "SELECT pg_notify($1, w) FROM unnest($2::text[]) AS w",
-            &[&CHANNEL, &distinct],
-        )
-        .await
-        .map_err(|e| pg_error(&e))?;
-        ids = taken
-            .into_iter()
-            .map(|id| u64::try_from(id).unwrap_or_default())
-            .collect();
-    }
-    if !finishes.is_empty() {
-        let (rows, claims): (Vec<i64>, Vec<Option<i64>>) =
-            finishes.iter().filter_map(|f| f.row).unzip();
-        let mut deleted = std::collections::HashSet::new();
-        if !rows.is_empty() {
-            let gone = txn
-                .query(
-                    "DELETE FROM herald_backlog b USING unnest($1::bigint[], $2::bigint[]) AS f(id, claim) \
-                     WHERE b.id = f.id AND b.claim_id IS NOT DISTINCT FROM f.claim RETURNING b.id",
-                    &[&rows, &claims],
-                )
-                .await
-                .map_err(|e| pg_error(&e))?;
-            deleted.extend(gone.iter().map(|r| r.get::<_, i64>(0)));
-        }
-        // One record per id (a replay finishing twice in a batch keeps the last).
-        let mut records: BTreeMap<&str, &Finished> = BTreeMap::new();
-        for finished in finishes {
-            match finished.row {
-                Some((row, _)) if !deleted.contains(&row) => {
-                    tracing::warn!(
-                        delivery = %finished.id, webhook = %finished.webhook,
-                        "finish refused: this replica's claim on the delivery was lost (its lease ran out and another replica took it over)"
-                    );
-                }
-                _ => {
-                    records.insert(finished.id.as_str(), finished);
-                }
-            }
-        }
-        if !records.is_empty() {
-            let ids: Vec<&str> = records.keys().copied().collect();
-            let webhooks: Vec<&str> = records.values().map(|f| f.webhook.as_str()).collect();
-            let classes: Vec<i16> = records.values().map(|f| f.class).collect();
-            let outcomes: Vec<&str> = records.values().map(|f| f.outcome).collect();
-            let bodies: Vec<&[u8]> = records.values().map(|f| f.body.as_slice()).collect();
-            txn.execute(
-                "INSERT INTO herald_records (id, webhook, class, outcome, body) \
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::text[], $5::bytea[]) \
-                 ON CONFLICT (id) DO UPDATE SET webhook = excluded.webhook, class = excluded.class, \
-                 outcome = excluded.outcome, body = excluded.body",
-                &[&ids, &webhooks, &classes, &outcomes, &bodies],
-            )
-            .await
-            .map_err(|e| pg_error(&e))?;
-        }
-    }
+    let (ids, deleted) = futures::try_join!(
+        insert_rows(&txn, appends, claims, lease),
+        delete_finished(&txn, finishes),
+    )?;
+    insert_records(&txn, finishes, &deleted).await?;
     txn.commit().await.map_err(|e| pg_error(&e))?;
     Ok(ids)
+}
+
+/// A statement prepared once per pooled connection.
+async fn prepared(
+    txn: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+) -> Result<tokio_postgres::Statement, StoreError> {
+    txn.prepare_cached(sql).await.map_err(|e| pg_error(&e))
+}
+
+/// Inserts accepted deliveries (and notifies the webhooks of the unclaimed ones); their row ids
+/// in order.
+async fn insert_rows(
+    txn: &deadpool_postgres::Transaction<'_>,
+    appends: &[(String, Vec<u8>)],
+    claims: &[Option<i64>],
+    lease: Duration,
+) -> Result<Vec<u64>, StoreError> {
+    if appends.is_empty() {
+        return Ok(Vec::new());
+    }
+    let webhooks: Vec<&str> = appends.iter().map(|(w, _)| w.as_str()).collect();
+    let bodies: Vec<&[u8]> = appends.iter().map(|(_, b)| b.as_slice()).collect();
+    let mut unclaimed: Vec<&str> = webhooks
+        .iter()
+        .zip(claims)
+        .filter(|(_, claim)| claim.is_none())
+        .map(|(webhook, _)| *webhook)
+        .collect();
+    unclaimed.sort_unstable();
+    unclaimed.dedup();
+    // The ids come from the sequence in the order of the rows: PostgreSQL evaluates a volatile
+    // function of the select list after its ORDER BY, so the n-th smallest id returned is the
+    // n-th row's.
+    let insert = prepared(
+        txn,
+        "INSERT INTO herald_backlog (id, webhook, body, claim_id, lease_until) \
+         SELECT nextval('herald_backlog_id_seq'), f.webhook, f.body, f.claim, \
+             CASE WHEN f.claim IS NULL THEN NULL ELSE now() + make_interval(secs => $4::float8) END \
+         FROM unnest($1::text[], $2::bytea[], $3::int8[]) WITH ORDINALITY AS f(webhook, body, claim, n) \
+         ORDER BY f.n RETURNING id",
+    );
+    let notify = prepared(txn, "SELECT pg_notify($1, w) FROM unnest($2::text[]) AS w");
+    let (insert, notify) = futures::try_join!(insert, notify)?;
+    let lease = seconds(lease);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        [&webhooks, &bodies, &claims, &lease];
+    let inserted = txn.query(&insert, &params);
+    let notified = async {
+        if unclaimed.is_empty() {
+            return Ok(0);
+        }
+        txn.execute(&notify, &[&CHANNEL, &unclaimed]).await
+    };
+    let (rows, _) = futures::try_join!(inserted, notified).map_err(|e| pg_error(&e))?;
+    let mut taken: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    taken.sort_unstable();
+    Ok(taken
+        .into_iter()
+        .map(|id| u64::try_from(id).unwrap_or_default())
+        .collect())
+}
+
+/// Deletes the rows of finished deliveries where this replica's claim still holds; the ids
+/// deleted.
+async fn delete_finished(
+    txn: &deadpool_postgres::Transaction<'_>,
+    finishes: &[Finished],
+) -> Result<HashSet<i64>, StoreError> {
+    let (rows, claims): (Vec<i64>, Vec<Option<i64>>) =
+        finishes.iter().filter_map(|f| f.row).unzip();
+    if rows.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let delete = prepared(
+        txn,
+        "DELETE FROM herald_backlog b USING unnest($1::bigint[], $2::bigint[]) AS f(id, claim) \
+         WHERE b.id = f.id AND b.claim_id IS NOT DISTINCT FROM f.claim RETURNING b.id",
+    )
+    .await?;
+    let gone = txn
+        .query(&delete, &[&rows, &claims])
+        .await
+        .map_err(|e| pg_error(&e))?;
+    Ok(gone.iter().map(|r| r.get::<_, i64>(0)).collect())
+}
+
+/// Records the finished deliveries whose row was deleted (or that had none); a finish whose
+/// claim was lost is refused.
+async fn insert_records(
+    txn: &deadpool_postgres::Transaction<'_>,
+    finishes: &[Finished],
+    deleted: &HashSet<i64>,
+) -> Result<(), StoreError> {
+    // One record per id (a replay finishing twice in a batch keeps the last).
+    let mut records: BTreeMap<&str, &Finished> = BTreeMap::new();
+    for finished in finishes {
+        match finished.row {
+            Some((row, _)) if !deleted.contains(&row) => {
+                tracing::warn!(
+                    delivery = %finished.id, webhook = %finished.webhook,
+                    "finish refused: this replica's claim on the delivery was lost (its lease ran out and another replica took it over)"
+                );
+            }
+            _ => {
+                records.insert(finished.id.as_str(), finished);
+            }
+        }
+    }
+    if records.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = records.keys().copied().collect();
+    let webhooks: Vec<&str> = records.values().map(|f| f.webhook.as_str()).collect();
+    let classes: Vec<i16> = records.values().map(|f| f.class).collect();
+    let outcomes: Vec<&str> = records.values().map(|f| f.outcome).collect();
+    let bodies: Vec<&[u8]> = records.values().map(|f| f.body.as_slice()).collect();
+    let record = prepared(
+        txn,
+        "INSERT INTO herald_records (id, webhook, class, outcome, body) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::text[], $5::bytea[]) \
+         ON CONFLICT (id) DO UPDATE SET webhook = excluded.webhook, class = excluded.class, \
+         outcome = excluded.outcome, body = excluded.body",
+    )
+    .await?;
+    txn.execute(&record, &[&ids, &webhooks, &classes, &outcomes, &bodies])
+        .await
+        .map_err(|e| pg_error(&e))?;
+    Ok(())
 }
 
 /// Renews the leases of every claim this replica holds, and of its webhooks, a few times per
@@ -740,6 +923,7 @@ async fn write(
 async fn renew_leases(
     pool: Pool,
     held: Arc<Held>,
+    owned: Arc<Owned>,
     owner: i64,
     lease: Duration,
     stop: CancellationToken,
@@ -757,6 +941,7 @@ async fn renew_leases(
             claims.dedup();
             claims
         };
+        let started = Instant::now();
         let renewed = async {
             let client = pool.get().await.map_err(pg)?;
             let secs = seconds(lease);
@@ -778,11 +963,17 @@ async fn renew_leases(
             }
             Ok::<_, StoreError>(())
         };
-        if let Err(e) = tokio::time::timeout(every, renewed)
+        match tokio::time::timeout(every, renewed)
             .await
             .unwrap_or_else(|_| Err(StoreError::Database("lease renewal timed out".into())))
         {
-            tracing::warn!("cannot renew delivery leases: {e}");
+            Ok(()) => {
+                let until = started + lease / 2;
+                for held_until in owned.lock().unwrap_or_else(|e| e.into_inner()).values_mut() {
+                    *held_until = (*held_until).max(until);
+                }
+            }
+            Err(e) => tracing::warn!("cannot renew delivery leases: {e}"),
         }
     }
 }
@@ -793,6 +984,7 @@ async fn listen(
     config: tokio_postgres::Config,
     tls: MakeRustlsConnect,
     wakeup: Arc<Notify>,
+    notified: Arc<Mutex<HashSet<String>>>,
     stop: CancellationToken,
 ) {
     use futures::StreamExt as _;
@@ -824,7 +1016,13 @@ async fn listen(
                         tokio::select! {
                             () = stop.cancelled() => { driver.abort(); return; }
                             message = received.recv() => match message {
-                                Some(tokio_postgres::AsyncMessage::Notification(_)) => wakeup.notify_one(),
+                                Some(tokio_postgres::AsyncMessage::Notification(note)) => {
+                                    notified
+                                        .lock()
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .insert(note.payload().to_string());
+                                    wakeup.notify_one();
+                                }
                                 Some(_) => {}
                                 None => break,
                             },
