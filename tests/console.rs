@@ -1035,6 +1035,17 @@ async fn the_console_of_herald_run_edits_the_config_folder() {
     browser.find("#spec").await;
     let text = read();
     assert!(text.contains(&moved) && text.contains(password), "{text}");
+    // Auth None: the stored credentials go with their Secret.
+    browser.goto("/webhooks").await;
+    browser.click("#row-default-ops .modify").await;
+    browser.select("#auth", "None").await;
+    browser.click("#submit").await;
+    browser.find("#spec").await;
+    let text = read();
+    assert!(
+        !text.contains(password) && !text.contains("kind: Secret"),
+        "{text}"
+    );
     browser.goto("/webhooks").await;
     browser.click("#row-default-ops .delete").await;
     browser.click("#confirm-delete").await;

@@ -266,6 +266,21 @@ impl Backend for ClusterBackend {
                 .await
                 .map_err(api_error)?;
         }
+        if save.webhook.spec.auth.kind == crate::crd::AuthType::None {
+            // Credentials the webhook no longer uses go with their Secret, when the webhook owns it.
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+            if let Some(existing) = secrets
+                .get_opt(&secret_name(&name))
+                .await
+                .map_err(api_error)?
+                && owned_by(&existing.metadata, &stored)
+            {
+                secrets
+                    .delete(&secret_name(&name), &DeleteParams::default())
+                    .await
+                    .map_err(api_error)?;
+            }
+        }
         let conditions: Api<NotificationCondition> = Api::namespaced(client, &namespace);
         let condition = condition_name(&name);
         match save.condition {

@@ -298,7 +298,9 @@ impl Backend for FolderBackend {
             )));
         }
         // The Secret stays where it is unless new credentials replace it.
-        let kept_secret: Option<Value> = if save.credentials.is_none() {
+        let kept_secret: Option<Value> = if save.credentials.is_none()
+            && save.webhook.spec.auth.kind != crate::crd::AuthType::None
+        {
             self.documents_of("Secret", &namespace, &secret_name(&name))?
         } else {
             None
