@@ -5,11 +5,12 @@
 //! and Simplified Chinese, under `docs/console/`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fantoccini::{Client, Locator};
 use herald::crd::Webhook;
+use herald_testkit::process::Process;
 use herald_testkit::{cli, cluster, process, sink};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
@@ -35,10 +36,13 @@ fn find_program(names: &[&str]) -> PathBuf {
 /// A headless Chromium session through chromedriver; every page source it saw is kept so
 /// tests can check what never appears in one.
 struct Browser {
-    driver: Child,
+    /// chromedriver, stopped when the browser is dropped.
+    _driver: Process,
     client: Client,
     base: String,
     sources: Vec<String>,
+    /// The driver's log (after `driver`: removed once the driver has stopped).
+    _dir: tempfile::TempDir,
 }
 
 impl Browser {
@@ -46,12 +50,15 @@ impl Browser {
         let chromedriver = find_program(&["chromedriver"]);
         let chromium = find_program(&["chromium", "chromium-browser"]);
         let port = process::free_port();
-        let driver = Command::new(chromedriver)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn chromedriver");
+        let mut command = Command::new(chromedriver);
+        command.arg(format!("--port={port}"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let driver = Process::spawn(
+            "chromedriver",
+            command,
+            &dir.path().join("chromedriver.log"),
+        )
+        .expect("spawn chromedriver");
         let mut capabilities = serde_json::Map::new();
         capabilities.insert(
             "goog:chromeOptions".into(),
@@ -81,10 +88,11 @@ impl Browser {
             }
         };
         Browser {
-            driver,
+            _driver: driver,
             client,
             base: base.trim_end_matches('/').to_string(),
             sources: Vec::new(),
+            _dir: dir,
         }
     }
 
@@ -225,13 +233,6 @@ impl Browser {
                 "a page showed a stored credential:\n{source}"
             );
         }
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
     }
 }
 
