@@ -384,11 +384,11 @@ impl EngineContext {
         report: DeliveryReport,
         delivery: &Arc<Delivery>,
         seq: Option<u64>,
-        webhook_metrics: Option<&WebhookMetrics>,
+        metrics: Option<&WebhookMetrics>,
     ) {
-        match (report.outcome, webhook_metrics) {
-            (ReportOutcome::Succeeded, Some(webhook_metrics)) => {
-                webhook_metrics.succeeded.inc();
+        match (report.outcome, metrics) {
+            (ReportOutcome::Succeeded, Some(metrics)) => {
+                metrics.succeeded.inc();
             }
             _ => self
                 .metrics
@@ -1305,7 +1305,7 @@ async fn load_backlog(shared: &EngineContext, worker: &WorkerState, after: u64) 
 /// when there is nothing left (the next delivery accepted starts a new task) or when the
 /// webhook goes away or Herald stops.
 async fn run_worker(shared: Arc<EngineContext>, worker: Arc<WorkerState>) {
-    let webhook_metrics = worker.metrics(&shared);
+    let metrics = worker.metrics(&shared);
     let mut breaker = Breaker {
         failures: worker.failures.load(Ordering::Relaxed),
     };
@@ -1320,16 +1320,7 @@ async fn run_worker(shared: Arc<EngineContext>, worker: Arc<WorkerState>) {
                         // space of the send future inside it is never kept for an idle webhook.
                         let message = job.delivery.clone();
                         let jobs = [job];
-                        if deliver(
-                            &shared,
-                            webhook_metrics,
-                            &worker,
-                            &message,
-                            &jobs,
-                            &mut breaker,
-                        )
-                        .await
-                        {
+                        if deliver(&shared, metrics, &worker, &message, &jobs, &mut breaker).await {
                             worker.release_place(&shared);
                         }
                         worker.failures.store(breaker.failures, Ordering::Relaxed);
@@ -1372,16 +1363,7 @@ async fn run_worker(shared: Arc<EngineContext>, worker: Arc<WorkerState>) {
                 None => continue,
             },
         };
-        if deliver(
-            &shared,
-            webhook_metrics,
-            &worker,
-            &message,
-            &jobs,
-            &mut breaker,
-        )
-        .await
-        {
+        if deliver(&shared, metrics, &worker, &message, &jobs, &mut breaker).await {
             for _ in &jobs {
                 worker.release_place(&shared);
             }
@@ -1498,12 +1480,12 @@ fn report_all(
     report: DeliveryReport,
     message: &Arc<Delivery>,
     jobs: &[Job],
-    webhook_metrics: Option<&WebhookMetrics>,
+    metrics: Option<&WebhookMetrics>,
 ) {
     if let [job] = jobs
         && Arc::ptr_eq(&job.delivery, message)
     {
-        shared.report(report, message, job.seq, webhook_metrics);
+        shared.report(report, message, job.seq, metrics);
         return;
     }
     let merged = format!(
@@ -1523,7 +1505,7 @@ fn report_all(
         } else {
             format!("{}; {merged}", own.message)
         };
-        shared.report(own, part, job.seq, webhook_metrics);
+        shared.report(own, part, job.seq, metrics);
     }
 }
 
@@ -1539,7 +1521,7 @@ fn leave_or_drop_all(shared: &EngineContext, jobs: &[Job]) -> bool {
 /// whether it ended (it stays in the store when Herald stops first).
 async fn deliver(
     shared: &EngineContext,
-    webhook_metrics: &WebhookMetrics,
+    metrics: &WebhookMetrics,
     worker: &WorkerState,
     delivery: &Arc<Delivery>,
     jobs: &[Job],
@@ -1568,9 +1550,7 @@ async fn deliver(
             return leave_or_drop_all(shared, jobs);
         }
         let result = send(&current, delivery).await;
-        webhook_metrics
-            .duration
-            .observe(result.latency.as_secs_f64());
+        metrics.duration.observe(result.latency.as_secs_f64());
         let was_open = breaker.is_open();
         breaker.record(result.class);
         export_breaker(shared, &delivery.webhook, was_open, breaker);
@@ -1580,7 +1560,7 @@ async fn deliver(
                 report_after(delivery, attempt, &result),
                 delivery,
                 jobs,
-                Some(webhook_metrics),
+                Some(metrics),
             );
             return true;
         }
@@ -1598,7 +1578,7 @@ async fn deliver(
         if exhausted {
             let mut report = report_after(delivery, attempt, &result);
             report.message = format!("gave up after {attempt} attempts: {}", report.message);
-            report_all(shared, report, delivery, jobs, Some(webhook_metrics));
+            report_all(shared, report, delivery, jobs, Some(metrics));
             return true;
         }
         shared.metrics.delivery(&delivery.webhook, "retried");
