@@ -929,7 +929,15 @@ impl Engine {
                         match (permit, shared) {
                             // A claimed row is this replica's to deliver, room or not: no
                             // load would find it.
-                            (permit, true) => worker.queue.push(job(permit)).ok(),
+                            (permit, true) => match worker.queue.push(job(permit)) {
+                                Ok(queued) => Some(queued),
+                                Err(_) => {
+                                    // The webhook went away here meanwhile: the row returns
+                                    // to the queue once its lease runs out.
+                                    engine.store().let_go(*seq);
+                                    None
+                                }
+                            },
                             (Some(permit), false) => {
                                 worker.queue.hand_over(*seq, job(Some(permit)))
                             }
@@ -1412,6 +1420,12 @@ fn give_up_queued(
 /// when its webhook went away from a memory store. Returns whether it ended.
 fn leave_or_drop(shared: &EngineContext, job: &Job) -> bool {
     if shared.stopping.is_cancelled() || shared.store.is_durable() {
+        // A shared store's claim is let go of (when stopping, all are given back at once).
+        if !shared.stopping.is_cancelled()
+            && let Some(seq) = job.seq
+        {
+            shared.store.let_go(seq);
+        }
         return false;
     }
     shared.dropped(
