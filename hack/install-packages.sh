@@ -2,7 +2,8 @@
 # Install the Debian packages the tests use, only those whose command (or file) is missing:
 # Alertmanager, Prometheus, tinyproxy, PostgreSQL 15, python3-venv, procps, util-linux (unshare), and
 # the test node's parts (buildah, podman, containerd, runc, the CNI plugins, iproute2, iptables, curl,
-# openssl, and gcc with a static libc for the pause image). Part of hack/test; needs root when
+# openssl, and gcc with a static libc for the pause image), and Chromium, chromedriver and a CJK
+# font for the console's browser tests and screenshots. Part of hack/test; needs root when
 # something is missing.
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -13,7 +14,9 @@ for pair in \
   prometheus-alertmanager:prometheus-alertmanager prometheus:prometheus tinyproxy:tinyproxy-bin \
   buildah:buildah podman:podman containerd:containerd runc:runc ip:iproute2 iptables:iptables \
   curl:curl openssl:openssl gcc:gcc pgrep:procps unshare:util-linux /usr/lib/cni/bridge:containernetworking-plugins \
-  /usr/lib/x86_64-linux-gnu/libc.a:libc6-dev /usr/lib/postgresql/15/bin/initdb:postgresql; do
+  /usr/lib/x86_64-linux-gnu/libc.a:libc6-dev /usr/lib/postgresql/15/bin/initdb:postgresql \
+  chromium:chromium chromedriver:chromium-driver \
+  /usr/share/fonts/truetype/wqy/wqy-microhei.ttc:fonts-wqy-microhei; do
   cmd=${pair%%:*} pkg=${pair##*:}
   if [[ $cmd == /* ]]; then [[ -e $cmd ]] && continue; else command -v "$cmd" >/dev/null && continue; fi
   [[ " ${need[*]} " == *" $pkg "* ]] || need+=("$pkg")

@@ -55,54 +55,29 @@ pub struct Alert {
     /// Alertmanager's fingerprint; computed from the labels when absent.
     #[serde(default)]
     pub fingerprint: String,
-    /// The alert as JSON, written once and shared by every delivery that carries it.
-    #[serde(skip)]
-    pub written: WrittenJson,
-    /// What other parts derive from the alert once and share among its deliveries.
+    /// What is derived from the alert once and shared by every delivery that carries it.
     #[serde(skip)]
     pub derived: Derived,
 }
 
-/// An alert written as JSON once, on first use, and shared by every delivery that carries it
-/// (an alert matching ten webhooks is written once, not ten times): whole, and its labels and
-/// annotations alone (the common ones of a one-alert delivery). Never serialized or compared;
-/// a clone starts empty.
+/// What is derived from an alert once, on first use, and shared by every delivery that carries
+/// it (an alert matching ten webhooks is written once, not ten times): the alert as JSON, whole
+/// and its labels and annotations alone (the common ones of a one-alert delivery); and one value
+/// another part keeps with it (the renderer's texts), of which the alert knows nothing. Never
+/// serialized or compared; a clone starts empty.
 #[derive(Default)]
-pub struct WrittenJson {
-    whole: JsonCell,
-    labels: JsonCell,
-    annotations: JsonCell,
+pub struct Derived {
+    json: JsonCell,
+    labels_json: JsonCell,
+    annotations_json: JsonCell,
+    kept: std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>,
 }
-
-impl Clone for WrittenJson {
-    fn clone(&self) -> Self {
-        WrittenJson::default()
-    }
-}
-
-impl PartialEq for WrittenJson {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl std::fmt::Debug for WrittenJson {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("WrittenJson")
-    }
-}
-
-/// A value another part derives from an alert once and shares among every delivery that
-/// carries it (the renderer keeps its texts here), made on first use. The alert only holds it:
-/// it knows nothing of what it is. Never serialized or compared; a clone starts empty.
-#[derive(Default)]
-pub struct Derived(std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>);
 
 impl Derived {
-    /// The derived value of type `T`, made empty by the first call; `None` when a value of
-    /// another type was made first (one part keeps its values here).
+    /// The kept value of type `T`, made empty by the first call; `None` when a value of
+    /// another type was made first (one part keeps its value here).
     pub fn get_or_default<T: std::any::Any + Send + Sync + Default>(&self) -> Option<&T> {
-        self.0.get_or_init(|| Box::<T>::default()).downcast_ref()
+        self.kept.get_or_init(|| Box::<T>::default()).downcast_ref()
     }
 }
 
@@ -154,17 +129,17 @@ impl Alert {
     /// shared by its deliveries). `None` only if it cannot be written (strings and string maps
     /// always can).
     pub fn json(&self) -> Option<&serde_json::value::RawValue> {
-        written_once(&self.written.whole, &AlertFromParts(self))
+        written_once(&self.derived.json, &AlertFromParts(self))
     }
 
     /// The alert's labels as JSON, written once (see [`Alert::json`]).
     pub fn labels_json(&self) -> Option<&serde_json::value::RawValue> {
-        written_once(&self.written.labels, &self.labels)
+        written_once(&self.derived.labels_json, &self.labels)
     }
 
     /// The alert's annotations as JSON, written once (see [`Alert::json`]).
     pub fn annotations_json(&self) -> Option<&serde_json::value::RawValue> {
-        written_once(&self.written.annotations, &self.annotations)
+        written_once(&self.derived.annotations_json, &self.annotations)
     }
 
     /// Fills in the fingerprint from the labels when the sender gave none.
@@ -388,7 +363,6 @@ impl PostableAlert {
             ends_at,
             generator_url: self.generator_url.unwrap_or_default(),
             fingerprint: String::new(),
-            written: WrittenJson::default(),
             derived: Derived::default(),
         };
         alert.ensure_fingerprint();
@@ -654,6 +628,22 @@ pub fn parse_any(body: &[u8], now: k8s_openapi::jiff::Timestamp) -> Result<Alert
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn derived_values_are_kept_once_and_never_cloned() {
+        let alert = Alert::test(&ObjectKey::new("ns", "wh"), "2026-11-25T10:00:00Z");
+        let first: &std::sync::OnceLock<String> = alert.derived.get_or_default().expect("kept");
+        first.get_or_init(|| "made once".to_string());
+        let again: &std::sync::OnceLock<String> = alert.derived.get_or_default().expect("kept");
+        assert_eq!(again.get().map(String::as_str), Some("made once"));
+        // One kind of value per alert: another type finds the place taken.
+        assert!(alert.derived.get_or_default::<Vec<u8>>().is_none());
+        // A clone starts empty and still compares equal.
+        let copy = alert.clone();
+        let fresh: &std::sync::OnceLock<String> = copy.derived.get_or_default().expect("kept");
+        assert!(fresh.get().is_none());
+        assert_eq!(copy, alert);
+    }
 
     #[test]
     fn alertmanager_payload_parses_and_gets_fingerprints() {

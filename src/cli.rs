@@ -362,6 +362,48 @@ pub struct RunArgs {
     /// Routing and delivery settings.
     #[command(flatten)]
     pub core: CoreArgs,
+    /// Web console settings.
+    #[command(flatten)]
+    pub console: ConsoleArgs,
+}
+
+/// The web console (the WebHook settings page), off unless `--console-listen` is set.
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    /// Serve the web console on this address (off when unset).
+    #[arg(long, env = "HERALD_CONSOLE_LISTEN")]
+    pub console_listen: Option<SocketAddr>,
+    /// `herald run`: a file holding the token that signs in to the console (required with
+    /// --console-listen). In a cluster users sign in with their own Kubernetes token instead.
+    #[arg(long, env = "HERALD_CONSOLE_TOKEN_FILE")]
+    pub console_token_file: Option<PathBuf>,
+}
+
+impl ConsoleArgs {
+    /// Serves `router` on --console-listen until `cancel` fires.
+    async fn serve(
+        &self,
+        herald: &Dispatcher,
+        router: axum::Router,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+        let Some(address) = self.console_listen else {
+            return Ok(None);
+        };
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding the console listener to {address}"))?;
+        let local = listener.local_addr().unwrap_or(address);
+        herald.policy().destinations.add_own_listener(local);
+        tracing::info!(address = %local, "web console listening");
+        Ok(Some(tokio::spawn(async move {
+            if let Err(e) =
+                receiver::serve(listener, router, async move { cancel.cancelled().await }).await
+            {
+                tracing::error!("console listener: {e}");
+            }
+        })))
+    }
 }
 
 /// Receiver settings shared by `run` and `controller`.
@@ -483,6 +525,9 @@ pub struct ControllerArgs {
     /// Routing and delivery settings.
     #[command(flatten)]
     pub core: CoreArgs,
+    /// Web console settings.
+    #[command(flatten)]
+    pub console: ConsoleArgs,
 }
 
 /// `herald check`.
@@ -698,6 +743,9 @@ fn read_token(path: &Option<PathBuf>, what: &str) -> anyhow::Result<Option<Sensi
 }
 
 async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if args.console.console_listen.is_some() && args.console.console_token_file.is_none() {
+        bail!("--console-listen needs --console-token-file in `herald run`");
+    }
     let herald = args.core.herald(&args.cluster_namespaces, true).await?;
     let mut loader = Loader::new(&args.config);
     let report = loader
@@ -719,6 +767,13 @@ async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
     let cancel = CancellationToken::new();
     let admin = args.core.serve_admin(&herald, cancel.clone()).await?;
     let metrics = args.receiver.serve_metrics(&herald, cancel.clone()).await?;
+    let console = match read_token(&args.console.console_token_file, "console")? {
+        Some(token) if args.console.console_listen.is_some() => {
+            let router = crate::console::folder_router(args.config.clone(), token, herald.clone());
+            args.console.serve(&herald, router, cancel.clone()).await?
+        }
+        _ => None,
+    };
     let watcher = tokio::spawn(standalone::watch(
         loader,
         herald.clone(),
@@ -728,6 +783,9 @@ async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
     serve_receiver(listener, &herald, config, &cancel).await?;
     let _ = watcher.await;
     let _ = admin.await;
+    if let Some(console) = console {
+        let _ = console.await;
+    }
     if let Some(metrics) = metrics {
         let _ = metrics.await;
     }
@@ -916,7 +974,13 @@ async fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
 
 /// A Kubernetes client from a kubeconfig file, or inferred (in-cluster or `~/.kube/config`).
 pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
+    let config = kube_config(kubeconfig).await?;
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Kubernetes client settings from a kubeconfig file, or inferred.
+pub async fn kube_config(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Config> {
+    Ok(match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -927,8 +991,7 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result
         None => kube::Config::infer()
             .await
             .context("finding Kubernetes credentials (in-cluster or ~/.kube/config)")?,
-    };
-    kube::Client::try_from(config).context("building the Kubernetes client")
+    })
 }
 
 fn hostname() -> String {
@@ -940,7 +1003,9 @@ fn hostname() -> String {
 }
 
 async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
-    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let kube_config = kube_config(args.kubeconfig.as_deref()).await?;
+    let client =
+        kube::Client::try_from(kube_config.clone()).context("building the Kubernetes client")?;
     let cluster_namespaces = if args.cluster_namespaces.is_empty() {
         vec![args.namespace.clone()]
     } else {
@@ -951,6 +1016,19 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let cancel = CancellationToken::new();
     let admin = args.core.serve_admin(&herald, cancel.clone()).await?;
     let metrics = args.receiver.serve_metrics(&herald, cancel.clone()).await?;
+    if args.console.console_token_file.is_some() {
+        tracing::warn!(
+            "--console-token-file is for `herald run`; in a cluster users sign in with their own token"
+        );
+    }
+    let console = args
+        .console
+        .serve(
+            &herald,
+            crate::console::cluster_router(kube_config, herald.clone()),
+            cancel.clone(),
+        )
+        .await?;
     // Leadership: true while this replica leads (always, without an election).
     let (leader, leading) = tokio::sync::watch::channel(!args.leader_election);
     let bookmark = crate::controller::leader::EventsBookmark::default();
@@ -989,6 +1067,9 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     serve_receiver(listener, &herald, args.receiver.config()?, &cancel).await?;
     let _ = controller.await;
     let _ = admin.await;
+    if let Some(console) = console {
+        let _ = console.await;
+    }
     if let Some(metrics) = metrics {
         let _ = metrics.await;
     }

@@ -66,7 +66,6 @@ pub fn to_alert(event: &Event) -> Option<Alert> {
         ends_at: String::new(),
         generator_url: String::new(),
         fingerprint: format!("{uid}/{}", occurrences(event)),
-        written: Default::default(),
         derived: Default::default(),
     })
 }

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod alert;
 pub mod chat;
 pub mod cli;
+pub mod console;
 pub mod controller;
 pub mod crd;
 pub mod delivery;

@@ -57,7 +57,7 @@ impl Default for ReceiverConfig {
 
 #[derive(Clone)]
 struct AppState {
-    herald: Dispatcher,
+    dispatcher: Dispatcher,
     config: ReceiverConfig,
     token_file: std::sync::Arc<std::sync::Mutex<TokenFile>>,
 }
@@ -104,7 +104,7 @@ impl AppState {
 }
 
 /// The receiver's router.
-pub fn router(herald: Dispatcher, config: ReceiverConfig) -> Router {
+pub fn router(dispatcher: Dispatcher, config: ReceiverConfig) -> Router {
     let timeout = config.request_timeout;
     let router = Router::new()
         .route("/api/v1/alerts", post(alertmanager_v1))
@@ -123,18 +123,18 @@ pub fn router(herald: Dispatcher, config: ReceiverConfig) -> Router {
             timeout,
         ))
         .with_state(AppState {
-            herald,
+            dispatcher,
             config,
             token_file: Default::default(),
         })
 }
 
 /// A router serving only `/metrics` (for a listener of its own).
-pub fn metrics_router(herald: Dispatcher) -> Router {
+pub fn metrics_router(dispatcher: Dispatcher) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .with_state(AppState {
-            herald,
+            dispatcher,
             config: ReceiverConfig::default(),
             token_file: Default::default(),
         })
@@ -158,13 +158,13 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if !state.herald.engine().store().is_healthy() {
+    if !state.dispatcher.engine().store().is_healthy() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "the delivery store's database does not answer",
         )
             .into_response()
-    } else if state.herald.is_ready() {
+    } else if state.dispatcher.is_ready() {
         (StatusCode::OK, "ok").into_response()
     } else {
         (
@@ -180,7 +180,7 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("application/openmetrics-text"));
-    let metrics = state.herald.metrics();
+    let metrics = state.dispatcher.metrics();
     if openmetrics {
         (
             [(
@@ -244,6 +244,32 @@ fn is_json(headers: &HeaderMap) -> bool {
         .unwrap_or(false)
 }
 
+/// A request the receiver refuses: the reason it is counted under, and the answer (boxed:
+/// refusals are rare, and a small error keeps the steps' results small).
+struct Refusal {
+    reason: &'static str,
+    response: Box<Response>,
+}
+
+impl Refusal {
+    fn new(reason: &'static str, status: StatusCode, message: impl Into<String>) -> Self {
+        Refusal {
+            reason,
+            response: Box::new(error(status, message)),
+        }
+    }
+
+    fn too_large(limit: usize) -> Self {
+        Refusal::new(
+            "too_large",
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body larger than {limit} bytes"),
+        )
+    }
+}
+
+/// Receives a batch of alerts: checks the request, reads and parses its body within the
+/// limits, and hands the batch to the dispatcher, answering once its deliveries are kept.
 async fn receive(
     state: AppState,
     request: Request,
@@ -251,99 +277,103 @@ async fn receive(
     root: &'static str,
     parse: impl FnOnce(&[u8]) -> Result<AlertBatch, ParseError>,
 ) -> Response {
-    let metrics = state.herald.metrics().clone();
     let (parts, body): (_, Body) = request.into_parts();
+    let received = async {
+        check_request(&state, &parts.headers)?;
+        let bytes = read_body(body, state.config.body_limit).await?;
+        let (batch, refused) = parse(&bytes)
+            .and_then(|mut batch| {
+                let refused = batch.admit(&state.config.payload, root)?;
+                Ok((batch, refused))
+            })
+            .map_err(|err| Refusal {
+                reason: "invalid_payload",
+                response: Box::new(
+                    (
+                        StatusCode::BAD_REQUEST,
+                        axum::Json(json!({ "error": err.message, "path": err.path })),
+                    )
+                        .into_response(),
+                ),
+            })?;
+        dispatch(&state, batch, endpoint, &refused).await
+    };
+    match received.await {
+        Ok(response) => response,
+        Err(Refusal { reason, response }) => {
+            state.dispatcher.metrics().rejected(reason);
+            *response
+        }
+    }
+}
+
+/// Refuses a request without the bearer token (when one is required), that is not JSON, or
+/// that says its body is over the limit.
+fn check_request(state: &AppState, headers: &HeaderMap) -> Result<(), Refusal> {
     if let Some(token) = state.expected_token()
-        && !authorized(&parts.headers, &token)
+        && !authorized(headers, &token)
     {
-        metrics.rejected("unauthorized");
-        let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-        response.headers_mut().insert(
+        let mut refusal = Refusal::new(
+            "unauthorized",
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token",
+        );
+        refusal.response.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             header::HeaderValue::from_static("Bearer"),
         );
-        return response;
+        return Err(refusal);
     }
-    if !is_json(&parts.headers) {
-        metrics.rejected("unsupported_media_type");
-        return error(
+    if !is_json(headers) {
+        return Err(Refusal::new(
+            "unsupported_media_type",
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Content-Type must be application/json",
-        );
+        ));
     }
     let limit = state.config.body_limit;
-    let declared = parts
-        .headers
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        metrics.rejected("too_large");
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("body larger than {limit} bytes"),
-        );
+        return Err(Refusal::too_large(limit));
     }
-    let bytes = match axum::body::to_bytes(body, limit).await {
-        Ok(bytes) => bytes,
-        Err(err) => {
-            let too_large = std::error::Error::source(&err)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                metrics.rejected("too_large");
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("body larger than {limit} bytes"),
-                );
-            }
-            metrics.rejected("body_read");
-            return error(StatusCode::BAD_REQUEST, format!("cannot read body: {err}"));
-        }
-    };
-    let (batch, refused) = match parse(&bytes).and_then(|mut batch| {
-        let refused = batch.admit(&state.config.payload, root)?;
-        Ok((batch, refused))
-    }) {
-        Ok(parsed) => parsed,
-        Err(err) => {
-            metrics.rejected("invalid_payload");
-            return (
+    Ok(())
+}
+
+/// Reads a request body of at most `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, Refusal> {
+    axum::body::to_bytes(body, limit).await.map_err(|err| {
+        let too_large = std::error::Error::source(&err)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            Refusal::too_large(limit)
+        } else {
+            Refusal::new(
+                "body_read",
                 StatusCode::BAD_REQUEST,
-                axum::Json(json!({ "error": err.message, "path": err.path })),
+                format!("cannot read body: {err}"),
             )
-                .into_response();
         }
-    };
+    })
+}
+
+/// Hands a parsed batch to the dispatcher (waiting a little for room when Herald is full) and
+/// answers for it: 200 with the deliveries made, 400 naming the alerts refused while parsing
+/// (the others are taken), or 503 when none of it could be kept.
+async fn dispatch(
+    state: &AppState,
+    batch: AlertBatch,
+    endpoint: &'static str,
+    refused: &[ParseError],
+) -> Result<Response, Refusal> {
     let accepted = batch.alerts.len();
-    match state
-        .herald
+    let summary = state
+        .dispatcher
         .dispatch_within(batch, WebhookType::Alarms, state.config.overload_wait)
         .await
-    {
-        Ok(summary) => {
-            metrics
-                .alerts_received
-                .get_or_create(&crate::metrics::EndpointLabels {
-                    endpoint: endpoint.to_string(),
-                })
-                .inc_by(accepted as u64);
-            if !refused.is_empty() {
-                // As Alertmanager's API v2 answers: the valid alerts are taken, and the answer
-                // is 400 naming each refused one (a sender does not retry a 4xx, and sending
-                // the taken alerts again would only repeat them).
-                metrics.rejected("invalid_alert");
-                return refused_alerts(accepted, summary, &refused);
-            }
-            (
-                StatusCode::OK,
-                axum::Json(json!({
-                    "accepted": accepted,
-                    "deliveries": summary.queued + summary.dead_letters,
-                })),
-            )
-                .into_response()
-        }
-        Err(refused) => {
+        .map_err(|refused| {
             let reason = match &refused {
                 crate::delivery::SubmitError::Overloaded(_) => "overloaded",
                 crate::delivery::SubmitError::Store(e) => {
@@ -351,15 +381,36 @@ async fn receive(
                     "store"
                 }
             };
-            metrics.rejected(reason);
-            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, refused.to_string());
-            response.headers_mut().insert(
+            let mut refusal =
+                Refusal::new(reason, StatusCode::SERVICE_UNAVAILABLE, refused.to_string());
+            refusal.response.headers_mut().insert(
                 header::RETRY_AFTER,
                 header::HeaderValue::from(state.config.retry_after_seconds),
             );
-            response
-        }
+            refusal
+        })?;
+    let metrics = state.dispatcher.metrics();
+    metrics
+        .alerts_received
+        .get_or_create(&crate::metrics::EndpointLabels {
+            endpoint: endpoint.to_string(),
+        })
+        .inc_by(accepted as u64);
+    if !refused.is_empty() {
+        // As Alertmanager's API v2 answers: the valid alerts are taken, and the answer is 400
+        // naming each refused one (a sender does not retry a 4xx, and sending the taken alerts
+        // again would only repeat them).
+        metrics.rejected("invalid_alert");
+        return Ok(refused_alerts(accepted, summary, refused));
     }
+    Ok((
+        StatusCode::OK,
+        axum::Json(json!({
+            "accepted": accepted,
+            "deliveries": summary.queued + summary.dead_letters,
+        })),
+    )
+        .into_response())
 }
 
 /// The 400 for a request some of whose alerts were refused: how many were taken, and each

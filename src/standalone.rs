@@ -64,7 +64,8 @@ pub struct Manifests {
     pub errors: Vec<ManifestError>,
 }
 
-fn manifest_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// The manifest files below `dir` (`.yaml`, `.yml`, `.json`, hidden entries skipped), in name order.
+pub fn manifest_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {

@@ -1340,8 +1340,8 @@ const HANG: u8 = 2;
 
 /// A plain-HTTP proxy in front of the shared API server that lets everything through (with the
 /// admin client's credentials; the controller's impersonation header goes along) except GETs
-/// of single objects below `secrets_path`, which it fails with 500 or holds while `fault` says so. Returns a
-/// kubeconfig for it that impersonates Herald's ServiceAccount.
+/// of single objects below `secrets_path`, which it fails with 500 or holds while `fault` says
+/// so. Returns a kubeconfig for it that impersonates Herald's ServiceAccount.
 async fn faulty_api_proxy(
     fault: std::sync::Arc<std::sync::atomic::AtomicU8>,
     secrets_path: String,
@@ -1503,31 +1503,35 @@ async fn an_unreadable_secret_shows_in_status_is_retried_and_stalls_no_other_web
     apply(&format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: other-auth, namespace: {ns}}}\nstringData: {{token: the-other-token}}\n"
     ));
-    apply(&webhook(
-        ns,
-        "held",
-        &format!(
-            "{{url: '{}', auth: {{type: Bearer, secretRef: {{name: other-auth}}}}}}",
-            sink.url()
-        ),
-    ));
+    // Two webhooks wait for the same read.
+    for name in ["held", "held-too"] {
+        apply(&webhook(
+            ns,
+            name,
+            &format!(
+                "{{url: '{}', auth: {{type: Bearer, secretRef: {{name: other-auth}}}}}}",
+                sink.url()
+            ),
+        ));
+    }
     apply(&webhook(ns, "plain", &format!("{{url: '{}'}}", sink.url())));
     wait_webhook(&client, ns, "plain", "Ready", |w| {
         ready_is(w, "True", "Ready")
     })
     .await;
     let api: Api<Webhook> = Api::namespaced(client.clone(), ns);
-    let held = api.get("held").await.expect("get");
-    assert!(
-        held.status.is_none_or(|s| s.observed_generation.is_none()),
-        "the held webhook was reconciled before its Secret could be read"
-    );
+    for name in ["held", "held-too"] {
+        let held = api.get(name).await.expect("get");
+        assert!(
+            held.status.is_none_or(|s| s.observed_generation.is_none()),
+            "{name} was reconciled before its Secret could be read"
+        );
+    }
     fault.store(PASS, Ordering::SeqCst);
-    wait_webhook(&client, ns, "held", "Ready", |w| {
-        ready_is(w, "True", "Ready")
-    })
-    .await;
+    for name in ["held", "held-too"] {
+        wait_webhook(&client, ns, name, "Ready", |w| ready_is(w, "True", "Ready")).await;
+    }
     controller
-        .post_until_delivered(json!({"alertname": "A"}), 3)
+        .post_until_delivered(json!({"alertname": "A"}), 4)
         .await;
 }

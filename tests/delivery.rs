@@ -245,12 +245,8 @@ async fn retries_stop_after_the_attempt_limit() {
 
 #[tokio::test]
 async fn unreachable_endpoint_fails_with_a_connection_error() {
-    // Bind and drop a listener to get a port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    // A port nobody listens on.
+    let port = herald_testkit::process::free_port();
     let (herald, reports) = core();
     apply(
         &herald,

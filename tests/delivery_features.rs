@@ -10,16 +10,16 @@
 //! Missing peers (the venv, tinyproxy, the control plane) fail the tests with the command that
 //! installs them; nothing here is skipped.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use herald::crd::WebhookType;
 use herald::object::NotReadyReason;
 use herald::outgoing::ReportOutcome;
+use herald_testkit::process::{Process, free_port};
 use herald_testkit::{cli, cluster, core, sink, tinyproxy, tools};
 use serde_json::Value;
 use sink::{Sink, TestPki};
@@ -56,13 +56,11 @@ fn whsec() -> String {
     )
 }
 
-/// `tests/peers/standardwebhooks_sink.py` as a process; killed when dropped. Every request it
-/// records (one JSON object per request) is collected from its stdout.
+/// `tests/peers/standardwebhooks_sink.py` as a process; stopped when dropped. Every request
+/// it records (one JSON object per line) is read back from its output.
 struct VerifyingSink {
-    child: Child,
+    process: Process,
     port: u16,
-    records: Arc<Mutex<Vec<Value>>>,
-    stderr: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -74,7 +72,6 @@ impl VerifyingSink {
         let script =
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/standardwebhooks_sink.py");
         let dir = tempfile::tempdir().expect("tempdir");
-        let stderr = dir.path().join("stderr.log");
         let mut command = Command::new(&python);
         command
             .arg(&script)
@@ -82,55 +79,29 @@ impl VerifyingSink {
         for s in secrets {
             command.args(["--secret", s]);
         }
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", python.display()));
-        let stdout = child.stdout.take().expect("stdout");
-        let records = Arc::new(Mutex::new(Vec::new()));
-        let port = Arc::new(Mutex::new(None));
-        {
-            let (records, port) = (records.clone(), port.clone());
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    let Ok(value) = serde_json::from_str::<Value>(&line) else {
-                        eprintln!("standardwebhooks_sink: unparsable line {line:?}");
-                        continue;
-                    };
-                    if let Some(p) = value["listening"].as_u64() {
-                        *port.lock().expect("port") = Some(p as u16);
-                    } else {
-                        records.lock().expect("records").push(value);
-                    }
-                }
-            });
-        }
-        let mut sink = VerifyingSink {
-            child,
-            port: 0,
-            records,
-            stderr,
-            _dir: dir,
-        };
+        let mut process = Process::spawn("standardwebhooks_sink", command, &dir.path().join("out"))
+            .unwrap_or_else(|e| panic!("{e:#}"));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(p) = *port.lock().expect("port") {
-                sink.port = p;
-                return sink;
+            let announced = json_lines(&process.log())
+                .find_map(|line| line["listening"].as_u64().map(|p| p as u16));
+            if let Some(port) = announced {
+                return VerifyingSink {
+                    process,
+                    port,
+                    _dir: dir,
+                };
             }
-            if let Some(status) = sink.child.try_wait().expect("try_wait") {
+            if let Some(status) = process.exit_status() {
                 panic!(
                     "standardwebhooks_sink exited with {status} (run hack/python-peers.sh?):\n{}",
-                    sink.stderr()
+                    process.log()
                 );
             }
             assert!(
                 Instant::now() < deadline,
                 "standardwebhooks_sink did not announce its port:\n{}",
-                sink.stderr()
+                process.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -140,12 +111,11 @@ impl VerifyingSink {
         format!("http://127.0.0.1:{}/hook", self.port)
     }
 
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
+    /// Every request recorded so far.
     fn records(&self) -> Vec<Value> {
-        self.records.lock().expect("records").clone()
+        json_lines(&self.process.log())
+            .filter(|line| line.get("listening").is_none())
+            .collect()
     }
 
     /// Waits (bounded) until `n` requests were recorded and returns them all.
@@ -160,18 +130,19 @@ impl VerifyingSink {
                 Instant::now() < deadline,
                 "standardwebhooks_sink: {} of {n} request(s) within {timeout:?}: {records:#?}\n{}",
                 records.len(),
-                self.stderr()
+                self.process.log()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
 
-impl Drop for VerifyingSink {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The JSON objects among a peer's output lines (the rest is its own logging).
+fn json_lines(output: &str) -> impl Iterator<Item = Value> + '_ {
+    output
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(Value::is_object)
 }
 
 fn signed_webhook(name: &str, url: &str) -> String {
@@ -653,11 +624,7 @@ async fn an_https_proxy_is_reached_over_tls_for_http_and_https_destinations() {
 #[tokio::test]
 async fn a_dead_proxy_fails_the_delivery_instead_of_going_direct() {
     let sink = Sink::http().await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let dead = free_port();
     let (herald, reports) = core();
     apply(
         &herald,

@@ -222,6 +222,7 @@ async fn slow_loris_heads_are_cut_off_while_other_clients_are_served() {
     // Twenty slow-loris clients, each sending its request head (170 bytes, so 34 s in all) one
     // byte every 200 ms.
     let head = b"POST /api/v1/alerts HTTP/1.1\r\nHost: herald\r\nContent-Type: application/json\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+    assert!(Duration::from_millis(200) * head.len() as u32 > NEVER);
     let mut lorises = Vec::new();
     for _ in 0..20 {
         let stream = TcpStream::connect(addr).await.expect("connect");

@@ -9,11 +9,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use herald_testkit::control_plane;
+use herald_testkit::process::{Process, free_ports};
 use serde_json::{Value, json};
 
 /// The ServiceAccount `deploy/` creates, as the API server names it.
@@ -601,6 +602,14 @@ fn service_account_has_exactly_the_controller_permissions() {
             "-n",
             "team-a",
         ],
+        // NotificationConditions show Ready and the webhooks that use them.
+        &[
+            "patch",
+            "notificationconditions.herald.dev",
+            "--subresource=status",
+            "-n",
+            "team-a",
+        ],
         &["list", "secrets", "--all-namespaces"],
         &["watch", "secrets", "--all-namespaces"],
         &["get", "secrets", "-n", "team-a"],
@@ -637,11 +646,11 @@ fn service_account_has_exactly_the_controller_permissions() {
         ],
         &["patch", "notificationconditions.herald.dev", "-n", "team-a"],
         &[
-            "patch",
+            "update",
             "notificationconditions.herald.dev",
             "--subresource=status",
             "-n",
-            "x",
+            "team-a",
         ],
         // Events through events.k8s.io only, never the core group.
         &["create", "events", "-n", "team-a"],
@@ -682,6 +691,7 @@ fn service_account_has_exactly_the_controller_permissions() {
             &["get", "list", "watch"],
         ),
         ("webhooks.herald.dev/status", &["patch"]),
+        ("notificationconditions.herald.dev/status", &["patch"]),
         ("secrets", &["get", "list", "watch"]),
         (
             "events.events.k8s.io",
@@ -696,21 +706,13 @@ fn service_account_has_exactly_the_controller_permissions() {
 
 /// A running `herald controller`; killed when dropped.
 struct Controller {
-    child: Child,
-    log: PathBuf,
+    process: Process,
     _dir: tempfile::TempDir,
 }
 
 impl Controller {
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.log()
     }
 }
 
@@ -795,13 +797,7 @@ fn controller_runs_with_only_the_service_account_permissions() {
         .expect("deploy/ passes --receiver-token-file")
         + 1;
     args[value] = token_file.to_str().expect("UTF-8 path").to_owned();
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port()
-    };
-    let (port, admin_port, metrics_port) = (free_port(), free_port(), free_port());
+    let [port, admin_port, metrics_port] = free_ports();
     let value = args
         .iter()
         .position(|a| a == "--metrics-listen")
@@ -820,22 +816,15 @@ fn controller_runs_with_only_the_service_account_permissions() {
         "--status-interval".into(),
         "200ms".into(),
     ]);
-    let log = dir.path().join("herald.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_herald"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
+    command
         .args(&args)
         .env("POD_NAMESPACE", "herald")
         .env("POD_NAME", "herald-install-test")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
+        .env("RUST_LOG", "info");
+    let process = Process::spawn("herald controller", command, &dir.path().join("herald.log"))
         .expect("spawning herald controller");
-    let controller = Controller {
-        child,
-        log,
-        _dir: dir,
-    };
+    let controller = Controller { process, _dir: dir };
 
     // Ready means the initial lists of Webhooks, NotificationConditions and Secrets worked.
     wait_for("/readyz", &controller, || {

@@ -213,3 +213,39 @@ pub async fn run(
         release(&api, &config, &bookmark).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_events_resume_point_travels_in_the_lease() {
+        let leader = EventsBookmark::default();
+        leader.set("", "41");
+        leader.set("shop", "42");
+        let mut lease = Lease::default();
+        leader.store(&mut lease);
+
+        let successor = EventsBookmark::default();
+        successor.set("stale", "1");
+        successor.load(&lease);
+        assert_eq!(successor.get(""), Some("41".to_string()));
+        assert_eq!(successor.get("shop"), Some("42".to_string()));
+        assert_eq!(
+            successor.get("stale"),
+            None,
+            "the Lease's points replace its own"
+        );
+        successor.clear("shop");
+        assert_eq!(successor.get("shop"), None);
+
+        // An unreadable annotation counts as no resume point.
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(EVENTS_RESUME_ANNOTATION.to_string(), "not json".to_string());
+        successor.load(&lease);
+        assert_eq!(successor.get(""), None);
+    }
+}

@@ -265,10 +265,15 @@ fn watches(client: &Client, namespaces: &[String]) -> Vec<ChangeStream> {
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
+/// Most reads of Secrets and Webhooks under way at once (a first sync of thousands of Webhooks
+/// must not send thousands of requests at once).
+const READS_AT_ONCE: usize = 16;
+
 /// The API server side: reads done off the event loop, their results sent back into it.
 struct Reader {
     client: Client,
     results: mpsc::UnboundedSender<Change>,
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Reader {
@@ -276,7 +281,9 @@ impl Reader {
     fn secrets(&self, webhook: Box<Webhook>, started: Instant, wanted: Vec<(ObjectKey, u64)>) {
         let client = self.client.clone();
         let results = self.results.clone();
+        let permits = self.permits.clone();
         tokio::spawn(async move {
+            let _permit = permits.acquire_owned().await;
             let mut reads = Vec::with_capacity(wanted.len());
             for (key, epoch) in wanted {
                 let api: Api<Secret> = Api::namespaced(client.clone(), &key.namespace);
@@ -298,8 +305,10 @@ impl Reader {
     fn webhook(&self, key: ObjectKey, delay: Duration) {
         let client = self.client.clone();
         let results = self.results.clone();
+        let permits = self.permits.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
+            let _permit = permits.acquire_owned().await;
             let api: Api<Webhook> = Api::namespaced(client, &key.namespace);
             let read = api.get_opt(&key.name).await.map(|w| w.map(Box::new));
             let _ = results.send(Change::WebhookRead(key, read));
@@ -316,11 +325,13 @@ struct Role {
     events: Option<CancellationToken>,
 }
 
-/// Work under way for Webhooks: reconciles waiting for Secret reads, and failed ones waiting to
-/// be retried (with the number of failures so far).
+/// Work under way for Webhooks: reconciles waiting for Secret reads, the Secret reads under way
+/// (with the reconciles waiting for each besides the one that asked for it), and failed
+/// reconciles waiting to be retried (with the number of failures so far).
 #[derive(Default)]
 struct Pending {
     reading: HashMap<ObjectKey, usize>,
+    secret_reads: HashMap<ObjectKey, Vec<(Box<Webhook>, Instant)>>,
     retries: HashMap<ObjectKey, u32>,
     tests_in_flight: Arc<std::sync::Mutex<std::collections::HashSet<(ObjectKey, String)>>>,
 }
@@ -464,20 +475,44 @@ impl Controller {
     /// is known, or else after reading them off the loop.
     fn reconcile(&mut self, webhook: Box<Webhook>, started: Instant) {
         let Some(key) = key_of(&*webhook) else { return };
-        let wanted: Vec<(ObjectKey, u64)> = referenced_secrets(&webhook.spec)
+        let wanted: Vec<ObjectKey> = referenced_secrets(&webhook.spec)
             .into_iter()
             .map(|name| ObjectKey::new(key.namespace.clone(), name))
             .filter(|secret| self.index.secret(secret).is_none())
-            .map(|secret| {
-                let epoch = self.index.secret_epoch(&secret);
-                (secret, epoch)
-            })
             .collect();
-        if wanted.is_empty() {
+        let Some(first) = wanted.first().cloned() else {
             self.apply(&key, &webhook, started);
+            return;
+        };
+        *self.pending.reading.entry(key).or_default() += 1;
+        // A Secret already being read (for another Webhook) is read once: this reconcile
+        // waits for that read when it needs nothing else.
+        let mut to_read: Vec<(ObjectKey, u64)> = Vec::new();
+        for secret in wanted {
+            if let std::collections::hash_map::Entry::Vacant(entry) =
+                self.pending.secret_reads.entry(secret.clone())
+            {
+                entry.insert(Vec::new());
+                let epoch = self.index.secret_epoch(&secret);
+                to_read.push((secret, epoch));
+            }
+        }
+        if to_read.is_empty() {
+            if let Some(waiting) = self.pending.secret_reads.get_mut(&first) {
+                waiting.push((webhook, started));
+            }
         } else {
-            *self.pending.reading.entry(key).or_default() += 1;
-            self.reader.secrets(webhook, started, wanted);
+            self.reader.secrets(webhook, started, to_read);
+        }
+    }
+
+    /// One reconcile fewer under way for a Webhook.
+    fn read_done(&mut self, key: &ObjectKey) {
+        if let Some(count) = self.pending.reading.get_mut(key) {
+            *count -= 1;
+            if *count == 0 {
+                self.pending.reading.remove(key);
+            }
         }
     }
 
@@ -493,14 +528,16 @@ impl Controller {
         let Some(key) = key_of(&*webhook) else {
             return Ok(());
         };
-        if let Some(count) = self.pending.reading.get_mut(&key) {
-            *count -= 1;
-            if *count == 0 {
-                self.pending.reading.remove(&key);
-            }
-        }
+        self.read_done(&key);
         let mut failure = None;
+        let mut waiting = Vec::new();
         for (secret, epoch, result) in reads {
+            waiting.extend(
+                self.pending
+                    .secret_reads
+                    .remove(&secret)
+                    .unwrap_or_default(),
+            );
             match result {
                 Ok(data) => self.index.store_secret(&secret, epoch, data),
                 Err(source) => {
@@ -509,6 +546,15 @@ impl Controller {
                         secret: secret.name.to_string(),
                         source,
                     });
+                }
+            }
+        }
+        // The reconciles that waited for these reads go on (or read again what failed).
+        for (waiter, waiter_started) in waiting {
+            if let Some(waiter_key) = key_of(&*waiter) {
+                self.read_done(&waiter_key);
+                if self.index.is_current(&waiter) {
+                    self.reconcile(waiter, waiter_started);
                 }
             }
         }
@@ -814,7 +860,11 @@ pub async fn run(
         index: Index::new(&settings.watch_namespaces),
         herald,
         status,
-        reader: Reader { client, results },
+        reader: Reader {
+            client,
+            results,
+            permits: Arc::new(tokio::sync::Semaphore::new(READS_AT_ONCE)),
+        },
         leader,
         role: Role::default(),
         pending: Pending::default(),

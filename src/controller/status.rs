@@ -4,7 +4,7 @@
 //! and only once the controller has seen every watched object (before that a status would
 //! describe a partial table).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -231,9 +231,17 @@ fn update_ready(
 struct ConditionEntry {
     /// The generation last applied.
     generation: Option<i64>,
-    /// The Ready condition as last written or found on the object: message, generation and
-    /// since when it holds.
-    written: Option<(String, Option<i64>, Timestamp)>,
+    /// The Ready condition as last written or found on the object: a digest of its message,
+    /// its generation and since when it holds.
+    written: Option<(u64, Option<i64>, Timestamp)>,
+}
+
+/// A digest of a message, to tell whether it changed without keeping it.
+fn digest(message: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    message.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Most Webhook names a condition's message lists.
@@ -334,7 +342,7 @@ impl StatusWriter {
         let written = condition.status.as_ref().and_then(|status| {
             let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
             Some((
-                ready.message.clone(),
+                digest(&ready.message),
                 status.observed_generation,
                 ready.last_transition_time.0,
             ))
@@ -580,55 +588,58 @@ impl StatusWriter {
     /// Writes the status of every condition in the namespaces marked changed whose Ready
     /// message or generation differs from what was written.
     async fn flush_conditions(&self) {
-        let namespaces: Vec<Arc<str>> = self
+        let namespaces: HashSet<Arc<str>> = self
             .condition_namespaces
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .drain()
             .collect();
-        for namespace in namespaces {
-            // Which Webhooks each condition of the namespace applies to, in one pass.
-            let mut users: BTreeMap<String, Vec<Arc<str>>> = BTreeMap::new();
-            {
-                let table = self.herald.table();
-                let mut webhooks: Vec<&ObjectKey> = table
-                    .webhooks()
-                    .map(|w| &w.key)
-                    .filter(|k| k.namespace == namespace)
-                    .collect();
-                webhooks.sort();
-                for key in webhooks {
-                    for condition in table.conditions_of(key) {
-                        users.entry(condition).or_default().push(key.name.clone());
-                    }
+        if namespaces.is_empty() {
+            return;
+        }
+        // Which Webhooks each condition of those namespaces applies to, in one pass.
+        let mut users: HashMap<ObjectKey, Vec<Arc<str>>> = HashMap::new();
+        {
+            let table = self.herald.table();
+            let mut webhooks: Vec<&ObjectKey> = table
+                .webhooks()
+                .map(|w| &w.key)
+                .filter(|k| namespaces.contains(&k.namespace))
+                .collect();
+            webhooks.sort();
+            for key in webhooks {
+                for condition in table.conditions_of(key) {
+                    users
+                        .entry(ObjectKey::new(key.namespace.clone(), condition))
+                        .or_default()
+                        .push(key.name.clone());
                 }
             }
-            let due: Vec<(ObjectKey, String, Option<i64>)> = self
-                .conditions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .filter(|(key, _)| key.namespace == namespace)
-                .filter_map(|(key, entry)| {
-                    let message =
-                        users_message(users.get(&*key.name).map(Vec::as_slice).unwrap_or_default());
-                    let same = entry
-                        .written
-                        .as_ref()
-                        .is_some_and(|(m, g, _)| *m == message && *g == entry.generation);
-                    (!same).then(|| (key.clone(), message, entry.generation))
-                })
-                .collect();
-            for (key, message, generation) in due {
-                if let Err(e) = self.write_condition(&key, &message, generation).await {
-                    tracing::warn!("{e}");
-                    self.herald
-                        .metrics()
-                        .controller
-                        .error("NotificationCondition", e.metric_label());
-                    // Worked out again at the next round.
-                    self.namespace_changed(&namespace);
-                }
+        }
+        let due: Vec<(ObjectKey, String, Option<i64>)> = self
+            .conditions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(key, _)| namespaces.contains(&key.namespace))
+            .filter_map(|(key, entry)| {
+                let message = users_message(users.get(key).map(Vec::as_slice).unwrap_or_default());
+                let same = entry
+                    .written
+                    .as_ref()
+                    .is_some_and(|(m, g, _)| *m == digest(&message) && *g == entry.generation);
+                (!same).then(|| (key.clone(), message, entry.generation))
+            })
+            .collect();
+        for (key, message, generation) in due {
+            if let Err(e) = self.write_condition(&key, &message, generation).await {
+                tracing::warn!("{e}");
+                self.herald
+                    .metrics()
+                    .controller
+                    .error("NotificationCondition", e.metric_label());
+                // Worked out again at the next round.
+                self.namespace_changed(&key.namespace);
             }
         }
     }
@@ -693,7 +704,7 @@ impl StatusWriter {
                     .unwrap_or_else(|e| e.into_inner())
                     .get_mut(key)
                 {
-                    entry.written = Some((message.to_string(), generation, since));
+                    entry.written = Some((digest(message), generation, since));
                 }
                 Ok(())
             }
@@ -878,6 +889,17 @@ impl DeliveryObserver for StatusWriter {
 mod tests {
     use super::*;
     use crate::object::NotReadyReason;
+
+    #[test]
+    fn a_conditions_message_names_its_first_users() {
+        assert_eq!(users_message(&[]), "used by no Webhook");
+        let users: Vec<Arc<str>> = (0..12).map(|i| Arc::from(format!("w{i:02}"))).collect();
+        assert_eq!(users_message(&users[..2]), "used by 2 Webhook(s): w00, w01");
+        assert_eq!(
+            users_message(&users),
+            "used by 12 Webhook(s): w00, w01, w02, w03, w04, w05, w06, w07, w08, w09 and 2 more"
+        );
+    }
 
     #[test]
     fn a_backlog_near_its_limit_shows_in_the_ready_reason_while_the_webhook_can_deliver() {

@@ -36,12 +36,8 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Everything about a webhook that shapes its HTTP client (not its requests).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ClientSettings<'a> {
-    /// Accept any server certificate.
-    pub insecure_skip_verify: bool,
-    /// Extra trusted CA certificates (PEM), on top of the public roots.
-    pub roots: &'a [u8],
-    /// Client certificate chain and key (PEM), for mutual TLS.
-    pub identity: Option<&'a [u8]>,
+    /// What the client trusts and how it identifies itself.
+    pub tls: crate::tls::TlsSettings<'a>,
     /// `http://` or `https://` proxy, credentials in its user info.
     pub proxy: Option<&'a str>,
     /// The destination policy every connection is checked against (for a namespace's
@@ -140,11 +136,7 @@ pub struct HttpClient {
 impl HttpClient {
     /// Builds a client; connections are opened on first use.
     pub fn new(settings: &ClientSettings<'_>) -> Result<Self, ClientError> {
-        let tls = crate::tls::client_config(&crate::tls::TlsSettings {
-            insecure_skip_verify: settings.insecure_skip_verify,
-            roots: settings.roots,
-            identity: settings.identity,
-        })?;
+        let tls = crate::tls::client_config(&settings.tls)?;
         let guard = settings.guard.cloned();
         let mut direct = HttpConnector::new_with_resolver(Resolver {
             guard: guard.clone(),

@@ -146,19 +146,65 @@ pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
 
 /// Sends one attempt of a delivery to a target.
 pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
+    let request = match request(target, delivery).await {
+        Ok(request) => request,
+        Err(error) => {
+            return AttemptResult::unanswered(AttemptClass::Final, Duration::ZERO, error);
+        }
+    };
+    let started = Instant::now();
+    // One timer for the whole attempt: the answer's head, then as much of its body as is read.
+    let deadline = tokio::time::sleep(target.timeout);
+    tokio::pin!(deadline);
+    let answer = tokio::select! {
+        biased;
+        answer = target.client().send(request) => Some(answer),
+        () = &mut deadline => None,
+    };
+    match answer {
+        Some(Ok(response)) => read_answer(target, response, started, deadline.as_mut()).await,
+        Some(Err(err)) => {
+            // A destination the policy refuses stays refused: no retries.
+            let class = if super::client::is_policy_refusal(&err) {
+                AttemptClass::Final
+            } else {
+                AttemptClass::Retryable
+            };
+            AttemptResult::unanswered(class, started.elapsed(), describe_error(&err))
+        }
+        None => AttemptResult::unanswered(
+            AttemptClass::Retryable,
+            started.elapsed(),
+            format!("timed out: no answer within {}s", target.timeout.as_secs()),
+        ),
+    }
+}
+
+/// The request of one attempt: the body rendered for the target, its headers (id, credentials,
+/// signature) and its URI; or why it cannot be sent (a final failure).
+async fn request(target: &Target, delivery: &Delivery) -> Result<Request<RequestBody>, String> {
     let rendered = render::request_body(
         render::Content::of(delivery, target.kind),
         &target.body_style(),
     )
-    .await;
-    let body = match rendered {
-        Ok(body) => RequestBody::from_parts(body.into_parts()),
-        Err(e) => {
-            return AttemptResult::unanswered(AttemptClass::Final, Duration::ZERO, e.to_string());
-        }
-    };
+    .await
+    .map_err(|e| e.to_string())?;
+    let body = RequestBody::from_parts(rendered.into_parts());
     let mut id_buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let id = delivery.id.encode(&mut id_buffer);
+    let headers = request_headers(target, id, &body);
+    let uri = request_uri(target)?;
+    let mut request = Request::new(body);
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+/// The headers of a request: content type, agent, the delivery id (as `Idempotency-Key` and
+/// Herald's mark), the target's credentials and headers, and the Standard Webhooks signature
+/// of `body` when the target signs.
+fn request_headers(target: &Target, id: &str, body: &RequestBody) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(8);
     headers.insert(
         header::CONTENT_TYPE,
@@ -197,60 +243,24 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
             headers.insert(HeaderName::from_static("webhook-signature"), signature);
         }
     }
-    let mut request = Request::new(body);
-    *request.method_mut() = Method::POST;
-    *request.uri_mut() = match (&target.robot().secret, target.format) {
+    headers
+}
+
+/// The URI a request goes to: the target's, signed now for a DingTalk robot with a secret.
+fn request_uri(target: &Target) -> Result<http::Uri, String> {
+    match (&target.robot().secret, target.format) {
         (Some(secret), BodyFormat::Dingtalk) => {
             let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
-            match crate::chat::dingtalk_signed_uri(&target.uri, secret.expose(), now) {
-                Ok(uri) => uri,
-                Err(e) => {
-                    return AttemptResult::unanswered(
-                        AttemptClass::Final,
-                        Duration::ZERO,
-                        format!("cannot sign the DingTalk URL: {e}"),
-                    );
-                }
-            }
+            crate::chat::dingtalk_signed_uri(&target.uri, secret.expose(), now)
+                .map_err(|e| format!("cannot sign the DingTalk URL: {e}"))
         }
-        _ => target.uri.clone(),
-    };
-    *request.headers_mut() = headers;
+        _ => Ok(target.uri.clone()),
+    }
+}
 
-    let started = Instant::now();
-    // One timer for the whole attempt: the answer's head, then as much of its body as is read.
-    let deadline = tokio::time::sleep(target.timeout);
-    tokio::pin!(deadline);
-    let answer = tokio::select! {
-        biased;
-        answer = target.client().send(request) => Some(answer),
-        () = &mut deadline => None,
-    };
-    let response = match answer {
-        Some(Ok(response)) => response,
-        Some(Err(err)) => {
-            // A destination the policy refuses stays refused: no retries.
-            let class = if super::client::is_policy_refusal(&err) {
-                AttemptClass::Final
-            } else {
-                AttemptClass::Retryable
-            };
-            return AttemptResult::unanswered(class, started.elapsed(), describe_error(&err));
-        }
-        None => {
-            return AttemptResult::unanswered(
-                AttemptClass::Retryable,
-                started.elapsed(),
-                format!("timed out: no answer within {}s", target.timeout.as_secs()),
-            );
-        }
-    };
-    let status = response.status();
-    let retry_after = response
-        .headers()
-        .get(header::RETRY_AFTER)
-        .and_then(parse_retry_after);
-    let class = if status.is_success() {
+/// How an answer's status ends an attempt.
+fn class_of(status: StatusCode) -> AttemptClass {
+    if status.is_success() {
         AttemptClass::Success
     } else if status == StatusCode::LOOP_DETECTED {
         // A Herald refusing what a Herald sent: trying again would loop again.
@@ -262,52 +272,71 @@ pub async fn send(target: &Target, delivery: &Delivery) -> AttemptResult {
         AttemptClass::Retryable
     } else {
         AttemptClass::Final
-    };
+    }
+}
+
+/// The result of an attempt the endpoint answered: its status, its `Retry-After`, and (for an
+/// error or a chat robot) as much of its body as says what happened, read before the deadline.
+async fn read_answer(
+    target: &Target,
+    response: http::Response<Incoming>,
+    started: Instant,
+    deadline: Pin<&mut tokio::time::Sleep>,
+) -> AttemptResult {
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(header::RETRY_AFTER)
+        .and_then(parse_retry_after);
+    let class = class_of(status);
     let latency = started.elapsed();
     let chat = crate::chat::default_pace(target.format).is_some();
-    let error = if class == AttemptClass::Success && !chat {
+    if class == AttemptClass::Success && !chat {
         // Read a short answer to its end so that the connection can be used again.
-        read_prefix(response.into_body(), SUCCESS_BODY_READ, deadline.as_mut()).await;
-        None
-    } else {
-        // A little of an error body helps users; more could be anything, even an echo of
-        // our own credentials, so read at most 1 KiB and mask secret values. A chat robot's
-        // answer is read whole (it says whether the message was taken).
-        let limit = if class == AttemptClass::Success {
-            SUCCESS_BODY_READ
-        } else {
-            ERROR_BODY_READ
+        read_prefix(response.into_body(), SUCCESS_BODY_READ, deadline).await;
+        return AttemptResult {
+            class,
+            status: Some(status.as_u16()),
+            latency,
+            error: None,
+            retry_after,
         };
-        let bytes = read_prefix(response.into_body(), limit, deadline.as_mut()).await;
-        if let Some(answer) = crate::chat::read_answer(target.format, status.as_u16(), &bytes) {
-            let (answer_class, error, wait) = match answer {
-                Answer::Taken => (AttemptClass::Success, None, None),
-                Answer::RateLimited { wait, reason } => {
-                    (AttemptClass::Retryable, Some(reason), Some(wait))
-                }
-                Answer::Busy(reason) => (AttemptClass::Retryable, Some(reason), None),
-                Answer::Refused(reason) => (AttemptClass::Final, Some(reason), None),
-            };
-            return AttemptResult {
-                class: answer_class,
-                status: Some(status.as_u16()),
-                latency,
-                error: error.map(|e| target.answer_excerpt(e.as_bytes())),
-                // The endpoint's own Retry-After comes first.
-                retry_after: retry_after.or(wait),
-            };
-        }
-        if class == AttemptClass::Success {
-            None
-        } else {
-            let snippet = target.answer_excerpt(&bytes);
-            Some(if snippet.is_empty() {
-                format!("HTTP {}", status.as_u16())
-            } else {
-                format!("HTTP {}: {snippet}", status.as_u16())
-            })
-        }
+    }
+    // A little of an error body helps users; more could be anything, even an echo of our own
+    // credentials, so read at most 1 KiB and mask secret values. A chat robot's answer is read
+    // whole (it says whether the message was taken).
+    let limit = if class == AttemptClass::Success {
+        SUCCESS_BODY_READ
+    } else {
+        ERROR_BODY_READ
     };
+    let bytes = read_prefix(response.into_body(), limit, deadline).await;
+    if let Some(answer) = crate::chat::read_answer(target.format, status.as_u16(), &bytes) {
+        let (answer_class, error, wait) = match answer {
+            Answer::Taken => (AttemptClass::Success, None, None),
+            Answer::RateLimited { wait, reason } => {
+                (AttemptClass::Retryable, Some(reason), Some(wait))
+            }
+            Answer::Busy(reason) => (AttemptClass::Retryable, Some(reason), None),
+            Answer::Refused(reason) => (AttemptClass::Final, Some(reason), None),
+        };
+        return AttemptResult {
+            class: answer_class,
+            status: Some(status.as_u16()),
+            latency,
+            error: error.map(|e| target.answer_excerpt(e.as_bytes())),
+            // The endpoint's own Retry-After comes first.
+            retry_after: retry_after.or(wait),
+        };
+    }
+    let error = (class != AttemptClass::Success).then(|| {
+        let snippet = target.answer_excerpt(&bytes);
+        if snippet.is_empty() {
+            format!("HTTP {}", status.as_u16())
+        } else {
+            format!("HTTP {}: {snippet}", status.as_u16())
+        }
+    });
     AttemptResult {
         class,
         status: Some(status.as_u16()),

@@ -156,9 +156,11 @@ impl Transport {
             return Ok(client);
         }
         let client = std::sync::Arc::new(HttpClient::new(&ClientSettings {
-            insecure_skip_verify: self.insecure_skip_verify,
-            roots: &self.roots,
-            identity: self.identity.as_ref().map(|i| i.expose().as_slice()),
+            tls: crate::tls::TlsSettings {
+                insecure_skip_verify: self.insecure_skip_verify,
+                roots: &self.roots,
+                identity: self.identity.as_ref().map(|i| i.expose().as_slice()),
+            },
             proxy: self.proxy.as_deref(),
             guard: Some(&self.guard),
         })?);
@@ -288,119 +290,19 @@ impl Target {
         policy: &TargetPolicy,
         lookup: impl Fn(&str) -> Option<&'a SecretData>,
     ) -> Result<Target, NotReady> {
-        let url = url::Url::parse(&spec.url)
-            .map_err(|e| invalid_spec(format!("url is not a valid URL: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-            return Err(invalid_spec("url must be an absolute http or https URL"));
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            // Anyone who can read the Webhook could read them: credentials belong in a Secret.
-            return Err(invalid_spec(
-                "url must not carry credentials; use auth with a Secret instead",
-            ));
-        }
-        let uri = http::Uri::try_from(url.as_str())
-            .map_err(|e| invalid_spec(format!("url is not a valid URL: {e}")))?;
-        let destinations = &policy.destinations;
-        let proxy = spec
-            .proxy_url
-            .as_deref()
-            .map(url::Url::parse)
-            .transpose()
-            .map_err(|e| invalid_spec(format!("proxyURL is not usable: {e}")))?;
-        for (field, checked) in [("url", Some(&url)), ("proxyURL", proxy.as_ref())] {
-            if let Some(why) = checked.and_then(|u| destinations.refuse_url_host(&key.namespace, u))
-            {
-                return Err(NotReady::new(
-                    NotReadyReason::ForbiddenAddress,
-                    format!("{field}: {why}; refused by the destination policy"),
-                ));
-            }
-        }
-
-        let template = match &spec.template {
-            None => None,
-            Some(source) => Some(std::sync::Arc::new(
-                crate::render::compile_template(source).map_err(|e| {
-                    NotReady::new(
-                        NotReadyReason::InvalidTemplate,
-                        format!("spec.template: {e}"),
-                    )
-                })?,
-            )),
-        };
-
+        let secrets = Secrets { lookup, policy };
+        let (uri, proxy) = checked_urls(&key, spec, &policy.destinations)?;
+        let template = compiled_template(spec)?;
+        // Every secret value the target sends, to mask in what endpoints echo back.
         let mut masker = Masker::default();
-        let authorization = match spec.auth.kind {
-            AuthType::None => None,
-            kind => {
-                let name = &spec
-                    .auth
-                    .secret_ref
-                    .as_ref()
-                    .ok_or_else(|| {
-                        invalid_spec("auth.secretRef is required for Bearer and Basic auth")
-                    })?
-                    .name;
-                let data = secret(&lookup, policy, name, "auth")?;
-                let value = if kind == AuthType::Bearer {
-                    let token = text(data, name, "token")?;
-                    masker.add(token.as_bytes());
-                    format!("Bearer {token}")
-                } else {
-                    let user = text(data, name, "username")?;
-                    let password = text(data, name, "password")?;
-                    let encoded = base64::engine::general_purpose::STANDARD
-                        .encode(format!("{user}:{password}"));
-                    masker.add(password.as_bytes());
-                    masker.add(encoded.as_bytes());
-                    format!("Basic {encoded}")
-                };
-                let mut value = HeaderValue::from_str(&value).map_err(|_| {
-                    NotReady::new(
-                        NotReadyReason::InvalidHeader,
-                        format!("Secret {name:?} holds characters not allowed in an Authorization header"),
-                    )
-                })?;
-                value.set_sensitive(true);
-                Some(Sensitive::new(value))
-            }
-        };
-
+        let authorization = authorization(spec, &secrets, &mut masker)?;
         let mut headers = HeaderMap::new();
         for (name, value) in &spec.headers {
             insert_header(&mut headers, name, value.as_bytes(), "spec.headers")?;
         }
-        let proxy = match (&proxy, &spec.proxy_secret_ref) {
-            (Some(proxy), _) if !proxy.username().is_empty() || proxy.password().is_some() => {
-                return Err(invalid_spec(
-                    "proxyURL must not carry credentials; use proxySecretRef instead",
-                ));
-            }
-            (None, Some(_)) => return Err(invalid_spec("proxySecretRef needs proxyURL")),
-            (Some(proxy), Some(r)) => {
-                let data = secret(&lookup, policy, &r.name, "proxy")?;
-                let user = text(data, &r.name, "username")?;
-                let password = text(data, &r.name, "password")?;
-                masker.add(password.as_bytes());
-                masker.add(
-                    base64::engine::general_purpose::STANDARD
-                        .encode(format!("{user}:{password}"))
-                        .as_bytes(),
-                );
-                let mut with_credentials = proxy.clone();
-                if with_credentials.set_username(user).is_err()
-                    || with_credentials.set_password(Some(password)).is_err()
-                {
-                    return Err(invalid_spec("proxyURL cannot carry credentials"));
-                }
-                Some(with_credentials.to_string())
-            }
-            (proxy, None) => proxy.as_ref().map(|p| p.to_string()),
-        };
-
+        let proxy = proxy_with_credentials(proxy.as_ref(), spec, &secrets, &mut masker)?;
         if let Some(r) = &spec.headers_secret_ref {
-            let data = secret(&lookup, policy, &r.name, "headers")?;
+            let data = secrets.get(&r.name, "headers")?;
             for (name, value) in data.iter() {
                 let origin = format!("Secret {:?}", r.name);
                 let value = trim_bytes(value);
@@ -408,113 +310,10 @@ impl Target {
                 masker.add(value);
             }
         }
-
-        // DingTalk and Feishu robots sign their own way, with the secret as the robot shows it.
-        let robot_signs = matches!(spec.format, BodyFormat::Dingtalk | BodyFormat::Feishu);
-        let mut robot = crate::chat::Robot::default();
-        if let Some(chat) = &spec.chat {
-            robot.keyword = chat.keyword.clone();
-            robot.mention_all = chat.mention_all;
-            robot.mention_users = chat.mention_users.clone();
-            robot.mention_mobiles = chat.mention_mobiles.clone();
-        }
-        let signing_keys = match &spec.signing {
-            None => Vec::new(),
-            Some(signing) if robot_signs => {
-                let r = &signing.secret_ref;
-                let data = secret(&lookup, policy, &r.name, "signing")?;
-                let value = text(data, &r.name, &r.key)?;
-                if value.is_empty() {
-                    return Err(NotReady::new(
-                        NotReadyReason::InvalidSigningSecret,
-                        format!("Secret {:?} key {:?} is empty", r.name, r.key),
-                    ));
-                }
-                masker.add(value.as_bytes());
-                robot.secret = Some(Sensitive::new(value.to_string()));
-                Vec::new()
-            }
-            Some(signing) => {
-                let r = &signing.secret_ref;
-                let data = secret(&lookup, policy, &r.name, "signing")?;
-                let value = text(data, &r.name, &r.key)?;
-                for entry in value.split_whitespace() {
-                    masker.add(entry.as_bytes());
-                    masker.add(entry.trim_start_matches("whsec_").as_bytes());
-                }
-                parse_signing_secrets(value)
-                    .map_err(|e| {
-                        NotReady::new(
-                            NotReadyReason::InvalidSigningSecret,
-                            format!("Secret {:?} key {:?}: {e}", r.name, r.key),
-                        )
-                    })?
-                    .into_iter()
-                    .map(Sensitive::new)
-                    .collect()
-            }
-        };
-
-        let timeout = Duration::from_secs(u64::from(spec.timeout_seconds.clamp(1, 300)));
-        // Webhooks with the same transport settings share a few clients and their connection
-        // pools (see CLIENT_SHARDS); the timeout is set per request.
-        let mut transport = Transport {
-            insecure_skip_verify: false,
-            roots: Vec::new(),
-            identity: None,
-            proxy,
-            guard: DestinationGuard {
-                policy: destinations.clone(),
-                // Namespaces without rules of their own share clients.
-                namespace: if destinations.has_rules_for(&key.namespace) {
-                    key.namespace.clone()
-                } else {
-                    std::sync::Arc::from("")
-                },
-            },
-            shard: client_shard(&key),
-        };
-        if let Some(tls) = &spec.tls {
-            transport.insecure_skip_verify = tls.insecure_skip_verify;
-            if let Some(r) = &tls.ca_secret_ref {
-                let data = secret(&lookup, policy, &r.name, "CA bundle")?;
-                let pem = secret_key(data, &r.name, &r.key)?;
-                if crate::tls::check_roots(pem).is_err() {
-                    return Err(NotReady::new(
-                        NotReadyReason::InvalidCa,
-                        format!(
-                            "Secret {:?} key {:?} holds no PEM certificate",
-                            r.name, r.key
-                        ),
-                    ));
-                }
-                transport.roots = pem.to_vec();
-            }
-            if let Some(r) = &tls.client_cert_secret_ref {
-                let data = secret(&lookup, policy, &r.name, "client certificate")?;
-                let mut pem = secret_key(data, &r.name, "tls.crt")?.to_vec();
-                pem.push(b'\n');
-                pem.extend_from_slice(secret_key(data, &r.name, "tls.key")?);
-                if crate::tls::check_identity(&pem).is_err() {
-                    return Err(NotReady::new(
-                        NotReadyReason::InvalidClientCertificate,
-                        format!(
-                            "Secret {:?}: tls.crt and tls.key are not a valid PEM certificate and key",
-                            r.name
-                        ),
-                    ));
-                }
-                transport.identity = Some(Sensitive::new(pem));
-            }
-        }
-        let client = transport.client().map_err(|e| {
-            let reason = match e {
-                ClientError::Proxy(_) => NotReadyReason::InvalidSpec,
-                ClientError::Tls(TlsError::Roots(_)) => NotReadyReason::InvalidCa,
-                ClientError::Tls(TlsError::Identity(_)) => NotReadyReason::InvalidClientCertificate,
-            };
-            NotReady::new(reason, e.to_string())
-        })?;
+        let (robot, signing_keys) = robot_and_signing_keys(spec, &secrets, &mut masker)?;
+        let client = transport(&key, spec, &secrets, proxy)?
+            .client()
+            .map_err(not_ready_client)?;
 
         let extras = Extras {
             template,
@@ -528,36 +327,16 @@ impl Target {
             .then(|| render::HeraldHead::for_webhook(spec.kind, &key))
             .transpose()
             .map_err(|e| invalid_spec(e.to_string()))?;
-        let host = host_header(&uri);
-        let pacer = pace_windows(spec).map(|windows| super::pace::pacer_for(&spec.url, windows));
-        let batching = match &spec.batching {
-            None => None,
-            Some(b) => {
-                let max_wait = humantime::parse_duration(&b.max_wait)
-                    .ok()
-                    .filter(|d| !d.is_zero() && *d <= Duration::from_secs(3600))
-                    .ok_or_else(|| {
-                        invalid_spec(format!(
-                            "batching.maxWait {:?} is not a duration from 1ms to 1h",
-                            b.max_wait
-                        ))
-                    })?;
-                Some(super::pace::Batching {
-                    max_wait,
-                    max_alerts: b.max_alerts.clamp(1, 1000) as usize,
-                })
-            }
-        };
         Ok(Target {
-            pacer,
-            batching,
+            pacer: pace_windows(spec).map(|windows| super::pace::pacer_for(&spec.url, windows)),
+            batching: batching(spec)?,
             herald_head,
-            host,
+            host: host_header(&uri),
             key,
             kind: spec.kind,
             uri,
             language: spec.language,
-            timeout,
+            timeout: Duration::from_secs(u64::from(spec.timeout_seconds.clamp(1, 300))),
             format: spec.format,
             extras: (!extras.is_empty()).then(|| Box::new(extras)),
             client,
@@ -656,6 +435,291 @@ impl Target {
             .flat_map(|e| e.signing_keys.iter())
             .map(|k| k.expose().as_slice())
     }
+}
+
+/// The Secrets a webhook may use: found by name in its namespace, under the target policy.
+struct Secrets<'p, L> {
+    lookup: L,
+    policy: &'p TargetPolicy,
+}
+
+impl<'a, L: Fn(&str) -> Option<&'a SecretData>> Secrets<'_, L> {
+    /// A referenced Secret, if it exists and may be used (see [`secret`]).
+    fn get(&self, name: &str, purpose: &str) -> Result<&'a SecretData, NotReady> {
+        secret(&self.lookup, self.policy, name, purpose)
+    }
+}
+
+/// The webhook's URL (as a request URI) and proxy URL, parsed and held to the destination
+/// policy: absolute http(s), no credentials in the URL, no refused address.
+fn checked_urls(
+    key: &ObjectKey,
+    spec: &WebhookSpec,
+    destinations: &DestinationPolicy,
+) -> Result<(http::Uri, Option<url::Url>), NotReady> {
+    let url = url::Url::parse(&spec.url)
+        .map_err(|e| invalid_spec(format!("url is not a valid URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(invalid_spec("url must be an absolute http or https URL"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        // Anyone who can read the Webhook could read them: credentials belong in a Secret.
+        return Err(invalid_spec(
+            "url must not carry credentials; use auth with a Secret instead",
+        ));
+    }
+    let uri = http::Uri::try_from(url.as_str())
+        .map_err(|e| invalid_spec(format!("url is not a valid URL: {e}")))?;
+    let proxy = spec
+        .proxy_url
+        .as_deref()
+        .map(url::Url::parse)
+        .transpose()
+        .map_err(|e| invalid_spec(format!("proxyURL is not usable: {e}")))?;
+    for (field, checked) in [("url", Some(&url)), ("proxyURL", proxy.as_ref())] {
+        if let Some(why) = checked.and_then(|u| destinations.refuse_url_host(&key.namespace, u)) {
+            return Err(NotReady::new(
+                NotReadyReason::ForbiddenAddress,
+                format!("{field}: {why}; refused by the destination policy"),
+            ));
+        }
+    }
+    Ok((uri, proxy))
+}
+
+/// The webhook's custom template, compiled.
+fn compiled_template(
+    spec: &WebhookSpec,
+) -> Result<Option<std::sync::Arc<crate::template::SandboxedTemplate>>, NotReady> {
+    let Some(source) = &spec.template else {
+        return Ok(None);
+    };
+    let template = render::compile_template(source).map_err(|e| {
+        NotReady::new(
+            NotReadyReason::InvalidTemplate,
+            format!("spec.template: {e}"),
+        )
+    })?;
+    Ok(Some(std::sync::Arc::new(template)))
+}
+
+/// The `Authorization` header of Bearer or Basic auth, from its Secret.
+fn authorization<'a>(
+    spec: &WebhookSpec,
+    secrets: &Secrets<'_, impl Fn(&str) -> Option<&'a SecretData>>,
+    masker: &mut Masker,
+) -> Result<Option<Sensitive<HeaderValue>>, NotReady> {
+    let kind = spec.auth.kind;
+    if kind == AuthType::None {
+        return Ok(None);
+    }
+    let name = &spec
+        .auth
+        .secret_ref
+        .as_ref()
+        .ok_or_else(|| invalid_spec("auth.secretRef is required for Bearer and Basic auth"))?
+        .name;
+    let data = secrets.get(name, "auth")?;
+    let value = if kind == AuthType::Bearer {
+        let token = text(data, name, "token")?;
+        masker.add(token.as_bytes());
+        format!("Bearer {token}")
+    } else {
+        let user = text(data, name, "username")?;
+        let password = text(data, name, "password")?;
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        masker.add(password.as_bytes());
+        masker.add(encoded.as_bytes());
+        format!("Basic {encoded}")
+    };
+    let mut value = HeaderValue::from_str(&value).map_err(|_| {
+        NotReady::new(
+            NotReadyReason::InvalidHeader,
+            format!("Secret {name:?} holds characters not allowed in an Authorization header"),
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(Some(Sensitive::new(value)))
+}
+
+/// The proxy URL to connect through, with the credentials of `proxySecretRef` when given.
+fn proxy_with_credentials<'a>(
+    proxy: Option<&url::Url>,
+    spec: &WebhookSpec,
+    secrets: &Secrets<'_, impl Fn(&str) -> Option<&'a SecretData>>,
+    masker: &mut Masker,
+) -> Result<Option<String>, NotReady> {
+    match (proxy, &spec.proxy_secret_ref) {
+        (Some(proxy), _) if !proxy.username().is_empty() || proxy.password().is_some() => Err(
+            invalid_spec("proxyURL must not carry credentials; use proxySecretRef instead"),
+        ),
+        (None, Some(_)) => Err(invalid_spec("proxySecretRef needs proxyURL")),
+        (Some(proxy), Some(r)) => {
+            let data = secrets.get(&r.name, "proxy")?;
+            let user = text(data, &r.name, "username")?;
+            let password = text(data, &r.name, "password")?;
+            masker.add(password.as_bytes());
+            masker.add(
+                base64::engine::general_purpose::STANDARD
+                    .encode(format!("{user}:{password}"))
+                    .as_bytes(),
+            );
+            let mut with_credentials = proxy.clone();
+            if with_credentials.set_username(user).is_err()
+                || with_credentials.set_password(Some(password)).is_err()
+            {
+                return Err(invalid_spec("proxyURL cannot carry credentials"));
+            }
+            Ok(Some(with_credentials.to_string()))
+        }
+        (proxy, None) => Ok(proxy.map(|p| p.to_string())),
+    }
+}
+
+/// Standard Webhooks signing keys, decoded.
+type SigningKeys = Vec<Sensitive<Vec<u8>>>;
+
+/// A chat robot's keyword, mentions and (DingTalk, Feishu) signing secret, and the Standard
+/// Webhooks signing keys of every other format.
+fn robot_and_signing_keys<'a>(
+    spec: &WebhookSpec,
+    secrets: &Secrets<'_, impl Fn(&str) -> Option<&'a SecretData>>,
+    masker: &mut Masker,
+) -> Result<(crate::chat::Robot, SigningKeys), NotReady> {
+    let mut robot = crate::chat::Robot::default();
+    if let Some(chat) = &spec.chat {
+        robot.keyword = chat.keyword.clone();
+        robot.mention_all = chat.mention_all;
+        robot.mention_users = chat.mention_users.clone();
+        robot.mention_mobiles = chat.mention_mobiles.clone();
+    }
+    let Some(signing) = &spec.signing else {
+        return Ok((robot, Vec::new()));
+    };
+    let r = &signing.secret_ref;
+    let data = secrets.get(&r.name, "signing")?;
+    let value = text(data, &r.name, &r.key)?;
+    // DingTalk and Feishu robots sign their own way, with the secret as the robot shows it.
+    if matches!(spec.format, BodyFormat::Dingtalk | BodyFormat::Feishu) {
+        if value.is_empty() {
+            return Err(NotReady::new(
+                NotReadyReason::InvalidSigningSecret,
+                format!("Secret {:?} key {:?} is empty", r.name, r.key),
+            ));
+        }
+        masker.add(value.as_bytes());
+        robot.secret = Some(Sensitive::new(value.to_string()));
+        return Ok((robot, Vec::new()));
+    }
+    for entry in value.split_whitespace() {
+        masker.add(entry.as_bytes());
+        masker.add(entry.trim_start_matches("whsec_").as_bytes());
+    }
+    let keys = parse_signing_secrets(value)
+        .map_err(|e| {
+            NotReady::new(
+                NotReadyReason::InvalidSigningSecret,
+                format!("Secret {:?} key {:?}: {e}", r.name, r.key),
+            )
+        })?
+        .into_iter()
+        .map(Sensitive::new)
+        .collect();
+    Ok((robot, keys))
+}
+
+/// The settings that shape the webhook's HTTP client: TLS from its Secrets, the proxy, and the
+/// destination rules of its namespace. Webhooks with the same settings share a few clients and
+/// their connection pools (see [`CLIENT_SHARDS`]); the timeout is set per request.
+fn transport<'a>(
+    key: &ObjectKey,
+    spec: &WebhookSpec,
+    secrets: &Secrets<'_, impl Fn(&str) -> Option<&'a SecretData>>,
+    proxy: Option<String>,
+) -> Result<Transport, NotReady> {
+    let destinations = &secrets.policy.destinations;
+    let mut transport = Transport {
+        insecure_skip_verify: false,
+        roots: Vec::new(),
+        identity: None,
+        proxy,
+        guard: DestinationGuard {
+            policy: destinations.clone(),
+            // Namespaces without rules of their own share clients.
+            namespace: if destinations.has_rules_for(&key.namespace) {
+                key.namespace.clone()
+            } else {
+                std::sync::Arc::from("")
+            },
+        },
+        shard: client_shard(key),
+    };
+    let Some(tls) = &spec.tls else {
+        return Ok(transport);
+    };
+    transport.insecure_skip_verify = tls.insecure_skip_verify;
+    if let Some(r) = &tls.ca_secret_ref {
+        let data = secrets.get(&r.name, "CA bundle")?;
+        let pem = secret_key(data, &r.name, &r.key)?;
+        if crate::tls::check_roots(pem).is_err() {
+            return Err(NotReady::new(
+                NotReadyReason::InvalidCa,
+                format!(
+                    "Secret {:?} key {:?} holds no PEM certificate",
+                    r.name, r.key
+                ),
+            ));
+        }
+        transport.roots = pem.to_vec();
+    }
+    if let Some(r) = &tls.client_cert_secret_ref {
+        let data = secrets.get(&r.name, "client certificate")?;
+        let mut pem = secret_key(data, &r.name, "tls.crt")?.to_vec();
+        pem.push(b'\n');
+        pem.extend_from_slice(secret_key(data, &r.name, "tls.key")?);
+        if crate::tls::check_identity(&pem).is_err() {
+            return Err(NotReady::new(
+                NotReadyReason::InvalidClientCertificate,
+                format!(
+                    "Secret {:?}: tls.crt and tls.key are not a valid PEM certificate and key",
+                    r.name
+                ),
+            ));
+        }
+        transport.identity = Some(Sensitive::new(pem));
+    }
+    Ok(transport)
+}
+
+/// Why a webhook's HTTP client could not be built, as its readiness.
+fn not_ready_client(e: ClientError) -> NotReady {
+    let reason = match e {
+        ClientError::Proxy(_) => NotReadyReason::InvalidSpec,
+        ClientError::Tls(TlsError::Roots(_)) => NotReadyReason::InvalidCa,
+        ClientError::Tls(TlsError::Identity(_)) => NotReadyReason::InvalidClientCertificate,
+    };
+    NotReady::new(reason, e.to_string())
+}
+
+/// The batching window of `spec.batching`.
+fn batching(spec: &WebhookSpec) -> Result<Option<super::pace::Batching>, NotReady> {
+    let Some(b) = &spec.batching else {
+        return Ok(None);
+    };
+    let max_wait = humantime::parse_duration(&b.max_wait)
+        .ok()
+        .filter(|d| !d.is_zero() && *d <= Duration::from_secs(3600))
+        .ok_or_else(|| {
+            invalid_spec(format!(
+                "batching.maxWait {:?} is not a duration from 1ms to 1h",
+                b.max_wait
+            ))
+        })?;
+    Ok(Some(super::pace::Batching {
+        max_wait,
+        max_alerts: b.max_alerts.clamp(1, 1000) as usize,
+    }))
 }
 
 /// A webhook's pace: `spec.pace` where set, else its chat platform's documented limit; `None`

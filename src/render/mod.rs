@@ -17,7 +17,7 @@ use crate::object::ObjectKey;
 use crate::outgoing::Delivery;
 use crate::template::SandboxedTemplate;
 
-pub use shared::{HeraldHead, PerLanguage, RenderedBody};
+pub use shared::{HeraldHead, RenderedBody};
 
 /// The Herald body format's version.
 const VERSION: &str = "1";

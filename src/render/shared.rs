@@ -16,14 +16,14 @@ use crate::object::ObjectKey;
 
 /// One value per language, indexed by the language itself.
 #[derive(Clone, Debug, Default)]
-pub struct PerLanguage<T> {
+struct PerLanguage<T> {
     en: T,
     zh_cn: T,
 }
 
 impl<T> PerLanguage<T> {
     /// The value for a language.
-    pub fn get(&self, language: Language) -> &T {
+    fn get(&self, language: Language) -> &T {
         match language {
             Language::En => &self.en,
             Language::ZhCn => &self.zh_cn,
