@@ -384,11 +384,11 @@ impl EngineContext {
         report: DeliveryReport,
         delivery: &Arc<Delivery>,
         seq: Option<u64>,
-        webhook_metrics: Option<&WebhookMetrics>,
+        metrics: Option<&WebhookMetrics>,
     ) {
-        match (report.outcome, webhook_metrics) {
-            (ReportOutcome::Succeeded, Some(webhook_metrics)) => {
-                webhook_metrics.succeeded.inc();
+        match (report.outcome, metrics) {
+            (ReportOutcome::Succeeded, Some(metrics)) => {
+                metrics.succeeded.inc();
             }
             _ => self
                 .metrics
@@ -929,7 +929,15 @@ impl Engine {
                         match (permit, shared) {
                             // A claimed row is this replica's to deliver, room or not: no
                             // load would find it.
-                            (permit, true) => worker.queue.push(job(permit)).ok(),
+                            (permit, true) => match worker.queue.push(job(permit)) {
+                                Ok(queued) => Some(queued),
+                                Err(_) => {
+                                    // The webhook went away here meanwhile: the row returns
+                                    // to the queue once its lease runs out.
+                                    engine.store().let_go(*seq);
+                                    None
+                                }
+                            },
                             (Some(permit), false) => {
                                 worker.queue.hand_over(*seq, job(Some(permit)))
                             }
@@ -1412,6 +1420,12 @@ fn give_up_queued(
 /// when its webhook went away from a memory store. Returns whether it ended.
 fn leave_or_drop(shared: &EngineContext, job: &Job) -> bool {
     if shared.stopping.is_cancelled() || shared.store.is_durable() {
+        // A shared store's claim is let go of (when stopping, all are given back at once).
+        if !shared.stopping.is_cancelled()
+            && let Some(seq) = job.seq
+        {
+            shared.store.let_go(seq);
+        }
         return false;
     }
     shared.dropped(
@@ -1480,12 +1494,12 @@ fn report_all(
     report: DeliveryReport,
     message: &Arc<Delivery>,
     jobs: &[Job],
-    webhook_metrics: Option<&WebhookMetrics>,
+    metrics: Option<&WebhookMetrics>,
 ) {
     if let [job] = jobs
         && Arc::ptr_eq(&job.delivery, message)
     {
-        shared.report(report, message, job.seq, webhook_metrics);
+        shared.report(report, message, job.seq, metrics);
         return;
     }
     let merged = format!(
@@ -1505,7 +1519,7 @@ fn report_all(
         } else {
             format!("{}; {merged}", own.message)
         };
-        shared.report(own, part, job.seq, webhook_metrics);
+        shared.report(own, part, job.seq, metrics);
     }
 }
 

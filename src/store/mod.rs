@@ -501,6 +501,15 @@ impl Store {
         }
     }
 
+    /// For a shared store: stops renewing this replica's claim on a delivery it will not send
+    /// (its webhook went away here), so that the delivery returns to the queue once the lease
+    /// runs out.
+    pub fn let_go(&self, seq: u64) {
+        if let Backend::Postgres(store) = &self.backend {
+            store.let_go(seq);
+        }
+    }
+
     /// For a shared store: the webhooks named by notifications since the last call (empty
     /// when the wakeup came without names: look at every webhook).
     pub fn take_notified(&self) -> Vec<ObjectKey> {

@@ -392,6 +392,16 @@ impl PostgresStore {
         Ok(found)
     }
 
+    /// Stops renewing the claim on one row (see [`super::Store::let_go`]).
+    pub(super) fn let_go(&self, seq: u64) {
+        if let Ok(id) = i64::try_from(seq) {
+            self.held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        }
+    }
+
     /// Forgets that this replica holds a webhook's lease: its new rows are written unclaimed.
     fn disown(&self, webhook: &str) {
         self.owned
