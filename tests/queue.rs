@@ -313,19 +313,27 @@ async fn a_full_backlog_turns_new_deliveries_into_replayable_dead_letters() {
             Duration::from_secs(10),
         )
         .await;
-    let records: Value = reqwest::get(format!(
-        "{}/api/v1/deliveries?webhook=default/w0&outcome=Failed",
-        running.admin_url()
-    ))
-    .await
-    .expect("records")
-    .json()
-    .await
-    .expect("json");
-    let dead_letters = records["deliveries"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    // Records are written in batches after the reply: wait (bounded) until both are stored.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (records, dead_letters) = loop {
+        let records: Value = reqwest::get(format!(
+            "{}/api/v1/deliveries?webhook=default/w0&outcome=Failed",
+            running.admin_url()
+        ))
+        .await
+        .expect("records")
+        .json()
+        .await
+        .expect("json");
+        let dead_letters = records["deliveries"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if dead_letters.len() >= 2 || Instant::now() > deadline {
+            break (records, dead_letters);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(dead_letters.len(), 2, "{records}");
     assert!(
         dead_letters.iter().all(
