@@ -11,7 +11,7 @@
 //!
 //! A segment is deleted once every delivery in it has finished and every older segment is gone
 //! (so a tombstone never outlives a segment it refers to). When the segments on disk pass
-//! [`COMPACT_AFTER`] bytes while the oldest still holds unfinished deliveries (a webhook that
+//! [`COMPACT_AFTER`] segments' worth of bytes while the oldest still holds unfinished deliveries (a webhook that
 //! is down), those are copied into the newest segment under their own sequence numbers and the
 //! oldest is deleted: the log holds the backlog plus a bounded amount of finished entries.
 
@@ -28,8 +28,9 @@ use super::StoreError;
 
 /// A segment is closed and a new one started once it holds this many bytes.
 const SEGMENT_BYTES: u64 = 16 << 20;
-/// Past this many bytes of segments the oldest one's unfinished deliveries are copied forward.
-const COMPACT_AFTER: u64 = 4 * SEGMENT_BYTES;
+/// Past this many segments' worth of bytes the oldest one's unfinished deliveries are copied
+/// forward.
+const COMPACT_AFTER: u64 = 4;
 /// The first four bytes of every frame.
 const MAGIC: u32 = 0x4842_4c31;
 const HEADER: usize = 16;
@@ -167,6 +168,8 @@ pub(super) struct Log {
     frame: Vec<u8>,
     /// Tombstones waiting to be written (see [`Log::write_tombstones`]).
     tombstones: Vec<u64>,
+    /// [`SEGMENT_BYTES`] (smaller in tests).
+    segment_bytes: u64,
 }
 
 fn segment_path(dir: &Path, first: u64) -> PathBuf {
@@ -254,6 +257,10 @@ impl Log {
     /// with nothing unfinished. Returns the log, a reader, and the lowest sequence number that
     /// no entry has.
     pub(super) fn open(dir: &Path) -> Result<(Log, LogReader, u64), StoreError> {
+        Self::open_sized(dir, SEGMENT_BYTES)
+    }
+
+    fn open_sized(dir: &Path, segment_bytes: u64) -> Result<(Log, LogReader, u64), StoreError> {
         let mut firsts: Vec<u64> = std::fs::read_dir(dir)
             .map_err(|e| io("reading", dir, e))?
             .filter_map(|entry| {
@@ -351,6 +358,7 @@ impl Log {
             head_len,
             frame: Vec::new(),
             tombstones: Vec::new(),
+            segment_bytes,
         };
         log.drop_finished()?;
         Ok((log, LogReader { index }, next_seq))
@@ -366,7 +374,7 @@ impl Log {
         &mut self,
         rows: impl Iterator<Item = (u64, &'a str, &'a [u8])> + Clone,
     ) -> Result<(), StoreError> {
-        if self.head_len >= SEGMENT_BYTES
+        if self.head_len >= self.segment_bytes
             && let Some((first, _, _)) = rows.clone().next()
         {
             self.rotate(first)?;
@@ -520,7 +528,7 @@ impl Log {
                 return Ok(());
             }
             if live > 0 {
-                if total <= COMPACT_AFTER {
+                if total <= COMPACT_AFTER * self.segment_bytes {
                     return Ok(());
                 }
                 self.copy_forward(first)?;
@@ -588,4 +596,134 @@ fn create_segment(dir: &Path, first: u64) -> Result<File, StoreError> {
         .and_then(|d| d.sync_all())
         .map_err(|e| io("syncing", dir, e))?;
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segments(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .expect("dir")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("backlog-"))
+            })
+            .count()
+    }
+
+    fn seqs(reader: &LogReader, webhook: &str) -> Vec<u64> {
+        reader
+            .load(webhook, 0, usize::MAX)
+            .expect("load")
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect()
+    }
+
+    #[test]
+    fn unfinished_entries_survive_a_reopen_and_finished_ones_do_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut log, reader, next) = Log::open(dir.path()).expect("open");
+        assert_eq!(next, 1);
+        log.append(
+            [
+                (1, "ns/a", &b"one"[..]),
+                (2, "ns/b", b"two"),
+                (3, "ns/a", b"three"),
+            ]
+            .into_iter(),
+        )
+        .expect("append");
+        assert_eq!(
+            reader.load("ns/a", 0, 10).expect("load"),
+            vec![(1, b"one".to_vec()), (3, b"three".to_vec())]
+        );
+        assert_eq!(
+            reader.load("ns/a", 1, 10).expect("load"),
+            vec![(3, b"three".to_vec())]
+        );
+        log.finish("ns/a", 1);
+        assert_eq!(seqs(&reader, "ns/a"), vec![3], "out of the index at once");
+        log.write_tombstones(true).expect("tombstones");
+        drop((log, reader));
+        let (_log, reader, next) = Log::open(dir.path()).expect("reopen");
+        assert_eq!(next, 4, "numbers go on after the highest written");
+        assert_eq!(seqs(&reader, "ns/a"), vec![3]);
+        assert_eq!(
+            reader.counts(),
+            vec![("ns/a".to_string(), 1), ("ns/b".to_string(), 1)]
+        );
+    }
+
+    #[test]
+    fn a_write_cut_short_is_dropped_and_what_came_before_is_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut log, reader, _) = Log::open(dir.path()).expect("open");
+        log.append([(1, "ns/a", &b"kept"[..])].into_iter())
+            .expect("append");
+        drop((log, reader));
+        // A crash in the middle of the next frame: its header and part of its payload.
+        let path = segment_path(dir.path(), 1);
+        let whole = std::fs::metadata(&path).expect("segment").len();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open segment");
+        std::io::Write::write_all(&mut file, &MAGIC.to_le_bytes()).expect("write");
+        std::io::Write::write_all(&mut file, &[200, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2])
+            .expect("write");
+        drop(file);
+        let (mut log, reader, next) = Log::open(dir.path()).expect("reopen");
+        assert_eq!(seqs(&reader, "ns/a"), vec![1]);
+        assert_eq!(
+            std::fs::metadata(&path).expect("segment").len(),
+            whole,
+            "cut back"
+        );
+        log.append([(next, "ns/a", &b"after"[..])].into_iter())
+            .expect("append");
+        drop((log, reader));
+        let (_log, reader, _) = Log::open(dir.path()).expect("reopen");
+        assert_eq!(
+            reader.load("ns/a", 0, 10).expect("load"),
+            vec![(1, b"kept".to_vec()), (next, b"after".to_vec())],
+            "a frame written after the cut is read"
+        );
+    }
+
+    #[test]
+    fn finished_segments_are_deleted_and_a_stuck_backlog_is_copied_forward() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut log, reader, _) = Log::open_sized(dir.path(), 1024).expect("open");
+        let body = vec![b'x'; 200];
+        let mut stuck = Vec::new();
+        let mut most = 0;
+        for seq in 1..=400u64 {
+            // Every tenth delivery is for a webhook that never answers.
+            let webhook = if seq % 10 == 0 { "ns/down" } else { "ns/up" };
+            log.append([(seq, webhook, body.as_slice())].into_iter())
+                .expect("append");
+            if webhook == "ns/up" {
+                log.finish(webhook, seq);
+            } else {
+                stuck.push(seq);
+            }
+            log.write_tombstones(false).expect("tombstones");
+            most = most.max(segments(dir.path()));
+        }
+        assert_eq!(seqs(&reader, "ns/down"), stuck);
+        assert!(seqs(&reader, "ns/up").is_empty());
+        // 40 stuck deliveries of 200 bytes fill about 8 segments of 1 KiB: the log holds them
+        // plus a bounded number of segments of finished ones, not all 400.
+        assert!(most <= 20, "{most} segments at most");
+        drop((log, reader));
+        let (_log, reader, next) = Log::open_sized(dir.path(), 1024).expect("reopen");
+        assert_eq!(seqs(&reader, "ns/down"), stuck, "in order, once each");
+        assert!(seqs(&reader, "ns/up").is_empty());
+        assert_eq!(next, 401);
+        for (seq, bytes) in reader.load("ns/down", 0, usize::MAX).expect("load") {
+            assert_eq!(bytes, body, "content of {seq}");
+        }
+    }
 }
