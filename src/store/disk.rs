@@ -119,7 +119,7 @@ enum Op {
     /// Accepted deliveries (webhook and JSON), answered with their sequence numbers once durable
     /// (after `hand_over` was called with them).
     Append {
-        rows: Vec<(ObjectKey, Vec<u8>)>,
+        rows: Vec<(String, Vec<u8>)>,
         hand_over: Option<HandOver>,
         reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
     },
@@ -243,7 +243,7 @@ impl DiskStore {
     ) -> Result<Vec<u64>, StoreError> {
         let rows = deliveries
             .iter()
-            .map(|d| (d.webhook.clone(), encode(d)))
+            .map(|d| (d.webhook.to_string(), encode(d)))
             .collect();
         let (reply, answer) = oneshot::channel();
         self.send(Op::Append {
@@ -479,34 +479,21 @@ impl Writer {
     /// Numbers the batch's accepted deliveries and writes them to the log, durably.
     fn append(&mut self, ops: &[Op]) -> Result<Vec<Vec<u64>>, StoreError> {
         let mut seqs = Vec::new();
-        let mut names: Vec<String> = Vec::new();
-        let mut rows: Vec<(u64, usize, &[u8])> = Vec::new();
-        let mut name = String::new();
+        let mut rows: Vec<(u64, &str, &[u8])> = Vec::new();
         for op in ops {
             if let Op::Append { rows: appended, .. } = op {
                 let mut assigned = Vec::with_capacity(appended.len());
                 for (webhook, bytes) in appended {
                     let seq = self.next_seq;
                     self.next_seq += 1;
-                    set_name(&mut name, webhook);
-                    let at = match names.iter().rposition(|n| *n == name) {
-                        Some(at) => at,
-                        None => {
-                            names.push(name.clone());
-                            names.len() - 1
-                        }
-                    };
-                    rows.push((seq, at, bytes.as_slice()));
+                    rows.push((seq, webhook.as_str(), bytes.as_slice()));
                     assigned.push(seq);
                 }
                 seqs.push(assigned);
             }
         }
         if !rows.is_empty() {
-            self.log.append(
-                rows.iter()
-                    .map(|(seq, at, bytes)| (*seq, names[*at].as_str(), *bytes)),
-            )?;
+            self.log.append(rows.iter().copied())?;
         }
         Ok(seqs)
     }
