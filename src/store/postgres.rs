@@ -28,8 +28,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DeliveryRecord, HandOver, RecordClass, RecordFilter, RecordLimits, StoreError, decode, encode,
-    writer_stopped, written,
+    DeliveryRecord, HandOver, RecordClass, RecordFilter, RecordLimits, RetrySchedule, StoreError,
+    decode, encode, writer_stopped, written,
 };
 use crate::object::ObjectKey;
 use crate::outgoing::Delivery;
@@ -76,9 +76,10 @@ const MIGRATION_LOCK: i64 = 0x6865_7261_6c64;
 const MAX_BATCH: usize = 4096;
 
 /// The schema, one entry per version, applied in order and each once.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE herald_backlog (
     id bigserial PRIMARY KEY,
     webhook text COLLATE "C" NOT NULL,
@@ -102,7 +103,17 @@ CREATE TABLE herald_records (
 );
 CREATE INDEX herald_records_by_webhook ON herald_records (webhook, class, id);
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+ALTER TABLE herald_backlog
+    ADD COLUMN attempts integer NOT NULL DEFAULT 0,
+    ADD COLUMN first_attempt_at timestamptz,
+    ADD COLUMN retry_at timestamptz;
+"#,
+    ),
+];
 
 fn pg<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Database(format!("PostgreSQL: {e}"))
@@ -129,6 +140,8 @@ enum Op {
     },
     /// A finished delivery: its row deleted where the claim still matches, then recorded.
     Finish(Finished),
+    /// A retry scheduled: written into the row where the claim still matches.
+    Retry(Retrying),
     /// Answers once everything before it is written.
     Flush(oneshot::Sender<Result<(), StoreError>>),
 }
@@ -141,6 +154,13 @@ struct Finished {
     class: i16,
     outcome: &'static str,
     body: Vec<u8>,
+}
+
+/// A delivery's retry schedule, for its row under the claim it was tried with.
+struct Retrying {
+    row: i64,
+    claim: i64,
+    schedule: RetrySchedule,
 }
 
 /// The claims this replica holds: row id to claim id.
@@ -159,6 +179,8 @@ pub(super) struct PostgresStore {
     owner: i64,
     held: Arc<Held>,
     owned: Arc<Owned>,
+    /// The retry schedules found in rows this replica claimed, until their worker takes them.
+    resumed: Mutex<HashMap<i64, RetrySchedule>>,
     /// Webhooks named by notifications since the engine last asked (see
     /// [`PostgresStore::take_notified`]).
     notified: Arc<Mutex<HashSet<String>>>,
@@ -178,6 +200,19 @@ impl Drop for PostgresStore {
 
 fn seconds(d: Duration) -> f64 {
     d.as_secs_f64()
+}
+
+/// The retry schedule in a claimed row (`attempts, first_attempt_at, retry_at` after `id,
+/// body`), when a replica tried the delivery before.
+fn stored_schedule(row: &tokio_postgres::Row) -> Option<RetrySchedule> {
+    let attempts: i32 = row.get(2);
+    let first_attempt: Option<std::time::SystemTime> = row.get(3);
+    let next_attempt: Option<std::time::SystemTime> = row.get(4);
+    Some(RetrySchedule {
+        attempts: u32::try_from(attempts).ok().filter(|a| *a > 0)?,
+        first_attempt: first_attempt?,
+        next_attempt: next_attempt?,
+    })
 }
 
 impl PostgresStore {
@@ -218,6 +253,7 @@ impl PostgresStore {
             owner: rand::random::<i64>(),
             held: Arc::default(),
             owned: Arc::default(),
+            resumed: Mutex::default(),
             notified: Arc::default(),
             writer,
             healthy: Arc::new(AtomicBool::new(true)),
@@ -357,7 +393,7 @@ impl PostgresStore {
                  WHERE id IN (SELECT id FROM herald_backlog \
                      WHERE webhook = $1 AND (claim_id IS NULL OR lease_until < now()) \
                      ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) \
-                 RETURNING id, body",
+                 RETURNING id, body, attempts, first_attempt_at, retry_at",
                 &[&name, &claim, &lease, &limit],
             )
             .await
@@ -377,9 +413,13 @@ impl PostgresStore {
         let mut found = Vec::with_capacity(rows.len());
         {
             let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            let mut resumed = self.resumed.lock().unwrap_or_else(|e| e.into_inner());
             for row in &rows {
                 let id: i64 = row.get(0);
                 held.insert(id, claim);
+                if let Some(schedule) = stored_schedule(row) {
+                    resumed.insert(id, schedule);
+                }
             }
         }
         for row in rows {
@@ -399,7 +439,39 @@ impl PostgresStore {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
+            self.resumed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
         }
+    }
+
+    /// Queues a delivery's retry schedule for its row, under this replica's claim.
+    pub(super) fn retrying(&self, seq: u64, schedule: RetrySchedule) {
+        let Ok(row) = i64::try_from(seq) else { return };
+        let claim = self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&row)
+            .copied();
+        if let Some(claim) = claim {
+            // A stopped writer loses only the schedule: the delivery itself stays in its row.
+            let _ = self.send(Op::Retry(Retrying {
+                row,
+                claim,
+                schedule,
+            }));
+        }
+    }
+
+    /// The retry schedule found in a row this replica claimed, taken once.
+    pub(super) fn resumed(&self, seq: u64) -> Option<RetrySchedule> {
+        let row = i64::try_from(seq).ok()?;
+        self.resumed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&row)
     }
 
     /// Forgets that this replica holds a webhook's lease: its new rows are written unclaimed.
@@ -418,6 +490,10 @@ impl PostgresStore {
         record: DeliveryRecord,
     ) -> Result<(), StoreError> {
         let row = seq.and_then(|s| i64::try_from(s).ok()).map(|id| {
+            self.resumed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
             let claim = self
                 .held
                 .lock()
@@ -502,6 +578,12 @@ impl PostgresStore {
             ));
         }
         Ok(out)
+    }
+
+    /// How often to look for webhooks no replica has: twice per lease (once a minute with the
+    /// default lease of 30 s), so that their rows go soon after the grace of ten leases.
+    pub(super) fn orphan_sweep_every(&self) -> Duration {
+        self.options.lease * 2
     }
 
     /// Webhooks whose rows nobody has claimed for ten leases while no replica held the
@@ -701,6 +783,7 @@ impl Writer {
     async fn commit(&mut self, batch: &mut Vec<Op>) {
         let mut appends = Appends::default();
         let mut flushes = Vec::new();
+        let mut retries = Vec::new();
         let mut finishes = std::mem::take(&mut self.carried);
         for op in batch.drain(..) {
             match op {
@@ -716,6 +799,7 @@ impl Writer {
                 }
                 Op::Finish(finished) => finishes.push(finished),
                 Op::Flush(reply) => flushes.push(reply),
+                Op::Retry(retrying) => retries.push(retrying),
             }
         }
         let claim = self.claim;
@@ -724,7 +808,14 @@ impl Writer {
             .iter()
             .map(|claimed| claimed.then_some(claim))
             .collect();
-        let written = write(&self.pool, &appends.rows, &claims, self.lease, &finishes);
+        let written = write(
+            &self.pool,
+            &appends.rows,
+            &claims,
+            self.lease,
+            &finishes,
+            &retries,
+        );
         let result = tokio::time::timeout(self.timeout, written)
             .await
             .unwrap_or_else(|_| {
@@ -787,12 +878,14 @@ async fn write(
     claims: &[Option<i64>],
     lease: Duration,
     finishes: &[Finished],
+    retries: &[Retrying],
 ) -> Result<Vec<u64>, StoreError> {
     let mut client = pool.get().await.map_err(pg)?;
     let txn = client.transaction().await.map_err(|e| pg_error(&e))?;
-    let (ids, deleted) = futures::try_join!(
+    let (ids, deleted, ()) = futures::try_join!(
         insert_rows(&txn, appends, claims, lease),
         delete_finished(&txn, finishes),
+        update_retries(&txn, retries),
     )?;
     insert_records(&txn, finishes, &deleted).await?;
     txn.commit().await.map_err(|e| pg_error(&e))?;
@@ -882,6 +975,38 @@ async fn delete_finished(
         .await
         .map_err(|e| pg_error(&e))?;
     Ok(gone.iter().map(|r| r.get::<_, i64>(0)).collect())
+}
+
+/// Writes scheduled retries into their rows where the claim still matches.
+async fn update_retries(
+    txn: &deadpool_postgres::Transaction<'_>,
+    retries: &[Retrying],
+) -> Result<(), StoreError> {
+    if retries.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<i64> = retries.iter().map(|r| r.row).collect();
+    let claims: Vec<i64> = retries.iter().map(|r| r.claim).collect();
+    let attempts: Vec<i32> = retries
+        .iter()
+        .map(|r| i32::try_from(r.schedule.attempts).unwrap_or(i32::MAX))
+        .collect();
+    let first: Vec<std::time::SystemTime> =
+        retries.iter().map(|r| r.schedule.first_attempt).collect();
+    let next: Vec<std::time::SystemTime> =
+        retries.iter().map(|r| r.schedule.next_attempt).collect();
+    let update = prepared(
+        txn,
+        "UPDATE herald_backlog b SET attempts = r.attempts, first_attempt_at = r.first, retry_at = r.next \
+         FROM unnest($1::bigint[], $2::bigint[], $3::int4[], $4::timestamptz[], $5::timestamptz[]) \
+             AS r(id, claim, attempts, first, next) \
+         WHERE b.id = r.id AND b.claim_id = r.claim",
+    )
+    .await?;
+    txn.execute(&update, &[&rows, &claims, &attempts, &first, &next])
+        .await
+        .map_err(|e| pg_error(&e))?;
+    Ok(())
 }
 
 /// Records the finished deliveries whose row was deleted (or that had none); a finish whose
