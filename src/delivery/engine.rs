@@ -1050,10 +1050,8 @@ impl Engine {
             // Notifications do not put the poll off: it also refreshes the counts.
             let mut poll = tokio::time::interval(every);
             poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut sweep = tokio::time::interval_at(
-                tokio::time::Instant::now() + sweep_every,
-                sweep_every,
-            );
+            let mut sweep =
+                tokio::time::interval_at(tokio::time::Instant::now() + sweep_every, sweep_every);
             sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let notified = tokio::select! {
@@ -1560,10 +1558,15 @@ async fn deliver(
     let mut attempt = 0u32;
     if let Some(schedule) = resumed {
         let now = SystemTime::now();
-        let since_first = now.duration_since(schedule.first_attempt).unwrap_or_default();
+        let since_first = now
+            .duration_since(schedule.first_attempt)
+            .unwrap_or_default();
         started = started.checked_sub(since_first).unwrap_or(started);
         attempt = schedule.attempts;
-        let wait = schedule.next_attempt.duration_since(now).unwrap_or_default();
+        let wait = schedule
+            .next_attempt
+            .duration_since(now)
+            .unwrap_or_default();
         tracing::debug!(webhook = %delivery.webhook, delivery = %delivery.id, attempts = attempt, ?wait, "continuing the retries of a delivery taken over");
         tokio::select! {
             () = cancel.cancelled() => return leave_or_drop_all(shared, jobs),

@@ -166,10 +166,18 @@ struct Retrying {
 /// The claims this replica holds: row id to claim id.
 type Held = Mutex<HashMap<i64, i64>>;
 
-/// The webhooks whose lease this replica holds, each with the time until which it surely holds
-/// it (half a lease after the last successful take or renewal): their new rows are written
-/// already claimed.
-type Owned = Mutex<HashMap<String, Instant>>;
+/// The webhooks whose lease this replica holds: their new rows are written already claimed.
+type Owned = Mutex<HashMap<String, OwnedWebhook>>;
+
+/// A webhook whose lease this replica holds.
+#[derive(Clone, Copy)]
+struct OwnedWebhook {
+    /// Until when it surely holds it: half a lease after the last successful take or renewal.
+    until: Instant,
+    /// When it last wrote or claimed one of its rows: a webhook idle for a lease is given back
+    /// (by the renewal), so that any replica may take it.
+    used: Instant,
+}
 
 /// The PostgreSQL store.
 pub(super) struct PostgresStore {
@@ -271,6 +279,7 @@ impl PostgresStore {
                 claim: rand::random::<i64>(),
                 lease: store.options.lease,
                 carried: Vec::new(),
+                client: None,
             }
             .run(ops, store.stop.clone()),
         );
@@ -338,10 +347,16 @@ impl PostgresStore {
             .collect();
         let claimed = match &hand_over {
             Some(_) => {
-                let owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+                let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
                 let now = Instant::now();
                 rows.iter()
-                    .map(|(webhook, _)| owned.get(webhook).is_some_and(|until| *until > now))
+                    .map(|(webhook, _)| match owned.get_mut(webhook) {
+                        Some(held) if held.until > now => {
+                            held.used = now;
+                            true
+                        }
+                        _ => false,
+                    })
                     .collect()
             }
             None => vec![false; rows.len()],
@@ -366,49 +381,51 @@ impl PostgresStore {
         let name = webhook.to_string();
         let lease = seconds(self.options.lease);
         let client = self.pool.get().await.map_err(pg)?;
+        let take_lease = client.prepare_cached(
+            "INSERT INTO herald_webhook_leases (webhook, owner, lease_until) \
+             VALUES ($1, $2, now() + make_interval(secs => $3::float8)) \
+             ON CONFLICT (webhook) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until \
+             WHERE herald_webhook_leases.owner = excluded.owner OR herald_webhook_leases.lease_until < now() \
+             RETURNING owner",
+        );
+        let take_rows = client.prepare_cached(
+            "UPDATE herald_backlog SET claim_id = $2, lease_until = now() + make_interval(secs => $3::float8) \
+             WHERE id IN (SELECT id FROM herald_backlog \
+                 WHERE webhook = $1 AND (claim_id IS NULL OR lease_until < now()) \
+                 ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, body, attempts, first_attempt_at, retry_at",
+        );
+        let (take_lease, take_rows) =
+            futures::try_join!(take_lease, take_rows).map_err(|e| pg_error(&e))?;
+        let started = Instant::now();
         let owned = client
-            .query_opt(
-                "INSERT INTO herald_webhook_leases (webhook, owner, lease_until) \
-                 VALUES ($1, $2, now() + make_interval(secs => $3::float8)) \
-                 ON CONFLICT (webhook) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until \
-                 WHERE herald_webhook_leases.owner = excluded.owner OR herald_webhook_leases.lease_until < now() \
-                 RETURNING owner",
-                &[&name, &self.owner, &lease],
-            )
+            .query_opt(&take_lease, &[&name, &self.owner, &lease])
             .await
             .map_err(|e| pg_error(&e))?;
         if owned.is_none() {
             self.disown(&name);
             return Ok(Vec::new());
         }
-        self.owned
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.clone(), Instant::now() + self.options.lease / 2);
         let claim = rand::random::<i64>();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = client
-            .query(
-                "UPDATE herald_backlog SET claim_id = $2, lease_until = now() + make_interval(secs => $3::float8) \
-                 WHERE id IN (SELECT id FROM herald_backlog \
-                     WHERE webhook = $1 AND (claim_id IS NULL OR lease_until < now()) \
-                     ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) \
-                 RETURNING id, body, attempts, first_attempt_at, retry_at",
-                &[&name, &claim, &lease, &limit],
-            )
+            .query(&take_rows, &[&name, &claim, &lease, &limit])
             .await
             .map_err(|e| pg_error(&e))?;
-        if rows.is_empty() {
-            // Nothing left to claim: the webhook is free for whichever replica finds more.
-            self.disown(&name);
-            client
-                .execute(
-                    "DELETE FROM herald_webhook_leases WHERE webhook = $1 AND owner = $2",
-                    &[&name, &self.owner],
-                )
-                .await
-                .map_err(|e| pg_error(&e))?;
-            return Ok(Vec::new());
+        {
+            // Held until half a lease after it was taken; kept after a claim that found
+            // nothing (given back once idle for a lease, see `renew_leases`), so that a
+            // wakeup for rows this worker already holds does not give the webhook away.
+            let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+            let until = started + self.options.lease / 2;
+            let entry = owned.entry(name.clone()).or_insert(OwnedWebhook {
+                until,
+                used: started,
+            });
+            entry.until = entry.until.max(until);
+            if !rows.is_empty() {
+                entry.used = started;
+            }
         }
         let mut found = Vec::with_capacity(rows.len());
         {
@@ -745,6 +762,9 @@ struct Writer {
     lease: Duration,
     /// Finishes whose write failed, tried again with the next batch.
     carried: Vec<Finished>,
+    /// The writer's own connection, kept between transactions (so that group commits never
+    /// wait for a connection behind claims), given up when a write fails.
+    client: Option<deadpool_postgres::Client>,
 }
 
 /// Where a request's row ids (or the failure) go.
@@ -808,14 +828,20 @@ impl Writer {
             .iter()
             .map(|claimed| claimed.then_some(claim))
             .collect();
-        let written = write(
-            &self.pool,
-            &appends.rows,
-            &claims,
-            self.lease,
-            &finishes,
-            &retries,
-        );
+        let written = async {
+            let client = match &mut self.client {
+                Some(client) => client,
+                client => client.insert(self.pool.get().await.map_err(pg)?),
+            };
+            let batch = Batch {
+                appends: &appends.rows,
+                claims: &claims,
+                lease: self.lease,
+                finishes: &finishes,
+                retries: &retries,
+            };
+            write(client, &batch).await
+        };
         let result = tokio::time::timeout(self.timeout, written)
             .await
             .unwrap_or_else(|_| {
@@ -824,6 +850,9 @@ impl Writer {
                     self.timeout
                 )))
             });
+        if result.is_err() {
+            self.client = None;
+        }
         self.healthy.store(result.is_ok(), Ordering::Release);
         match result {
             Ok(ids) => {
@@ -866,28 +895,45 @@ impl Writer {
     }
 }
 
-/// One transaction: the appends (their row ids returned in order; a row with a claim written
-/// claimed by it, with a lease), the finishes (rows deleted where the claim matches, records
-/// written for those and for deliveries without a row), and one notification per webhook with
-/// new unclaimed rows. Statements are prepared once per connection, and the insert, the
-/// notification and the delete are sent together (pipelined on the connection), so a
-/// transaction costs four round trips: begin, those three, the records, commit.
-async fn write(
-    pool: &Pool,
-    appends: &[(String, Vec<u8>)],
-    claims: &[Option<i64>],
+/// What one transaction writes.
+struct Batch<'a> {
+    /// Accepted deliveries: webhook and body.
+    appends: &'a [(String, Vec<u8>)],
+    /// Per append, the claim it is written under (`None`: unclaimed).
+    claims: &'a [Option<i64>],
     lease: Duration,
-    finishes: &[Finished],
-    retries: &[Retrying],
+    finishes: &'a [Finished],
+    retries: &'a [Retrying],
+}
+
+/// One transaction: the appends (their row ids returned in order; a row with a claim written
+/// claimed by it, with a lease), one notification per webhook with new unclaimed rows, the
+/// finishes (rows deleted where the claim matches and, in the same statement, records written
+/// for those and for deliveries without a row) and the retry schedules. Statements are
+/// prepared once per connection and sent together (pipelined on the connection), so a
+/// transaction costs three round trips: begin, the statements, commit. A transaction without
+/// appends is committed without waiting for the WAL flush: nobody waits for it, and a finish
+/// lost in a crash only means the delivery is sent again with the same Idempotency-Key.
+async fn write(
+    client: &mut deadpool_postgres::Client,
+    batch: &Batch<'_>,
 ) -> Result<Vec<u64>, StoreError> {
-    let mut client = pool.get().await.map_err(pg)?;
     let txn = client.transaction().await.map_err(|e| pg_error(&e))?;
-    let (ids, deleted, ()) = futures::try_join!(
-        insert_rows(&txn, appends, claims, lease),
-        delete_finished(&txn, finishes),
-        update_retries(&txn, retries),
+    let relaxed = async {
+        if batch.appends.is_empty() {
+            txn.batch_execute("SET LOCAL synchronous_commit = off")
+                .await
+                .map_err(|e| pg_error(&e))?;
+        }
+        Ok(())
+    };
+    let (ids, deleted, (), ()) = futures::try_join!(
+        insert_rows(&txn, batch.appends, batch.claims, batch.lease),
+        finish_rows(&txn, batch.finishes),
+        update_retries(&txn, batch.retries),
+        relaxed,
     )?;
-    insert_records(&txn, finishes, &deleted).await?;
+    warn_refused(batch.finishes, &deleted);
     txn.commit().await.map_err(|e| pg_error(&e))?;
     Ok(ids)
 }
@@ -953,28 +999,75 @@ async fn insert_rows(
         .collect())
 }
 
-/// Deletes the rows of finished deliveries where this replica's claim still holds; the ids
-/// deleted.
-async fn delete_finished(
+/// Deletes the rows of finished deliveries where this replica's claim still holds and, in the
+/// same statement, records those and the deliveries that had no row (one record per id: a
+/// replay finishing twice in a batch keeps the last); the ids deleted.
+async fn finish_rows(
     txn: &deadpool_postgres::Transaction<'_>,
     finishes: &[Finished],
 ) -> Result<HashSet<i64>, StoreError> {
-    let (rows, claims): (Vec<i64>, Vec<Option<i64>>) =
-        finishes.iter().filter_map(|f| f.row).unzip();
-    if rows.is_empty() {
+    if finishes.is_empty() {
         return Ok(HashSet::new());
     }
-    let delete = prepared(
+    let (rows, claims): (Vec<i64>, Vec<Option<i64>>) =
+        finishes.iter().filter_map(|f| f.row).unzip();
+    let mut records: BTreeMap<&str, &Finished> = BTreeMap::new();
+    for finished in finishes {
+        records.insert(finished.id.as_str(), finished);
+    }
+    let ids: Vec<&str> = records.keys().copied().collect();
+    let webhooks: Vec<&str> = records.values().map(|f| f.webhook.as_str()).collect();
+    let classes: Vec<i16> = records.values().map(|f| f.class).collect();
+    let outcomes: Vec<&str> = records.values().map(|f| f.outcome).collect();
+    let bodies: Vec<&[u8]> = records.values().map(|f| f.body.as_slice()).collect();
+    let record_rows: Vec<Option<i64>> = records.values().map(|f| f.row.map(|(id, _)| id)).collect();
+    let finish = prepared(
         txn,
-        "DELETE FROM herald_backlog b USING unnest($1::bigint[], $2::bigint[]) AS f(id, claim) \
-         WHERE b.id = f.id AND b.claim_id IS NOT DISTINCT FROM f.claim RETURNING b.id",
+        "WITH gone AS (\
+             DELETE FROM herald_backlog b USING unnest($1::bigint[], $2::bigint[]) AS f(id, claim) \
+             WHERE b.id = f.id AND b.claim_id IS NOT DISTINCT FROM f.claim RETURNING b.id), \
+         recorded AS (\
+             INSERT INTO herald_records (id, webhook, class, outcome, body) \
+             SELECT r.id, r.webhook, r.class, r.outcome, r.body \
+             FROM unnest($3::text[], $4::text[], $5::int2[], $6::text[], $7::bytea[], $8::bigint[]) \
+                 AS r(id, webhook, class, outcome, body, row) \
+             WHERE r.row IS NULL OR r.row IN (SELECT id FROM gone) \
+             ON CONFLICT (id) DO UPDATE SET webhook = excluded.webhook, class = excluded.class, \
+                 outcome = excluded.outcome, body = excluded.body) \
+         SELECT id FROM gone",
     )
     .await?;
     let gone = txn
-        .query(&delete, &[&rows, &claims])
+        .query(
+            &finish,
+            &[
+                &rows,
+                &claims,
+                &ids,
+                &webhooks,
+                &classes,
+                &outcomes,
+                &bodies,
+                &record_rows,
+            ],
+        )
         .await
         .map_err(|e| pg_error(&e))?;
     Ok(gone.iter().map(|r| r.get::<_, i64>(0)).collect())
+}
+
+/// Logs the finishes refused because this replica's claim on them was lost.
+fn warn_refused(finishes: &[Finished], deleted: &HashSet<i64>) {
+    for finished in finishes {
+        if let Some((row, _)) = finished.row
+            && !deleted.contains(&row)
+        {
+            tracing::warn!(
+                delivery = %finished.id, webhook = %finished.webhook,
+                "finish refused: this replica's claim on the delivery was lost (its lease ran out and another replica took it over)"
+            );
+        }
+    }
 }
 
 /// Writes scheduled retries into their rows where the claim still matches.
@@ -1009,52 +1102,8 @@ async fn update_retries(
     Ok(())
 }
 
-/// Records the finished deliveries whose row was deleted (or that had none); a finish whose
-/// claim was lost is refused.
-async fn insert_records(
-    txn: &deadpool_postgres::Transaction<'_>,
-    finishes: &[Finished],
-    deleted: &HashSet<i64>,
-) -> Result<(), StoreError> {
-    // One record per id (a replay finishing twice in a batch keeps the last).
-    let mut records: BTreeMap<&str, &Finished> = BTreeMap::new();
-    for finished in finishes {
-        match finished.row {
-            Some((row, _)) if !deleted.contains(&row) => {
-                tracing::warn!(
-                    delivery = %finished.id, webhook = %finished.webhook,
-                    "finish refused: this replica's claim on the delivery was lost (its lease ran out and another replica took it over)"
-                );
-            }
-            _ => {
-                records.insert(finished.id.as_str(), finished);
-            }
-        }
-    }
-    if records.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<&str> = records.keys().copied().collect();
-    let webhooks: Vec<&str> = records.values().map(|f| f.webhook.as_str()).collect();
-    let classes: Vec<i16> = records.values().map(|f| f.class).collect();
-    let outcomes: Vec<&str> = records.values().map(|f| f.outcome).collect();
-    let bodies: Vec<&[u8]> = records.values().map(|f| f.body.as_slice()).collect();
-    let record = prepared(
-        txn,
-        "INSERT INTO herald_records (id, webhook, class, outcome, body) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::text[], $5::bytea[]) \
-         ON CONFLICT (id) DO UPDATE SET webhook = excluded.webhook, class = excluded.class, \
-         outcome = excluded.outcome, body = excluded.body",
-    )
-    .await?;
-    txn.execute(&record, &[&ids, &webhooks, &classes, &outcomes, &bodies])
-        .await
-        .map_err(|e| pg_error(&e))?;
-    Ok(())
-}
-
 /// Renews the leases of every claim this replica holds, and of its webhooks, a few times per
-/// lease.
+/// lease; gives back the leases of webhooks it has not used for a lease.
 async fn renew_leases(
     pool: Pool,
     held: Arc<Held>,
@@ -1076,17 +1125,43 @@ async fn renew_leases(
             claims.dedup();
             claims
         };
+        let idle: Vec<String> = {
+            let mut owned = owned.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let idle: Vec<String> = owned
+                .iter()
+                .filter(|(_, w)| now.duration_since(w.used) > lease)
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in &idle {
+                owned.remove(name);
+            }
+            idle
+        };
         let started = Instant::now();
         let renewed = async {
             let client = pool.get().await.map_err(pg)?;
             let secs = seconds(lease);
-            client
-                .execute(
-                    "UPDATE herald_webhook_leases SET lease_until = now() + make_interval(secs => $2::float8) WHERE owner = $1",
+            if !idle.is_empty() {
+                client
+                    .execute(
+                        "DELETE FROM herald_webhook_leases WHERE owner = $1 AND webhook = ANY($2)",
+                        &[&owner, &idle],
+                    )
+                    .await
+                    .map_err(|e| pg_error(&e))?;
+            }
+            let renewed: HashSet<String> = client
+                .query(
+                    "UPDATE herald_webhook_leases SET lease_until = now() + make_interval(secs => $2::float8) \
+                     WHERE owner = $1 RETURNING webhook",
                     &[&owner, &secs],
                 )
                 .await
-                .map_err(|e| pg_error(&e))?;
+                .map_err(|e| pg_error(&e))?
+                .iter()
+                .map(|row| row.get::<_, String>(0))
+                .collect();
             if !claims.is_empty() {
                 client
                     .execute(
@@ -1096,17 +1171,29 @@ async fn renew_leases(
                     .await
                     .map_err(|e| pg_error(&e))?;
             }
-            Ok::<_, StoreError>(())
+            Ok::<_, StoreError>(renewed)
         };
         match tokio::time::timeout(every, renewed)
             .await
             .unwrap_or_else(|_| Err(StoreError::Database("lease renewal timed out".into())))
         {
-            Ok(()) => {
+            Ok(renewed) => {
+                // Only the webhooks whose lease is still this replica's stay held (a lease
+                // given back while a claim took it again is taken again by the next claim).
                 let until = started + lease / 2;
-                for held_until in owned.lock().unwrap_or_else(|e| e.into_inner()).values_mut() {
-                    *held_until = (*held_until).max(until);
-                }
+                owned
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|name, webhook| {
+                        if renewed.contains(name) {
+                            webhook.until = webhook.until.max(until);
+                            true
+                        } else {
+                            // Not this replica's in the table: kept only if a claim took it
+                            // after the renewal started.
+                            webhook.until > until
+                        }
+                    });
             }
             Err(e) => tracing::warn!("cannot renew delivery leases: {e}"),
         }
