@@ -911,27 +911,18 @@ struct Batch<'a> {
 /// finishes (rows deleted where the claim matches and, in the same statement, records written
 /// for those and for deliveries without a row) and the retry schedules. Statements are
 /// prepared once per connection and sent together (pipelined on the connection), so a
-/// transaction costs three round trips: begin, the statements, commit. A transaction without
-/// appends is committed without waiting for the WAL flush: nobody waits for it, and a finish
-/// lost in a crash only means the delivery is sent again with the same Idempotency-Key.
+/// transaction costs three round trips: begin, the statements, commit. Every commit waits for
+/// the WAL flush, finishes alone too: while it waits the next batch gathers (committing
+/// finishes without the wait made many small transactions, more work per delivery).
 async fn write(
     client: &mut deadpool_postgres::Client,
     batch: &Batch<'_>,
 ) -> Result<Vec<u64>, StoreError> {
     let txn = client.transaction().await.map_err(|e| pg_error(&e))?;
-    let relaxed = async {
-        if batch.appends.is_empty() {
-            txn.batch_execute("SET LOCAL synchronous_commit = off")
-                .await
-                .map_err(|e| pg_error(&e))?;
-        }
-        Ok(())
-    };
-    let (ids, deleted, (), ()) = futures::try_join!(
+    let (ids, deleted, ()) = futures::try_join!(
         insert_rows(&txn, batch.appends, batch.claims, batch.lease),
         finish_rows(&txn, batch.finishes),
         update_retries(&txn, batch.retries),
-        relaxed,
     )?;
     warn_refused(batch.finishes, &deleted);
     txn.commit().await.map_err(|e| pg_error(&e))?;
