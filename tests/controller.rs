@@ -1535,3 +1535,78 @@ async fn an_unreadable_secret_shows_in_status_is_retried_and_stalls_no_other_web
         .post_until_delivered(json!({"alertname": "A"}), 4)
         .await;
 }
+
+#[tokio::test]
+async fn a_backlog_near_its_limit_shows_in_ready_and_events_and_recovers() {
+    let client = cluster::client().await;
+    let ns = "backlog";
+    cluster::namespace(&client, ns).await;
+    let sink = Sink::http().await;
+    sink.respond_with(vec![Reply::status(200).held()]);
+    let controller = Controller::start(
+        ns,
+        &[ns],
+        &[
+            "--cluster-namespace",
+            ns,
+            "--events=false",
+            "--backlog-limit",
+            "10",
+        ],
+    )
+    .await;
+    apply(&webhook(ns, "slow", &format!("{{url: '{}'}}", sink.url())));
+    wait_webhook(&client, ns, "slow", "Ready", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    controller
+        .post_until_delivered(json!({"alertname": "First"}), 1)
+        .await;
+    // Nine unfinished deliveries (one per request: a request is one group) of a limit of ten:
+    // past the 80% mark.
+    for i in 0..8 {
+        let reply = controller
+            .post(&[json!({"alertname": format!("A{i}")})])
+            .await;
+        assert_eq!(reply["deliveries"], 1, "{reply}");
+    }
+    let near = wait_webhook(&client, ns, "slow", "BacklogNearLimit", |w| {
+        ready_is(w, "True", "BacklogNearLimit")
+    })
+    .await;
+    let message = near
+        .status
+        .iter()
+        .flat_map(|s| &s.conditions)
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("of its limit of 10"), "{message}");
+    let metrics = reqwest::get(format!("{}/metrics", controller.base))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains(r#"herald_delivery_queue_depth{namespace="backlog",webhook="slow"} 9"#),
+        "{metrics}"
+    );
+    wait_event(&client, ns, "BacklogNearLimit", |e| {
+        e.reason.as_deref() == Some("BacklogNearLimit") && e.type_.as_deref() == Some("Warning")
+    })
+    .await;
+
+    // The endpoint answers again: the backlog drains, Ready says so and a Normal Event follows.
+    sink.release();
+    sink.wait_for(9, WAIT).await;
+    wait_webhook(&client, ns, "slow", "Ready again", |w| {
+        ready_is(w, "True", "Ready")
+    })
+    .await;
+    wait_event(&client, ns, "BacklogRecovered", |e| {
+        e.reason.as_deref() == Some("BacklogRecovered") && e.type_.as_deref() == Some("Normal")
+    })
+    .await;
+}
