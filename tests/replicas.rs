@@ -5,7 +5,9 @@
 //! counted); a replica paused with SIGSTOP past its lease (another takes its claims, and its
 //! late finishes are refused); the database stopped during a flood (503s while it is down,
 //! nothing accepted lost, recovery without restarting Herald); replicas starting together on an
-//! empty database. Figures are printed with `eprintln!`; no test asserts a time.
+//! empty database; the deliveries of a webhook no replica has any more dropped and recorded
+//! after the grace; a replica taking over a delivery that was being retried continues its
+//! retry schedule (attempt count, dead-letter limit). Figures are printed with `eprintln!`; no test asserts a time.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -34,17 +36,19 @@ async fn post(client: &reqwest::Client, url: &str, seq: usize) -> u16 {
     }
 }
 
+/// `herald run` on the database at `url`, with a lease of 2 s and retries for as long as a
+/// test lasts, unless `extra` sets them.
 async fn start_replica(config: &Path, url: &str, extra: &[&str]) -> Running {
-    let mut args = vec![
-        "--database-url",
-        url,
-        "--database-lease",
-        "2s",
-        "--retry-max-attempts",
-        "100000",
-        "--retry-max-elapsed",
-        "10m",
-    ];
+    let mut args = vec!["--database-url", url];
+    for (flag, value) in [
+        ("--database-lease", "2s"),
+        ("--retry-max-attempts", "100000"),
+        ("--retry-max-elapsed", "10m"),
+    ] {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
     args.extend_from_slice(extra);
     Running::start(config, &args).await
 }
@@ -290,10 +294,215 @@ async fn two_replicas_starting_at_once_on_an_empty_database_both_come_up() {
         start_replica(config.path(), &url, &[]),
         start_replica(config.path(), &url, &[])
     );
-    assert_eq!(server.psql("SELECT count(*) FROM herald_migrations"), "1");
+    // Each version applied once, by one of them (versions 1 and 2).
+    assert_eq!(
+        server
+            .psql("SELECT string_agg(version::text, ',' ORDER BY version) FROM herald_migrations"),
+        "1,2"
+    );
     let client = client();
     assert_eq!(post(&client, &first.url("/api/v1/alerts"), 1).await, 200);
     assert_eq!(post(&client, &second.url("/api/v1/alerts"), 2).await, 200);
     sink.wait_for_all(&BTreeSet::from([1, 2]), Duration::from_secs(30))
         .await;
+}
+
+/// Waits (bounded) until `sql` answers `expected`.
+async fn wait_for_sql(server: &Postgres, sql: &str, expected: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let answer = server.psql(sql);
+        if answer == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sql}: {answer}, expected {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_of_a_webhook_no_replica_has_are_dropped_and_recorded_after_the_grace() {
+    // Webhook w9 exists only in the first replica's configuration; w0 in both.
+    const GONE: usize = 9;
+    const POSTS: usize = 4;
+    let server = Postgres::start();
+    let sink = CountingSink::start(0, Duration::ZERO).await;
+    sink.set_failing(true);
+    let all = tempfile::tempdir().expect("tempdir");
+    write_config(all.path(), &vec![sink.url(); WEBHOOKS]);
+    let without_gone = tempfile::tempdir().expect("tempdir");
+    write_config(without_gone.path(), &vec![sink.url(); GONE]);
+    let url = server.url();
+    let lease = ["--database-lease", "1s"];
+    let first = start_replica(all.path(), &url, &lease).await;
+    let client = client();
+    let gone: BTreeSet<usize> = (0..POSTS).map(|n| n * WEBHOOKS + GONE).collect();
+    let kept: BTreeSet<usize> = (0..POSTS).map(|n| n * WEBHOOKS).collect();
+    for &seq in gone.iter().chain(&kept) {
+        assert_eq!(post(&client, &first.url("/api/v1/alerts"), seq).await, 200);
+    }
+    // The first replica holds rows of both webhooks (claimed, failing), then dies.
+    wait_for_sql(
+        &server,
+        "SELECT count(DISTINCT webhook) FROM herald_backlog WHERE claim_id IS NOT NULL",
+        "2",
+        Duration::from_secs(20),
+    )
+    .await;
+    first.kill9();
+    // The second replica does not have w9: once nobody has held w9's rows for ten leases,
+    // it drops and records them; w0's rows it takes over and delivers.
+    let second = start_replica(without_gone.path(), &url, &lease).await;
+    sink.set_failing(false);
+    sink.wait_for_all(&kept, Duration::from_secs(30)).await;
+    second
+        .wait_log(
+            "dropped the stored deliveries of a webhook no replica has",
+            Duration::from_secs(60),
+        )
+        .await;
+    wait_for_sql(
+        &server,
+        "SELECT count(*) FROM herald_backlog",
+        "0",
+        Duration::from_secs(10),
+    )
+    .await;
+    let outcomes = |webhook: usize| {
+        server.psql(&format!(
+            "SELECT outcome || ' ' || count(*) FROM herald_records WHERE webhook LIKE '%/w{webhook}' GROUP BY outcome"
+        ))
+    };
+    assert_eq!(outcomes(GONE), format!("dropped {POSTS}"));
+    assert_eq!(outcomes(0), format!("succeeded {POSTS}"));
+    // The dropped deliveries were never sent.
+    assert!(
+        sink.seqs().is_disjoint(&gone),
+        "a delivery of the deleted webhook arrived: {:?}",
+        sink.seqs()
+    );
+    // The record says why, and either replica's API lists it.
+    let listed: Value = client
+        .get(format!(
+            "{}/api/v1/deliveries?limit=0&outcome=Dropped",
+            second.admin_url()
+        ))
+        .send()
+        .await
+        .expect("list deliveries")
+        .json()
+        .await
+        .expect("json");
+    let listed = listed["deliveries"].as_array().expect("deliveries");
+    assert_eq!(listed.len(), POSTS, "{listed:?}");
+    assert!(
+        listed.iter().all(|r| r["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no longer exists on any replica")),
+        "{listed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_taking_over_a_delivery_being_retried_continues_its_retry_schedule() {
+    const MAX_ATTEMPTS: usize = 5;
+    let server = Postgres::start();
+    // An endpoint that always fails, counting every attempt.
+    let sink = herald_testkit::sink::Sink::http().await;
+    sink.respond_with(vec![herald_testkit::sink::Reply::status(503)]);
+    let config = tempfile::tempdir().expect("tempdir");
+    write_config(config.path(), &vec![sink.url(); WEBHOOKS]);
+    let url = server.url();
+    let max_attempts = MAX_ATTEMPTS.to_string();
+    let flags = [
+        "--database-lease",
+        "1s",
+        "--retry-max-attempts",
+        &max_attempts,
+        // Attempts 1 to 2 s apart: the test sees each failure stored before the next attempt.
+        "--retry-initial-backoff",
+        "2s",
+        "--retry-max-backoff",
+        "2s",
+    ];
+    let first = start_replica(config.path(), &url, &flags).await;
+    let client = client();
+    assert_eq!(post(&client, &first.url("/api/v1/alerts"), 0).await, 200);
+    // Two attempts failed and their schedule is in the row: the first replica stops there,
+    // holding the claim, and never comes back.
+    wait_for_sql(
+        &server,
+        "SELECT attempts FROM herald_backlog",
+        "2",
+        Duration::from_secs(30),
+    )
+    .await;
+    first.signal("STOP");
+    let stored_retry = server.psql(
+        "SELECT first_attempt_at IS NOT NULL AND retry_at > first_attempt_at FROM herald_backlog",
+    );
+    assert_eq!(stored_retry, "t", "the retry schedule is in the row");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tried_by_first = sink.count();
+    let stored: usize = server
+        .psql("SELECT attempts FROM herald_backlog")
+        .parse()
+        .expect("a count");
+    assert_eq!(
+        stored, tried_by_first,
+        "every failed attempt of the first replica is stored"
+    );
+    let second = start_replica(config.path(), &url, &flags).await;
+    // The second replica takes the claim over once the lease has run out and makes only the
+    // attempts left before the dead-letter limit.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let record = loop {
+        let listed: Value = client
+            .get(format!("{}/api/v1/deliveries?limit=0", second.admin_url()))
+            .send()
+            .await
+            .expect("list deliveries")
+            .json()
+            .await
+            .expect("json");
+        if let Some(record) = listed["deliveries"].as_array().and_then(|l| l.first()) {
+            break record.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no record; second replica's log:\n{}",
+            second.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let tried_by_second = sink.count() - tried_by_first;
+    eprintln!(
+        "retries taken over: {tried_by_first} attempts by the first replica, {tried_by_second} by the second; record: {record}"
+    );
+    assert_eq!(record["outcome"], "Failed", "{record}");
+    assert_eq!(record["attempts"], MAX_ATTEMPTS, "{record}");
+    assert_eq!(
+        tried_by_second,
+        MAX_ATTEMPTS - stored,
+        "the second replica continues after attempt {stored} instead of starting again"
+    );
+    // The same delivery every time (one Idempotency-Key).
+    let keys: BTreeSet<String> = sink
+        .received()
+        .iter()
+        .filter_map(|r| r.header("idempotency-key"))
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    wait_for_sql(
+        &server,
+        "SELECT count(*) FROM herald_backlog",
+        "0",
+        Duration::from_secs(10),
+    )
+    .await;
+    first.kill9();
 }

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use herald::object::ObjectKey;
 use herald::outgoing::{Delivery, ReportOutcome};
-use herald::store::{DeliveryRecord, PostgresOptions, RecordFilter, RecordLimits, Store};
+use herald::store::{
+    DeliveryRecord, PostgresOptions, RecordFilter, RecordLimits, RetrySchedule, Store,
+};
 use herald_testkit::{postgres, sink};
 
 fn key(name: &str) -> ObjectKey {
@@ -320,7 +322,7 @@ async fn two_replicas(server: &postgres::Postgres) -> (Store, Store) {
 }
 
 /// Two replicas on one database: a webhook's rows go to one replica at a time (its lease);
-/// the other gets them once the first has nothing more to claim.
+/// a replica that holds the webhook claims the rows the other stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_claim_a_webhook_one_at_a_time() {
     let server = postgres::Postgres::start();
@@ -424,6 +426,60 @@ async fn a_late_finish_after_a_takeover_is_refused() {
     );
 }
 
+/// A retry schedule written by the replica holding a delivery goes with the delivery: the
+/// replica that takes it over finds it, once; the first replica, its claim lost, writes no
+/// more of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_schedule_goes_with_a_delivery_taken_over() {
+    let server = postgres::Postgres::start();
+    let (first, second) = two_replicas(&server).await;
+    let d = delivery("ns/a");
+    let seq = first
+        .append(std::slice::from_ref(&d))
+        .await
+        .expect("append")[0];
+    assert_eq!(
+        first.claim(&key("ns/a"), 0, 10).await.expect("claim").len(),
+        1
+    );
+    let at = |secs| std::time::UNIX_EPOCH + Duration::from_secs(secs);
+    let schedule = RetrySchedule {
+        attempts: 3,
+        first_attempt: at(1_800_000_000),
+        next_attempt: at(1_800_000_060),
+    };
+    first.retrying(seq, schedule);
+    first.flush().await.expect("flush");
+    assert_eq!(
+        first.resumed(seq),
+        None,
+        "nothing to resume where it was tried"
+    );
+    server.psql(
+        "UPDATE herald_backlog SET lease_until = now() - interval '1 second'; \
+         UPDATE herald_webhook_leases SET lease_until = now() - interval '1 second'",
+    );
+    assert_eq!(
+        second.claim(&key("ns/a"), 0, 10).await.expect("claim"),
+        vec![(seq, d.clone())]
+    );
+    assert_eq!(second.resumed(seq), Some(schedule));
+    assert_eq!(second.resumed(seq), None, "taken once");
+    first.retrying(
+        seq,
+        RetrySchedule {
+            attempts: 4,
+            ..schedule
+        },
+    );
+    first.flush().await.expect("flush");
+    assert_eq!(
+        server.psql("SELECT attempts FROM herald_backlog"),
+        "3",
+        "a replica that lost the claim does not write the schedule"
+    );
+}
+
 /// Replicas starting together on an empty database: the migrations run once, under the
 /// advisory lock, and every replica comes up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -438,7 +494,12 @@ async fn replicas_migrating_an_empty_database_at_once_all_come_up() {
     for start in starts {
         start.await.expect("task").expect("the replica came up");
     }
-    assert_eq!(server.psql("SELECT count(*) FROM herald_migrations"), "1");
+    assert_eq!(
+        server
+            .psql("SELECT string_agg(version::text, ',' ORDER BY version) FROM herald_migrations"),
+        "1,2",
+        "each version applied once"
+    );
 }
 
 /// TLS to the database with a CA of its own: trusted through `ca_pem`, refused without it.

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use foldhash::HashMap;
 use k8s_openapi::jiff::Timestamp;
@@ -24,7 +24,7 @@ use crate::metrics::{Metrics, WebhookLabels, WebhookMetrics};
 use crate::object::ObjectKey;
 use crate::outgoing::DeliveryId;
 use crate::outgoing::{Delivery, ReportOutcome, RoutedBatch};
-use crate::store::{DeliveryRecord, HandOver, Store, StoreError};
+use crate::store::{DeliveryRecord, HandOver, RetrySchedule, Store, StoreError};
 
 /// How failed attempts are retried.
 #[derive(Clone, Copy, Debug)]
@@ -110,10 +110,6 @@ impl EngineConfig {
 
 /// Most deliveries a worker loads from a disk store at once.
 const LOAD_BATCH: usize = 256;
-
-/// How many polls of a shared store pass between two looks for the deliveries of webhooks
-/// deleted everywhere (one minute at the default poll interval of 2 s).
-const ORPHAN_SWEEP_POLLS: u32 = 30;
 
 /// A webhook's backlog at this share of its limit is reported as nearly full.
 const NEAR_LIMIT_PERCENT: usize = 80;
@@ -1049,16 +1045,23 @@ impl Engine {
     /// count from the store (deliveries accepted by every replica).
     fn watch_shared_backlog(&self, wakeup: Arc<tokio::sync::Notify>, every: Duration) {
         let engine = self.clone();
+        let sweep_every = engine.shared.store.orphan_sweep_every();
         let task = async move {
-            let mut polls = 0u32;
             // Notifications do not put the poll off: it also refreshes the counts.
             let mut poll = tokio::time::interval(every);
             poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut sweep =
+                tokio::time::interval_at(tokio::time::Instant::now() + sweep_every, sweep_every);
+            sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let notified = tokio::select! {
                     () = engine.shutdown.cancelled() => return,
                     () = wakeup.notified() => engine.shared.store.take_notified(),
                     _ = poll.tick() => Vec::new(),
+                    _ = sweep.tick() => {
+                        engine.sweep_orphans().await;
+                        continue;
+                    }
                 };
                 if !notified.is_empty() {
                     // New rows of these webhooks: their idle workers try to claim them (a
@@ -1074,10 +1077,6 @@ impl Engine {
                         engine.wake(&worker);
                     }
                     continue;
-                }
-                polls = polls.wrapping_add(1);
-                if polls.is_multiple_of(ORPHAN_SWEEP_POLLS) {
-                    engine.sweep_orphans().await;
                 }
                 let waiting = match engine.shared.store.waiting().await {
                     Ok(waiting) => waiting,
@@ -1550,8 +1549,30 @@ async fn deliver(
             () = tokio::time::sleep(wait) => {}
         }
     }
-    let started = tokio::time::Instant::now();
+    // A delivery another replica tried before continues its schedule.
+    let resumed = jobs
+        .iter()
+        .filter_map(|job| shared.store.resumed(job.seq?))
+        .max_by_key(|schedule| schedule.attempts);
+    let mut started = tokio::time::Instant::now();
     let mut attempt = 0u32;
+    if let Some(schedule) = resumed {
+        let now = SystemTime::now();
+        let since_first = now
+            .duration_since(schedule.first_attempt)
+            .unwrap_or_default();
+        started = started.checked_sub(since_first).unwrap_or(started);
+        attempt = schedule.attempts;
+        let wait = schedule
+            .next_attempt
+            .duration_since(now)
+            .unwrap_or_default();
+        tracing::debug!(webhook = %delivery.webhook, delivery = %delivery.id, attempts = attempt, ?wait, "continuing the retries of a delivery taken over");
+        tokio::select! {
+            () = cancel.cancelled() => return leave_or_drop_all(shared, jobs),
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
     loop {
         attempt += 1;
         let current = worker.target();
@@ -1596,6 +1617,15 @@ async fn deliver(
             return true;
         }
         shared.metrics.delivery(&delivery.webhook, "retried");
+        let now = SystemTime::now();
+        let schedule = RetrySchedule {
+            attempts: attempt,
+            first_attempt: now.checked_sub(started.elapsed()).unwrap_or(now),
+            next_attempt: now + delay,
+        };
+        for seq in jobs.iter().filter_map(|job| job.seq) {
+            shared.store.retrying(seq, schedule);
+        }
         tracing::debug!(
             webhook = %delivery.webhook, delivery = %delivery.id, attempt,
             error = ?result.error, ?delay, "attempt failed; retrying"

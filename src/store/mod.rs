@@ -111,6 +111,17 @@ mod rfc3339 {
     }
 }
 
+/// Where a delivery's retries stand: kept in a shared store's row when a retry is scheduled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetrySchedule {
+    /// Attempts made so far (all failed).
+    pub attempts: u32,
+    /// When the first attempt started (the retry time limit counts from it).
+    pub first_attempt: std::time::SystemTime,
+    /// When the next attempt is due.
+    pub next_attempt: std::time::SystemTime,
+}
+
 /// How many records are kept per webhook.
 #[derive(Clone, Copy, Debug)]
 pub struct RecordLimits {
@@ -493,6 +504,15 @@ impl Store {
         }
     }
 
+    /// For a shared store: how often to look for the deliveries of webhooks deleted everywhere
+    /// (see [`Store::orphaned`]).
+    pub fn orphan_sweep_every(&self) -> std::time::Duration {
+        match &self.backend {
+            Backend::Postgres(store) => store.orphan_sweep_every(),
+            _ => std::time::Duration::from_secs(60),
+        }
+    }
+
     /// For a shared store: webhooks whose deliveries no replica has claimed for long (see
     /// the PostgreSQL store): deleted everywhere, their deliveries are to be dropped.
     pub async fn orphaned(&self) -> Result<Vec<ObjectKey>, StoreError> {
@@ -508,6 +528,25 @@ impl Store {
     pub fn let_go(&self, seq: u64) {
         if let Backend::Postgres(store) = &self.backend {
             store.let_go(seq);
+        }
+    }
+
+    /// For a shared store: keeps a delivery's retry schedule in its row (`seq`), so that a
+    /// replica taking the delivery over continues it (attempt count, dead-letter limit, time of
+    /// the next attempt) instead of starting again. Written with the next batch, nobody waits;
+    /// only where this replica's claim still holds. Other stores keep retries in memory.
+    pub fn retrying(&self, seq: u64, schedule: RetrySchedule) {
+        if let Backend::Postgres(store) = &self.backend {
+            store.retrying(seq, schedule);
+        }
+    }
+
+    /// For a shared store: the retry schedule stored with a delivery this replica claimed
+    /// (a delivery another replica had tried before it), taken once.
+    pub fn resumed(&self, seq: u64) -> Option<RetrySchedule> {
+        match &self.backend {
+            Backend::Postgres(store) => store.resumed(seq),
+            _ => None,
         }
     }
 

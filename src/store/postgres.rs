@@ -28,8 +28,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DeliveryRecord, HandOver, RecordClass, RecordFilter, RecordLimits, StoreError, decode, encode,
-    writer_stopped, written,
+    DeliveryRecord, HandOver, RecordClass, RecordFilter, RecordLimits, RetrySchedule, StoreError,
+    decode, encode, writer_stopped, written,
 };
 use crate::object::ObjectKey;
 use crate::outgoing::Delivery;
@@ -76,9 +76,10 @@ const MIGRATION_LOCK: i64 = 0x6865_7261_6c64;
 const MAX_BATCH: usize = 4096;
 
 /// The schema, one entry per version, applied in order and each once.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE herald_backlog (
     id bigserial PRIMARY KEY,
     webhook text COLLATE "C" NOT NULL,
@@ -102,7 +103,17 @@ CREATE TABLE herald_records (
 );
 CREATE INDEX herald_records_by_webhook ON herald_records (webhook, class, id);
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+ALTER TABLE herald_backlog
+    ADD COLUMN attempts integer NOT NULL DEFAULT 0,
+    ADD COLUMN first_attempt_at timestamptz,
+    ADD COLUMN retry_at timestamptz;
+"#,
+    ),
+];
 
 fn pg<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Database(format!("PostgreSQL: {e}"))
@@ -129,6 +140,8 @@ enum Op {
     },
     /// A finished delivery: its row deleted where the claim still matches, then recorded.
     Finish(Finished),
+    /// A retry scheduled: written into the row where the claim still matches.
+    Retry(Retrying),
     /// Answers once everything before it is written.
     Flush(oneshot::Sender<Result<(), StoreError>>),
 }
@@ -143,13 +156,28 @@ struct Finished {
     body: Vec<u8>,
 }
 
+/// A delivery's retry schedule, for its row under the claim it was tried with.
+struct Retrying {
+    row: i64,
+    claim: i64,
+    schedule: RetrySchedule,
+}
+
 /// The claims this replica holds: row id to claim id.
 type Held = Mutex<HashMap<i64, i64>>;
 
-/// The webhooks whose lease this replica holds, each with the time until which it surely holds
-/// it (half a lease after the last successful take or renewal): their new rows are written
-/// already claimed.
-type Owned = Mutex<HashMap<String, Instant>>;
+/// The webhooks whose lease this replica holds: their new rows are written already claimed.
+type Owned = Mutex<HashMap<String, OwnedWebhook>>;
+
+/// A webhook whose lease this replica holds.
+#[derive(Clone, Copy)]
+struct OwnedWebhook {
+    /// Until when it surely holds it: half a lease after the last successful take or renewal.
+    until: Instant,
+    /// When it last wrote or claimed one of its rows: a webhook idle for a lease is given back
+    /// (by the renewal), so that any replica may take it.
+    used: Instant,
+}
 
 /// The PostgreSQL store.
 pub(super) struct PostgresStore {
@@ -159,6 +187,8 @@ pub(super) struct PostgresStore {
     owner: i64,
     held: Arc<Held>,
     owned: Arc<Owned>,
+    /// The retry schedules found in rows this replica claimed, until their worker takes them.
+    resumed: Mutex<HashMap<i64, RetrySchedule>>,
     /// Webhooks named by notifications since the engine last asked (see
     /// [`PostgresStore::take_notified`]).
     notified: Arc<Mutex<HashSet<String>>>,
@@ -178,6 +208,19 @@ impl Drop for PostgresStore {
 
 fn seconds(d: Duration) -> f64 {
     d.as_secs_f64()
+}
+
+/// The retry schedule in a claimed row (`attempts, first_attempt_at, retry_at` after `id,
+/// body`), when a replica tried the delivery before.
+fn stored_schedule(row: &tokio_postgres::Row) -> Option<RetrySchedule> {
+    let attempts: i32 = row.get(2);
+    let first_attempt: Option<std::time::SystemTime> = row.get(3);
+    let next_attempt: Option<std::time::SystemTime> = row.get(4);
+    Some(RetrySchedule {
+        attempts: u32::try_from(attempts).ok().filter(|a| *a > 0)?,
+        first_attempt: first_attempt?,
+        next_attempt: next_attempt?,
+    })
 }
 
 impl PostgresStore {
@@ -218,6 +261,7 @@ impl PostgresStore {
             owner: rand::random::<i64>(),
             held: Arc::default(),
             owned: Arc::default(),
+            resumed: Mutex::default(),
             notified: Arc::default(),
             writer,
             healthy: Arc::new(AtomicBool::new(true)),
@@ -235,6 +279,7 @@ impl PostgresStore {
                 claim: rand::random::<i64>(),
                 lease: store.options.lease,
                 carried: Vec::new(),
+                client: None,
             }
             .run(ops, store.stop.clone()),
         );
@@ -302,10 +347,16 @@ impl PostgresStore {
             .collect();
         let claimed = match &hand_over {
             Some(_) => {
-                let owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+                let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
                 let now = Instant::now();
                 rows.iter()
-                    .map(|(webhook, _)| owned.get(webhook).is_some_and(|until| *until > now))
+                    .map(|(webhook, _)| match owned.get_mut(webhook) {
+                        Some(held) if held.until > now => {
+                            held.used = now;
+                            true
+                        }
+                        _ => false,
+                    })
                     .collect()
             }
             None => vec![false; rows.len()],
@@ -330,56 +381,62 @@ impl PostgresStore {
         let name = webhook.to_string();
         let lease = seconds(self.options.lease);
         let client = self.pool.get().await.map_err(pg)?;
+        let take_lease = client.prepare_cached(
+            "INSERT INTO herald_webhook_leases (webhook, owner, lease_until) \
+             VALUES ($1, $2, now() + make_interval(secs => $3::float8)) \
+             ON CONFLICT (webhook) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until \
+             WHERE herald_webhook_leases.owner = excluded.owner OR herald_webhook_leases.lease_until < now() \
+             RETURNING owner",
+        );
+        let take_rows = client.prepare_cached(
+            "UPDATE herald_backlog SET claim_id = $2, lease_until = now() + make_interval(secs => $3::float8) \
+             WHERE id IN (SELECT id FROM herald_backlog \
+                 WHERE webhook = $1 AND (claim_id IS NULL OR lease_until < now()) \
+                 ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, body, attempts, first_attempt_at, retry_at",
+        );
+        let (take_lease, take_rows) =
+            futures::try_join!(take_lease, take_rows).map_err(|e| pg_error(&e))?;
+        let started = Instant::now();
         let owned = client
-            .query_opt(
-                "INSERT INTO herald_webhook_leases (webhook, owner, lease_until) \
-                 VALUES ($1, $2, now() + make_interval(secs => $3::float8)) \
-                 ON CONFLICT (webhook) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until \
-                 WHERE herald_webhook_leases.owner = excluded.owner OR herald_webhook_leases.lease_until < now() \
-                 RETURNING owner",
-                &[&name, &self.owner, &lease],
-            )
+            .query_opt(&take_lease, &[&name, &self.owner, &lease])
             .await
             .map_err(|e| pg_error(&e))?;
         if owned.is_none() {
             self.disown(&name);
             return Ok(Vec::new());
         }
-        self.owned
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.clone(), Instant::now() + self.options.lease / 2);
         let claim = rand::random::<i64>();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = client
-            .query(
-                "UPDATE herald_backlog SET claim_id = $2, lease_until = now() + make_interval(secs => $3::float8) \
-                 WHERE id IN (SELECT id FROM herald_backlog \
-                     WHERE webhook = $1 AND (claim_id IS NULL OR lease_until < now()) \
-                     ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) \
-                 RETURNING id, body",
-                &[&name, &claim, &lease, &limit],
-            )
+            .query(&take_rows, &[&name, &claim, &lease, &limit])
             .await
             .map_err(|e| pg_error(&e))?;
-        if rows.is_empty() {
-            // Nothing left to claim: the webhook is free for whichever replica finds more.
-            self.disown(&name);
-            client
-                .execute(
-                    "DELETE FROM herald_webhook_leases WHERE webhook = $1 AND owner = $2",
-                    &[&name, &self.owner],
-                )
-                .await
-                .map_err(|e| pg_error(&e))?;
-            return Ok(Vec::new());
+        {
+            // Held until half a lease after it was taken; kept after a claim that found
+            // nothing (given back once idle for a lease, see `renew_leases`), so that a
+            // wakeup for rows this worker already holds does not give the webhook away.
+            let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+            let until = started + self.options.lease / 2;
+            let entry = owned.entry(name.clone()).or_insert(OwnedWebhook {
+                until,
+                used: started,
+            });
+            entry.until = entry.until.max(until);
+            if !rows.is_empty() {
+                entry.used = started;
+            }
         }
         let mut found = Vec::with_capacity(rows.len());
         {
             let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            let mut resumed = self.resumed.lock().unwrap_or_else(|e| e.into_inner());
             for row in &rows {
                 let id: i64 = row.get(0);
                 held.insert(id, claim);
+                if let Some(schedule) = stored_schedule(row) {
+                    resumed.insert(id, schedule);
+                }
             }
         }
         for row in rows {
@@ -399,7 +456,39 @@ impl PostgresStore {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
+            self.resumed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
         }
+    }
+
+    /// Queues a delivery's retry schedule for its row, under this replica's claim.
+    pub(super) fn retrying(&self, seq: u64, schedule: RetrySchedule) {
+        let Ok(row) = i64::try_from(seq) else { return };
+        let claim = self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&row)
+            .copied();
+        if let Some(claim) = claim {
+            // A stopped writer loses only the schedule: the delivery itself stays in its row.
+            let _ = self.send(Op::Retry(Retrying {
+                row,
+                claim,
+                schedule,
+            }));
+        }
+    }
+
+    /// The retry schedule found in a row this replica claimed, taken once.
+    pub(super) fn resumed(&self, seq: u64) -> Option<RetrySchedule> {
+        let row = i64::try_from(seq).ok()?;
+        self.resumed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&row)
     }
 
     /// Forgets that this replica holds a webhook's lease: its new rows are written unclaimed.
@@ -418,6 +507,10 @@ impl PostgresStore {
         record: DeliveryRecord,
     ) -> Result<(), StoreError> {
         let row = seq.and_then(|s| i64::try_from(s).ok()).map(|id| {
+            self.resumed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
             let claim = self
                 .held
                 .lock()
@@ -502,6 +595,12 @@ impl PostgresStore {
             ));
         }
         Ok(out)
+    }
+
+    /// How often to look for webhooks no replica has: twice per lease (once a minute with the
+    /// default lease of 30 s), so that their rows go soon after the grace of ten leases.
+    pub(super) fn orphan_sweep_every(&self) -> Duration {
+        self.options.lease * 2
     }
 
     /// Webhooks whose rows nobody has claimed for ten leases while no replica held the
@@ -663,6 +762,9 @@ struct Writer {
     lease: Duration,
     /// Finishes whose write failed, tried again with the next batch.
     carried: Vec<Finished>,
+    /// The writer's own connection, kept between transactions (so that group commits never
+    /// wait for a connection behind claims), given up when a write fails.
+    client: Option<deadpool_postgres::Client>,
 }
 
 /// Where a request's row ids (or the failure) go.
@@ -701,6 +803,7 @@ impl Writer {
     async fn commit(&mut self, batch: &mut Vec<Op>) {
         let mut appends = Appends::default();
         let mut flushes = Vec::new();
+        let mut retries = Vec::new();
         let mut finishes = std::mem::take(&mut self.carried);
         for op in batch.drain(..) {
             match op {
@@ -716,6 +819,7 @@ impl Writer {
                 }
                 Op::Finish(finished) => finishes.push(finished),
                 Op::Flush(reply) => flushes.push(reply),
+                Op::Retry(retrying) => retries.push(retrying),
             }
         }
         let claim = self.claim;
@@ -724,7 +828,20 @@ impl Writer {
             .iter()
             .map(|claimed| claimed.then_some(claim))
             .collect();
-        let written = write(&self.pool, &appends.rows, &claims, self.lease, &finishes);
+        let written = async {
+            let client = match &mut self.client {
+                Some(client) => client,
+                client => client.insert(self.pool.get().await.map_err(pg)?),
+            };
+            let batch = Batch {
+                appends: &appends.rows,
+                claims: &claims,
+                lease: self.lease,
+                finishes: &finishes,
+                retries: &retries,
+            };
+            write(client, &batch).await
+        };
         let result = tokio::time::timeout(self.timeout, written)
             .await
             .unwrap_or_else(|_| {
@@ -733,6 +850,9 @@ impl Writer {
                     self.timeout
                 )))
             });
+        if result.is_err() {
+            self.client = None;
+        }
         self.healthy.store(result.is_ok(), Ordering::Release);
         match result {
             Ok(ids) => {
@@ -775,26 +895,36 @@ impl Writer {
     }
 }
 
-/// One transaction: the appends (their row ids returned in order; a row with a claim written
-/// claimed by it, with a lease), the finishes (rows deleted where the claim matches, records
-/// written for those and for deliveries without a row), and one notification per webhook with
-/// new unclaimed rows. Statements are prepared once per connection, and the insert, the
-/// notification and the delete are sent together (pipelined on the connection), so a
-/// transaction costs four round trips: begin, those three, the records, commit.
-async fn write(
-    pool: &Pool,
-    appends: &[(String, Vec<u8>)],
-    claims: &[Option<i64>],
+/// What one transaction writes.
+struct Batch<'a> {
+    /// Accepted deliveries: webhook and body.
+    appends: &'a [(String, Vec<u8>)],
+    /// Per append, the claim it is written under (`None`: unclaimed).
+    claims: &'a [Option<i64>],
     lease: Duration,
-    finishes: &[Finished],
+    finishes: &'a [Finished],
+    retries: &'a [Retrying],
+}
+
+/// One transaction: the appends (their row ids returned in order; a row with a claim written
+/// claimed by it, with a lease), one notification per webhook with new unclaimed rows, the
+/// finishes (rows deleted where the claim matches and, in the same statement, records written
+/// for those and for deliveries without a row) and the retry schedules. Statements are
+/// prepared once per connection and sent together (pipelined on the connection), so a
+/// transaction costs three round trips: begin, the statements, commit. Every commit waits for
+/// the WAL flush, finishes alone too: while it waits the next batch gathers (committing
+/// finishes without the wait made many small transactions, more work per delivery).
+async fn write(
+    client: &mut deadpool_postgres::Client,
+    batch: &Batch<'_>,
 ) -> Result<Vec<u64>, StoreError> {
-    let mut client = pool.get().await.map_err(pg)?;
     let txn = client.transaction().await.map_err(|e| pg_error(&e))?;
-    let (ids, deleted) = futures::try_join!(
-        insert_rows(&txn, appends, claims, lease),
-        delete_finished(&txn, finishes),
+    let (ids, deleted, ()) = futures::try_join!(
+        insert_rows(&txn, batch.appends, batch.claims, batch.lease),
+        finish_rows(&txn, batch.finishes),
+        update_retries(&txn, batch.retries),
     )?;
-    insert_records(&txn, finishes, &deleted).await?;
+    warn_refused(batch.finishes, &deleted);
     txn.commit().await.map_err(|e| pg_error(&e))?;
     Ok(ids)
 }
@@ -860,76 +990,111 @@ async fn insert_rows(
         .collect())
 }
 
-/// Deletes the rows of finished deliveries where this replica's claim still holds; the ids
-/// deleted.
-async fn delete_finished(
+/// Deletes the rows of finished deliveries where this replica's claim still holds and, in the
+/// same statement, records those and the deliveries that had no row (one record per id: a
+/// replay finishing twice in a batch keeps the last); the ids deleted.
+async fn finish_rows(
     txn: &deadpool_postgres::Transaction<'_>,
     finishes: &[Finished],
 ) -> Result<HashSet<i64>, StoreError> {
-    let (rows, claims): (Vec<i64>, Vec<Option<i64>>) =
-        finishes.iter().filter_map(|f| f.row).unzip();
-    if rows.is_empty() {
+    if finishes.is_empty() {
         return Ok(HashSet::new());
     }
-    let delete = prepared(
-        txn,
-        "DELETE FROM herald_backlog b USING unnest($1::bigint[], $2::bigint[]) AS f(id, claim) \
-         WHERE b.id = f.id AND b.claim_id IS NOT DISTINCT FROM f.claim RETURNING b.id",
-    )
-    .await?;
-    let gone = txn
-        .query(&delete, &[&rows, &claims])
-        .await
-        .map_err(|e| pg_error(&e))?;
-    Ok(gone.iter().map(|r| r.get::<_, i64>(0)).collect())
-}
-
-/// Records the finished deliveries whose row was deleted (or that had none); a finish whose
-/// claim was lost is refused.
-async fn insert_records(
-    txn: &deadpool_postgres::Transaction<'_>,
-    finishes: &[Finished],
-    deleted: &HashSet<i64>,
-) -> Result<(), StoreError> {
-    // One record per id (a replay finishing twice in a batch keeps the last).
+    let (rows, claims): (Vec<i64>, Vec<Option<i64>>) =
+        finishes.iter().filter_map(|f| f.row).unzip();
     let mut records: BTreeMap<&str, &Finished> = BTreeMap::new();
     for finished in finishes {
-        match finished.row {
-            Some((row, _)) if !deleted.contains(&row) => {
-                tracing::warn!(
-                    delivery = %finished.id, webhook = %finished.webhook,
-                    "finish refused: this replica's claim on the delivery was lost (its lease ran out and another replica took it over)"
-                );
-            }
-            _ => {
-                records.insert(finished.id.as_str(), finished);
-            }
-        }
-    }
-    if records.is_empty() {
-        return Ok(());
+        records.insert(finished.id.as_str(), finished);
     }
     let ids: Vec<&str> = records.keys().copied().collect();
     let webhooks: Vec<&str> = records.values().map(|f| f.webhook.as_str()).collect();
     let classes: Vec<i16> = records.values().map(|f| f.class).collect();
     let outcomes: Vec<&str> = records.values().map(|f| f.outcome).collect();
     let bodies: Vec<&[u8]> = records.values().map(|f| f.body.as_slice()).collect();
-    let record = prepared(
+    let record_rows: Vec<Option<i64>> = records.values().map(|f| f.row.map(|(id, _)| id)).collect();
+    let finish = prepared(
         txn,
-        "INSERT INTO herald_records (id, webhook, class, outcome, body) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::text[], $5::bytea[]) \
-         ON CONFLICT (id) DO UPDATE SET webhook = excluded.webhook, class = excluded.class, \
-         outcome = excluded.outcome, body = excluded.body",
+        "WITH gone AS (\
+             DELETE FROM herald_backlog b USING unnest($1::bigint[], $2::bigint[]) AS f(id, claim) \
+             WHERE b.id = f.id AND b.claim_id IS NOT DISTINCT FROM f.claim RETURNING b.id), \
+         recorded AS (\
+             INSERT INTO herald_records (id, webhook, class, outcome, body) \
+             SELECT r.id, r.webhook, r.class, r.outcome, r.body \
+             FROM unnest($3::text[], $4::text[], $5::int2[], $6::text[], $7::bytea[], $8::bigint[]) \
+                 AS r(id, webhook, class, outcome, body, row) \
+             WHERE r.row IS NULL OR r.row IN (SELECT id FROM gone) \
+             ON CONFLICT (id) DO UPDATE SET webhook = excluded.webhook, class = excluded.class, \
+                 outcome = excluded.outcome, body = excluded.body) \
+         SELECT id FROM gone",
     )
     .await?;
-    txn.execute(&record, &[&ids, &webhooks, &classes, &outcomes, &bodies])
+    let gone = txn
+        .query(
+            &finish,
+            &[
+                &rows,
+                &claims,
+                &ids,
+                &webhooks,
+                &classes,
+                &outcomes,
+                &bodies,
+                &record_rows,
+            ],
+        )
+        .await
+        .map_err(|e| pg_error(&e))?;
+    Ok(gone.iter().map(|r| r.get::<_, i64>(0)).collect())
+}
+
+/// Logs the finishes refused because this replica's claim on them was lost.
+fn warn_refused(finishes: &[Finished], deleted: &HashSet<i64>) {
+    for finished in finishes {
+        if let Some((row, _)) = finished.row
+            && !deleted.contains(&row)
+        {
+            tracing::warn!(
+                delivery = %finished.id, webhook = %finished.webhook,
+                "finish refused: this replica's claim on the delivery was lost (its lease ran out and another replica took it over)"
+            );
+        }
+    }
+}
+
+/// Writes scheduled retries into their rows where the claim still matches.
+async fn update_retries(
+    txn: &deadpool_postgres::Transaction<'_>,
+    retries: &[Retrying],
+) -> Result<(), StoreError> {
+    if retries.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<i64> = retries.iter().map(|r| r.row).collect();
+    let claims: Vec<i64> = retries.iter().map(|r| r.claim).collect();
+    let attempts: Vec<i32> = retries
+        .iter()
+        .map(|r| i32::try_from(r.schedule.attempts).unwrap_or(i32::MAX))
+        .collect();
+    let first: Vec<std::time::SystemTime> =
+        retries.iter().map(|r| r.schedule.first_attempt).collect();
+    let next: Vec<std::time::SystemTime> =
+        retries.iter().map(|r| r.schedule.next_attempt).collect();
+    let update = prepared(
+        txn,
+        "UPDATE herald_backlog b SET attempts = r.attempts, first_attempt_at = r.first, retry_at = r.next \
+         FROM unnest($1::bigint[], $2::bigint[], $3::int4[], $4::timestamptz[], $5::timestamptz[]) \
+             AS r(id, claim, attempts, first, next) \
+         WHERE b.id = r.id AND b.claim_id = r.claim",
+    )
+    .await?;
+    txn.execute(&update, &[&rows, &claims, &attempts, &first, &next])
         .await
         .map_err(|e| pg_error(&e))?;
     Ok(())
 }
 
 /// Renews the leases of every claim this replica holds, and of its webhooks, a few times per
-/// lease.
+/// lease; gives back the leases of webhooks it has not used for a lease.
 async fn renew_leases(
     pool: Pool,
     held: Arc<Held>,
@@ -951,17 +1116,43 @@ async fn renew_leases(
             claims.dedup();
             claims
         };
+        let idle: Vec<String> = {
+            let mut owned = owned.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let idle: Vec<String> = owned
+                .iter()
+                .filter(|(_, w)| now.duration_since(w.used) > lease)
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in &idle {
+                owned.remove(name);
+            }
+            idle
+        };
         let started = Instant::now();
         let renewed = async {
             let client = pool.get().await.map_err(pg)?;
             let secs = seconds(lease);
-            client
-                .execute(
-                    "UPDATE herald_webhook_leases SET lease_until = now() + make_interval(secs => $2::float8) WHERE owner = $1",
+            if !idle.is_empty() {
+                client
+                    .execute(
+                        "DELETE FROM herald_webhook_leases WHERE owner = $1 AND webhook = ANY($2)",
+                        &[&owner, &idle],
+                    )
+                    .await
+                    .map_err(|e| pg_error(&e))?;
+            }
+            let renewed: HashSet<String> = client
+                .query(
+                    "UPDATE herald_webhook_leases SET lease_until = now() + make_interval(secs => $2::float8) \
+                     WHERE owner = $1 RETURNING webhook",
                     &[&owner, &secs],
                 )
                 .await
-                .map_err(|e| pg_error(&e))?;
+                .map_err(|e| pg_error(&e))?
+                .iter()
+                .map(|row| row.get::<_, String>(0))
+                .collect();
             if !claims.is_empty() {
                 client
                     .execute(
@@ -971,17 +1162,29 @@ async fn renew_leases(
                     .await
                     .map_err(|e| pg_error(&e))?;
             }
-            Ok::<_, StoreError>(())
+            Ok::<_, StoreError>(renewed)
         };
         match tokio::time::timeout(every, renewed)
             .await
             .unwrap_or_else(|_| Err(StoreError::Database("lease renewal timed out".into())))
         {
-            Ok(()) => {
+            Ok(renewed) => {
+                // Only the webhooks whose lease is still this replica's stay held (a lease
+                // given back while a claim took it again is taken again by the next claim).
                 let until = started + lease / 2;
-                for held_until in owned.lock().unwrap_or_else(|e| e.into_inner()).values_mut() {
-                    *held_until = (*held_until).max(until);
-                }
+                owned
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|name, webhook| {
+                        if renewed.contains(name) {
+                            webhook.until = webhook.until.max(until);
+                            true
+                        } else {
+                            // Not this replica's in the table: kept only if a claim took it
+                            // after the renewal started.
+                            webhook.until > until
+                        }
+                    });
             }
             Err(e) => tracing::warn!("cannot renew delivery leases: {e}"),
         }

@@ -53,7 +53,8 @@ pub struct Running {
 }
 
 impl Running {
-    /// Starts `herald run --config DIR` with fast reloads and retries, and waits for `/readyz`.
+    /// Starts `herald run --config DIR` with fast reloads and retries (unless `extra` sets the
+    /// retry backoffs), and waits for `/readyz`.
     pub async fn start(config: &Path, extra: &[&str]) -> Running {
         Running::start_resolving(config, extra, None).await
     }
@@ -81,14 +82,19 @@ impl Running {
             &admin.to_string(),
             "--reload-interval",
             "200ms",
-            "--retry-initial-backoff",
-            "50ms",
-            "--retry-max-backoff",
-            "500ms",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        // Fast retries unless the test sets its own.
+        for (flag, value) in [
+            ("--retry-initial-backoff", "50ms"),
+            ("--retry-max-backoff", "500ms"),
+        ] {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_string(), value.to_string()]);
+            }
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut command = match hosts {
             None => Command::new(binary()),

@@ -181,9 +181,12 @@ impl Postgres {
         );
     }
 
+    /// Starts the server with this cluster's options, and those of `$HERALD_PG_OPTIONS` when
+    /// set (for profiling, e.g. `-c shared_preload_libraries=pg_stat_statements`).
     fn start_server(&self) {
+        let extra = std::env::var("HERALD_PG_OPTIONS").unwrap_or_default();
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 {}",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 {} {extra}",
             self.port,
             self.dir.path().display(),
             self.options
