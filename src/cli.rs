@@ -281,7 +281,7 @@ impl CoreArgs {
         }
     }
 
-    async fn herald(
+    async fn dispatcher(
         &self,
         cluster_namespaces: &[String],
         loopback: bool,
@@ -312,22 +312,22 @@ impl CoreArgs {
     /// Serves the admin router until `cancel` fires.
     async fn serve_admin(
         &self,
-        herald: &Dispatcher,
+        dispatcher: &Dispatcher,
         cancel: CancellationToken,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let listener = tokio::net::TcpListener::bind(self.admin_listen)
             .await
             .with_context(|| format!("binding the admin listener to {}", self.admin_listen))?;
-        herald
+        dispatcher
             .policy()
             .destinations
             .add_own_listener(listener.local_addr().unwrap_or(self.admin_listen));
-        tracing::info!(address = %self.admin_listen, durable = herald.engine().store().is_durable(), "admin listener (delivery records)");
+        tracing::info!(address = %self.admin_listen, durable = dispatcher.engine().store().is_durable(), "admin listener (delivery records)");
         let access = crate::admin::AdminAccess {
             token: read_token(&self.admin_token_file, "admin")?,
             hosts: self.admin_hosts.clone(),
         };
-        let router = crate::admin::router(herald.engine().clone(), access);
+        let router = crate::admin::router(dispatcher.engine().clone(), access);
         Ok(tokio::spawn(async move {
             if let Err(e) =
                 receiver::serve(listener, router, async move { cancel.cancelled().await }).await
@@ -383,7 +383,7 @@ impl ConsoleArgs {
     /// Serves `router` on --console-listen until `cancel` fires.
     async fn serve(
         &self,
-        herald: &Dispatcher,
+        dispatcher: &Dispatcher,
         router: axum::Router,
         cancel: CancellationToken,
     ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
@@ -394,7 +394,7 @@ impl ConsoleArgs {
             .await
             .with_context(|| format!("binding the console listener to {address}"))?;
         let local = listener.local_addr().unwrap_or(address);
-        herald.policy().destinations.add_own_listener(local);
+        dispatcher.policy().destinations.add_own_listener(local);
         tracing::info!(address = %local, "web console listening");
         Ok(Some(tokio::spawn(async move {
             if let Err(e) =
@@ -459,7 +459,7 @@ impl ReceiverArgs {
     /// Serves `/metrics` on its own listener until `cancel` fires, when one is asked for.
     async fn serve_metrics(
         &self,
-        herald: &Dispatcher,
+        dispatcher: &Dispatcher,
         cancel: CancellationToken,
     ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
         let Some(address) = self.metrics_listen else {
@@ -469,10 +469,10 @@ impl ReceiverArgs {
             .await
             .with_context(|| format!("binding the metrics listener to {address}"))?;
         if let Ok(local) = listener.local_addr() {
-            herald.policy().destinations.add_own_listener(local);
+            dispatcher.policy().destinations.add_own_listener(local);
         }
         tracing::info!(address = %address, "metrics listener");
-        let router = receiver::metrics_router(herald.clone());
+        let router = receiver::metrics_router(dispatcher.clone());
         Ok(Some(tokio::spawn(async move {
             if let Err(e) =
                 receiver::serve(listener, router, async move { cancel.cancelled().await }).await
@@ -696,7 +696,7 @@ pub async fn shutdown_signal() {
 /// Binds the receiver's listener.
 async fn bind_receiver(
     addr: SocketAddr,
-    herald: &Dispatcher,
+    dispatcher: &Dispatcher,
 ) -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -704,21 +704,21 @@ async fn bind_receiver(
     let local = listener
         .local_addr()
         .context("reading the receiver address")?;
-    herald.policy().destinations.add_own_listener(local);
+    dispatcher.policy().destinations.add_own_listener(local);
     Ok((listener, local))
 }
 
 /// Serves the receiver until SIGTERM or Ctrl-C, then cancels `cancel` for everything else.
 async fn serve_receiver(
     listener: tokio::net::TcpListener,
-    herald: &Dispatcher,
+    dispatcher: &Dispatcher,
     config: ReceiverConfig,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
     let stop = cancel.clone();
     let served = receiver::serve(
         listener,
-        receiver::router(herald.clone(), config),
+        receiver::router(dispatcher.clone(), config),
         async move {
             shutdown_signal().await;
             tracing::info!("shutting down");
@@ -746,41 +746,47 @@ async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
     if args.console.console_listen.is_some() && args.console.console_token_file.is_none() {
         bail!("--console-listen needs --console-token-file in `herald run`");
     }
-    let herald = args.core.herald(&args.cluster_namespaces, true).await?;
+    let dispatcher = args.core.dispatcher(&args.cluster_namespaces, true).await?;
     let mut loader = Loader::new(&args.config);
     let report = loader
-        .reload_if_changed(&herald)
+        .reload_if_changed(&dispatcher)
         .with_context(|| format!("reading {}", args.config.display()))?;
     if let Some(report) = &report {
         standalone::log_report(report);
     }
-    herald
+    dispatcher
         .engine()
         .resume()
         .context("resuming pending deliveries")?;
-    herald.set_ready(true);
+    dispatcher.set_ready(true);
 
     let config = args.receiver.config()?;
-    let (listener, local) = bind_receiver(args.listen, &herald).await?;
+    let (listener, local) = bind_receiver(args.listen, &dispatcher).await?;
     tracing::info!(address = %local, config = %args.config.display(), "herald receiver listening");
 
     let cancel = CancellationToken::new();
-    let admin = args.core.serve_admin(&herald, cancel.clone()).await?;
-    let metrics = args.receiver.serve_metrics(&herald, cancel.clone()).await?;
+    let admin = args.core.serve_admin(&dispatcher, cancel.clone()).await?;
+    let metrics = args
+        .receiver
+        .serve_metrics(&dispatcher, cancel.clone())
+        .await?;
     let console = match read_token(&args.console.console_token_file, "console")? {
         Some(token) if args.console.console_listen.is_some() => {
-            let router = crate::console::folder_router(args.config.clone(), token, herald.clone());
-            args.console.serve(&herald, router, cancel.clone()).await?
+            let router =
+                crate::console::folder_router(args.config.clone(), token, dispatcher.clone());
+            args.console
+                .serve(&dispatcher, router, cancel.clone())
+                .await?
         }
         _ => None,
     };
     let watcher = tokio::spawn(standalone::watch(
         loader,
-        herald.clone(),
+        dispatcher.clone(),
         args.reload_interval,
         cancel.clone(),
     ));
-    serve_receiver(listener, &herald, config, &cancel).await?;
+    serve_receiver(listener, &dispatcher, config, &cancel).await?;
     let _ = watcher.await;
     let _ = admin.await;
     if let Some(console) = console {
@@ -789,7 +795,7 @@ async fn run_standalone(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(metrics) = metrics {
         let _ = metrics.await;
     }
-    herald.engine().shutdown(args.shutdown_timeout).await;
+    dispatcher.engine().shutdown(args.shutdown_timeout).await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -798,13 +804,13 @@ fn load_checked(
     cluster_namespaces: &[String],
 ) -> anyhow::Result<(Dispatcher, Manifests)> {
     let manifests = Manifests::load(dir).with_context(|| format!("reading {}", dir.display()))?;
-    let herald = Dispatcher::new(cluster_namespaces.iter().cloned(), EngineConfig::default())
+    let dispatcher = Dispatcher::new(cluster_namespaces.iter().cloned(), EngineConfig::default())
         .with_policy(crate::delivery::TargetPolicy::allowing_loopback());
     let mut loader = Loader::new(dir);
     loader
-        .reload(&herald)
+        .reload(&dispatcher)
         .with_context(|| format!("reading {}", dir.display()))?;
-    Ok((herald, manifests))
+    Ok((dispatcher, manifests))
 }
 
 /// Renders a webhook's template for a test message, as a delivery would (in a worker, within
@@ -843,14 +849,14 @@ async fn trial_render(webhook: &crate::crd::Webhook) -> Option<String> {
 }
 
 async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let (herald, manifests) = load_checked(&args.dir, &args.cluster_namespaces)?;
+    let (dispatcher, manifests) = load_checked(&args.dir, &args.cluster_namespaces)?;
     template_workers(DEFAULT_TEMPLATE_MEMORY_MIB);
     for webhook in &manifests.webhooks {
         if let Some(warning) = trial_render(webhook).await {
             eprintln!("warning: {warning}");
         }
     }
-    let table = herald.table();
+    let table = dispatcher.table();
     println!(
         "{:<40} {:<7} {:<8} {:<6} CONDITIONS",
         "WEBHOOK", "TYPE", "ENABLED", "READY"
@@ -896,7 +902,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn route(args: RouteArgs) -> anyhow::Result<ExitCode> {
-    let (herald, manifests) = load_checked(&args.config, &args.cluster_namespaces)?;
+    let (dispatcher, manifests) = load_checked(&args.config, &args.cluster_namespaces)?;
     for error in &manifests.errors {
         eprintln!("warning: {error}");
     }
@@ -911,7 +917,7 @@ fn route(args: RouteArgs) -> anyhow::Result<ExitCode> {
     for refusal in &refused {
         println!("refused: {refusal}");
     }
-    let table = herald.table();
+    let table = dispatcher.table();
     for (i, alert) in batch.alerts.iter().enumerate() {
         let labels: Vec<String> = alert
             .labels
@@ -940,17 +946,17 @@ async fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
     };
     let key = ObjectKey::new(args.namespace.as_str(), args.name.as_str());
     template_workers(DEFAULT_TEMPLATE_MEMORY_MIB);
-    let herald = Dispatcher::new([args.namespace.clone()], EngineConfig::default())
+    let dispatcher = Dispatcher::new([args.namespace.clone()], EngineConfig::default())
         .with_policy(crate::delivery::TargetPolicy::allowing_loopback());
     let mut loader = Loader::new(config);
     let report = loader
-        .reload(&herald)
+        .reload(&dispatcher)
         .with_context(|| format!("reading {}", config.display()))?;
     for error in &report.errors {
         eprintln!("warning: {error}");
     }
-    let result = herald.send_test(&key).await;
-    herald.engine().shutdown(Duration::from_secs(1)).await;
+    let result = dispatcher.send_test(&key).await;
+    dispatcher.engine().shutdown(Duration::from_secs(1)).await;
     let report = result?;
     let status = report
         .http_status
@@ -1011,11 +1017,14 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     } else {
         args.cluster_namespaces.clone()
     };
-    let herald = args.core.herald(&cluster_namespaces, false).await?;
+    let dispatcher = args.core.dispatcher(&cluster_namespaces, false).await?;
     let identity = args.identity.clone().unwrap_or_else(hostname);
     let cancel = CancellationToken::new();
-    let admin = args.core.serve_admin(&herald, cancel.clone()).await?;
-    let metrics = args.receiver.serve_metrics(&herald, cancel.clone()).await?;
+    let admin = args.core.serve_admin(&dispatcher, cancel.clone()).await?;
+    let metrics = args
+        .receiver
+        .serve_metrics(&dispatcher, cancel.clone())
+        .await?;
     if args.console.console_token_file.is_some() {
         tracing::warn!(
             "--console-token-file is for `herald run`; in a cluster users sign in with their own token"
@@ -1024,8 +1033,8 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let console = args
         .console
         .serve(
-            &herald,
-            crate::console::cluster_router(kube_config, herald.clone()),
+            &dispatcher,
+            crate::console::cluster_router(kube_config, dispatcher.clone()),
             cancel.clone(),
         )
         .await?;
@@ -1050,7 +1059,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     });
     let controller = tokio::spawn(crate::controller::run(
         client,
-        herald.clone(),
+        dispatcher.clone(),
         crate::controller::ControllerSettings {
             watch_namespaces: args.watch_namespaces.clone(),
             identity: identity.clone(),
@@ -1062,9 +1071,9 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         cancel.clone(),
     ));
 
-    let (listener, local) = bind_receiver(args.listen, &herald).await?;
+    let (listener, local) = bind_receiver(args.listen, &dispatcher).await?;
     tracing::info!(address = %local, identity = %identity, cluster_namespaces = ?cluster_namespaces, "herald controller starting");
-    serve_receiver(listener, &herald, args.receiver.config()?, &cancel).await?;
+    serve_receiver(listener, &dispatcher, args.receiver.config()?, &cancel).await?;
     let _ = controller.await;
     let _ = admin.await;
     if let Some(console) = console {
@@ -1076,7 +1085,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     if let Some(election) = election {
         let _ = election.await;
     }
-    herald.engine().shutdown(args.shutdown_timeout).await;
+    dispatcher.engine().shutdown(args.shutdown_timeout).await;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -337,19 +337,19 @@ impl Loader {
     /// Reloads when the folder's content changed since the last load; `None` when unchanged.
     pub fn reload_if_changed(
         &mut self,
-        herald: &Dispatcher,
+        dispatcher: &Dispatcher,
     ) -> std::io::Result<Option<ReloadReport>> {
         let digest = self.content_digest()?;
         if self.content == Some(digest) {
             return Ok(None);
         }
-        let report = self.reload(herald)?;
+        let report = self.reload(dispatcher)?;
         self.content = Some(digest);
         Ok(Some(report))
     }
 
     /// Reads the folder and applies every change to the core.
-    pub fn reload(&mut self, herald: &Dispatcher) -> std::io::Result<ReloadReport> {
+    pub fn reload(&mut self, dispatcher: &Dispatcher) -> std::io::Result<ReloadReport> {
         let Manifests {
             webhooks: manifest_webhooks,
             conditions: manifest_conditions,
@@ -368,7 +368,7 @@ impl Loader {
             let key = ObjectKey::new(nc.namespace().unwrap_or_default(), nc.name_any());
             let fp = fingerprint(&[&serde_json::to_vec(&nc.spec).unwrap_or_default()]);
             if self.conditions.apply(key.clone(), fp) != Some(fp) {
-                herald.apply_condition(ConditionInput { key, spec: nc.spec });
+                dispatcher.apply_condition(ConditionInput { key, spec: nc.spec });
             }
         }
 
@@ -392,7 +392,7 @@ impl Loader {
             let fp = fingerprint(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>());
             if self.webhooks.apply(key.clone(), fp) != Some(fp) {
                 // Readiness is collected for every webhook below.
-                let _readiness = herald.apply_webhook(
+                let _readiness = dispatcher.apply_webhook(
                     key.clone(),
                     wh.metadata.labels.unwrap_or_default(),
                     wh.spec,
@@ -403,15 +403,15 @@ impl Loader {
         }
 
         for (key, _) in self.webhooks.finish() {
-            herald.delete_webhook(&key);
+            dispatcher.delete_webhook(&key);
             report.removed += 1;
         }
         for (key, _) in self.conditions.finish() {
-            herald.delete_condition(&key);
+            dispatcher.delete_condition(&key);
             report.removed += 1;
         }
 
-        let table = herald.table();
+        let table = dispatcher.table();
         for key in table.webhook_keys() {
             if let Some(Err(not_ready)) = table.readiness(&key) {
                 report.not_ready.push((key, not_ready));
@@ -440,7 +440,7 @@ pub fn log_report(report: &ReloadReport) {
 /// Reloads the folder every `interval` until `cancel` fires.
 pub async fn watch(
     mut loader: Loader,
-    herald: Dispatcher,
+    dispatcher: Dispatcher,
     interval: Duration,
     cancel: CancellationToken,
 ) {
@@ -451,7 +451,7 @@ pub async fn watch(
             () = cancel.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        match loader.reload_if_changed(&herald) {
+        match loader.reload_if_changed(&dispatcher) {
             Ok(Some(report)) => log_report(&report),
             Ok(None) => {}
             Err(e) => tracing::error!("cannot read the configuration folder: {e}"),

@@ -20,21 +20,21 @@ use crate::core::apply;
 const WAIT: Duration = Duration::from_secs(20);
 
 /// One alert to every webhook (the default namespace's webhooks take any alert).
-fn send(herald: &Dispatcher, labels: &[(&str, &str)], annotations: &[(&str, &str)]) {
+fn send(dispatcher: &Dispatcher, labels: &[(&str, &str)], annotations: &[(&str, &str)]) {
     let mut batch = core::batch(&[labels]);
     batch.alerts[0].annotations = annotations
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    herald
+    dispatcher
         .dispatch(batch, WebhookType::Alarms)
         .expect("accepted");
 }
 
 /// A webhook named `name` in `format` (and `extra` spec fields) pointing at the sink.
-fn robot(herald: &Dispatcher, name: &str, format: &str, sink: &Sink, extra: &str) {
+fn robot(dispatcher: &Dispatcher, name: &str, format: &str, sink: &Sink, extra: &str) {
     apply(
-        herald,
+        dispatcher,
         &format!(
             "metadata: {{name: {name}}}\nspec: {{url: '{}', format: {format}{extra}}}",
             sink.url_for("/robot/send?access_token=abc")
@@ -106,7 +106,7 @@ async fn each_platform_answer_is_read_rate_limits_retried_and_refusals_final() {
         let format = platform.format;
         // A platform's block (10 minutes for DingTalk) is waited out in full, up to the time a
         // delivery is retried at all: 3 s here.
-        let herald = Dispatcher::new(
+        let dispatcher = Dispatcher::new(
             ["monitoring".to_string()],
             EngineConfig {
                 retry: RetryPolicy {
@@ -118,14 +118,14 @@ async fn each_platform_answer_is_read_rate_limits_retried_and_refusals_final() {
         )
         .with_policy(herald::delivery::TargetPolicy::allowing_loopback());
         let reports = std::sync::Arc::new(core::Reports::default());
-        herald.engine().observe(reports.clone());
+        dispatcher.engine().observe(reports.clone());
         let limited = Sink::http().await;
         limited.respond_with(vec![platform.rate_limited.clone(), platform.taken.clone()]);
-        robot(&herald, "limited", format, &limited, "");
+        robot(&dispatcher, "limited", format, &limited, "");
         let refused = Sink::http().await;
         refused.respond_with(vec![platform.refused.clone()]);
-        robot(&herald, "refused", format, &refused, "");
-        send(&herald, &[("alertname", "DiskFull")], &[]);
+        robot(&dispatcher, "refused", format, &refused, "");
+        send(&dispatcher, &[("alertname", "DiskFull")], &[]);
 
         let report = reports.wait_for("monitoring/limited", WAIT).await;
         assert_eq!(
@@ -213,7 +213,7 @@ fn string<'a>(value: &'a Value, what: &str) -> &'a str {
 
 /// The four robots (`ding`, `wecom`, `feishu`, `slack`), each with its own sink answering
 /// "taken", and `extra` spec fields per robot.
-async fn four_robots(herald: &Dispatcher, extra: [&str; 4]) -> [Sink; 4] {
+async fn four_robots(dispatcher: &Dispatcher, extra: [&str; 4]) -> [Sink; 4] {
     let sinks = [
         Sink::http().await,
         Sink::http().await,
@@ -221,7 +221,7 @@ async fn four_robots(herald: &Dispatcher, extra: [&str; 4]) -> [Sink; 4] {
         Sink::http().await,
     ];
     for ((name, format), (sink, extra)) in FOUR.iter().zip(sinks.iter().zip(extra)) {
-        robot(herald, name, format, sink, extra);
+        robot(dispatcher, name, format, sink, extra);
     }
     sinks[3].respond_with(vec![Reply::status(200).text("ok")]);
     sinks
@@ -248,13 +248,13 @@ async fn four_succeeded(reports: &core::Reports) {
 
 #[tokio::test]
 async fn bodies_follow_each_platforms_schema_with_keyword_mentions_and_signature() {
-    let (herald, reports) = core::core();
+    let (dispatcher, reports) = core::core();
     let chat = ", chat: {keyword: HeraldAlert, mentionAll: true, mentionUsers: [u1], mentionMobiles: ['13800000000']}";
     let signed = format!("{chat}, signing: {{secretRef: {{name: robot-secret, key: secret}}}}");
-    let sinks = four_robots(&herald, [&signed, chat, &signed, chat]).await;
+    let sinks = four_robots(&dispatcher, [&signed, chat, &signed, chat]).await;
     let before = k8s_openapi::jiff::Timestamp::now();
     send(
-        &herald,
+        &dispatcher,
         &[("alertname", "DiskFull"), ("severity", "critical")],
         &[("summary", "<!channel> disk & <b>full</b>")],
     );
@@ -356,17 +356,17 @@ async fn bodies_follow_each_platforms_schema_with_keyword_mentions_and_signature
 
 #[tokio::test]
 async fn test_messages_carry_the_keyword() {
-    let (herald, _) = core::core();
+    let (dispatcher, _) = core::core();
     let sink = Sink::http().await;
     robot(
-        &herald,
+        &dispatcher,
         "ding",
         "dingtalk",
         &sink,
         ", chat: {keyword: HeraldAlert}",
     );
     let key = herald::object::ObjectKey::new("monitoring", "ding");
-    let report = herald.send_test(&key).await.expect("sent");
+    let report = dispatcher.send_test(&key).await.expect("sent");
     assert_eq!(report.outcome, ReportOutcome::Succeeded, "{report:?}");
     let body = sink.received()[0].json();
     assert!(
@@ -377,13 +377,13 @@ async fn test_messages_carry_the_keyword() {
 
 #[tokio::test]
 async fn long_messages_are_cut_to_each_platforms_limit_in_its_unit_with_a_note() {
-    let (herald, reports) = core::core();
+    let (dispatcher, reports) = core::core();
     let zh = ", language: zh-CN";
-    let sinks = four_robots(&herald, [zh; 4]).await;
+    let sinks = four_robots(&dispatcher, [zh; 4]).await;
     // Chinese text: 3 bytes a character.
     let long = "磁盘空间不足".repeat(5000);
     send(
-        &herald,
+        &dispatcher,
         &[("alertname", &"很长的告警名称".repeat(40))],
         &[("summary", &long)],
     );

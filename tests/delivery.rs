@@ -16,9 +16,9 @@ const WAIT: Duration = Duration::from_secs(10);
 async fn bearer_and_basic_credentials_arrive_with_only_the_matching_alerts() {
     let bearer_sink = Sink::http().await;
     let basic_sink = Sink::http().await;
-    let (herald, _) = core();
+    let (dispatcher, _) = core();
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: bearer}}\nspec: {{url: '{}', auth: {{type: Bearer, secretRef: {{name: tok}}}}, eventTypes: [HighCPU]}}",
             bearer_sink.url()
@@ -27,7 +27,7 @@ async fn bearer_and_basic_credentials_arrive_with_only_the_matching_alerts() {
     )
     .expect("bearer ready");
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: basic}}\nspec: {{url: '{}', language: zh-CN, auth: {{type: Basic, secretRef: {{name: up}}}}}}",
             basic_sink.url()
@@ -36,7 +36,7 @@ async fn bearer_and_basic_credentials_arrive_with_only_the_matching_alerts() {
     )
     .expect("basic ready");
 
-    let summary = herald
+    let summary = dispatcher
         .dispatch(
             batch(&[&[("alertname", "HighCPU")], &[("alertname", "DiskFull")]]),
             WebhookType::Alarms,
@@ -104,16 +104,16 @@ async fn bearer_and_basic_credentials_arrive_with_only_the_matching_alerts() {
 async fn self_signed_endpoint_needs_skip_verify_or_its_ca() {
     let pki = TestPki::generate();
     let sink = Sink::https(&pki).await;
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     let url = sink.url();
     apply(
-        &herald,
+        &dispatcher,
         &format!("metadata: {{name: strict}}\nspec: {{url: '{url}'}}"),
         &[],
     )
     .expect("ready");
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: skip}}\nspec: {{url: '{url}', tls: {{insecureSkipVerify: true}}}}"
         ),
@@ -121,13 +121,13 @@ async fn self_signed_endpoint_needs_skip_verify_or_its_ca() {
     )
     .expect("ready");
     apply(
-        &herald,
+        &dispatcher,
         &format!("metadata: {{name: with-ca}}\nspec: {{url: '{url}', tls: {{caSecretRef: {{name: ca, key: ca.crt}}}}}}"),
         &[("ca", secret(&[("ca.crt", &pki.ca_pem)]))],
     )
     .expect("ready");
 
-    herald
+    dispatcher
         .dispatch(batch(&[&[("alertname", "X")]]), WebhookType::Alarms)
         .expect("accepted");
 
@@ -158,14 +158,14 @@ async fn retryable_answers_are_retried_with_the_same_idempotency_key() {
         Reply::status(429),
         Reply::status(200),
     ]);
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     apply(
-        &herald,
+        &dispatcher,
         &format!("metadata: {{name: flaky}}\nspec: {{url: '{}'}}", sink.url()),
         &[],
     )
     .expect("ready");
-    herald
+    dispatcher
         .dispatch(batch(&[&[("alertname", "X")]]), WebhookType::Alarms)
         .expect("accepted");
     let report = reports.wait_for("monitoring/flaky", WAIT).await;
@@ -179,7 +179,7 @@ async fn retryable_answers_are_retried_with_the_same_idempotency_key() {
         .collect();
     assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
     assert_eq!(keys[0], report.delivery_id.to_string());
-    let metrics = herald.metrics().encode();
+    let metrics = dispatcher.metrics().encode();
     assert!(
         metrics.contains(
             r#"herald_deliveries_total{namespace="monitoring",webhook="flaky",outcome="retried"} 2"#
@@ -194,9 +194,9 @@ async fn client_errors_are_final() {
     sink.respond_with(vec![
         Reply::status(400).body(serde_json::json!({"error": "bad"})),
     ]);
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: strict}}\nspec: {{url: '{}'}}",
             sink.url()
@@ -204,7 +204,7 @@ async fn client_errors_are_final() {
         &[],
     )
     .expect("ready");
-    herald
+    dispatcher
         .dispatch(batch(&[&[("alertname", "X")]]), WebhookType::Alarms)
         .expect("accepted");
     let report = reports.wait_for("monitoring/strict", WAIT).await;
@@ -220,14 +220,14 @@ async fn client_errors_are_final() {
 async fn retries_stop_after_the_attempt_limit() {
     let sink = Sink::http().await;
     sink.respond_with(vec![Reply::status(500)]);
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     apply(
-        &herald,
+        &dispatcher,
         &format!("metadata: {{name: down}}\nspec: {{url: '{}'}}", sink.url()),
         &[],
     )
     .expect("ready");
-    herald
+    dispatcher
         .dispatch(batch(&[&[("alertname", "X")]]), WebhookType::Alarms)
         .expect("accepted");
     let report = reports
@@ -247,14 +247,14 @@ async fn retries_stop_after_the_attempt_limit() {
 async fn unreachable_endpoint_fails_with_a_connection_error() {
     // A port nobody listens on.
     let port = herald_testkit::process::free_port();
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     apply(
-        &herald,
+        &dispatcher,
         &format!("metadata: {{name: gone}}\nspec: {{url: 'http://127.0.0.1:{port}/x'}}"),
         &[],
     )
     .expect("ready");
-    herald
+    dispatcher
         .dispatch(batch(&[&[("alertname", "X")]]), WebhookType::Alarms)
         .expect("accepted");
     let report = reports
@@ -275,9 +275,9 @@ async fn a_hanging_endpoint_does_not_hold_up_another_webhook() {
     let hanging = Sink::http().await;
     hanging.respond_with(vec![Reply::status(200).delay(Duration::from_secs(600))]);
     let healthy = Sink::http().await;
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: hanging}}\nspec: {{url: '{}', timeoutSeconds: 300}}",
             hanging.url()
@@ -286,7 +286,7 @@ async fn a_hanging_endpoint_does_not_hold_up_another_webhook() {
     )
     .expect("ready");
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: healthy}}\nspec: {{url: '{}'}}",
             healthy.url()
@@ -295,7 +295,7 @@ async fn a_hanging_endpoint_does_not_hold_up_another_webhook() {
     )
     .expect("ready");
     for i in 0..5 {
-        herald
+        dispatcher
             .dispatch(
                 batch(&[&[("alertname", "X"), ("n", &i.to_string())]]),
                 WebhookType::Alarms,
@@ -320,18 +320,18 @@ async fn a_hanging_endpoint_does_not_hold_up_another_webhook() {
 #[tokio::test]
 async fn secret_rotation_switches_the_token() {
     let sink = Sink::http().await;
-    let (herald, _) = core();
+    let (dispatcher, _) = core();
     let yaml = format!(
         "metadata: {{name: rotating}}\nspec: {{url: '{}', auth: {{type: Bearer, secretRef: {{name: tok}}}}}}",
         sink.url()
     );
-    apply(&herald, &yaml, &[("tok", secret(&[("token", "old")]))]).expect("ready");
-    herald
+    apply(&dispatcher, &yaml, &[("tok", secret(&[("token", "old")]))]).expect("ready");
+    dispatcher
         .dispatch(batch(&[&[("alertname", "A")]]), WebhookType::Alarms)
         .expect("accepted");
     sink.wait_for(1, WAIT).await;
-    apply(&herald, &yaml, &[("tok", secret(&[("token", "new")]))]).expect("ready");
-    herald
+    apply(&dispatcher, &yaml, &[("tok", secret(&[("token", "new")]))]).expect("ready");
+    dispatcher
         .dispatch(batch(&[&[("alertname", "B")]]), WebhookType::Alarms)
         .expect("accepted");
     let got = sink.wait_for(2, WAIT).await;
@@ -348,14 +348,14 @@ async fn secret_rotation_switches_the_token() {
 #[tokio::test]
 async fn missing_secret_makes_the_webhook_not_ready_and_it_gets_nothing() {
     let sink = Sink::http().await;
-    let (herald, _) = core();
+    let (dispatcher, _) = core();
     let yaml = format!(
         "metadata: {{name: nosecret}}\nspec: {{url: '{}', auth: {{type: Bearer, secretRef: {{name: absent}}}}}}",
         sink.url()
     );
-    let err = apply(&herald, &yaml, &[]).expect_err("not ready");
+    let err = apply(&dispatcher, &yaml, &[]).expect_err("not ready");
     assert_eq!(err.reason, NotReadyReason::SecretNotFound);
-    let summary = herald
+    let summary = dispatcher
         .dispatch(batch(&[&[("alertname", "A")]]), WebhookType::Alarms)
         .expect("accepted");
     assert_eq!(summary.queued, 0);
@@ -367,19 +367,19 @@ async fn signed_requests_carry_standard_webhooks_headers() {
     use base64::Engine as _;
     let sink = Sink::http().await;
     sink.respond_with(vec![Reply::status(500), Reply::status(200)]);
-    let (herald, _) = core();
+    let (dispatcher, _) = core();
     let key = [42u8; 32];
     let secret_value = format!(
         "whsec_{}",
         base64::engine::general_purpose::STANDARD.encode(key)
     );
     apply(
-        &herald,
+        &dispatcher,
         &format!("metadata: {{name: signed}}\nspec: {{url: '{}', signing: {{secretRef: {{name: sig, key: secret}}}}}}", sink.url()),
         &[("sig", secret(&[("secret", &secret_value)]))],
     )
     .expect("ready");
-    herald
+    dispatcher
         .dispatch(batch(&[&[("alertname", "A")]]), WebhookType::Alarms)
         .expect("accepted");
     let got = sink.wait_for(2, WAIT).await;
@@ -410,9 +410,9 @@ async fn test_messages_report_status_and_disabled_webhooks_get_none() {
     let ok_sink = Sink::http().await;
     let denied_sink = Sink::http().await;
     denied_sink.respond_with(vec![Reply::status(401)]);
-    let (herald, _) = core();
+    let (dispatcher, _) = core();
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: ok}}\nspec: {{url: '{}', language: zh-CN}}",
             ok_sink.url()
@@ -421,7 +421,7 @@ async fn test_messages_report_status_and_disabled_webhooks_get_none() {
     )
     .expect("ready");
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: denied}}\nspec: {{url: '{}'}}",
             denied_sink.url()
@@ -430,7 +430,7 @@ async fn test_messages_report_status_and_disabled_webhooks_get_none() {
     )
     .expect("ready");
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: off}}\nspec: {{url: '{}', enabled: false}}",
             ok_sink.url()
@@ -440,18 +440,21 @@ async fn test_messages_report_status_and_disabled_webhooks_get_none() {
     .expect_err("disabled is not ready");
 
     let key = |n: &str| herald::object::ObjectKey::new("monitoring", n);
-    let report = herald.send_test(&key("ok")).await.expect("sent");
+    let report = dispatcher.send_test(&key("ok")).await.expect("sent");
     assert_eq!(report.outcome, ReportOutcome::Succeeded);
     assert_eq!(report.http_status, Some(200));
     let body = ok_sink.wait_for(1, WAIT).await[0].json();
     assert_eq!(body["test"], true);
     assert_eq!(body["title"], "Herald 测试通知");
 
-    let report = herald.send_test(&key("denied")).await.expect("sent");
+    let report = dispatcher.send_test(&key("denied")).await.expect("sent");
     assert_eq!(report.outcome, ReportOutcome::Failed);
     assert_eq!(report.http_status, Some(401));
 
-    let err = herald.send_test(&key("off")).await.expect_err("disabled");
+    let err = dispatcher
+        .send_test(&key("off"))
+        .await
+        .expect_err("disabled");
     assert!(err.to_string().contains("Disabled"), "{err}");
     ok_sink
         .assert_no_more_within(Duration::from_millis(200))
@@ -461,7 +464,7 @@ async fn test_messages_report_status_and_disabled_webhooks_get_none() {
 
 #[tokio::test]
 async fn chat_formats_and_templates_reach_sinks_in_their_documented_shapes() {
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     let mut sinks = Vec::new();
     for format in [
         "herald",
@@ -473,7 +476,7 @@ async fn chat_formats_and_templates_reach_sinks_in_their_documented_shapes() {
     ] {
         let sink = Sink::http().await;
         apply(
-            &herald,
+            &dispatcher,
             &format!("metadata: {{name: {format}}}\nspec: {{url: '{}', format: {format}, language: zh-CN}}", sink.url()),
             &[],
         )
@@ -482,7 +485,7 @@ async fn chat_formats_and_templates_reach_sinks_in_their_documented_shapes() {
     }
     let custom = Sink::http().await;
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: custom}}\nspec:\n  url: '{}'\n  template: '{{\"summary\": {{{{ title | tojson }}}}, \"count\": {{{{ alerts | length }}}}}}'\n",
             custom.url()
@@ -492,7 +495,7 @@ async fn chat_formats_and_templates_reach_sinks_in_their_documented_shapes() {
     .expect("template compiles");
     let broken_at_runtime = Sink::http().await;
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: broken}}\nspec: {{url: '{}', template: '{{{{ nope.field }}}}'}}",
             broken_at_runtime.url()
@@ -501,14 +504,14 @@ async fn chat_formats_and_templates_reach_sinks_in_their_documented_shapes() {
     )
     .expect("compiles");
     let err = apply(
-        &herald,
+        &dispatcher,
         "metadata: {name: invalid}\nspec: {url: 'http://x', template: '{{ unclosed'}",
         &[],
     )
     .expect_err("does not compile");
     assert_eq!(err.reason, NotReadyReason::InvalidTemplate);
 
-    herald
+    dispatcher
         .dispatch(
             batch(&[&[("alertname", "HighCPU"), ("severity", "critical")]]),
             WebhookType::Alarms,

@@ -151,8 +151,8 @@ fn signed_webhook(name: &str, url: &str) -> String {
     )
 }
 
-fn dispatch_one(herald: &herald::dispatch::Dispatcher, alertname: &str) {
-    herald
+fn dispatch_one(dispatcher: &herald::dispatch::Dispatcher, alertname: &str) {
+    dispatcher
         .dispatch(batch(&[&[("alertname", alertname)]]), WebhookType::Alarms)
         .expect("accepted");
 }
@@ -165,18 +165,18 @@ fn dispatch_one(herald: &herald::dispatch::Dispatcher, alertname: &str) {
 async fn signed_requests_verify_with_the_standardwebhooks_library() {
     let key = whsec();
     let verifier = VerifyingSink::start(&[&key], 0);
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     // Two webhooks get the alert: the second body is sent in two parts (its own start, then
     // the end it shares with the first), and its signature covers both.
     for name in ["signed", "signed-too"] {
         apply(
-            &herald,
+            &dispatcher,
             &signed_webhook(name, &verifier.url()),
             &[("signing", secret(&[("secret", &format!("{key}\n"))]))],
         )
         .expect("ready");
     }
-    dispatch_one(&herald, "HighCPU");
+    dispatch_one(&dispatcher, "HighCPU");
 
     let report = reports.wait_for("monitoring/signed", WAIT).await;
     let records = verifier.wait_for(2, WAIT).await;
@@ -223,21 +223,21 @@ async fn during_rotation_holders_of_either_secret_accept_and_others_reject() {
     // One verifier per secret, each holding only that secret.
     let both = VerifyingSink::start(&[&a, &b], 0);
     let stranger = VerifyingSink::start(&[&other], 0);
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     let rotating = secret(&[("secret", &format!("{a} {b}"))]);
     apply(
-        &herald,
+        &dispatcher,
         &signed_webhook("rotating", &both.url()),
         &[("signing", rotating.clone())],
     )
     .expect("ready");
     apply(
-        &herald,
+        &dispatcher,
         &signed_webhook("stranger", &stranger.url()),
         &[("signing", rotating)],
     )
     .expect("ready");
-    dispatch_one(&herald, "X");
+    dispatch_one(&dispatcher, "X");
 
     let records = both.wait_for(1, WAIT).await;
     let r = &records[0];
@@ -279,14 +279,14 @@ async fn during_rotation_holders_of_either_secret_accept_and_others_reject() {
 async fn a_tampered_body_or_header_is_rejected_by_the_verifier() {
     let key = whsec();
     let verifier = VerifyingSink::start(&[&key], 0);
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     apply(
-        &herald,
+        &dispatcher,
         &signed_webhook("signed", &verifier.url()),
         &[("signing", secret(&[("secret", &key)]))],
     )
     .expect("ready");
-    dispatch_one(&herald, "DiskFull");
+    dispatch_one(&dispatcher, "DiskFull");
     assert_eq!(
         reports.wait_for("monitoring/signed", WAIT).await.outcome,
         ReportOutcome::Succeeded
@@ -350,14 +350,14 @@ async fn a_tampered_body_or_header_is_rejected_by_the_verifier() {
 async fn retries_keep_the_webhook_id_and_each_attempt_verifies() {
     let key = whsec();
     let verifier = VerifyingSink::start(&[&key], 2);
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     apply(
-        &herald,
+        &dispatcher,
         &signed_webhook("flaky", &verifier.url()),
         &[("signing", secret(&[("secret", &key)]))],
     )
     .expect("ready");
-    dispatch_one(&herald, "X");
+    dispatch_one(&dispatcher, "X");
 
     let report = reports.wait_for("monitoring/flaky", WAIT).await;
     assert_eq!(report.outcome, ReportOutcome::Succeeded, "{report:?}");
@@ -384,9 +384,9 @@ async fn retries_keep_the_webhook_id_and_each_attempt_verifies() {
 async fn http_deliveries_go_through_the_proxy() {
     let sink = Sink::http().await;
     let proxy = Tinyproxy::start();
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: proxied}}\nspec: {{url: '{}', proxyURL: '{}'}}",
             sink.url(),
@@ -395,7 +395,7 @@ async fn http_deliveries_go_through_the_proxy() {
         &[],
     )
     .expect("ready");
-    dispatch_one(&herald, "X");
+    dispatch_one(&dispatcher, "X");
 
     let report = reports.wait_for("monitoring/proxied", WAIT).await;
     assert_eq!(report.outcome, ReportOutcome::Succeeded, "{report:?}");
@@ -416,9 +416,9 @@ async fn https_deliveries_tunnel_through_the_proxy_with_connect() {
     let pki = TestPki::generate();
     let sink = Sink::https(&pki).await;
     let proxy = Tinyproxy::start();
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: tunnelled}}\nspec: {{url: '{}', proxyURL: '{}', tls: {{caSecretRef: {{name: ca, key: ca.crt}}}}}}",
             sink.url(),
@@ -427,7 +427,7 @@ async fn https_deliveries_tunnel_through_the_proxy_with_connect() {
         &[("ca", secret(&[("ca.crt", &pki.ca_pem)]))],
     )
     .expect("ready");
-    dispatch_one(&herald, "X");
+    dispatch_one(&dispatcher, "X");
 
     let report = reports.wait_for("monitoring/tunnelled", WAIT).await;
     assert_eq!(report.outcome, ReportOutcome::Succeeded, "{report:?}");
@@ -443,10 +443,10 @@ async fn https_deliveries_tunnel_through_the_proxy_with_connect() {
 async fn proxy_credentials_from_a_secret_are_used_and_never_reported() {
     let sink = Sink::http().await;
     let proxy = Tinyproxy::with_basic_auth("herald", "pr0xy-pa55");
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     // Credentials in proxyURL itself are refused: anyone who reads the Webhook would see them.
     let err = apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: inline}}\nspec: {{url: '{}', proxyURL: '{}'}}",
             sink.url_for("/inline"),
@@ -468,7 +468,7 @@ async fn proxy_credentials_from_a_secret_are_used_and_never_reported() {
         ),
     ];
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: good}}\nspec: {{url: '{}', proxyURL: '{}', proxySecretRef: {{name: proxy-good}}}}",
             sink.url_for("/good"),
@@ -478,7 +478,7 @@ async fn proxy_credentials_from_a_secret_are_used_and_never_reported() {
     )
     .expect("ready");
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: wrong}}\nspec: {{url: '{}', proxyURL: '{}', proxySecretRef: {{name: proxy-wrong}}}}",
             sink.url_for("/wrong"),
@@ -487,7 +487,7 @@ async fn proxy_credentials_from_a_secret_are_used_and_never_reported() {
         &secrets,
     )
     .expect("ready");
-    dispatch_one(&herald, "X");
+    dispatch_one(&dispatcher, "X");
 
     let good = reports.wait_for("monitoring/good", WAIT).await;
     assert_eq!(good.outcome, ReportOutcome::Succeeded, "{good:?}");
@@ -574,11 +574,11 @@ async fn an_https_proxy_is_reached_over_tls_for_http_and_https_destinations() {
     let https_sink = Sink::https(&pki).await;
     let proxy = Tinyproxy::start();
     let front = TlsProxyFront::start(&pki, proxy.port()).await;
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     let ca = ("ca", secret(&[("ca.crt", pki.ca_pem.as_str())]));
     for (name, url) in [("plain", http_sink.url()), ("tunnelled", https_sink.url())] {
         apply(
-            &herald,
+            &dispatcher,
             &format!(
                 "metadata: {{name: {name}}}\nspec: {{url: '{url}', proxyURL: '{}', tls: {{caSecretRef: {{name: ca, key: ca.crt}}}}}}",
                 front.url()
@@ -587,7 +587,7 @@ async fn an_https_proxy_is_reached_over_tls_for_http_and_https_destinations() {
         )
         .expect("ready");
     }
-    dispatch_one(&herald, "X");
+    dispatch_one(&dispatcher, "X");
 
     for name in ["plain", "tunnelled"] {
         let report = reports.wait_for(&format!("monitoring/{name}"), WAIT).await;
@@ -625,9 +625,9 @@ async fn an_https_proxy_is_reached_over_tls_for_http_and_https_destinations() {
 async fn a_dead_proxy_fails_the_delivery_instead_of_going_direct() {
     let sink = Sink::http().await;
     let dead = free_port();
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: dead-proxy}}\nspec: {{url: '{}', proxyURL: 'http://127.0.0.1:{dead}'}}",
             sink.url()
@@ -635,7 +635,7 @@ async fn a_dead_proxy_fails_the_delivery_instead_of_going_direct() {
         &[],
     )
     .expect("ready");
-    dispatch_one(&herald, "X");
+    dispatch_one(&dispatcher, "X");
     let report = reports
         .wait_for("monitoring/dead-proxy", Duration::from_secs(30))
         .await;
@@ -667,7 +667,7 @@ fn mtls_webhook(name: &str, url: &str, client_cert: bool) -> String {
 async fn mutual_tls_needs_the_client_certificate() {
     let pki = TestPki::generate();
     let sink = Sink::https_mtls(&pki).await;
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     let ca = ("ca", secret(&[("ca.crt", &pki.ca_pem)]));
     // A kubernetes.io/tls Secret: keys tls.crt and tls.key.
     let client = (
@@ -686,24 +686,24 @@ async fn mutual_tls_needs_the_client_certificate() {
         ]),
     );
     apply(
-        &herald,
+        &dispatcher,
         &mtls_webhook("anonymous", &sink.url_for("/anonymous"), false),
         std::slice::from_ref(&ca),
     )
     .expect("ready");
     apply(
-        &herald,
+        &dispatcher,
         &mtls_webhook("with-cert", &sink.url_for("/with-cert"), true),
         &[ca.clone(), client],
     )
     .expect("ready");
     apply(
-        &herald,
+        &dispatcher,
         &mtls_webhook("foreign-cert", &sink.url_for("/foreign-cert"), true),
         &[ca, foreign],
     )
     .expect("ready");
-    dispatch_one(&herald, "X");
+    dispatch_one(&dispatcher, "X");
 
     let ok = reports.wait_for("monitoring/with-cert", WAIT).await;
     assert_eq!(ok.outcome, ReportOutcome::Succeeded, "{ok:?}");
@@ -736,7 +736,7 @@ async fn mutual_tls_needs_the_client_certificate() {
 async fn unusable_client_certificates_make_the_webhook_not_ready() {
     let pki = TestPki::generate();
     let other = TestPki::other_ca_client();
-    let (herald, _) = core();
+    let (dispatcher, _) = core();
     let spec = mtls_webhook("mtls", "https://127.0.0.1:1/hook", true);
     let ca = ("ca", secret(&[("ca.crt", pki.ca_pem.as_str())]));
     let cases: [(&str, Vec<(&str, &str)>); 4] = [
@@ -767,7 +767,12 @@ async fn unusable_client_certificates_make_the_webhook_not_ready() {
         ),
     ];
     for (what, pairs) in cases {
-        let err = apply(&herald, &spec, &[ca.clone(), ("client", secret(&pairs))]).expect_err(what);
+        let err = apply(
+            &dispatcher,
+            &spec,
+            &[ca.clone(), ("client", secret(&pairs))],
+        )
+        .expect_err(what);
         assert_eq!(
             err.reason,
             NotReadyReason::InvalidClientCertificate,
@@ -781,7 +786,7 @@ async fn unusable_client_certificates_make_the_webhook_not_ready() {
     }
     // The good pair is accepted, so the refusals above are about the pairs alone.
     apply(
-        &herald,
+        &dispatcher,
         &spec,
         &[
             ca,
@@ -804,9 +809,9 @@ async fn unusable_client_certificates_make_the_webhook_not_ready() {
 #[tokio::test]
 async fn spec_headers_and_every_key_of_the_headers_secret_arrive() {
     let sink = Sink::http().await;
-    let (herald, reports) = core();
+    let (dispatcher, reports) = core();
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: headers}}\nspec: {{url: '{}', auth: {{type: Bearer, secretRef: {{name: tok}}}}, headers: {{X-Team: ops, X-Trace-Mode: 'a b;c=d'}}, headersSecretRef: {{name: api-keys}}}}",
             sink.url()
@@ -824,7 +829,7 @@ async fn spec_headers_and_every_key_of_the_headers_secret_arrive() {
         ],
     )
     .expect("ready");
-    dispatch_one(&herald, "X");
+    dispatch_one(&dispatcher, "X");
     assert_eq!(
         reports.wait_for("monitoring/headers", WAIT).await.outcome,
         ReportOutcome::Succeeded
@@ -848,7 +853,7 @@ async fn spec_headers_and_every_key_of_the_headers_secret_arrive() {
 
 #[tokio::test]
 async fn a_reserved_key_in_the_headers_secret_makes_the_webhook_not_ready() {
-    let (herald, _) = core();
+    let (dispatcher, _) = core();
     let spec =
         "metadata: {name: h}\nspec: {url: 'http://127.0.0.1:1/hook', headersSecretRef: {name: hs}}";
     for reserved in [
@@ -861,7 +866,7 @@ async fn a_reserved_key_in_the_headers_secret_makes_the_webhook_not_ready() {
         "Webhook-Id",
     ] {
         let err = apply(
-            &herald,
+            &dispatcher,
             spec,
             &[("hs", secret(&[("X-Fine", "1"), (reserved, "x")]))],
         )
@@ -879,7 +884,7 @@ async fn a_reserved_key_in_the_headers_secret_makes_the_webhook_not_ready() {
             err.message
         );
     }
-    apply(&herald, spec, &[("hs", secret(&[("X-Fine", "1")]))]).expect("ready");
+    apply(&dispatcher, spec, &[("hs", secret(&[("X-Fine", "1")]))]).expect("ready");
 }
 
 const RESERVED_MESSAGE: &str = "headers may not set Authorization, Content-Type, User-Agent, Idempotency-Key, Host, Herald-Delivery or any webhook-* header";

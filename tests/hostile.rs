@@ -20,9 +20,9 @@ const V2: &str = "/api/v2/alerts";
 
 /// Serves a fresh core's receiver on a free loopback port for the rest of the test.
 async fn start(config: ReceiverConfig, limits: ServerLimits) -> SocketAddr {
-    let (herald, _) = core::core();
-    herald.set_ready(true);
-    core::serve_receiver(herald, config, limits).await
+    let (dispatcher, _) = core::core();
+    dispatcher.set_ready(true);
+    core::serve_receiver(dispatcher, config, limits).await
 }
 
 async fn start_default() -> SocketAddr {

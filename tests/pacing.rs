@@ -88,7 +88,7 @@ async fn start_robot(limit: usize) -> (Arc<Robot>, String) {
     )
 }
 
-fn alert(herald: &Dispatcher, i: usize) {
+fn alert(dispatcher: &Dispatcher, i: usize) {
     let name = format!("Storm{i:04}");
     let severity = if i.is_multiple_of(10) {
         "critical"
@@ -96,7 +96,7 @@ fn alert(herald: &Dispatcher, i: usize) {
         "warning"
     };
     let batch = core::batch(&[&[("alertname", &name), ("severity", severity)]]);
-    herald
+    dispatcher
         .dispatch(batch, WebhookType::Alarms)
         .expect("accepted");
 }
@@ -105,9 +105,9 @@ fn alert(herald: &Dispatcher, i: usize) {
 /// reported. Returns the robot's messages and the reports' outcomes.
 async fn storm(spec: &str, count: usize, over: Duration) -> (Vec<Message>, Vec<ReportOutcome>) {
     let (robot, url) = start_robot(20).await;
-    let (herald, reports) = core::core();
+    let (dispatcher, reports) = core::core();
     apply(
-        &herald,
+        &dispatcher,
         &format!("metadata: {{name: ding}}\nspec: {{url: '{url}', format: dingtalk{spec}}}"),
         &[],
     )
@@ -115,7 +115,7 @@ async fn storm(spec: &str, count: usize, over: Duration) -> (Vec<Message>, Vec<R
     let started = Instant::now();
     let gap = over / count as u32;
     for i in 0..count {
-        alert(&herald, i);
+        alert(&dispatcher, i);
         tokio::time::sleep_until((started + gap * (i as u32 + 1)).into()).await;
     }
     let deadline = Instant::now() + Duration::from_secs(150);
@@ -181,10 +181,10 @@ async fn a_batching_window_sends_one_message_per_window() {
 #[tokio::test]
 async fn webhooks_to_one_url_share_its_pace_and_max_alerts_closes_a_batch() {
     let sink = Sink::http().await;
-    let (herald, reports) = core::core();
+    let (dispatcher, reports) = core::core();
     for name in ["a", "b"] {
         apply(
-            &herald,
+            &dispatcher,
             &format!(
                 "metadata: {{name: {name}}}\nspec: {{url: '{}', pace: {{perMinute: 2}}}}",
                 sink.url()
@@ -195,10 +195,10 @@ async fn webhooks_to_one_url_share_its_pace_and_max_alerts_closes_a_batch() {
     }
     // Two webhooks, one URL, two a minute: the first alert goes to each at once (two
     // messages), and everything after waits for the minute to pass.
-    alert(&herald, 0);
+    alert(&dispatcher, 0);
     sink.wait_for(2, Duration::from_secs(10)).await;
     for i in 1..5 {
-        alert(&herald, i);
+        alert(&dispatcher, i);
     }
     sink.assert_no_more_within(Duration::from_secs(2)).await;
     assert_eq!(sink.count(), 2);
@@ -206,9 +206,9 @@ async fn webhooks_to_one_url_share_its_pace_and_max_alerts_closes_a_batch() {
 
     // maxAlerts closes a batch before its window ends.
     let batched = Sink::http().await;
-    let (herald, reports) = core::core();
+    let (dispatcher, reports) = core::core();
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: c}}\nspec: {{url: '{}', batching: {{maxWait: 1h, maxAlerts: 3}}}}",
             batched.url()
@@ -217,7 +217,7 @@ async fn webhooks_to_one_url_share_its_pace_and_max_alerts_closes_a_batch() {
     )
     .expect("ready");
     for i in 0..3 {
-        alert(&herald, i);
+        alert(&dispatcher, i);
     }
     let got = batched.wait_for(1, Duration::from_secs(10)).await;
     let alerts = got[0].json()["alerts"].as_array().map(Vec::len);

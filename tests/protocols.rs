@@ -18,8 +18,8 @@ use crate::core::{apply, post_json as post};
 const WAIT: Duration = Duration::from_secs(10);
 const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 
-async fn start(herald: Dispatcher, config: ReceiverConfig) -> SocketAddr {
-    core::serve_receiver(herald, config, ServerLimits::default()).await
+async fn start(dispatcher: Dispatcher, config: ReceiverConfig) -> SocketAddr {
+    core::serve_receiver(dispatcher, config, ServerLimits::default()).await
 }
 
 /// Posts an API v2 alert array.
@@ -30,9 +30,9 @@ async fn post_v2(addr: SocketAddr, alerts: Value) -> (u16, Value) {
 /// A core with one webhook, `am`, in `format: alertmanager` (and `extra` spec lines), and its
 /// receiver.
 async fn one_webhook(sink: &Sink, extra: &str, config: ReceiverConfig) -> SocketAddr {
-    let (herald, _) = core::core();
+    let (dispatcher, _) = core::core();
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: am}}\nspec: {{url: '{}', format: alertmanager{extra}}}",
             sink.url()
@@ -40,7 +40,7 @@ async fn one_webhook(sink: &Sink, extra: &str, config: ReceiverConfig) -> Socket
         &[],
     )
     .expect("ready");
-    start(herald, config).await
+    start(dispatcher, config).await
 }
 
 fn fixture(name: &str) -> String {
@@ -249,14 +249,14 @@ async fn notification_manager_fixtures_are_forwarded_as_they_came() {
 #[tokio::test]
 async fn empty_valued_labels_are_removed_before_routing() {
     let sink = Sink::http().await;
-    let (herald, _) = core::core();
-    herald.apply_condition(herald::routing::ConditionInput {
+    let (dispatcher, _) = core::core();
+    dispatcher.apply_condition(herald::routing::ConditionInput {
         key: herald::object::ObjectKey::new("monitoring", "no-team"),
         spec: serde_saphyr::from_str("matchExpressions:\n  - {key: team, operator: DoesNotExist}")
             .expect("condition YAML"),
     });
     apply(
-        &herald,
+        &dispatcher,
         &format!(
             "metadata: {{name: am}}\nspec: {{url: '{}', format: alertmanager, conditions: [no-team]}}",
             sink.url()
@@ -264,7 +264,7 @@ async fn empty_valued_labels_are_removed_before_routing() {
         &[],
     )
     .expect("ready");
-    let addr = start(herald, ReceiverConfig::default()).await;
+    let addr = start(dispatcher, ReceiverConfig::default()).await;
     let (status, body) = post_v2(addr, json!([{"labels": {"alertname": "A", "team": ""}}])).await;
     assert_eq!((status, &body["deliveries"]), (200, &json!(1)), "{body}");
     let got = sink.wait_for(1, WAIT).await;

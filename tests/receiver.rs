@@ -14,8 +14,8 @@ use sink::Sink;
 use crate::core::{apply, fast_retry};
 
 /// Serves a receiver on a free loopback port for the rest of the test.
-async fn start(herald: Dispatcher, config: ReceiverConfig) -> SocketAddr {
-    core::serve_receiver(herald, config, ServerLimits::default()).await
+async fn start(dispatcher: Dispatcher, config: ReceiverConfig) -> SocketAddr {
+    core::serve_receiver(dispatcher, config, ServerLimits::default()).await
 }
 
 fn v1_payload(alerts: Value) -> Value {
@@ -45,14 +45,14 @@ async fn post(
 #[tokio::test]
 async fn v1_and_v2_payloads_are_accepted_and_delivered() {
     let sink = Sink::http().await;
-    let (herald, _) = core::core();
+    let (dispatcher, _) = core::core();
     apply(
-        &herald,
+        &dispatcher,
         &format!("metadata: {{name: all}}\nspec: {{url: '{}'}}", sink.url()),
         &[],
     )
     .expect("ready");
-    let addr = start(herald, ReceiverConfig::default()).await;
+    let addr = start(dispatcher, ReceiverConfig::default()).await;
 
     let alerts = json!([{"status": "firing", "labels": {"alertname": "A"}, "annotations": {},
                          "startsAt": "2026-11-25T10:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
@@ -92,8 +92,8 @@ async fn v1_and_v2_payloads_are_accepted_and_delivered() {
 
 #[tokio::test]
 async fn malformed_payloads_get_400_with_the_json_path() {
-    let (herald, _) = core::core();
-    let addr = start(herald, ReceiverConfig::default()).await;
+    let (dispatcher, _) = core::core();
+    let addr = start(dispatcher, ReceiverConfig::default()).await;
     let (status, body, _) = post(
         addr,
         "/api/v1/alerts",
@@ -149,9 +149,9 @@ async fn malformed_payloads_get_400_with_the_json_path() {
 
 #[tokio::test]
 async fn oversized_bodies_get_413_and_non_json_gets_415() {
-    let (herald, _) = core::core();
+    let (dispatcher, _) = core::core();
     let addr = start(
-        herald,
+        dispatcher,
         ReceiverConfig {
             body_limit: 1024,
             ..ReceiverConfig::default()
@@ -176,9 +176,9 @@ async fn oversized_bodies_get_413_and_non_json_gets_415() {
 
 #[tokio::test]
 async fn receiver_authentication_requires_the_bearer_token() {
-    let (herald, _) = core::core();
+    let (dispatcher, _) = core::core();
     let addr = start(
-        herald,
+        dispatcher,
         ReceiverConfig {
             token: Some(Sensitive::new("let-me-in".to_string())),
             ..ReceiverConfig::default()
@@ -216,7 +216,7 @@ async fn full_herald_answers_503_with_retry_after_and_loses_nothing_it_accepted(
     // An endpoint that answers only when released keeps deliveries pending; the global limit
     // is 4, of which one webhook may hold half.
     sink.respond_with(vec![sink::Reply::status(200).held()]);
-    let herald = Dispatcher::new(
+    let dispatcher = Dispatcher::new(
         ["monitoring".to_string()],
         EngineConfig {
             max_pending: 4,
@@ -226,7 +226,7 @@ async fn full_herald_answers_503_with_retry_after_and_loses_nothing_it_accepted(
     )
     .with_policy(herald::delivery::TargetPolicy::allowing_loopback());
     apply(
-        &herald,
+        &dispatcher,
         &format!("metadata: {{name: slow}}\nspec: {{url: '{}'}}", sink.url()),
         &[],
     )
@@ -236,7 +236,7 @@ async fn full_herald_answers_503_with_retry_after_and_loses_nothing_it_accepted(
         overload_wait: Duration::ZERO,
         ..ReceiverConfig::default()
     };
-    let addr = start(herald, config).await;
+    let addr = start(dispatcher, config).await;
     let payload = v1_payload(json!([{"labels": {"alertname": "A"}}])).to_string();
     let mut accepted = 0;
     let mut refused = 0;
@@ -266,7 +266,7 @@ async fn a_full_herald_holds_a_batch_until_room_frees_and_refuses_one_that_can_n
     sink.respond_with(vec![
         sink::Reply::status(200).delay(Duration::from_millis(400)),
     ]);
-    let herald = Dispatcher::new(
+    let dispatcher = Dispatcher::new(
         ["monitoring".to_string()],
         EngineConfig {
             max_pending: 1,
@@ -278,12 +278,12 @@ async fn a_full_herald_holds_a_batch_until_room_frees_and_refuses_one_that_can_n
     for name in ["first", "second"] {
         let condition =
             format!("matchExpressions:\n  - {{key: to, operator: In, values: [{name}, both]}}");
-        herald.apply_condition(herald::routing::ConditionInput {
+        dispatcher.apply_condition(herald::routing::ConditionInput {
             key: herald::object::ObjectKey::new("monitoring", format!("only-{name}")),
             spec: serde_saphyr::from_str(&condition).expect("condition YAML"),
         });
         apply(
-            &herald,
+            &dispatcher,
             &format!(
                 "metadata: {{name: {name}}}\nspec: {{url: '{}/{name}', conditions: [only-{name}]}}",
                 sink.url()
@@ -296,7 +296,7 @@ async fn a_full_herald_holds_a_batch_until_room_frees_and_refuses_one_that_can_n
     // would show.
     let wait = Duration::from_secs(60);
     let addr = start(
-        herald,
+        dispatcher,
         ReceiverConfig {
             overload_wait: wait,
             ..ReceiverConfig::default()
@@ -340,8 +340,8 @@ async fn a_full_herald_holds_a_batch_until_room_frees_and_refuses_one_that_can_n
 
 #[tokio::test]
 async fn health_readiness_and_metrics() {
-    let (herald, _) = core::core();
-    let addr = start(herald.clone(), ReceiverConfig::default()).await;
+    let (dispatcher, _) = core::core();
+    let addr = start(dispatcher.clone(), ReceiverConfig::default()).await;
     let client = reqwest::Client::new();
     let get = |path: &'static str| {
         let client = client.clone();
@@ -355,7 +355,7 @@ async fn health_readiness_and_metrics() {
     };
     assert_eq!(get("/healthz").await.status().as_u16(), 200);
     assert_eq!(get("/readyz").await.status().as_u16(), 503);
-    herald.set_ready(true);
+    dispatcher.set_ready(true);
     assert_eq!(get("/readyz").await.status().as_u16(), 200);
 
     post(addr, "/api/v1/alerts", "text/plain", "x").await;
@@ -383,12 +383,12 @@ async fn health_readiness_and_metrics() {
 
 #[tokio::test]
 async fn a_rotated_receiver_token_file_takes_effect_without_a_restart() {
-    let (herald, _) = core::core();
+    let (dispatcher, _) = core::core();
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("token");
     std::fs::write(&file, "first\n").expect("write");
     let addr = start(
-        herald,
+        dispatcher,
         ReceiverConfig {
             token_file: Some(file.clone()),
             ..ReceiverConfig::default()

@@ -148,15 +148,20 @@ impl Drop for PortSink {
     }
 }
 
-async fn serve_core(herald: Dispatcher) -> SocketAddr {
-    herald.set_ready(true);
-    core::serve_receiver(herald, ReceiverConfig::default(), ServerLimits::default()).await
+async fn serve_core(dispatcher: Dispatcher) -> SocketAddr {
+    dispatcher.set_ready(true);
+    core::serve_receiver(
+        dispatcher,
+        ReceiverConfig::default(),
+        ServerLimits::default(),
+    )
+    .await
 }
 
 async fn down_then_up(down: Down) {
     const BATCHES: usize = 12;
     // Retry for as long as the outage lasts (the shared fast policy gives up after 5 attempts).
-    let herald = Dispatcher::new(
+    let dispatcher = Dispatcher::new(
         ["monitoring".to_string()],
         EngineConfig {
             retry: RetryPolicy {
@@ -169,7 +174,7 @@ async fn down_then_up(down: Down) {
     )
     .with_policy(herald::delivery::TargetPolicy::allowing_loopback());
     let reports = Arc::new(Reports::default());
-    herald.engine().observe(reports.clone());
+    dispatcher.engine().observe(reports.clone());
 
     let sink = Sink::http().await;
     let port = process::free_port();
@@ -181,12 +186,12 @@ async fn down_then_up(down: Down) {
         Down::ClosedPort => format!("http://127.0.0.1:{port}/hook"),
     };
     apply(
-        &herald,
+        &dispatcher,
         &format!("metadata: {{name: flaky}}\nspec: {{url: '{url}'}}"),
         &[],
     )
     .expect("ready");
-    let addr = serve_core(herald).await;
+    let addr = serve_core(dispatcher).await;
     let metrics = || async move {
         client()
             .get(format!("http://{addr}/metrics"))

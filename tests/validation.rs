@@ -93,10 +93,10 @@ async fn the_examples_are_valid_and_every_webhook_but_the_disabled_one_is_ready(
             webhook.spec.url
         );
     }
-    let herald = herald::dispatch::Dispatcher::new(["default".to_string()], Default::default())
+    let dispatcher = herald::dispatch::Dispatcher::new(["default".to_string()], Default::default())
         .with_policy(herald::delivery::TargetPolicy::allowing_loopback());
     let mut loader = herald::standalone::Loader::new(&dir);
-    let report = loader.reload(&herald).expect("load");
+    let report = loader.reload(&dispatcher).expect("load");
     let not_ready: Vec<String> = report
         .not_ready
         .iter()

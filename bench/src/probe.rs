@@ -80,14 +80,14 @@ pub async fn run(probe: Probe) -> Result<()> {
             drop(targets);
 
             let base = rss_kib();
-            let herald = Dispatcher::new(["default".to_string()], EngineConfig::default())
+            let dispatcher = Dispatcher::new(["default".to_string()], EngineConfig::default())
                 .with_policy(TargetPolicy::allowing_loopback());
             for i in 0..webhooks {
-                herald.apply_condition(herald::routing::ConditionInput {
+                dispatcher.apply_condition(herald::routing::ConditionInput {
                     key: ObjectKey::new("default", format!("cond-{i}")),
                     spec: serde_json::from_value(fixture::condition_spec(fixture::team_of(i)))?,
                 });
-                let _ = herald.apply_webhook(
+                let _ = dispatcher.apply_webhook(
                     ObjectKey::new("default", format!("wh-{i}")),
                     Default::default(),
                     spec(i),

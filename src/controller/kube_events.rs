@@ -29,7 +29,7 @@ const QUEUE_WAIT: Duration = Duration::from_secs(10);
 pub async fn follow(
     client: Client,
     namespaces: Vec<String>,
-    herald: Dispatcher,
+    dispatcher: Dispatcher,
     bookmark: EventsBookmark,
     cancel: CancellationToken,
 ) {
@@ -45,7 +45,13 @@ pub async fn follow(
             .collect()
     };
     futures::future::join_all(scopes.into_iter().map(|(scope, api)| {
-        follow_scope(api, scope, herald.clone(), bookmark.clone(), cancel.clone())
+        follow_scope(
+            api,
+            scope,
+            dispatcher.clone(),
+            bookmark.clone(),
+            cancel.clone(),
+        )
     }))
     .await;
 }
@@ -54,7 +60,7 @@ pub async fn follow(
 async fn follow_scope(
     api: Api<Event>,
     scope: String,
-    herald: Dispatcher,
+    dispatcher: Dispatcher,
     bookmark: EventsBookmark,
     cancel: CancellationToken,
 ) {
@@ -63,13 +69,13 @@ async fn follow_scope(
     loop {
         let result = tokio::select! {
             () = cancel.cancelled() => return,
-            result = follow_once(&api, &scope, &herald, &bookmark, &mut ledger) => result,
+            result = follow_once(&api, &scope, &dispatcher, &bookmark, &mut ledger) => result,
         };
         match result {
             Ok(()) => backoff = Duration::from_millis(500),
             Err(error) => {
                 tracing::warn!("{error} (retrying)");
-                herald.metrics().controller.watch_error("Event");
+                dispatcher.metrics().controller.watch_error("Event");
                 tokio::select! {
                     () = cancel.cancelled() => return,
                     () = tokio::time::sleep(backoff) => {}
@@ -104,7 +110,7 @@ async fn baseline(api: &Api<Event>, ledger: &mut EventLedger) -> Result<String, 
 async fn follow_once(
     api: &Api<Event>,
     scope: &str,
-    herald: &Dispatcher,
+    dispatcher: &Dispatcher,
     bookmark: &EventsBookmark,
     ledger: &mut EventLedger,
 ) -> Result<(), ReconcileError> {
@@ -130,7 +136,7 @@ async fn follow_once(
         let version = match item {
             WatchEvent::Added(event) | WatchEvent::Modified(event) => {
                 if ledger.record(&event) {
-                    deliver(herald, &event).await;
+                    deliver(dispatcher, &event).await;
                 }
                 event.resource_version()
             }
@@ -144,7 +150,7 @@ async fn follow_once(
                     scope,
                     "the Kubernetes Event resume point has expired: Events since it are not delivered; following from now"
                 );
-                herald.metrics().controller.watch_restart("Event");
+                dispatcher.metrics().controller.watch_restart("Event");
                 bookmark.clear(scope);
                 return Ok(());
             }
@@ -160,7 +166,7 @@ async fn follow_once(
 }
 
 /// Queues one Event for the `Events` webhooks it matches, waiting until it is kept.
-async fn deliver(herald: &Dispatcher, event: &Event) {
+async fn deliver(dispatcher: &Dispatcher, event: &Event) {
     let Some(alert) = to_alert(event) else {
         return;
     };
@@ -168,13 +174,13 @@ async fn deliver(herald: &Dispatcher, event: &Event) {
         alerts: vec![alert],
         ..Default::default()
     };
-    if let Err(e) = herald
+    if let Err(e) = dispatcher
         .dispatch_within(batch, WebhookType::Events, QUEUE_WAIT)
         .await
     {
         let error = ReconcileError::EventQueue(e.to_string());
         tracing::warn!("{error}");
-        herald
+        dispatcher
             .metrics()
             .controller
             .error("Event", error.metric_label());

@@ -340,7 +340,7 @@ struct Pending {
 /// writer, the reader for work off the loop, and its role.
 struct Controller {
     index: Index,
-    herald: Dispatcher,
+    dispatcher: Dispatcher,
     status: Arc<StatusWriter>,
     reader: Reader,
     leader: watch::Receiver<bool>,
@@ -375,7 +375,7 @@ impl Controller {
             Change::WebhookRead(key, read) => self.webhook_read(key, read, started),
             Change::WatchError(kind, e) => {
                 tracing::warn!("{kind} watch error (retrying): {e}");
-                self.herald.metrics().controller.watch_error(kind);
+                self.dispatcher.metrics().controller.watch_error(kind);
                 Ok(())
             }
         };
@@ -396,7 +396,10 @@ impl Controller {
             Event::InitApply(object) | Event::Apply(object) => return Some(object),
             Event::Init => {
                 if self.index.begin(kind, watch) {
-                    self.herald.metrics().controller.watch_restart(kind.name());
+                    self.dispatcher
+                        .metrics()
+                        .controller
+                        .watch_restart(kind.name());
                 }
                 Vec::new()
             }
@@ -445,13 +448,13 @@ impl Controller {
             return;
         }
         self.status.set_condition(&condition);
-        self.herald.apply_condition(ConditionInput {
+        self.dispatcher.apply_condition(ConditionInput {
             key: key.clone(),
             spec: condition.spec,
         });
         self.refresh_condition(&key);
         let seconds = started.elapsed().as_secs_f64();
-        self.herald
+        self.dispatcher
             .metrics()
             .controller
             .reconciled(Kind::Condition.name(), seconds, None);
@@ -614,7 +617,7 @@ impl Controller {
     /// each failure.
     fn failed(&mut self, error: ReconcileError, started: Instant) {
         tracing::warn!("{error} (retrying)");
-        self.herald.metrics().controller.reconciled(
+        self.dispatcher.metrics().controller.reconciled(
             "Webhook",
             started.elapsed().as_secs_f64(),
             Some(error.metric_label()),
@@ -643,7 +646,7 @@ impl Controller {
                 Some((name, data))
             })
             .collect();
-        let readiness = self.herald.apply_webhook(
+        let readiness = self.dispatcher.apply_webhook(
             key.clone(),
             webhook.labels().clone(),
             webhook.spec.clone(),
@@ -655,7 +658,7 @@ impl Controller {
         self.pending.retries.remove(key);
         self.status.set_ready(webhook, &readiness);
         self.status.namespace_changed(&key.namespace);
-        self.herald.metrics().controller.reconciled(
+        self.dispatcher.metrics().controller.reconciled(
             "Webhook",
             started.elapsed().as_secs_f64(),
             None,
@@ -669,7 +672,7 @@ impl Controller {
         if !self.role.synced {
             return;
         }
-        let table = self.herald.table();
+        let table = self.dispatcher.table();
         for webhook in table.webhooks() {
             if webhook.key.namespace == condition.namespace
                 && webhook
@@ -687,7 +690,7 @@ impl Controller {
 
     /// Writes the readiness of every webhook and condition (once the initial sync is complete).
     fn refresh_all(&self) {
-        let table = self.herald.table();
+        let table = self.dispatcher.table();
         for webhook in table.webhooks() {
             if !self.pending.retries.contains_key(&webhook.key)
                 && let Some(readiness) = table.readiness(&webhook.key)
@@ -733,14 +736,14 @@ impl Controller {
                 return;
             }
         }
-        let herald = self.herald.clone();
+        let dispatcher = self.dispatcher.clone();
         let status = self.status.clone();
         let in_flight = self.pending.tests_in_flight.clone();
         let key = key.clone();
         let token = token.to_string();
         tokio::spawn(async move {
             tracing::info!(webhook = %key, token = %token, "sending test message");
-            let result = herald.send_test(&key).await;
+            let result = dispatcher.send_test(&key).await;
             match &result {
                 Ok(report) => status.record_test(&key, &token, Ok(report)),
                 Err(e) => status.record_test(&key, &token, Err(e.to_string())),
@@ -754,14 +757,14 @@ impl Controller {
     }
 
     fn delete_webhook(&mut self, key: &ObjectKey) {
-        self.herald.delete_webhook(key);
+        self.dispatcher.delete_webhook(key);
         self.status.forget(key);
         self.pending.retries.remove(key);
         self.status.namespace_changed(&key.namespace);
     }
 
     fn delete_condition(&mut self, key: &ObjectKey) {
-        self.herald.delete_condition(key);
+        self.dispatcher.delete_condition(key);
         self.status.forget_condition(key);
         self.refresh_condition(key);
     }
@@ -773,17 +776,17 @@ impl Controller {
             return;
         }
         let (webhooks, conditions) = {
-            let table = self.herald.table();
+            let table = self.dispatcher.table();
             (table.len(), table.condition_keys().count())
         };
         tracing::info!(webhooks, conditions, "initial sync done");
         // Deliveries accepted before a restart (with --data-dir) go out again now that
         // every webhook is known.
-        if let Err(e) = self.herald.engine().resume() {
+        if let Err(e) = self.dispatcher.engine().resume() {
             tracing::error!("cannot resume pending deliveries: {e}");
         }
         self.role.synced = true;
-        self.herald.set_ready(true);
+        self.dispatcher.set_ready(true);
         self.status.set_synced();
         self.refresh_all();
         self.update_role();
@@ -812,7 +815,7 @@ impl Controller {
                 tokio::spawn(kube_events::follow(
                     self.reader.client.clone(),
                     self.settings.watch_namespaces.clone(),
-                    self.herald.clone(),
+                    self.dispatcher.clone(),
                     self.bookmark.clone(),
                     stop.clone(),
                 ));
@@ -828,7 +831,7 @@ impl Controller {
 /// replica acts on the table (status, tests, Kubernetes Events) while `leader` holds true.
 pub async fn run(
     client: Client,
-    herald: Dispatcher,
+    dispatcher: Dispatcher,
     settings: ControllerSettings,
     leader: watch::Receiver<bool>,
     bookmark: EventsBookmark,
@@ -844,10 +847,10 @@ pub async fn run(
     let status = Arc::new(StatusWriter::new(
         client.clone(),
         recorder,
-        herald.clone(),
+        dispatcher.clone(),
         leader.clone(),
     ));
-    herald.engine().observe(status.clone());
+    dispatcher.engine().observe(status.clone());
     let writer = tokio::spawn(status.clone().run(settings.status_interval, cancel.clone()));
 
     let mut streams = watches(&client, &settings.watch_namespaces);
@@ -858,7 +861,7 @@ pub async fn run(
     let mut changes = futures::stream::select_all(streams);
     let mut controller = Controller {
         index: Index::new(&settings.watch_namespaces),
-        herald,
+        dispatcher,
         status,
         reader: Reader {
             client,

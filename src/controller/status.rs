@@ -267,7 +267,7 @@ fn users_message(users: &[Arc<str>]) -> String {
 pub struct StatusWriter {
     client: kube::Client,
     recorder: Recorder,
-    herald: Dispatcher,
+    dispatcher: Dispatcher,
     leader: watch::Receiver<bool>,
     /// Whether the controller has seen every watched object once.
     synced: AtomicBool,
@@ -306,13 +306,13 @@ impl StatusWriter {
     pub fn new(
         client: kube::Client,
         recorder: Recorder,
-        herald: Dispatcher,
+        dispatcher: Dispatcher,
         leader: watch::Receiver<bool>,
     ) -> Self {
         StatusWriter {
             client,
             recorder,
-            herald,
+            dispatcher,
             leader,
             synced: AtomicBool::new(false),
             entries: Mutex::new(HashMap::new()),
@@ -600,7 +600,7 @@ impl StatusWriter {
         // Which Webhooks each condition of those namespaces applies to, in one pass.
         let mut users: HashMap<ObjectKey, Vec<Arc<str>>> = HashMap::new();
         {
-            let table = self.herald.table();
+            let table = self.dispatcher.table();
             let mut webhooks: Vec<&ObjectKey> = table
                 .webhooks()
                 .map(|w| &w.key)
@@ -634,7 +634,7 @@ impl StatusWriter {
         for (key, message, generation) in due {
             if let Err(e) = self.write_condition(&key, &message, generation).await {
                 tracing::warn!("{e}");
-                self.herald
+                self.dispatcher
                     .metrics()
                     .controller
                     .error("NotificationCondition", e.metric_label());
@@ -776,7 +776,7 @@ impl StatusWriter {
                     source,
                 };
                 tracing::warn!("{error}");
-                self.herald
+                self.dispatcher
                     .metrics()
                     .controller
                     .error("Webhook", error.metric_label());

@@ -61,7 +61,7 @@ pub fn fast_retry() -> RetryPolicy {
 
 /// A core whose cluster namespace is `monitoring`, with a report collector attached.
 pub fn core() -> (Dispatcher, Arc<Reports>) {
-    let herald = Dispatcher::new(
+    let dispatcher = Dispatcher::new(
         ["monitoring".to_string()],
         EngineConfig {
             retry: fast_retry(),
@@ -70,8 +70,8 @@ pub fn core() -> (Dispatcher, Arc<Reports>) {
     )
     .with_policy(herald::delivery::TargetPolicy::allowing_loopback());
     let reports = Arc::new(Reports::default());
-    herald.engine().observe(reports.clone());
-    (herald, reports)
+    dispatcher.engine().observe(reports.clone());
+    (dispatcher, reports)
 }
 
 /// Secret data from string pairs.
@@ -85,7 +85,7 @@ pub fn secret(pairs: &[(&str, &str)]) -> SecretData {
 
 /// Applies a Webhook manifest (YAML) with the given Secrets of its namespace.
 pub fn apply(
-    herald: &Dispatcher,
+    dispatcher: &Dispatcher,
     yaml: &str,
     secrets: &[(&str, SecretData)],
 ) -> Result<(), NotReady> {
@@ -97,7 +97,7 @@ pub fn apply(
             .unwrap_or_else(|| "monitoring".into()),
         wh.metadata.name.clone().expect("name"),
     );
-    herald.apply_webhook(
+    dispatcher.apply_webhook(
         key,
         wh.metadata.labels.clone().unwrap_or_default(),
         wh.spec,
@@ -129,7 +129,7 @@ pub fn batch(alerts: &[&[(&str, &str)]]) -> herald::alert::AlertBatch {
 
 /// Serves a core's receiver on a free loopback port for the rest of the test.
 pub async fn serve_receiver(
-    herald: Dispatcher,
+    dispatcher: Dispatcher,
     config: ReceiverConfig,
     limits: ServerLimits,
 ) -> SocketAddr {
@@ -139,7 +139,7 @@ pub async fn serve_receiver(
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(serve_with_limits(
         listener,
-        router(herald, config),
+        router(dispatcher, config),
         limits,
         std::future::pending(),
     ));
