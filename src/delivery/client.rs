@@ -127,7 +127,7 @@ pub enum ClientError {
 /// A pooled HTTP/1.1 and HTTP/2 client for one set of transport settings.
 #[derive(Clone, Debug)]
 pub struct HttpClient {
-    client: Client<HttpsConnector<RouteConnector>, RequestBody>,
+    client: Client<SharedConnector, RequestBody>,
     /// `Proxy-Authorization` for plain-HTTP requests sent through the proxy (a CONNECT tunnel
     /// carries it in the CONNECT request instead).
     proxy_authorization: Option<Sensitive<HeaderValue>>,
@@ -177,15 +177,17 @@ impl HttpClient {
                 )
             }
         };
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_all_versions()
-            .wrap_connector(RouteConnector {
-                direct,
-                proxy,
-                guard: guard.map(Arc::new),
-            });
+        let connector = SharedConnector(Arc::new(
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_all_versions()
+                .wrap_connector(RouteConnector {
+                    direct,
+                    proxy,
+                    guard: guard.map(Arc::new),
+                }),
+        ));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
@@ -401,6 +403,27 @@ struct ProxyRoute {
     uri: Uri,
     to_proxy: HttpsConnector<TcpConnector>,
     tunnel: Tunnel<HttpsConnector<TcpConnector>>,
+}
+
+/// The connector behind one shared pointer: hyper's client clones its connector for every
+/// request (to connect should no pooled connection be free), and one reference count costs
+/// less than the several inside the TLS connector and its route.
+#[derive(Clone, Debug)]
+struct SharedConnector(Arc<HttpsConnector<RouteConnector>>);
+
+impl tower::Service<Uri> for SharedConnector {
+    type Response = MaybeHttpsStream<Stream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, destination: Uri) -> Self::Future {
+        // Only a new connection pays for the copy of the connector itself.
+        HttpsConnector::clone(&self.0).call(destination)
+    }
 }
 
 /// Opens the TCP (or tunnelled) connection for a destination, straight or through the proxy;

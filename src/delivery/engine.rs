@@ -358,6 +358,9 @@ struct EngineContext {
     /// Herald is stopping: unfinished deliveries stay pending in the store for the next start.
     stopping: CancellationToken,
     observers: RwLock<Vec<Arc<dyn DeliveryObserver>>>,
+    /// Some observer was added: until then no report takes the observers' lock, which every
+    /// worker would otherwise take for every delivery.
+    observed: AtomicBool,
 }
 
 impl EngineContext {
@@ -425,7 +428,9 @@ impl EngineContext {
                 "delivery failed"
             ),
         }
-        if let Ok(observers) = self.observers.read() {
+        if self.observed.load(Ordering::Acquire)
+            && let Ok(observers) = self.observers.read()
+        {
             for observer in observers.iter() {
                 observer.report(&report);
             }
@@ -515,6 +520,7 @@ impl Engine {
                 budget: Arc::new(Semaphore::new(config.max_pending)),
                 stopping: shutdown.clone(),
                 observers: RwLock::new(Vec::new()),
+                observed: AtomicBool::new(false),
             }),
             workers: Arc::default(),
             closing: CancellationToken::new(),
@@ -528,6 +534,7 @@ impl Engine {
     pub fn observe(&self, observer: Arc<dyn DeliveryObserver>) {
         if let Ok(mut observers) = self.shared.observers.write() {
             observers.push(observer);
+            self.shared.observed.store(true, Ordering::Release);
         }
     }
 

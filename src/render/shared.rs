@@ -135,12 +135,13 @@ impl SharedTail {
     /// The end of a one-alert delivery's Herald body, to share with the alert's other
     /// deliveries in the same language.
     fn of(content: &Content<'_>, language: Language) -> Self {
+        let notification = notification(*content, language);
+        let mut json = Vec::with_capacity(tail_size_hint(&notification));
+        let written = serde_json::to_writer(&mut json, &HeraldTail(&notification)).is_ok();
         SharedTail {
             group_labels: content.group_labels.clone(),
             external_url: content.external_url.clone(),
-            json: serde_json::to_vec(&HeraldTail(&notification(*content, language)))
-                .ok()
-                .map(Bytes::from),
+            json: written.then(|| Bytes::from(json)),
         }
     }
 
@@ -154,6 +155,24 @@ impl SharedTail {
                     || *self.external_url == *external_url)
         })
     }
+}
+
+/// About the length of a one-alert tail, so that it is written into one buffer rather than one
+/// that doubles five times: the alert's JSON (written here if not yet), its labels and
+/// annotations again as the common ones, the texts with room for escapes, and the rest.
+fn tail_size_hint(notification: &super::Notification<'_>) -> usize {
+    let json_len = |json: Option<&serde_json::value::RawValue>| json.map_or(0, |j| j.get().len());
+    let alerts: usize = notification
+        .alerts
+        .iter()
+        .map(|alert| {
+            json_len(alert.json())
+                + json_len(alert.labels_json())
+                + json_len(alert.annotations_json())
+        })
+        .sum();
+    let texts = notification.title.len() + notification.message.len();
+    alerts + texts + texts / 8 + notification.external_url.len() + 256
 }
 
 /// A one-alert delivery's Herald body: `head`, then the end its alert shares with its other

@@ -1,24 +1,29 @@
-//! The disk store: redb, written by one thread in group commits.
+//! The disk store: the backlog in an append-only segment log ([`super::log`]), the records
+//! in redb, both written by one thread in group commits.
 //!
-//! Every accepted delivery is a row of the backlog table keyed by its webhook and a sequence
-//! number the writer hands out in commit order, so a webhook's worker reads its backlog in the
-//! order it was accepted and a cursor (the last sequence number it loaded) says what it has.
-//! Writes go through one channel to one thread, which takes whatever has queued up since its
-//! last commit and writes it as one transaction: the deliveries of every request waiting, the
-//! finished deliveries to remove and record. A commit that holds accepted deliveries is durable
-//! (one fsync for all of them) and only then are their requests answered; a commit of finishes
-//! alone is not (after a crash a finished delivery may be sent again, with the same
-//! Idempotency-Key, never lost), and the next durable commit makes it durable too.
+//! Every accepted delivery is an entry of the log with its webhook and a sequence number the
+//! writer hands out in commit order, so a webhook's worker reads its backlog in the order it
+//! was accepted and a cursor (the last sequence number it loaded) says what it has. Writes go
+//! through one channel to one thread, which takes whatever has queued up since its last commit:
+//! the deliveries of every request waiting are written as one frame of the log and made durable
+//! by one `fdatasync`, and only then are their requests answered. Finished deliveries are
+//! recorded in redb in a transaction that is not made durable at once; every
+//! [`SETTLE_EVERY`] (and at a flush) a durable commit makes the records durable, and only then
+//! are the finished deliveries' tombstones written to the log: after a crash a finished
+//! delivery may be sent again (with the same Idempotency-Key), never lost, and a delivery never
+//! leaves the log before its record (a dead letter's content) is durable.
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use foldhash::HashMap;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::oneshot;
 
+use super::log::{Log, LogReader};
 use super::{
     ByClass, DeliveryRecord, HandOver, RecordClass, RecordLimits, StoreError, db, decode, encode,
     writer_stopped, written,
@@ -26,13 +31,13 @@ use super::{
 use crate::object::ObjectKey;
 use crate::outgoing::{Delivery, DeliveryId};
 
-/// Accepted deliveries not finished yet: `(webhook, sequence number)` to the delivery (JSON).
+/// The backlog of earlier versions, `(webhook, sequence number)` to the delivery (JSON), moved
+/// into the log at open.
 const BACKLOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("backlog");
 /// The pending table of earlier versions (keyed by delivery id), moved into the backlog at open.
 const OLD_PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending");
-/// The next sequence number to hand out (key [`NEXT_SEQ`]), written with every append: the
-/// backlog alone cannot say it once its newest rows are finished, and numbers must never be
-/// handed out twice (a worker's cursor would pass over a row numbered below it).
+/// The next sequence number to hand out (key [`NEXT_SEQ`]) as earlier versions wrote it; the
+/// log now says it (its newest segment is named by the first number written into it).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_SEQ: &str = "next_seq";
 /// Finished deliveries by id.
@@ -40,6 +45,10 @@ pub(super) const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("r
 
 /// Most operations taken into one transaction.
 const MAX_BATCH: usize = 8192;
+/// How often the finished deliveries are recorded (durably) and leave the log.
+const SETTLE_EVERY: Duration = Duration::from_millis(200);
+/// Finished deliveries that are recorded at once, without waiting for [`SETTLE_EVERY`].
+const SETTLE_AT: usize = 16_384;
 
 /// A disk store's record ids per webhook, kept in memory to prune without reading the disk.
 #[derive(Default)]
@@ -110,7 +119,7 @@ enum Op {
     /// Accepted deliveries (webhook and JSON), answered with their sequence numbers once durable
     /// (after `hand_over` was called with them).
     Append {
-        rows: Vec<(ObjectKey, Vec<u8>)>,
+        rows: Vec<(String, Vec<u8>)>,
         hand_over: Option<HandOver>,
         reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
     },
@@ -124,11 +133,14 @@ enum Op {
     Unindex(DeliveryRecord),
     /// Makes everything written so far durable, then answers.
     Flush(oneshot::Sender<Result<(), StoreError>>),
+    /// Writes the finished deliveries' records now (so that a read finds them), then answers.
+    Show(oneshot::Sender<Result<(), StoreError>>),
 }
 
 /// The disk store: reads from any thread, writes through the writer thread.
 pub(super) struct DiskStore {
     database: Arc<redb::Database>,
+    log: LogReader,
     /// The writer's record index, read by tests.
     #[cfg(test)]
     index: Arc<Mutex<Index>>,
@@ -142,32 +154,43 @@ impl DiskStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Database(format!("creating {}: {e}", dir.display())))?;
         let database = redb::Database::create(dir.join("herald.redb")).map_err(db)?;
-        let mut next_seq = 1u64;
+        let (mut log, reader, mut next_seq) = Log::open(dir)?;
         let txn = database.begin_write().map_err(db)?;
         {
-            let mut meta = txn.open_table(META).map_err(db)?;
+            let meta = txn.open_table(META).map_err(db)?;
             if let Some(stored) = meta.get(NEXT_SEQ).map_err(db)? {
-                next_seq = stored.value();
-            }
-            let mut backlog = txn.open_table(BACKLOG).map_err(db)?;
-            // Rows are in webhook order: the highest number is wherever it is.
-            for entry in backlog.iter().map_err(db)? {
-                let (key, _) = entry.map_err(db)?;
-                next_seq = next_seq.max(key.value().1 + 1);
+                next_seq = next_seq.max(stored.value());
             }
             txn.open_table(RECORDS).map_err(db)?;
-            // Deliveries pending under the earlier layout join the backlog in id order.
-            let mut old = txn.open_table(OLD_PENDING).map_err(db)?;
-            while let Some((key, value)) = old.pop_first().map_err(db)? {
+            // Deliveries pending under earlier layouts join the log: the backlog table's under
+            // their numbers, the older pending table's (keyed by id) after them.
+            let mut moved: Vec<(u64, String, Vec<u8>)> = Vec::new();
+            let backlog = txn.open_table(BACKLOG).map_err(db)?;
+            for entry in backlog.iter().map_err(db)? {
+                let (key, value) = entry.map_err(db)?;
+                let (webhook, seq) = key.value();
+                next_seq = next_seq.max(seq + 1);
+                moved.push((seq, webhook.to_string(), value.value().to_vec()));
+            }
+            let old = txn.open_table(OLD_PENDING).map_err(db)?;
+            for entry in old.iter().map_err(db)? {
+                let (key, value) = entry.map_err(db)?;
                 let delivery: Delivery = decode(key.value(), value.value())?;
-                let webhook = delivery.webhook.to_string();
-                backlog
-                    .insert((webhook.as_str(), next_seq), value.value())
-                    .map_err(db)?;
+                moved.push((0, delivery.webhook.to_string(), value.value().to_vec()));
+            }
+            for row in moved.iter_mut().filter(|row| row.0 == 0) {
+                row.0 = next_seq;
                 next_seq += 1;
             }
-            meta.insert(NEXT_SEQ, next_seq).map_err(db)?;
+            for part in moved.chunks(4096) {
+                log.append(
+                    part.iter()
+                        .map(|(seq, webhook, body)| (*seq, webhook.as_str(), body.as_slice())),
+                )?;
+            }
         }
+        txn.delete_table(BACKLOG).map_err(db)?;
+        txn.delete_table(OLD_PENDING).map_err(db)?;
         txn.commit().map_err(db)?;
         let database = Arc::new(database);
         let mut index = Index::default();
@@ -186,6 +209,9 @@ impl DiskStore {
             index: index.clone(),
             limits,
             next_seq,
+            log,
+            finished: Vec::new(),
+            settled: Instant::now(),
         };
         let thread = std::thread::Builder::new()
             .name("herald-store".into())
@@ -193,6 +219,7 @@ impl DiskStore {
             .map_err(|e| StoreError::Database(format!("starting the store writer: {e}")))?;
         Ok(DiskStore {
             database,
+            log: reader,
             #[cfg(test)]
             index,
             writer: Some(sender),
@@ -216,7 +243,7 @@ impl DiskStore {
     ) -> Result<Vec<u64>, StoreError> {
         let rows = deliveries
             .iter()
-            .map(|d| (d.webhook.clone(), encode(d)))
+            .map(|d| (d.webhook.to_string(), encode(d)))
             .collect();
         let (reply, answer) = oneshot::channel();
         self.send(Op::Append {
@@ -245,6 +272,13 @@ impl DiskStore {
         answer
     }
 
+    /// Writes the records of every delivery finished so far, for a read that follows.
+    pub(super) async fn show_records(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Op::Show(reply))?;
+        written(answer).await
+    }
+
     /// Takes a record out of the index (in order with the writes queued before).
     pub(super) fn unindex(&self, record: &DeliveryRecord) {
         let _ = self.send(Op::Unindex(record.clone()));
@@ -257,38 +291,17 @@ impl DiskStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Arc<Delivery>)>, StoreError> {
-        let txn = self.database.begin_read().map_err(db)?;
-        let table = txn.open_table(BACKLOG).map_err(db)?;
         let name = webhook.to_string();
-        let mut out = Vec::new();
-        if after == u64::MAX {
-            return Ok(out);
-        }
-        for entry in table
-            .range((name.as_str(), after + 1)..=(name.as_str(), u64::MAX))
-            .map_err(db)?
-            .take(limit)
-        {
-            let (key, value) = entry.map_err(db)?;
-            let seq = key.value().1;
-            out.push((seq, Arc::new(decode(&name, value.value())?)));
-        }
-        Ok(out)
+        self.log
+            .load(&name, after, limit)?
+            .into_iter()
+            .map(|(seq, bytes)| Ok((seq, Arc::new(decode(&name, &bytes)?))))
+            .collect()
     }
 
     /// How many deliveries each webhook has in the backlog.
     pub(super) fn backlog(&self) -> Result<Vec<(ObjectKey, usize)>, StoreError> {
-        let txn = self.database.begin_read().map_err(db)?;
-        let table = txn.open_table(BACKLOG).map_err(db)?;
-        let mut counts: Vec<(String, usize)> = Vec::new();
-        for entry in table.iter().map_err(db)? {
-            let (key, _) = entry.map_err(db)?;
-            let name = key.value().0;
-            match counts.last_mut() {
-                Some((last, count)) if last == name => *count += 1,
-                _ => counts.push((name.to_string(), 1)),
-            }
-        }
+        let counts = self.log.counts();
         counts
             .into_iter()
             .map(|(name, count)| {
@@ -336,49 +349,111 @@ struct Writer {
     index: Arc<Mutex<Index>>,
     limits: RecordLimits,
     next_seq: u64,
+    log: Log,
+    /// Finishes and unindexings waiting to be recorded, in order.
+    finished: Vec<Op>,
+    /// When the records were last written.
+    settled: Instant,
 }
 
 impl Writer {
     fn run(mut self, receiver: Receiver<Op>) {
         let mut ops = Vec::new();
-        let mut dirty = false;
-        while let Ok(op) = receiver.recv() {
-            ops.push(op);
-            while ops.len() < MAX_BATCH {
-                match receiver.try_recv() {
-                    Ok(op) => ops.push(op),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+        loop {
+            let first = if self.unsettled() {
+                let wait = SETTLE_EVERY.saturating_sub(self.settled.elapsed());
+                match receiver.recv_timeout(wait) {
+                    Ok(op) => Some(op),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match receiver.recv() {
+                    Ok(op) => Some(op),
+                    Err(_) => break,
+                }
+            };
+            if let Some(op) = first {
+                ops.push(op);
+                while ops.len() < MAX_BATCH {
+                    match receiver.try_recv() {
+                        Ok(op) => ops.push(op),
+                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                    }
                 }
             }
-            dirty = self.commit(&mut ops, dirty);
+            self.commit(&mut ops);
         }
-        if dirty {
-            // The last finishes, made durable before the process goes.
-            let (reply, _) = oneshot::channel();
-            ops.push(Op::Flush(reply));
-            self.commit(&mut ops, dirty);
-        }
+        // The last finishes, made durable before the process goes.
+        let (reply, _) = oneshot::channel();
+        ops.push(Op::Flush(reply));
+        self.commit(&mut ops);
     }
 
-    /// Writes a batch as one transaction and answers whoever waits for it. Returns whether
-    /// non-durable writes remain.
-    fn commit(&mut self, ops: &mut Vec<Op>, dirty: bool) -> bool {
-        let durable = ops
-            .iter()
-            .any(|op| matches!(op, Op::Append { .. } | Op::Flush(_)));
-        let mut seqs: Vec<Vec<u64>> = Vec::new();
-        let result = self.write(ops, durable, &mut seqs);
-        let mut seqs = seqs.into_iter();
-        if let Err(e) = &result {
+    /// Whether finished deliveries wait to be recorded.
+    fn unsettled(&self) -> bool {
+        !self.finished.is_empty() || self.log.has_tombstones()
+    }
+
+    /// Writes a batch and answers whoever waits for it: the appends as one durable frame of
+    /// the log; the finishes wait, out of the log's index at once, to be recorded in one redb
+    /// transaction at a flush, once [`SETTLE_EVERY`] has passed or [`SETTLE_AT`] of them wait.
+    fn commit(&mut self, ops: &mut Vec<Op>) {
+        let appended = self.append(ops);
+        if let Err(e) = &appended {
             tracing::error!("delivery store: a write failed: {e}");
         }
+        let mut name = String::new();
+        let mut flush = false;
+        let mut show = false;
+        let mut kept = Vec::with_capacity(ops.len());
+        for op in ops.drain(..) {
+            match op {
+                Op::Finish {
+                    seq: Some(seq),
+                    ref record,
+                    ..
+                } => {
+                    set_name(&mut name, &record.webhook);
+                    self.log.finish(&name, seq);
+                    self.finished.push(op);
+                }
+                Op::Finish { .. } | Op::Unindex(_) => self.finished.push(op),
+                Op::Flush(_) => {
+                    flush = true;
+                    kept.push(op);
+                }
+                Op::Show(_) => {
+                    show = true;
+                    kept.push(op);
+                }
+                Op::Append { .. } => kept.push(op),
+            }
+        }
+        *ops = kept;
+        let due = self.unsettled()
+            && (self.settled.elapsed() >= SETTLE_EVERY || self.finished.len() >= SETTLE_AT);
+        let settled = if flush || show || due {
+            self.settle(flush)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = &settled {
+            tracing::error!(
+                "delivery store: writing records failed (the deliveries stay pending until the next start): {e}"
+            );
+        }
+        let mut seqs = match &appended {
+            Ok(seqs) => seqs.clone().into_iter(),
+            Err(_) => Vec::new().into_iter(),
+        };
         for op in ops.drain(..) {
             match op {
                 Op::Append {
                     reply, hand_over, ..
                 } => {
-                    let answer = match &result {
-                        Ok(()) => {
+                    let answer = match &appended {
+                        Ok(_) => {
                             let seqs = seqs.next().unwrap_or_default();
                             if let Some(hand_over) = hand_over {
                                 hand_over(&seqs, &vec![true; seqs.len()]);
@@ -389,61 +464,69 @@ impl Writer {
                     };
                     let _ = reply.send(answer);
                 }
-                Op::Flush(reply) => {
-                    let _ = reply.send(match &result {
+                Op::Flush(reply) | Op::Show(reply) => {
+                    let answer = match &settled {
                         Ok(()) => Ok(()),
                         Err(e) => Err(StoreError::Database(e.to_string())),
-                    });
+                    };
+                    let _ = reply.send(answer);
                 }
                 Op::Finish { .. } | Op::Unindex(_) => {}
             }
         }
-        match result {
-            Ok(()) => !durable,
-            Err(_) => dirty,
-        }
     }
 
-    fn write(
-        &mut self,
-        ops: &[Op],
-        durable: bool,
-        seqs: &mut Vec<Vec<u64>>,
-    ) -> Result<(), StoreError> {
-        let mut txn = self.database.begin_write().map_err(db)?;
-        if !durable {
-            txn.set_durability(redb::Durability::None).map_err(db)?;
+    /// Numbers the batch's accepted deliveries and writes them to the log, durably.
+    fn append(&mut self, ops: &[Op]) -> Result<Vec<Vec<u64>>, StoreError> {
+        let mut seqs = Vec::new();
+        let mut rows: Vec<(u64, &str, &[u8])> = Vec::new();
+        for op in ops {
+            if let Op::Append { rows: appended, .. } = op {
+                let mut assigned = Vec::with_capacity(appended.len());
+                for (webhook, bytes) in appended {
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    rows.push((seq, webhook.as_str(), bytes.as_slice()));
+                    assigned.push(seq);
+                }
+                seqs.push(assigned);
+            }
         }
+        if !rows.is_empty() {
+            self.log.append(rows.iter().copied())?;
+        }
+        Ok(seqs)
+    }
+
+    /// Records the finished deliveries in one durable transaction, then writes their
+    /// tombstones to the log (durably when asked) and deletes what the log no longer needs. A
+    /// delivery never leaves the log before its record (a dead letter's content) is durable;
+    /// when the records cannot be written the deliveries stay in the log (sent again after a
+    /// restart, with the same Idempotency-Key).
+    fn settle(&mut self, durable: bool) -> Result<(), StoreError> {
+        self.settled = Instant::now();
+        let finished = std::mem::take(&mut self.finished);
+        if !finished.is_empty()
+            && let Err(e) = self.record(&finished)
+        {
+            self.log.keep_unfinished();
+            return Err(e);
+        }
+        self.log.write_tombstones(durable)
+    }
+
+    /// Writes records in one durable transaction.
+    fn record(&mut self, ops: &[Op]) -> Result<(), StoreError> {
+        let txn = self.database.begin_write().map_err(db)?;
         let mut evicted = Vec::new();
         {
             let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-            let mut backlog = txn.open_table(BACKLOG).map_err(db)?;
             let mut records = txn.open_table(RECORDS).map_err(db)?;
-            let mut meta = txn.open_table(META).map_err(db)?;
-            let first_seq = self.next_seq;
             let mut key = [0u8; uuid::fmt::Hyphenated::LENGTH];
             let mut prune = Vec::new();
-            let mut name = String::new();
             for op in ops {
                 match op {
-                    Op::Append { rows, .. } => {
-                        let mut assigned = Vec::with_capacity(rows.len());
-                        for (webhook, bytes) in rows {
-                            let seq = self.next_seq;
-                            self.next_seq += 1;
-                            set_name(&mut name, webhook);
-                            backlog
-                                .insert((name.as_str(), seq), bytes.as_slice())
-                                .map_err(db)?;
-                            assigned.push(seq);
-                        }
-                        seqs.push(assigned);
-                    }
-                    Op::Finish { seq, record, bytes } => {
-                        if let Some(seq) = seq {
-                            set_name(&mut name, &record.webhook);
-                            backlog.remove((name.as_str(), *seq)).map_err(db)?;
-                        }
+                    Op::Finish { record, bytes, .. } => {
                         index.add(record);
                         prune.clear();
                         index.prune(record, &self.limits, |id| prune.push(id));
@@ -455,7 +538,7 @@ impl Writer {
                             .map_err(db)?;
                     }
                     Op::Unindex(record) => index.remove(record),
-                    Op::Flush(_) => {}
+                    Op::Append { .. } | Op::Flush(_) | Op::Show(_) => {}
                 }
             }
             let total = u64::try_from(self.limits.total.max(1)).unwrap_or(u64::MAX);
@@ -471,9 +554,6 @@ impl Writer {
             }
             for old in &evicted {
                 index.remove(old);
-            }
-            if self.next_seq != first_seq {
-                meta.insert(NEXT_SEQ, self.next_seq).map_err(db)?;
             }
         }
         txn.commit().map_err(db)

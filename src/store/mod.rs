@@ -16,6 +16,7 @@ use crate::object::ObjectKey;
 use crate::outgoing::{Delivery, DeliveryId, ReportOutcome};
 
 mod disk;
+mod log;
 mod postgres;
 
 use disk::{DiskStore, RECORDS};
@@ -713,6 +714,7 @@ impl Store {
             Backend::Memory(records) => Ok(Self::memory_records(records).get(parsed)),
             Backend::Postgres(store) => store.record(&parsed.to_string()).await,
             Backend::Disk(disk) => {
+                disk.show_records().await?;
                 let txn = disk.database().begin_read().map_err(db)?;
                 let table = txn.open_table(RECORDS).map_err(db)?;
                 match table.get(id).map_err(db)? {
@@ -750,6 +752,7 @@ impl Store {
             }
             Backend::Postgres(store) => store.records(filter).await,
             Backend::Disk(disk) => {
+                disk.show_records().await?;
                 let txn = disk.database().begin_read().map_err(db)?;
                 let table = txn.open_table(RECORDS).map_err(db)?;
                 let mut out = Vec::new();
