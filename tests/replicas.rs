@@ -53,6 +53,19 @@ async fn start_replica(config: &Path, url: &str, extra: &[&str]) -> Running {
     Running::start(config, &args).await
 }
 
+/// The records a replica's admin API lists for `query` (e.g. `limit=0&outcome=Dropped`).
+async fn listed(client: &reqwest::Client, replica: &Running, query: &str) -> Vec<Value> {
+    let listed: Value = client
+        .get(format!("{}/api/v1/deliveries?{query}", replica.admin_url()))
+        .send()
+        .await
+        .expect("list deliveries")
+        .json()
+        .await
+        .expect("json");
+    listed["deliveries"].as_array().expect("deliveries").clone()
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -192,15 +205,7 @@ async fn a_replica_paused_past_its_lease_loses_its_claims_and_its_late_finish_is
     }
     // Either replica answers for both from the shared tables.
     for replica in [&first, &second] {
-        let listed: Value = client
-            .get(format!("{}/api/v1/deliveries?limit=0", replica.admin_url()))
-            .send()
-            .await
-            .expect("list deliveries")
-            .json()
-            .await
-            .expect("json");
-        let listed = listed["deliveries"].as_array().expect("deliveries");
+        let listed = listed(&client, replica, "limit=0").await;
         assert_eq!(listed.len(), POSTS, "{listed:?}");
         assert!(
             listed.iter().all(|r| r["outcome"] == "Succeeded"),
@@ -385,18 +390,7 @@ async fn deliveries_of_a_webhook_no_replica_has_are_dropped_and_recorded_after_t
         sink.seqs()
     );
     // The record says why, and either replica's API lists it.
-    let listed: Value = client
-        .get(format!(
-            "{}/api/v1/deliveries?limit=0&outcome=Dropped",
-            second.admin_url()
-        ))
-        .send()
-        .await
-        .expect("list deliveries")
-        .json()
-        .await
-        .expect("json");
-    let listed = listed["deliveries"].as_array().expect("deliveries");
+    let listed = listed(&client, &second, "limit=0&outcome=Dropped").await;
     assert_eq!(listed.len(), POSTS, "{listed:?}");
     assert!(
         listed.iter().all(|r| r["error"]
@@ -461,15 +455,7 @@ async fn a_replica_taking_over_a_delivery_being_retried_continues_its_retry_sche
     // attempts left before the dead-letter limit.
     let deadline = Instant::now() + Duration::from_secs(60);
     let record = loop {
-        let listed: Value = client
-            .get(format!("{}/api/v1/deliveries?limit=0", second.admin_url()))
-            .send()
-            .await
-            .expect("list deliveries")
-            .json()
-            .await
-            .expect("json");
-        if let Some(record) = listed["deliveries"].as_array().and_then(|l| l.first()) {
+        if let Some(record) = listed(&client, &second, "limit=0").await.first() {
             break record.clone();
         }
         assert!(

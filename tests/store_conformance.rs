@@ -321,6 +321,28 @@ async fn two_replicas(server: &postgres::Postgres) -> (Store, Store) {
     (first, second)
 }
 
+/// A delivery of `ns/a` stored and claimed by `store`, with its row id.
+async fn one_claimed(store: &Store) -> (Arc<Delivery>, u64) {
+    let d = delivery("ns/a");
+    let seq = store
+        .append(std::slice::from_ref(&d))
+        .await
+        .expect("append")[0];
+    assert_eq!(
+        store.claim(&key("ns/a"), 0, 10).await.expect("claim").len(),
+        1
+    );
+    (d, seq)
+}
+
+/// As if the replica holding the claims were paused past its lease.
+fn expire_leases(server: &postgres::Postgres) {
+    server.psql(
+        "UPDATE herald_backlog SET lease_until = now() - interval '1 second'; \
+         UPDATE herald_webhook_leases SET lease_until = now() - interval '1 second'",
+    );
+}
+
 /// Two replicas on one database: a webhook's rows go to one replica at a time (its lease);
 /// a replica that holds the webhook claims the rows the other stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,20 +394,9 @@ async fn replicas_claim_a_webhook_one_at_a_time() {
 async fn a_late_finish_after_a_takeover_is_refused() {
     let server = postgres::Postgres::start();
     let (first, second) = two_replicas(&server).await;
-    let d = delivery("ns/a");
-    let seq = first
-        .append(std::slice::from_ref(&d))
-        .await
-        .expect("append")[0];
-    assert_eq!(
-        first.claim(&key("ns/a"), 0, 10).await.expect("claim").len(),
-        1
-    );
+    let (d, seq) = one_claimed(&first).await;
     // As if the first replica were paused past its lease.
-    server.psql(
-        "UPDATE herald_backlog SET lease_until = now() - interval '1 second'; \
-         UPDATE herald_webhook_leases SET lease_until = now() - interval '1 second'",
-    );
+    expire_leases(&server);
     assert_eq!(
         second.claim(&key("ns/a"), 0, 10).await.expect("claim"),
         vec![(seq, d.clone())],
@@ -433,15 +444,7 @@ async fn a_late_finish_after_a_takeover_is_refused() {
 async fn a_retry_schedule_goes_with_a_delivery_taken_over() {
     let server = postgres::Postgres::start();
     let (first, second) = two_replicas(&server).await;
-    let d = delivery("ns/a");
-    let seq = first
-        .append(std::slice::from_ref(&d))
-        .await
-        .expect("append")[0];
-    assert_eq!(
-        first.claim(&key("ns/a"), 0, 10).await.expect("claim").len(),
-        1
-    );
+    let (d, seq) = one_claimed(&first).await;
     let at = |secs| std::time::UNIX_EPOCH + Duration::from_secs(secs);
     let schedule = RetrySchedule {
         attempts: 3,
@@ -455,10 +458,7 @@ async fn a_retry_schedule_goes_with_a_delivery_taken_over() {
         None,
         "nothing to resume where it was tried"
     );
-    server.psql(
-        "UPDATE herald_backlog SET lease_until = now() - interval '1 second'; \
-         UPDATE herald_webhook_leases SET lease_until = now() - interval '1 second'",
-    );
+    expire_leases(&server);
     assert_eq!(
         second.claim(&key("ns/a"), 0, 10).await.expect("claim"),
         vec![(seq, d.clone())]
