@@ -431,22 +431,13 @@ impl Writer {
             }
         }
         *ops = kept;
-        let due = self.unsettled()
-            && (self.settled.elapsed() >= SETTLE_EVERY || self.finished.len() >= SETTLE_AT);
-        let settled = if flush || show || due {
-            self.settle(flush)
-        } else {
-            Ok(())
-        };
-        if let Err(e) = &settled {
-            tracing::error!(
-                "delivery store: writing records failed (the deliveries stay pending until the next start): {e}"
-            );
-        }
+        // The appends are durable: answered before the records' commit, which they need not
+        // wait for.
         let mut seqs = match &appended {
             Ok(seqs) => seqs.clone().into_iter(),
             Err(_) => Vec::new().into_iter(),
         };
+        let mut waiting = Vec::new();
         for op in ops.drain(..) {
             match op {
                 Op::Append {
@@ -464,15 +455,27 @@ impl Writer {
                     };
                     let _ = reply.send(answer);
                 }
-                Op::Flush(reply) | Op::Show(reply) => {
-                    let answer = match &settled {
-                        Ok(()) => Ok(()),
-                        Err(e) => Err(StoreError::Database(e.to_string())),
-                    };
-                    let _ = reply.send(answer);
-                }
+                Op::Flush(reply) | Op::Show(reply) => waiting.push(reply),
                 Op::Finish { .. } | Op::Unindex(_) => {}
             }
+        }
+        let due = self.unsettled()
+            && (self.settled.elapsed() >= SETTLE_EVERY || self.finished.len() >= SETTLE_AT);
+        let settled = if flush || show || due {
+            self.settle(flush)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = &settled {
+            tracing::error!(
+                "delivery store: writing records failed (the deliveries stay pending until the next start): {e}"
+            );
+        }
+        for reply in waiting {
+            let _ = reply.send(match &settled {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StoreError::Database(e.to_string())),
+            });
         }
     }
 
