@@ -1074,6 +1074,16 @@ async fn deliver_one_that_fails(
     .await
 }
 
+/// The controller's `/metrics` page.
+async fn metrics_text(controller: &Controller) -> String {
+    reqwest::get(format!("{}/metrics", controller.base))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 /// The NotificationCondition as (Ready status, message, whether observedGeneration is current).
 async fn condition_ready(
     client: &kube::Client,
@@ -1487,12 +1497,7 @@ async fn an_unreadable_secret_shows_in_status_is_retried_and_stalls_no_other_web
         ready_is(w, "True", "Ready")
     })
     .await;
-    let metrics = reqwest::get(format!("{}/metrics", controller.base))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = metrics_text(&controller).await;
     assert!(
         metrics.contains(r#"herald_reconcile_errors_total{kind="Webhook",error="secret_read"}"#),
         "{metrics}"
@@ -1583,12 +1588,7 @@ async fn a_backlog_near_its_limit_shows_in_ready_and_events_and_recovers() {
         .map(|c| c.message.clone())
         .unwrap_or_default();
     assert!(message.contains("of its limit of 10"), "{message}");
-    let metrics = reqwest::get(format!("{}/metrics", controller.base))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = metrics_text(&controller).await;
     assert!(
         metrics.contains(r#"herald_delivery_queue_depth{namespace="backlog",webhook="slow"} 9"#),
         "{metrics}"
