@@ -982,12 +982,7 @@ async fn service_account_tokens_and_unmarked_secrets_are_refused() {
         ready_is(w, "False", "SecretRefused")
     })
     .await;
-    let condition = steal
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let condition = cluster::ready_message(&steal);
     assert!(condition.contains("ServiceAccount token"), "{condition}");
     wait_webhook(&client, ns, "plain", "Ready=False SecretRefused", |w| {
         ready_is(w, "False", "SecretRefused")
@@ -1482,11 +1477,7 @@ async fn an_unreadable_secret_shows_in_status_is_retried_and_stalls_no_other_web
         ready_is(w, "False", "SecretUnreadable")
     })
     .await;
-    let message = failing
-        .status
-        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"))
-        .map(|c| c.message)
-        .unwrap_or_default();
+    let message = cluster::ready_message(&failing);
     assert!(message.contains("\"auth\""), "{message}");
     assert!(message.contains("retrying"), "{message}");
     assert!(!message.contains("the-token"), "{message}");
@@ -1580,13 +1571,7 @@ async fn a_backlog_near_its_limit_shows_in_ready_and_events_and_recovers() {
         ready_is(w, "True", "BacklogNearLimit")
     })
     .await;
-    let message = near
-        .status
-        .iter()
-        .flat_map(|s| &s.conditions)
-        .find(|c| c.type_ == "Ready")
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let message = cluster::ready_message(&near);
     assert!(message.contains("of its limit of 10"), "{message}");
     let metrics = metrics_text(&controller).await;
     assert!(

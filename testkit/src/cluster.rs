@@ -171,6 +171,16 @@ pub fn ready(webhook: &Webhook) -> Option<(String, String)> {
         .map(|c| (c.status.clone(), c.reason.clone()))
 }
 
+/// The message of a Webhook's Ready condition (empty without one).
+pub fn ready_message(webhook: &Webhook) -> String {
+    webhook
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
 /// Whether Ready has this status and reason for the current generation.
 pub fn ready_is(webhook: &Webhook, status: &str, reason: &str) -> bool {
     let current =
