@@ -497,8 +497,84 @@ async fn replicas_migrating_an_empty_database_at_once_all_come_up() {
     assert_eq!(
         server
             .psql("SELECT string_agg(version::text, ',' ORDER BY version) FROM herald_migrations"),
-        "1,2",
+        "1,2,3",
         "each version applied once"
+    );
+}
+
+/// A database one version behind (before the tables' vacuum settings) is brought up to date
+/// at start, keeping its backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_one_version_behind_is_migrated_keeping_its_backlog() {
+    let server = postgres::Postgres::start();
+    let store = Store::postgres(quick(server.url()), limits())
+        .await
+        .expect("connect");
+    store.append(&[delivery("ns/a")]).await.expect("append");
+    drop(store);
+    // As version 2 left it.
+    server.psql(
+        "DELETE FROM herald_migrations WHERE version = 3; \
+         ALTER TABLE herald_backlog RESET (autovacuum_vacuum_scale_factor, autovacuum_vacuum_threshold, \
+             autovacuum_vacuum_cost_delay, autovacuum_analyze_scale_factor, autovacuum_analyze_threshold); \
+         ALTER TABLE herald_records RESET (autovacuum_vacuum_scale_factor, autovacuum_vacuum_threshold, \
+             autovacuum_vacuum_cost_delay)",
+    );
+    let settings = "SELECT coalesce(array_to_string(reloptions, ','), '') FROM pg_class \
+                    WHERE relname = 'herald_backlog'";
+    assert_eq!(server.psql(settings), "");
+    let store = Store::postgres(quick(server.url()), limits())
+        .await
+        .expect("connect to the older database");
+    assert_eq!(
+        server
+            .psql("SELECT string_agg(version::text, ',' ORDER BY version) FROM herald_migrations"),
+        "1,2,3"
+    );
+    let options = server.psql(settings);
+    assert!(
+        options.contains("autovacuum_vacuum_scale_factor=0")
+            && options.contains("autovacuum_vacuum_cost_delay=0"),
+        "the backlog is vacuumed after a fixed number of dead rows, unthrottled: {options}"
+    );
+    assert_eq!(
+        store.claim(&key("ns/a"), 0, 10).await.expect("claim").len(),
+        1,
+        "the delivery stored before the migration is still there"
+    );
+}
+
+/// Without a flush, the background upkeep applies the per-webhook limits to the webhooks it
+/// recorded for, and vacuums the tables once many rows were deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_pruned_and_the_tables_vacuumed_in_the_background() {
+    let server = postgres::Postgres::start();
+    let store = Store::postgres(quick(server.url()), limits())
+        .await
+        .expect("connect");
+    // More finishes than the upkeep lets pass before it vacuums (10,000).
+    for _ in 0..12_000 {
+        store
+            .finish(None, record(&delivery("ns/busy"), ReportOutcome::Succeeded))
+            .expect("finish");
+    }
+    let count = "SELECT count(*) FROM herald_records WHERE webhook = 'ns/busy'";
+    let vacuums = "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'herald_backlog'";
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while (server.psql(count) != "2" || server.psql(vacuums) == "0")
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        server.psql(count),
+        "2",
+        "the webhook's records are pruned to its limit without a flush"
+    );
+    assert_ne!(
+        server.psql(vacuums),
+        "0",
+        "the backlog was vacuumed by Herald (vacuum_count counts a client's VACUUMs, not autovacuum's)"
     );
 }
 

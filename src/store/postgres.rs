@@ -74,6 +74,10 @@ const CHANNEL: &str = "herald_backlog";
 const MIGRATION_LOCK: i64 = 0x6865_7261_6c64;
 /// Most operations taken into one transaction.
 const MAX_BATCH: usize = 4096;
+/// Rows deleted (deliveries finished, records pruned) after which a replica vacuums the tables.
+const VACUUM_AFTER_ROWS: u64 = 10_000;
+/// How often a replica applies the record limits to the webhooks it recorded for.
+const PRUNE_EVERY: Duration = Duration::from_secs(2);
 
 /// The schema, one entry per version, applied in order and each once.
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -111,6 +115,19 @@ ALTER TABLE herald_backlog
     ADD COLUMN attempts integer NOT NULL DEFAULT 0,
     ADD COLUMN first_attempt_at timestamptz,
     ADD COLUMN retry_at timestamptz;
+"#,
+    ),
+    (
+        3,
+        // Both tables churn (every row is deleted soon after it is written): autovacuum's
+        // defaults (a fifth of the table dead, throttled) would let them grow far past what
+        // they hold. Herald vacuums them itself too (see `upkeep`); these cover a Herald that
+        // may not.
+        r#"
+ALTER TABLE herald_backlog SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000,
+    autovacuum_vacuum_cost_delay = 0, autovacuum_analyze_scale_factor = 0, autovacuum_analyze_threshold = 10000);
+ALTER TABLE herald_records SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000,
+    autovacuum_vacuum_cost_delay = 0);
 "#,
     ),
 ];
@@ -166,6 +183,14 @@ struct Retrying {
 /// The claims this replica holds: row id to claim id.
 type Held = Mutex<HashMap<i64, i64>>;
 
+/// What this replica's writes leave for the upkeep: the webhooks and record classes it recorded
+/// for since the last pruning, and the rows it deleted since the last vacuum.
+#[derive(Default)]
+struct Churn {
+    recorded: Mutex<HashSet<(String, i16)>>,
+    deleted: std::sync::atomic::AtomicU64,
+}
+
 /// The webhooks whose lease this replica holds: their new rows are written already claimed.
 type Owned = Mutex<HashMap<String, OwnedWebhook>>;
 
@@ -197,6 +222,7 @@ pub(super) struct PostgresStore {
     /// Notified when another replica (or this one) commits deliveries.
     wakeup: Arc<Notify>,
     limits: RecordLimits,
+    churn: Arc<Churn>,
     stop: CancellationToken,
 }
 
@@ -267,6 +293,7 @@ impl PostgresStore {
             healthy: Arc::new(AtomicBool::new(true)),
             wakeup: Arc::new(Notify::new()),
             limits,
+            churn: Arc::default(),
             stop: CancellationToken::new(),
             options,
         };
@@ -280,6 +307,7 @@ impl PostgresStore {
                 lease: store.options.lease,
                 carried: Vec::new(),
                 client: None,
+                churn: store.churn.clone(),
             }
             .run(ops, store.stop.clone()),
         );
@@ -304,7 +332,12 @@ impl PostgresStore {
             store.options.write_timeout,
             store.stop.clone(),
         ));
-        tokio::spawn(prune_in_background(pool, limits, store.stop.clone()));
+        tokio::spawn(upkeep(
+            pool,
+            limits,
+            store.churn.clone(),
+            store.stop.clone(),
+        ));
         Ok(store)
     }
 
@@ -765,6 +798,8 @@ struct Writer {
     /// The writer's own connection, kept between transactions (so that group commits never
     /// wait for a connection behind claims), given up when a write fails.
     client: Option<deadpool_postgres::Client>,
+    /// Where committed finishes are counted for the upkeep.
+    churn: Arc<Churn>,
 }
 
 /// Where a request's row ids (or the failure) go.
@@ -876,6 +911,22 @@ impl Writer {
                 }
                 for reply in flushes {
                     let _ = reply.send(Ok(()));
+                }
+                self.churn.deleted.fetch_add(
+                    u64::try_from(finishes.len() + retries.len()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+                if !finishes.is_empty() {
+                    let mut recorded = self
+                        .churn
+                        .recorded
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    for finished in &finishes {
+                        if !recorded.contains(&(finished.webhook.clone(), finished.class)) {
+                            recorded.insert((finished.webhook.clone(), finished.class));
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -1287,31 +1338,118 @@ async fn check_health(
     }
 }
 
-/// Applies the record limits every few seconds.
-async fn prune_in_background(pool: Pool, limits: RecordLimits, stop: CancellationToken) {
+/// Keeps the tables small: every [`PRUNE_EVERY`] applies the record limits to the webhooks this
+/// replica recorded for, and once this replica has deleted [`VACUUM_AFTER_ROWS`] rows vacuums
+/// both tables. Every finished delivery leaves a dead row in the backlog and, once pruned, in
+/// the records; autovacuum visits a database about once a minute, in which time a busy queue
+/// leaves hundreds of thousands of dead rows, the tables grow past the server's buffers, and
+/// every write and scan slows down with them.
+async fn upkeep(pool: Pool, limits: RecordLimits, churn: Arc<Churn>, stop: CancellationToken) {
+    let mut vacuum_refused = false;
+    let mut pruned_at = Instant::now();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        let pruned = async {
+        if pruned_at.elapsed() >= PRUNE_EVERY {
+            pruned_at = Instant::now();
+            let recorded =
+                std::mem::take(&mut *churn.recorded.lock().unwrap_or_else(|e| e.into_inner()));
+            let pruned = async {
+                let client = pool.get().await.map_err(pg)?;
+                prune_recorded(&client, &limits, &recorded).await
+            };
+            match pruned.await {
+                Ok(deleted) => {
+                    churn.deleted.fetch_add(deleted, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::warn!("cannot prune delivery records: {e}");
+                    // Pruned with the next ones.
+                    churn
+                        .recorded
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend(recorded);
+                }
+            }
+        }
+        if vacuum_refused || churn.deleted.load(Ordering::Relaxed) < VACUUM_AFTER_ROWS {
+            continue;
+        }
+        churn.deleted.store(0, Ordering::Relaxed);
+        let vacuumed = async {
             let client = pool.get().await.map_err(pg)?;
-            prune(&client, &limits).await
+            // SKIP_LOCKED: another replica's vacuum is as good; no truncation, which would
+            // lock the table against every write while it looks for empty pages at its end.
+            client
+                .batch_execute(
+                    "VACUUM (SKIP_LOCKED, TRUNCATE false) herald_backlog, herald_records",
+                )
+                .await
+                .map_err(|e| pg_error(&e))
         };
-        if let Err(e) = pruned.await {
-            tracing::warn!("cannot prune delivery records: {e}");
+        if let Err(e) = vacuumed.await {
+            // Most likely not the tables' owner: autovacuum alone keeps them then.
+            tracing::warn!(
+                "cannot vacuum the delivery tables (left to autovacuum from now on): {e}"
+            );
+            vacuum_refused = true;
         }
     }
 }
 
-/// Drops the records past the per-webhook limits, then past the total, oldest first.
+/// Drops the records of the given webhooks and classes past their per-webhook limit (those
+/// older than the newest `limit`, found through the `(webhook, class, id)` index), then the
+/// oldest past the total; the number of records deleted.
+async fn prune_recorded(
+    client: &deadpool_postgres::Client,
+    limits: &RecordLimits,
+    recorded: &HashSet<(String, i16)>,
+) -> Result<u64, StoreError> {
+    let (webhooks, classes): (Vec<&str>, Vec<i16>) =
+        recorded.iter().map(|(w, c)| (w.as_str(), *c)).unzip();
+    let kept = i64::try_from(limits.per_webhook).unwrap_or(i64::MAX);
+    let dead = i64::try_from(limits.dead_letters).unwrap_or(i64::MAX);
+    if kept == 0 || dead == 0 {
+        // Nothing kept of a class: every record of it goes, which the full pruning does.
+        prune(client, limits).await?;
+        return Ok(0);
+    }
+    let mut deleted = 0;
+    if !webhooks.is_empty() {
+        // The oldest record kept of each webhook and class first (materialized, so that it is
+        // looked up once per webhook, not once per record), then a range of the index each.
+        let statement = client
+            .prepare_cached(
+                "WITH k AS MATERIALIZED (\
+                     SELECT u.webhook, u.class, (SELECT x.id FROM herald_records x \
+                         WHERE x.webhook = u.webhook AND x.class = u.class ORDER BY x.id DESC \
+                         OFFSET (CASE WHEN u.class = 1 THEN $4::bigint ELSE $3::bigint END) - 1 \
+                         LIMIT 1) AS oldest_kept \
+                     FROM unnest($1::text[], $2::int2[]) AS u(webhook, class)) \
+                 DELETE FROM herald_records r USING k \
+                 WHERE r.webhook = k.webhook AND r.class = k.class AND r.id < k.oldest_kept",
+            )
+            .await
+            .map_err(|e| pg_error(&e))?;
+        deleted += client
+            .execute(&statement, &[&webhooks, &classes, &kept, &dead])
+            .await
+            .map_err(|e| pg_error(&e))?;
+    }
+    Ok(deleted + prune_total(client, limits).await?)
+}
+
+/// Drops the records past the per-webhook limits of every webhook, then past the total,
+/// oldest first.
 async fn prune(
     client: &deadpool_postgres::Client,
     limits: &RecordLimits,
 ) -> Result<(), StoreError> {
     let kept = i64::try_from(limits.per_webhook).unwrap_or(i64::MAX);
     let dead = i64::try_from(limits.dead_letters).unwrap_or(i64::MAX);
-    let total = i64::try_from(limits.total.max(1)).unwrap_or(i64::MAX);
     client
         .execute(
             "DELETE FROM herald_records r USING (\
@@ -1322,6 +1460,16 @@ async fn prune(
         )
         .await
         .map_err(|e| pg_error(&e))?;
+    prune_total(client, limits).await?;
+    Ok(())
+}
+
+/// Drops the oldest records past the total limit; how many.
+async fn prune_total(
+    client: &deadpool_postgres::Client,
+    limits: &RecordLimits,
+) -> Result<u64, StoreError> {
+    let total = i64::try_from(limits.total.max(1)).unwrap_or(i64::MAX);
     client
         .execute(
             "DELETE FROM herald_records WHERE id < \
@@ -1329,6 +1477,5 @@ async fn prune(
             &[&total],
         )
         .await
-        .map_err(|e| pg_error(&e))?;
-    Ok(())
+        .map_err(|e| pg_error(&e))
 }
