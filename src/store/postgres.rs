@@ -961,37 +961,107 @@ struct Batch<'a> {
 /// claimed by it, with a lease), one notification per webhook with new unclaimed rows, the
 /// finishes (rows deleted where the claim matches and, in the same statement, records written
 /// for those and for deliveries without a row) and the retry schedules. Statements are
-/// prepared once per connection and sent together (pipelined on the connection), so a
-/// transaction costs three round trips: begin, the statements, commit. Every commit waits for
-/// the WAL flush, finishes alone too: while it waits the next batch gathers (committing
-/// finishes without the wait made many small transactions, more work per delivery).
+/// prepared once per connection; `BEGIN`, the statements and `COMMIT` are then sent at once
+/// (pipelined on the connection), so a transaction costs one round trip. Should a statement
+/// fail, the transaction is aborted and the `COMMIT` after it ends it without writing anything,
+/// and the batch fails as a whole. Every commit waits for the WAL flush, finishes alone too:
+/// while it waits the next batch gathers (committing finishes without the wait made many small
+/// transactions, more work per delivery).
 async fn write(
     client: &mut deadpool_postgres::Client,
     batch: &Batch<'_>,
 ) -> Result<Vec<u64>, StoreError> {
-    let txn = client.transaction().await.map_err(|e| pg_error(&e))?;
-    let (ids, deleted, ()) = futures::try_join!(
-        insert_rows(&txn, batch.appends, batch.claims, batch.lease),
-        finish_rows(&txn, batch.finishes),
-        update_retries(&txn, batch.retries),
-    )?;
+    let statements = WriterStatements::prepare(client).await?;
+    let client: &deadpool_postgres::Client = client;
+    // Each future sends its request when first polled, and `join!` polls them in this order:
+    // the requests go out in order before any answer is awaited.
+    let (began, ids, deleted, retried, committed) = futures::join!(
+        client.batch_execute("BEGIN"),
+        insert_rows(
+            client,
+            &statements,
+            batch.appends,
+            batch.claims,
+            batch.lease
+        ),
+        finish_rows(client, &statements, batch.finishes),
+        update_retries(client, &statements, batch.retries),
+        client.batch_execute("COMMIT"),
+    );
+    began.map_err(|e| pg_error(&e))?;
+    let ids = ids?;
+    let deleted = deleted?;
+    retried?;
+    committed.map_err(|e| pg_error(&e))?;
     warn_refused(batch.finishes, &deleted);
-    txn.commit().await.map_err(|e| pg_error(&e))?;
     Ok(ids)
 }
 
-/// A statement prepared once per pooled connection.
-async fn prepared(
-    txn: &deadpool_postgres::Transaction<'_>,
-    sql: &str,
-) -> Result<tokio_postgres::Statement, StoreError> {
-    txn.prepare_cached(sql).await.map_err(|e| pg_error(&e))
+/// The writer's statements, prepared once per pooled connection.
+struct WriterStatements {
+    insert: tokio_postgres::Statement,
+    notify: tokio_postgres::Statement,
+    finish: tokio_postgres::Statement,
+    retry: tokio_postgres::Statement,
 }
+
+impl WriterStatements {
+    /// The statements, prepared on this connection unless they were already.
+    async fn prepare(client: &deadpool_postgres::Client) -> Result<Self, StoreError> {
+        let (insert, notify, finish, retry) = futures::try_join!(
+            client.prepare_cached(INSERT_ROWS),
+            client.prepare_cached(NOTIFY_WEBHOOKS),
+            client.prepare_cached(FINISH_ROWS),
+            client.prepare_cached(UPDATE_RETRIES),
+        )
+        .map_err(|e| pg_error(&e))?;
+        Ok(WriterStatements {
+            insert,
+            notify,
+            finish,
+            retry,
+        })
+    }
+}
+
+/// Inserts accepted deliveries; their ids come from the sequence in the order of the rows:
+/// PostgreSQL evaluates a volatile function of the select list after its ORDER BY, so the n-th
+/// smallest id returned is the n-th row's.
+const INSERT_ROWS: &str = "INSERT INTO herald_backlog (id, webhook, body, claim_id, lease_until) \
+     SELECT nextval('herald_backlog_id_seq'), f.webhook, f.body, f.claim, \
+         CASE WHEN f.claim IS NULL THEN NULL ELSE now() + make_interval(secs => $4::float8) END \
+     FROM unnest($1::text[], $2::bytea[], $3::int8[]) WITH ORDINALITY AS f(webhook, body, claim, n) \
+     ORDER BY f.n RETURNING id";
+
+/// Notifies the replicas of webhooks with new unclaimed rows.
+const NOTIFY_WEBHOOKS: &str = "SELECT pg_notify($1, w) FROM unnest($2::text[]) AS w";
+
+/// Deletes finished rows where the claim still matches and records them (and deliveries that
+/// had no row); the ids deleted.
+const FINISH_ROWS: &str = "WITH gone AS (\
+         DELETE FROM herald_backlog b USING unnest($1::bigint[], $2::bigint[]) AS f(id, claim) \
+         WHERE b.id = f.id AND b.claim_id IS NOT DISTINCT FROM f.claim RETURNING b.id), \
+     recorded AS (\
+         INSERT INTO herald_records (id, webhook, class, outcome, body) \
+         SELECT r.id, r.webhook, r.class, r.outcome, r.body \
+         FROM unnest($3::text[], $4::text[], $5::int2[], $6::text[], $7::bytea[], $8::bigint[]) \
+             AS r(id, webhook, class, outcome, body, row) \
+         WHERE r.row IS NULL OR r.row IN (SELECT id FROM gone) \
+         ON CONFLICT (id) DO UPDATE SET webhook = excluded.webhook, class = excluded.class, \
+             outcome = excluded.outcome, body = excluded.body) \
+     SELECT id FROM gone";
+
+/// Writes retry schedules into their rows where the claim still matches.
+const UPDATE_RETRIES: &str = "UPDATE herald_backlog b SET attempts = r.attempts, first_attempt_at = r.first, retry_at = r.next \
+     FROM unnest($1::bigint[], $2::bigint[], $3::int4[], $4::timestamptz[], $5::timestamptz[]) \
+         AS r(id, claim, attempts, first, next) \
+     WHERE b.id = r.id AND b.claim_id = r.claim";
 
 /// Inserts accepted deliveries (and notifies the webhooks of the unclaimed ones); their row ids
 /// in order.
 async fn insert_rows(
-    txn: &deadpool_postgres::Transaction<'_>,
+    client: &deadpool_postgres::Client,
+    statements: &WriterStatements,
     appends: &[(String, Vec<u8>)],
     claims: &[Option<i64>],
     lease: Duration,
@@ -1009,28 +1079,17 @@ async fn insert_rows(
         .collect();
     unclaimed.sort_unstable();
     unclaimed.dedup();
-    // The ids come from the sequence in the order of the rows: PostgreSQL evaluates a volatile
-    // function of the select list after its ORDER BY, so the n-th smallest id returned is the
-    // n-th row's.
-    let insert = prepared(
-        txn,
-        "INSERT INTO herald_backlog (id, webhook, body, claim_id, lease_until) \
-         SELECT nextval('herald_backlog_id_seq'), f.webhook, f.body, f.claim, \
-             CASE WHEN f.claim IS NULL THEN NULL ELSE now() + make_interval(secs => $4::float8) END \
-         FROM unnest($1::text[], $2::bytea[], $3::int8[]) WITH ORDINALITY AS f(webhook, body, claim, n) \
-         ORDER BY f.n RETURNING id",
-    );
-    let notify = prepared(txn, "SELECT pg_notify($1, w) FROM unnest($2::text[]) AS w");
-    let (insert, notify) = futures::try_join!(insert, notify)?;
     let lease = seconds(lease);
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
         [&webhooks, &bodies, &claims, &lease];
-    let inserted = txn.query(&insert, &params);
+    let inserted = client.query(&statements.insert, &params);
     let notified = async {
         if unclaimed.is_empty() {
             return Ok(0);
         }
-        txn.execute(&notify, &[&CHANNEL, &unclaimed]).await
+        client
+            .execute(&statements.notify, &[&CHANNEL, &unclaimed])
+            .await
     };
     let (rows, _) = futures::try_join!(inserted, notified).map_err(|e| pg_error(&e))?;
     let mut taken: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
@@ -1045,7 +1104,8 @@ async fn insert_rows(
 /// same statement, records those and the deliveries that had no row (one record per id: a
 /// replay finishing twice in a batch keeps the last); the ids deleted.
 async fn finish_rows(
-    txn: &deadpool_postgres::Transaction<'_>,
+    client: &deadpool_postgres::Client,
+    statements: &WriterStatements,
     finishes: &[Finished],
 ) -> Result<HashSet<i64>, StoreError> {
     if finishes.is_empty() {
@@ -1063,25 +1123,9 @@ async fn finish_rows(
     let outcomes: Vec<&str> = records.values().map(|f| f.outcome).collect();
     let bodies: Vec<&[u8]> = records.values().map(|f| f.body.as_slice()).collect();
     let record_rows: Vec<Option<i64>> = records.values().map(|f| f.row.map(|(id, _)| id)).collect();
-    let finish = prepared(
-        txn,
-        "WITH gone AS (\
-             DELETE FROM herald_backlog b USING unnest($1::bigint[], $2::bigint[]) AS f(id, claim) \
-             WHERE b.id = f.id AND b.claim_id IS NOT DISTINCT FROM f.claim RETURNING b.id), \
-         recorded AS (\
-             INSERT INTO herald_records (id, webhook, class, outcome, body) \
-             SELECT r.id, r.webhook, r.class, r.outcome, r.body \
-             FROM unnest($3::text[], $4::text[], $5::int2[], $6::text[], $7::bytea[], $8::bigint[]) \
-                 AS r(id, webhook, class, outcome, body, row) \
-             WHERE r.row IS NULL OR r.row IN (SELECT id FROM gone) \
-             ON CONFLICT (id) DO UPDATE SET webhook = excluded.webhook, class = excluded.class, \
-                 outcome = excluded.outcome, body = excluded.body) \
-         SELECT id FROM gone",
-    )
-    .await?;
-    let gone = txn
+    let gone = client
         .query(
-            &finish,
+            &statements.finish,
             &[
                 &rows,
                 &claims,
@@ -1114,7 +1158,8 @@ fn warn_refused(finishes: &[Finished], deleted: &HashSet<i64>) {
 
 /// Writes scheduled retries into their rows where the claim still matches.
 async fn update_retries(
-    txn: &deadpool_postgres::Transaction<'_>,
+    client: &deadpool_postgres::Client,
+    statements: &WriterStatements,
     retries: &[Retrying],
 ) -> Result<(), StoreError> {
     if retries.is_empty() {
@@ -1130,15 +1175,11 @@ async fn update_retries(
         retries.iter().map(|r| r.schedule.first_attempt).collect();
     let next: Vec<std::time::SystemTime> =
         retries.iter().map(|r| r.schedule.next_attempt).collect();
-    let update = prepared(
-        txn,
-        "UPDATE herald_backlog b SET attempts = r.attempts, first_attempt_at = r.first, retry_at = r.next \
-         FROM unnest($1::bigint[], $2::bigint[], $3::int4[], $4::timestamptz[], $5::timestamptz[]) \
-             AS r(id, claim, attempts, first, next) \
-         WHERE b.id = r.id AND b.claim_id = r.claim",
-    )
-    .await?;
-    txn.execute(&update, &[&rows, &claims, &attempts, &first, &next])
+    client
+        .execute(
+            &statements.retry,
+            &[&rows, &claims, &attempts, &first, &next],
+        )
         .await
         .map_err(|e| pg_error(&e))?;
     Ok(())
