@@ -886,7 +886,15 @@ impl Writer {
                 )))
             });
         if result.is_err() {
-            self.client = None;
+            // Whether that transaction committed is not known. Its connection is closed, not
+            // returned to the pool (where a half-answered session would serve the next claim).
+            // Rows it may have written claimed are held by no worker: new rows take a new
+            // claim id, so the old one leaves the renewal once the rows held under it are
+            // finished, and those rows' lease runs out and they are claimed again.
+            if let Some(client) = self.client.take() {
+                drop(deadpool_postgres::Client::take(client));
+            }
+            self.claim = rand::random::<i64>();
         }
         self.healthy.store(result.is_ok(), Ordering::Release);
         match result {
