@@ -571,7 +571,7 @@ async fn measure(
 }
 
 /// Waits, after a phase whose deliveries did not all arrive within the drain, until they have
-/// or until none arrived for 2 s (at most a minute), so that a system still delivering does
+/// or until none arrived for 15 s (at most 90 s), so that a system still delivering does
 /// not take the machine, and the sink, from the next phase (which would count them as stale).
 /// The phase's figures are already taken: what arrives now stays lost in them.
 async fn settle(stats: &sink::SinkStats, expected: u64) {
@@ -580,13 +580,13 @@ async fn settle(stats: &sink::SinkStats, expected: u64) {
     let before = stats.alerts.load(Relaxed);
     let mut last = before;
     let mut quiet_since = Instant::now();
-    while last < expected && started.elapsed() < Duration::from_secs(60) {
+    while last < expected && started.elapsed() < Duration::from_secs(90) {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let now = stats.alerts.load(Relaxed);
         if now != last {
             last = now;
             quiet_since = Instant::now();
-        } else if quiet_since.elapsed() >= Duration::from_secs(2) {
+        } else if quiet_since.elapsed() >= Duration::from_secs(15) {
             break;
         }
     }
