@@ -310,15 +310,21 @@ fn quick(url: String) -> PostgresOptions {
     }
 }
 
+/// One store on a server, as one replica.
+async fn one_replica(server: &postgres::Postgres) -> Store {
+    Store::postgres(quick(server.url()), limits())
+        .await
+        .expect("connect to PostgreSQL")
+}
+
+/// The schema versions applied, in order.
+fn migrations(server: &postgres::Postgres) -> String {
+    server.psql("SELECT string_agg(version::text, ',' ORDER BY version) FROM herald_migrations")
+}
+
 /// Two stores on one server, as two replicas.
 async fn two_replicas(server: &postgres::Postgres) -> (Store, Store) {
-    let first = Store::postgres(quick(server.url()), limits())
-        .await
-        .expect("first");
-    let second = Store::postgres(quick(server.url()), limits())
-        .await
-        .expect("second");
-    (first, second)
+    (one_replica(server).await, one_replica(server).await)
 }
 
 /// A delivery of `ns/a` stored and claimed by `store`, with its row id.
@@ -494,12 +500,7 @@ async fn replicas_migrating_an_empty_database_at_once_all_come_up() {
     for start in starts {
         start.await.expect("task").expect("the replica came up");
     }
-    assert_eq!(
-        server
-            .psql("SELECT string_agg(version::text, ',' ORDER BY version) FROM herald_migrations"),
-        "1,2,3",
-        "each version applied once"
-    );
+    assert_eq!(migrations(&server), "1,2,3", "each version applied once");
 }
 
 /// A database one version behind (before the tables' vacuum settings) is brought up to date
@@ -507,9 +508,7 @@ async fn replicas_migrating_an_empty_database_at_once_all_come_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_one_version_behind_is_migrated_keeping_its_backlog() {
     let server = postgres::Postgres::start();
-    let store = Store::postgres(quick(server.url()), limits())
-        .await
-        .expect("connect");
+    let store = one_replica(&server).await;
     store.append(&[delivery("ns/a")]).await.expect("append");
     drop(store);
     // As version 2 left it.
@@ -523,14 +522,8 @@ async fn a_database_one_version_behind_is_migrated_keeping_its_backlog() {
     let settings = "SELECT coalesce(array_to_string(reloptions, ','), '') FROM pg_class \
                     WHERE relname = 'herald_backlog'";
     assert_eq!(server.psql(settings), "");
-    let store = Store::postgres(quick(server.url()), limits())
-        .await
-        .expect("connect to the older database");
-    assert_eq!(
-        server
-            .psql("SELECT string_agg(version::text, ',' ORDER BY version) FROM herald_migrations"),
-        "1,2,3"
-    );
+    let store = one_replica(&server).await;
+    assert_eq!(migrations(&server), "1,2,3");
     let options = server.psql(settings);
     assert!(
         options.contains("autovacuum_vacuum_scale_factor=0")
@@ -549,9 +542,7 @@ async fn a_database_one_version_behind_is_migrated_keeping_its_backlog() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_are_pruned_and_the_tables_vacuumed_in_the_background() {
     let server = postgres::Postgres::start();
-    let store = Store::postgres(quick(server.url()), limits())
-        .await
-        .expect("connect");
+    let store = one_replica(&server).await;
     // More finishes than the upkeep lets pass before it vacuums (10,000).
     for _ in 0..12_000 {
         store
