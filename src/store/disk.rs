@@ -259,7 +259,7 @@ impl DiskStore {
     ) -> Result<Vec<u64>, StoreError> {
         let rows = deliveries
             .iter()
-            .map(|d| (d.webhook.to_string(), encode(d)))
+            .map(|d| (d.webhook.to_string(), d.to_json()))
             .collect();
         let (reply, answer) = oneshot::channel();
         self.send(Op::Append {
