@@ -88,6 +88,10 @@ struct RunArgs {
     /// Parts to run: throughput, alertmanager, routing, scale (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
+    /// Systems of the throughput part to run, by short name: memory, data-dir, postgres,
+    /// postgres-3, forwarder (default: all).
+    #[arg(long, value_delimiter = ',')]
+    systems: Option<Vec<String>>,
     /// Also write the Markdown report here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -98,6 +102,21 @@ impl RunArgs {
         self.only
             .as_ref()
             .is_none_or(|parts| parts.iter().any(|p| p == part))
+    }
+
+    /// Whether the throughput part runs this system (see [`RunArgs::systems`]).
+    fn runs(&self, system: &str) -> bool {
+        let short = match system {
+            HERALD => "memory",
+            HERALD_DURABLE => "data-dir",
+            HERALD_POSTGRES => "postgres",
+            HERALD_POSTGRES_3 => "postgres-3",
+            FORWARDER => "forwarder",
+            _ => "alertmanager",
+        };
+        self.systems
+            .as_ref()
+            .is_none_or(|systems| systems.iter().any(|s| s == short))
     }
 
     fn phase_duration(&self) -> Duration {
@@ -435,7 +454,10 @@ fn throughput_systems(args: &RunArgs) -> Vec<(&'static str, Ingest)> {
             HERALD_POSTGRES,
             HERALD_POSTGRES_3,
             FORWARDER,
-        ] {
+        ]
+        .into_iter()
+        .filter(|name| args.runs(name))
+        {
             systems.push((name, Ingest::AlertmanagerWebhook));
         }
     }
@@ -544,7 +566,38 @@ async fn measure(
     let mut phase = Phase::from_stats(mode, &outcome, &stats, expected, cpu, drained);
     phase.server_cpu_seconds = server_cpu;
     eprintln!("  {}", phase.summary());
+    settle(&stats, expected).await;
     Ok(phase)
+}
+
+/// Waits, after a phase whose deliveries did not all arrive within the drain, until they have
+/// or until none arrived for 2 s (at most a minute), so that a system still delivering does
+/// not take the machine, and the sink, from the next phase (which would count them as stale).
+/// The phase's figures are already taken: what arrives now stays lost in them.
+async fn settle(stats: &sink::SinkStats, expected: u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let started = Instant::now();
+    let before = stats.alerts.load(Relaxed);
+    let mut last = before;
+    let mut quiet_since = Instant::now();
+    while last < expected && started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = stats.alerts.load(Relaxed);
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= Duration::from_secs(2) {
+            break;
+        }
+    }
+    if last > before || last < expected {
+        eprintln!(
+            "  after the drain: {} more arrived in {:.1} s, {} still missing",
+            last - before,
+            started.elapsed().as_secs_f64(),
+            expected.saturating_sub(last)
+        );
+    }
 }
 
 /// Route resolution per alert, in process, for each size and layout.
