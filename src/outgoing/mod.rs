@@ -91,6 +91,14 @@ impl Delivery {
         })
     }
 
+    /// The delivery as JSON, the same text as its `Serialize`, with each alert's part taken from
+    /// the alert, which writes it once for every delivery that carries it (an alert matching
+    /// ten webhooks is written once, not ten times, when the store keeps their deliveries).
+    pub fn to_json(&self) -> Vec<u8> {
+        // Plain structs of strings, numbers and maps always serialise.
+        serde_json::to_vec(&DeliveryFromParts(self)).unwrap_or_default()
+    }
+
     /// The delivery with what Alertmanager said about its group.
     pub fn from_group(self, source: &Arc<GroupSource>) -> Self {
         if source.is_empty() {
@@ -115,6 +123,43 @@ impl Delivery {
                 Arc::from(""),
             )
         }
+    }
+}
+
+/// A delivery written with its alerts' JSON (see [`Delivery::to_json`]); the fields, their
+/// names and their order are those of the derived `Serialize`.
+struct DeliveryFromParts<'a>(&'a Delivery);
+
+impl serde::Serialize for DeliveryFromParts<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeSeq as _, SerializeStruct as _};
+        struct Alerts<'a>(&'a [Arc<Alert>]);
+        impl serde::Serialize for Alerts<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+                for alert in self.0 {
+                    match alert.json() {
+                        Some(json) => seq.serialize_element(json)?,
+                        None => seq.serialize_element(alert.as_ref())?,
+                    }
+                }
+                seq.end()
+            }
+        }
+        let delivery = self.0;
+        let mut out = serializer.serialize_struct("Delivery", 7)?;
+        out.serialize_field("id", &delivery.id)?;
+        out.serialize_field("webhook", &delivery.webhook)?;
+        out.serialize_field("test", &delivery.test)?;
+        out.serialize_field("alerts", &Alerts(&delivery.alerts))?;
+        out.serialize_field("groupLabels", &delivery.group_labels)?;
+        out.serialize_field("externalURL", &delivery.external_url)?;
+        if is_unknown_group(&delivery.source) {
+            out.skip_field("source")?;
+        } else {
+            out.serialize_field("source", &delivery.source)?;
+        }
+        out.end()
     }
 }
 
@@ -175,6 +220,61 @@ impl ReportOutcome {
             ReportOutcome::Succeeded => "succeeded",
             ReportOutcome::Failed => "failed",
             ReportOutcome::Dropped => "dropped",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alert(name: &str) -> Arc<Alert> {
+        let mut alert = Alert {
+            labels: LabelSet::from([
+                ("alertname".to_string(), name.to_string()),
+                ("note".to_string(), "quote \" and \\ and \u{e9}".to_string()),
+            ]),
+            annotations: LabelSet::from([("summary".to_string(), "a summary".to_string())]),
+            starts_at: "2026-12-07T10:00:00Z".to_string(),
+            ..Alert::default()
+        };
+        alert.ensure_fingerprint();
+        Arc::new(alert)
+    }
+
+    #[test]
+    fn the_json_written_from_parts_is_the_derived_json() {
+        let shared = alert("Shared");
+        let plain = Delivery::new(
+            "ns/w1".parse().expect("key"),
+            vec![shared.clone(), alert("Second")],
+            Arc::new(LabelSet::from([(
+                "alertname".to_string(),
+                "Shared".to_string(),
+            )])),
+            Arc::from("http://alertmanager:9093"),
+        );
+        let source: Arc<GroupSource> =
+            serde_json::from_str(r#"{"receiver":"herald","status":"firing","groupKey":"{}:{}"}"#)
+                .expect("group source");
+        let with_source = Delivery::new(
+            "ns/w2".parse().expect("key"),
+            vec![shared],
+            Arc::default(),
+            Arc::from(""),
+        )
+        .from_group(&source);
+        assert!(!with_source.source.is_empty());
+        for delivery in [
+            plain,
+            with_source,
+            Delivery::test("ns/w3".parse().expect("key")),
+        ] {
+            let derived = serde_json::to_vec(&delivery).expect("derived json");
+            assert_eq!(
+                String::from_utf8_lossy(&delivery.to_json()),
+                String::from_utf8_lossy(&derived)
+            );
         }
     }
 }

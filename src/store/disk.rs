@@ -7,8 +7,8 @@
 //! through one channel to one thread, which takes whatever has queued up since its last commit:
 //! the deliveries of every request waiting are written as one frame of the log and made durable
 //! by one `fdatasync`, and only then are their requests answered. Finished deliveries are
-//! recorded in redb in a transaction that is not made durable at once; every
-//! [`SETTLE_EVERY`] (and at a flush) a durable commit makes the records durable, and only then
+//! collected beside the channel (a finish does not wake the writer) and, every
+//! [`SETTLE_EVERY`] (and at a flush), recorded in redb in one durable commit; only then
 //! are the finished deliveries' tombstones written to the log: after a crash a finished
 //! delivery may be sent again (with the same Idempotency-Key), never lost, and a delivery never
 //! leaves the log before its record (a dead letter's content) is durable.
@@ -114,7 +114,7 @@ impl Index {
     }
 }
 
-/// One piece of work for the writer thread.
+/// One piece of work for the writer thread, sent through its channel.
 enum Op {
     /// Accepted deliveries (webhook and JSON), answered with their sequence numbers once durable
     /// (after `hand_over` was called with them).
@@ -123,19 +123,31 @@ enum Op {
         hand_over: Option<HandOver>,
         reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
     },
+    /// Finished deliveries wait in [`Finishing`]: settle them when their time comes (sent by
+    /// the first finish after a settle, and by the one that fills [`SETTLE_AT`]).
+    Settle,
+    /// Makes everything written so far durable, then answers.
+    Flush(oneshot::Sender<Result<(), StoreError>>),
+    /// Writes the finished deliveries' records now (so that a read finds them), then answers.
+    Show(oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// A change to the records, collected in [`Finishing`] until the writer settles.
+enum Finished {
     /// A finished delivery: its backlog row (if it has one) removed, its record written.
-    Finish {
+    Delivery {
         seq: Option<u64>,
         record: DeliveryRecord,
         bytes: Vec<u8>,
     },
     /// A record about to be replaced by a replay leaves the index.
     Unindex(DeliveryRecord),
-    /// Makes everything written so far durable, then answers.
-    Flush(oneshot::Sender<Result<(), StoreError>>),
-    /// Writes the finished deliveries' records now (so that a read finds them), then answers.
-    Show(oneshot::Sender<Result<(), StoreError>>),
 }
+
+/// Finished deliveries and unindexings waiting for the writer's next settle, in order. They
+/// are kept beside the channel, not sent through it, so that a finish does not wake the writer:
+/// one wake per settle instead of one per delivery.
+type Finishing = Arc<Mutex<Vec<Finished>>>;
 
 /// The disk store: reads from any thread, writes through the writer thread.
 pub(super) struct DiskStore {
@@ -145,6 +157,7 @@ pub(super) struct DiskStore {
     #[cfg(test)]
     index: Arc<Mutex<Index>>,
     writer: Option<Sender<Op>>,
+    finishing: Finishing,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -204,13 +217,15 @@ impl DiskStore {
         }
         let index = Arc::new(Mutex::new(index));
         let (sender, receiver) = std::sync::mpsc::channel();
+        let finishing = Finishing::default();
         let writer = Writer {
+            finishing: finishing.clone(),
+            kicked: false,
             database: database.clone(),
             index: index.clone(),
             limits,
             next_seq,
             log,
-            finished: Vec::new(),
             settled: Instant::now(),
         };
         let thread = std::thread::Builder::new()
@@ -223,6 +238,7 @@ impl DiskStore {
             #[cfg(test)]
             index,
             writer: Some(sender),
+            finishing,
             thread: Some(thread),
         })
     }
@@ -243,7 +259,7 @@ impl DiskStore {
     ) -> Result<Vec<u64>, StoreError> {
         let rows = deliveries
             .iter()
-            .map(|d| (d.webhook.to_string(), encode(d)))
+            .map(|d| (d.webhook.to_string(), d.to_json()))
             .collect();
         let (reply, answer) = oneshot::channel();
         self.send(Op::Append {
@@ -261,7 +277,21 @@ impl DiskStore {
         record: DeliveryRecord,
     ) -> Result<(), StoreError> {
         let bytes = encode(&record);
-        self.send(Op::Finish { seq, record, bytes })
+        self.collect(Finished::Delivery { seq, record, bytes })
+    }
+
+    /// Adds a change to the next settle, waking the writer only for the first one since the
+    /// last settle and for the one that makes the settle due at once.
+    fn collect(&self, finished: Finished) -> Result<(), StoreError> {
+        let waiting = {
+            let mut finishing = self.finishing.lock().unwrap_or_else(|e| e.into_inner());
+            finishing.push(finished);
+            finishing.len()
+        };
+        if waiting == 1 || waiting == SETTLE_AT {
+            self.send(Op::Settle)?;
+        }
+        Ok(())
     }
 
     /// Makes every write so far durable.
@@ -281,7 +311,7 @@ impl DiskStore {
 
     /// Takes a record out of the index (in order with the writes queued before).
     pub(super) fn unindex(&self, record: &DeliveryRecord) {
-        let _ = self.send(Op::Unindex(record.clone()));
+        let _ = self.collect(Finished::Unindex(record.clone()));
     }
 
     /// Up to `limit` deliveries of a webhook's backlog after sequence number `after`, in order.
@@ -350,8 +380,10 @@ struct Writer {
     limits: RecordLimits,
     next_seq: u64,
     log: Log,
-    /// Finishes and unindexings waiting to be recorded, in order.
-    finished: Vec<Op>,
+    /// Finishes and unindexings collected since the last settle.
+    finishing: Finishing,
+    /// Whether the collected finishes asked for a settle since the last one.
+    kicked: bool,
     /// When the records were last written.
     settled: Instant,
 }
@@ -392,7 +424,15 @@ impl Writer {
 
     /// Whether finished deliveries wait to be recorded.
     fn unsettled(&self) -> bool {
-        !self.finished.is_empty() || self.log.has_tombstones()
+        self.kicked || self.log.has_tombstones()
+    }
+
+    /// How many finishes are collected for the next settle.
+    fn collected(&self) -> usize {
+        self.finishing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Writes a batch and answers whoever waits for it: the appends as one durable frame of
@@ -403,22 +443,12 @@ impl Writer {
         if let Err(e) = &appended {
             tracing::error!("delivery store: a write failed: {e}");
         }
-        let mut name = String::new();
         let mut flush = false;
         let mut show = false;
         let mut kept = Vec::with_capacity(ops.len());
         for op in ops.drain(..) {
             match op {
-                Op::Finish {
-                    seq: Some(seq),
-                    ref record,
-                    ..
-                } => {
-                    set_name(&mut name, &record.webhook);
-                    self.log.finish(&name, seq);
-                    self.finished.push(op);
-                }
-                Op::Finish { .. } | Op::Unindex(_) => self.finished.push(op),
+                Op::Settle => self.kicked = true,
                 Op::Flush(_) => {
                     flush = true;
                     kept.push(op);
@@ -456,11 +486,11 @@ impl Writer {
                     let _ = reply.send(answer);
                 }
                 Op::Flush(reply) | Op::Show(reply) => waiting.push(reply),
-                Op::Finish { .. } | Op::Unindex(_) => {}
+                Op::Settle => {}
             }
         }
         let due = self.unsettled()
-            && (self.settled.elapsed() >= SETTLE_EVERY || self.finished.len() >= SETTLE_AT);
+            && (self.settled.elapsed() >= SETTLE_EVERY || self.collected() >= SETTLE_AT);
         let settled = if flush || show || due {
             self.settle(flush)
         } else {
@@ -508,7 +538,21 @@ impl Writer {
     /// restart, with the same Idempotency-Key).
     fn settle(&mut self, durable: bool) -> Result<(), StoreError> {
         self.settled = Instant::now();
-        let finished = std::mem::take(&mut self.finished);
+        self.kicked = false;
+        let finished =
+            std::mem::take(&mut *self.finishing.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut name = String::new();
+        for finished in &finished {
+            if let Finished::Delivery {
+                seq: Some(seq),
+                record,
+                ..
+            } = finished
+            {
+                set_name(&mut name, &record.webhook);
+                self.log.finish(&name, *seq);
+            }
+        }
         if !finished.is_empty()
             && let Err(e) = self.record(&finished)
         {
@@ -519,7 +563,7 @@ impl Writer {
     }
 
     /// Writes records in one durable transaction.
-    fn record(&mut self, ops: &[Op]) -> Result<(), StoreError> {
+    fn record(&mut self, ops: &[Finished]) -> Result<(), StoreError> {
         let txn = self.database.begin_write().map_err(db)?;
         let mut evicted = Vec::new();
         {
@@ -529,7 +573,7 @@ impl Writer {
             let mut prune = Vec::new();
             for op in ops {
                 match op {
-                    Op::Finish { record, bytes, .. } => {
+                    Finished::Delivery { record, bytes, .. } => {
                         index.add(record);
                         prune.clear();
                         index.prune(record, &self.limits, |id| prune.push(id));
@@ -540,8 +584,7 @@ impl Writer {
                             .insert(record.id.encode(&mut key), bytes.as_slice())
                             .map_err(db)?;
                     }
-                    Op::Unindex(record) => index.remove(record),
-                    Op::Append { .. } | Op::Flush(_) | Op::Show(_) => {}
+                    Finished::Unindex(record) => index.remove(record),
                 }
             }
             let total = u64::try_from(self.limits.total.max(1)).unwrap_or(u64::MAX);

@@ -1,8 +1,9 @@
 //! The backlog's log: append-only segment files of checksummed frames, and an index in memory
 //! of the entries not finished yet.
 //!
-//! A frame is a 16-byte header (a magic number, the payload's length, the first 8 bytes of the
-//! payload's SHA-256) followed by entries: an accepted delivery (its sequence number, webhook
+//! A frame is a 16-byte header (a magic number, the payload's length, the payload's CRC-32C
+//! checksum; frames of earlier versions, with another magic number, carry the first 8 bytes of
+//! the payload's SHA-256 instead) followed by entries: an accepted delivery (its sequence number, webhook
 //! and JSON) or a tombstone (the sequence number of a delivery that finished). One frame holds
 //! every delivery of one group commit and is made durable by one `fdatasync`. At open the
 //! segments are read in order; a frame that is cut short or does not match its checksum (the
@@ -31,8 +32,11 @@ const SEGMENT_BYTES: u64 = 16 << 20;
 /// Past this many segments' worth of bytes the oldest one's unfinished deliveries are copied
 /// forward.
 const COMPACT_AFTER: u64 = 4;
-/// The first four bytes of every frame.
-const MAGIC: u32 = 0x4842_4c31;
+/// The first four bytes of every frame written now: its checksum is the payload's CRC-32.
+const MAGIC: u32 = 0x4842_4c32;
+/// The first four bytes of a frame written by earlier versions: its checksum is the first
+/// 8 bytes of the payload's SHA-256 (read, never written).
+const MAGIC_SHA256: u32 = 0x4842_4c31;
 const HEADER: usize = 16;
 const ENTRY: u8 = 1;
 const TOMBSTONE: u8 = 2;
@@ -176,7 +180,14 @@ fn segment_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("backlog-{first:020}.log"))
 }
 
+/// A frame's checksum: it only has to catch a write a crash cut short or left torn, so a
+/// CRC (several GB/s) rather than a cryptographic hash.
 fn checksum(payload: &[u8]) -> u64 {
+    u64::from(crc32fast::hash(payload))
+}
+
+/// The checksum of a frame written by earlier versions.
+fn checksum_sha256(payload: &[u8]) -> u64 {
     let digest = sha2::Sha256::digest(payload);
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
@@ -194,11 +205,16 @@ fn scan(bytes: &[u8], mut found: impl FnMut(u64, Option<(&str, u64, u32)>)) -> u
         let len = word(4) as usize;
         let sum = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap_or_default());
         let start = at + HEADER;
-        if word(0) != MAGIC || bytes.len() - start < len {
+        let sum_of: fn(&[u8]) -> u64 = match word(0) {
+            MAGIC => checksum,
+            MAGIC_SHA256 => checksum_sha256,
+            _ => break,
+        };
+        if bytes.len() - start < len {
             break;
         }
         let payload = &bytes[start..start + len];
-        if checksum(payload) != sum {
+        if sum_of(payload) != sum {
             break;
         }
         let mut p = 0usize;
@@ -689,6 +705,38 @@ mod tests {
             reader.load("ns/a", 0, 10).expect("load"),
             vec![(1, b"kept".to_vec()), (next, b"after".to_vec())],
             "a frame written after the cut is read"
+        );
+    }
+
+    #[test]
+    fn frames_written_with_the_earlier_checksum_are_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // One entry (sequence 7, webhook "ns/a", body "old") in a frame of the earlier layout.
+        let mut payload = vec![ENTRY];
+        payload.extend_from_slice(&7u64.to_le_bytes());
+        payload.extend_from_slice(&4u16.to_le_bytes());
+        payload.extend_from_slice(b"ns/a");
+        payload.extend_from_slice(&3u32.to_le_bytes());
+        payload.extend_from_slice(b"old");
+        let mut frame = MAGIC_SHA256.to_le_bytes().to_vec();
+        frame.extend_from_slice(&u32::try_from(payload.len()).expect("len").to_le_bytes());
+        frame.extend_from_slice(&checksum_sha256(&payload).to_le_bytes());
+        frame.extend_from_slice(&payload);
+        std::fs::write(segment_path(dir.path(), 7), &frame).expect("segment");
+        let (mut log, reader, next) = Log::open(dir.path()).expect("open");
+        assert_eq!(
+            reader.load("ns/a", 0, 10).expect("load"),
+            vec![(7, b"old".to_vec())]
+        );
+        assert_eq!(next, 8);
+        log.append([(next, "ns/a", &b"new"[..])].into_iter())
+            .expect("append");
+        drop((log, reader));
+        let (_log, reader, _) = Log::open(dir.path()).expect("reopen");
+        assert_eq!(
+            reader.load("ns/a", 0, 10).expect("load"),
+            vec![(7, b"old".to_vec()), (8, b"new".to_vec())],
+            "both layouts are read in one segment"
         );
     }
 
