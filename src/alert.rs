@@ -176,6 +176,24 @@ impl Serialize for AlertFromParts<'_> {
     }
 }
 
+/// A list of alerts written with each alert's JSON, written once and shared by every delivery
+/// and body that carries the alert (see [`Alert::json`]).
+pub struct CachedAlerts<'a>(pub &'a [std::sync::Arc<Alert>]);
+
+impl Serialize for CachedAlerts<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq as _;
+        let mut alerts = serializer.serialize_seq(Some(self.0.len()))?;
+        for alert in self.0 {
+            match alert.json() {
+                Some(json) => alerts.serialize_element(json)?,
+                None => alerts.serialize_element(alert.as_ref())?,
+            }
+        }
+        alerts.end()
+    }
+}
+
 /// Go's zero time as Alertmanager writes it: a time that is not set.
 pub const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 

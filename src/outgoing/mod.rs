@@ -5,7 +5,7 @@ mod id;
 
 use std::sync::Arc;
 
-use crate::alert::{Alert, AlertBatch, GroupSource, LabelSet};
+use crate::alert::{Alert, AlertBatch, CachedAlerts, GroupSource, LabelSet};
 use crate::object::ObjectKey;
 
 pub use id::{DeliveryId, InvalidDeliveryId};
@@ -132,26 +132,13 @@ struct DeliveryFromParts<'a>(&'a Delivery);
 
 impl serde::Serialize for DeliveryFromParts<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::{SerializeSeq as _, SerializeStruct as _};
-        struct Alerts<'a>(&'a [Arc<Alert>]);
-        impl serde::Serialize for Alerts<'_> {
-            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
-                for alert in self.0 {
-                    match alert.json() {
-                        Some(json) => seq.serialize_element(json)?,
-                        None => seq.serialize_element(alert.as_ref())?,
-                    }
-                }
-                seq.end()
-            }
-        }
+        use serde::ser::SerializeStruct as _;
         let delivery = self.0;
         let mut out = serializer.serialize_struct("Delivery", 7)?;
         out.serialize_field("id", &delivery.id)?;
         out.serialize_field("webhook", &delivery.webhook)?;
         out.serialize_field("test", &delivery.test)?;
-        out.serialize_field("alerts", &Alerts(&delivery.alerts))?;
+        out.serialize_field("alerts", &CachedAlerts(&delivery.alerts))?;
         out.serialize_field("groupLabels", &delivery.group_labels)?;
         out.serialize_field("externalURL", &delivery.external_url)?;
         if is_unknown_group(&delivery.source) {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 mod shared;
 
-use crate::alert::{Alert, AlertStatus, GroupSource, LabelSet};
+use crate::alert::{Alert, AlertStatus, CachedAlerts, GroupSource, LabelSet};
 use crate::chat::Robot;
 use crate::crd::{BodyFormat, Language, WebhookType};
 use crate::object::ObjectKey;
@@ -418,23 +418,6 @@ impl Serialize for HeraldTail<'_, '_> {
         tail.serialize_field("commonAnnotations", &CommonJson(&n.common_annotations))?;
         tail.serialize_field("externalURL", n.external_url)?;
         tail.end()
-    }
-}
-
-/// Alerts written from their shared JSON.
-struct CachedAlerts<'a>(&'a [Arc<Alert>]);
-
-impl Serialize for CachedAlerts<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq as _;
-        let mut alerts = serializer.serialize_seq(Some(self.0.len()))?;
-        for alert in self.0 {
-            match alert.json() {
-                Some(json) => alerts.serialize_element(json)?,
-                None => alerts.serialize_element(alert.as_ref())?,
-            }
-        }
-        alerts.end()
     }
 }
 

@@ -931,9 +931,7 @@ impl Writer {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner());
                     for finished in &finishes {
-                        if !recorded.contains(&(finished.webhook.clone(), finished.class)) {
-                            recorded.insert((finished.webhook.clone(), finished.class));
-                        }
+                        recorded.insert((finished.webhook.clone(), finished.class));
                     }
                 }
             }
