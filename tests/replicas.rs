@@ -303,7 +303,7 @@ async fn two_replicas_starting_at_once_on_an_empty_database_both_come_up() {
     assert_eq!(
         server
             .psql("SELECT string_agg(version::text, ',' ORDER BY version) FROM herald_migrations"),
-        "1,2,3"
+        "1,2,3,4"
     );
     let client = client();
     assert_eq!(post(&client, &first.url("/api/v1/alerts"), 1).await, 200);

@@ -500,7 +500,7 @@ async fn replicas_migrating_an_empty_database_at_once_all_come_up() {
     for start in starts {
         start.await.expect("task").expect("the replica came up");
     }
-    assert_eq!(migrations(&server), "1,2,3", "each version applied once");
+    assert_eq!(migrations(&server), "1,2,3,4", "each version applied once");
 }
 
 /// A database one version behind (before the tables' vacuum settings) is brought up to date
@@ -523,7 +523,7 @@ async fn a_database_one_version_behind_is_migrated_keeping_its_backlog() {
                     WHERE relname = 'herald_backlog'";
     assert_eq!(server.psql(settings), "");
     let store = one_replica(&server).await;
-    assert_eq!(migrations(&server), "1,2,3");
+    assert_eq!(migrations(&server), "1,2,3,4");
     let options = server.psql(settings);
     assert!(
         options.contains("autovacuum_vacuum_scale_factor=0")
@@ -534,6 +534,38 @@ async fn a_database_one_version_behind_is_migrated_keeping_its_backlog() {
         store.claim(&key("ns/a"), 0, 10).await.expect("claim").len(),
         1,
         "the delivery stored before the migration is still there"
+    );
+}
+
+/// A database at version 3 (before the index of unclaimed rows) gains the index at start, and
+/// its backlog is claimed through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_at_version_3_gains_the_index_of_unclaimed_rows() {
+    let server = postgres::Postgres::start();
+    let store = one_replica(&server).await;
+    let d = delivery("ns/a");
+    let seq = store
+        .append(std::slice::from_ref(&d))
+        .await
+        .expect("append")[0];
+    drop(store);
+    // As version 3 left it.
+    server.psql(
+        "DELETE FROM herald_migrations WHERE version = 4; DROP INDEX herald_backlog_unclaimed",
+    );
+    let index = "SELECT indexdef FROM pg_indexes WHERE indexname = 'herald_backlog_unclaimed'";
+    assert_eq!(server.psql(index), "");
+    let store = one_replica(&server).await;
+    assert_eq!(migrations(&server), "1,2,3,4");
+    assert!(
+        server.psql(index).contains("WHERE (claim_id IS NULL)"),
+        "{}",
+        server.psql(index)
+    );
+    assert_eq!(
+        store.claim(&key("ns/a"), 0, 10).await.expect("claim"),
+        vec![(seq, d)],
+        "the delivery stored before the migration is claimed"
     );
 }
 

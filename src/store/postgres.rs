@@ -74,6 +74,8 @@ const CHANNEL: &str = "herald_backlog";
 const MIGRATION_LOCK: i64 = 0x6865_7261_6c64;
 /// Most operations taken into one transaction.
 const MAX_BATCH: usize = 4096;
+/// Transactions a replica writes at once (each on a connection of its own).
+const WRITERS: usize = 2;
 /// Rows deleted (deliveries finished, records pruned) after which a replica vacuums the tables.
 const VACUUM_AFTER_ROWS: u64 = 10_000;
 /// How often a replica applies the record limits to the webhooks it recorded for.
@@ -128,6 +130,15 @@ ALTER TABLE herald_backlog SET (autovacuum_vacuum_scale_factor = 0, autovacuum_v
     autovacuum_vacuum_cost_delay = 0, autovacuum_analyze_scale_factor = 0, autovacuum_analyze_threshold = 10000);
 ALTER TABLE herald_records SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000,
     autovacuum_vacuum_cost_delay = 0);
+"#,
+    ),
+    (
+        4,
+        // The rows nobody holds, for claims: a claim walking the webhook's whole backlog
+        // passed over every row its holder already had (thousands when it falls behind) on
+        // each claim. Rows written claimed by the webhook's holder never enter it.
+        r#"
+CREATE INDEX herald_backlog_unclaimed ON herald_backlog (webhook, id) WHERE claim_id IS NULL;
 "#,
     ),
 ];
@@ -202,6 +213,8 @@ struct OwnedWebhook {
     /// When it last wrote or claimed one of its rows: a webhook idle for a lease is given back
     /// (by the renewal), so that any replica may take it.
     used: Instant,
+    /// When a claim last looked for its rows whose lease ran out.
+    expired_looked_at: Instant,
 }
 
 /// The PostgreSQL store.
@@ -212,6 +225,9 @@ pub(super) struct PostgresStore {
     owner: i64,
     held: Arc<Held>,
     owned: Arc<Owned>,
+    /// Webhooks another replica held when this one last tried to take them, and until when
+    /// they are not tried again.
+    elsewhere: Arc<Mutex<HashMap<String, Instant>>>,
     /// The retry schedules found in rows this replica claimed, until their worker takes them.
     resumed: Mutex<HashMap<i64, RetrySchedule>>,
     /// Webhooks named by notifications since the engine last asked (see
@@ -287,6 +303,7 @@ impl PostgresStore {
             owner: rand::random::<i64>(),
             held: Arc::default(),
             owned: Arc::default(),
+            elsewhere: Arc::default(),
             resumed: Mutex::default(),
             notified: Arc::default(),
             writer,
@@ -297,20 +314,33 @@ impl PostgresStore {
             stop: CancellationToken::new(),
             options,
         };
-        tokio::spawn(
-            Writer {
-                pool: pool.clone(),
-                healthy: store.healthy.clone(),
-                timeout: store.options.write_timeout,
-                held: store.held.clone(),
-                claim: rand::random::<i64>(),
-                lease: store.options.lease,
-                carried: Vec::new(),
-                client: None,
-                churn: store.churn.clone(),
-            }
-            .run(ops, store.stop.clone()),
-        );
+        // Two writers when the pool has room (one otherwise): while one transaction waits for
+        // its commit to be flushed to disk, the next gathers and runs; the server flushes both
+        // commits at once.
+        let writers = if store.options.pool_size >= 4 {
+            WRITERS
+        } else {
+            1
+        };
+        let ops = Arc::new(tokio::sync::Mutex::new(ops));
+        let in_flight = Arc::new(tokio::sync::RwLock::new(()));
+        for _ in 0..writers {
+            tokio::spawn(
+                Writer {
+                    pool: pool.clone(),
+                    healthy: store.healthy.clone(),
+                    timeout: store.options.write_timeout,
+                    held: store.held.clone(),
+                    claim: rand::random::<i64>(),
+                    lease: store.options.lease,
+                    carried: Vec::new(),
+                    client: None,
+                    churn: store.churn.clone(),
+                    in_flight: in_flight.clone(),
+                }
+                .run(ops.clone(), store.stop.clone()),
+            );
+        }
         tokio::spawn(renew_leases(
             pool.clone(),
             store.held.clone(),
@@ -406,43 +436,66 @@ impl PostgresStore {
 
     /// Claims up to `limit` of a webhook's rows that nobody holds (or whose lease expired), in
     /// order, once this replica holds the webhook's lease. None when another replica holds it.
+    ///
+    /// The lease is taken with a statement only when this replica does not surely hold it
+    /// already (see [`OwnedWebhook::until`]); a webhook found held by another replica is not
+    /// asked for again for a while ([`PostgresStore::held_elsewhere`]): every replica is woken
+    /// by every replica's new rows, and only the holder has anything to do.
     pub(super) async fn claim(
         &self,
         webhook: &ObjectKey,
         limit: usize,
     ) -> Result<Vec<(u64, Arc<Delivery>)>, StoreError> {
         let name = webhook.to_string();
-        let lease = seconds(self.options.lease);
-        let client = self.pool.get().await.map_err(pg)?;
-        let take_lease = client.prepare_cached(
-            "INSERT INTO herald_webhook_leases (webhook, owner, lease_until) \
-             VALUES ($1, $2, now() + make_interval(secs => $3::float8)) \
-             ON CONFLICT (webhook) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until \
-             WHERE herald_webhook_leases.owner = excluded.owner OR herald_webhook_leases.lease_until < now() \
-             RETURNING owner",
-        );
-        let take_rows = client.prepare_cached(
-            "UPDATE herald_backlog SET claim_id = $2, lease_until = now() + make_interval(secs => $3::float8) \
-             WHERE id IN (SELECT id FROM herald_backlog \
-                 WHERE webhook = $1 AND (claim_id IS NULL OR lease_until < now()) \
-                 ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, body, attempts, first_attempt_at, retry_at",
-        );
-        let (take_lease, take_rows) =
-            futures::try_join!(take_lease, take_rows).map_err(|e| pg_error(&e))?;
         let started = Instant::now();
-        let owned = client
-            .query_opt(&take_lease, &[&name, &self.owner, &lease])
-            .await
-            .map_err(|e| pg_error(&e))?;
-        if owned.is_none() {
-            self.disown(&name);
+        let (holding, expired_looked_at) = self
+            .owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&name)
+            .map_or((false, None), |held| {
+                (held.until > started, Some(held.expired_looked_at))
+            });
+        // Rows whose lease ran out (their replica stopped, or a write of unknown outcome left
+        // them claimed by nobody) are looked for when the webhook is taken and then once per
+        // poll interval.
+        let look_for_expired = !holding
+            || expired_looked_at
+                .is_none_or(|at| started.duration_since(at) >= self.options.poll_interval);
+        if !holding && self.held_elsewhere(&name, started) {
             return Ok(Vec::new());
         }
+        let lease = seconds(self.options.lease);
+        let client = self.pool.get().await.map_err(pg)?;
+        let take_rows = client.prepare_cached(TAKE_ROWS);
+        let take_rows = if holding {
+            // Surely this replica's still: no statement for the lease.
+            take_rows.await.map_err(|e| pg_error(&e))?
+        } else {
+            let (take_lease, take_rows) =
+                futures::try_join!(client.prepare_cached(TAKE_LEASE), take_rows)
+                    .map_err(|e| pg_error(&e))?;
+            let owned = client
+                .query_opt(&take_lease, &[&name, &self.owner, &lease])
+                .await
+                .map_err(|e| pg_error(&e))?;
+            if owned.is_none() {
+                self.disown(&name);
+                self.elsewhere
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(name, started + self.options.poll_interval / 2);
+                return Ok(Vec::new());
+            }
+            take_rows
+        };
         let claim = rand::random::<i64>();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = client
-            .query(&take_rows, &[&name, &claim, &lease, &limit])
+            .query(
+                &take_rows,
+                &[&name, &claim, &lease, &limit, &look_for_expired],
+            )
             .await
             .map_err(|e| pg_error(&e))?;
         {
@@ -454,8 +507,15 @@ impl PostgresStore {
             let entry = owned.entry(name.clone()).or_insert(OwnedWebhook {
                 until,
                 used: started,
+                expired_looked_at: started,
             });
-            entry.until = entry.until.max(until);
+            if look_for_expired {
+                entry.expired_looked_at = started;
+            }
+            if !holding {
+                // Taken (or renewed) by this claim's statement.
+                entry.until = entry.until.max(until);
+            }
             if !rows.is_empty() {
                 entry.used = started;
             }
@@ -522,6 +582,20 @@ impl PostgresStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&row)
+    }
+
+    /// Whether a webhook was found held by another replica a moment ago (then it is not asked
+    /// for again until the entry runs out).
+    fn held_elsewhere(&self, webhook: &str, now: Instant) -> bool {
+        let mut elsewhere = self.elsewhere.lock().unwrap_or_else(|e| e.into_inner());
+        match elsewhere.get(webhook) {
+            Some(until) if *until > now => true,
+            Some(_) => {
+                elsewhere.remove(webhook);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Forgets that this replica holds a webhook's lease: its new rows are written unclaimed.
@@ -800,6 +874,10 @@ struct Writer {
     client: Option<deadpool_postgres::Client>,
     /// Where committed finishes are counted for the upkeep.
     churn: Arc<Churn>,
+    /// Held (read) by each transaction being written, from when its operations were taken;
+    /// a flush is answered once it can be held alone (write), when every transaction taken
+    /// before it is written.
+    in_flight: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// Where a request's row ids (or the failure) go.
@@ -815,27 +893,43 @@ struct Appends {
 }
 
 impl Writer {
-    async fn run(mut self, mut ops: mpsc::UnboundedReceiver<Op>, stop: CancellationToken) {
+    /// Takes the operations waiting (while another writer's transaction runs, the next one
+    /// gathers here) and writes them, until the store stops.
+    async fn run(
+        mut self,
+        ops: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Op>>>,
+        stop: CancellationToken,
+    ) {
         let mut batch = Vec::new();
         loop {
-            let first = tokio::select! {
-                op = ops.recv() => op,
-                () = stop.cancelled() => None,
-            };
-            let Some(first) = first else { break };
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
-                match ops.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
+            let writing = {
+                let mut ops = ops.lock().await;
+                let first = tokio::select! {
+                    op = ops.recv() => op,
+                    () = stop.cancelled() => None,
+                };
+                let Some(first) = first else { break };
+                batch.push(first);
+                while batch.len() < MAX_BATCH {
+                    match ops.try_recv() {
+                        Ok(op) => batch.push(op),
+                        Err(_) => break,
+                    }
                 }
-            }
-            self.commit(&mut batch).await;
+                // Taken before the next writer may take operations: a flush among those
+                // waits for this transaction.
+                self.in_flight.clone().read_owned().await
+            };
+            self.commit(&mut batch, writing).await;
         }
     }
 
     /// Writes a batch in one transaction and answers whoever waits for it.
-    async fn commit(&mut self, batch: &mut Vec<Op>) {
+    async fn commit(
+        &mut self,
+        batch: &mut Vec<Op>,
+        writing: tokio::sync::OwnedRwLockReadGuard<()>,
+    ) {
         let mut appends = Appends::default();
         let mut flushes = Vec::new();
         let mut retries = Vec::new();
@@ -917,8 +1011,13 @@ impl Writer {
                     }
                     let _ = reply.send(Ok(ids));
                 }
-                for reply in flushes {
-                    let _ = reply.send(Ok(()));
+                if !flushes.is_empty() {
+                    // Answered once the transactions taken before this one are written too.
+                    drop(writing);
+                    let _alone = self.in_flight.write().await;
+                    for reply in flushes {
+                        let _ = reply.send(Ok(()));
+                    }
                 }
                 self.churn.deleted.fetch_add(
                     u64::try_from(finishes.len() + retries.len()).unwrap_or(u64::MAX),
@@ -1029,6 +1128,28 @@ impl WriterStatements {
         })
     }
 }
+
+/// Takes a webhook's lease for an owner: written when it is free, expired or the owner's own;
+/// a lease another replica holds and that has not run out is neither written nor locked (a
+/// locking upsert made the replicas queue on the lease row behind one another).
+const TAKE_LEASE: &str = "INSERT INTO herald_webhook_leases (webhook, owner, lease_until) \
+     SELECT $1, $2, now() + make_interval(secs => $3::float8) \
+     WHERE NOT EXISTS (SELECT 1 FROM herald_webhook_leases \
+         WHERE webhook = $1 AND owner <> $2 AND lease_until >= now()) \
+     ON CONFLICT (webhook) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until \
+     WHERE herald_webhook_leases.owner = excluded.owner OR herald_webhook_leases.lease_until < now() \
+     RETURNING owner";
+
+/// Claims up to `$4` of a webhook's rows nobody holds, in order, found through the index of
+/// unclaimed rows; with `$5`, also those whose lease ran out (found by walking the webhook's
+/// whole backlog, so only now and then).
+const TAKE_ROWS: &str = "WITH free AS MATERIALIZED (SELECT id FROM herald_backlog \
+         WHERE webhook = $1 AND claim_id IS NULL ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED), \
+     expired AS MATERIALIZED (SELECT id FROM herald_backlog \
+         WHERE $5 AND webhook = $1 AND lease_until < now() ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) \
+     UPDATE herald_backlog SET claim_id = $2, lease_until = now() + make_interval(secs => $3::float8) \
+     WHERE id IN (SELECT id FROM (SELECT id FROM free UNION ALL SELECT id FROM expired) AS f ORDER BY id LIMIT $4) \
+     RETURNING id, body, attempts, first_attempt_at, retry_at";
 
 /// Inserts accepted deliveries; their ids come from the sequence in the order of the rows:
 /// PostgreSQL evaluates a volatile function of the select list after its ORDER BY, so the n-th
@@ -1328,11 +1449,21 @@ async fn listen(
                             () = stop.cancelled() => { driver.abort(); return; }
                             message = received.recv() => match message {
                                 Some(tokio_postgres::AsyncMessage::Notification(note)) => {
-                                    notified
-                                        .lock()
-                                        .unwrap_or_else(|e| e.into_inner())
-                                        .insert(note.payload().to_string());
-                                    wakeup.notify_one();
+                                    let first = {
+                                        let mut names = notified
+                                            .lock()
+                                            .unwrap_or_else(|e| e.into_inner());
+                                        let first = names.is_empty();
+                                        names.insert(note.payload().to_string());
+                                        first
+                                    };
+                                    // Names added to a set not taken yet ride on the wakeup
+                                    // already sent for it: a wakeup for a set taken already
+                                    // would find no names, which means "look at every
+                                    // webhook" (a count of the whole backlog).
+                                    if first {
+                                        wakeup.notify_one();
+                                    }
                                 }
                                 Some(_) => {}
                                 None => break,
