@@ -28,6 +28,7 @@ use super::{
     ByClass, DeliveryRecord, HandOver, RecordClass, RecordLimits, StoreError, db, decode, encode,
     writer_stopped, written,
 };
+use crate::alert::SharedKeptAlerts;
 use crate::object::ObjectKey;
 use crate::outgoing::{Delivery, DeliveryId};
 
@@ -153,6 +154,8 @@ type Finishing = Arc<Mutex<Vec<Finished>>>;
 pub(super) struct DiskStore {
     database: Arc<redb::Database>,
     log: LogReader,
+    /// Alerts of the deliveries read back, shared while any of them is held.
+    read_back: SharedKeptAlerts,
     /// The writer's record index, read by tests.
     #[cfg(test)]
     index: Arc<Mutex<Index>>,
@@ -235,6 +238,7 @@ impl DiskStore {
         Ok(DiskStore {
             database,
             log: reader,
+            read_back: SharedKeptAlerts::default(),
             #[cfg(test)]
             index,
             writer: Some(sender),
@@ -325,7 +329,15 @@ impl DiskStore {
         self.log
             .load(&name, after, limit)?
             .into_iter()
-            .map(|(seq, bytes)| Ok((seq, Arc::new(decode(&name, &bytes)?))))
+            .map(|(seq, bytes)| {
+                let delivery = Delivery::from_json(&bytes, &self.read_back).map_err(|e| {
+                    StoreError::Corrupt {
+                        key: format!("{name} #{seq}"),
+                        message: e.to_string(),
+                    }
+                })?;
+                Ok((seq, Arc::new(delivery)))
+            })
             .collect()
     }
 
