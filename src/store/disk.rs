@@ -583,21 +583,36 @@ impl Writer {
             let mut records = txn.open_table(RECORDS).map_err(db)?;
             let mut key = [0u8; uuid::fmt::Hyphenated::LENGTH];
             let mut prune = Vec::new();
+            // The records of this batch still kept, each with its finish: one pruned in the
+            // same batch (a busy webhook finishes more than its limit between two settles) is
+            // never written, and never deleted.
+            let mut fresh: HashMap<DeliveryId, &[u8]> = HashMap::default();
+            // Records taken out of the index in this batch to be replaced: still in the table.
+            let mut replaced: Vec<DeliveryId> = Vec::new();
             for op in ops {
                 match op {
                     Finished::Delivery { record, bytes, .. } => {
                         index.add(record);
+                        fresh.insert(record.id, bytes);
                         prune.clear();
                         index.prune(record, &self.limits, |id| prune.push(id));
                         for id in &prune {
-                            records.remove(id.encode(&mut key)).map_err(db)?;
+                            if fresh.remove(id).is_none() || replaced.contains(id) {
+                                records.remove(id.encode(&mut key)).map_err(db)?;
+                            }
                         }
-                        records
-                            .insert(record.id.encode(&mut key), bytes.as_slice())
-                            .map_err(db)?;
                     }
-                    Finished::Unindex(record) => index.remove(record),
+                    Finished::Unindex(record) => {
+                        index.remove(record);
+                        replaced.push(record.id);
+                    }
                 }
+            }
+            let mut fresh: Vec<(DeliveryId, &[u8])> = fresh.into_iter().collect();
+            // In key order: each insert lands next to the one before.
+            fresh.sort_unstable_by_key(|(id, _)| *id);
+            for (id, bytes) in fresh {
+                records.insert(id.encode(&mut key), bytes).map_err(db)?;
             }
             let total = u64::try_from(self.limits.total.max(1)).unwrap_or(u64::MAX);
             while records.len().map_err(db)? > total {
