@@ -150,6 +150,121 @@ impl Alert {
     }
 }
 
+/// An alert as its kept JSON holds it, with its labels and annotations left as JSON text.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct KeptAlertParts<'a> {
+    #[serde(default)]
+    status: AlertStatus,
+    #[serde(default, borrow)]
+    labels: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    annotations: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    starts_at: String,
+    #[serde(default)]
+    ends_at: String,
+    #[serde(default, rename = "generatorURL")]
+    generator_url: String,
+    #[serde(default)]
+    fingerprint: String,
+}
+
+impl Alert {
+    /// An alert read back from the JSON that [`Alert::json`] wrote (a delivery kept in a
+    /// store): that JSON, and its labels' and annotations' parts, are kept with it as they were
+    /// read, so that the renderer need not write them again.
+    pub fn from_kept_json(raw: &serde_json::value::RawValue) -> Result<Alert, serde_json::Error> {
+        let parts: KeptAlertParts<'_> = serde_json::from_str(raw.get())?;
+        let labels = read_kept_set(parts.labels)?;
+        let annotations = read_kept_set(parts.annotations)?;
+        let alert = Alert {
+            status: parts.status,
+            labels: labels.0,
+            annotations: annotations.0,
+            starts_at: parts.starts_at,
+            ends_at: parts.ends_at,
+            generator_url: parts.generator_url,
+            fingerprint: parts.fingerprint,
+            derived: Derived::default(),
+        };
+        // The cells are empty: setting them cannot fail.
+        let _ = alert.derived.json.set(Some(raw.to_owned()));
+        if let Some(json) = labels.1 {
+            let _ = alert.derived.labels_json.set(Some(json));
+        }
+        if let Some(json) = annotations.1 {
+            let _ = alert.derived.annotations_json.set(Some(json));
+        }
+        Ok(alert)
+    }
+}
+
+/// A label set read from kept JSON, with that JSON when it is the set written as
+/// [`Alert::labels_json`] writes it (an object).
+fn read_kept_set(
+    raw: Option<&serde_json::value::RawValue>,
+) -> Result<(LabelSet, Option<Box<serde_json::value::RawValue>>), serde_json::Error> {
+    let Some(raw) = raw else {
+        return Ok((LabelSet::default(), None));
+    };
+    let set: Option<LabelSet> = serde_json::from_str(raw.get())?;
+    Ok(match set {
+        Some(set) => (set, Some(raw.to_owned())),
+        None => (LabelSet::default(), None),
+    })
+}
+
+/// Alerts read back from a store, shared by every delivery read back that carries the same
+/// alert while one of them is held (an alert matching ten webhooks is read, kept and rendered
+/// once, not ten times). Alerts are found by their JSON text.
+#[derive(Default)]
+pub struct SharedKeptAlerts {
+    seen: std::sync::Mutex<SeenAlerts>,
+}
+
+#[derive(Default)]
+struct SeenAlerts {
+    by_checksum: std::collections::HashMap<u32, std::sync::Weak<Alert>>,
+    /// The size at which entries of alerts no longer held are dropped.
+    sweep_at: usize,
+}
+
+impl SharedKeptAlerts {
+    /// The alert that `raw` (JSON written by [`Alert::json`]) holds: one read back before and
+    /// still held, or a new one.
+    pub fn read(
+        &self,
+        raw: &serde_json::value::RawValue,
+    ) -> Result<std::sync::Arc<Alert>, serde_json::Error> {
+        let checksum = crc32fast::hash(raw.get().as_bytes());
+        let held = self
+            .seen()
+            .by_checksum
+            .get(&checksum)
+            .and_then(std::sync::Weak::upgrade);
+        if let Some(alert) = held
+            && alert.json().map(|json| json.get()) == Some(raw.get())
+        {
+            return Ok(alert);
+        }
+        let alert = std::sync::Arc::new(Alert::from_kept_json(raw)?);
+        let mut seen = self.seen();
+        seen.by_checksum
+            .insert(checksum, std::sync::Arc::downgrade(&alert));
+        if seen.by_checksum.len() >= seen.sweep_at {
+            seen.by_checksum.retain(|_, alert| alert.strong_count() > 0);
+            seen.sweep_at = (seen.by_checksum.len() * 2).max(1024);
+        }
+        Ok(alert)
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, SeenAlerts> {
+        // Every critical section leaves the map whole.
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// An alert written as its derived `Serialize` writes it, with its labels and annotations
 /// copied from their own cached JSON (a one-alert body carries them again as its common ones).
 struct AlertFromParts<'a>(&'a Alert);

@@ -201,6 +201,32 @@ async fn per_webhook_limits(name: &str, store: &Store) {
         vec![ids[4], ids[3]],
         "{name}: the two newest, newest first"
     );
+    // Records kept before are pruned by the newer ones, written apart.
+    let newer = delivery("ns/limited");
+    store
+        .finish(None, record(&newer, ReportOutcome::Succeeded))
+        .expect("finish");
+    store.flush().await.expect("flush");
+    let kept = store
+        .records(&RecordFilter {
+            webhook: Some(key("ns/limited")),
+            outcome: None,
+            limit: 0,
+        })
+        .await
+        .expect("list");
+    let kept: Vec<_> = kept.iter().map(|r| r.id).collect();
+    assert_eq!(
+        kept,
+        vec![newer.id, ids[4]],
+        "{name}: the oldest one pruned"
+    );
+    for id in [ids[0], ids[3]] {
+        assert!(
+            store.record(&id.to_string()).await.expect("read").is_none(),
+            "{name}: a pruned record is gone"
+        );
+    }
 }
 
 /// A replay finishes with the id of the record it replays: one record remains, with the new

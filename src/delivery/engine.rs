@@ -1274,12 +1274,14 @@ async fn budget_for(
     }
 }
 
-/// Loads the next part of a webhook's backlog from a disk store into its queue.
-async fn load_backlog(shared: &EngineContext, worker: &WorkerState, after: u64) {
+/// Loads the next part of a webhook's backlog from a disk store into its queue, once the memory
+/// budget has room for it (deliveries handed over meanwhile are left to the load).
+async fn load_backlog(shared: &EngineContext, worker: &WorkerState) {
     let Some(mut permits) = budget_for(shared, worker, LOAD_BATCH).await else {
         worker.queue.reload();
         return;
     };
+    let after = worker.queue.begin_load();
     let want = permits.num_permits();
     match shared.store.claim(&worker.key, after, want).await {
         Ok(found) => {
@@ -1343,8 +1345,8 @@ async fn run_worker(shared: Arc<EngineContext>, worker: Arc<WorkerState>) {
                     let alerts = job.delivery.alerts.len();
                     gathering.push(job, alerts);
                 }
-                Next::Load { after } => {
-                    load_backlog(&shared, &worker, after).await;
+                Next::Load => {
+                    load_backlog(&shared, &worker).await;
                     continue;
                 }
                 Next::Stop => return,

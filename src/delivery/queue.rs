@@ -30,8 +30,11 @@ struct State<T> {
     /// The last sequence number loaded from the store (or handed over right after it was
     /// stored, see [`JobQueue::hand_over`]).
     cursor: u64,
-    /// The consumer is loading (between [`Next::Load`] and [`JobQueue::loaded`]).
+    /// The consumer is loading (between [`JobQueue::begin_load`] and [`JobQueue::loaded`]).
     loading: bool,
+    /// Items handed over while a load is under way, with their sequence numbers: queued after
+    /// the load's items when the load read everything before them (see [`JobQueue::loaded`]).
+    arrived: VecDeque<(u64, T)>,
 }
 
 /// Whether the producer that queued an item must start the consumer.
@@ -49,11 +52,10 @@ pub(crate) enum Queued {
 pub(crate) enum Next<T> {
     /// Handle this item.
     Item(T),
-    /// Load the backlog after this sequence number, then hand it to [`JobQueue::loaded`].
-    Load {
-        /// The last sequence number loaded so far.
-        after: u64,
-    },
+    /// Load the backlog: once there is room for what the load brings, say so with
+    /// [`JobQueue::begin_load`], which tells where to read from, and hand what was read to
+    /// [`JobQueue::loaded`].
+    Load,
     /// Nothing more: the consumer is marked as gone and must stop.
     Stop,
 }
@@ -69,6 +71,7 @@ impl<T> JobQueue<T> {
                 on_disk: false,
                 cursor: 0,
                 loading: false,
+                arrived: VecDeque::new(),
             }),
         }
     }
@@ -106,18 +109,26 @@ impl<T> JobQueue<T> {
             return Next::Item(item);
         }
         if state.on_disk && !state.closed {
-            state.on_disk = false;
-            state.loading = true;
-            return Next::Load {
-                after: state.cursor,
-            };
+            return Next::Load;
         }
         state.consumer = false;
         Next::Stop
     }
 
+    /// Starts the load that [`Next::Load`] asked for: returns the last sequence number loaded
+    /// so far, after which the load reads. Items handed over from now on wait for the load's
+    /// end.
+    pub(crate) fn begin_load(&self) -> u64 {
+        let mut state = self.state();
+        state.on_disk = false;
+        state.loading = true;
+        state.cursor
+    }
+
     /// What a [`Next::Load`] found: the items, the sequence number of the last one, and whether
-    /// more may follow (the load was cut at its limit).
+    /// more may follow (the load was cut at its limit). The items handed over during the load
+    /// follow them when the load read everything stored before them: it was not cut, and
+    /// nothing else was stored for the queue meanwhile. Otherwise they are left to the next load.
     pub(crate) fn loaded(&self, items: Vec<T>, last: Option<u64>, more: bool) {
         let mut state = self.state();
         state.loading = false;
@@ -126,6 +137,16 @@ impl<T> JobQueue<T> {
             state.cursor = state.cursor.max(last);
         }
         state.on_disk |= more;
+        let arrived = std::mem::take(&mut state.arrived);
+        if !state.on_disk {
+            for (seq, item) in arrived {
+                // One the load read already is dropped.
+                if seq > state.cursor {
+                    state.items.push_back(item);
+                    state.cursor = seq;
+                }
+            }
+        }
     }
 
     /// Asks the consumer to load again (a load that failed).
@@ -133,22 +154,25 @@ impl<T> JobQueue<T> {
         let mut state = self.state();
         state.loading = false;
         state.on_disk = true;
+        state.arrived.clear();
     }
 
     /// Hands over an item just stored with sequence number `seq`, so that the consumer need not
     /// read it back. Callers hand over a webhook's items in the order of their sequence numbers,
-    /// each once it is stored. The item is queued only when the queue holds everything stored
-    /// before it (nothing left to load, no load under way), and the cursor moves to it;
-    /// otherwise it is dropped, the queue is told the store holds more (the next load reads it),
-    /// or it was loaded already. `None` when the queue is closed (the item stays in the store).
+    /// each once it is stored, and say [`JobQueue::stored`] of those they do not hand over.
+    /// The item is queued when the queue holds everything stored before it (nothing left to
+    /// load), and the cursor moves to it; while a load is under way it waits for the load's
+    /// end (see [`JobQueue::loaded`]). Otherwise it is dropped: the store holds items before it,
+    /// so the next load reads it, or it was loaded already. `None` when the queue is closed
+    /// (the item stays in the store).
     pub(crate) fn hand_over(&self, seq: u64, item: T) -> Option<Queued> {
         let mut state = self.state();
         if state.closed {
             return None;
         }
-        if seq > state.cursor {
-            if state.on_disk || state.loading {
-                state.on_disk = true;
+        if seq > state.cursor && !state.on_disk {
+            if state.loading {
+                state.arrived.push_back((seq, item));
             } else {
                 state.items.push_back(item);
                 state.cursor = seq;
@@ -157,10 +181,10 @@ impl<T> JobQueue<T> {
         Some(state.claim_consumer())
     }
 
-    /// Whether [`JobQueue::hand_over`] would queue an item now rather than leave it to a load.
+    /// Whether [`JobQueue::hand_over`] would keep an item now rather than leave it to a load.
     pub(crate) fn takes_hand_over(&self) -> bool {
         let state = self.state();
-        !state.closed && !state.on_disk && !state.loading
+        !state.closed && !state.on_disk
     }
 
     /// The next item if there is one (for draining a closed queue).
@@ -216,17 +240,20 @@ mod tests {
         let queue = JobQueue::new();
         assert_eq!(queue.stored(), Some(Queued::StartConsumer));
         assert_eq!(queue.stored(), Some(Queued::Running));
-        assert_eq!(queue.next(), Next::Load { after: 0 });
+        assert_eq!(queue.next(), Next::Load);
+        assert_eq!(queue.begin_load(), 0);
         // A load cut at its limit: more to load after the last one.
         queue.loaded(vec![10, 11], Some(11), true);
         assert_eq!(queue.next(), Next::Item(10));
         assert_eq!(queue.next(), Next::Item(11));
-        assert_eq!(queue.next(), Next::Load { after: 11 });
+        assert_eq!(queue.next(), Next::Load);
+        assert_eq!(queue.begin_load(), 11);
         // Stored while loading: loaded again even though this load was not cut.
         assert_eq!(queue.stored(), Some(Queued::Running));
         queue.loaded(vec![12], Some(12), false);
         assert_eq!(queue.next(), Next::Item(12));
-        assert_eq!(queue.next(), Next::Load { after: 12 });
+        assert_eq!(queue.next(), Next::Load);
+        assert_eq!(queue.begin_load(), 12);
         queue.loaded(Vec::new(), None, false);
         assert_eq!(queue.next(), Next::Stop);
         assert_eq!(queue.stored(), Some(Queued::StartConsumer));
@@ -240,8 +267,9 @@ mod tests {
         // Stored while the queue was behind: left to the load, which reads after 5.
         assert_eq!(queue.stored(), Some(Queued::Running));
         assert_eq!(queue.hand_over(7, 7), Some(Queued::Running));
-        assert_eq!(queue.next(), Next::Load { after: 5 });
-        // Handed over while the load runs: left to the next load.
+        assert_eq!(queue.next(), Next::Load);
+        assert_eq!(queue.begin_load(), 5);
+        // Handed over while the load runs, and read by it too: queued once.
         assert_eq!(queue.hand_over(9, 9), Some(Queued::Running));
         queue.loaded(vec![6, 7, 9], Some(9), false);
         // Loaded already (its hand-over came after the load that read it).
@@ -249,11 +277,60 @@ mod tests {
         assert_eq!(queue.next(), Next::Item(6));
         assert_eq!(queue.next(), Next::Item(7));
         assert_eq!(queue.next(), Next::Item(9));
-        assert_eq!(queue.next(), Next::Load { after: 9 });
-        queue.loaded(Vec::new(), None, false);
         assert_eq!(queue.next(), Next::Stop);
         assert_eq!(queue.hand_over(10, 10), Some(Queued::StartConsumer));
         assert_eq!(queue.next(), Next::Item(10));
+    }
+
+    #[test]
+    fn items_handed_over_during_a_load_follow_it_when_it_read_everything_before_them() {
+        let queue = JobQueue::new();
+        assert_eq!(queue.stored(), Some(Queued::StartConsumer));
+        assert_eq!(queue.next(), Next::Load);
+        assert_eq!(queue.begin_load(), 0);
+        assert_eq!(queue.hand_over(3, 3), Some(Queued::Running));
+        assert!(queue.takes_hand_over());
+        queue.loaded(vec![1, 2], Some(2), false);
+        assert_eq!(queue.next(), Next::Item(1));
+        assert_eq!(queue.next(), Next::Item(2));
+        assert_eq!(queue.next(), Next::Item(3));
+        // Handed over again after the load: queued at once.
+        assert_eq!(queue.hand_over(4, 4), Some(Queued::Running));
+        assert_eq!(queue.next(), Next::Item(4));
+        assert_eq!(queue.next(), Next::Stop);
+
+        // A load cut at its limit: what came during it is read by the next one.
+        assert_eq!(queue.stored(), Some(Queued::StartConsumer));
+        assert_eq!(queue.next(), Next::Load);
+        assert_eq!(queue.begin_load(), 4);
+        assert_eq!(queue.hand_over(7, 7), Some(Queued::Running));
+        queue.loaded(vec![5, 6], Some(6), true);
+        assert_eq!(queue.next(), Next::Item(5));
+        assert_eq!(queue.next(), Next::Item(6));
+        assert_eq!(queue.next(), Next::Load);
+        assert_eq!(queue.begin_load(), 6);
+
+        // Stored without a hand-over during the load (no room): the next load reads it and
+        // everything after it.
+        assert_eq!(queue.hand_over(8, 8), Some(Queued::Running));
+        assert_eq!(queue.stored(), Some(Queued::Running));
+        assert!(!queue.takes_hand_over());
+        assert_eq!(queue.hand_over(10, 10), Some(Queued::Running));
+        queue.loaded(vec![7], Some(7), false);
+        assert_eq!(queue.next(), Next::Item(7));
+        assert_eq!(queue.next(), Next::Load);
+        assert_eq!(queue.begin_load(), 7);
+
+        // A load that failed: what came during it is read by the next one.
+        assert_eq!(queue.hand_over(11, 11), Some(Queued::Running));
+        queue.reload();
+        assert_eq!(queue.next(), Next::Load);
+        assert_eq!(queue.begin_load(), 7);
+        queue.loaded(vec![8, 9, 10, 11], Some(11), false);
+        for item in 8..=11 {
+            assert_eq!(queue.next(), Next::Item(item));
+        }
+        assert_eq!(queue.next(), Next::Stop);
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod id;
 
 use std::sync::Arc;
 
-use crate::alert::{Alert, AlertBatch, CachedAlerts, GroupSource, LabelSet};
+use crate::alert::{Alert, AlertBatch, CachedAlerts, GroupSource, LabelSet, SharedKeptAlerts};
 use crate::object::ObjectKey;
 
 pub use id::{DeliveryId, InvalidDeliveryId};
@@ -150,6 +150,44 @@ impl serde::Serialize for DeliveryFromParts<'_> {
     }
 }
 
+/// A delivery as its JSON holds it, with its alerts left as JSON text (see
+/// [`Delivery::from_json`]); the fields are those of the derived `Deserialize`.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeliveryParts<'a> {
+    id: DeliveryId,
+    webhook: ObjectKey,
+    test: bool,
+    #[serde(borrow)]
+    alerts: Vec<&'a serde_json::value::RawValue>,
+    group_labels: Arc<LabelSet>,
+    #[serde(rename = "externalURL")]
+    external_url: Arc<str>,
+    #[serde(default)]
+    source: Arc<GroupSource>,
+}
+
+impl Delivery {
+    /// A delivery read back from the JSON [`Delivery::to_json`] wrote, its alerts shared with
+    /// the other deliveries read back that carry them (see [`SharedKeptAlerts`]).
+    pub fn from_json(bytes: &[u8], alerts: &SharedKeptAlerts) -> Result<Self, serde_json::Error> {
+        let parts: DeliveryParts<'_> = serde_json::from_slice(bytes)?;
+        Ok(Delivery {
+            id: parts.id,
+            webhook: parts.webhook,
+            test: parts.test,
+            alerts: parts
+                .alerts
+                .into_iter()
+                .map(|raw| alerts.read(raw))
+                .collect::<Result<_, _>>()?,
+            group_labels: parts.group_labels,
+            external_url: parts.external_url,
+            source: parts.source,
+        })
+    }
+}
+
 /// A batch routed to its webhooks: its alerts, and for each webhook the indexes of the alerts
 /// it gets. The dispatcher routes it; the engine admits it whole and makes it one delivery per
 /// webhook.
@@ -263,5 +301,56 @@ mod tests {
                 String::from_utf8_lossy(&derived)
             );
         }
+    }
+
+    #[test]
+    fn a_delivery_read_back_is_the_one_written_and_shares_its_alerts() {
+        let shared = alert("Shared");
+        let first = Delivery::new(
+            "ns/w1".parse().expect("key"),
+            vec![shared.clone(), alert("Second")],
+            Arc::new(LabelSet::from([(
+                "alertname".to_string(),
+                "Shared".to_string(),
+            )])),
+            Arc::from("http://alertmanager:9093"),
+        );
+        let second = Delivery::new(
+            "ns/w2".parse().expect("key"),
+            vec![shared],
+            Arc::default(),
+            Arc::from(""),
+        );
+        let kept = SharedKeptAlerts::default();
+        let first_back = Delivery::from_json(&first.to_json(), &kept).expect("read back");
+        let second_back = Delivery::from_json(&second.to_json(), &kept).expect("read back");
+        // The same as the derived reading (which reads an unset time as Go's zero time).
+        for (back, written) in [(&first_back, &first), (&second_back, &second)] {
+            let derived: Delivery = serde_json::from_slice(&written.to_json()).expect("derived");
+            assert_eq!(back, &derived);
+        }
+        assert!(
+            Arc::ptr_eq(&first_back.alerts[0], &second_back.alerts[0]),
+            "one alert, read once for both deliveries"
+        );
+        assert!(!Arc::ptr_eq(&first_back.alerts[0], &first_back.alerts[1]));
+        // What is kept with an alert read back is what a fresh copy of it writes.
+        for alert in &first_back.alerts {
+            let fresh = Alert::clone(alert);
+            assert_eq!(alert.json().map(|j| j.get()), fresh.json().map(|j| j.get()));
+            assert_eq!(
+                alert.labels_json().map(|j| j.get()),
+                fresh.labels_json().map(|j| j.get())
+            );
+            assert_eq!(
+                alert.annotations_json().map(|j| j.get()),
+                fresh.annotations_json().map(|j| j.get())
+            );
+        }
+        // Once no delivery holds it, the alert is read anew.
+        let held = Arc::downgrade(&first_back.alerts[1]);
+        drop(first_back);
+        assert!(held.upgrade().is_none());
+        assert!(Delivery::from_json(b"{\"id\":", &kept).is_err());
     }
 }

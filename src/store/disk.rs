@@ -28,6 +28,7 @@ use super::{
     ByClass, DeliveryRecord, HandOver, RecordClass, RecordLimits, StoreError, db, decode, encode,
     writer_stopped, written,
 };
+use crate::alert::SharedKeptAlerts;
 use crate::object::ObjectKey;
 use crate::outgoing::{Delivery, DeliveryId};
 
@@ -130,6 +131,14 @@ enum Op {
     Flush(oneshot::Sender<Result<(), StoreError>>),
     /// Writes the finished deliveries' records now (so that a read finds them), then answers.
     Show(oneshot::Sender<Result<(), StoreError>>),
+    /// The recorder's answer for a batch (see [`Writer::recorded`]).
+    Recorded {
+        tombstones: Vec<u64>,
+        result: Result<(), StoreError>,
+        waiting: Vec<Waiting>,
+    },
+    /// The store is closing: record what is finished, make everything durable, and stop.
+    Close,
 }
 
 /// A change to the records, collected in [`Finishing`] until the writer settles.
@@ -153,6 +162,8 @@ type Finishing = Arc<Mutex<Vec<Finished>>>;
 pub(super) struct DiskStore {
     database: Arc<redb::Database>,
     log: LogReader,
+    /// Alerts of the deliveries read back, shared while any of them is held.
+    read_back: SharedKeptAlerts,
     /// The writer's record index, read by tests.
     #[cfg(test)]
     index: Arc<Mutex<Index>>,
@@ -218,16 +229,12 @@ impl DiskStore {
         let index = Arc::new(Mutex::new(index));
         let (sender, receiver) = std::sync::mpsc::channel();
         let finishing = Finishing::default();
-        let writer = Writer {
-            finishing: finishing.clone(),
-            kicked: false,
+        let recorder = Recorder {
             database: database.clone(),
             index: index.clone(),
             limits,
-            next_seq,
-            log,
-            settled: Instant::now(),
         };
+        let writer = Writer::new(log, next_seq, finishing.clone(), recorder, sender.clone())?;
         let thread = std::thread::Builder::new()
             .name("herald-store".into())
             .spawn(move || writer.run(receiver))
@@ -235,6 +242,7 @@ impl DiskStore {
         Ok(DiskStore {
             database,
             log: reader,
+            read_back: SharedKeptAlerts::default(),
             #[cfg(test)]
             index,
             writer: Some(sender),
@@ -325,7 +333,15 @@ impl DiskStore {
         self.log
             .load(&name, after, limit)?
             .into_iter()
-            .map(|(seq, bytes)| Ok((seq, Arc::new(decode(&name, &bytes)?))))
+            .map(|(seq, bytes)| {
+                let delivery = Delivery::from_json(&bytes, &self.read_back).map_err(|e| {
+                    StoreError::Corrupt {
+                        key: format!("{name} #{seq}"),
+                        message: e.to_string(),
+                    }
+                })?;
+                Ok((seq, Arc::new(delivery)))
+            })
             .collect()
     }
 
@@ -365,8 +381,10 @@ impl DiskStore {
 
 impl Drop for DiskStore {
     fn drop(&mut self) {
-        // The writer commits what it holds durably once its channel closes.
-        drop(self.writer.take());
+        // The writer commits what it holds durably, then stops.
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.send(Op::Close);
+        }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -375,24 +393,70 @@ impl Drop for DiskStore {
 
 /// The writer thread's state.
 struct Writer {
-    database: Arc<redb::Database>,
-    index: Arc<Mutex<Index>>,
-    limits: RecordLimits,
     next_seq: u64,
     log: Log,
     /// Finishes and unindexings collected since the last settle.
     finishing: Finishing,
     /// Whether the collected finishes asked for a settle since the last one.
     kicked: bool,
-    /// When the records were last written.
+    /// When the records were last handed to the recorder.
     settled: Instant,
+    /// The recorder thread's channel (see [`Recorder`]).
+    recorder: Option<Sender<RecordBatch>>,
+    recorder_thread: Option<std::thread::JoinHandle<()>>,
+    /// A batch is with the recorder: the next one waits for its answer.
+    recording: bool,
+    /// Flushes and reads waiting for the next batch: each is answered once the records of
+    /// everything finished before it are written (and, for a flush, the log is durable).
+    waiting: Vec<Waiting>,
+}
+
+/// A flush or a read of the records, waiting for the records it must see.
+struct Waiting {
+    reply: oneshot::Sender<Result<(), StoreError>>,
+    /// A flush: the log's tombstones are made durable too.
+    flush: bool,
+}
+
+/// Finishes handed to the recorder thread in one transaction.
+struct RecordBatch {
+    finished: Vec<Finished>,
+    /// The log entries of those finishes, tombstoned once their records are durable.
+    tombstones: Vec<u64>,
+    /// Answered once the batch is written.
+    waiting: Vec<Waiting>,
 }
 
 impl Writer {
+    fn new(
+        log: Log,
+        next_seq: u64,
+        finishing: Finishing,
+        recorder: Recorder,
+        ops: Sender<Op>,
+    ) -> Result<Self, StoreError> {
+        let (batches, received) = std::sync::mpsc::channel();
+        let recorder_thread = std::thread::Builder::new()
+            .name("herald-records".into())
+            .spawn(move || recorder.run(received, ops))
+            .map_err(|e| StoreError::Database(format!("starting the records writer: {e}")))?;
+        Ok(Writer {
+            next_seq,
+            log,
+            finishing,
+            kicked: false,
+            settled: Instant::now(),
+            recorder: Some(batches),
+            recorder_thread: Some(recorder_thread),
+            recording: false,
+            waiting: Vec::new(),
+        })
+    }
+
     fn run(mut self, receiver: Receiver<Op>) {
         let mut ops = Vec::new();
         loop {
-            let first = if self.unsettled() {
+            let first = if self.kicked && !self.recording {
                 let wait = SETTLE_EVERY.saturating_sub(self.settled.elapsed());
                 match receiver.recv_timeout(wait) {
                     Ok(op) => Some(op),
@@ -405,6 +469,7 @@ impl Writer {
                     Err(_) => break,
                 }
             };
+            let mut closing = false;
             if let Some(op) = first {
                 ops.push(op);
                 while ops.len() < MAX_BATCH {
@@ -413,18 +478,32 @@ impl Writer {
                         Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                     }
                 }
+                closing = ops.iter().any(|op| matches!(op, Op::Close));
             }
             self.commit(&mut ops);
+            if closing {
+                break;
+            }
         }
-        // The last finishes, made durable before the process goes.
-        let (reply, _) = oneshot::channel();
-        ops.push(Op::Flush(reply));
-        self.commit(&mut ops);
-    }
-
-    /// Whether finished deliveries wait to be recorded.
-    fn unsettled(&self) -> bool {
-        self.kicked || self.log.has_tombstones()
+        // The last finishes, recorded and made durable before the process goes.
+        let (reply, mut done) = oneshot::channel();
+        self.waiting.push(Waiting { reply, flush: true });
+        if !self.recording {
+            self.settle();
+        }
+        while matches!(done.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
+            match receiver.recv() {
+                Ok(op) => {
+                    ops.push(op);
+                    self.commit(&mut ops);
+                }
+                Err(_) => break,
+            }
+        }
+        drop(self.recorder.take());
+        if let Some(thread) = self.recorder_thread.take() {
+            let _ = thread.join();
+        }
     }
 
     /// How many finishes are collected for the next settle.
@@ -436,38 +515,19 @@ impl Writer {
     }
 
     /// Writes a batch and answers whoever waits for it: the appends as one durable frame of
-    /// the log; the finishes wait, out of the log's index at once, to be recorded in one redb
-    /// transaction at a flush, once [`SETTLE_EVERY`] has passed or [`SETTLE_AT`] of them wait.
+    /// the log, answered at once; the finishes wait, out of the log's index at once, to be
+    /// recorded by the recorder thread in one transaction at a flush or a read, once
+    /// [`SETTLE_EVERY`] has passed or [`SETTLE_AT`] of them wait. The recorder's answer brings
+    /// their tombstones to the log.
     fn commit(&mut self, ops: &mut Vec<Op>) {
         let appended = self.append(ops);
         if let Err(e) = &appended {
             tracing::error!("delivery store: a write failed: {e}");
         }
-        let mut flush = false;
-        let mut show = false;
-        let mut kept = Vec::with_capacity(ops.len());
-        for op in ops.drain(..) {
-            match op {
-                Op::Settle => self.kicked = true,
-                Op::Flush(_) => {
-                    flush = true;
-                    kept.push(op);
-                }
-                Op::Show(_) => {
-                    show = true;
-                    kept.push(op);
-                }
-                Op::Append { .. } => kept.push(op),
-            }
-        }
-        *ops = kept;
-        // The appends are durable: answered before the records' commit, which they need not
-        // wait for.
         let mut seqs = match &appended {
             Ok(seqs) => seqs.clone().into_iter(),
             Err(_) => Vec::new().into_iter(),
         };
-        let mut waiting = Vec::new();
         for op in ops.drain(..) {
             match op {
                 Op::Append {
@@ -485,27 +545,24 @@ impl Writer {
                     };
                     let _ = reply.send(answer);
                 }
-                Op::Flush(reply) | Op::Show(reply) => waiting.push(reply),
-                Op::Settle => {}
+                Op::Settle => self.kicked = true,
+                Op::Flush(reply) => self.waiting.push(Waiting { reply, flush: true }),
+                Op::Show(reply) => self.waiting.push(Waiting {
+                    reply,
+                    flush: false,
+                }),
+                Op::Recorded {
+                    tombstones,
+                    result,
+                    waiting,
+                } => self.recorded(tombstones, result, waiting),
+                Op::Close => {}
             }
         }
-        let due = self.unsettled()
+        let due = self.kicked
             && (self.settled.elapsed() >= SETTLE_EVERY || self.collected() >= SETTLE_AT);
-        let settled = if flush || show || due {
-            self.settle(flush)
-        } else {
-            Ok(())
-        };
-        if let Err(e) = &settled {
-            tracing::error!(
-                "delivery store: writing records failed (the deliveries stay pending until the next start): {e}"
-            );
-        }
-        for reply in waiting {
-            let _ = reply.send(match &settled {
-                Ok(()) => Ok(()),
-                Err(e) => Err(StoreError::Database(e.to_string())),
-            });
+        if !self.recording && (due || !self.waiting.is_empty()) {
+            self.settle();
         }
     }
 
@@ -531,17 +588,15 @@ impl Writer {
         Ok(seqs)
     }
 
-    /// Records the finished deliveries in one durable transaction, then writes their
-    /// tombstones to the log (durably when asked) and deletes what the log no longer needs. A
-    /// delivery never leaves the log before its record (a dead letter's content) is durable;
-    /// when the records cannot be written the deliveries stay in the log (sent again after a
-    /// restart, with the same Idempotency-Key).
-    fn settle(&mut self, durable: bool) -> Result<(), StoreError> {
+    /// Hands the finishes collected so far, out of the log's index, to the recorder, with the
+    /// flushes and reads that wait for them.
+    fn settle(&mut self) {
         self.settled = Instant::now();
         self.kicked = false;
         let finished =
             std::mem::take(&mut *self.finishing.lock().unwrap_or_else(|e| e.into_inner()));
         let mut name = String::new();
+        let mut tombstones = Vec::new();
         for finished in &finished {
             if let Finished::Delivery {
                 seq: Some(seq),
@@ -550,16 +605,84 @@ impl Writer {
             } = finished
             {
                 set_name(&mut name, &record.webhook);
-                self.log.finish(&name, *seq);
+                if self.log.finish(&name, *seq) {
+                    tombstones.push(*seq);
+                }
             }
         }
-        if !finished.is_empty()
-            && let Err(e) = self.record(&finished)
-        {
-            self.log.keep_unfinished();
-            return Err(e);
+        let batch = RecordBatch {
+            finished,
+            tombstones,
+            waiting: std::mem::take(&mut self.waiting),
+        };
+        match self.recorder.as_ref().map(|recorder| recorder.send(batch)) {
+            Some(Ok(())) => self.recording = true,
+            Some(Err(std::sync::mpsc::SendError(batch))) => {
+                self.recorded(Vec::new(), Err(recorder_stopped()), batch.waiting);
+            }
+            None => {}
         }
-        self.log.write_tombstones(durable)
+    }
+
+    /// The recorder's answer: the records are durable (or could not be written), so their
+    /// deliveries' tombstones are written to the log (durably for a flush), and whoever waits
+    /// is answered. Deliveries whose records could not be written stay in the log and are sent
+    /// again after a restart, with the same Idempotency-Key.
+    fn recorded(
+        &mut self,
+        tombstones: Vec<u64>,
+        result: Result<(), StoreError>,
+        waiting: Vec<Waiting>,
+    ) {
+        self.recording = false;
+        let result = result.and_then(|()| {
+            self.log.tombstone(tombstones);
+            self.log
+                .write_tombstones(waiting.iter().any(|waiting| waiting.flush))
+        });
+        if let Err(e) = &result {
+            tracing::error!(
+                "delivery store: writing records failed (the deliveries stay pending until the next start): {e}"
+            );
+        }
+        for waiting in waiting {
+            let _ = waiting.reply.send(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StoreError::Database(e.to_string())),
+            });
+        }
+    }
+}
+
+fn recorder_stopped() -> StoreError {
+    StoreError::Database("the records writer has stopped".into())
+}
+
+/// The recorder thread's state: it writes finished deliveries' records, one transaction per
+/// batch, apart from the writer thread, so that appends never wait for a records commit.
+struct Recorder {
+    database: Arc<redb::Database>,
+    index: Arc<Mutex<Index>>,
+    limits: RecordLimits,
+}
+
+impl Recorder {
+    fn run(mut self, batches: Receiver<RecordBatch>, writer: Sender<Op>) {
+        while let Ok(batch) = batches.recv() {
+            let result = if batch.finished.is_empty() {
+                Ok(())
+            } else {
+                self.record(&batch.finished)
+            };
+            let answer = Op::Recorded {
+                tombstones: batch.tombstones,
+                result,
+                waiting: batch.waiting,
+            };
+            if writer.send(answer).is_err() {
+                return;
+            }
+        }
     }
 
     /// Writes records in one durable transaction.
@@ -571,21 +694,36 @@ impl Writer {
             let mut records = txn.open_table(RECORDS).map_err(db)?;
             let mut key = [0u8; uuid::fmt::Hyphenated::LENGTH];
             let mut prune = Vec::new();
+            // The records of this batch still kept, each with its finish: one pruned in the
+            // same batch (a busy webhook finishes more than its limit between two settles) is
+            // never written, and never deleted.
+            let mut fresh: HashMap<DeliveryId, &[u8]> = HashMap::default();
+            // Records taken out of the index in this batch to be replaced: still in the table.
+            let mut replaced: Vec<DeliveryId> = Vec::new();
             for op in ops {
                 match op {
                     Finished::Delivery { record, bytes, .. } => {
                         index.add(record);
+                        fresh.insert(record.id, bytes);
                         prune.clear();
                         index.prune(record, &self.limits, |id| prune.push(id));
                         for id in &prune {
-                            records.remove(id.encode(&mut key)).map_err(db)?;
+                            if fresh.remove(id).is_none() || replaced.contains(id) {
+                                records.remove(id.encode(&mut key)).map_err(db)?;
+                            }
                         }
-                        records
-                            .insert(record.id.encode(&mut key), bytes.as_slice())
-                            .map_err(db)?;
                     }
-                    Finished::Unindex(record) => index.remove(record),
+                    Finished::Unindex(record) => {
+                        index.remove(record);
+                        replaced.push(record.id);
+                    }
                 }
+            }
+            let mut fresh: Vec<(DeliveryId, &[u8])> = fresh.into_iter().collect();
+            // In key order: each insert lands next to the one before.
+            fresh.sort_unstable_by_key(|(id, _)| *id);
+            for (id, bytes) in fresh {
+                records.insert(id.encode(&mut key), bytes).map_err(db)?;
             }
             let total = u64::try_from(self.limits.total.max(1)).unwrap_or(u64::MAX);
             while records.len().map_err(db)? > total {

@@ -489,17 +489,15 @@ impl Log {
         Ok(())
     }
 
-    /// Takes a finished delivery out of the index; its tombstone waits for
-    /// [`Log::write_tombstones`].
-    pub(super) fn finish(&mut self, webhook: &str, seq: u64) {
-        if self.index().remove(webhook, seq).is_some() {
-            self.tombstones.push(seq);
-        }
+    /// Takes a finished delivery out of the index; says whether it was there (and so needs a
+    /// tombstone, see [`Log::tombstone`]).
+    pub(super) fn finish(&mut self, webhook: &str, seq: u64) -> bool {
+        self.index().remove(webhook, seq).is_some()
     }
 
-    /// Whether tombstones wait to be written.
-    pub(super) fn has_tombstones(&self) -> bool {
-        !self.tombstones.is_empty()
+    /// Adds finished deliveries' tombstones to the next [`Log::write_tombstones`].
+    pub(super) fn tombstone(&mut self, seqs: impl IntoIterator<Item = u64>) {
+        self.tombstones.extend(seqs);
     }
 
     /// Writes the waiting tombstones (call once the records of those deliveries are durable:
@@ -520,12 +518,6 @@ impl Log {
                 .map_err(|e| io("syncing", &segment_path(&self.dir, self.head), e))?;
         }
         self.drop_finished()
-    }
-
-    /// Forgets the waiting tombstones (their records could not be written: the deliveries stay
-    /// in the log and are sent again after a restart).
-    pub(super) fn keep_unfinished(&mut self) {
-        self.tombstones.clear();
     }
 
     /// Deletes the oldest segments while they hold nothing unfinished, and copies the oldest
@@ -659,7 +651,9 @@ mod tests {
             reader.load("ns/a", 1, 10).expect("load"),
             vec![(3, b"three".to_vec())]
         );
-        log.finish("ns/a", 1);
+        assert!(log.finish("ns/a", 1));
+        assert!(!log.finish("ns/a", 1), "finished once");
+        log.tombstone([1]);
         assert_eq!(seqs(&reader, "ns/a"), vec![3], "out of the index at once");
         log.write_tombstones(true).expect("tombstones");
         drop((log, reader));
@@ -753,7 +747,8 @@ mod tests {
             log.append([(seq, webhook, body.as_slice())].into_iter())
                 .expect("append");
             if webhook == "ns/up" {
-                log.finish(webhook, seq);
+                assert!(log.finish(webhook, seq));
+                log.tombstone([seq]);
             } else {
                 stuck.push(seq);
             }
