@@ -46,10 +46,14 @@ pub(super) const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("r
 
 /// Most operations taken into one transaction.
 const MAX_BATCH: usize = 8192;
-/// How often the finished deliveries are recorded (durably) and leave the log.
-const SETTLE_EVERY: Duration = Duration::from_millis(200);
-/// Finished deliveries that are recorded at once, without waiting for [`SETTLE_EVERY`].
-const SETTLE_AT: usize = 16_384;
+/// How often the finished deliveries are recorded (durably) and leave the log. Each settle is
+/// one redb commit, and the records of a webhook that finishes more than it keeps between two
+/// settles are not written at all. A crash sends again what finished since the last settle
+/// (with the same Idempotency-Key).
+const SETTLE_EVERY: Duration = Duration::from_secs(1);
+/// Finished deliveries that are recorded at once, without waiting for [`SETTLE_EVERY`] (bounds
+/// the memory they hold, a few hundred bytes each).
+const SETTLE_AT: usize = 32_768;
 
 /// A disk store's record ids per webhook, kept in memory to prune without reading the disk.
 #[derive(Default)]
@@ -147,7 +151,6 @@ enum Finished {
     Delivery {
         seq: Option<u64>,
         record: DeliveryRecord,
-        bytes: Vec<u8>,
     },
     /// A record about to be replaced by a replay leaves the index.
     Unindex(DeliveryRecord),
@@ -284,8 +287,7 @@ impl DiskStore {
         seq: Option<u64>,
         record: DeliveryRecord,
     ) -> Result<(), StoreError> {
-        let bytes = encode(&record);
-        self.collect(Finished::Delivery { seq, record, bytes })
+        self.collect(Finished::Delivery { seq, record })
     }
 
     /// Adds a change to the next settle, waking the writer only for the first one since the
@@ -697,14 +699,14 @@ impl Recorder {
             // The records of this batch still kept, each with its finish: one pruned in the
             // same batch (a busy webhook finishes more than its limit between two settles) is
             // never written, and never deleted.
-            let mut fresh: HashMap<DeliveryId, &[u8]> = HashMap::default();
+            let mut fresh: HashMap<DeliveryId, &DeliveryRecord> = HashMap::default();
             // Records taken out of the index in this batch to be replaced: still in the table.
             let mut replaced: Vec<DeliveryId> = Vec::new();
             for op in ops {
                 match op {
-                    Finished::Delivery { record, bytes, .. } => {
+                    Finished::Delivery { record, .. } => {
                         index.add(record);
-                        fresh.insert(record.id, bytes);
+                        fresh.insert(record.id, record);
                         prune.clear();
                         index.prune(record, &self.limits, |id| prune.push(id));
                         for id in &prune {
@@ -719,11 +721,13 @@ impl Recorder {
                     }
                 }
             }
-            let mut fresh: Vec<(DeliveryId, &[u8])> = fresh.into_iter().collect();
+            let mut fresh: Vec<(DeliveryId, &DeliveryRecord)> = fresh.into_iter().collect();
             // In key order: each insert lands next to the one before.
             fresh.sort_unstable_by_key(|(id, _)| *id);
-            for (id, bytes) in fresh {
-                records.insert(id.encode(&mut key), bytes).map_err(db)?;
+            for (id, record) in fresh {
+                records
+                    .insert(id.encode(&mut key), encode(record).as_slice())
+                    .map_err(db)?;
             }
             let total = u64::try_from(self.limits.total.max(1)).unwrap_or(u64::MAX);
             while records.len().map_err(db)? > total {
