@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald::object::ObjectKey;
-use herald::outgoing::{Delivery, ReportOutcome};
+use herald::outgoing::{Delivery, DeliveryId, ReportOutcome};
 use herald::store::{
     DeliveryRecord, PostgresOptions, RecordFilter, RecordLimits, RetrySchedule, Store,
 };
@@ -176,6 +176,23 @@ async fn backlog_and_records(name: &str, store: &Store) {
     );
 }
 
+/// The ids of a webhook's records, newest first.
+async fn record_ids(
+    store: &Store,
+    webhook: &str,
+    outcome: Option<ReportOutcome>,
+) -> Vec<DeliveryId> {
+    let kept = store
+        .records(&RecordFilter {
+            webhook: Some(key(webhook)),
+            outcome,
+            limit: 0,
+        })
+        .await
+        .expect("list");
+    kept.iter().map(|r| r.id).collect()
+}
+
 /// The per-webhook limits keep the newest records of each class.
 async fn per_webhook_limits(name: &str, store: &Store) {
     let mut ids = Vec::new();
@@ -187,15 +204,7 @@ async fn per_webhook_limits(name: &str, store: &Store) {
         ids.push(d.id);
     }
     store.flush().await.expect("flush");
-    let kept = store
-        .records(&RecordFilter {
-            webhook: Some(key("ns/limited")),
-            outcome: Some(ReportOutcome::Succeeded),
-            limit: 0,
-        })
-        .await
-        .expect("list");
-    let kept: Vec<_> = kept.iter().map(|r| r.id).collect();
+    let kept = record_ids(store, "ns/limited", Some(ReportOutcome::Succeeded)).await;
     assert_eq!(
         kept,
         vec![ids[4], ids[3]],
@@ -207,15 +216,7 @@ async fn per_webhook_limits(name: &str, store: &Store) {
         .finish(None, record(&newer, ReportOutcome::Succeeded))
         .expect("finish");
     store.flush().await.expect("flush");
-    let kept = store
-        .records(&RecordFilter {
-            webhook: Some(key("ns/limited")),
-            outcome: None,
-            limit: 0,
-        })
-        .await
-        .expect("list");
-    let kept: Vec<_> = kept.iter().map(|r| r.id).collect();
+    let kept = record_ids(store, "ns/limited", None).await;
     assert_eq!(
         kept,
         vec![newer.id, ids[4]],

@@ -267,10 +267,9 @@ mod tests {
         Arc::new(alert)
     }
 
-    #[test]
-    fn the_json_written_from_parts_is_the_derived_json() {
-        let shared = alert("Shared");
-        let plain = Delivery::new(
+    /// A delivery of `shared` and another alert, with group labels and a URL.
+    fn with_group_labels(shared: &Arc<Alert>) -> Delivery {
+        Delivery::new(
             "ns/w1".parse().expect("key"),
             vec![shared.clone(), alert("Second")],
             Arc::new(LabelSet::from([(
@@ -278,7 +277,13 @@ mod tests {
                 "Shared".to_string(),
             )])),
             Arc::from("http://alertmanager:9093"),
-        );
+        )
+    }
+
+    #[test]
+    fn the_json_written_from_parts_is_the_derived_json() {
+        let shared = alert("Shared");
+        let plain = with_group_labels(&shared);
         let source: Arc<GroupSource> =
             serde_json::from_str(r#"{"receiver":"herald","status":"firing","groupKey":"{}:{}"}"#)
                 .expect("group source");
@@ -306,15 +311,7 @@ mod tests {
     #[test]
     fn a_delivery_read_back_is_the_one_written_and_shares_its_alerts() {
         let shared = alert("Shared");
-        let first = Delivery::new(
-            "ns/w1".parse().expect("key"),
-            vec![shared.clone(), alert("Second")],
-            Arc::new(LabelSet::from([(
-                "alertname".to_string(),
-                "Shared".to_string(),
-            )])),
-            Arc::from("http://alertmanager:9093"),
-        );
+        let first = with_group_labels(&shared);
         let second = Delivery::new(
             "ns/w2".parse().expect("key"),
             vec![shared],
