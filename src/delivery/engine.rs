@@ -111,6 +111,12 @@ impl EngineConfig {
 /// Most deliveries a worker loads from a disk store at once.
 const LOAD_BATCH: usize = 256;
 
+/// How long a request's deliveries wait for room in the memory budget before they are left
+/// to the disk store alone (and read back by their workers later). Room that is short only
+/// for a moment (deliveries finishing) is worth waiting for: a delivery read back costs more
+/// than one handed over.
+const HAND_OVER_WAIT: Duration = Duration::from_millis(20);
+
 /// A webhook's backlog at this share of its limit is reported as nearly full.
 const NEAR_LIMIT_PERCENT: usize = 80;
 
@@ -857,7 +863,8 @@ impl Engine {
             .filter(|(_, p)| !matches!(p, Placed::Gone))
             .map(|(d, _)| d.clone())
             .collect();
-        let hand_over = self.hand_over(&deliveries, &placed);
+        let room = self.room_to_hand_over(&placed).await;
+        let hand_over = self.hand_over(&deliveries, &placed, room);
         let written = self
             .shared
             .store
@@ -895,7 +902,12 @@ impl Engine {
     /// the budget has room; otherwise the worker is told to load it. In a shared store only
     /// deliveries written claimed by this replica are handed over (the others are claimed by
     /// whichever replica holds their webhook, woken by the store's notification).
-    fn hand_over(&self, deliveries: &[Arc<Delivery>], placed: &[Placed]) -> HandOver {
+    fn hand_over(
+        &self,
+        deliveries: &[Arc<Delivery>],
+        placed: &[Placed],
+        mut room: Option<OwnedSemaphorePermit>,
+    ) -> HandOver {
         // The rows stored, in order: the placed ones, each with its worker (the others are
         // dead letters, finished right after the write).
         let rows: Vec<Option<(Arc<WorkerState>, Arc<Delivery>)>> = deliveries
@@ -920,7 +932,8 @@ impl Engine {
                     (false, false) => worker.queue.stored(),
                     (true, _) => {
                         let permit = if shared || worker.queue.takes_hand_over() {
-                            engine.shared.budget.clone().try_acquire_owned().ok()
+                            take_one(&mut room)
+                                .or_else(|| engine.shared.budget.clone().try_acquire_owned().ok())
                         } else {
                             None
                         };
@@ -958,6 +971,28 @@ impl Engine {
         })
     }
 
+    /// Room in the memory budget for the deliveries of a request that a disk store will hand
+    /// over, taken now or within [`HAND_OVER_WAIT`]; `None` without room (they are left to the
+    /// store) and with a shared store (whose hand-over does not wait for room).
+    async fn room_to_hand_over(&self, placed: &[Placed]) -> Option<OwnedSemaphorePermit> {
+        if self.store().is_shared() {
+            return None;
+        }
+        let kept = placed
+            .iter()
+            .filter(|p| matches!(p, Placed::Kept(_)))
+            .count();
+        let kept = u32::try_from(kept).ok().filter(|kept| *kept > 0)?;
+        let budget = self.shared.budget.clone();
+        if let Ok(room) = budget.clone().try_acquire_many_owned(kept) {
+            return Some(room);
+        }
+        tokio::time::timeout(HAND_OVER_WAIT, budget.acquire_many_owned(kept))
+            .await
+            .ok()?
+            .ok()
+    }
+
     /// Queues deliveries in their webhooks' queues (a memory store), each holding one permit
     /// of the admission.
     fn queue_in_memory(
@@ -973,11 +1008,7 @@ impl Engine {
             let Placed::Kept(worker) = place else {
                 continue;
             };
-            let permit = match permits.as_mut().map(|p| p.num_permits()) {
-                Some(1) => permits.take(),
-                Some(_) => permits.as_mut().and_then(|p| p.split(1)),
-                None => None,
-            };
+            let permit = take_one(&mut permits);
             let job = Job {
                 delivery: delivery.clone(),
                 seq: None,
@@ -1250,6 +1281,15 @@ fn report_after(delivery: &Delivery, attempts: u32, last: &AttemptResult) -> Del
         message,
         latency: last.latency,
         finished_at: Timestamp::now(),
+    }
+}
+
+/// One permit out of several (the last one whole), for one delivery of a request.
+fn take_one(permits: &mut Option<OwnedSemaphorePermit>) -> Option<OwnedSemaphorePermit> {
+    match permits.as_ref().map(OwnedSemaphorePermit::num_permits) {
+        Some(1) => permits.take(),
+        Some(_) => permits.as_mut().and_then(|p| p.split(1)),
+        None => None,
     }
 }
 
