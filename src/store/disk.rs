@@ -403,11 +403,11 @@ const GATHER_FOR: Duration = Duration::from_micros(500);
 const GATHER_ENOUGH: usize = 8;
 
 /// Waits up to [`GATHER_FOR`] for more operations to join `ops`, until [`GATHER_ENOUGH`]
-/// appends wait. When requests follow each other closely (a busy Herald), each write and its
+/// appends wait; says whether the store is closing (an [`Op::Close`] joined). When requests follow each other closely (a busy Herald), each write and its
 /// `fdatasync` would otherwise hold one or two requests; a request then waits a fraction of a
 /// millisecond longer, and the writer makes a fraction of the writes. An idle Herald's writes
 /// are far apart and never wait.
-fn gather(receiver: &Receiver<Op>, ops: &mut Vec<Op>) {
+fn gather(receiver: &Receiver<Op>, ops: &mut Vec<Op>) -> bool {
     let deadline = Instant::now() + GATHER_FOR;
     let appends = |ops: &[Op]| {
         ops.iter()
@@ -417,19 +417,20 @@ fn gather(receiver: &Receiver<Op>, ops: &mut Vec<Op>) {
     while ops.len() < MAX_BATCH && appends(ops) < GATHER_ENOUGH {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return;
+            return false;
         }
         match receiver.recv_timeout(left) {
             Ok(op) => {
                 let closing = matches!(op, Op::Close);
                 ops.push(op);
                 if closing {
-                    return;
+                    return true;
                 }
             }
-            Err(_) => return,
+            Err(_) => return false,
         }
     }
+    false
 }
 
 /// The writer thread's state.
@@ -512,6 +513,7 @@ impl Writer {
                     Err(_) => break,
                 }
             };
+            let mut appends = false;
             let mut closing = false;
             if let Some(op) = first {
                 ops.push(op);
@@ -521,15 +523,13 @@ impl Writer {
                         Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                     }
                 }
-                let busy = appended_at.is_some_and(|at| at.elapsed() < GATHER_WHEN_WITHIN);
-                let appending = ops.iter().any(|op| matches!(op, Op::Append { .. }));
-                let closing_now = ops.iter().any(|op| matches!(op, Op::Close));
-                if busy && appending && !closing_now {
-                    gather(&receiver, &mut ops);
-                }
+                appends = ops.iter().any(|op| matches!(op, Op::Append { .. }));
                 closing = ops.iter().any(|op| matches!(op, Op::Close));
+                let busy = appended_at.is_some_and(|at| at.elapsed() < GATHER_WHEN_WITHIN);
+                if busy && appends && !closing {
+                    closing = gather(&receiver, &mut ops);
+                }
             }
-            let appends = ops.iter().any(|op| matches!(op, Op::Append { .. }));
             self.commit(&mut ops);
             if appends {
                 appended_at = Some(Instant::now());
