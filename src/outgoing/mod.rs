@@ -99,6 +99,25 @@ impl Delivery {
         serde_json::to_vec(&DeliveryFromParts(self)).unwrap_or_default()
     }
 
+    /// A delivery read back from the JSON [`Delivery::to_json`] wrote, its alerts shared with
+    /// the other deliveries read back that carry them (see [`SharedKeptAlerts`]).
+    pub fn from_json(bytes: &[u8], alerts: &SharedKeptAlerts) -> Result<Self, serde_json::Error> {
+        let parts: DeliveryParts<'_> = serde_json::from_slice(bytes)?;
+        Ok(Delivery {
+            id: parts.id,
+            webhook: parts.webhook,
+            test: parts.test,
+            alerts: parts
+                .alerts
+                .into_iter()
+                .map(|raw| alerts.read(raw))
+                .collect::<Result<_, _>>()?,
+            group_labels: parts.group_labels,
+            external_url: parts.external_url,
+            source: parts.source,
+        })
+    }
+
     /// The delivery with what Alertmanager said about its group.
     pub fn from_group(self, source: &Arc<GroupSource>) -> Self {
         if source.is_empty() {
@@ -165,27 +184,6 @@ struct DeliveryParts<'a> {
     external_url: Arc<str>,
     #[serde(default)]
     source: Arc<GroupSource>,
-}
-
-impl Delivery {
-    /// A delivery read back from the JSON [`Delivery::to_json`] wrote, its alerts shared with
-    /// the other deliveries read back that carry them (see [`SharedKeptAlerts`]).
-    pub fn from_json(bytes: &[u8], alerts: &SharedKeptAlerts) -> Result<Self, serde_json::Error> {
-        let parts: DeliveryParts<'_> = serde_json::from_slice(bytes)?;
-        Ok(Delivery {
-            id: parts.id,
-            webhook: parts.webhook,
-            test: parts.test,
-            alerts: parts
-                .alerts
-                .into_iter()
-                .map(|raw| alerts.read(raw))
-                .collect::<Result<_, _>>()?,
-            group_labels: parts.group_labels,
-            external_url: parts.external_url,
-            source: parts.source,
-        })
-    }
 }
 
 /// A batch routed to its webhooks: its alerts, and for each webhook the indexes of the alerts
